@@ -1,0 +1,1607 @@
+"""Shared pieces of the ten paper scripts: config, distributed, attention and CLIP models, tokenizer,
+data (tar shards and the built-in synthetic world), the distributed contrastive loss, optimisation,
+checkpoints, evaluation and logging.
+
+Contract (see DESIGN.md): this module imports nothing from the scripts, runs nothing at import and reads
+no global config. Every function takes explicit arguments, so any of them can be copied out alone.
+Sections, in order:
+  1. Config and CLI           6. Losses shared by several papers
+  2. Distributed              7. Optimisation
+  3. Attention and models     8. Checkpoints
+  4. Tokenizer                9. Evaluation
+  5. Data                    10. Logging
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import heapq
+import html
+import html.entities
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import tarfile
+import time
+import typing
+import unicodedata
+import zlib
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config and CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def _field_help(cls) -> dict[str, str]:
+    """The trailing `# comment` of each dataclass field becomes its --help text."""
+    helps = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def parse_config(cls, argv: list[str] | None = None, verbose: bool = True):
+    """Build a CLI from the dataclass `cls`: every field `foo_bar` becomes `--foo-bar` (booleans get
+    `--x/--no-x`), unknown flags are rejected, and the resolved config is printed on rank 0."""
+    hints = typing.get_type_hints(cls)
+    helps = _field_help(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        typ, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=helps.get(f.name, " "))
+            continue
+        if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))  # `str | None` -> str
+        parser.add_argument(flag, dest=f.name, type=typ, default=default, help=helps.get(f.name, " "))
+    cfg = cls(**vars(parser.parse_args(argv)))
+    if verbose:
+        print0(json.dumps(dataclasses.asdict(cfg)))
+    return cfg
+
+
+def fail(msg: str):
+    """Stop with one clear line instead of a traceback from deep inside (bad path, unknown model, ...)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Distributed
+# ----------------------------------------------------------------------------------------------------
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device]:
+    """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun; defaults for a plain `python x.py`), start the
+    process group (NCCL on GPU, gloo on CPU) and pick the device. Returns (rank, local_rank, world, device)."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda was asked for but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        kw = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
+    return rank, local_rank, world, dev
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (B, ...) from every rank into (W*B, ...), rank order, with gradients flowing back
+    to each rank's own slice (torch.distributed.nn does the backward: a reduce-scatter of the grads)."""
+    if get_world_size() == 1 or not dist.is_initialized():
+        return x
+    import torch.distributed.nn.functional as dnnf
+    return torch.cat(dnnf.all_gather(x), dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Attention and transformer blocks, ViT, text transformer, CLIP
+# ----------------------------------------------------------------------------------------------------
+
+
+def attention(q, k, v, mask=None, causal: bool = False):
+    """Fused path: q, k, v (B, H, N, Dh) -> (B, H, N, Dh) with torch's SDPA (flash / memory-efficient
+    kernels on GPU). `mask` is boolean, True = may attend, broadcastable to (B, H, N, N)."""
+    if causal and mask is not None:  # SDPA takes one or the other: fold the triangle into the mask
+        n = q.shape[-2]
+        mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def attention_reference(q, k, v, mask=None, causal: bool = False):
+    """Readable path, the oracle for `attention`: softmax(q k^T / sqrt(Dh)) v with the scores in fp32."""
+    Dh, n = q.shape[-1], q.shape[-2]
+    scores = (q.float() @ k.float().transpose(-2, -1)) * Dh**-0.5  # (B, H, N, N)
+    if causal:
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection. `qkv.weight` rows are [q; k; v], each
+    head-major: the layout of torch's `in_proj_weight`, so OpenAI/OpenCLIP weights map by renaming."""
+
+    def __init__(self, dim: int, heads: int, bias: bool = True):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads, self.fused = heads, True  # fused=False switches to attention_reference (tests, bench)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x, mask=None, causal: bool = False):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B,H,N,Dh)
+        o = (attention if self.fused else attention_reference)(q, k, v, mask, causal)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation the OpenAI CLIP weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x, mask=None, causal: bool = False):
+        x = x + self.attn(self.norm1(x), mask, causal)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions,
+    ln_pre, blocks, ln_post on the class token, linear projection to the joint embedding."""
+
+    def __init__(self, image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512,
+                 mlp_ratio=4.0, act="gelu", grad_checkpointing=False):
+        super().__init__()
+        self.image_size, self.patch, self.grad_checkpointing = image_size, patch, grad_checkpointing
+        n = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.cls_token = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn(n + 1, width) * width**-0.5)
+        self.norm_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def forward_tokens(self, x):
+        """(B, 3, H, W) -> all tokens after ln_post, (B, 1 + N, D); dense tasks use the patch tokens."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, D)
+        x = self.norm_pre(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x):
+        return self.forward_tokens(x)[:, 0] @ self.proj  # (B, E)
+
+
+class TextTransformer(nn.Module):
+    """CLIP text tower: token + learned position embeddings, causal blocks, ln_final, the feature at the
+    end-of-text token (the largest id, so `argmax(ids)`), linear projection. `causal=False` gives the
+    bidirectional variant (MobileCLIP-S*), which like the original attends to the padding too."""
+
+    def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8, embed_dim=512,
+                 mlp_ratio=4.0, act="gelu", causal=True, grad_checkpointing=False):
+        super().__init__()
+        self.context_length, self.causal, self.grad_checkpointing = context_length, causal, grad_checkpointing
+        self.token_embed = nn.Embedding(vocab_size, width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def forward(self, ids):
+        N = ids.shape[1]
+        x = self.token_embed(ids) + self.pos_embed[:N]  # (B, N, D)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, None, self.causal, use_reentrant=False)
+            else:
+                x = blk(x, causal=self.causal)
+        x = self.norm(x)
+        return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.proj  # (B, E)
+
+
+class CLIP(nn.Module):
+    """Two towers and a learned temperature; `logit_scale` is stored as log(1/tau) (init 1/0.07)."""
+
+    def __init__(self, vision: nn.Module, text: nn.Module, init_logit_scale: float = math.log(1 / 0.07)):
+        super().__init__()
+        self.visual, self.text = vision, text
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    def encode_image(self, images, normalize: bool = False):
+        z = self.visual(images)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, ids, normalize: bool = False):
+        z = self.text(ids)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, images, ids):
+        """Normalised image and text embeddings (B, E) each, and the clamped scale exp(logit_scale) <= 100."""
+        return (self.encode_image(images, True), self.encode_text(ids, True),
+                self.logit_scale.exp().clamp(max=100.0))
+
+
+def build_clip(image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512, text_width=512,
+               text_layers=12, text_heads=8, vocab_size=49408, context_length=77, mlp_ratio=4.0,
+               act="gelu", causal=True, grad_checkpointing=False) -> CLIP:
+    vision = ViT(image_size, patch, width, layers, heads, embed_dim, mlp_ratio, act, grad_checkpointing)
+    text = TextTransformer(vocab_size, context_length, text_width, text_layers, text_heads, embed_dim,
+                           mlp_ratio, act, causal, grad_checkpointing)
+    return CLIP(vision, text)
+
+
+def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+    """Switch every Attention of `model` between the fused SDPA path and the explicit reference."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused = fused
+    return model
+
+
+# OpenAI/OpenCLIP key -> ours. Applied in order to each key; the inverse is applied for export.
+_OPENCLIP_RENAMES = [
+    (r"^visual\.conv1\.", "visual.patch_embed."), (r"^visual\.class_embedding$", "visual.cls_token"),
+    (r"^visual\.positional_embedding$", "visual.pos_embed"), (r"^visual\.ln_pre\.", "visual.norm_pre."),
+    (r"^visual\.ln_post\.", "visual.norm."), (r"^visual\.transformer\.resblocks\.", "visual.blocks."),
+    (r"^transformer\.resblocks\.", "text.blocks."), (r"^token_embedding\.", "text.token_embed."),
+    (r"^positional_embedding$", "text.pos_embed"), (r"^ln_final\.", "text.norm."),
+    (r"^text_projection$", "text.proj"), (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."),
+    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"), (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
+    (r"\.attn\.out_proj\.", ".attn.proj."), (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+]
+
+
+def _unwrap_state_dict(sd: dict) -> dict:
+    for k in ("state_dict", "model"):
+        if k in sd and isinstance(sd[k], dict):
+            sd = sd[k]
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
+
+
+def openclip_config(sd: dict) -> dict:
+    """Infer the build_clip arguments of an OpenAI/OpenCLIP ViT CLIP from its state-dict shapes."""
+    sd = _unwrap_state_dict(sd)
+    if "visual.conv1.weight" not in sd or "text_projection" not in sd:
+        raise ValueError("not an OpenAI/OpenCLIP ViT CLIP state dict (no visual.conv1.weight / text_projection)")
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+    count = lambda p: len({k[len(p):].split(".")[0] for k in sd if k.startswith(p)})
+    text_width = sd["ln_final.weight"].shape[0]
+    return dict(image_size=grid * patch, patch=patch, width=width, layers=count("visual.transformer.resblocks."),
+                heads=width // 64, embed_dim=sd["visual.proj"].shape[1], text_width=text_width,
+                text_layers=count("transformer.resblocks."), text_heads=text_width // 64,
+                vocab_size=sd["token_embedding.weight"].shape[0],
+                context_length=sd["positional_embedding"].shape[0],
+                mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
+
+
+def openclip_to_ours(sd: dict) -> dict:
+    out = {}
+    for k, v in _unwrap_state_dict(sd).items():
+        if k.endswith("attn_mask") or k in ("input_resolution", "context_length", "vocab_size"):
+            continue  # buffers / metadata of the original, recomputed here
+        for pat, rep in _OPENCLIP_RENAMES:
+            k = re.sub(pat, rep, k)
+        out[k] = v
+    return out
+
+
+def ours_to_openclip(sd: dict) -> dict:
+    """Inverse of openclip_to_ours, for exporting a model trained here to the OpenAI/OpenCLIP layout."""
+    inverse = [(r"^visual\.blocks\.", "visual.transformer.resblocks."), (r"^text\.blocks\.", "transformer.resblocks."),
+               (r"^visual\.patch_embed\.", "visual.conv1."), (r"^visual\.cls_token$", "visual.class_embedding"),
+               (r"^visual\.pos_embed$", "visual.positional_embedding"), (r"^visual\.norm_pre\.", "visual.ln_pre."),
+               (r"^visual\.norm\.", "visual.ln_post."), (r"^text\.token_embed\.", "token_embedding."),
+               (r"^text\.pos_embed$", "positional_embedding"), (r"^text\.norm\.", "ln_final."),
+               (r"^text\.proj$", "text_projection"), (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
+               (r"\.attn\.qkv\.weight$", ".attn.in_proj_weight"), (r"\.attn\.qkv\.bias$", ".attn.in_proj_bias"),
+               (r"\.attn\.proj\.", ".attn.out_proj."), (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in inverse:
+            k = re.sub(pat, rep, k)
+        out[k] = v
+    return out
+
+
+def clip_from_openclip(sd: dict, act: str = "quick_gelu") -> CLIP:
+    """A CLIP built from an OpenAI-CLIP/OpenCLIP ViT state dict (B/32, B/16, L/14, any size inferred from
+    the shapes), loaded strictly. The state dict does not say which activation the weights were trained
+    with: OpenAI's own weights use QuickGELU (the default here); most LAION/DataComp OpenCLIP weights use
+    GELU (`act="gelu"`, the models OpenCLIP names without `-quickgelu`)."""
+    model = build_clip(**openclip_config(sd), act=act)
+    load_state_dict_checked(model, openclip_to_ours(sd), "OpenCLIP state dict")
+    return model
+
+
+def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
+    """Strict load that fails with one line naming the first mismatch (a checkpoint of another model)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        detail = (f"shape of {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}" if bad else
+                  f"missing {len(missing)} keys (e.g. {missing[:2]}), unexpected {len(unexpected)} (e.g. {unexpected[:2]})")
+        fail(f"{what} does not fit this model: {detail}")
+    model.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Tokenizer
+# ----------------------------------------------------------------------------------------------------
+#@@TOKENIZER@@
+# CLIP byte-level BPE tokenizer, stdlib + torch only. Pipeline of the original:
+#   1. clean: ftfy.fix_text, HTML-unescape twice, collapse whitespace, lower-case.
+#      ftfy is emulated for its context-free fixes only (HTML entities unless the
+#      text has '<', ANSI colour codes, invisible controls, C1 controls read as
+#      cp1252, Latin ligatures, full/half-width forms, curly quotes, NFC); its
+#      mojibake repair ("cafÃ©" -> "café") is not.
+#   2. split into words: special tokens, English contractions, runs of letters
+#      (\p{L}), single digits (\p{N}), runs of anything else but spaces. The
+#      classes come from `unicodedata`, whose Unicode version may lag the one of
+#      the `regex` module the original uses (newly assigned code points differ).
+#   3. map each word's UTF-8 bytes to printable characters (GPT-2's byte table),
+#      mark the last symbol with '</w>', and apply merges lowest rank first.
+
+SOT, EOT, EOW = "<start_of_text>", "<end_of_text>", "</w>"
+CLIP_NUM_MERGES = 49152 - 256 - 2   # merges used from the standard vocab file
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table():
+    """byte -> printable char, in the order of the 256 base tokens of the vocab."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # Visible bytes stand for themselves; the rest (controls, space, soft hyphen)
+    # are shifted to unused code points from U+0100 up, so no symbol is blank.
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in keep)})
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _fix_table():
+    """str.translate table for the ftfy fixes that do not depend on context."""
+    t = {cp: None for cp in [*range(0, 9), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
+                             0xFEFF, *range(0xFFF9, 0xFFFD)]}
+    t.update({0x0D: "\n", 0x2028: "\n", 0x2029: "\n"})
+    for b in range(0x80, 0xA0):          # C1 controls almost always are cp1252 bytes
+        try:
+            t[b] = bytes([b]).decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    ligatures = [0x132, 0x133, 0x149, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]
+    t.update({cp: unicodedata.normalize("NFKC", chr(cp)) for cp in ligatures})
+    t[0xFB05] = "ſt"                     # the long s is kept, only the ligature is split
+    for cp in [0x3000, *range(0xFF01, 0xFFEF)]:
+        if unicodedata.decomposition(chr(cp)).startswith(("<wide>", "<narrow>")):
+            t[cp] = unicodedata.normalize("NFKC", chr(cp))
+    quotes = {**dict.fromkeys("\u2018\u2019\u201a\u201b\u02bc", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"')}
+    t.update({ord(q): r for q, r in quotes.items()})
+    for cp, r in t.items():              # chain: e.g. C1 0x92 -> U+2019 -> "'"
+        if r:
+            t[cp] = "".join(quotes.get(c, c) for c in r)
+    return t
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CAPS_ENTITY = re.compile(r"&([A-Z][A-Z0-9]*);")
+
+
+def _caps_entity(match):
+    """ftfy also reads shouted entities such as '&EACUTE;' as '&eacute;', upper-cased."""
+    entity = match.group(0)
+    if html.unescape(entity) != entity:  # known as is, or by a legacy prefix ('&GTCC;' -> '>cc;')
+        return entity
+    return html.entities.html5.get(match.group(1).lower() + ";", entity).upper()
+
+
+def clean_text(text):
+    """Normalise text the way CLIP does before pre-tokenisation (see header note)."""
+    if "<" not in text:                  # ftfy keeps entities in what looks like HTML
+        for _ in range(8):
+            unescaped = html.unescape(_CAPS_ENTITY.sub(_caps_entity, text))
+            if unescaped == text:
+                break
+            text = unescaped
+    text = _ANSI_ESCAPE.sub("", text).translate(_fix_table())
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _word_pattern():
+    """Pre-tokeniser regex, with \\p{L} and \\p{N} spelled out as code point ranges."""
+    cps = {"L": [], "N": []}
+    for cp in range(0x110000):
+        cps.get(unicodedata.category(chr(cp))[0], []).append(cp)
+
+    def ranges(cat, lo, hi):
+        sel = [cp for cp in cps[cat] if lo <= cp < hi]
+        out, start = [], sel[0]
+        for prev, cp in zip(sel, sel[1:] + [None]):
+            if cp != prev + 1:
+                out.append("\\U%08x" % start if start == prev else "\\U%08x-\\U%08x" % (start, prev))
+                start = cp
+        return "".join(out)
+    # stdlib `re` turns the BMP part of a class into a lookup table but tests
+    # astral ranges one by one, so astral ranges sit behind a cheap guard.
+    astral = r"(?=[^\x00-\uffff])"
+    lb, la = ranges("L", 0, 0x10000), ranges("L", 0x10000, 0x110000)
+    nb, na = ranges("N", 0, 0x10000), ranges("N", 0x10000, 0x110000)
+    letter = rf"[{lb}]+|{astral}[{la}]"
+    number = rf"[{nb}]|{astral}[{na}]"
+    # U+0345 (a combining mark that case-folds to iota) matches no branch of the
+    # original's case-insensitive regex, so it is silently dropped: same here.
+    other = rf"[^\s\u0345{lb}{nb}\U00010000-\U0010ffff]|{astral}[^{la}{na}]"
+    return re.compile(rf"{SOT}|{EOT}|(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:{letter})+|{number}|(?:{other})+")
+
+
+# The same rule restricted to ASCII text (already lower-cased): the common case.
+_ASCII_WORD = re.compile(rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+
+
+def _words(text):
+    """Cleaned, pre-tokenised words of `text` (before the byte mapping)."""
+    text = clean_text(text)
+    return (_ASCII_WORD if text.isascii() else _word_pattern()).findall(text)
+
+
+def _byte_encode(word):
+    table = _byte_table()
+    return "".join(table[b] for b in word.encode("utf-8"))
+
+
+def _merge(symbols, a, b):
+    """Replace each adjacent (a, b), scanning left to right without overlap, by a+b."""
+    out, i = [], 0
+    while i < len(symbols):
+        if symbols[i] == a and i + 1 < len(symbols) and symbols[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def _read_merges(path):
+    """Parse a merges file (gzip or plain): one header line, then 'a b' lines."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"BPE merges file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        lines = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read BPE merges file {path}: {e}") from None
+    if not lines[0].strip():
+        raise ValueError(f"malformed BPE merges file {path}: empty, or no header line")
+    # Files written by save() state their merge count; the standard CLIP file
+    # holds many more merges than CLIP uses, so it is cut at CLIP_NUM_MERGES.
+    declared = re.fullmatch(r"#merges: (\d+)", lines[0].strip())
+    limit = int(declared.group(1)) if declared else CLIP_NUM_MERGES
+    body = [ln for ln in lines[1:] if ln.strip()][:limit]
+    if declared and len(body) != limit:
+        raise ValueError(f"malformed BPE merges file {path}: header says {limit} merges, found {len(body)}")
+    merges = []
+    for n, line in enumerate(body, start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"malformed BPE merges file {path}: line {n} is not 'a b': {line!r}")
+        merges.append(tuple(parts))
+    return merges
+
+
+class Tokenizer:
+    """CLIP byte-level BPE: 256 byte tokens, 256 byte+'</w>' tokens, one token per
+    merge, then <start_of_text> and <end_of_text>; fixed context length (77)."""
+
+    def __init__(self, path=None, merges=None, context_length=77):
+        if (path is None) == (merges is None):
+            raise ValueError("Tokenizer needs exactly one of `path` (merges file) or `merges` (list of pairs)")
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {context_length}")
+        self.merges = _read_merges(path) if path is not None else [tuple(m) for m in merges]
+        base = list(_byte_table().values())
+        vocab = base + [s + EOW for s in base] + [a + b for a, b in self.merges] + [SOT, EOT]
+        self.decoder = vocab
+        # A merge that re-creates an existing string (possible in small trained
+        # vocabularies) keeps that string's first id.
+        self.encoder = {tok: i for i, tok in reversed(list(enumerate(vocab)))}
+        self.ranks = {pair: r for r, pair in reversed(list(enumerate(self.merges)))}
+        self.vocab_size = len(vocab)
+        self.sot_token, self.eot_token = len(vocab) - 2, len(vocab) - 1
+        self.context_length = context_length
+        self._cache = {SOT: [self.sot_token], EOT: [self.eot_token]}
+
+    def _bpe(self, symbols):
+        """Repeatedly merge the adjacent pair with the lowest merge rank (all of its
+        occurrences at once) until no adjacent pair is a known merge."""
+        ranks = self.ranks
+        while len(symbols) > 1:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
+            if pair not in ranks:
+                break
+            symbols = _merge(symbols, *pair)
+        return symbols
+
+    def _encode_word(self, word):
+        ids = self._cache.get(word)
+        if ids is None:
+            chars = _byte_encode(word)
+            ids = [self.encoder[s] for s in self._bpe(list(chars[:-1]) + [chars[-1] + EOW])]
+            if len(self._cache) < 1_000_000:
+                self._cache[word] = ids
+        return ids
+
+    def encode(self, text):
+        """Token ids of `text`, without start/end tokens."""
+        return [i for w in _words(text) for i in self._encode_word(w)]
+
+    def decode(self, ids):
+        """Text of `ids`: a leading start token is dropped and decoding stops at the
+        first end token (so a padded row decodes cleanly); words are space-separated."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and ids[0] == self.sot_token:
+            ids = ids[1:]
+        if self.eot_token in ids:
+            ids = ids[: ids.index(self.eot_token)]
+        byte_of = {c: b for b, c in _byte_table().items()}
+        raw = bytes(byte_of[c] for i in ids for c in self.decoder[i])
+        return raw.decode("utf-8", errors="replace").replace(EOW, " ").strip()
+
+    def __call__(self, texts, context_length=None):
+        """(N, context_length) LongTensor: [sot] + ids + [eot], zero padded. Too-long
+        texts are cut to context_length with eot forced into the last slot."""
+        n = context_length or self.context_length
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = torch.zeros(len(texts), n, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_token] + self.encode(text) + [self.eot_token]
+            if len(ids) > n:
+                ids = ids[:n]
+                ids[-1] = self.eot_token
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def save(self, path):
+        """Write the merges as plain text; Tokenizer(path) reloads the same tokenizer."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"#merges: {len(self.merges)}\n")
+            f.writelines(f"{a} {b}\n" for a, b in self.merges)
+
+
+def train_bpe(texts, vocab_size=4096, min_frequency=2):
+    """Learn up to vocab_size - 514 merges on `texts` with the tokenizer's own
+    cleaning, pre-tokenisation and byte mapping, so that Tokenizer(merges=...)
+    has vocab_size = 512 + len(merges) + 2. Stops early when no adjacent pair
+    occurs at least `min_frequency` times."""
+    counts = collections.Counter(w for t in texts for w in _words(t) if w not in (SOT, EOT))
+    words, freqs = [], []
+    for w, c in counts.items():          # BPE runs over distinct words, weighted by count
+        chars = _byte_encode(w)
+        words.append(list(chars[:-1]) + [chars[-1] + EOW])
+        freqs.append(c)
+    pair_count = collections.defaultdict(int)
+    where = collections.defaultdict(set)   # pair -> words that (may) contain it
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for p in zip(w, w[1:]):
+            pair_count[p] += f
+            where[p].add(i)
+    # Max-heap keyed by (count, pair); entries whose count is stale are skipped
+    # when popped. Ties go to the lexicographically smallest pair.
+    heap = [(-c, p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges = []
+    while heap and len(merges) < vocab_size - 514:
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg:
+            continue
+        if -neg < min_frequency:
+            break
+        merges.append(pair)
+        a, b = pair
+        delta = collections.defaultdict(int)
+        for i in where.pop(pair):
+            old, f = words[i], freqs[i]
+            new = _merge(old, a, b)
+            if len(new) == len(old):
+                continue                 # stale entry: the pair is no longer in this word
+            for p in zip(old, old[1:]):
+                delta[p] -= f
+            for p in zip(new, new[1:]):
+                delta[p] += f
+                where[p].add(i)
+            words[i] = new
+        for p, d in delta.items():
+            if d:
+                pair_count[p] += d
+                if pair_count[p] > 0:
+                    heapq.heappush(heap, (-pair_count[p], p))
+                else:
+                    del pair_count[p]
+    return merges
+#@@ENDTOKENIZER@@
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Data: tar shards, image transforms, the synthetic world
+# ----------------------------------------------------------------------------------------------------
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a directory (its *.tar, sorted), a glob, a brace pattern such as
+    `shards/{00000..00099}.tar` or `{a,b}`, or several of these separated by `::`."""
+    out = []
+    for part in spec.split("::"):
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if m:  # numeric range, zero-padded to the width of the first bound
+            lo, hi, w = int(m.group(1)), int(m.group(2)), len(m.group(1))
+            out += expand_shards("::".join(part[:m.start()] + str(i).zfill(w) + part[m.end():]
+                                            for i in range(lo, hi + 1)))
+            continue
+        m = re.search(r"\{([^{}]*,[^{}]*)\}", part)
+        if m:
+            out += expand_shards("::".join(part[:m.start()] + s + part[m.end():] for s in m.group(1).split(",")))
+        elif os.path.isdir(part):
+            out += sorted(glob.glob(os.path.join(part, "**", "*.tar"), recursive=True))
+        elif any(c in part for c in "*?["):
+            out += sorted(glob.glob(part, recursive=True))
+        elif os.path.exists(part):
+            out.append(part)
+        else:
+            raise FileNotFoundError(f"data path does not exist: {part}")
+    if not out:
+        raise FileNotFoundError(f"no .tar shards found at {spec}")
+    return out
+
+
+def iter_tar_samples(path: str, skipped: dict):
+    """Group the members of one tar into samples {"__key__": key, suffix: bytes} the webdataset way:
+    key = member path up to the first '.' of its basename, suffix = the rest ("jpg", "seg.png"). Members of
+    a sample must be contiguous. A tar cut off or damaged mid-way ends the shard, counted in `skipped`."""
+    sample, key = {}, None
+    try:
+        with tarfile.open(path, "r|*") as tar:  # streaming mode: never seeks, works on pipes too
+            for m in tar:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                if base.startswith("."):
+                    continue
+                k, _, suffix = base.partition(".")
+                k = os.path.join(d, k)
+                if k != key and sample:
+                    yield sample
+                    sample = {}
+                key = k
+                sample["__key__"] = k
+                sample[suffix.lower()] = tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        skipped[f"broken_tar:{type(e).__name__}"] = skipped.get(f"broken_tar:{type(e).__name__}", 0) + 1
+        sample = {}  # the last sample may be incomplete
+    if sample:
+        yield sample
+
+
+def decode_image(sample: dict) -> Image.Image:
+    """The sample's image as RGB; raises on a missing or undecodable image (caller counts and skips)."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            img = Image.open(io.BytesIO(sample[ext]))
+            img.load()  # force the full decode here, so a truncated file fails now, not in the crop
+            return img.convert("RGB")
+    raise KeyError("no image")
+
+
+def decode_caption(sample: dict, key: str = "txt") -> str:
+    """The caption as text; raises on a missing, empty or non-UTF-8 caption."""
+    if key not in sample:
+        raise KeyError("no caption")
+    text = sample[key].decode("utf-8").strip()  # UnicodeDecodeError for invalid UTF-8
+    if not text:
+        raise ValueError("empty caption")
+    return text
+
+
+def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random box (left, top, right, bottom) covering `scale` of the area with aspect ratio in `ratio`
+    (log-uniform), the Inception-style crop; falls back to the largest centred box."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return left, top, left + cw, top + ch
+    s = min(w, h)
+    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
+def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+    s = min(w, h)
+    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
+def image_to_uint8(img: Image.Image, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
+    """Crop `box`, resize to size x size, return uint8 (3, size, size). Images travel to the device as
+    uint8 (4x less than fp32) and are normalised there by `normalize_images`."""
+    img = img.resize((size, size), resample, box=box)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device -> float, (x/255 - mean) / std."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - m) / s
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers.
+
+    Splitting: the (rank, worker) consumers take the shards round-robin; with fewer shards than consumers
+    every consumer reads every shard and keeps every n-th sample. Either way each sample goes to exactly one
+    consumer per epoch. Order: per consumer and epoch, the shard order and a shuffle buffer are seeded by
+    (seed, epoch, consumer); raw bytes are shuffled and only the samples kept are decoded.
+
+    `decode(sample) -> dict of tensors/strings` raises to reject a sample: it is skipped and counted by
+    reason. Each batch carries `__worker__`, `__skipped__` (the worker's running counts) and `__pos__`
+    = [epoch, raw samples read in that epoch]. The trainer keeps the `__pos__` of the last batch it consumed
+    from each worker (`DataPosition`); given back as `start_pos` (with `start_batch`, the batches consumed),
+    each worker fast-forwards to it without decoding, so a resumed run sees exactly the batches an
+    uninterrupted one would have seen, in the same order.
+    """
+
+    def __init__(self, shards: list[str], decode, batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle_buffer: int = 2000, start_pos: dict | None = None,
+                 start_batch: int = 0, epochs: int | None = None, drop_last: bool = True):
+        self.shards, self.decode, self.batch_size = shards, decode, batch_size
+        self.rank, self.world, self.seed, self.buffer = rank, world, seed, shuffle_buffer
+        self.start_pos, self.start_batch, self.epochs, self.drop_last = start_pos or {}, start_batch, epochs, drop_last
+
+    def raw_samples(self, epoch: int, consumer: int, consumers: int, skipped: dict):
+        rng = random.Random(hash((self.seed, epoch, consumer)) & 0xFFFFFFFF)
+        if len(self.shards) >= consumers:
+            mine, every, offset = list(self.shards[consumer::consumers]), 1, 0
+            rng.shuffle(mine)
+        else:  # every consumer reads the same shard order, so "every n-th sample" partitions them
+            mine, every, offset = list(self.shards), consumers, consumer
+            random.Random(hash((self.seed, epoch)) & 0xFFFFFFFF).shuffle(mine)
+        buf, i = [], 0
+        for path in mine:
+            for s in iter_tar_samples(path, skipped):
+                i += 1
+                if (i - 1) % every != offset:
+                    continue
+                if len(buf) < self.buffer:
+                    buf.append(s)
+                    continue
+                j = rng.randrange(len(buf))
+                buf[j], s = s, buf[j]
+                yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes batches from its workers in turn, starting with worker 0. After `start_batch`
+        # batches the next one is due from logical worker start_batch % nw, so worker ids are rotated.
+        wid = (wid + self.start_batch) % nw
+        consumer, consumers = self.rank * nw + wid, self.world * nw
+        epoch, to_skip = self.start_pos.get(wid, (0, 0))
+        skipped, batch = {}, []
+        while self.epochs is None or epoch < self.epochs:
+            n = 0  # raw samples read in this epoch
+            for s in self.raw_samples(epoch, consumer, consumers, skipped):
+                n += 1
+                if n <= to_skip:  # resume: fast-forward past what was consumed, without decoding
+                    continue
+                s["__epoch__"] = epoch  # lets decode seed its augmentation by (epoch, key), not by worker
+                try:
+                    batch.append(self.decode(s))
+                except Exception as e:  # corrupt image, bad caption...: skip and count, never crash
+                    skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
+                    continue
+                if len(batch) == self.batch_size:
+                    yield collate(batch, wid, skipped, [epoch, n])
+                    batch = []
+            if n == 0:
+                raise RuntimeError(f"data consumer {consumer} of {consumers} found no samples in {self.shards[:3]}")
+            epoch, to_skip = epoch + 1, 0
+        if batch and not self.drop_last:
+            yield collate(batch, wid, skipped, [epoch, 0])
+
+
+def collate(items: list[dict], worker: int = 0, skipped: dict | None = None, pos=None) -> dict:
+    """Stack tensors, keep everything else as lists."""
+    out = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+           for k in items[0]}
+    out["__worker__"], out["__skipped__"], out["__pos__"] = worker, dict(skipped or {}), pos
+    return out
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
+    """DataLoader over a ShardStream that batches itself; worker processes and pinned memory."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers else None)
+
+
+class DataPosition:
+    """What the trainer consumed from each worker: the position to resume from and the skip counts."""
+
+    def __init__(self):
+        self.pos, self.skipped = {}, {}
+
+    def update(self, batch: dict):
+        self.pos[batch["__worker__"]] = batch["__pos__"]
+        self.skipped[batch["__worker__"]] = batch["__skipped__"]
+
+    def skip_totals(self) -> dict:
+        tot = {}
+        for counts in self.skipped.values():
+            for k, v in counts.items():
+                tot[k] = tot.get(k, 0) + v
+        return tot
+
+    def state(self) -> dict:
+        """{rank: {worker: [epoch, n]}} gathered from every rank (a collective: call on all ranks)."""
+        mine = {int(w): list(p) for w, p in self.pos.items()}
+        if get_world_size() > 1 and dist.is_initialized():
+            every = [None] * get_world_size()
+            dist.all_gather_object(every, mine)
+            return {r: p for r, p in enumerate(every)}
+        return {0: mine}
+
+
+def write_shard(path: str, samples) -> int:
+    """Write samples {"__key__": key, suffix: bytes | str | dict | PIL.Image | np.ndarray} to a tar,
+    atomically (temporary name, then rename). Returns the number of samples written."""
+    tmp, n = path + ".tmp", 0
+    with tarfile.open(tmp, "w") as tar:
+        for s in samples:
+            key = s["__key__"]
+            for suffix, value in s.items():
+                if suffix == "__key__":
+                    continue
+                data = encode_member(suffix, value)
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def encode_member(suffix: str, value) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[suffix.rsplit(".", 1)[-1]]
+        value.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        return buf.getvalue()
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, value)
+        return buf.getvalue()
+    return json.dumps(value).encode("utf-8")  # dict / list / number -> .json
+
+
+def sample_rng(seed: int, sample: dict) -> random.Random:
+    """Augmentation randomness fixed by (seed, epoch, key): the same whatever the worker layout, so a
+    resumed or re-sharded run draws the same crops."""
+    return random.Random(zlib.crc32(f"{seed}/{sample.get('__epoch__', 0)}/{sample['__key__']}".encode()))
+
+
+class ImageTextDecode:
+    """Sample -> {"image": uint8 (3, S, S), "ids": (L,) token ids, "caption": str}. Train: a random
+    resized crop (scale 0.9-1, OpenCLIP's default; no flip, captions say left and right); eval: resize
+    and centre crop. Raises on a bad image or caption, which ShardStream counts and skips."""
+
+    def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
+                 scale=(0.9, 1.0), caption_key: str = "txt"):
+        self.tokenizer, self.size, self.context_length = tokenizer, image_size, context_length
+        self.train, self.seed, self.scale, self.caption_key = train, seed, scale, caption_key
+
+    def __call__(self, sample: dict) -> dict:
+        caption = decode_caption(sample, self.caption_key)
+        img = decode_image(sample)
+        box = (random_resized_crop_box(*img.size, sample_rng(self.seed, sample), self.scale) if self.train
+               else center_crop_box(*img.size))
+        return {"image": image_to_uint8(img, self.size, box),
+                "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
+
+
+#@@SYNTHETIC@@
+# ---------------------------------------------------------------------------
+# The built-in synthetic world
+# ---------------------------------------------------------------------------
+# Every training script runs without a download: when no --data is given it
+# draws samples from this deterministic procedural world.  One world serves all
+# papers: captions (CLIP, CatLIP), per-pixel masks and depth (SAM-CLIP, dense
+# heads), a "year" that drifts the distribution (TiC-CLIP), and a class label
+# (retrieval, dataset reinforcement, knowledge transfer).
+#
+# A sample is a textured background with one main shape (sometimes 2-3 copies
+# of it) and optionally 1-2 small distractor shapes of other classes.  The
+# caption always contains the main shape's name as a plain word, so a prompt
+# like "a photo of a star." can match it, plus colour, size, position,
+# background and distractors so that the contrastive task is not trivial.
+
+
+SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross",
+                "heart", "ring", "diamond", "arrow", "crescent"]
+# Colours are ordered warm -> cool: the palette prior slides along this order
+# as the year grows (early years warm, later years cool).
+SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green",
+                 "cyan", "blue", "purple", "white"]
+SYNTH_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20),
+             "yellow": (240, 220, 40), "pink": (240, 120, 180),
+             "green": (40, 170, 60), "cyan": (40, 200, 210),
+             "blue": (40, 80, 220), "purple": (140, 60, 200),
+             "white": (240, 240, 240)}
+# Background textures, also ordered from "early" to "late" fashion.
+SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]
+SYNTH_YEARS = (2014, 2023)  # inclusive
+
+# How each shape's popularity moves with the year (-1: fades, +1: rises).
+_SHAPE_TREND = (-1.0, -0.6, 0.2, 1.0, -0.2, 0.8, -0.8, 0.4, 0.6, -0.4)
+# These shapes switch from filled to outlined drawings around 2019-2020.
+_OUTLINE_SHAPES = ("star", "heart", "square")
+_POSITIONS = (("at the top left", "at the top", "at the top right"),
+              ("on the left", "in the centre", "on the right"),
+              ("at the bottom left", "at the bottom", "at the bottom right"))
+# Caption phrasings, each with the first year it is used in; "icon" and
+# "sticker" language only appears in later years (a vocabulary drift).
+_TEMPLATES = (
+    (2014, "{obj}{pos}{extra} on a {bg}"),
+    (2014, "a photo of {obj}{pos}{extra} on a {bg}"),
+    (2014, "a {bg} with {obj}{pos}{extra}"),
+    (2014, "there {be} {obj}{pos}{extra}; the background is {bgshort}"),
+    (2019, "{obj} {icon}{pos}{extra}, {bg}"),
+    (2020, "sticker of {obj}{pos}{extra} over a {bg}"),
+)
+_SS = 4  # supersampling factor for anti-aliased shape edges
+
+
+@functools.lru_cache(maxsize=None)
+def _shape_geometry(name: str, outlined: bool) -> tuple:
+    """Polygons of a shape in unit coordinates (radius ~1, y pointing down).
+
+    Returns ((points (N, 2), fill), ...): fill 1 paints, fill 0 erases, so the
+    holes of ring / crescent / outlined shapes are painted in order.
+    """
+    def ngon(n, r=1.0, inner=None):  # regular polygon, or a star with `inner`
+        k = 2 * n if inner else n
+        a = -math.pi / 2 + 2 * math.pi * np.arange(k) / k
+        rad = np.where(np.arange(k) % 2 == 1, inner or r, r)
+        return np.stack([rad * np.cos(a), rad * np.sin(a)], 1)
+
+    circle = ngon(40)
+    if name == "circle":
+        ops = [(circle, 1)]
+    elif name == "square":
+        ops = [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8, 1)]
+    elif name == "triangle":
+        ops = [(ngon(3, 1.1) + [0, 0.15], 1)]
+    elif name == "star":
+        ops = [(ngon(5, 1.05, inner=0.42), 1)]
+    elif name == "cross":  # a plus sign: two crossed bars
+        bar = np.array([[-1, -0.3], [1, -0.3], [1, 0.3], [-1, 0.3]])
+        ops = [(bar, 1), (bar[:, ::-1], 1)]
+    elif name == "heart":
+        t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        ops = [(np.stack([x, y + 2.5], 1) / 16.0, 1)]
+    elif name == "ring":
+        ops = [(circle, 1), (circle * 0.55, 0)]
+    elif name == "diamond":  # elongated, so it never looks like a rotated square
+        ops = [(np.array([[0, -1.1], [0.6, 0], [0, 1.1], [-0.6, 0]]), 1)]
+    elif name == "arrow":  # points right
+        ops = [(np.array([[-1, -0.28], [0.1, -0.28], [0.1, -0.7], [1, 0],
+                          [0.1, 0.7], [0.1, 0.28], [-1, 0.28]]), 1)]
+    elif name == "crescent":
+        ops = [(circle, 1), (circle * 0.85 + [0.45, -0.25], 0)]
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    if outlined:  # erasing a shrunken copy leaves a thick outline
+        ops.append((ops[0][0] * 0.58, 0))
+    return tuple((np.asarray(p, np.float64), f) for p, f in ops)
+
+
+def _drift_probs(trend: np.ndarray, u: float, strength: float) -> np.ndarray:
+    """Categorical prior that tilts smoothly with u = year position in [0, 1]."""
+    w = np.exp(strength * (u - 0.5) * np.asarray(trend, np.float64))
+    return w / w.sum()
+
+
+def _coverage(ops, centre, radius, angle, size):
+    """Anti-aliased coverage in [0, 1] at final resolution (size, size).
+
+    Drawn at _SS x resolution and box-filtered down; the mask is this coverage
+    thresholded at 0.5, so the mask is exactly aligned with the drawn pixels.
+    """
+    canvas = Image.new("L", (size * _SS, size * _SS), 0)
+    draw = ImageDraw.Draw(canvas)
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s], [s, c]]) * radius * _SS
+    # PIL samples pixel j at integer coordinate j: shift by half a pixel so
+    # continuous coordinate x maps to the centre of supersampled pixels.
+    offset = np.asarray(centre) * _SS - 0.5
+    for pts, fill in ops:
+        draw.polygon((pts @ rot.T + offset).ravel().tolist(), fill=255 * fill)
+    return np.asarray(canvas.reduce(_SS), dtype=np.float32) / 255.0
+
+
+def _background(rng, size, texture, dark, light, xx, yy):
+    """Texture field f in [0, 1] mixing two tones of the background colour."""
+    a = rng.uniform(0, math.pi)
+    u = xx * math.cos(a) + yy * math.sin(a)  # coordinate along a random angle
+    if texture == "plain":
+        f = np.full_like(xx, 0.5)
+    elif texture == "gradient":
+        f = (u - u.min()) / (np.ptp(u) + 1e-6)
+    elif texture == "striped":
+        f = (np.sin(2 * math.pi * u / rng.uniform(0.12, 0.25)) > 0).astype(np.float32)
+    elif texture == "checkered":
+        v, p = -xx * math.sin(a) + yy * math.cos(a), rng.uniform(0.12, 0.22)
+        f = ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
+    else:  # "noisy": smooth value noise, a low-res random grid upsampled
+        low = Image.fromarray(rng.random((6, 6)).astype(np.float32))
+        f = np.asarray(low.resize((size, size), Image.BILINEAR), np.float32)
+    return dark + f[..., None] * (light - dark)
+
+
+def _place(rng, size, radius, others, tries=16):
+    """Centre inside the image; of a few candidates keep the one whose worst
+    overlap with `others` (centre distance / sum of radii) is smallest."""
+    lo, hi = radius * 1.05, size - radius * 1.05
+    best, best_score = None, -1.0
+    for _ in range(tries):
+        c = rng.uniform(lo, hi, 2)
+        score = min([np.hypot(*(c - oc)) / (radius + r) for oc, r in others] + [9.0])
+        if score > best_score:
+            best, best_score = c, score
+        if score > 0.9:  # good enough
+            break
+    return best
+
+
+def render_sample(rng: np.random.Generator, size: int = 64,
+                  year: Optional[int] = None) -> dict:
+    """One sample: image, caption, label, mask, depth, year (see module notes)."""
+    y0, y1 = SYNTH_YEARS
+    year = int(rng.integers(y0, y1 + 1)) if year is None else int(year)
+    u = (year - y0) / (y1 - y0)
+    # --- year-drifted choices of class, colours, texture, style, clutter
+    label = int(rng.choice(len(SYNTH_SHAPES), p=_drift_probs(_SHAPE_TREND, u, 1.6)))
+    shape = SYNTH_SHAPES[label]
+    colour_p = _drift_probs(np.linspace(-1, 1, len(SYNTH_COLOURS)), u, 1.6)
+    colour = SYNTH_COLOURS[rng.choice(len(SYNTH_COLOURS), p=colour_p)]
+    bg_p = colour_p * (np.arange(len(SYNTH_COLOURS)) != SYNTH_COLOURS.index(colour))
+    bg_colour = SYNTH_COLOURS[rng.choice(len(SYNTH_COLOURS), p=bg_p / bg_p.sum())]  # != colour
+    texture = SYNTH_TEXTURES[rng.choice(5, p=_drift_probs(np.linspace(-1, 1, 5), u, 2.0))]
+    p_outline = 1.0 / (1.0 + math.exp(-1.2 * (year - 2019.5)))
+    outlined = shape in _OUTLINE_SHAPES and rng.random() < p_outline
+    count = int(rng.choice([1, 2, 3], p=[0.86, 0.09, 0.05]))
+    n_distract = int(rng.choice([0, 1, 2], p=[0.7 - 0.3 * u, 0.2 + 0.15 * u, 0.1 + 0.15 * u]))
+
+    # --- background: two tones of its colour, dark when the object is bright
+    bg = np.array(SYNTH_RGB[bg_colour], np.float32)
+    if np.dot(SYNTH_RGB[colour], [0.299, 0.587, 0.114]) > 115:
+        dark, light = bg * 0.22, bg * 0.5
+    else:
+        dark, light = bg + (255 - bg) * 0.45, bg + (255 - bg) * 0.75
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    img = _background(rng, size, texture, dark, light, xx, yy)
+    # Depth: the background is a tilted plane in [0, 0.4] (1 = near).
+    ta = rng.uniform(0, 2 * math.pi)
+    depth = 0.2 + 0.28 * ((xx - 0.5) * math.cos(ta) + (yy - 0.5) * math.sin(ta))
+    mask = np.zeros((size, size), np.uint8)
+
+    # --- objects, back to front: distractors first, then the main shape(s),
+    # so the labelled class is never hidden; the main copies are placed first.
+    # objects: (class, colour, centre, radius, outlined) in drawing order.
+    objects, placed, distract_words = [], [], []
+    main_r = size * (rng.uniform(0.14, 0.32) if count == 1 else rng.uniform(0.11, 0.17))
+    for _ in range(count):
+        placed.append((_place(rng, size, main_r, placed), main_r))
+    main_cs = [c for c, _ in placed]
+    for _ in range(n_distract):
+        k = int(rng.choice([j for j in range(len(SYNTH_SHAPES)) if j != label]))
+        dcol = SYNTH_COLOURS[rng.choice([j for j in range(len(SYNTH_COLOURS))
+                                         if SYNTH_COLOURS[j] != bg_colour])]
+        r = size * rng.uniform(0.08, 0.12)
+        c = _place(rng, size, r, placed)
+        placed.append((c, r))
+        objects.append((k, dcol, c, r, False))
+        distract_words.append(f"a small {dcol} {SYNTH_SHAPES[k]}")
+    objects += [(label, colour, c, main_r, outlined) for c in main_cs]
+    for level, (k, col, c, r, outl) in enumerate(objects):
+        ops = _shape_geometry(SYNTH_SHAPES[k], outl)
+        alpha = _coverage(ops, c, r, rng.uniform(-0.5, 0.5), size)[..., None]
+        tint = np.clip(np.array(SYNTH_RGB[col]) + rng.normal(0, 10, 3), 0, 255)
+        img = img * (1 - alpha) + tint.astype(np.float32) * alpha
+        hit = alpha[..., 0] >= 0.5
+        mask[hit] = 1 + k
+        # Each object is a shallow dome nearer than everything drawn before it.
+        d2 = ((xx * size - c[0]) ** 2 + (yy * size - c[1]) ** 2) / r ** 2
+        depth[hit] = (0.5 + 0.1 * level + 0.06 * np.clip(1 - d2, 0, 1))[hit]
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 4.0  # sensor noise
+    image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+    # --- caption
+    size_w = "small" if main_r < 0.19 * size else "medium" if main_r < 0.25 * size else "large"
+    style = ("outlined ", "hollow ")[int(rng.integers(2))] if outlined else ""
+    if count == 1:
+        cy, cx = (np.clip((main_cs[0] / size * 3).astype(int), 0, 2))[::-1]
+        obj = f"a {size_w} {colour} {style}{shape}"  # size word: article is "a"
+        pos = " " + _POSITIONS[cy][cx]
+    else:  # several copies: a count word, no single position
+        plural = shape + ("es" if shape.endswith("ss") else "s")
+        obj, pos = f"{('two', 'three')[count - 2]} {colour} {style}{plural}", ""
+    extra = "".join(" and " + w for w in distract_words)
+    usable = [t for y, t in _TEMPLATES if y <= year]
+    template = usable[int(rng.integers(len(usable)))]
+    caption = template.format(obj=obj, pos=pos, extra=extra,
+                              be="is" if count == 1 else "are",
+                              icon="icon" if count == 1 else "as icons",
+                              bg=f"{texture} {bg_colour} background",
+                              bgshort=f"{texture} {bg_colour}")
+    return {"image": image, "caption": caption, "label": label, "mask": mask,
+            "depth": np.clip(depth, 0, 1).astype(np.float32), "year": year}
+
+
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def synthetic_split(seed: int, n: int, size: int, split: str,
+                    years: Optional[Tuple[int, int]] = None) -> Iterator[dict]:
+    """Deterministic stream of n samples of one split.
+
+    Sample i gets its own generator seeded by SeedSequence((seed, split, i)):
+    splits never share samples, any index can be regenerated on its own (e.g.
+    by a data-loader worker), and the first m samples do not depend on n.
+    `years` (inclusive range) restricts the year, e.g. for TiC-CLIP streams.
+    """
+    for i in range(n):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
+        year = None if years is None else int(rng.integers(years[0], years[1] + 1))
+        sample = render_sample(rng, size, year)
+        sample["key"] = f"{split}{i:07d}"
+        yield sample
+#@@ENDSYNTHETIC@@
+
+
+def _render_shard(args) -> int:
+    """Render synthetic samples [lo, hi) of `split` into one tar shard, or into an ImageFolder."""
+    path, split, split_id, seed, lo, hi, size, folder = args
+    rng = np.random.default_rng([seed, split_id, lo])  # one stream per shard: shards render in parallel
+
+    def samples():
+        for i in range(lo, hi):
+            s = render_sample(rng, size)
+            key = f"{split}{i:07d}"
+            if folder:  # zero-shot ImageFolder: class folder / key.png
+                d = os.path.join(folder, SYNTH_SHAPES[s["label"]])
+                os.makedirs(d, exist_ok=True)
+                s["image"].save(os.path.join(d, key + ".png"))
+            depth16 = Image.fromarray((s["depth"] * 65535).astype(np.uint16))  # 16-bit PNG, 1 = near
+            yield {"__key__": key, "jpg": s["image"], "txt": s["caption"], "seg.png": Image.fromarray(s["mask"]),
+                   "depth.png": depth16, "json": {"label": int(s["label"]), "classname": SYNTH_SHAPES[s["label"]],
+                                                  "year": int(s["year"])}}
+    return write_shard(path, samples())
+
+
+def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
+                    shard_size: int = 5000, workers: int | None = None) -> dict:
+    """Generate the built-in synthetic world once (rank 0; the other ranks wait) and return its paths:
+    train    tar shards of {jpg, txt caption, seg.png mask, depth.png, json {label, classname, year}}
+    val      held-out shards of the same kind (retrieval, dense evaluation)
+    val_folder  the held-out images as an ImageFolder named by class (zero-shot)
+    classnames  the class names in folder order.
+    It is cached under `cache_dir` by its parameters; a finished world is marked by a DONE file."""
+    root = os.path.join(cache_dir, f"synthetic-{n_train}-{n_val}-{size}px-seed{seed}")
+    out = {"root": root, "train": os.path.join(root, "train"), "val": os.path.join(root, "val"),
+           "val_folder": os.path.join(root, "val_folder"), "classnames": sorted(SYNTH_SHAPES)}
+    done = os.path.join(root, "DONE")
+    if get_rank() == 0 and not os.path.exists(done):
+        from concurrent.futures import ProcessPoolExecutor
+        os.makedirs(out["train"], exist_ok=True)
+        os.makedirs(out["val"], exist_ok=True)
+        jobs = [(os.path.join(out[split], f"{split}-{j:05d}.tar"), split, sid, seed, lo, min(lo + shard_size, n),
+                 size, out["val_folder"] if split == "val" else "")
+                for split, sid, n in (("train", 0, n_train), ("val", 1, n_val))
+                for j, lo in enumerate(range(0, n, shard_size))]
+        t0 = time.time()
+        print0(f"generating the synthetic world ({n_train} train + {n_val} val images, {size}px) in {root}")
+        with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+            total = sum(progress(pool.map(_render_shard, jobs), "synthetic world", total=len(jobs)))
+        open(done, "w").write(json.dumps({"samples": total, "seconds": round(time.time() - t0, 1)}))
+    barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Losses shared by several papers
+# ----------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE, distributed the memory-linear way (open_clip's `local_loss` +
+    `gather_with_grad`): this rank's B rows against the W*B gathered columns, labels offset by rank.
+
+    img, txt: (B, E) L2-normalised; logit_scale: the scale itself (exp of the stored log). Logits in fp32.
+    Averaged over ranks (DDP averages the gradients) it is exactly the single-process loss on the
+    concatenated batch. No host sync: the labels are built on the device."""
+    B = img.shape[0]
+    all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)  # (W*B, E)
+    labels = torch.arange(B, device=img.device) + get_rank() * B
+    logits_i2t = logit_scale.float() * img.float() @ all_txt.float().T  # (B, W*B)
+    logits_t2i = logit_scale.float() * txt.float() @ all_img.float().T  # (B, W*B)
+    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The readable full-matrix version (one process, whole batch): -mean log softmax of the diagonal,
+    over rows (image -> text) and over columns (text -> image)."""
+    logits = logit_scale.float() * img.float() @ txt.float().T  # (N, N), row i = image i
+    diag = torch.arange(len(logits), device=logits.device)
+    i2t = -logits.log_softmax(dim=1)[diag, diag].mean()
+    t2i = -logits.log_softmax(dim=0)[diag, diag].mean()
+    return (i2t + t2i) / 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Optimisation
+# ----------------------------------------------------------------------------------------------------
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "token_embed", "logit_scale", "class_embedding", "positional_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and conv kernels only: not on norms, biases, embeddings, logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(n in name for n in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6):
+    """AdamW over param_groups, the fused CUDA kernel when the parameters are on a GPU."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio * base_lr` at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers (what checkpoints are saved from)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, state: dict):
+    """Write atomically from rank 0: a temporary file, then rename, so a crash never leaves half a file.
+    `state` is a plain dict of tensors and primitives (loads with weights_only=True)."""
+    if get_rank() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The checkpoint with the highest step in `out_dir` (`ckpt-<step>.pt`), or None."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt-*.pt"))
+             if (m := re.search(r"ckpt-(\d+)\.pt$", p))]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path: str, out_dir: str) -> dict | None:
+    """`path` = "" (start fresh), "auto" (the latest in out_dir, or fresh if there is none) or a file."""
+    if not path:
+        return None
+    if path == "auto":
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            return None
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def prune_checkpoints(out_dir: str, keep: int):
+    """Delete all but the `keep` newest checkpoints (rank 0)."""
+    if get_rank() != 0 or keep <= 0:
+        return
+    found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt-*.pt"))
+                   if (m := re.search(r"ckpt-(\d+)\.pt$", p)))
+    for _, p in found[:-keep]:
+        os.remove(p)
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT (the scheduler's pre-emption notice, Ctrl-C) into a flag the loop checks, so
+    the run saves a checkpoint and exits cleanly instead of dying mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        print(f"rank {get_rank()}: got signal {signum}, will save and stop", file=sys.stderr, flush=True)
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank was signalled (a collective: call on all ranks at once)."""
+        if get_world_size() == 1 or not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Evaluation
+# ----------------------------------------------------------------------------------------------------
+# A small prompt ensemble; for ImageNet-style zero-shot pass your own with --templates FILE.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} in a photo.",
+                     "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}.")
+
+
+def read_lines(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        fail(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """An ImageFolder: one sub-folder per class (sorted), the folder name is the class name unless
+    `classnames` (one per folder, same order) is given. Returns ([(path, label)], classnames)."""
+    if not os.path.isdir(root):
+        fail(f"zero-shot data folder not found: {root}")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not folders:
+        fail(f"no class folders in {root}")
+    if classnames is not None and len(classnames) != len(folders):
+        fail(f"{len(classnames)} class names for {len(folders)} class folders in {root}")
+    names = classnames or [d.replace("_", " ") for d in folders]
+    items = [(os.path.join(root, d, f), i) for i, d in enumerate(folders)
+             for f in sorted(os.listdir(os.path.join(root, d))) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    return items, names
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, device, context_length: int):
+    """(E, C) classifier: per class, the mean of the normalised text embeddings of its prompts,
+    renormalised (the CLIP prompt ensemble)."""
+    weights = []
+    for name in classnames:
+        ids = tokenizer([t.format(name) for t in templates], context_length).to(device)
+        z = F.normalize(model.encode_text(ids).float(), dim=-1).mean(dim=0)
+        weights.append(F.normalize(z, dim=0))
+    return torch.stack(weights, dim=1)
+
+
+def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Tensor:
+    """Eval transform: resize the shorter side to `size`, centre crop, uint8 (N, 3, size, size)."""
+    out = []
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        out.append(image_to_uint8(img, size, center_crop_box(*img.size), resample))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def zeroshot_eval(model, classifier, items, image_size: int, device, batch_size: int = 256,
+                  mean=CLIP_MEAN, std=CLIP_STD, desc: str = "zero-shot") -> dict:
+    """Top-1 and top-5 accuracy (%) of the zero-shot classifier on [(path, label)]."""
+    correct1 = correct5 = 0
+    for i in progress(range(0, len(items), batch_size), desc):
+        chunk = items[i:i + batch_size]
+        x = normalize_images(eval_images([p for p, _ in chunk], image_size).to(device), mean, std)
+        y = torch.tensor([l for _, l in chunk], device=device)
+        logits = F.normalize(model.encode_image(x).float(), dim=-1) @ classifier
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+    return {"zeroshot_top1": 100 * correct1 / len(items), "zeroshot_top5": 100 * correct5 / len(items)}
+
+
+@torch.no_grad()
+def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
+    """Recall@1/5/10 (%) of image->text and text->image retrieval for paired (N, E) embeddings
+    (pair i is the match of i)."""
+    img_emb, txt_emb = F.normalize(img_emb.float(), dim=-1), F.normalize(txt_emb.float(), dim=-1)
+    sim = img_emb @ txt_emb.T  # (N, N)
+    target = torch.arange(len(sim), device=sim.device)
+    out = {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        rank = (s > s[target, target][:, None]).sum(dim=1)  # how many beat the true match
+        for k in (1, 5, 10):
+            out[f"retrieval_{name}_r{k}"] = 100 * (rank < k).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Logging
+# ----------------------------------------------------------------------------------------------------
+
+
+def progress(iterable, desc: str, **kw):
+    """A tqdm bar on rank 0 when stderr is a terminal or for long loops; plain iteration otherwise."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, disable=get_rank() != 0 or not sys.stderr.isatty(), leave=False, **kw)
+
+
+class RunLog:
+    """One plain console line per call on rank 0, and the same as one JSON object per line in
+    OUT/log.jsonl (`step` first, then every metric by name)."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, "log.jsonl")
+        if get_rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def log(self, step: int, **metrics):
+        if get_rank() != 0:
+            return
+        rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+
+
+def document_run(out_dir: str, cfg, scripts: list[str]):
+    """Rank 0: config.json, copies of the script and common.py, and one line of versions and devices."""
+    if get_rank() != 0:
+        return
+    import shutil
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    for s in scripts:
+        shutil.copy(s, os.path.join(out_dir, os.path.basename(s)))
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print0(f"torch {torch.__version__} | python {sys.version.split()[0]} | device {dev} | world {get_world_size()}"
+           f" | threads {torch.get_num_threads()}")

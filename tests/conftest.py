@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small synthetic world shared by the tests (generated once per session)."""
+    import common as C
+    return C.synthetic_world(str(tmp_path_factory.mktemp("cache")), 2000, 200, 32, seed=0, shard_size=250)
