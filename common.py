@@ -145,11 +145,11 @@ def barrier():
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) from every rank into (W*B, ...), rank order, with gradients flowing back
-    to each rank's own slice (torch.distributed.nn does the backward: a reduce-scatter of the grads)."""
+    to each rank's own slice (the functional collective's backward is a reduce-scatter of the grads)."""
     if get_world_size() == 1 or not dist.is_initialized():
         return x
-    import torch.distributed.nn.functional as dnnf
-    return torch.cat(dnnf.all_gather(x), dim=0)
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,17 +328,28 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
     return model
 
 
-# OpenAI/OpenCLIP key -> ours. Applied in order to each key; the inverse is applied for export.
-_OPENCLIP_RENAMES = [
-    (r"^visual\.conv1\.", "visual.patch_embed."), (r"^visual\.class_embedding$", "visual.cls_token"),
-    (r"^visual\.positional_embedding$", "visual.pos_embed"), (r"^visual\.ln_pre\.", "visual.norm_pre."),
-    (r"^visual\.ln_post\.", "visual.norm."), (r"^visual\.transformer\.resblocks\.", "visual.blocks."),
-    (r"^transformer\.resblocks\.", "text.blocks."), (r"^token_embedding\.", "text.token_embed."),
-    (r"^positional_embedding$", "text.pos_embed"), (r"^ln_final\.", "text.norm."),
-    (r"^text_projection$", "text.proj"), (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."),
-    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"), (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
-    (r"\.attn\.out_proj\.", ".attn.proj."), (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
-]
+# OpenAI/OpenCLIP names -> ours: whole-key prefixes (the first that matches applies), then infixes
+# inside the blocks. Swapping each pair gives the inverse, for export.
+_OPENCLIP_PREFIXES = [
+    ("visual.transformer.resblocks.", "visual.blocks."), ("transformer.resblocks.", "text.blocks."),
+    ("visual.conv1.", "visual.patch_embed."), ("visual.class_embedding", "visual.cls_token"),
+    ("visual.positional_embedding", "visual.pos_embed"), ("visual.ln_pre.", "visual.norm_pre."),
+    ("visual.ln_post.", "visual.norm."), ("token_embedding.", "text.token_embed."),
+    ("positional_embedding", "text.pos_embed"), ("ln_final.", "text.norm."), ("text_projection", "text.proj")]
+_OPENCLIP_INFIXES = [(".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".attn.in_proj_weight", ".attn.qkv.weight"),
+                     (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
+                     (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+
+
+def _rename(key: str, inverse: bool = False) -> str:
+    flip = (lambda p: p[::-1]) if inverse else (lambda p: p)
+    for old, new in map(flip, _OPENCLIP_PREFIXES):
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    for old, new in map(flip, _OPENCLIP_INFIXES):
+        key = key.replace(old, new)
+    return key
 
 
 def _unwrap_state_dict(sd: dict) -> dict:
@@ -346,6 +357,11 @@ def _unwrap_state_dict(sd: dict) -> dict:
         if k in sd and isinstance(sd[k], dict):
             sd = sd[k]
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
+
+
+# The state dict does not store head counts. OpenCLIP's towers use 64-wide heads except these vision widths
+# (ViT-H/14, ViT-g/14, ViT-bigG/14: 16 heads of 80, 88 and 104).
+_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
 
 
 def openclip_config(sd: dict) -> dict:
@@ -358,7 +374,7 @@ def openclip_config(sd: dict) -> dict:
     count = lambda p: len({k[len(p):].split(".")[0] for k in sd if k.startswith(p)})
     text_width = sd["ln_final.weight"].shape[0]
     return dict(image_size=grid * patch, patch=patch, width=width, layers=count("visual.transformer.resblocks."),
-                heads=width // 64, embed_dim=sd["visual.proj"].shape[1], text_width=text_width,
+                heads=width // _HEAD_WIDTH.get(width, 64), embed_dim=sd["visual.proj"].shape[1], text_width=text_width,
                 text_layers=count("transformer.resblocks."), text_heads=text_width // 64,
                 vocab_size=sd["token_embedding.weight"].shape[0],
                 context_length=sd["positional_embedding"].shape[0],
@@ -366,40 +382,22 @@ def openclip_config(sd: dict) -> dict:
 
 
 def openclip_to_ours(sd: dict) -> dict:
-    out = {}
-    for k, v in _unwrap_state_dict(sd).items():
-        if k.endswith("attn_mask") or k in ("input_resolution", "context_length", "vocab_size"):
-            continue  # buffers / metadata of the original, recomputed here
-        for pat, rep in _OPENCLIP_RENAMES:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
+    """Rename an OpenAI/OpenCLIP state dict to this repository's names (tensors untouched)."""
+    return {_rename(k): v for k, v in _unwrap_state_dict(sd).items()
+            if not k.endswith("attn_mask") and k not in ("input_resolution", "context_length", "vocab_size")}
 
 
 def ours_to_openclip(sd: dict) -> dict:
-    """Inverse of openclip_to_ours, for exporting a model trained here to the OpenAI/OpenCLIP layout."""
-    inverse = [(r"^visual\.blocks\.", "visual.transformer.resblocks."), (r"^text\.blocks\.", "transformer.resblocks."),
-               (r"^visual\.patch_embed\.", "visual.conv1."), (r"^visual\.cls_token$", "visual.class_embedding"),
-               (r"^visual\.pos_embed$", "visual.positional_embedding"), (r"^visual\.norm_pre\.", "visual.ln_pre."),
-               (r"^visual\.norm\.", "visual.ln_post."), (r"^text\.token_embed\.", "token_embedding."),
-               (r"^text\.pos_embed$", "positional_embedding"), (r"^text\.norm\.", "ln_final."),
-               (r"^text\.proj$", "text_projection"), (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
-               (r"\.attn\.qkv\.weight$", ".attn.in_proj_weight"), (r"\.attn\.qkv\.bias$", ".attn.in_proj_bias"),
-               (r"\.attn\.proj\.", ".attn.out_proj."), (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in inverse:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
+    """The inverse, to export a model trained here to the OpenAI/OpenCLIP layout."""
+    return {_rename(k, inverse=True): v for k, v in sd.items()}
 
 
-def clip_from_openclip(sd: dict, act: str = "quick_gelu") -> CLIP:
+def clip_from_openclip(sd: dict, act: str = "quick_gelu", **overrides) -> CLIP:
     """A CLIP built from an OpenAI-CLIP/OpenCLIP ViT state dict (B/32, B/16, L/14, any size inferred from
     the shapes), loaded strictly. The state dict does not say which activation the weights were trained
     with: OpenAI's own weights use QuickGELU (the default here); most LAION/DataComp OpenCLIP weights use
     GELU (`act="gelu"`, the models OpenCLIP names without `-quickgelu`)."""
-    model = build_clip(**openclip_config(sd), act=act)
+    model = build_clip(**{**openclip_config(sd), **overrides}, act=act)  # e.g. heads=... for unusual widths
     load_state_dict_checked(model, openclip_to_ours(sd), "OpenCLIP state dict")
     return model
 
@@ -1256,7 +1254,7 @@ _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 def synthetic_split(seed: int, n: int, size: int, split: str,
-                    years: Optional[Tuple[int, int]] = None) -> Iterator[dict]:
+                    years: Optional[Tuple[int, int]] = None, start: int = 0) -> Iterator[dict]:
     """Deterministic stream of n samples of one split.
 
     Sample i gets its own generator seeded by SeedSequence((seed, split, i)):
@@ -1264,7 +1262,7 @@ def synthetic_split(seed: int, n: int, size: int, split: str,
     by a data-loader worker), and the first m samples do not depend on n.
     `years` (inclusive range) restricts the year, e.g. for TiC-CLIP streams.
     """
-    for i in range(n):
+    for i in range(start, start + n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
         year = None if years is None else int(rng.integers(years[0], years[1] + 1))
         sample = render_sample(rng, size, year)
@@ -1275,13 +1273,11 @@ def synthetic_split(seed: int, n: int, size: int, split: str,
 
 def _render_shard(args) -> int:
     """Render synthetic samples [lo, hi) of `split` into one tar shard, or into an ImageFolder."""
-    path, split, split_id, seed, lo, hi, size, folder = args
-    rng = np.random.default_rng([seed, split_id, lo])  # one stream per shard: shards render in parallel
+    path, split, seed, lo, hi, size, folder = args
 
     def samples():
-        for i in range(lo, hi):
-            s = render_sample(rng, size)
-            key = f"{split}{i:07d}"
+        for s in synthetic_split(seed, hi - lo, size, split, start=lo):  # sample i is seeded by i alone
+            key = s["key"]
             if folder:  # zero-shot ImageFolder: class folder / key.png
                 d = os.path.join(folder, SYNTH_SHAPES[s["label"]])
                 os.makedirs(d, exist_ok=True)
@@ -1309,9 +1305,9 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
         from concurrent.futures import ProcessPoolExecutor
         os.makedirs(out["train"], exist_ok=True)
         os.makedirs(out["val"], exist_ok=True)
-        jobs = [(os.path.join(out[split], f"{split}-{j:05d}.tar"), split, sid, seed, lo, min(lo + shard_size, n),
+        jobs = [(os.path.join(out[split], f"{split}-{j:05d}.tar"), split, seed, lo, min(lo + shard_size, n),
                  size, out["val_folder"] if split == "val" else "")
-                for split, sid, n in (("train", 0, n_train), ("val", 1, n_val))
+                for split, n in (("train", n_train), ("val", n_val))
                 for j, lo in enumerate(range(0, n, shard_size))]
         t0 = time.time()
         print0(f"generating the synthetic world ({n_train} train + {n_val} val images, {size}px) in {root}")

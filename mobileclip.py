@@ -42,7 +42,7 @@ class Config:
     data: str = ""  # tar shards: a directory, a glob or 'shards/{00000..00099}.tar'; empty = the synthetic world
     model: str = "tiny"  # a name from MODELS
     out: str = "runs/mobileclip"  # run directory: config.json, log.jsonl, checkpoints, copies of the code
-    steps: int = 2000  # optimizer steps
+    steps: int = 800  # optimizer steps
     batch_size: int = 128  # per process (the global batch is this x world size)
     lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.1  # decoupled weight decay, on matrices only
@@ -64,7 +64,7 @@ class Config:
     keep_ckpts: int = 2  # newest checkpoints kept in --out
     resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
     init: str = ""  # OpenAI/OpenCLIP ViT state dict to start from (needs --bpe and the matching --model)
-    init_act: str = "quick_gelu"  # activation of the --init weights: quick_gelu (OpenAI) | gelu (most LAION)
+    act: str = "gelu"  # MLP activation: gelu | quick_gelu (what OpenAI's own CLIP weights were trained with)
     eval_only: bool = False  # evaluate --resume / --init and exit
     zeroshot_data: str = ""  # ImageFolder for zero-shot top-1/top-5; default: the synthetic held-out set
     classnames: str = ""  # file with one class name per line, in folder order (default: folder names)
@@ -74,7 +74,7 @@ class Config:
     bpe: str = ""  # CLIP merges file (bpe_simple_vocab_16e6.txt.gz); empty = train a BPE on the captions
     bpe_vocab: int = 2048  # vocabulary size of a BPE trained here
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-    synthetic_train: int = 60000  # synthetic training images
+    synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images (zero-shot and retrieval)
     max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
 
@@ -82,7 +82,7 @@ class Config:
 # Named sizes. vit_b32/b16/l14 are the OpenAI CLIP shapes (text context 77); the BPE vocabulary sets
 # vocab_size. `tiny` is the CPU model of the smoke run.
 MODELS = {
-    "tiny": dict(image_size=64, patch=8, width=192, layers=4, heads=3, embed_dim=128,
+    "tiny": dict(image_size=64, patch=8, width=128, layers=4, heads=4, embed_dim=128,
                  text_width=128, text_layers=3, text_heads=2, context_length=32),
     "vit_b32": dict(image_size=224, patch=32, width=768, layers=12, heads=12, embed_dim=512,
                     text_width=512, text_layers=12, text_heads=8, context_length=77),
@@ -140,10 +140,24 @@ def make_tokenizer(cfg: Config, shards: str):
 
 
 def build_model(cfg: Config, vocab_size: int) -> C.CLIP:
-    if cfg.model not in MODELS:
-        C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
-    m = C.build_clip(**MODELS[cfg.model], vocab_size=vocab_size, grad_checkpointing=cfg.grad_checkpointing)
+    m = C.build_clip(**MODELS[cfg.model], vocab_size=vocab_size, act=cfg.act, grad_checkpointing=cfg.grad_checkpointing)
     return C.set_fused(m, cfg.fused)
+
+
+def load_init(model: C.CLIP, cfg: Config):
+    """--init: OpenAI/OpenCLIP weights (a state dict, or OpenAI's TorchScript archive) into `model`."""
+    if not os.path.isfile(cfg.init):
+        C.fail(f"--init file not found: {cfg.init}")
+    try:
+        sd = torch.load(cfg.init, map_location="cpu", weights_only=True)
+    except Exception:  # OpenAI distributes TorchScript archives
+        sd = torch.jit.load(cfg.init, map_location="cpu").state_dict()
+    shape = C.openclip_config(sd)
+    fits = [n for n, s in MODELS.items() if all(shape[k] == v for k, v in s.items())]
+    if cfg.model not in fits:
+        C.fail(f"--init {cfg.init} is patch {shape['patch']}, width {shape['width']}: use --model "
+               f"{' or '.join(fits) or '(none of MODELS; add its shape to MODELS)'}")
+    C.load_state_dict_checked(model, {k: v.float() for k, v in C.openclip_to_ours(sd).items()}, f"--init {cfg.init}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,10 +213,9 @@ def main(argv=None):
     # ---- start: fresh, from public weights, or resumed -------------------------------------------
     start, data_pos = 0, {}
     if cfg.init:
-        if not os.path.isfile(cfg.init):
-            C.fail(f"--init file not found: {cfg.init}")
-        sd = C.openclip_to_ours(torch.load(cfg.init, map_location="cpu", weights_only=True))
-        C.load_state_dict_checked(model, {k: v.float() for k, v in sd.items()}, f"--init {cfg.init}")
+        if not cfg.bpe:
+            C.fail("--init needs --bpe bpe_simple_vocab_16e6.txt.gz, the tokenizer the weights were trained with")
+        load_init(model, cfg)
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
         if ckpt.get("model_name") != cfg.model:
@@ -218,7 +231,7 @@ def main(argv=None):
                 C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
         C.print0(f"resumed from step {ckpt['step']} of {cfg.resume}")
     if cfg.eval_only:
-        log.log(start, **evaluate(model, tokenizer, cfg, zs_dir, ret_shards, device))
+        log.log(ckpt["step"] if ckpt else 0, **evaluate(model, tokenizer, cfg, zs_dir, ret_shards, device))
         return C.cleanup_distributed()
 
     # ---- data -----------------------------------------------------------------------------------

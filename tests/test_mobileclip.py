@@ -75,3 +75,38 @@ def test_checkpoint_of_another_model_is_refused(cache, tmp_path, capsys):
     with pytest.raises(SystemExit):
         mobileclip.main(["--cache-dir", cache, "--out", out, "--resume", "auto", "--steps", "5"] + SMALL)
     assert "is of model 'vit_b16', not --model tiny" in capsys.readouterr().err
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = str(tmp_path / "r")
+    proc = subprocess.Popen([sys.executable, "mobileclip.py", "--cache-dir", cache, "--out", out, "--steps", "100000",
+                             "--batch-size", "8", "--log-every", "1", "--no-eval"] + SMALL,
+                            cwd=os.path.dirname(os.path.abspath(mobileclip.__file__)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(os.path.join(out, "log.jsonl"))
+                                          and len(read_log(out)) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    step = read_log(out)[-1]["step"]
+    ckpts = [f for f in os.listdir(out) if f.startswith("ckpt-")]
+    assert len(ckpts) == 1 and int(ckpts[0][5:-3]) >= step, (ckpts, step)
+
+
+def test_init_from_openclip_layout_and_eval_only(cache, tmp_path):
+    """--init takes an OpenCLIP-layout state dict (here: exported from a tiny model) and --eval-only runs."""
+    bpe = str(tmp_path / "bpe.txt")
+    C.Tokenizer(merges=C.train_bpe(["a photo of a red circle", "a blue star on a plain background"] * 20, 600)).save(bpe)
+    vocab = C.Tokenizer(bpe).vocab_size
+    model = C.build_clip(**mobileclip.MODELS["tiny"], vocab_size=vocab)
+    torch.save(C.ours_to_openclip(model.state_dict()), tmp_path / "init.pt")
+    out = str(tmp_path / "r")
+    mobileclip.main(["--cache-dir", cache, "--out", out, "--init", str(tmp_path / "init.pt"), "--bpe", bpe,
+                     "--eval-only"] + SMALL)
+    assert "zeroshot_top1" in read_log(out)[-1]
