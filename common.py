@@ -996,16 +996,17 @@ class ImageTextDecode:
     and centre crop. Raises on a bad image or caption, which ShardStream counts and skips."""
 
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
-                 scale=(0.9, 1.0), caption_key: str = "txt"):
+                 scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
         self.tokenizer, self.size, self.context_length = tokenizer, image_size, context_length
         self.train, self.seed, self.scale, self.caption_key = train, seed, scale, caption_key
+        self.resample = resample
 
     def __call__(self, sample: dict) -> dict:
         caption = decode_caption(sample, self.caption_key)
         img = decode_image(sample)
         box = (random_resized_crop_box(*img.size, sample_rng(self.seed, sample), self.scale) if self.train
                else center_crop_box(*img.size))
-        return {"image": image_to_uint8(img, self.size, box),
+        return {"image": image_to_uint8(img, self.size, box, self.resample),
                 "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
 
 
@@ -1051,13 +1052,19 @@ _POSITIONS = (("at the top left", "at the top", "at the top right"),
 # Caption phrasings, each with the first year it is used in; "icon" and
 # "sticker" language only appears in later years (a vocabulary drift).
 _TEMPLATES = (
-    (2014, "{obj}{pos}{extra} on a {bg}"),
-    (2014, "a photo of {obj}{pos}{extra} on a {bg}"),
-    (2014, "a {bg} with {obj}{pos}{extra}"),
-    (2014, "there {be} {obj}{pos}{extra}; the background is {bgshort}"),
-    (2019, "{obj} {icon}{pos}{extra}, {bg}"),
-    (2020, "sticker of {obj}{pos}{extra} over a {bg}"),
+    (2014, "{obj}{pos}{extra}{bg}"),
+    (2014, "a photo of {obj}{pos}{extra}{bg}"),
+    (2014, "an image showing {obj}{pos}{extra}{bg}"),
+    (2014, "there {be} {obj}{pos}{extra}{bg}"),
+    (2019, "{obj} {icon}{pos}{extra}{bg}"),
+    (2020, "sticker of {obj}{pos}{extra}{bg}"),
 )
+# Like web alt-text, a caption mentions only some attributes: size, colour,
+# position and background are each dropped with these probabilities.  Short
+# captions ("a photo of a star.") thus occur naturally, and the shape word,
+# always kept, must carry meaning on its own -- which is what a zero-shot
+# prompt such as "a photo of a {classname}." relies on.
+_DROP = (0.35, 0.3, 0.4, 0.4)
 _SS = 4  # supersampling factor for anti-aliased shape edges
 
 
@@ -1231,21 +1238,24 @@ def render_sample(rng: np.random.Generator, size: int = 64,
     # --- caption
     size_w = "small" if main_r < 0.19 * size else "medium" if main_r < 0.25 * size else "large"
     style = ("outlined ", "hollow ")[int(rng.integers(2))] if outlined else ""
+    keep = rng.random(4) >= np.array(_DROP)  # size, colour, position, background
+    col_w = colour + " " if keep[1] else ""
     if count == 1:
+        obj = (size_w + " " if keep[0] else "") + col_w + style + shape
+        obj = ("an " if obj[0] in "aeiou" else "a ") + obj
         cy, cx = (np.clip((main_cs[0] / size * 3).astype(int), 0, 2))[::-1]
-        obj = f"a {size_w} {colour} {style}{shape}"  # size word: article is "a"
-        pos = " " + _POSITIONS[cy][cx]
+        pos = " " + _POSITIONS[cy][cx] if keep[2] else ""
     else:  # several copies: a count word, no single position
         plural = shape + ("es" if shape.endswith("ss") else "s")
-        obj, pos = f"{('two', 'three')[count - 2]} {colour} {style}{plural}", ""
+        obj, pos = f"{('two', 'three')[count - 2]} {col_w}{style}{plural}", ""
     extra = "".join(" and " + w for w in distract_words)
     usable = [t for y, t in _TEMPLATES if y <= year]
     template = usable[int(rng.integers(len(usable)))]
     caption = template.format(obj=obj, pos=pos, extra=extra,
                               be="is" if count == 1 else "are",
                               icon="icon" if count == 1 else "as icons",
-                              bg=f"{texture} {bg_colour} background",
-                              bgshort=f"{texture} {bg_colour}")
+                              bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
+    caption += "." if rng.random() < 0.5 else ""
     return {"image": image, "caption": caption, "label": label, "mask": mask,
             "depth": np.clip(depth, 0, 1).astype(np.float32), "year": year}
 
@@ -1530,12 +1540,12 @@ def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Te
 
 @torch.no_grad()
 def zeroshot_eval(model, classifier, items, image_size: int, device, batch_size: int = 256,
-                  mean=CLIP_MEAN, std=CLIP_STD, desc: str = "zero-shot") -> dict:
+                  mean=CLIP_MEAN, std=CLIP_STD, resample=Image.BICUBIC, desc: str = "zero-shot") -> dict:
     """Top-1 and top-5 accuracy (%) of the zero-shot classifier on [(path, label)]."""
     correct1 = correct5 = 0
     for i in progress(range(0, len(items), batch_size), desc):
         chunk = items[i:i + batch_size]
-        x = normalize_images(eval_images([p for p, _ in chunk], image_size).to(device), mean, std)
+        x = normalize_images(eval_images([p for p, _ in chunk], image_size, resample).to(device), mean, std)
         y = torch.tensor([l for _, l in chunk], device=device)
         logits = F.normalize(model.encode_image(x).float(), dim=-1) @ classifier
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -26,15 +26,22 @@ Result (the no-argument run): see README.md, "Results", for the zero-shot top-1 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+from PIL import Image
+
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 @dataclass
@@ -94,6 +101,659 @@ MODELS = {
 
 
 # ----------------------------------------------------------------------------------------------------
+# MobileCLIP models (spec 2), paper -> code:
+#   MCi image encoders, FastViT-derived (spec 2.2, 2.3)  -> MCi: MobileOneBlock stem, RepMixerBlock and
+#                                                           AttentionBlock stages, RepCPE, PatchEmbed
+#   MCt hybrid text encoder (spec 2.5)                   -> TextEncoder(mct=True), TextRepMixerBlock
+#   base 12-layer text encoder                           -> TextEncoder
+#   MobileCLIP-B: ViT-B/16 with a conv stem (spec 2.4)   -> ConvStemViT
+#   structural reparameterisation (spec 2.2)             -> reparameterize
+#   released checkpoints (spec 2.6)                      -> create_model(pretrained=), layout_name
+# Module and attribute names are apple/ml-mobileclip's, so its v1 `.pt` files load strictly into the
+# unfused modules after renaming `image_encoder.model.` -> `visual.`, `text_encoder.` -> `text.` and
+# `qkv_proj`/`out_proj` -> `qkv`/`proj` (common.Attention). OpenCLIP files (timm trunks) are mapped name by
+# name by `layout_name`.
+# ----------------------------------------------------------------------------------------------------
+
+
+def named(**modules):
+    """nn.Sequential whose children carry the checkpoints' names (`.conv`/`.bn`, `.block`, `.pos_embed`)."""
+    seq = nn.Sequential()
+    for name, m in modules.items():
+        seq.add_module(name, m)
+    return seq
+
+
+def conv_bn(cin, cout, k, stride=1, groups=1):
+    """Conv (no bias) + BatchNorm: one branch of a train-time block."""
+    k = (k, k) if isinstance(k, int) else tuple(k)
+    conv = nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, bias=False)
+    return named(conv=conv, bn=nn.BatchNorm2d(cout))
+
+
+def fold_bn(w, bn):
+    """RepVGG (2101.03697) Sec. 3.3: BN(W * x) = (W t) * x + (beta - mu t), t = gamma / sqrt(var + eps)."""
+    t = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return w * t.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * t
+
+
+def identity_kernel(channels, groups, k, like):
+    """The kernel of the identity map for a grouped conv: a 1 at the centre tap where output channel i
+    reads its own input (index i mod C/groups inside its group)."""
+    w = torch.zeros(channels, channels // groups, *k, dtype=like.dtype, device=like.device)
+    i = torch.arange(channels, device=like.device)
+    w[i, i % (channels // groups), k[0] // 2, k[1] // 2] = 1
+    return w
+
+
+def pad_to(w, k):
+    """Zero-pad a smaller centred kernel (1x1, 3x3) to k: the same map as a k-conv with padding k // 2."""
+    dh, dw = (k[0] - w.shape[2]) // 2, (k[1] - w.shape[3]) // 2
+    return F.pad(w, [dw, dw, dh, dh])
+
+
+def folded_conv(cin, cout, k, stride, groups, w, b):
+    """The one inference-time conv (with bias) that carries a folded kernel."""
+    conv = nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, device=w.device, dtype=w.dtype)
+    conv.weight, conv.bias = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+    return conv
+
+
+class SEBlock(nn.Module):
+    """Squeeze-excitation (1709.01507) with Apple's names, in `conv_exp`: global mean -> 1x1 `reduce` (C/16)
+    -> ReLU -> 1x1 `expand` -> sigmoid gate on the input."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class SqueezeExcite(nn.Module):
+    """The same gate with timm's names (`fc1`, `fc2`), in the downsampling layers (C/4, rounded to 8)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne block (2206.04040), train-time: act(se(sum of branches)). Branches: `rbr_conv[i]` (kxk
+    conv+BN), `rbr_scale` (1x1 conv+BN; only if the kernel's first dim > 1), `rbr_skip` (BN alone; only
+    if in == out and stride 1). `reparameterize` sums the folded branches into `reparam_conv`."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, act=True, se=False, scale_branch=True, n_conv=1):
+        super().__init__()
+        self.k = (k, k) if isinstance(k, int) else tuple(k)
+        self.cin, self.cout, self.stride, self.groups = cin, cout, stride, groups
+        self.se = SEBlock(cout, int(cout * 0.0625)) if se else nn.Identity()
+        self.activation = nn.GELU() if act else nn.Identity()
+        self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        convs = [conv_bn(cin, cout, self.k, stride, groups) for _ in range(n_conv)]
+        self.rbr_conv = nn.ModuleList(convs) if n_conv else None
+        self.rbr_scale = conv_bn(cin, cout, 1, stride, groups) if self.k[0] > 1 and scale_branch else None
+        self.reparam_conv = None
+
+    def branches(self):
+        return [b for b in (self.rbr_scale, self.rbr_skip, *(self.rbr_conv or [])) if b is not None]
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.activation(self.se(self.reparam_conv(x)))
+        out = 0
+        for branch in self.branches():
+            out = out + branch(x)
+        return self.activation(self.se(out))
+
+    def fused(self):
+        """(kernel, bias) of the single kxk conv equal to the sum of the branches: each branch is folded
+        with its BN; the 1x1 kernel is zero-padded, the skip is the identity kernel."""
+        w = b = 0
+        for br in self.branches():
+            if isinstance(br, nn.BatchNorm2d):
+                kw, kb = fold_bn(identity_kernel(self.cin, self.groups, self.k, br.weight), br)
+            else:
+                kw, kb = fold_bn(pad_to(br.conv.weight, self.k), br.bn)
+            w, b = w + kw, b + kb
+        return w, b
+
+    def reparameterize(self):
+        w, b = self.fused()
+        self.reparam_conv = folded_conv(self.cin, self.cout, self.k, self.stride, self.groups, w, b)
+        self.rbr_skip = self.rbr_conv = self.rbr_scale = None
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """RepLKNet-style (2203.06717) downsampling conv: a 7x7/2 conv+BN with a parallel 3x3/2 conv+BN, one
+    group per input channel (C -> C', 2 outputs per group), then SE (optional) and GELU (timm's
+    `lkc_use_act=True`). Folds into `lkb_reparam`, the 3x3 kernel zero-padded to 7x7."""
+
+    def __init__(self, cin, cout, k=7, stride=2, small=3, se=False):
+        super().__init__()
+        self.cin, self.cout, self.k, self.stride = cin, cout, (k, k), stride
+        self.lkb_origin = conv_bn(cin, cout, k, stride, cin)
+        self.small_conv = conv_bn(cin, cout, small, stride, cin)
+        self.se = SqueezeExcite(cout, max(8, int(cout / 4 + 4) // 8 * 8)) if se else nn.Identity()
+        self.activation = nn.GELU()
+        self.lkb_reparam = None
+
+    def forward(self, x):
+        out = self.lkb_reparam(x) if self.lkb_reparam is not None else self.lkb_origin(x) + self.small_conv(x)
+        return self.activation(self.se(out))
+
+    def reparameterize(self):
+        w1, b1 = fold_bn(self.lkb_origin.conv.weight, self.lkb_origin.bn)
+        w2, b2 = fold_bn(pad_to(self.small_conv.conv.weight, self.k), self.small_conv.bn)
+        self.lkb_reparam = folded_conv(self.cin, self.cout, self.k, self.stride, self.cin, w1 + w2, b1 + b2)
+        self.lkb_origin = self.small_conv = None
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer (2303.14189, Eq. 2): x + gamma * (mixer(x) - norm(x)), `mixer` a depthwise
+    MobileOneBlock without activation (kxk conv+BN, 1x1 scale branch, BN skip), `norm` a BN skip alone.
+    Everything is linear, so it folds into one depthwise conv: identity + gamma * (W_mixer - W_norm)."""
+
+    def __init__(self, dim, k=3):
+        super().__init__()
+        self.dim, self.k = dim, (k, k) if isinstance(k, int) else tuple(k)
+        self.norm = MobileOneBlock(dim, dim, k, groups=dim, act=False, scale_branch=False, n_conv=0)
+        self.mixer = MobileOneBlock(dim, dim, k, groups=dim, act=False)
+        self.layer_scale = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+        self.reparam_conv = None
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+    def reparameterize(self):
+        (wm, bm), (wn, bn) = self.mixer.fused(), self.norm.fused()
+        g = self.layer_scale
+        w = identity_kernel(self.dim, self.dim, self.k, wm) + g.unsqueeze(-1) * (wm - wn)  # (C, 1, kh, kw)
+        self.reparam_conv = folded_conv(self.dim, self.dim, self.k, 1, self.dim, w, g.flatten() * (bm - bn))
+        self.mixer = self.norm = None
+        del self.layer_scale
+
+
+class ConvFFN(nn.Module):
+    """FastViT ConvFFN: depthwise kxk conv + BN (local mixing), then a 1x1 MLP C -> hidden -> C with GELU."""
+
+    def __init__(self, dim, hidden, k=7):
+        super().__init__()
+        self.conv = conv_bn(dim, dim, k, 1, dim)
+        self.fc1, self.act, self.fc2 = nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.conv(x))))
+
+
+class RepCPE(nn.Module):
+    """Conditional positional encoding (2102.10882) as a residual depthwise 7x7 conv, x + pe(x); folded,
+    the residual is a 1 added to each channel's centre tap."""
+
+    def __init__(self, dim, k=7):
+        super().__init__()
+        self.dim, self.k = dim, (k, k)
+        self.pe = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim)
+        self.reparam_conv = None
+
+    def forward(self, x):
+        return self.reparam_conv(x) if self.reparam_conv is not None else x + self.pe(x)
+
+    def reparameterize(self):
+        w = self.pe.weight + identity_kernel(self.dim, self.dim, self.k, self.pe.weight)
+        self.reparam_conv = folded_conv(self.dim, self.dim, self.k, 1, self.dim, w, self.pe.bias)
+        self.pe = None
+
+
+class RepMixerBlock(nn.Module):
+    """MetaFormer block with RepMixer: x = RepMixer(x); x = x + gamma * ConvFFN(x) (gamma init 1e-5)."""
+
+    def __init__(self, dim, k=3, mlp_ratio=3.0, ffn_k=7):
+        super().__init__()
+        self.token_mixer = RepMixer(dim, k)
+        self.convffn = ConvFFN(dim, int(dim * mlp_ratio), ffn_k)
+        self.layer_scale = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.convffn(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map: the attention-block norm of MCi3/MCi4."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class AttentionBlock(nn.Module):
+    """MetaFormer block with self-attention over the H*W tokens of the last stage(s):
+    x = x + gamma1 * MHSA(Norm(x)); x = x + gamma2 * ConvFFN(x). Norm is BatchNorm2d (MCi0-2) or
+    LayerNorm2d (MCi3/4); heads of 32 channels, no qkv bias, no positional bias (RepCPE gives positions)."""
+
+    def __init__(self, dim, mlp_ratio=3.0, norm="bn"):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim) if norm == "bn" else LayerNorm2d(dim, eps=1e-5)
+        self.token_mixer = C.Attention(dim, dim // 32)
+        self.token_mixer.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.convffn = ConvFFN(dim, int(dim * mlp_ratio))
+        self.layer_scale_1 = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+        self.layer_scale_2 = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+
+    def forward(self, x):
+        B, D, H, W = x.shape
+        t = self.token_mixer(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, D)
+        x = x + self.layer_scale_1 * t.transpose(1, 2).reshape(B, D, H, W)
+        return x + self.layer_scale_2 * self.convffn(x)
+
+
+class PatchEmbed(nn.Module):
+    """Downsampling between stages: ReparamLargeKernelConv (7x7/2, C -> C') then a 1x1 MobileOneBlock."""
+
+    def __init__(self, cin, cout, se=False):
+        super().__init__()
+        self.proj = nn.Sequential(ReparamLargeKernelConv(cin, cout, 7, 2, 3, se), MobileOneBlock(cout, cout, 1))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class ProjectionHead(nn.Module):
+    """Map to the joint space, x @ proj (Apple's GlobalPool2D / SimpleImageProjectionHead); a feature map
+    is mean-pooled first. `bias` only for towers trained as timm models in OpenCLIP (timm's `head.fc`)."""
+
+    def __init__(self, cin, cout, bias=False):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(cin, cout) * cin**-0.5)
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+
+    def forward(self, x):
+        x = (x.mean((2, 3)) if x.dim() == 4 else x) @ self.proj  # (B, E)
+        return x if self.bias is None else x + self.bias
+
+
+# timm's fastvit names for Apple's (the inverse of timm's `checkpoint_filter_fn`), one name part at a time.
+_TIMM_PARTS = {"patch_embed": "stem", "rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "identity",
+               "conv_exp": "final_conv", "lkb_origin": "large_conv", "lkb_reparam": "reparam_conv",
+               "convffn": "mlp", "pe": "pos_enc", "reduce": "fc1", "expand": "fc2"}
+
+
+class MCi(nn.Module):
+    """MCi image encoder (spec 2.2, 2.3): FastViT with a MobileOne stem (3x3/2, depthwise 3x3/2, 1x1:
+    stride 4), RepMixer stages, then attention stages each preceded by RepCPE, a downsampling PatchEmbed
+    before every stage but the first, `conv_exp` (depthwise 3x3 to 2C with SE), mean pool and projection.
+    `network` is Apple's flat list [stage0, down, stage1, down, stage2, down, cpe, stage3, ...]."""
+
+    def __init__(self, depths, widths, mlp_ratio, se, attn, embed_dim, attn_norm="bn", stem_scale=True,
+                 head_bias=False):
+        super().__init__()
+        c0 = widths[0]
+        self.patch_embed = nn.Sequential(MobileOneBlock(3, c0, 3, 2, scale_branch=stem_scale),
+                                         MobileOneBlock(c0, c0, 3, 2, groups=c0, scale_branch=stem_scale),
+                                         MobileOneBlock(c0, c0, 1))
+        net, self.timm_prefix = [], []  # timm's name of each `network` entry (stages.i.{downsample,pos_emb,blocks})
+        for i, (depth, c) in enumerate(zip(depths, widths)):
+            if i > 0:
+                net.append(PatchEmbed(widths[i - 1], c, se[i]))
+                self.timm_prefix.append(f"stages.{i}.downsample")
+            if attn[i]:
+                net.append(RepCPE(c))
+                self.timm_prefix.append(f"stages.{i}.pos_emb")
+            blocks = [AttentionBlock(c, mlp_ratio, attn_norm) if attn[i] else RepMixerBlock(c, 3, mlp_ratio)
+                      for _ in range(depth)]
+            net.append(nn.Sequential(*blocks))
+            self.timm_prefix.append(f"stages.{i}.blocks")
+        self.network = nn.ModuleList(net)
+        self.conv_exp = MobileOneBlock(widths[-1], 2 * widths[-1], 3, groups=widths[-1], se=True)
+        self.head = ProjectionHead(2 * widths[-1], embed_dim, head_bias)
+
+    def forward(self, x):
+        x = self.patch_embed(x)  # (B, C0, H/4, W/4)
+        for m in self.network:
+            x = m(x)
+        return self.head(self.conv_exp(x))  # (B, E)
+
+    def timm_name(self, key):
+        p = key.split(".")
+        if p[0] == "network":
+            p = self.timm_prefix[int(p[1])].split(".") + p[2:]
+        if p[0] == "head":
+            return "head.fc.weight" if p[1] == "proj" else "head.fc.bias"
+        p = [_TIMM_PARTS.get(s, s) for s in p]
+        return ".".join(p + ["gamma"] if p[-1].startswith("layer_scale") else p)
+
+
+# Sizes (spec 2.2, 2.3). MCi3/4: 5 stages (stride 64, two attention stages), no SE in the downsamples,
+# MLP ratio 4, LayerNorm before attention, no scale branch in the stem.
+_MCI = {
+    "mci0": dict(depths=(2, 6, 10, 2), widths=(64, 128, 256, 512), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
+    "mci1": dict(depths=(4, 12, 20, 4), widths=(64, 128, 256, 512), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
+    "mci2": dict(depths=(4, 12, 24, 4), widths=(80, 160, 320, 640), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
+    "mci3": dict(depths=(2, 12, 24, 4, 2), widths=(96, 192, 384, 768, 1536), mlp_ratio=4.0, se=(0,) * 5,
+                 attn=(0, 0, 0, 1, 1), attn_norm="ln", stem_scale=False),
+    "mci4": dict(depths=(2, 12, 24, 4, 4), widths=(128, 256, 512, 1024, 2048), mlp_ratio=4.0, se=(0,) * 5,
+                 attn=(0, 0, 0, 1, 1), attn_norm="ln", stem_scale=False),
+    "mci_tiny": dict(depths=(1, 1, 2, 1), widths=(32, 64, 128, 256), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
+}
+
+
+# ---- text encoders and the ViT-B/16 image encoder (Apple's ml-cvnets transformer) ----------------------
+
+
+class LayerNormFP32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back (Apple's `layer_norm_fp32`)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class LearnedPositions(nn.Module):
+    """Learned positions (1, 1, N, D); another length is resized bilinearly as a 1-D sequence. Apple wraps
+    it once more, hence `named(pos_embed=...)` and the names `...pos_embed.pos_embed`."""
+
+    def __init__(self, n, dim):
+        super().__init__()
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, n, dim), std=dim**-0.5))
+
+    def forward(self, n):
+        pe = self.pos_embed
+        if n != pe.shape[2]:
+            pe = F.interpolate(pe, size=(n, pe.shape[3]), mode="bilinear")
+        return pe.reshape(1, n, -1)  # (1, N, D)
+
+
+class TransformerEncoder(nn.Module):
+    """Pre-norm layer: x += MHA(LN(x)); x += FFN(LN(x)). The Identity slots stand for Apple's zero-rate
+    dropouts, so that the parameter indices (pre_norm_ffn.1 and .4) match the checkpoints."""
+
+    def __init__(self, dim, heads, ffn, eps=1e-5):
+        super().__init__()
+        self.pre_norm_mha = nn.Sequential(LayerNormFP32(dim, eps=eps), C.Attention(dim, heads), nn.Identity())
+        self.pre_norm_ffn = nn.Sequential(LayerNormFP32(dim, eps=eps), nn.Linear(dim, ffn), nn.GELU(),
+                                          nn.Identity(), nn.Linear(ffn, dim), nn.Identity())
+
+    def forward(self, x, causal=False):
+        x = x + self.pre_norm_mha[1](self.pre_norm_mha[0](x), causal=causal)
+        return x + self.pre_norm_ffn(x)
+
+
+class TextRepMixerBlock(RepMixerBlock):
+    """MCt's convolutional block (spec 2.5): a RepMixerBlock on the sequence seen as a 1 x L image with
+    kernels (1, 11), no 1x1 branch. Non-causal, and its BatchNorms normalise over the positions."""
+
+    def __init__(self, dim, k=11):
+        super().__init__(dim, (1, k), 4.0, (1, k))
+
+    def forward(self, x, causal=False):
+        x = x.transpose(1, 2).unsqueeze(2)  # (B, L, D) -> (B, D, 1, L)
+        return super().forward(x).squeeze(2).transpose(1, 2)
+
+
+class TextEncoder(nn.Module):
+    """Text tower (spec 2.5): token + learned positions, `transformer` layers (MCt: RepMixerBlock, 4
+    transformer layers, RepMixerBlock; base: 12 layers), final LN, the feature at the EOT token (the
+    largest id, so argmax), projection. Causal only for MobileCLIP-B; the others attend bidirectionally
+    with no padding mask, so padding tokens are attended to, as in the released weights."""
+
+    def __init__(self, vocab_size=49408, context_length=77, width=512, heads=8, layers=12, embed_dim=512,
+                 mct=False, causal=False):
+        super().__init__()
+        ffn = int(math.ceil(width * 4 / 16) * 16)  # hidden size rounded up to a multiple of 16
+        self.causal = causal
+        self.embedding_layer = nn.Embedding(vocab_size, width)
+        self.positional_embedding = named(pos_embed=LearnedPositions(context_length, width))
+        blocks = [TransformerEncoder(width, heads, ffn) for _ in range(layers)]
+        if mct:  # a RepMixerBlock at each end: convolutional token mixing, cheaper than attention
+            blocks = [TextRepMixerBlock(width)] + blocks + [TextRepMixerBlock(width)]
+        self.transformer = nn.ModuleList(blocks)
+        self.final_layer_norm = LayerNormFP32(width)
+        self.projection_layer = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def forward(self, ids):
+        x = self.embedding_layer(ids)  # (B, L, D); Apple computes an embed_scale but never applies it
+        x = x + self.positional_embedding(ids.shape[1]).to(x.dtype)
+        for layer in self.transformer:
+            x = layer(x, causal=self.causal)
+        x = self.final_layer_norm(x)
+        return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.projection_layer
+
+    def openclip_name(self, key):
+        for a, b in _OPENCLIP_TEXT:
+            key = key.replace(a, b)
+        return key
+
+
+# OpenCLIP's text names for ours (the inverse of OpenCLIP's `convert_mobile_clip_state_dict`).
+_OPENCLIP_TEXT = [("embedding_layer", "token_embedding"), ("transformer.", "transformer.resblocks."),
+                  ("positional_embedding.pos_embed.pos_embed", "positional_embedding"), ("pre_norm_mha.0", "ln_1"),
+                  ("pre_norm_mha.1.qkv.weight", "attn.in_proj_weight"),
+                  ("pre_norm_mha.1.qkv.bias", "attn.in_proj_bias"), ("pre_norm_mha.1.proj", "attn.out_proj"),
+                  ("pre_norm_ffn.0", "ln_2"), ("pre_norm_ffn.1", "mlp.c_fc"), ("pre_norm_ffn.4", "mlp.c_proj"),
+                  ("final_layer_norm", "ln_final"), ("projection_layer", "text_projection")]
+
+
+def conv_norm_act(cin, cout, k, pad, norm_act=True):
+    """conv (k x k, stride k) [+ BN + GELU], Apple's names `.block.{conv,norm,act}`."""
+    conv = nn.Conv2d(cin, cout, k, k, pad, bias=not norm_act)
+    block = named(conv=conv, norm=nn.BatchNorm2d(cout), act=nn.GELU()) if norm_act else named(conv=conv)
+    return named(block=block)
+
+
+class ConvStemViT(nn.Module):
+    """MobileCLIP-B's ViT-B/16 (spec 2.4): patchify in three convs (4x4/4 + BN + GELU, 2x2/2 + BN + GELU,
+    2x2/2), learned positions added to the patches only (the CLS token gets none, as in DeiT-III
+    2204.07118), 12 pre-norm layers, final LN, CLS token @ proj. Apple pads the 4x4 conv by 1 pixel
+    (int((k-1)/2)); timm's port, which MobileCLIP2-B was trained with, pads 0, has LN eps 1e-6 and a head bias."""
+
+    def __init__(self, width=768, layers=12, heads=12, embed_dim=512, timm_tower=False):
+        super().__init__()
+        c, eps = width // 4, 1e-6 if timm_tower else 1e-5
+        self.patch_emb = nn.Sequential(conv_norm_act(3, c, 4, 0 if timm_tower else 1), conv_norm_act(c, c, 2, 0),
+                                       conv_norm_act(c, width, 2, 0, norm_act=False))
+        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, width), std=0.02))
+        self.pos_embed = named(pos_embed=LearnedPositions((224 // 16) ** 2, width))
+        self.transformer = nn.Sequential(*[TransformerEncoder(width, heads, 4 * width, eps) for _ in range(layers)])
+        self.post_transformer_norm = LayerNormFP32(width, eps=eps)
+        self.classifier = ProjectionHead(width, embed_dim, bias=timm_tower)
+
+    def forward(self, x):
+        x = self.patch_emb(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = x + self.pos_embed(x.shape[1]).to(x.dtype)
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = self.post_transformer_norm(self.transformer(x))
+        return self.classifier(x[:, 0])  # (B, E)
+
+    def timm_name(self, key):
+        for a, b in _TIMM_VIT_B:
+            key = key.replace(a, b)
+        return key
+
+
+# timm's `vit_base_mci_224` names for ours (the inverse of timm's `_convert_mobileclip`).
+_TIMM_VIT_B = [("patch_emb.", "patch_embed.backbone."), (".block.conv", ".conv"), (".block.norm", ".bn"),
+               ("transformer.", "blocks."), ("pre_norm_mha.0", "norm1"), ("pre_norm_mha.1", "attn"),
+               ("pre_norm_ffn.0", "norm2"), ("pre_norm_ffn.1", "mlp.fc1"), ("pre_norm_ffn.4", "mlp.fc2"),
+               ("post_transformer_norm", "norm"), ("pos_embed.pos_embed.pos_embed", "pos_embed"),
+               ("classifier.proj", "head.weight"), ("classifier.bias", "head.bias")]
+
+
+class ClipViT(C.ViT):
+    """MobileCLIP2-L/14's tower, timm's `vit_large_patch14_clip_224`: common.ViT plus the bias of timm's
+    linear head (OpenCLIP used the timm classifier as the projection)."""
+
+    def __init__(self, embed_dim=768, **kw):
+        super().__init__(embed_dim=embed_dim, **kw)
+        self.proj_bias = nn.Parameter(torch.zeros(embed_dim))
+
+    def forward(self, x):
+        return super().forward(x) + self.proj_bias
+
+    def timm_name(self, key):
+        renamed = {"patch_embed.weight": "patch_embed.proj.weight", "proj": "head.weight", "proj_bias": "head.bias"}
+        return renamed.get(key, key)  # blocks, norms, cls_token, pos_embed: common.ViT already uses timm's names
+
+
+# ---- the model zoo ---------------------------------------------------------------------------------
+# image: tower; mean/std: input normalisation (v1: none, the [0,1] RGB of ToTensor; MobileCLIP2-S0/S2/B
+# also none, S3/S4/L-14 OpenAI CLIP mean/std, per OpenCLIP's pretrained configs and timm's cfgs);
+# timm_tower: the image tower was trained as a timm model in OpenCLIP (head bias, ViT-B quirks above);
+# layout: the layout of the released file. MobileCLIP-S3/S4/L-14 reuse the MobileCLIP2 configs (their
+# normalisation is assumed, not confirmed).
+_V1 = dict(image_size=256, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", embed_dim=512,
+           text="base", text_width=512, text_heads=8, text_layers=12, context_length=77, causal=False,
+           timm_tower=False, layout="apple")
+_V2 = dict(_V1, timm_tower=True, layout="openclip")
+_V2_768 = dict(_V2, mean=C.CLIP_MEAN, std=C.CLIP_STD, embed_dim=768, text_width=768, text_heads=12)
+MOBILECLIP_MODELS = {
+    "mobileclip_s0": dict(_V1, image="mci0", text="mct", text_layers=4),
+    "mobileclip_s1": dict(_V1, image="mci1"),
+    "mobileclip_s2": dict(_V1, image="mci2"),
+    "mobileclip_b": dict(_V1, image="vit_b16", image_size=224, causal=True),
+    "mobileclip_s3": dict(_V2_768, image="mci3"),
+    "mobileclip_s4": dict(_V2_768, image="mci4"),
+    "mobileclip_l14": dict(_V2_768, image="vit_l14", image_size=224, interpolation="bicubic"),
+    "mobileclip2_s0": dict(_V2, image="mci0"),
+    "mobileclip2_s2": dict(_V2, image="mci2"),
+    "mobileclip2_b": dict(_V2, image="vit_b16", image_size=224, causal=True),
+    "mobileclip2_s3": dict(_V2_768, image="mci3"),
+    "mobileclip2_s4": dict(_V2_768, image="mci4"),
+    "mobileclip2_l14": dict(_V2_768, image="vit_l14", image_size=224, interpolation="bicubic"),
+    # CPU smoke run: 64 px (stages at 16, 8, 4, 2 px), a 1-layer MCt; 2.0M parameters with a 2048-token BPE.
+    "mobileclip_tiny": dict(_V1, image="mci_tiny", image_size=64, embed_dim=128, text="mct", text_width=128,
+                            text_heads=4, text_layers=1, context_length=32),
+}
+
+
+def init_weights(model):
+    """Apple's / timm's initialisation where it differs from torch's defaults: linear layers and the ConvFFN
+    convs trunc-normal(0.02) with zero bias, token embeddings normal(0.02)."""
+    for m in model.modules():
+        for c in [m] if isinstance(m, nn.Linear) else [m.conv.conv, m.fc1, m.fc2] if isinstance(m, ConvFFN) else []:
+            nn.init.trunc_normal_(c.weight, std=0.02)
+            if c.bias is not None:
+                nn.init.zeros_(c.bias)
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+def create_model(name, pretrained=None, vocab_size=49408):
+    """A MobileCLIP model (common.CLIP: `.visual`, `.text`, `logit_scale`) in its unfused train-time form;
+    `pretrained`: an ml-mobileclip `.pt` or an OpenCLIP file of the same model."""
+    if name not in MOBILECLIP_MODELS:
+        C.fail(f"unknown MobileCLIP model '{name}'; choose one of {', '.join(MOBILECLIP_MODELS)}")
+    cfg = MOBILECLIP_MODELS[name]
+    E, image = cfg["embed_dim"], cfg["image"]
+    if image in _MCI:
+        visual = MCi(**_MCI[image], embed_dim=E, head_bias=cfg["timm_tower"])
+    elif image == "vit_b16":
+        visual = ConvStemViT(embed_dim=E, timm_tower=cfg["timm_tower"])
+    else:
+        visual = ClipViT(embed_dim=E, image_size=224, patch=14, width=1024, layers=24, heads=16)
+    text = TextEncoder(vocab_size, cfg["context_length"], cfg["text_width"], cfg["text_heads"], cfg["text_layers"],
+                       E, cfg["text"] == "mct", cfg["causal"])
+    for tower in (visual, text) if image != "vit_l14" else (text,):  # common.ViT has its own
+        init_weights(tower)
+    model = C.CLIP(visual, text)
+    if pretrained:
+        load_pretrained(model, pretrained, name)
+    return model
+
+
+def reparameterize(model):
+    """A deep copy with every train-time branch folded (MobileOneBlock, RepMixer, ReparamLargeKernelConv,
+    RepCPE; the text RepMixer too), in eval mode: the folds use the BN running statistics, so the copy
+    computes what the unfused model computes in eval mode, with fewer, plain convs."""
+
+    def fold(m):  # parents first: a RepMixer folds its own two MobileOneBlocks
+        if hasattr(m, "reparameterize"):
+            m.reparameterize()
+        for child in m.children():
+            fold(child)
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        fold(model)
+    return model.eval()
+
+
+# ---- checkpoint layouts ------------------------------------------------------------------------------
+_APPLE_INFIX = [("pre_norm_mha.1.qkv.", "pre_norm_mha.1.qkv_proj."),
+                ("pre_norm_mha.1.proj.", "pre_norm_mha.1.out_proj.")]
+_TRANSPOSED = ("visual.head.proj", "visual.classifier.proj", "visual.proj")  # (C, E) here; timm's Linear: (E, C)
+
+
+def layout_name(model, key, layout):
+    """Our state-dict key -> its name in a released file: `apple` (ml-mobileclip .pt: image_encoder.model.*,
+    text_encoder.*) or `openclip` (visual.trunk.* with timm names, text.* with OpenCLIP names); `ours`: as is."""
+    if key == "logit_scale" or layout == "ours":
+        return key
+    tower, rest = key.split(".", 1)
+    if layout == "apple":
+        for a, b in _APPLE_INFIX:
+            rest = rest.replace(a, b)
+        return ("image_encoder.model." if tower == "visual" else "text_encoder.") + rest
+    if tower == "visual":
+        return "visual.trunk." + model.visual.timm_name(rest)
+    return "text." + model.text.openclip_name(rest)
+
+
+def export_state_dict(model, layout):
+    """Our state dict in a released layout, names and shapes as the official code saves them (to use the
+    weights trained here with ml-mobileclip or OpenCLIP)."""
+    if layout == "openclip" and isinstance(model.text.transformer[0], TextRepMixerBlock):
+        C.fail("OpenCLIP has no MCt text encoder (mobileclip_s0): export it in the 'apple' layout")
+    out = {}
+    for k, v in model.state_dict().items():
+        name = layout_name(model, k, layout)
+        if layout == "openclip" and k in _TRANSPOSED:
+            v = v.t()  # a Linear's (E, C)
+        elif layout == "openclip" and name in ("visual.trunk.pos_embed", "visual.trunk.cls_token"):
+            v = v.reshape(1, -1, v.shape[-1])  # timm's (1, N, D)
+        elif layout == "openclip" and name == "text.positional_embedding":
+            v = v.reshape(-1, v.shape[-1])  # OpenCLIP's (N, D)
+        out[name] = v
+    head_bias = "visual.trunk.head.fc.bias" if isinstance(model.visual, MCi) else "visual.trunk.head.bias"
+    if layout == "openclip" and head_bias not in out:  # timm's conversion of a v1 file adds a zero bias
+        out[head_bias] = torch.zeros_like(out[head_bias.replace("bias", "weight")][:, 0])
+    return out
+
+
+def load_pretrained(model, path, name=""):
+    """Load an ml-mobileclip `.pt` (strict) or an OpenCLIP MobileCLIP file into the unfused `model`."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, not a torch file
+        C.fail(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
+    sd = (sd.get("state_dict") or sd.get("model") or sd) if isinstance(sd, dict) else {}  # wrapped saves
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}  # a DDP-wrapped save
+    has = lambda prefix: any(k.startswith(prefix) for k in sd)
+    layout = ("apple" if has("image_encoder.") else "openclip" if has("visual.trunk.") else
+              "ours" if has("visual.") else None)
+    if layout is None:
+        C.fail(f"{path} is neither an ml-mobileclip .pt (image_encoder.*), an OpenCLIP file (visual.trunk.*) "
+               f"nor a state dict of this repository (visual.*, text.*)")
+    own = model.state_dict()
+    ours = {layout_name(model, k, layout): k for k in own}
+    out = {}
+    for k, v in sd.items():
+        if k not in ours and k.endswith(("head.fc.bias", "head.bias")) and not v.any():
+            continue  # the zero bias timm's conversion adds to a v1 head
+        k = ours.get(k, k)
+        if k in own:
+            v = v.t() if layout == "openclip" and k in _TRANSPOSED else v
+            v = v.reshape(own[k].shape) if v.numel() == own[k].numel() else v
+        out[k] = v.to(own[k].dtype) if k in own else v
+    C.load_state_dict_checked(model, out, f"{path} ({layout} layout) for {name or 'this model'}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Data and tokenizer
 # ----------------------------------------------------------------------------------------------------
 
@@ -107,7 +767,7 @@ def resolve_data(cfg: Config) -> tuple[str, str, str]:
         except FileNotFoundError as e:
             C.fail(str(e))
         return cfg.data, zs, ret
-    size = MODELS[cfg.model]["image_size"]
+    size = model_spec(cfg.model)["image_size"]
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, size, seed=0)
     return world["train"], zs or world["val_folder"], ret or world["val"]
@@ -139,9 +799,28 @@ def make_tokenizer(cfg: Config, shards: str):
     return C.Tokenizer(saved)
 
 
+def model_spec(name: str) -> dict:
+    """Image size, text context, input normalisation and resize filter of a named model."""
+    if name in MOBILECLIP_MODELS:
+        return MOBILECLIP_MODELS[name]
+    if name in MODELS:
+        return dict(MODELS[name], mean=C.CLIP_MEAN, std=C.CLIP_STD, interpolation="bicubic")
+    C.fail(f"unknown model '{name}'; choose one of {', '.join([*MODELS, *MOBILECLIP_MODELS])}")
+
+
 def build_model(cfg: Config, vocab_size: int) -> C.CLIP:
-    m = C.build_clip(**MODELS[cfg.model], vocab_size=vocab_size, act=cfg.act, grad_checkpointing=cfg.grad_checkpointing)
+    if cfg.model in MOBILECLIP_MODELS:  # convolutional towers run in channels_last
+        m = create_model(cfg.model, vocab_size=vocab_size).to(memory_format=torch.channels_last)
+    else:
+        m = C.build_clip(**MODELS[cfg.model], vocab_size=vocab_size, act=cfg.act,
+                         grad_checkpointing=cfg.grad_checkpointing)
     return C.set_fused(m, cfg.fused)
+
+
+def preprocess(images: torch.Tensor, spec: dict) -> torch.Tensor:
+    """uint8 batch on the device -> the model's input: its normalisation (none for MobileCLIP v1), and
+    channels_last, which the convolutional towers prefer and a ViT's patchify conv does not mind."""
+    return C.normalize_images(images, spec["mean"], spec["std"]).contiguous(memory_format=torch.channels_last)
 
 
 def load_init(model: C.CLIP, cfg: Config):
@@ -169,18 +848,20 @@ def load_init(model: C.CLIP, cfg: Config):
 def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device) -> dict:
     """Zero-shot top-1/top-5 on an ImageFolder and retrieval recall@1/5/10 on caption shards."""
     model.eval()
-    spec, metrics = MODELS[cfg.model], {}
+    spec, metrics = model_spec(cfg.model), {}
     if zs_dir:
         items, names = C.image_folder(zs_dir, C.read_lines(cfg.classnames) if cfg.classnames else None)
         templates = C.read_lines(cfg.templates) if cfg.templates else C.DEFAULT_TEMPLATES
         clf = C.zeroshot_classifier(model, tokenizer, names, templates, device, spec["context_length"])
-        metrics.update(C.zeroshot_eval(model, clf, items, spec["image_size"], device))
+        metrics.update(C.zeroshot_eval(model, clf, items, spec["image_size"], device, mean=spec["mean"],
+                                       std=spec["std"], resample=RESAMPLE[spec["interpolation"]]))
     if ret_shards:
-        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], train=False)
+        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], train=False,
+                                   resample=RESAMPLE[spec["interpolation"]])
         stream = C.ShardStream(C.expand_shards(ret_shards), decode, 256, shuffle_buffer=1, epochs=1, drop_last=False)
         img, txt, n = [], [], 0
         for b in C.progress(stream, "retrieval"):
-            img.append(model.encode_image(C.normalize_images(b["image"].to(device))).float())
+            img.append(model.encode_image(preprocess(b["image"].to(device), spec)).float())
             txt.append(model.encode_text(b["ids"].to(device)).float())
             n += len(b["ids"])
             if n >= cfg.retrieval_max:
@@ -198,8 +879,7 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
 def main(argv=None):
     cfg = C.parse_config(Config, argv)
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if cfg.model not in MODELS:
-        C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+    spec = model_spec(cfg.model)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     shards, zs_dir, ret_shards = resolve_data(cfg)
@@ -215,7 +895,7 @@ def main(argv=None):
     if cfg.init:
         if not cfg.bpe:
             C.fail("--init needs --bpe bpe_simple_vocab_16e6.txt.gz, the tokenizer the weights were trained with")
-        load_init(model, cfg)
+        load_pretrained(model, cfg.init, cfg.model) if cfg.model in MOBILECLIP_MODELS else load_init(model, cfg)
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
         if ckpt.get("model_name") != cfg.model:
@@ -235,8 +915,8 @@ def main(argv=None):
         return C.cleanup_distributed()
 
     # ---- data -----------------------------------------------------------------------------------
-    spec = MODELS[cfg.model]
-    decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed)
+    decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
+                               resample=RESAMPLE[spec["interpolation"]])
     stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
                            cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
@@ -278,7 +958,7 @@ def main(argv=None):
         batch = next(batches)
         t_data += time.time() - td
         position.update(batch)
-        images = C.normalize_images(batch["image"].to(device, non_blocking=True))  # (B, 3, S, S) float
+        images = preprocess(batch["image"].to(device, non_blocking=True), spec)  # (B, 3, S, S) float
         ids = batch["ids"].to(device, non_blocking=True)  # (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             img, txt, scale = train_model(images, ids)
