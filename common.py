@@ -417,19 +417,16 @@ def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
 # ----------------------------------------------------------------------------------------------------
 # 4. Tokenizer
 # ----------------------------------------------------------------------------------------------------
-#@@TOKENIZER@@
 # CLIP byte-level BPE tokenizer, stdlib + torch only. Pipeline of the original:
-#   1. clean: ftfy.fix_text, HTML-unescape twice, collapse whitespace, lower-case.
-#      ftfy is emulated for its context-free fixes only (HTML entities unless the
-#      text has '<', ANSI colour codes, invisible controls, C1 controls read as
-#      cp1252, Latin ligatures, full/half-width forms, curly quotes, NFC); its
-#      mojibake repair ("cafÃ©" -> "café") is not.
-#   2. split into words: special tokens, English contractions, runs of letters
-#      (\p{L}), single digits (\p{N}), runs of anything else but spaces. The
-#      classes come from `unicodedata`, whose Unicode version may lag the one of
-#      the `regex` module the original uses (newly assigned code points differ).
-#   3. map each word's UTF-8 bytes to printable characters (GPT-2's byte table),
-#      mark the last symbol with '</w>', and apply merges lowest rank first.
+# 1. clean: ftfy.fix_text, HTML-unescape twice, collapse whitespace, lower-case. ftfy is emulated for its
+#    context-free fixes only (HTML entities unless the text has '<', ANSI colour codes, invisible controls,
+#    C1 controls read as cp1252, Latin ligatures, full/half-width forms, curly quotes, NFC). Not emulated:
+#    mojibake repair ("cafÃ©" -> "café"), upper-case entity names ("&EACUTE;"), entities nested > 3 deep.
+# 2. split into words: special tokens, English contractions, runs of letters (\p{L}), single digits
+#    (\p{N}), runs of anything else but spaces. Classes come from `unicodedata`, whose Unicode version may
+#    lag that of the `regex` module the original uses (newly assigned code points differ).
+# 3. map each word's UTF-8 bytes to printable characters (GPT-2's byte table), mark the last symbol
+#    with '</w>', and apply merges lowest rank first.
 
 SOT, EOT, EOW = "<start_of_text>", "<end_of_text>", "</w>"
 CLIP_NUM_MERGES = 49152 - 256 - 2   # merges used from the standard vocab file
@@ -439,58 +436,32 @@ CLIP_NUM_MERGES = 49152 - 256 - 2   # merges used from the standard vocab file
 def _byte_table():
     """byte -> printable char, in the order of the 256 base tokens of the vocab."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    # Visible bytes stand for themselves; the rest (controls, space, soft hyphen)
-    # are shifted to unused code points from U+0100 up, so no symbol is blank.
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in keep)})
-    return table
+    # Visible bytes stand for themselves; the rest (controls, space, soft hyphen) move to U+0100 up.
+    rest = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
 @functools.lru_cache(maxsize=None)
 def _fix_table():
     """str.translate table for the ftfy fixes that do not depend on context."""
-    t = {cp: None for cp in [*range(0, 9), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
-                             0xFEFF, *range(0xFFF9, 0xFFFD)]}
-    t.update({0x0D: "\n", 0x2028: "\n", 0x2029: "\n"})
-    for b in range(0x80, 0xA0):          # C1 controls almost always are cp1252 bytes
-        try:
-            t[b] = bytes([b]).decode("cp1252")
-        except UnicodeDecodeError:
-            pass
-    ligatures = [0x132, 0x133, 0x149, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]
-    t.update({cp: unicodedata.normalize("NFKC", chr(cp)) for cp in ligatures})
+    t = {**dict.fromkeys([*range(0, 9), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                          *range(0xFFF9, 0xFFFD)]), 0x0D: "\n", 0x2028: "\n", 0x2029: "\n"}
+    # C1 controls almost always are cp1252 bytes (the 5 bytes undefined in cp1252 are left alone)
+    t.update({b: c for b in range(0x80, 0xA0) if (c := bytes([b]).decode("cp1252", "replace")) != "\ufffd"})
+    nfkc = [0x132, 0x133, 0x149, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]
+    nfkc += [cp for cp in [0x3000, *range(0xFF01, 0xFFEF)]     # ligatures above, full/half-width forms here
+             if unicodedata.decomposition(chr(cp)).startswith(("<wide>", "<narrow>"))]
+    t.update({cp: unicodedata.normalize("NFKC", chr(cp)) for cp in nfkc})
     t[0xFB05] = "ſt"                     # the long s is kept, only the ligature is split
-    for cp in [0x3000, *range(0xFF01, 0xFFEF)]:
-        if unicodedata.decomposition(chr(cp)).startswith(("<wide>", "<narrow>")):
-            t[cp] = unicodedata.normalize("NFKC", chr(cp))
     quotes = {**dict.fromkeys("\u2018\u2019\u201a\u201b\u02bc", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"')}
-    t.update({ord(q): r for q, r in quotes.items()})
-    for cp, r in t.items():              # chain: e.g. C1 0x92 -> U+2019 -> "'"
-        if r:
-            t[cp] = "".join(quotes.get(c, c) for c in r)
-    return t
+    t.update({ord(q): r for q, r in quotes.items()})    # then chain, e.g. C1 0x92 -> U+2019 -> "'"
+    return {cp: r and "".join(quotes.get(c, c) for c in r) for cp, r in t.items()}
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_CAPS_ENTITY = re.compile(r"&([A-Z][A-Z0-9]*);")
-
-
-def _caps_entity(match):
-    """ftfy also reads shouted entities such as '&EACUTE;' as '&eacute;', upper-cased."""
-    entity = match.group(0)
-    if html.unescape(entity) != entity:  # known as is, or by a legacy prefix ('&GTCC;' -> '>cc;')
-        return entity
-    return html.entities.html5.get(match.group(1).lower() + ";", entity).upper()
-
-
 def clean_text(text):
     """Normalise text the way CLIP does before pre-tokenisation (see header note)."""
-    if "<" not in text:                  # ftfy keeps entities in what looks like HTML
-        for _ in range(8):
-            unescaped = html.unescape(_CAPS_ENTITY.sub(_caps_entity, text))
-            if unescaped == text:
-                break
-            text = unescaped
+    text = text if "<" in text else html.unescape(text)   # ftfy keeps entities in what looks like HTML
     text = _ANSI_ESCAPE.sub("", text).translate(_fix_table())
     text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
@@ -499,29 +470,20 @@ def clean_text(text):
 @functools.lru_cache(maxsize=None)
 def _word_pattern():
     """Pre-tokeniser regex, with \\p{L} and \\p{N} spelled out as code point ranges."""
-    cps = {"L": [], "N": []}
-    for cp in range(0x110000):
-        cps.get(unicodedata.category(chr(cp))[0], []).append(cp)
-
-    def ranges(cat, lo, hi):
-        sel = [cp for cp in cps[cat] if lo <= cp < hi]
-        out, start = [], sel[0]
-        for prev, cp in zip(sel, sel[1:] + [None]):
-            if cp != prev + 1:
-                out.append("\\U%08x" % start if start == prev else "\\U%08x-\\U%08x" % (start, prev))
-                start = cp
-        return "".join(out)
-    # stdlib `re` turns the BMP part of a class into a lookup table but tests
-    # astral ranges one by one, so astral ranges sit behind a cheap guard.
+    cats = [unicodedata.category(chr(cp))[0] for cp in range(0x110000)]
+    def ranges(cat, lo, hi):             # runs of consecutive code points, as a character class body
+        sel = [cp for cp in range(lo, hi) if cats[cp] == cat]
+        firsts = [c for p, c in zip([-2] + sel, sel) if c != p + 1]
+        lasts = [c for c, n in zip(sel, sel[1:] + [-2]) if n != c + 1]
+        return "".join("\\U%08x" % a if a == b else "\\U%08x-\\U%08x" % (a, b) for a, b in zip(firsts, lasts))
+    # stdlib `re` makes a lookup table of a class's BMP part but tests astral ranges one by one: guard them.
     astral = r"(?=[^\x00-\uffff])"
-    lb, la = ranges("L", 0, 0x10000), ranges("L", 0x10000, 0x110000)
-    nb, na = ranges("N", 0, 0x10000), ranges("N", 0x10000, 0x110000)
-    letter = rf"[{lb}]+|{astral}[{la}]"
-    number = rf"[{nb}]|{astral}[{na}]"
-    # U+0345 (a combining mark that case-folds to iota) matches no branch of the
-    # original's case-insensitive regex, so it is silently dropped: same here.
+    lb, la, nb, na = (ranges(c, lo, hi) for c in "LN" for lo, hi in ((0, 0x10000), (0x10000, 0x110000)))
+    # U+0345 (combining, case-folds to iota) matches no branch of the original's case-insensitive regex,
+    # so it is silently dropped: same here.
     other = rf"[^\s\u0345{lb}{nb}\U00010000-\U0010ffff]|{astral}[^{la}{na}]"
-    return re.compile(rf"{SOT}|{EOT}|(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:{letter})+|{number}|(?:{other})+")
+    return re.compile(rf"{SOT}|{EOT}|(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[{lb}]+|{astral}[{la}])+"
+                      rf"|[{nb}]|{astral}[{na}]|(?:{other})+")
 
 
 # The same rule restricted to ASCII text (already lower-cased): the common case.
@@ -530,25 +492,22 @@ _ASCII_WORD = re.compile(rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\
 
 def _words(text):
     """Cleaned, pre-tokenised words of `text` (before the byte mapping)."""
-    text = clean_text(text)
-    return (_ASCII_WORD if text.isascii() else _word_pattern()).findall(text)
+    return (_ASCII_WORD if (text := clean_text(text)).isascii() else _word_pattern()).findall(text)
 
 
-def _byte_encode(word):
-    table = _byte_table()
-    return "".join(table[b] for b in word.encode("utf-8"))
+def _symbols(word):
+    """Initial BPE symbols of a word: its mapped bytes, the last one marked with '</w>'."""
+    chars = "".join(map(_byte_table().__getitem__, word.encode("utf-8")))
+    return list(chars[:-1]) + [chars[-1] + EOW]
 
 
 def _merge(symbols, a, b):
     """Replace each adjacent (a, b), scanning left to right without overlap, by a+b."""
     out, i = [], 0
     while i < len(symbols):
-        if symbols[i] == a and i + 1 < len(symbols) and symbols[i + 1] == b:
-            out.append(a + b)
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
+        pair = symbols[i] == a and i + 1 < len(symbols) and symbols[i + 1] == b
+        out.append(a + b if pair else symbols[i])
+        i += 1 + pair
     return out
 
 
@@ -565,25 +524,21 @@ def _read_merges(path):
         raise ValueError(f"cannot read BPE merges file {path}: {e}") from None
     if not lines[0].strip():
         raise ValueError(f"malformed BPE merges file {path}: empty, or no header line")
-    # Files written by save() state their merge count; the standard CLIP file
-    # holds many more merges than CLIP uses, so it is cut at CLIP_NUM_MERGES.
+    # save() writes the merge count; the standard file, longer than what CLIP uses, is cut at CLIP_NUM_MERGES.
     declared = re.fullmatch(r"#merges: (\d+)", lines[0].strip())
     limit = int(declared.group(1)) if declared else CLIP_NUM_MERGES
     body = [ln for ln in lines[1:] if ln.strip()][:limit]
     if declared and len(body) != limit:
         raise ValueError(f"malformed BPE merges file {path}: header says {limit} merges, found {len(body)}")
-    merges = []
     for n, line in enumerate(body, start=2):
-        parts = line.split()
-        if len(parts) != 2:
+        if len(line.split()) != 2:
             raise ValueError(f"malformed BPE merges file {path}: line {n} is not 'a b': {line!r}")
-        merges.append(tuple(parts))
-    return merges
+    return [tuple(line.split()) for line in body]
 
 
 class Tokenizer:
-    """CLIP byte-level BPE: 256 byte tokens, 256 byte+'</w>' tokens, one token per
-    merge, then <start_of_text> and <end_of_text>; fixed context length (77)."""
+    """CLIP byte-level BPE: 256 byte tokens, 256 byte+'</w>' tokens, one token per merge, then
+    <start_of_text> and <end_of_text>; fixed context length (77)."""
 
     def __init__(self, path=None, merges=None, context_length=77):
         if (path is None) == (merges is None):
@@ -592,20 +547,15 @@ class Tokenizer:
             raise ValueError(f"context_length must be >= 2, got {context_length}")
         self.merges = _read_merges(path) if path is not None else [tuple(m) for m in merges]
         base = list(_byte_table().values())
-        vocab = base + [s + EOW for s in base] + [a + b for a, b in self.merges] + [SOT, EOT]
-        self.decoder = vocab
-        # A merge that re-creates an existing string (possible in small trained
-        # vocabularies) keeps that string's first id.
+        self.decoder = vocab = base + [s + EOW for s in base] + [a + b for a, b in self.merges] + [SOT, EOT]
+        # A merge re-creating an existing string (possible in small trained vocabularies) keeps its first id.
         self.encoder = {tok: i for i, tok in reversed(list(enumerate(vocab)))}
         self.ranks = {pair: r for r, pair in reversed(list(enumerate(self.merges)))}
-        self.vocab_size = len(vocab)
-        self.sot_token, self.eot_token = len(vocab) - 2, len(vocab) - 1
-        self.context_length = context_length
-        self._cache = {SOT: [self.sot_token], EOT: [self.eot_token]}
+        self.vocab_size, self.sot_token, self.eot_token = len(vocab), len(vocab) - 2, len(vocab) - 1
+        self.context_length, self._cache = context_length, {SOT: [self.sot_token], EOT: [self.eot_token]}
 
     def _bpe(self, symbols):
-        """Repeatedly merge the adjacent pair with the lowest merge rank (all of its
-        occurrences at once) until no adjacent pair is a known merge."""
+        """Merge the lowest-ranked adjacent pair (all its occurrences at once) until none is a merge."""
         ranks = self.ranks
         while len(symbols) > 1:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
@@ -615,10 +565,8 @@ class Tokenizer:
         return symbols
 
     def _encode_word(self, word):
-        ids = self._cache.get(word)
-        if ids is None:
-            chars = _byte_encode(word)
-            ids = [self.encoder[s] for s in self._bpe(list(chars[:-1]) + [chars[-1] + EOW])]
+        if (ids := self._cache.get(word)) is None:
+            ids = [self.encoder[s] for s in self._bpe(_symbols(word))]
             if len(self._cache) < 1_000_000:
                 self._cache[word] = ids
         return ids
@@ -628,57 +576,43 @@ class Tokenizer:
         return [i for w in _words(text) for i in self._encode_word(w)]
 
     def decode(self, ids):
-        """Text of `ids`: a leading start token is dropped and decoding stops at the
-        first end token (so a padded row decodes cleanly); words are space-separated."""
+        """Text of `ids`, words space-separated; drops a leading sot, stops at the first eot (padding)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        if ids and ids[0] == self.sot_token:
-            ids = ids[1:]
-        if self.eot_token in ids:
-            ids = ids[: ids.index(self.eot_token)]
+        ids = ids[1:] if ids and ids[0] == self.sot_token else ids
+        ids = ids[: ids.index(self.eot_token)] if self.eot_token in ids else ids
         byte_of = {c: b for b, c in _byte_table().items()}
         raw = bytes(byte_of[c] for i in ids for c in self.decoder[i])
         return raw.decode("utf-8", errors="replace").replace(EOW, " ").strip()
 
     def __call__(self, texts, context_length=None):
-        """(N, context_length) LongTensor: [sot] + ids + [eot], zero padded. Too-long
-        texts are cut to context_length with eot forced into the last slot."""
+        """(N, context_length) LongTensor: [sot] + ids + [eot], zero padded; too-long rows end in eot."""
         n = context_length or self.context_length
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = torch.zeros(len(texts), n, dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = [self.sot_token] + self.encode(text) + [self.eot_token]
-            if len(ids) > n:
-                ids = ids[:n]
-                ids[-1] = self.eot_token
+            ids = ([self.sot_token] + self.encode(text))[: n - 1] + [self.eot_token]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
     def save(self, path):
         """Write the merges as plain text; Tokenizer(path) reloads the same tokenizer."""
         with open(path, "w", encoding="utf-8") as f:
-            f.write(f"#merges: {len(self.merges)}\n")
-            f.writelines(f"{a} {b}\n" for a, b in self.merges)
+            f.write(f"#merges: {len(self.merges)}\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
 
 def train_bpe(texts, vocab_size=4096, min_frequency=2):
-    """Learn up to vocab_size - 514 merges on `texts` with the tokenizer's own
-    cleaning, pre-tokenisation and byte mapping, so that Tokenizer(merges=...)
-    has vocab_size = 512 + len(merges) + 2. Stops early when no adjacent pair
-    occurs at least `min_frequency` times."""
+    """Learn up to vocab_size - 514 merges on `texts` with the tokenizer's own cleaning, pre-tokenisation and
+    byte mapping (so Tokenizer(merges=...) has vocab_size = 512 + len(merges) + 2); stops early when no
+    adjacent pair occurs at least `min_frequency` times."""
     counts = collections.Counter(w for t in texts for w in _words(t) if w not in (SOT, EOT))
-    words, freqs = [], []
-    for w, c in counts.items():          # BPE runs over distinct words, weighted by count
-        chars = _byte_encode(w)
-        words.append(list(chars[:-1]) + [chars[-1] + EOW])
-        freqs.append(c)
+    words, freqs = [_symbols(w) for w in counts], list(counts.values())  # distinct words, weighted by count
     pair_count = collections.defaultdict(int)
     where = collections.defaultdict(set)   # pair -> words that (may) contain it
     for i, (w, f) in enumerate(zip(words, freqs)):
         for p in zip(w, w[1:]):
             pair_count[p] += f
             where[p].add(i)
-    # Max-heap keyed by (count, pair); entries whose count is stale are skipped
-    # when popped. Ties go to the lexicographically smallest pair.
+    # Max-heap keyed by (count, pair), ties to the smallest pair; entries with a stale count are skipped.
     heap = [(-c, p) for p, c in pair_count.items()]
     heapq.heapify(heap)
     merges = []
@@ -689,11 +623,10 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
         if -neg < min_frequency:
             break
         merges.append(pair)
-        a, b = pair
         delta = collections.defaultdict(int)
         for i in where.pop(pair):
             old, f = words[i], freqs[i]
-            new = _merge(old, a, b)
+            words[i] = new = _merge(old, *pair)
             if len(new) == len(old):
                 continue                 # stale entry: the pair is no longer in this word
             for p in zip(old, old[1:]):
@@ -701,16 +634,11 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
             for p in zip(new, new[1:]):
                 delta[p] += f
                 where[p].add(i)
-            words[i] = new
-        for p, d in delta.items():
-            if d:
-                pair_count[p] += d
-                if pair_count[p] > 0:
-                    heapq.heappush(heap, (-pair_count[p], p))
-                else:
-                    del pair_count[p]
+        for p, d in delta.items():       # pairs whose count drops to 0 leave pair_count
+            if d and (c := pair_count.pop(p, 0) + d) > 0:
+                pair_count[p] = c
+                heapq.heappush(heap, (-c, p))
     return merges
-#@@ENDTOKENIZER@@
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -932,11 +860,7 @@ class DataPosition:
         self.skipped[batch["__worker__"]] = batch["__skipped__"]
 
     def skip_totals(self) -> dict:
-        tot = {}
-        for counts in self.skipped.values():
-            for k, v in counts.items():
-                tot[k] = tot.get(k, 0) + v
-        return tot
+        return dict(sum(map(collections.Counter, self.skipped.values()), collections.Counter()))
 
     def state(self) -> dict:
         """{rank: {worker: [epoch, n]}} gathered from every rank (a collective: call on all ranks)."""
@@ -1010,38 +934,26 @@ class ImageTextDecode:
                 "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
 
 
-#@@SYNTHETIC@@
-# ---------------------------------------------------------------------------
-# The built-in synthetic world
-# ---------------------------------------------------------------------------
-# Every training script runs without a download: when no --data is given it
-# draws samples from this deterministic procedural world.  One world serves all
-# papers: captions (CLIP, CatLIP), per-pixel masks and depth (SAM-CLIP, dense
-# heads), a "year" that drifts the distribution (TiC-CLIP), and a class label
-# (retrieval, dataset reinforcement, knowledge transfer).
-#
-# A sample is a textured background with one main shape (sometimes 2-3 copies
-# of it) and optionally 1-2 small distractor shapes of other classes.  The
-# caption always contains the main shape's name as a plain word, so a prompt
-# like "a photo of a star." can match it, plus colour, size, position,
-# background and distractors so that the contrastive task is not trivial.
+# The built-in synthetic world: with no --data, training scripts draw samples from this deterministic
+# procedural world (no download). It serves all papers: captions (CLIP, CatLIP), per-pixel masks and depth
+# (SAM-CLIP, dense heads), a "year" that drifts the distribution (TiC-CLIP), and a class label (retrieval,
+# dataset reinforcement, knowledge transfer). A sample is a textured background with one main shape (sometimes
+# 2-3 copies) and optionally 1-2 small distractor shapes of other classes. The caption always has the main
+# shape's name as a plain word, so a prompt like "a photo of a star." can match it, plus colour, size,
+# position, background and distractors so that the contrastive task is not trivial.
 
 
 SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross",
                 "heart", "ring", "diamond", "arrow", "crescent"]
-# Colours are ordered warm -> cool: the palette prior slides along this order
-# as the year grows (early years warm, later years cool).
-SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green",
-                 "cyan", "blue", "purple", "white"]
-SYNTH_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20),
-             "yellow": (240, 220, 40), "pink": (240, 120, 180),
-             "green": (40, 170, 60), "cyan": (40, 200, 210),
-             "blue": (40, 80, 220), "purple": (140, 60, 200),
-             "white": (240, 240, 240)}
+# Colours are ordered warm -> cool: the palette prior slides along this order from early to later years.
+SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green", "cyan", "blue", "purple", "white"]
+SYNTH_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40),
+             "pink": (240, 120, 180), "green": (40, 170, 60), "cyan": (40, 200, 210),
+             "blue": (40, 80, 220), "purple": (140, 60, 200), "white": (240, 240, 240)}
 # Background textures, also ordered from "early" to "late" fashion.
 SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]
 SYNTH_YEARS = (2014, 2023)  # inclusive
-
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 # How each shape's popularity moves with the year (-1: fades, +1: rises).
 _SHAPE_TREND = (-1.0, -0.6, 0.2, 1.0, -0.2, 0.8, -0.8, 0.4, 0.6, -0.4)
 # These shapes switch from filled to outlined drawings around 2019-2020.
@@ -1049,65 +961,39 @@ _OUTLINE_SHAPES = ("star", "heart", "square")
 _POSITIONS = (("at the top left", "at the top", "at the top right"),
               ("on the left", "in the centre", "on the right"),
               ("at the bottom left", "at the bottom", "at the bottom right"))
-# Caption phrasings, each with the first year it is used in; "icon" and
-# "sticker" language only appears in later years (a vocabulary drift).
-_TEMPLATES = (
-    (2014, "{obj}{pos}{extra}{bg}"),
-    (2014, "a photo of {obj}{pos}{extra}{bg}"),
-    (2014, "an image showing {obj}{pos}{extra}{bg}"),
-    (2014, "there {be} {obj}{pos}{extra}{bg}"),
-    (2019, "{obj} {icon}{pos}{extra}{bg}"),
-    (2020, "sticker of {obj}{pos}{extra}{bg}"),
-)
-# Like web alt-text, a caption mentions only some attributes: size, colour,
-# position and background are each dropped with these probabilities.  Short
-# captions ("a photo of a star.") thus occur naturally, and the shape word,
-# always kept, must carry meaning on its own -- which is what a zero-shot
-# prompt such as "a photo of a {classname}." relies on.
+# Caption phrasings with the first year each is used in: "icon" and "sticker" come later (vocabulary drift).
+_TEMPLATES = ((2014, "{obj}{pos}{extra}{bg}"), (2014, "a photo of {obj}{pos}{extra}{bg}"),
+              (2014, "an image showing {obj}{pos}{extra}{bg}"), (2014, "there {be} {obj}{pos}{extra}{bg}"),
+              (2019, "{obj} {icon}{pos}{extra}{bg}"), (2020, "sticker of {obj}{pos}{extra}{bg}"))
+# Like web alt-text, a caption mentions only some attributes: size, colour, position and background are each
+# dropped with these probabilities. Short captions ("a photo of a star.") thus occur naturally, and the shape
+# word, always kept, must carry meaning on its own, as a zero-shot prompt "a photo of a {classname}." needs.
 _DROP = (0.35, 0.3, 0.4, 0.4)
 _SS = 4  # supersampling factor for anti-aliased shape edges
 
 
 @functools.lru_cache(maxsize=None)
 def _shape_geometry(name: str, outlined: bool) -> tuple:
-    """Polygons of a shape in unit coordinates (radius ~1, y pointing down).
-
-    Returns ((points (N, 2), fill), ...): fill 1 paints, fill 0 erases, so the
-    holes of ring / crescent / outlined shapes are painted in order.
-    """
+    """Polygons of a shape in unit coordinates (radius ~1, y pointing down): ((points (N, 2), fill), ...);
+    fill 1 paints, fill 0 erases, so the holes of ring / crescent / outlined shapes are painted in order."""
     def ngon(n, r=1.0, inner=None):  # regular polygon, or a star with `inner`
         k = 2 * n if inner else n
         a = -math.pi / 2 + 2 * math.pi * np.arange(k) / k
         rad = np.where(np.arange(k) % 2 == 1, inner or r, r)
         return np.stack([rad * np.cos(a), rad * np.sin(a)], 1)
-
-    circle = ngon(40)
-    if name == "circle":
-        ops = [(circle, 1)]
-    elif name == "square":
-        ops = [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8, 1)]
-    elif name == "triangle":
-        ops = [(ngon(3, 1.1) + [0, 0.15], 1)]
-    elif name == "star":
-        ops = [(ngon(5, 1.05, inner=0.42), 1)]
-    elif name == "cross":  # a plus sign: two crossed bars
-        bar = np.array([[-1, -0.3], [1, -0.3], [1, 0.3], [-1, 0.3]])
-        ops = [(bar, 1), (bar[:, ::-1], 1)]
-    elif name == "heart":
-        t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-        x = 16 * np.sin(t) ** 3
-        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-        ops = [(np.stack([x, y + 2.5], 1) / 16.0, 1)]
-    elif name == "ring":
-        ops = [(circle, 1), (circle * 0.55, 0)]
-    elif name == "diamond":  # elongated, so it never looks like a rotated square
-        ops = [(np.array([[0, -1.1], [0.6, 0], [0, 1.1], [-0.6, 0]]), 1)]
-    elif name == "arrow":  # points right
-        ops = [(np.array([[-1, -0.28], [0.1, -0.28], [0.1, -0.7], [1, 0],
-                          [0.1, 0.7], [0.1, 0.28], [-1, 0.28]]), 1)]
-    elif name == "crescent":
-        ops = [(circle, 1), (circle * 0.85 + [0.45, -0.25], 0)]
-    else:
+    circle, t = ngon(40), np.linspace(0, 2 * math.pi, 48, endpoint=False)
+    heart_y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    bar = np.array([[-1, -0.3], [1, -0.3], [1, 0.3], [-1, 0.3]])  # cross: a plus sign, two crossed bars
+    ops = {"circle": [(circle, 1)], "square": [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8, 1)],
+           "triangle": [(ngon(3, 1.1) + [0, 0.15], 1)], "star": [(ngon(5, 1.05, inner=0.42), 1)],
+           "cross": [(bar, 1), (bar[:, ::-1], 1)], "ring": [(circle, 1), (circle * 0.55, 0)],
+           "heart": [(np.stack([16 * np.sin(t) ** 3, heart_y + 2.5], 1) / 16.0, 1)],
+           "crescent": [(circle, 1), (circle * 0.85 + [0.45, -0.25], 0)],
+           # elongated, so it never looks like a rotated square
+           "diamond": [(np.array([[0, -1.1], [0.6, 0], [0, 1.1], [-0.6, 0]]), 1)],
+           "arrow": [(np.array([[-1, -0.28], [0.1, -0.28], [0.1, -0.7], [1, 0],  # points right
+                                [0.1, 0.7], [0.1, 0.28], [-1, 0.28]]), 1)]}.get(name)
+    if ops is None:
         raise ValueError(f"unknown shape {name!r}")
     if outlined:  # erasing a shrunken copy leaves a thick outline
         ops.append((ops[0][0] * 0.58, 0))
@@ -1121,20 +1007,15 @@ def _drift_probs(trend: np.ndarray, u: float, strength: float) -> np.ndarray:
 
 
 def _coverage(ops, centre, radius, angle, size):
-    """Anti-aliased coverage in [0, 1] at final resolution (size, size).
-
-    Drawn at _SS x resolution and box-filtered down; the mask is this coverage
-    thresholded at 0.5, so the mask is exactly aligned with the drawn pixels.
-    """
+    """Anti-aliased coverage in [0, 1] at final resolution (size, size): drawn at _SS x resolution and
+    box-filtered down; the mask is this coverage thresholded at 0.5, so it aligns with the drawn pixels."""
     canvas = Image.new("L", (size * _SS, size * _SS), 0)
-    draw = ImageDraw.Draw(canvas)
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]]) * radius * _SS
-    # PIL samples pixel j at integer coordinate j: shift by half a pixel so
-    # continuous coordinate x maps to the centre of supersampled pixels.
+    # PIL samples pixel j at integer coordinate j: shift by half a pixel so x maps to pixel centres.
     offset = np.asarray(centre) * _SS - 0.5
     for pts, fill in ops:
-        draw.polygon((pts @ rot.T + offset).ravel().tolist(), fill=255 * fill)
+        ImageDraw.Draw(canvas).polygon((pts @ rot.T + offset).ravel().tolist(), fill=255 * fill)
     return np.asarray(canvas.reduce(_SS), dtype=np.float32) / 255.0
 
 
@@ -1158,12 +1039,11 @@ def _background(rng, size, texture, dark, light, xx, yy):
 
 
 def _place(rng, size, radius, others, tries=16):
-    """Centre inside the image; of a few candidates keep the one whose worst
-    overlap with `others` (centre distance / sum of radii) is smallest."""
-    lo, hi = radius * 1.05, size - radius * 1.05
+    """Centre inside the image; of a few candidates keep the one whose worst overlap with `others`
+    (centre distance / sum of radii) is smallest."""
     best, best_score = None, -1.0
     for _ in range(tries):
-        c = rng.uniform(lo, hi, 2)
+        c = rng.uniform(radius * 1.05, size - radius * 1.05, 2)
         score = min([np.hypot(*(c - oc)) / (radius + r) for oc, r in others] + [9.0])
         if score > best_score:
             best, best_score = c, score
@@ -1172,8 +1052,7 @@ def _place(rng, size, radius, others, tries=16):
     return best
 
 
-def render_sample(rng: np.random.Generator, size: int = 64,
-                  year: Optional[int] = None) -> dict:
+def render_sample(rng: np.random.Generator, size: int = 64, year: Optional[int] = None) -> dict:
     """One sample: image, caption, label, mask, depth, year (see module notes)."""
     y0, y1 = SYNTH_YEARS
     year = int(rng.integers(y0, y1 + 1)) if year is None else int(year)
@@ -1189,96 +1068,72 @@ def render_sample(rng: np.random.Generator, size: int = 64,
     p_outline = 1.0 / (1.0 + math.exp(-1.2 * (year - 2019.5)))
     outlined = shape in _OUTLINE_SHAPES and rng.random() < p_outline
     count = int(rng.choice([1, 2, 3], p=[0.86, 0.09, 0.05]))
-    n_distract = int(rng.choice([0, 1, 2], p=[0.7 - 0.3 * u, 0.2 + 0.15 * u, 0.1 + 0.15 * u]))
-
-    # --- background: two tones of its colour, dark when the object is bright
+    n_distract = int(rng.choice([0, 1, 2], p=[0.75 - 0.2 * u, 0.17 + 0.1 * u, 0.08 + 0.1 * u]))
+    # --- background: two close tones of its colour (texture visible but weaker than the object edges),
+    # dark when the object is bright, light otherwise
     bg = np.array(SYNTH_RGB[bg_colour], np.float32)
-    if np.dot(SYNTH_RGB[colour], [0.299, 0.587, 0.114]) > 115:
-        dark, light = bg * 0.22, bg * 0.5
-    else:
-        dark, light = bg + (255 - bg) * 0.45, bg + (255 - bg) * 0.75
+    bright = np.dot(SYNTH_RGB[colour], [0.299, 0.587, 0.114]) > 115
+    dark, light = (bg * 0.28, bg * 0.42) if bright else (bg + (255 - bg) * 0.55, bg + (255 - bg) * 0.7)
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     img = _background(rng, size, texture, dark, light, xx, yy)
-    # Depth: the background is a tilted plane in [0, 0.4] (1 = near).
-    ta = rng.uniform(0, 2 * math.pi)
+    ta = rng.uniform(0, 2 * math.pi)  # depth: the background is a tilted plane in [0, 0.4] (1 = near)
     depth = 0.2 + 0.28 * ((xx - 0.5) * math.cos(ta) + (yy - 0.5) * math.sin(ta))
-    mask = np.zeros((size, size), np.uint8)
-
-    # --- objects, back to front: distractors first, then the main shape(s),
-    # so the labelled class is never hidden; the main copies are placed first.
-    # objects: (class, colour, centre, radius, outlined) in drawing order.
-    objects, placed, distract_words = [], [], []
-    main_r = size * (rng.uniform(0.14, 0.32) if count == 1 else rng.uniform(0.11, 0.17))
+    # --- objects, back to front: distractors first, then the main shape(s), so the labelled class is
+    # never hidden; the main copies are placed first. objects: (class, colour, centre, radius, outlined).
+    objects, placed, mask = [], [], np.zeros((size, size), np.uint8)
+    main_r = size * (rng.uniform(0.2, 0.38) if count == 1 else rng.uniform(0.13, 0.2))
     for _ in range(count):
         placed.append((_place(rng, size, main_r, placed), main_r))
-    main_cs = [c for c, _ in placed]
     for _ in range(n_distract):
         k = int(rng.choice([j for j in range(len(SYNTH_SHAPES)) if j != label]))
-        dcol = SYNTH_COLOURS[rng.choice([j for j in range(len(SYNTH_COLOURS))
-                                         if SYNTH_COLOURS[j] != bg_colour])]
+        dcol = SYNTH_COLOURS[rng.choice([j for j, c in enumerate(SYNTH_COLOURS) if c != bg_colour])]
         r = size * rng.uniform(0.08, 0.12)
-        c = _place(rng, size, r, placed)
-        placed.append((c, r))
-        objects.append((k, dcol, c, r, False))
-        distract_words.append(f"a small {dcol} {SYNTH_SHAPES[k]}")
-    objects += [(label, colour, c, main_r, outlined) for c in main_cs]
+        placed.append((_place(rng, size, r, placed), r))
+        objects.append((k, dcol, placed[-1][0], r, False))
+    extra = "".join(f" and a small {col} {SYNTH_SHAPES[k]}" for k, col, *_ in objects)
+    objects += [(label, colour, c, main_r, outlined) for c, _ in placed[:count]]
     for level, (k, col, c, r, outl) in enumerate(objects):
         ops = _shape_geometry(SYNTH_SHAPES[k], outl)
         alpha = _coverage(ops, c, r, rng.uniform(-0.5, 0.5), size)[..., None]
         tint = np.clip(np.array(SYNTH_RGB[col]) + rng.normal(0, 10, 3), 0, 255)
         img = img * (1 - alpha) + tint.astype(np.float32) * alpha
-        hit = alpha[..., 0] >= 0.5
-        mask[hit] = 1 + k
+        mask[(hit := alpha[..., 0] >= 0.5)] = 1 + k
         # Each object is a shallow dome nearer than everything drawn before it.
         d2 = ((xx * size - c[0]) ** 2 + (yy * size - c[1]) ** 2) / r ** 2
         depth[hit] = (0.5 + 0.1 * level + 0.06 * np.clip(1 - d2, 0, 1))[hit]
     img += rng.standard_normal(img.shape, dtype=np.float32) * 4.0  # sensor noise
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
-
     # --- caption
-    size_w = "small" if main_r < 0.19 * size else "medium" if main_r < 0.25 * size else "large"
+    size_w = "small" if main_r < 0.25 * size else "medium" if main_r < 0.31 * size else "large"
     style = ("outlined ", "hollow ")[int(rng.integers(2))] if outlined else ""
     keep = rng.random(4) >= np.array(_DROP)  # size, colour, position, background
     col_w = colour + " " if keep[1] else ""
     if count == 1:
         obj = (size_w + " " if keep[0] else "") + col_w + style + shape
         obj = ("an " if obj[0] in "aeiou" else "a ") + obj
-        cy, cx = (np.clip((main_cs[0] / size * 3).astype(int), 0, 2))[::-1]
+        cx, cy = np.clip((placed[0][0] / size * 3).astype(int), 0, 2)
         pos = " " + _POSITIONS[cy][cx] if keep[2] else ""
     else:  # several copies: a count word, no single position
         plural = shape + ("es" if shape.endswith("ss") else "s")
         obj, pos = f"{('two', 'three')[count - 2]} {col_w}{style}{plural}", ""
-    extra = "".join(" and " + w for w in distract_words)
     usable = [t for y, t in _TEMPLATES if y <= year]
-    template = usable[int(rng.integers(len(usable)))]
-    caption = template.format(obj=obj, pos=pos, extra=extra,
-                              be="is" if count == 1 else "are",
-                              icon="icon" if count == 1 else "as icons",
-                              bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
+    caption = usable[int(rng.integers(len(usable)))].format(
+        obj=obj, pos=pos, extra=extra, be=("is", "are")[count > 1], icon=("icon", "as icons")[count > 1],
+        bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
     caption += "." if rng.random() < 0.5 else ""
     return {"image": image, "caption": caption, "label": label, "mask": mask,
             "depth": np.clip(depth, 0, 1).astype(np.float32), "year": year}
 
 
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-
-
 def synthetic_split(seed: int, n: int, size: int, split: str,
                     years: Optional[Tuple[int, int]] = None, start: int = 0) -> Iterator[dict]:
-    """Deterministic stream of n samples of one split.
-
-    Sample i gets its own generator seeded by SeedSequence((seed, split, i)):
-    splits never share samples, any index can be regenerated on its own (e.g.
-    by a data-loader worker), and the first m samples do not depend on n.
-    `years` (inclusive range) restricts the year, e.g. for TiC-CLIP streams.
-    """
+    """Deterministic stream of n samples of one split. Sample i has its own generator seeded by
+    SeedSequence((seed, split, i)): splits never share samples, any index can be regenerated alone (e.g. by a
+    data-loader worker), the first m do not depend on n; `years` (inclusive) restricts the year (TiC-CLIP)."""
     for i in range(start, start + n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
         year = None if years is None else int(rng.integers(years[0], years[1] + 1))
-        sample = render_sample(rng, size, year)
-        sample["key"] = f"{split}{i:07d}"
-        yield sample
-#@@ENDSYNTHETIC@@
+        yield {**render_sample(rng, size, year), "key": f"{split}{i:07d}"}
 
 
 def _render_shard(args) -> int:
@@ -1417,11 +1272,15 @@ def save_checkpoint(path: str, state: dict):
     os.replace(tmp, path)
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The checkpoint with the highest step in `out_dir` (`ckpt-<step>.pt`), or None."""
+def checkpoints(out_dir: str) -> list[str]:
+    """The `ckpt-<step>.pt` files of `out_dir`, oldest step first."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt-*.pt"))
              if (m := re.search(r"ckpt-(\d+)\.pt$", p))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    return (checkpoints(out_dir) or [None])[-1]
 
 
 def load_checkpoint(path: str, out_dir: str) -> dict | None:
@@ -1442,12 +1301,9 @@ def load_checkpoint(path: str, out_dir: str) -> dict | None:
 
 def prune_checkpoints(out_dir: str, keep: int):
     """Delete all but the `keep` newest checkpoints (rank 0)."""
-    if get_rank() != 0 or keep <= 0:
-        return
-    found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt-*.pt"))
-                   if (m := re.search(r"ckpt-(\d+)\.pt$", p)))
-    for _, p in found[:-keep]:
-        os.remove(p)
+    if get_rank() == 0 and keep > 0:
+        for p in checkpoints(out_dir)[:-keep]:
+            os.remove(p)
 
 
 def rng_state() -> dict:

@@ -832,7 +832,7 @@ def load_init(model: C.CLIP, cfg: Config):
     except Exception:  # OpenAI distributes TorchScript archives
         sd = torch.jit.load(cfg.init, map_location="cpu").state_dict()
     shape = C.openclip_config(sd)
-    fits = [n for n, s in MODELS.items() if all(shape[k] == v for k, v in s.items())]
+    fits = [n for n, s in MODELS.items() if all(shape[k] == v for k, v in s.items() if "heads" not in k)]
     if cfg.model not in fits:
         C.fail(f"--init {cfg.init} is patch {shape['patch']}, width {shape['width']}: use --model "
                f"{' or '.join(fits) or '(none of MODELS; add its shape to MODELS)'}")
