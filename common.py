@@ -145,11 +145,11 @@ def barrier():
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) from every rank into (W*B, ...), rank order, with gradients flowing back
-    to each rank's own slice (the functional collective's backward is a reduce-scatter of the grads)."""
+    to each rank's own slice (torch.distributed.nn's backward sums every rank's gradient for this slice)."""
     if get_world_size() == 1 or not dist.is_initialized():
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    import torch.distributed.nn.functional as dnnf
+    return torch.cat(dnnf.all_gather(x.contiguous()), dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------

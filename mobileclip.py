@@ -14,7 +14,7 @@ Paper -> code:
   image-text retrieval recall@K                      -> common.retrieval_eval
 
 Commands:
-  python mobileclip.py                                  # tiny CLIP on the built-in synthetic world, CPU
+  python mobileclip.py                                  # tiny MCi/MCt CLIP on the synthetic world, CPU
   torchrun --nproc_per_node=8 mobileclip.py --data 'shards/{00000..00999}.tar' --model vit_b16 \\
       --bpe bpe_simple_vocab_16e6.txt.gz --batch-size 256 --steps 100000 --out runs/b16 --compile
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 mobileclip.py ...
@@ -47,7 +47,7 @@ RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 @dataclass
 class Config:
     data: str = ""  # tar shards: a directory, a glob or 'shards/{00000..00099}.tar'; empty = the synthetic world
-    model: str = "tiny"  # a name from MODELS
+    model: str = "mobileclip_tiny"  # a name from MODELS or MOBILECLIP_MODELS
     out: str = "runs/mobileclip"  # run directory: config.json, log.jsonl, checkpoints, copies of the code
     steps: int = 800  # optimizer steps
     batch_size: int = 128  # per process (the global batch is this x world size)

@@ -54,6 +54,7 @@ def _worker(rank, world, port, out):
     dist.all_reduce(mean_loss)
     torch.save({"loss": mean_loss / world, "grads": {n: p.grad for n, p in model.module.named_parameters()}},
                f"{out}/rank{rank}.pt")
+    dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
 
 

@@ -10,7 +10,7 @@ import common as C
 import mobileclip
 
 SMALL = ["--synthetic-train", "4000", "--synthetic-val", "300", "--workers", "2", "--log-every", "10",
-         "--retrieval-max", "300"]
+         "--retrieval-max", "300", "--model", "tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_tiny_clip_learns(cache, tmp_path, model, steps):
     classification by shape needs the longer default run; README, "Results".)"""
     out = str(tmp_path / "run")
     mobileclip.main(["--cache-dir", cache, "--out", out, "--steps", str(steps), "--batch-size", "64",
-                     "--warmup", "20", "--model", model] + SMALL)
+                     "--warmup", "20"] + SMALL + ["--model", model])  # the last --model wins
     log = read_log(out)
     final = log[-1]
     assert final["step"] == steps
