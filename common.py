@@ -352,7 +352,8 @@ def _rename(key: str, inverse: bool = False) -> str:
     return key
 
 
-def _unwrap_state_dict(sd: dict) -> dict:
+def unwrap_state_dict(sd: dict) -> dict:
+    """The tensors of a saved file: under "state_dict"/"model" if nested, without DDP/compile prefixes."""
     for k in ("state_dict", "model"):
         if k in sd and isinstance(sd[k], dict):
             sd = sd[k]
@@ -366,7 +367,7 @@ _HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
 
 def openclip_config(sd: dict) -> dict:
     """Infer the build_clip arguments of an OpenAI/OpenCLIP ViT CLIP from its state-dict shapes."""
-    sd = _unwrap_state_dict(sd)
+    sd = unwrap_state_dict(sd)
     if "visual.conv1.weight" not in sd or "text_projection" not in sd:
         raise ValueError("not an OpenAI/OpenCLIP ViT CLIP state dict (no visual.conv1.weight / text_projection)")
     width, _, patch, _ = sd["visual.conv1.weight"].shape
@@ -383,7 +384,7 @@ def openclip_config(sd: dict) -> dict:
 
 def openclip_to_ours(sd: dict) -> dict:
     """Rename an OpenAI/OpenCLIP state dict to this repository's names (tensors untouched)."""
-    return {_rename(k): v for k, v in _unwrap_state_dict(sd).items()
+    return {_rename(k): v for k, v in unwrap_state_dict(sd).items()
             if not k.endswith("attn_mask") and k not in ("input_resolution", "context_length", "vocab_size")}
 
 

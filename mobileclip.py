@@ -731,8 +731,7 @@ def load_pretrained(model, path, name=""):
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, not a torch file
         C.fail(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
-    sd = (sd.get("state_dict") or sd.get("model") or sd) if isinstance(sd, dict) else {}  # wrapped saves
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}  # a DDP-wrapped save
+    sd = C.unwrap_state_dict(sd) if isinstance(sd, dict) else {}  # nested, DDP- or compile-wrapped saves
     has = lambda prefix: any(k.startswith(prefix) for k in sd)
     layout = ("apple" if has("image_encoder.") else "openclip" if has("visual.trunk.") else
               "ours" if has("visual.") else None)
