@@ -86,7 +86,7 @@ class Config:
     scale: bool = True  # multiply weight matrices by sqrt(fan-in parent / fan-in child) (Sec. 4.1)
     reorder: bool = True  # rank neurons before slicing; --no-reorder slices the first ones (Fig. 14)
     # ---- train
-    steps: int = 600  # optimizer steps
+    steps: int = 400  # optimizer steps
     batch_size: int = 128  # per process
     lr: float = 0.0  # peak learning rate; 0 = Table 1 (subcloned or random, by --init)
     weight_decay: float = -1.0  # AdamW weight decay; < 0 = Table 1
@@ -99,23 +99,29 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 50  # steps between log lines
-    eval_every: int = 100  # steps between evaluations (and at the end); 0 = at the end only
+    eval_every: int = 50  # steps between evaluations (and at the end); 0 = at the end only
     eval_max: int = 1000  # held-out samples for zero-shot / retrieval / perplexity
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept
     resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
     # ---- compare
     parent_model: str = ""  # compare: the parent's MODELS name (default: parent / gpt_parent)
-    parent_steps: int = 800  # compare: steps of parent training
+    parent_steps: int = 600  # compare: steps of parent training
+    parent_lr: float = 0.0  # compare: the parent's peak LR; 0 = --lr, else Table 1 for random init
     cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
     synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images
 
 
-# Named shapes. `parent` -> `tiny` is the synthetic comparison (the ViT experiment: half width, same depth;
-# `tiny` is mobileclip.py's tiny, so the subclone loads there too). `gpt_parent` -> `gpt_tiny` halves width and
-# depth (the GPT-2 experiment removes middle blocks). vit_b16 -> vit_b16_half is the paper's ViT setting.
+# Named shapes. `small_parent` -> `small` is the CPU comparison (the ViT experiment: half width, same depth,
+# here at 32 px). `parent` -> `tiny` is the same at 64 px, where `tiny` is mobileclip.py's tiny, so that subclone
+# loads there with --init. `gpt_parent` -> `gpt_tiny` halves width and depth (the GPT-2 experiment removes
+# middle blocks). vit_b16 -> vit_b16_half and gpt2_large -> gpt2_medium are the paper's shapes.
 MODELS = {
+    "small_parent": dict(kind="clip", image_size=32, patch=8, width=128, layers=4, heads=4, embed_dim=128,
+                         text_width=128, text_layers=3, text_heads=2, context_length=32),
+    "small": dict(kind="clip", image_size=32, patch=8, width=64, layers=4, heads=2, embed_dim=128,
+                  text_width=64, text_layers=3, text_heads=1, context_length=32),
     "parent": dict(kind="clip", image_size=64, patch=8, width=256, layers=4, heads=8, embed_dim=128,
                    text_width=256, text_layers=3, text_heads=4, context_length=32),
     "tiny": dict(kind="clip", image_size=64, patch=8, width=128, layers=4, heads=4, embed_dim=128,
@@ -124,8 +130,8 @@ MODELS = {
                     text_width=512, text_layers=12, text_heads=8, context_length=77),
     "vit_b16_half": dict(kind="clip", image_size=224, patch=16, width=384, layers=12, heads=6, embed_dim=512,
                          text_width=256, text_layers=12, text_heads=4, context_length=77),
-    "gpt_parent": dict(kind="gpt", width=256, layers=8, heads=8, context_length=32),
-    "gpt_tiny": dict(kind="gpt", width=128, layers=4, heads=4, context_length=32),
+    "gpt_parent": dict(kind="gpt", width=128, layers=6, heads=4, context_length=32),
+    "gpt_tiny": dict(kind="gpt", width=64, layers=3, heads=2, context_length=32),
     "gpt2_large": dict(kind="gpt", width=1280, layers=36, heads=20, context_length=1024),
     "gpt2_medium": dict(kind="gpt", width=1024, layers=24, heads=16, context_length=1024),
 }
@@ -624,7 +630,7 @@ def train(cfg: Config):
         model, kind, arch, merges = load_model(cfg.init, cfg.act)
         subcloned = True
     else:
-        kind, arch = model_spec(cfg.model or "tiny")
+        kind, arch = model_spec(cfg.model or "small")
         subcloned = False
     shards, val, zs_dir = resolve_data(cfg, arch.get("image_size", 64))
     tok = make_tokenizer(cfg, merges, shards, init if ckpt is None else "")
@@ -636,7 +642,7 @@ def train(cfg: Config):
     model.to(device)
     lr, wd = hyper(cfg, kind, subcloned)
     C.print0(f"{kind} {json.dumps(arch)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-             f"{'subcloned' if subcloned else 'random'} init, lr {lr:g}, weight decay {wd:g} (Table 1)")
+             f"{'subcloned' if subcloned else 'random'} init, lr {lr:g}, weight decay {wd:g}")
     opt = C.make_adamw(model, lr, wd, betas=(0.9, cfg.beta2))
     start, data_pos = 0, {}
     if ckpt is not None:
@@ -733,13 +739,13 @@ def compare(cfg: Config):
     """Sec. 5 on the synthetic world: parent (random init, Table 1) -> clone -> destination trained from the
     subclone and from random init, each with its Table 1 lr / wd; all stages resume (re-run to continue)."""
     clip = cfg.kind == "clip"
-    child = cfg.model or ("tiny" if clip else "gpt_tiny")
+    child = cfg.model or ("small" if clip else "gpt_tiny")
     dkind, spec = model_spec(child)
     if dkind != cfg.kind:
         C.fail(f"--model {child} is a {dkind}, not --kind {cfg.kind}")
     run = lambda name, **kw: dataclasses.replace(cfg, out=os.path.join(cfg.out, name), resume="auto", **kw)
-    parent = run("parent", model=cfg.parent_model or ("parent" if clip else "gpt_parent"), init="",
-                 steps=cfg.parent_steps)
+    parent = run("parent", model=cfg.parent_model or ("small_parent" if clip else "gpt_parent"), init="",
+                 steps=cfg.parent_steps, lr=cfg.parent_lr or cfg.lr)
     if not os.path.exists(os.path.join(parent.out, f"ckpt-{parent.steps}.pt")):
         train(parent)
     small = clone(dataclasses.replace(cfg, init=os.path.join(parent.out, f"ckpt-{parent.steps}.pt"), model=child,
