@@ -1,0 +1,1079 @@
+"""CatLIP: CLIP-level Visual Recognition Accuracy with 2.7x Faster Pre-training on Web-scale Image-Text Data
+(arXiv 2404.15653, Mehta et al., Apple).
+
+CatLIP turns image-text pre-training into multi-label classification: the nouns of every caption become
+the labels of its image, the frequent ones form a fixed vocabulary V, and an image-only ViT with one linear
+head is trained with binary cross-entropy on the multi-hot targets. No text tower, no contrastive loss, no
+all-gather of embeddings. Transfer Init starts a downstream classifier from the head rows of its label words.
+
+What is here: the caption -> noun-lemma pipeline and the vocabulary (one streaming pass, counts merged
+across DataLoader workers and ranks), pre-training with the paper's BCE and recipe (AdamW (0.9, 0.999),
+wd 0.2 on every parameter, warm-up + cosine to lr/100, EMA 0.0005, random resized crop + flip), fine-tuning
+and linear probing on an ImageFolder with or without Transfer Init, and a comparison on the synthetic world.
+Left out: the multi-scale variable-batch sampler (one fixed resolution here), RangeAugment's *learned*
+augmentation (a fixed brightness/contrast/noise jitter stands in, as the spec allows), high-resolution
+fine-tuning and the detection/segmentation transfers. The training-step timing against CLIP is in bench.py.
+
+Noun extraction without NLTK/WordNet (spec 6). The released code lemmatises every token with WordNet and
+keeps a lemma iff it heads its own first noun synset; it ignores the POS tags. Here: URL-unquote, strip
+HTML tags, NFKD without accents, lower-case, [a-z]+ tokens, a stop list of ~300 function words, common verbs
+and adjectives, numbers and web junk, tokens of length <= 2 dropped, and rule-based singularisation with a
+table of irregular plurals. What this loses against WordNet synsets: (1) the label space of Apple's vocabulary
+(keys are WordNet offsets), unless you pass a lemma -> synset table with --vocab (below); (2) WordNet's
+validity filter -- adjectives and verbs outside the stop list and misspellings enter V if frequent enough;
+(3) exact lemmatisation -- the rules make a few errors ("buses" -> "buse", "axes" -> "axe"); (4) path-
+similarity matching of class names in Transfer Init (only exact lemma matches remain); (5) multi-word
+synsets never match in either. Synonym merging is not lost: the original keeps only self-headed lemmas.
+
+Using the published synset vocabulary: give --vocab a tab-separated file, one label per line, `label<TAB>
+lemma[,lemma...]`, e.g. `n2084071<TAB>dog`. With NLTK elsewhere it is written from datacomp_1_2B_vocab.pkl as
+    for k in list(vocab)[:24320]: print(k, wn.synset_from_pos_and_offset("n", int(k[1:])).name()[:-5], sep="\\t")
+ImageNet class folders named by wnid (n02084071) then match their labels directly in Transfer Init.
+
+Paper -> code:
+  Eq. 1, nouns of a caption (POS tag + WordNet lemma)   -> extract_nouns (stop list + singularize)
+  vocabulary V, synsets with count > V_tau (Sec. 3.1)   -> count_vocab, save_vocab / load_vocab
+  multi-hot targets, empty targets kept (spec 4.1)      -> CatLIPDecode (label ids), multi_hot
+  BCE summed over classes / batch size (Sec. 3.1)       -> multilabel_bce (fast), multilabel_bce_reference
+  ViT-B/L/H/16, linear head on the CLS token (Sec. 3)  -> ViTClassifier over common.ViT, MODELS
+  recipe (Table 6, spec 3.2): AdamW, cosine, EMA        -> make_optimizer, common.lr_at, EMA
+  RangeAugment (code)                                   -> jitter (a fixed stand-in)
+  Transfer Init (Sec. 4.2, App. B)                      -> match_classes, transfer_init
+  linear probe / full fine-tune (Table 7)               -> finetune (--linear-probe)
+
+Commands:
+  python catlip.py vocab --data 'shards/{00000..09999}.tar' --min-count 500 --out vocab.json --workers 8
+  torchrun --nproc_per_node=8 catlip.py --data 'shards/{00000..09999}.tar' --vocab vocab.json --model vit_b16 \\
+      --batch-size 1024 --steps 200000 --warmup 10000 --lr 1e-3 --min-lr 1e-5 --image-size 224 --out runs/catlip
+  torchrun --nproc_per_node=8 catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val \\
+      --transfer-init --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500 --weight-decay 0.05 --batch-size 64
+  python catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val --linear-probe \\
+      --transfer-init --epochs 30 --lr 3e-5 --min-lr 1e-6 --weight-decay 0 --label-smoothing 0
+  python catlip.py                                   # tiny pre-training on the synthetic world, CPU
+  python catlip.py compare --init runs/catlip        # fine-tune from it vs from scratch, synthetic world
+
+Result (2-core CPU, the synthetic world): see the README's CatLIP section for the figures of the two
+commands above; pre-training followed by fine-tuning beats fine-tuning from scratch.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+import urllib.parse
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+
+@dataclass
+class VocabConfig:
+    data: str = ""  # caption shards (directory, glob, brace pattern); empty = the synthetic world
+    out: str = "vocab.json"  # where the vocabulary is written
+    min_count: int = 0  # keep lemmas seen at least this often (paper: 500); 0 = auto, 100 * captions / 3M, >= 5
+    max_size: int = 0  # keep at most this many, most frequent first (paper: 24320); 0 = no cap
+    caption_key: str = "txt"  # suffix of the caption member in the shards
+    workers: int = 2  # DataLoader worker processes per rank
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images (the same world as the pre-training default)
+    synthetic_val: int = 1000  # synthetic held-out images
+    image_size: int = 64  # image size of the synthetic world
+
+
+@dataclass
+class Shared:
+    """The flags of pre-training and fine-tuning alike."""
+    model: str = "tiny"  # a name from MODELS (fine-tuning with --init: the checkpoint's)
+    image_size: int = 0  # training resolution; 0 = the model's (fine-tuning: the checkpoint's)
+    pool: str = "cls"  # cls | mean: the feature the head reads (the paper: the CLS token)
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    ema_momentum: float = 0.0005  # EMA of the weights: ema += m * (w - ema) (paper: 0.0005)
+    ema_warmup: bool = True  # m_t = max(m, (1 + t)^-0.75) so that short runs get a useful EMA (timm's warm-up)
+    crop_scale: float = 0.08  # smallest area fraction of the random resized crop (torchvision's default)
+    flip: bool = True  # random horizontal flip
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 2  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    eval_every: int = 0  # steps between evaluations; 0 = at the end only
+    ckpt_every: int = 500  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept in --out
+    resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
+    classnames: str = ""  # file with one class name per line, in folder order (default: folder names)
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images (the evaluation set)
+
+
+@dataclass
+class Config(Shared):
+    data: str = ""  # tar shards of image + caption; empty = the synthetic world
+    vocab: str = ""  # vocab.json of `catlip.py vocab`, a word list or a label<TAB>lemmas file; empty = build one into --out
+    min_count: int = 0  # when building the vocabulary here: as `vocab --min-count`
+    out: str = "runs/catlip"  # run directory: config.json, log.jsonl, vocab.json, checkpoints, code copies
+    steps: int = 800  # optimizer steps (paper: 200k)
+    batch_size: int = 128  # per process (paper: global 65,536)
+    lr: float = 2e-3  # peak learning rate (paper: 1e-3 B/16, 6e-4 L/16, 4e-4 H/16)
+    min_lr: float = 2e-5  # the cosine ends here (paper: peak / 100)
+    weight_decay: float = 0.2  # AdamW decoupled weight decay (paper: 0.2)
+    decay_all: bool = True  # decay norms and biases too, as the released configs do
+    warmup: int = 100  # linear warm-up steps (paper: 10k)
+    beta2: float = 0.999  # AdamW beta2 (paper: 0.999; CLIP uses 0.98)
+    jitter: float = 0.2  # brightness and contrast factors in 1 +- jitter (stand-in for RangeAugment)
+    noise: float = 0.03  # Gaussian noise std up to this fraction of the range (stand-in for RangeAugment)
+    max_labels: int = 32  # labels kept per caption (first occurrences)
+    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    compile: bool = False  # torch.compile the model
+    fused: bool = True  # fused attention (SDPA); --no-fused runs the explicit-softmax reference
+    grad_checkpointing: bool = False  # recompute blocks in backward (the paper uses it for L and H)
+    log_every: int = 50  # steps between log lines (the only host syncs of the loop)
+    eval: bool = True  # evaluate at the end: the head rows of the class names on --zeroshot-data
+    zeroshot_data: str = ""  # ImageFolder for that evaluation; default: the synthetic held-out set
+    caption_key: str = "txt"  # suffix of the caption member in the shards
+    max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
+
+
+@dataclass
+class FinetuneConfig(Shared):
+    init: str = ""  # pre-training checkpoint, or its run directory (the latest); empty = from scratch
+    init_weights: str = "ema"  # ema | model: which weights of --init (the released checkpoints are the EMA)
+    transfer_init: bool = False  # initialise the classifier rows from the pre-trained head (Transfer Init)
+    linear_probe: bool = False  # train the head alone, backbone frozen
+    data: str = ""  # ImageFolder to train on; empty = a labelled subset of the synthetic world
+    val_data: str = ""  # ImageFolder for top-1; empty = --val-frac of --data (synthetic: its held-out set)
+    val_frac: float = 0.1  # held-out fraction of --data when there is no --val-data
+    out: str = "runs/catlip_ft"  # run directory
+    epochs: int = 10  # passes over --data (paper: 10 FT, 30 LP)
+    batch_size: int = 64  # per process
+    lr: float = 1e-3  # peak learning rate (paper: 3e-5)
+    min_lr: float = 1e-5  # the cosine ends here (paper: 3e-6 FT, 1e-6 LP)
+    weight_decay: float = 0.05  # AdamW weight decay (paper: 0.05 FT, 0 LP)
+    warmup: int = 20  # warm-up steps (paper: 500)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (paper: 0.1)
+    log_every: int = 20  # steps between log lines
+    synthetic_labelled: int = 500  # labelled synthetic training images: the low-data regime of Fig. 5/7
+
+
+# ViT-B/L/H/16 as in the paper (Table 2); `tiny` is the CPU model of the smoke runs.
+MODELS = {
+    "tiny": dict(image_size=64, patch=8, width=128, layers=4, heads=4),
+    "vit_b16": dict(image_size=224, patch=16, width=768, layers=12, heads=12),
+    "vit_l16": dict(image_size=224, patch=16, width=1024, layers=24, heads=16),
+    "vit_h16": dict(image_size=224, patch=16, width=1280, layers=32, heads=20),
+}
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Captions -> noun lemmas (Eq. 1; spec 4.1 and 6)
+# ----------------------------------------------------------------------------------------------------
+# A heuristic stand-in for "tokens that head their own WordNet noun synset": drop function words, pronouns,
+# auxiliaries, frequent verbs and adjectives, number words and web junk. The frequency threshold of the
+# vocabulary removes most of what gets through.
+STOP_WORDS = frozenset("""
+a about above across after again against all almost along already also although always am among an and
+another any anyone anything are around as at away back be became because become been before being below
+between both but by can cannot could did do does doing done down during each either else enough even ever
+every everything few for from further get gets getting got had has have having he her here hers herself
+him himself his how however into its itself just least less like made make makes making many may maybe
+me might mine more most much must myself near need never next nor not now off often once one only onto
+other others our ours ourselves out over own per perhaps please quite rather really same several shall
+she should since some someone something sometimes still such than that the their theirs them themselves
+then there these they this those though through thus too toward towards under until upon very was were
+what whatever when where whether which while who whom whose why will with within without would yet you
+your yours yourself
+is isn aren wasn weren don doesn didn won wouldn couldn shouldn hasn haven hadn ain let lets
+two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand
+million billion first second third fourth fifth last half
+new old good great best better big small large little long short high low full free top nice beautiful
+pretty cute young real true sure own different same various available easy hard possible whole own
+open close closed dark light bright happy available best latest main special single double high
+take takes taking took taken give gives giving gave given come comes coming came go goes going went gone
+see sees seeing saw seen look looks looking looked use uses using used find found show shows showing shown
+know known think say says said tell want wants keep kept put set sets setting run runs running stand
+standing sit sitting hold holding holds stock vector illustration isolated royalty
+http https www com org net html htm jpg jpeg png gif webp img image_ thumb thumbnail px amp nbsp quot
+via click view download free sale buy shop online best new com uk inc llc ltd
+""".split())
+
+# Irregular plurals (and -oes / -ves / -ses plurals the rules below get wrong) -> singular.
+IRREGULAR = {
+    "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
+    "geese": "goose", "feet": "foot", "teeth": "tooth", "oxen": "ox", "lice": "louse",
+    "knives": "knife", "wives": "wife", "lives": "life", "leaves": "leaf", "wolves": "wolf",
+    "halves": "half", "shelves": "shelf", "calves": "calf", "loaves": "loaf", "thieves": "thief",
+    "scarves": "scarf", "elves": "elf", "cacti": "cactus", "fungi": "fungus", "nuclei": "nucleus",
+    "criteria": "criterion", "phenomena": "phenomenon", "potatoes": "potato", "tomatoes": "tomato",
+    "heroes": "hero", "echoes": "echo", "volcanoes": "volcano", "mosquitoes": "mosquito",
+    "buses": "bus", "gases": "gas", "lenses": "lens", "analyses": "analysis", "crises": "crisis",
+    "dice": "die", "indices": "index", "matrices": "matrix", "vertices": "vertex",
+}
+# Words that end in -s but are not plurals (or have no singular in common use).
+INVARIANT = frozenset("series species news clothes jeans pants shorts scissors trousers sunglasses "
+                      "mathematics physics economics politics athletics gymnastics aerobics headquarters "
+                      "means christmas lens gas bias atlas canvas chaos".split())
+_TAG = re.compile(r"<.*?>")
+_CLITIC = re.compile(r"'(s|re|ll|ve|d|m)\b|n't\b")
+_WORD = re.compile(r"[a-z]+")
+
+
+def clean_caption(text: str) -> str:
+    """The released code's caption_preprocessing, minus ftfy: URL-unquote ('+' -> space), strip HTML
+    tags (non-greedy <.*?>), NFKD with accents dropped (cafe for café), lower-case, clitics removed."""
+    text = _TAG.sub(" ", urllib.parse.unquote_plus(text))
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return _CLITIC.sub(" ", text.lower().replace("\u2019", "'"))
+
+
+def singularize(word: str) -> str:
+    """Rule-based stand-in for WordNetLemmatizer().lemmatize(word) (noun): irregulars from the table,
+    then -ies -> -y, -sses -> -ss, -ches/-shes/-xes/-zzes -> drop -es, else a final -s is dropped unless
+    the word ends in -ss, -us or -is. Heuristic: a few words come out wrong (see the module docstring)."""
+    if word in IRREGULAR:
+        return IRREGULAR[word]
+    if word in INVARIANT or len(word) <= 3 or not word.endswith("s"):
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y" if len(word) > 4 and word not in ("series", "species") else word[:-1]
+    if word.endswith(("sses", "ches", "shes", "xes", "zzes")):
+        return word[:-2]
+    if word.endswith(("ss", "us", "is")):
+        return word
+    return word[:-1]
+
+
+def caption_lemmas(text: str) -> list[str]:
+    """Every token of a caption, singularised, in order (no filter: a given vocabulary is the filter)."""
+    return [singularize(w) for w in _WORD.findall(clean_caption(text))]
+
+
+def extract_nouns(text: str) -> list[str]:
+    """The noun proxy of Eq. 1: distinct lemmas of length > 2 that are not stop words, in caption order."""
+    out = []
+    for w in _WORD.findall(clean_caption(text)):
+        if len(w) <= 2 or w in STOP_WORDS:
+            continue
+        w = singularize(w)
+        if len(w) > 2 and w not in STOP_WORDS and w not in out:
+            out.append(w)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The vocabulary V (Sec. 3.1, spec 4.2): one streaming pass over the captions
+# ----------------------------------------------------------------------------------------------------
+
+
+class NounDecode:
+    """ShardStream decode for counting: only the caption is read, never the image."""
+
+    def __init__(self, caption_key: str = "txt"):
+        self.caption_key = caption_key
+
+    def __call__(self, sample: dict) -> dict:
+        return {"nouns": extract_nouns(C.decode_caption(sample, self.caption_key))}
+
+
+class NounCounts(torch.utils.data.IterableDataset):
+    """Counts inside each DataLoader worker and hands the main process one partial Counter per `every`
+    captions, so hundreds of millions of captions cost little inter-process traffic."""
+
+    def __init__(self, stream: C.ShardStream, every: int = 20000):
+        self.stream, self.every = stream, every
+
+    def __iter__(self):
+        counts, n, skipped, worker = collections.Counter(), 0, {}, 0
+        for batch in self.stream:
+            for nouns in batch["nouns"]:
+                counts.update(nouns)
+            n, skipped, worker = n + len(batch["nouns"]), batch["__skipped__"], batch["__worker__"]
+            if n >= self.every:
+                yield {"counts": counts, "n": n, "skipped": skipped, "worker": worker}
+                counts, n = collections.Counter(), 0
+        yield {"counts": counts, "n": n, "skipped": skipped, "worker": worker}
+
+
+def _as_is(x):
+    return x
+
+
+def count_vocab(shards: list[str], caption_key: str, workers: int, rank: int = 0, world: int = 1):
+    """(Counter lemma -> captions containing it, captions read, skipped by reason), merged over this
+    rank's workers and then over all ranks (every rank gets the total)."""
+    stream = C.ShardStream(shards, NounDecode(caption_key), 512, rank, world, shuffle_buffer=1, epochs=1,
+                           drop_last=False)
+    loader = torch.utils.data.DataLoader(NounCounts(stream), batch_size=None, num_workers=workers,
+                                         collate_fn=_as_is)
+    counts, n, skipped = collections.Counter(), 0, {}
+    bar = C.progress(None, "counting nouns", unit=" captions", total=None)
+    for part in loader:
+        counts.update(part["counts"])
+        n += part["n"]
+        skipped[part["worker"]] = part["skipped"]
+        bar.update(part["n"])
+    bar.close()
+    skipped = dict(sum(map(collections.Counter, skipped.values()), collections.Counter()))
+    if world > 1 and torch.distributed.is_initialized():  # merge the ranks' counts
+        every = [None] * world
+        torch.distributed.all_gather_object(every, (counts, n, skipped))
+        counts, n, skipped = collections.Counter(), 0, collections.Counter()
+        for c, k, s in every:
+            counts.update(c)
+            n += k
+            skipped.update(s)
+    return counts, n, dict(skipped)
+
+
+def select_vocab(counts: collections.Counter, captions: int, min_count: int = 0, max_size: int = 0) -> dict:
+    """Lemmas seen at least `min_count` times, most frequent first (ties alphabetical). min_count 0 is
+    the spec's small-data rule V_tau = 100 * N / 3M (the paper's 100 on CC3M), at least 5."""
+    tau = min_count or max(5, round(100 * captions / 3e6))
+    keep = sorted((w for w, c in counts.items() if c >= tau), key=lambda w: (-counts[w], w))
+    keep = keep[:max_size] if max_size else keep
+    return {"min_count": tau, "captions": captions, "counts": {w: counts[w] for w in keep}}
+
+
+def save_vocab(path: str, vocab: dict):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(vocab, f, indent=0)
+    os.replace(path + ".tmp", path)
+
+
+@dataclass
+class Vocab:
+    labels: list  # label names, in head-row order (a lemma, or e.g. a WordNet id 'n2084071')
+    lemmas: dict  # lemma -> row
+
+
+def load_vocab(path: str) -> Vocab:
+    """vocab.json of `catlip.py vocab` ({"counts": {lemma: count}}), a JSON list or dict of lemmas, or a
+    text file with one label per line: `lemma`, or `label<TAB>lemma[,lemma...]` (several lemmas, one row)."""
+    if not os.path.isfile(path):
+        C.fail(f"vocabulary file not found: {path}")
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                obj = json.load(f)
+            words = list(obj.get("counts", obj)) if isinstance(obj, dict) else list(obj)
+            return Vocab(words, {w: i for i, w in enumerate(words)})
+        labels, lemmas = [], {}
+        for line in C.read_lines(path):
+            label, _, rest = line.partition("\t")
+            for lemma in (rest.split(",") if rest else [label]):
+                lemmas.setdefault(lemma.strip().lower().replace(" ", "_"), len(labels))
+            labels.append(label.strip())
+    except (ValueError, UnicodeDecodeError) as e:
+        C.fail(f"cannot read vocabulary {path}: {type(e).__name__}: {e}")
+    if not labels:
+        C.fail(f"vocabulary {path} is empty")
+    return Vocab(labels, lemmas)
+
+
+def caption_labels(caption: str, vocab: Vocab, max_labels: int) -> list[int]:
+    """The head rows a caption switches on: its lemmas found in V, each once, at most max_labels."""
+    rows = []
+    for w in caption_lemmas(caption):
+        i = vocab.lemmas.get(w)
+        if i is not None and i not in rows:
+            rows.append(i)
+    return rows[:max_labels]
+
+
+def vocab_main(argv=None):
+    """`catlip.py vocab`: count the noun lemmas of the captions and write the vocabulary."""
+    cfg = C.parse_config(VocabConfig, argv)
+    rank, _, world, _ = C.setup_distributed("cpu" if not torch.cuda.is_available() else "auto")
+    shards = resolve_shards(cfg.data, cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size)
+    t0 = time.time()
+    counts, n, skipped = count_vocab(C.expand_shards(shards), cfg.caption_key, cfg.workers, rank, world)
+    if n == 0:
+        C.fail(f"no readable captions in {shards} (skipped: {skipped})")
+    vocab = select_vocab(counts, n, cfg.min_count, cfg.max_size)
+    if rank == 0:
+        save_vocab(cfg.out, {**vocab, "skipped": skipped})
+    C.print0(f"{n} captions ({sum(skipped.values())} skipped: {skipped}) in {time.time() - t0:.0f}s, "
+             f"{len(counts)} distinct lemmas, {len(vocab['counts'])} seen >= {vocab['min_count']} times -> {cfg.out}")
+    C.print0("most frequent: " + ", ".join(f"{w} {c}" for w, c in list(vocab["counts"].items())[:20]))
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Model: an image-only ViT with one linear head (Sec. 3, spec 2)
+# ----------------------------------------------------------------------------------------------------
+
+
+class ViTClassifier(nn.Module):
+    """common.ViT without its CLIP projection, and `head`: Linear(width, |V|) on the CLS token after the
+    final LayerNorm (no MLP head). Under autocast that LayerNorm runs in fp32, as the paper's
+    `layer_norm_fp32`. pool='mean' averages the patch tokens instead (the code's `no_cls_token`)."""
+
+    def __init__(self, n_classes: int, image_size: int, patch: int, width: int, layers: int, heads: int,
+                 pool: str = "cls", grad_checkpointing: bool = False):
+        super().__init__()
+        self.pool = pool
+        self.visual = C.ViT(image_size, patch, width, layers, heads, embed_dim=width,
+                            grad_checkpointing=grad_checkpointing)
+        self.visual.proj = None  # CatLIP has no joint embedding: the head reads the CLS feature itself
+        self.head = nn.Linear(width, n_classes)
+        init_weights(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.visual.forward_tokens(x)  # (B, 1 + N, D)
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, n_classes) logits
+
+
+def init_weights(model: nn.Module):
+    """Spec 2: linear layers trunc-normal std 0.02 (zero bias), the patch conv Kaiming normal, the CLS token
+    trunc-normal std 0.02; LayerNorms at (1, 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, C.ViT):
+            nn.init.trunc_normal_(m.cls_token, std=0.02)
+
+
+def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls",
+                grad_checkpointing: bool = False) -> ViTClassifier:
+    if name not in MODELS:
+        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    if pool not in ("cls", "mean"):
+        C.fail(f"--pool must be cls or mean, not '{pool}'")
+    spec = dict(MODELS[name], image_size=image_size or MODELS[name]["image_size"])
+    if spec["image_size"] % spec["patch"]:
+        C.fail(f"--image-size {spec['image_size']} is not a multiple of the patch size {spec['patch']}")
+    return ViTClassifier(n_classes, **spec, pool=pool, grad_checkpointing=grad_checkpointing)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The loss: binary cross-entropy over V, summed over classes, averaged over the batch (Sec. 3.1)
+# ----------------------------------------------------------------------------------------------------
+
+
+def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L = (1/B) sum_b sum_c BCEWithLogits(z_bc, y_bc), without building the (B, |V|) target.
+
+    logits (B, C); labels (B, K) distinct row ids per sample, padded with -1 (an all-padding row is an
+    all-negative target, which is kept). Since BCEWithLogits(z, y) = softplus(z) - y z exactly,
+    L = (sum of softplus over all logits - sum of the logits at the positive labels) / B.
+    Summing over the classes (not averaging) is the paper's `batch_mean`: a mean over 24k classes would
+    shrink the loss and its gradient 24k-fold. Under DDP each rank's loss is over its own rows; DDP's
+    gradient average is then exactly the global-batch loss, with no communication of logits."""
+    z = logits.float()  # reductions in fp32 under bf16 autocast
+    pos = z.gather(1, labels.clamp(min=0)) * (labels >= 0)  # (B, K): z at the positives, 0 at padding
+    return (F.softplus(z).sum() - pos.sum()) / z.shape[0]
+
+
+def multi_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, K) padded ids -> (B, C) float 0/1; padding goes to an extra column that is cut off."""
+    B = labels.shape[0]
+    y = torch.zeros(B, n_classes + 1, device=labels.device)
+    return y.scatter_(1, labels.masked_fill(labels < 0, n_classes), 1.0)[:, :n_classes]
+
+
+def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The textbook formula on the dense multi-hot target, the oracle for `multilabel_bce`:
+    -(1/B) sum_bc [y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]."""
+    p = torch.sigmoid(logits)
+    return -(targets * torch.log(p) + (1 - targets) * torch.log(1 - p)).sum() / logits.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Data and augmentation (spec 3.2)
+# ----------------------------------------------------------------------------------------------------
+
+
+class CatLIPDecode:
+    """Sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1}. Train: random resized
+    crop (area `scale`..1, ratio 3/4..4/3, bilinear) and a horizontal flip, seeded by (seed, epoch, key);
+    eval: centre crop. Labels are computed on the fly from the caption, as the released code does."""
+
+    def __init__(self, vocab: Vocab, image_size: int, max_labels: int, train: bool = True, seed: int = 0,
+                 scale: float = 0.08, flip: bool = True, caption_key: str = "txt"):
+        self.vocab, self.size, self.max_labels, self.train = vocab, image_size, max_labels, train
+        self.seed, self.scale, self.flip, self.caption_key = seed, scale, flip, caption_key
+
+    def __call__(self, sample: dict) -> dict:
+        rows = caption_labels(C.decode_caption(sample, self.caption_key), self.vocab, self.max_labels)
+        img = C.decode_image(sample)
+        rng = C.sample_rng(self.seed, sample)
+        box = C.random_resized_crop_box(*img.size, rng, (self.scale, 1.0)) if self.train else C.center_crop_box(*img.size)
+        x = C.image_to_uint8(img, self.size, box, Image.BILINEAR)
+        if self.train and self.flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        labels = torch.full((self.max_labels,), -1, dtype=torch.long)
+        labels[:len(rows)] = torch.tensor(rows, dtype=torch.long)
+        return {"image": x, "labels": labels}
+
+
+def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """Stand-in for RangeAugment (a design choice, spec 3.1): per image, contrast and brightness factors
+    in 1 +- strength and Gaussian noise of std up to noise * 255, on the device, on float (B, 3, H, W) in
+    [0, 255]. RangeAugment learns these magnitudes against a PSNR target; here they are fixed."""
+    B = x.shape[0]
+    u = torch.rand(B, 3, 1, 1, 1, device=x.device, generator=gen).unbind(1)  # three (B, 1, 1, 1) draws
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (1 + strength * (2 * u[0] - 1)) + mean  # contrast around the image mean
+    x = x * (1 + strength * (2 * u[1] - 1))  # brightness
+    x = x + torch.randn(x.shape, device=x.device, generator=gen) * (noise * 255 * u[2])
+    return x.clamp(0, 255)
+
+
+def resolve_shards(data: str, cache_dir: str, n_train: int, n_val: int, size: int) -> str:
+    """--data, checked, or the synthetic world's training shards."""
+    if data:
+        try:
+            C.expand_shards(data)
+        except FileNotFoundError as e:
+            C.fail(str(e))
+        return data
+    return synthetic(cache_dir, n_train, n_val, size)["train"]
+
+
+def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
+    cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+    return C.synthetic_world(cache, n_train, n_val, size, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Optimiser and EMA (spec 3.2)
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, decay_all: bool):
+    """AdamW (0.9, beta2). The released configs decay every parameter (no exclusion of norms and biases);
+    --no-decay-all uses common.py's groups instead."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].is_cuda
+    if decay_all:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=fused)
+    return C.make_adamw(model, lr, weight_decay, betas=(0.9, beta2), eps=1e-8)
+
+
+class EMA:
+    """Exponential moving average of the weights, ema <- ema + m (w - ema), with the paper's m = 0.0005.
+    With warm-up (a heuristic borrowed from timm's ModelEmaV3) m_t = max(m, (1 + t)^-0.75): early on the
+    EMA follows the weights closely, so an 800-step CPU run still gets a meaningful average."""
+
+    def __init__(self, model: nn.Module, momentum: float, warmup: bool = True):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.momentum, self.warmup = momentum, warmup
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int):
+        m = max(self.momentum, (1 + step) ** -0.75) if self.warmup else self.momentum
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Transfer Init (Sec. 4.2, App. B)
+# ----------------------------------------------------------------------------------------------------
+
+
+def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
+    """For each class name, the head rows whose average starts its classifier row ([] = no match):
+    a WordNet id (folder n02084071) that is a label of V; else the whole name as one lemma ("hot dog" ->
+    hot_dog); else every word of the name that is a lemma of V (a multi-word name averages them).
+    Only exact lemma matches: WordNet path similarity is not available (module docstring)."""
+    label_row = {l: i for i, l in enumerate(vocab.labels)}
+    out = []
+    for name in classnames:
+        key = name.strip().lower()
+        if re.fullmatch(r"n\d+", key) and f"n{int(key[1:])}" in label_row:  # wnids are zero-padded offsets
+            out.append([label_row[f"n{int(key[1:])}"]])
+            continue
+        whole = vocab.lemmas.get(singularize(key.replace(" ", "_")))
+        rows = [whole] if whole is not None else []
+        for w in caption_lemmas(key) if whole is None else []:
+            if w in vocab.lemmas and vocab.lemmas[w] not in rows:
+                rows.append(vocab.lemmas[w])
+        out.append(rows)
+    return out
+
+
+@torch.no_grad()
+def transfer_init(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, matches: list[list[int]]) -> int:
+    """Copy (or average) the pre-trained head rows into the new head, weight and bias; classes with no
+    match keep their random initialisation. Returns how many classes matched."""
+    for k, rows in enumerate(matches):
+        if rows:
+            head.weight[k] = weight[rows].mean(dim=0).to(head.weight)
+            head.bias[k] = bias[rows].mean().to(head.bias)
+    return sum(bool(r) for r in matches)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Evaluation on an ImageFolder
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def folder_logits(model: ViTClassifier, items, size: int, device, batch_size: int = 256):
+    """(N, classes) logits and (N,) labels of an ImageFolder, resize + centre crop."""
+    model.eval()
+    out, ys = [], []
+    for i in C.progress(range(0, len(items), batch_size), "eval"):
+        chunk = items[i:i + batch_size]
+        x = C.normalize_images(C.eval_images([p for p, _ in chunk], size, Image.BILINEAR).to(device))
+        out.append(model(x).float())
+        ys += [y for _, y in chunk]
+    model.train()
+    return torch.cat(out), torch.tensor(ys, device=device)
+
+
+def top1(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return 100 * (logits.argmax(dim=1) == y).float().mean().item()
+
+
+def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: int, device) -> dict:
+    """Pre-training's own check, no training: classify an ImageFolder with the head rows that Transfer
+    Init would copy for its class names (an unmatched class can never win)."""
+    matches = match_classes(classnames, vocab)
+    logits, y = folder_logits(model, items, size, device)
+    scores = torch.stack([logits[:, r].mean(dim=1) if r else torch.full_like(logits[:, 0], -float("inf"))
+                          for r in matches], dim=1)  # (N, classes)
+    return {"head_top1": top1(scores, y), "classes_matched": sum(bool(r) for r in matches)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Pre-training
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
+    """--vocab, or the vocab.json of an earlier run in --out, or one counted now from the training
+    captions (all ranks count their share; rank 0 writes it)."""
+    if cfg.vocab:
+        return load_vocab(cfg.vocab)
+    saved = os.path.join(cfg.out, "vocab.json")
+    if not os.path.exists(saved):
+        counts, n, skipped = count_vocab(C.expand_shards(shards), cfg.caption_key, cfg.workers, rank, world)
+        if n == 0:
+            C.fail(f"no readable captions in {shards} (skipped: {skipped})")
+        vocab = select_vocab(counts, n, cfg.min_count)
+        if rank == 0:
+            save_vocab(saved, vocab)
+        C.print0(f"vocabulary: {len(vocab['counts'])} of {len(counts)} lemmas seen >= {vocab['min_count']} times "
+                 f"in {n} captions -> {saved}")
+    C.barrier()
+    return load_vocab(saved)
+
+
+def checkpoint_state(model, ema, opt, step, cfg, position, vocab: Vocab, size: int) -> dict:
+    """A plain dict (loads with weights_only=True): weights, EMA, optimizer, step, RNG, data position, and
+    what a fine-tune needs to rebuild the model and map class names (model name, size, vocabulary)."""
+    return {"kind": "catlip", "model": model.state_dict(), "ema": ema.module.state_dict(),
+            "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "data": position.state(),
+            "model_name": cfg.model, "image_size": size, "pool": cfg.pool, "labels": list(vocab.labels),
+            "lemmas": dict(vocab.lemmas), "config": dataclasses.asdict(cfg)}
+
+
+def pretrain(argv=None):
+    cfg = C.parse_config(Config, argv)
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if cfg.model not in MODELS:
+        C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+    size = cfg.image_size or MODELS[cfg.model]["image_size"]
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    shards = resolve_shards(cfg.data, cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, size)
+    zs_dir = cfg.zeroshot_data or ("" if cfg.data else synthetic(cfg.cache_dir, cfg.synthetic_train,
+                                                                   cfg.synthetic_val, size)["val_folder"])
+    vocab = make_vocab(cfg, shards, rank, world)
+    model = C.set_fused(build_model(cfg.model, len(vocab.labels), size, cfg.pool, cfg.grad_checkpointing), cfg.fused)
+    model = model.to(device)
+    C.print0(f"model {cfg.model} at {size}px: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+             f"({model.head.weight.numel() / 1e6:.2f}M in the {len(vocab.labels)}-way head)")
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.beta2, cfg.decay_all)
+    ema = EMA(model, cfg.ema_momentum, cfg.ema_warmup)
+    log = C.RunLog(cfg.out)
+
+    # ---- resume ---------------------------------------------------------------------------------
+    start, data_pos = 0, {}
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    if ckpt is not None:
+        if ckpt.get("kind") != "catlip" or ckpt.get("model_name") != cfg.model:
+            C.fail(f"checkpoint {cfg.resume} is of model '{ckpt.get('model_name')}' ({ckpt.get('kind')}), "
+                   f"not a CatLIP --model {cfg.model}")
+        if ckpt["labels"] != vocab.labels:
+            C.fail(f"checkpoint {cfg.resume} was trained on another vocabulary ({len(ckpt['labels'])} labels)")
+        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
+        ema.module.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        C.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
+            data_pos = ckpt["data"][rank]
+        else:
+            C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
+        C.print0(f"resumed from step {start} of {cfg.resume}")
+
+    # ---- data -----------------------------------------------------------------------------------
+    decode = CatLIPDecode(vocab, size, cfg.max_labels, True, cfg.seed, cfg.crop_scale, cfg.flip, cfg.caption_key)
+    stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
+                           cfg.shuffle_buffer, data_pos, start)
+    batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
+    position = C.DataPosition()
+    position.pos = {int(w): p for w, p in data_pos.items()}
+    zs = C.image_folder(zs_dir, C.read_lines(cfg.classnames) if cfg.classnames else None) if zs_dir else None
+
+    # ---- wrap: DDP, compile, precision ------------------------------------------------------------
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    gen = torch.Generator(device)  # augmentation noise, re-seeded by step so that a resume redraws it
+    stop = C.StopSignal()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    n_pos = torch.zeros((), device=device)  # positive labels since the last log line
+    t0, t_data, seen = time.time(), 0.0, 0
+    for step in range(start, cfg.steps + 1):
+        last_step = step == cfg.steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- evaluate: the head rows of the class names, raw and EMA weights ------------------------
+        if zs and cfg.eval and (last_step or (cfg.eval_every and step % cfg.eval_every == 0 and step > start)):
+            if rank == 0:
+                raw = head_zeroshot(model, vocab, *zs, size, device)
+                avg = head_zeroshot(ema.module, vocab, *zs, size, device)
+                log.log(step, head_top1=raw["head_top1"], ema_head_top1=avg["head_top1"],
+                        classes_matched=raw["classes_matched"])
+            C.barrier()
+
+        # ---- checkpoint (never one with a non-finite loss behind it) ------------------------------
+        if (last_step or stopping or (step % cfg.ckpt_every == 0 and step > start)) and step > start:
+            if nonfinite.item():
+                C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
+            state = checkpoint_state(model, ema, opt, step, cfg, position, vocab, size)
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+        if last_step or stopping:
+            break
+
+        # ---- forward, backward, step ----------------------------------------------------------------
+        td = time.time()
+        batch = next(batches)
+        t_data += time.time() - td
+        position.update(batch)
+        labels = batch["labels"].to(device, non_blocking=True)  # (B, K) head rows, -1 padded
+        x = batch["image"].to(device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255]
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
+        x = C.normalize_images(jitter(x, cfg.jitter, cfg.noise, gen))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = train_model(x)  # (B, |V|)
+        loss = multilabel_bce(logits, labels)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr / cfg.lr))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model, step)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        n_pos += (labels >= 0).sum()
+        seen += len(labels)
+
+        # ---- log (the only host sync) ---------------------------------------------------------------
+        if (step + 1) % cfg.log_every == 0:
+            if nonfinite.item():
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            dt, skipped = time.time() - t0, position.skip_totals()
+            read = seen + sum(skipped.values())
+            if read and sum(skipped.values()) / read > cfg.max_skip_frac:
+                C.fail(f"{sum(skipped.values())} of {read} samples unusable ({skipped}); check --data")
+            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
+                    labels_per_image=n_pos.item() / seen, samples_per_s=seen * world / dt,
+                    data_frac=t_data / dt, skipped=sum(skipped.values()))
+            t0, t_data, seen = time.time(), 0.0, 0
+            n_pos.zero_()
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2)
+# ----------------------------------------------------------------------------------------------------
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Map-style ImageFolder read by key (epoch, index): train = random resized crop + flip seeded by
+    (seed, epoch, index), so the augmentation does not depend on workers or on a resume. An unreadable
+    image becomes label -1, which the loss ignores, instead of a crash."""
+
+    def __init__(self, items, size: int, seed: int, scale: float, flip: bool):
+        self.items, self.size, self.seed, self.scale, self.flip = items, size, seed, scale, flip
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        path, label = self.items[i]
+        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
+        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*img.size, rng, (self.scale, 1.0)),
+                             Image.BILINEAR)
+        return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The keys of this rank's share of each global batch from step `start` on: a fresh permutation per
+    epoch seeded by (seed, epoch), cut into global batches, rank r taking every world-th item. The data
+    position is therefore the step itself: resuming at step s replays exactly what follows s."""
+
+    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
+        self.n, self.gb, self.start, self.total = n, global_batch, start, total
+        self.seed, self.rank, self.world = seed, rank, world
+        self.per_epoch = max(1, n // global_batch)
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        perm, perm_epoch = None, -1
+        for s in range(self.start, self.total):
+            epoch, j = divmod(s, self.per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                perm_epoch = epoch
+            chunk = perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]
+            yield [(epoch, int(i)) for i in chunk]
+
+
+def labelled_synthetic_folder(world: dict, n: int) -> str:
+    """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it
+    once): the labelled downstream set of the low-data regime. Its captions were seen in pre-training,
+    its labels were not."""
+    root = os.path.join(world["root"], f"labelled-{n}")
+    if C.get_rank() == 0 and not os.path.exists(os.path.join(root, "DONE")):
+        for name in world["classnames"]:
+            os.makedirs(os.path.join(root, name), exist_ok=True)
+        done, skipped = 0, {}
+        for shard in C.expand_shards(world["train"]):
+            for s in C.iter_tar_samples(shard, skipped):
+                if done < n:
+                    name = json.loads(s["json"])["classname"]
+                    with open(os.path.join(root, name, os.path.basename(s["__key__"]) + ".jpg"), "wb") as f:
+                        f.write(s["jpg"])
+                    done += 1
+        open(os.path.join(root, "DONE"), "w").write(str(done))
+    C.barrier()
+    return root
+
+
+def finetune_data(cfg: FinetuneConfig, size: int):
+    """(train items, val items, class names) from --data/--val-data, or the synthetic world."""
+    names = C.read_lines(cfg.classnames) if cfg.classnames else None
+    if not cfg.data:
+        world = synthetic(cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, size)
+        train, classnames = C.image_folder(labelled_synthetic_folder(world, cfg.synthetic_labelled), names)
+        return train, C.image_folder(world["val_folder"], names)[0], classnames
+    train, classnames = C.image_folder(cfg.data, names)
+    if cfg.val_data:
+        val, val_names = C.image_folder(cfg.val_data, names)
+        if len(val_names) != len(classnames):
+            C.fail(f"--val-data has {len(val_names)} class folders, --data {len(classnames)}")
+        return train, val, classnames
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    cut = int(round(cfg.val_frac * len(train)))
+    return [train[i] for i in sorted(order[cut:])], [train[i] for i in sorted(order[:cut])], classnames
+
+
+def load_pretrained(path: str) -> dict:
+    """A CatLIP pre-training checkpoint, given as a file or as its run directory (the latest)."""
+    if os.path.isdir(path):
+        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
+    ckpt = C.load_checkpoint(path, "")
+    if ckpt.get("kind") != "catlip":
+        C.fail(f"--init {path} is not a CatLIP pre-training checkpoint (kind {ckpt.get('kind')!r})")
+    return ckpt
+
+
+def finetune(argv=None):
+    cfg = C.parse_config(FinetuneConfig, argv)
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if cfg.init_weights not in ("ema", "model"):
+        C.fail(f"--init-weights must be ema or model, not '{cfg.init_weights}'")
+    if cfg.transfer_init and not cfg.init:
+        C.fail("--transfer-init needs --init, a CatLIP pre-training checkpoint")
+    init = load_pretrained(cfg.init) if cfg.init else None
+    name = init["model_name"] if init else cfg.model
+    if name not in MODELS:
+        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    size = cfg.image_size or (init["image_size"] if init else MODELS[name]["image_size"])
+    torch.manual_seed(cfg.seed)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    train_items, val_items, classnames = finetune_data(cfg, size)
+    model = build_model(name, len(classnames), size, init["pool"] if init else cfg.pool).to(device)
+    note = "from scratch"
+    if init:  # the backbone from the pre-training; the head is new
+        sd = init[cfg.init_weights]
+        C.load_state_dict_checked(model.visual, {k[7:]: v for k, v in sd.items() if k.startswith("visual.")},
+                                  f"--init {cfg.init}")
+        note = f"backbone from {cfg.init} ({cfg.init_weights} weights), random head"
+        if cfg.transfer_init:
+            matches = match_classes(classnames, Vocab(init["labels"], init["lemmas"]))
+            hit = transfer_init(model.head, sd["head.weight"], sd["head.bias"], matches)
+            note = (f"backbone from {cfg.init} ({cfg.init_weights} weights), Transfer Init of {hit}/{len(classnames)}"
+                    f" classes: " + ", ".join(f"{c}<-{'+'.join(init['labels'][i] for i in r) or 'random'}"
+                                              for c, r in list(zip(classnames, matches))[:12]))
+    C.print0(note)
+    if cfg.linear_probe:
+        model.visual.requires_grad_(False)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, 0.999, decay_all=True)
+    ema = EMA(model, cfg.ema_momentum, cfg.ema_warmup)
+    log = C.RunLog(cfg.out)
+    gb = cfg.batch_size * world
+    steps = cfg.epochs * max(1, len(train_items) // gb)
+    C.print0(f"{len(train_items)} training images, {len(val_items)} held out, {len(classnames)} classes, "
+             f"{steps} steps of {min(gb, len(train_items))}")
+
+    # ---- resume: the data position is the step (StepBatches) ---------------------------------------
+    start = 0
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    if ckpt is not None:
+        if ckpt.get("kind") != "catlip_finetune" or ckpt.get("classnames") != classnames:
+            C.fail(f"checkpoint {cfg.resume} is not a fine-tune on these {len(classnames)} classes")
+        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
+        ema.module.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        C.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        C.print0(f"resumed from step {start} of {cfg.resume}")
+    data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
+    sampler = StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
+                                               pin_memory=device.type == "cuda"))
+
+    # ---- the trained part: the whole model, or the head alone on frozen features -------------------
+    trained = model.head if cfg.linear_probe else model
+    ddp = DDP(trained, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else trained
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    stop = C.StopSignal()
+    t0, skipped = time.time(), torch.zeros((), device=device)
+    for step in range(start, steps + 1):
+        last_step = step == steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- evaluate: top-1 of the raw and the EMA weights ------------------------------------------
+        if last_step or (cfg.eval_every and step % cfg.eval_every == 0 and step > start):
+            if rank == 0:
+                raw, avg = (top1(*folder_logits(m, val_items, size, device)) for m in (model, ema.module))
+                log.log(step, top1=raw, ema_top1=avg, epoch=step / max(1, steps // max(1, cfg.epochs)))
+            C.barrier()
+
+        # ---- checkpoint ------------------------------------------------------------------------------
+        if (last_step or stopping or (step % cfg.ckpt_every == 0 and step > start)) and step > start:
+            state = {"kind": "catlip_finetune", "model": model.state_dict(), "ema": ema.module.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "classnames": classnames,
+                     "model_name": name, "image_size": size, "config": dataclasses.asdict(cfg)}
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+        if last_step or stopping:
+            break
+
+        # ---- forward, backward, step ---------------------------------------------------------------
+        x, y = next(batches)
+        x = C.normalize_images(x.to(device, non_blocking=True))  # (B, 3, S, S)
+        y = y.to(device, non_blocking=True)  # (B,), -1 = unreadable image
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if cfg.linear_probe:
+                with torch.no_grad():
+                    feats = model.features(x)  # (B, D), frozen backbone
+                logits = ddp(feats)
+            else:
+                logits = ddp(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=-1, label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip or float("inf"))
+        C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, steps, cfg.min_lr / cfg.lr))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model, step)
+        skipped += (y < 0).sum()
+        if (step + 1) % cfg.log_every == 0:
+            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
+                    skipped=int(skipped.item()), steps_per_s=cfg.log_every / (time.time() - t0))
+            t0 = time.time()
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. The claim on the synthetic world: pre-training + fine-tuning beats fine-tuning from scratch
+# ----------------------------------------------------------------------------------------------------
+VARIANTS = {  # name -> flags added to the fine-tune
+    "scratch": dict(init="", transfer_init=False, linear_probe=False),
+    "ft_random_head": dict(transfer_init=False, linear_probe=False),
+    "ft_transfer_init": dict(transfer_init=True, linear_probe=False),
+    "lp_random_head": dict(transfer_init=False, linear_probe=True),
+    "lp_transfer_init": dict(transfer_init=True, linear_probe=True),
+}
+
+
+def to_argv(cfg, **overrides) -> list[str]:
+    """The command-line flags that rebuild `cfg` (with overrides)."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        v = overrides.get(f.name, getattr(cfg, f.name))
+        flag = "--" + f.name.replace("_", "-")
+        argv += ([flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)])
+    return argv
+
+
+def compare(argv=None):
+    """`catlip.py compare --init RUN [fine-tune flags]`: the same fine-tune from scratch, from the CatLIP
+    backbone with a random head, and with Transfer Init, then linear probes; a table of top-1."""
+    cfg = C.parse_config(FinetuneConfig, argv)
+    if not cfg.init:
+        C.fail("compare needs --init, a CatLIP pre-training checkpoint or run directory")
+    init = load_pretrained(cfg.init)
+    size = cfg.image_size or init["image_size"]
+    rows = {}
+    for name, flags in VARIANTS.items():
+        out = os.path.join(cfg.out, name)
+        extra = dict(model=init["model_name"], pool=init["pool"]) if name == "scratch" else {}
+        t0 = time.time()
+        finetune(to_argv(cfg, out=out, image_size=size, resume="", **flags, **extra))
+        with open(os.path.join(out, "log.jsonl")) as f:
+            final = [json.loads(line) for line in f][-1]
+        rows[name] = {"top1": final["top1"], "ema_top1": final["ema_top1"], "steps": final["step"],
+                      "seconds": round(time.time() - t0, 1)}
+    if C.get_rank() == 0:
+        with open(os.path.join(cfg.out, "compare.json"), "w") as f:
+            json.dump({"init": cfg.init, "rows": rows, "config": dataclasses.asdict(cfg)}, f, indent=1)
+        print("| fine-tune | top-1 | EMA top-1 | steps | seconds |\n|---|---|---|---|---|")
+        for name, r in rows.items():
+            print(f"| {name} | {r['top1']:.1f} | {r['ema_top1']:.1f} | {r['steps']} | {r['seconds']} |")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"vocab": vocab_main, "finetune": finetune, "compare": compare, "pretrain": pretrain}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return pretrain(argv)
+
+
+if __name__ == "__main__":
+    main()
