@@ -758,6 +758,57 @@ def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Ten
     return (x.float() - m) / s
 
 
+# RandAugment (Cubuk et al. 2020) with its random draws kept as compact parameters, so that an augmentation
+# can be stored and replayed exactly (MobileCLIP's DataCompDR, dataset reinforcement). The op table, the
+# magnitude grid (m of 31 bins, signed ops negated with p = 1/2) and each op's effect on a PIL image follow
+# torchvision's RandAugment and its PIL backend, which the published DataCompDR parameters index into.
+RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+                    "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+_RA_SIGNED_MAX = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150 / 331, "TranslateY": 150 / 331,
+                  "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
+
+
+def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitude: int = 9, bins: int = 31):
+    """num_ops [op_index, signed magnitude] pairs; translations are in pixels of a size x size image."""
+    ops = []
+    for _ in range(num_ops):
+        k = rng.randrange(len(RAND_AUGMENT_OPS))
+        name, frac = RAND_AUGMENT_OPS[k], magnitude / (bins - 1)
+        if name in _RA_SIGNED_MAX:
+            m = _RA_SIGNED_MAX[name] * frac * (size if name.startswith("Translate") else 1)
+            m = -m if rng.random() < 0.5 else m
+        elif name == "Posterize":  # bits kept: 8 at magnitude 0, 4 at the top bin
+            m = float(8 - round(magnitude / ((bins - 1) / 4)))
+        else:  # Solarize threshold falls from 255; the other ops have no magnitude
+            m = 255.0 * (1 - frac) if name == "Solarize" else 0.0
+        ops.append([k, m])
+    return ops
+
+
+def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
+    """Apply stored [op_index, magnitude] pairs to an RGB image (nearest resampling, black fill)."""
+    from PIL import ImageEnhance, ImageOps
+    for k, m in ops:
+        name = RAND_AUGMENT_OPS[int(k)]
+        # PIL's AFFINE maps each output pixel (x, y) to the input (a x + b y + c, d x + e y + f); shears are
+        # about the corner (0, 0) and translations whole pixels, as in torchvision.
+        affine = {"ShearX": (1, m, 0, 0, 1, 0), "ShearY": (1, 0, 0, m, 1, 0),
+                  "TranslateX": (1, 0, -int(m), 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, -int(m))}.get(name)
+        if affine:
+            img = img.transform(img.size, Image.AFFINE, affine, Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name == "Rotate":
+            img = img.rotate(m, Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name in ("Brightness", "Color", "Contrast", "Sharpness"):
+            img = getattr(ImageEnhance, name)(img).enhance(1.0 + m)
+        elif name == "Posterize":
+            img = ImageOps.posterize(img, int(m))
+        elif name == "Solarize":
+            img = ImageOps.solarize(img, m)
+        elif name in ("AutoContrast", "Equalize"):
+            img = getattr(ImageOps, name.lower())(img)
+    return img
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers.
 
@@ -954,6 +1005,7 @@ SYNTH_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220
 # Background textures, also ordered from "early" to "late" fashion.
 SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]
 SYNTH_YEARS = (2014, 2023)  # inclusive
+SYNTH_VERSION = "v2"  # part of the cache path: bump it whenever a change alters the generated samples
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 # How each shape's popularity moves with the year (-1: fades, +1: rises).
 _SHAPE_TREND = (-1.0, -0.6, 0.2, 1.0, -0.2, 0.8, -0.8, 0.4, 0.6, -0.4)
@@ -969,7 +1021,7 @@ _TEMPLATES = ((2014, "{obj}{pos}{extra}{bg}"), (2014, "a photo of {obj}{pos}{ext
 # Like web alt-text, a caption mentions only some attributes: size, colour, position and background are each
 # dropped with these probabilities. Short captions ("a photo of a star.") thus occur naturally, and the shape
 # word, always kept, must carry meaning on its own, as a zero-shot prompt "a photo of a {classname}." needs.
-_DROP = (0.35, 0.3, 0.4, 0.4)
+_DROP = (0.5, 0.65, 0.5, 0.7)
 _SS = 4  # supersampling factor for anti-aliased shape edges
 
 
@@ -1122,7 +1174,12 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: Optional[int] 
         obj=obj, pos=pos, extra=extra, be=("is", "are")[count > 1], icon=("icon", "as icons")[count > 1],
         bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
     caption += "." if rng.random() < 0.5 else ""
-    return {"image": image, "caption": caption, "label": label, "mask": mask,
+    # every attribute, dropped or not: ground truth for an accurate captioner (MobileCLIP's synthetic captions)
+    cx, cy = np.clip((placed[0][0] / size * 3).astype(int), 0, 2)
+    scene = {"shape": shape, "count": count, "size": size_w, "colour": colour, "outlined": outlined,
+             "position": _POSITIONS[cy][cx] if count == 1 else "", "texture": texture, "background": bg_colour,
+             "distractors": [[col, SYNTH_SHAPES[k]] for k, col, *_ in objects[:n_distract]]}
+    return {"image": image, "caption": caption, "label": label, "mask": mask, "scene": scene,
             "depth": np.clip(depth, 0, 1).astype(np.float32), "year": year}
 
 
@@ -1151,19 +1208,20 @@ def _render_shard(args) -> int:
             depth16 = Image.fromarray((s["depth"] * 65535).astype(np.uint16))  # 16-bit PNG, 1 = near
             yield {"__key__": key, "jpg": s["image"], "txt": s["caption"], "seg.png": Image.fromarray(s["mask"]),
                    "depth.png": depth16, "json": {"label": int(s["label"]), "classname": SYNTH_SHAPES[s["label"]],
-                                                  "year": int(s["year"])}}
+                                                  "year": int(s["year"]), "scene": s["scene"]}}
     return write_shard(path, samples())
 
 
 def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
                     shard_size: int = 5000, workers: int | None = None) -> dict:
     """Generate the built-in synthetic world once (rank 0; the other ranks wait) and return its paths:
-    train    tar shards of {jpg, txt caption, seg.png mask, depth.png, json {label, classname, year}}
+    train    tar shards of {jpg, txt caption, seg.png mask, depth.png, json {label, classname, year, scene}}
+             (scene: every attribute of the picture, also those the caption leaves out)
     val      held-out shards of the same kind (retrieval, dense evaluation)
     val_folder  the held-out images as an ImageFolder named by class (zero-shot)
     classnames  the class names in folder order.
     It is cached under `cache_dir` by its parameters; a finished world is marked by a DONE file."""
-    root = os.path.join(cache_dir, f"synthetic-{n_train}-{n_val}-{size}px-seed{seed}")
+    root = os.path.join(cache_dir, f"synthetic-{SYNTH_VERSION}-{n_train}-{n_val}-{size}px-seed{seed}")
     out = {"root": root, "train": os.path.join(root, "train"), "val": os.path.join(root, "val"),
            "val_folder": os.path.join(root, "val_folder"), "classnames": sorted(SYNTH_SHAPES)}
     done = os.path.join(root, "DONE")

@@ -1,38 +1,54 @@
-"""MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training (arXiv 2311.17049).
+"""MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training (arXiv 2311.17049), and the
+MobileCLIP2 models (arXiv 2508.20691).
 
-What is here now: the plain CLIP baseline the paper compares against and builds on -- ViT image and text
-towers (common.py), the symmetric contrastive loss over the global batch (Radford et al. 2021, the
-paper's L_CLIP), trained from webdataset tar shards with DDP, bf16 autocast and optional torch.compile,
-evaluated zero-shot (ImageFolder) and by image-text retrieval; it loads OpenAI/OpenCLIP weights.
-Not yet here (issues 3 and 4): the MCi/MCt encoders with reparameterisation and the official MobileCLIP
-checkpoints, multi-modal reinforced training (L = (1 - lambda) L_CLIP + lambda L_distill) and DataCompDR.
+What is here: the MobileCLIP model zoo (MCi image encoders, MCt and base text encoders, the ViT-B/16 with
+a conv stem) with reparameterisation and the official checkpoint layouts; the plain CLIP baseline the paper
+builds on (common.py's ViT/text towers, the contrastive loss over the global batch); multi-modal reinforced
+training on DataCompDR shards (stored augmentations replayed exactly, stored teacher-ensemble embeddings,
+synthetic captions) and `reinforce`, which writes such shards from any image-text shards. DDP, bf16
+autocast, optional torch.compile; zero-shot (ImageFolder) and retrieval evaluation. Not here: the CoCa
+captioner (bring captions with --captions; the synthetic world has its own accurate captioner), online KD
+with live teachers, the DataComp 38-task evaluation suite.
 
 Paper -> code:
-  L_CLIP, symmetric InfoNCE over the global batch   -> common.contrastive_loss
-  learned temperature, clamped at 100                -> common.CLIP.logit_scale
-  zero-shot classifier from a prompt ensemble        -> common.zeroshot_classifier
-  image-text retrieval recall@K                      -> common.retrieval_eval
+  L_CLIP, symmetric InfoNCE over the global batch      -> common.contrastive_loss
+  L_Distill, teacher-ensemble KD over the global batch  -> distill_loss (reference: distill_loss_reference)
+  L = (1 - lambda) L_CLIP + lambda L_Distill, GT + syn  -> reinforced_loss (--lambda-kd, --teacher-scales)
+  DataCompDR: stored augmentations, exact replay        -> draw_augmentation, replay_augmentation, DRDecode
+  dataset reinforcement (teachers, captions, augs)      -> reinforce
+  MCi / MCt / reparameterisation                        -> MCi, TextEncoder, reparameterize
+  zero-shot classifier, retrieval                       -> common.zeroshot_classifier, common.retrieval_eval
 
 Commands:
   python mobileclip.py                                  # tiny MCi/MCt CLIP on the synthetic world, CPU
   torchrun --nproc_per_node=8 mobileclip.py --data 'shards/{00000..00999}.tar' --model vit_b16 \\
       --bpe bpe_simple_vocab_16e6.txt.gz --batch-size 256 --steps 100000 --out runs/b16 --compile
-  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 mobileclip.py ...
+  torchrun --nproc_per_node=8 mobileclip.py --data 'datacompdr12m_joined/{00000000..00001023}.tar' \\
+      --reinforced --model mobileclip_s0 --bpe bpe_simple_vocab_16e6.txt.gz --batch-size 256 --steps 30000 \\
+      --lr 1e-3 --weight-decay 0.2 --beta2 0.95 --warmup 1000 --teacher-scales 100,100 --lambda-kd 1
+  torchrun --nproc_per_node=8 mobileclip.py reinforce --data shards/ --teachers a.pt,b.pt \\
+      --bpe bpe_simple_vocab_16e6.txt.gz --captions captions.jsonl --num-augs 10 --out shards_dr/
   python mobileclip.py --eval-only --resume runs/b16/ckpt-100000.pt --zeroshot-data imagenet/val \\
       --classnames imagenet_classes.txt --bpe bpe_simple_vocab_16e6.txt.gz
-  python mobileclip.py --init ViT-B-32.pt --bpe bpe_simple_vocab_16e6.txt.gz --model vit_b32 ...  # fine-tune
 
-Result (the no-argument run): see README.md, "Results", for the zero-shot top-1 it reaches and the machine.
+Result (the no-argument run, and reinforced against plain training): README.md, "Results".
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
+import hashlib
+import io
+import json
 import math
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,6 +100,17 @@ class Config:
     synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images (zero-shot and retrieval)
     max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
+    # multi-modal reinforced training (DataCompDR shards) and `reinforce` (making them)
+    reinforced: bool = False  # --data is DataCompDR-layout: replay stored augmentations, distil stored teachers
+    lambda_kd: float = 1.0  # L = (1 - lambda) L_CLIP + lambda L_Distill per caption (1: DataCompDR-12M recipe)
+    teacher_scales: str = "100,100"  # logit scale 1/tau_k of each teacher (v1: 100,100; MobileCLIP2: 70,60)
+    syn_key: str = "^syn_text.*$"  # regex of the syn.json keys synthetic captions are drawn from
+    teachers: str = ""  # reinforce: teacher CLIP checkpoints, comma-separated (this repo's or OpenCLIP)
+    num_augs: int = 10  # reinforce: stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
+    captions: str = ""  # reinforce: JSON lines {"key", "captions"}; default: the synthetic world's captioner
+    num_captions: int = 5  # reinforce: synthetic captions per image from the world's captioner
+    aug_size: int = 0  # reinforce: crop size RandAugment translations are drawn for (published: 224; 0 = --model's)
+    aug_min_scale: float = 0.08  # reinforce: RandomResizedCrop minimum area fraction (torchvision: 0.08)
 
 
 # Named sizes. vit_b32/b16/l14 are the OpenAI CLIP shapes (text context 77); the BPE vocabulary sets
@@ -765,7 +792,13 @@ def resolve_data(cfg: Config) -> tuple[str, str, str]:
             C.expand_shards(cfg.data)
         except FileNotFoundError as e:
             C.fail(str(e))
+        defaults = os.path.join(cfg.data, "eval.json")  # written by `reinforce` of the synthetic world
+        if os.path.isfile(defaults):
+            d = json.load(open(defaults))
+            zs, ret = zs or d["zeroshot_data"], ret or d["retrieval_data"]
         return cfg.data, zs, ret
+    if cfg.reinforced:
+        C.fail("--reinforced needs --data: DataCompDR shards, or those `python mobileclip.py reinforce` wrote")
     size = model_spec(cfg.model)["image_size"]
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, size, seed=0)
@@ -839,6 +872,268 @@ def load_init(model: C.CLIP, cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Multi-modal reinforced training (paper Sec. 3; spec 3.1 and 4), paper -> code:
+#   stored augmentation, exact replay (spec 4.5)        -> draw_augmentation, replay_augmentation
+#   DataCompDR sample -> student inputs (spec 4.4)      -> DRDecode
+#   L_Distill, teacher-ensemble KD over the global batch -> distill_loss (fused), distill_loss_reference
+#   L = (1 - lambda) L_CLIP + lambda L_Distill, GT + syn -> reinforced_loss
+#   offline reinforcement (teachers, captioner)         -> reinforce, caption_scene, load_teacher
+# ----------------------------------------------------------------------------------------------------
+
+
+def draw_augmentation(rng, width: int, height: int, size: int, min_scale: float) -> list:
+    """One stored augmentation in DataCompDR's compressed form [[i, j, h, w], [[op, m], [op, m]]]: a
+    RandomResizedCrop box in original-image pixels (top, left, height, width) and two RandAugment ops at
+    magnitude 9 of 31, translations in pixels of a `size` crop (224 for the published data)."""
+    left, top, right, bottom = C.random_resized_crop_box(width, height, rng, (min_scale, 1.0))
+    return [[top, left, bottom - top, right - left], C.rand_augment_params(rng, size)]
+
+
+def replay_augmentation(img: Image.Image, param: list, size: int, resample=Image.BICUBIC) -> torch.Tensor:
+    """Replay a stored augmentation on the original image -> uint8 (3, size, size): crop the box, resize it
+    to `size` (the student's, or a teacher's), apply the RandAugment ops. The same image and parameters give
+    bit-identical pixels, so the student sees exactly the view the teachers embedded."""
+    box, ops = param[-2], param[-1]  # a leading MixUp/CutMix pair id, if any, is not used
+    i, j, h, w = (int(v) for v in box)
+    img = img.crop((j, i, j + w, i + h)).resize((size, size), resample)
+    if ops:  # null = RandAugment skipped
+        img = C.apply_rand_augment(img, ops)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def read_embeddings(sample: dict) -> dict:
+    """The teachers' embeddings of a sample: `npz` (float32) or `pth.gz` (bf16 torch.save) -> float32 arrays."""
+    if "npz" in sample:
+        with np.load(io.BytesIO(sample["npz"])) as z:
+            return {k: z[k].astype(np.float32) for k in z.files}
+    if "pth.gz" in sample:
+        d = torch.load(io.BytesIO(gzip.decompress(sample["pth.gz"])), map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in d.items()}
+    raise KeyError("no npz or pth.gz embeddings")
+
+
+class DRDecode:
+    """A joined DataCompDR sample (image, txt, syn.json, paug.json, npz | pth.gz) -> the student's inputs
+    (spec 4.4): one stored augmentation replayed (chosen by the per-sample, per-epoch RNG), the GT caption,
+    one synthetic caption, and the teachers' embeddings of that augmentation and of both captions.
+    Anything missing or malformed raises, and ShardStream skips and counts the sample."""
+
+    def __init__(self, tokenizer, size: int, ctx: int, seed: int, resample, syn_key: str, teachers: int):
+        self.tokenizer, self.size, self.ctx, self.seed, self.resample = tokenizer, size, ctx, seed, resample
+        self.syn_key, self.teachers = re.compile(syn_key), teachers
+
+    def __call__(self, sample: dict) -> dict:
+        rng = C.sample_rng(self.seed, sample)
+        gt = C.decode_caption(sample)
+        syn = json.loads(sample["syn.json"])
+        paug = json.loads(sample["paug.json"])["param_aug"]
+        paug = json.loads(paug) if isinstance(paug, str) else paug  # the HF viewer form is a JSON string
+        emb = read_embeddings(sample)
+        meta = json.loads(sample.get("json", b"{}"))
+        if meta.get("teachers", self.teachers) != self.teachers:
+            raise ValueError(f"sample has {meta['teachers']} teachers, --teacher-scales gives {self.teachers}")
+        a = rng.randrange(len(paug))
+        key = rng.choice(sorted(k for k in syn if self.syn_key.match(k) and syn[k]))
+        c = rng.randrange(len(syn[key]))
+        text_emb = emb["text_emb"]
+        # v1 layout: text_emb = [GT, syn_0..syn_4]; RayGen layout: a separate `<key>_emb` per caption key
+        syn_emb = text_emb[1 + c] if len(text_emb) > 1 else emb[f"{key}_emb"][c]
+        ids = self.tokenizer([gt, syn[key][c]], self.ctx)  # (2, L)
+        return {"image": replay_augmentation(C.decode_image(sample), paug[a], self.size, self.resample),
+                "ids": ids[0], "syn_ids": ids[1], "img_emb": torch.from_numpy(emb["image_emb"][a]),
+                "txt_emb": torch.from_numpy(text_emb[0]), "syn_emb": torch.from_numpy(syn_emb)}
+
+
+def distill_loss(img, txt, t_img, t_txt, logit_scale, teacher_scales) -> torch.Tensor:
+    """L_Distill (spec 3.1), distributed like common.contrastive_loss: this rank's B rows against the W*B
+    gathered columns. Teacher k's target is the softmax of its own similarities over the global batch,
+    P_k = softmax(s_k A_k B_k^T), averaged over teachers after the softmax; the loss is the cross-entropy of
+    the student's log-softmax against it, in both directions (= mean_k KL(P_k || Q) + const).
+    img, txt: (B, E) normalised student embeddings; t_img, t_txt: (B, K*D), K teachers' normalised D-dim
+    embeddings side by side; logit_scale: the student's scale; teacher_scales: K floats 1/tau_k."""
+    all_img, all_txt = C.all_gather_with_grad(img).float(), C.all_gather_with_grad(txt).float()  # (W*B, E)
+    log_q_i2t = (logit_scale.float() * img.float() @ all_txt.T).log_softmax(dim=1)  # (B, W*B)
+    log_q_t2i = (logit_scale.float() * txt.float() @ all_img.T).log_softmax(dim=1)  # (B, W*B)
+    with torch.no_grad():  # teachers: fixed targets, fp32
+        K = len(teacher_scales)
+        a, b = t_img.float().unflatten(1, (K, -1)), t_txt.float().unflatten(1, (K, -1))  # (B, K, D)
+        all_a, all_b = C.all_gather_with_grad(a), C.all_gather_with_grad(b)  # (W*B, K, D)
+        p_i2t = sum((s * a[:, k] @ all_b[:, k].T).softmax(dim=1) for k, s in enumerate(teacher_scales)) / K
+        p_t2i = sum((s * b[:, k] @ all_a[:, k].T).softmax(dim=1) for k, s in enumerate(teacher_scales)) / K
+    return -((p_i2t * log_q_i2t).sum(dim=1).mean() + (p_t2i * log_q_t2i).sum(dim=1).mean()) / 2
+
+
+def distill_loss_reference(img, txt, t_img, t_txt, logit_scale, teacher_scales) -> torch.Tensor:
+    """The readable version on one process and the whole batch: full similarity matrices, explicit softmax
+    and log, one KL-style cross-entropy per teacher and direction (rows: image -> text; columns: text -> image)."""
+    K, D = len(teacher_scales), t_img.shape[1] // len(teacher_scales)
+    student = logit_scale.float() * img.float() @ txt.float().T  # (N, N), row i = image i
+    loss = 0.0
+    for k, s in enumerate(teacher_scales):
+        teacher = s * t_img[:, k * D:(k + 1) * D].float() @ t_txt[:, k * D:(k + 1) * D].float().T  # (N, N)
+        for dim in (1, 0):  # image -> text over rows, text -> image over columns
+            p = torch.exp(teacher) / torch.exp(teacher).sum(dim=dim, keepdim=True)
+            log_q = student - torch.logsumexp(student, dim=dim, keepdim=True)
+            loss = loss - (p * log_q).sum(dim=dim).mean() / (2 * K)
+    return loss
+
+
+def reinforced_loss(img, txt, syn, batch, logit_scale, lambda_: float, teacher_scales) -> torch.Tensor:
+    """The MobileCLIP loss (spec 3.1): for the ground-truth and the synthetic caption,
+    (1 - lambda) L_CLIP + lambda L_Distill, summed over the two pairs. lambda = 1 (the DataCompDR-12M
+    recipe) leaves the ground-truth pairing out of the loss: all signal comes from the teachers."""
+    t_img = batch["img_emb"]
+    loss = 0.0
+    for t, t_txt in ((txt, batch["txt_emb"]), (syn, batch["syn_emb"])):
+        if lambda_ < 1:
+            loss = loss + (1 - lambda_) * C.contrastive_loss(img, t, logit_scale)
+        if lambda_ > 0:
+            loss = loss + lambda_ * distill_loss(img, t, t_img, t_txt, logit_scale, teacher_scales)
+    return loss
+
+
+# ---- making reinforced data: python mobileclip.py reinforce ----------------------------------------------
+
+
+def caption_scene(scene: dict, rng) -> str:
+    """The synthetic world's accurate captioner (the stand-in for the paper's CoCa): every attribute of the
+    picture (from the sample's json "scene"), in one of a few phrasings, where the alt-text keeps only some."""
+    style = "outlined " if scene["outlined"] else ""
+    if scene["count"] == 1:
+        obj = f"a {scene['size']} {scene['colour']} {style}{scene['shape']} {scene['position']}"
+    else:
+        obj = f"{('two', 'three')[scene['count'] - 2]} {scene['colour']} {style}{scene['shape']}s"
+    bg = f"a {scene['texture']} {scene['background']} background"
+    extra = "".join(f" and a small {c} {s}" for c, s in scene["distractors"])
+    return rng.choice(("{o}{e} on {b}", "a photo of {o}{e} on {b}", "an image showing {o}{e}, on {b}",
+                       "{b} with {o}{e}")).format(o=obj, e=extra, b=bg)
+
+
+def load_teacher(path: str, bpe: str, device):
+    """A teacher: this repo's checkpoint (its tokenizer is the bpe.txt beside it, or --bpe) or an
+    OpenAI/OpenCLIP state dict (--bpe, the CLIP merges). Returns (model, tokenizer, spec), in eval mode."""
+    if not os.path.isfile(path):
+        C.fail(f"teacher checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    beside = os.path.join(os.path.dirname(path), "bpe.txt")
+    merges = beside if isinstance(ckpt, dict) and "model_name" in ckpt and os.path.isfile(beside) else bpe
+    if not merges:
+        C.fail(f"teacher {path}: no tokenizer (no bpe.txt beside it); give --bpe")
+    tok = C.Tokenizer(merges)
+    if isinstance(ckpt, dict) and "model_name" in ckpt:  # a checkpoint of this script
+        cfg = Config(model=ckpt["model_name"], act=ckpt.get("config", {}).get("act", "gelu"))
+        model, spec = build_model(cfg, ckpt["vocab_size"]), model_spec(cfg.model)
+        C.load_state_dict_checked(model, ckpt["model"], f"teacher {path}")
+        if cfg.model in MOBILECLIP_MODELS:  # a teacher only infers: fold the train-time branches
+            model = reparameterize(model)
+    else:
+        model = C.clip_from_openclip(C.unwrap_state_dict(ckpt))
+        spec = dict(image_size=model.visual.image_size, context_length=model.text.context_length,
+                    mean=C.CLIP_MEAN, std=C.CLIP_STD, interpolation="bicubic")
+    return model.to(device).eval(), tok, spec
+
+
+def embed_views(teachers, views: list, texts: list, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every teacher's normalised embeddings, side by side: views = [(image, param)] -> (len(views), K*D),
+    texts -> (len(texts), K*D). Each teacher sees the views replayed at its own input size."""
+    img_out, txt_out = [], []
+    for model, tok, spec in teachers:
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            zi = []
+            for i in range(0, len(views), batch):
+                x = torch.stack([replay_augmentation(im, p, spec["image_size"], RESAMPLE[spec["interpolation"]])
+                                 for im, p in views[i:i + batch]]).to(device)
+                zi.append(model.encode_image(preprocess(x, spec), normalize=True).float())
+            zt = [model.encode_text(tok(texts[i:i + batch], spec["context_length"]).to(device), True).float()
+                  for i in range(0, len(texts), batch)]
+        img_out.append(torch.cat(zi))
+        txt_out.append(torch.cat(zt))
+    return torch.cat(img_out, dim=1).cpu(), torch.cat(txt_out, dim=1).cpu()
+
+
+def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: dict):
+    """Yield the DataCompDR-layout samples of one input shard (spec 4.3): the original members (the joined
+    form, so training reads them directly), syn.json, paug.json, npz {image_emb (A, K*D), text_emb (1+S, K*D):
+    GT first, then the synthetic captions}, and json with the teacher count and the image's sha256."""
+    def flush(chunk):
+        views = [(img, p) for img, params, *_ in chunk for p in params]
+        texts = [t for _, _, gt, syn, _ in chunk for t in [gt, *syn]]
+        zi, zt = embed_views(teachers, views, texts, cfg.batch_size)
+        for img, params, gt, syn, s in chunk:
+            n_img, n_txt = len(params), 1 + len(syn)
+            buf = io.BytesIO()
+            np.savez(buf, image_emb=zi[:n_img].numpy(), text_emb=zt[:n_txt].numpy())
+            zi, zt = zi[n_img:], zt[n_txt:]
+            meta = json.loads(s.get("json", b"{}"))
+            image_bytes = next(s[k] for k in C.IMAGE_EXTS if k in s)
+            meta.update(teachers=len(teachers), sha256=hashlib.sha256(image_bytes).hexdigest())
+            yield {**s, "syn.json": {"syn_text": syn}, "paug.json": {"param_aug": params}, "npz": buf.getvalue(),
+                   "json": meta}
+
+    chunk = []
+    for s in C.iter_tar_samples(path, skipped):
+        try:
+            img, gt = C.decode_image(s), C.decode_caption(s)
+            rng = C.sample_rng(cfg.seed, s)
+            if captions:
+                syn = captions[s["__key__"].rsplit("/", 1)[-1]]
+            else:  # the synthetic world's accurate captioner, from the ground-truth scene
+                scene = json.loads(s["json"])["scene"]
+                syn = [caption_scene(scene, rng) for _ in range(cfg.num_captions)]
+        except Exception as e:
+            skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
+            continue
+        size = cfg.aug_size or model_spec(cfg.model)["image_size"]
+        params = [draw_augmentation(rng, *img.size, size, cfg.aug_min_scale) for _ in range(cfg.num_augs)]
+        chunk.append((img, params, gt, syn, {k: v for k, v in s.items() if k not in ("npz", "pth.gz")}))
+        if len(chunk) >= cfg.batch_size:
+            yield from flush(chunk)
+            chunk = []
+    if chunk:
+        yield from flush(chunk)
+
+
+@torch.no_grad()
+def reinforce(cfg: Config):
+    """python mobileclip.py reinforce: write DataCompDR-layout shards for --data with the teacher ensemble
+    --teachers, --num-augs stored augmentations per image and synthetic captions from --captions (JSON lines
+    {"key", "captions"}) or, in the synthetic world, its accurate captioner. Input shards are split over the
+    ranks; a finished output shard is never redone, so an interrupted run resumes by running it again."""
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if not cfg.teachers:
+        C.fail("reinforce needs --teachers a.pt[,b.pt...]: CLIP checkpoints (this repo's or OpenCLIP)")
+    data, zs, ret = resolve_data(cfg)
+    shards = C.expand_shards(data)
+    if not cfg.data and rank == 0:  # the synthetic world: training on the output evaluates on its held-out set
+        os.makedirs(cfg.out, exist_ok=True)
+        json.dump({"zeroshot_data": zs, "retrieval_data": ret}, open(os.path.join(cfg.out, "eval.json"), "w"))
+    teachers = [load_teacher(p, cfg.bpe, device) for p in cfg.teachers.split(",")]
+    scales = ",".join(f"{m.logit_scale.exp().clamp(max=100).item():.1f}" for m, _, _ in teachers)
+    C.print0(f"teachers: {len(teachers)}; their learned logit scales: {scales} (--teacher-scales to train with)")
+    captions = {}
+    if cfg.captions:
+        for line in C.read_lines(cfg.captions):
+            d = json.loads(line)
+            captions[str(d["key"])] = list(d["captions"])
+    root = os.path.commonpath([os.path.dirname(p) for p in shards])
+    done = skipped_total = 0
+    for path in C.progress(shards[rank::world], f"reinforce (rank {rank})"):
+        out = os.path.join(cfg.out, os.path.relpath(path, root))
+        if os.path.exists(out):
+            continue
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        skipped = {}
+        done += C.write_shard(out, reinforce_shard(path, teachers, captions, cfg, skipped))
+        skipped_total += sum(skipped.values())
+        if skipped:
+            print(f"{path}: skipped {skipped}", flush=True)
+    print(f"rank {rank}: wrote {done} samples ({skipped_total} skipped) to {cfg.out}", flush=True)
+    C.barrier()
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
 
@@ -876,6 +1171,9 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reinforce"]:
+        return reinforce(C.parse_config(Config, argv[1:]))
     cfg = C.parse_config(Config, argv)
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     spec = model_spec(cfg.model)
@@ -914,8 +1212,13 @@ def main(argv=None):
         return C.cleanup_distributed()
 
     # ---- data -----------------------------------------------------------------------------------
-    decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
-                               resample=RESAMPLE[spec["interpolation"]])
+    if cfg.reinforced:  # one stored augmentation replayed, GT + synthetic caption, teacher embeddings
+        scales = [float(s) for s in cfg.teacher_scales.split(",")]
+        decode = DRDecode(tokenizer, spec["image_size"], spec["context_length"], cfg.seed,
+                          RESAMPLE[spec["interpolation"]], cfg.syn_key, len(scales))
+    else:
+        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
+                                   resample=RESAMPLE[spec["interpolation"]])
     stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
                            cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
@@ -959,16 +1262,23 @@ def main(argv=None):
         position.update(batch)
         images = preprocess(batch["image"].to(device, non_blocking=True), spec)  # (B, 3, S, S) float
         ids = batch["ids"].to(device, non_blocking=True)  # (B, L)
+        if cfg.reinforced:  # GT and synthetic captions in one text forward (2B, L), as the official code
+            ids = torch.cat([ids, batch["syn_ids"].to(device, non_blocking=True)])
+            teach = {k: batch[k].to(device, non_blocking=True) for k in ("img_emb", "txt_emb", "syn_emb")}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             img, txt, scale = train_model(images, ids)
-            loss = C.contrastive_loss(img, txt, scale)
+            if cfg.reinforced:
+                gt, syn = txt.chunk(2)  # (B, E) each
+                loss = reinforced_loss(img, gt, syn, teach, scale, cfg.lambda_kd, scales)
+            else:
+                loss = C.contrastive_loss(img, txt, scale)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
         nonfinite |= ~torch.isfinite(loss.detach())
-        seen += len(ids)
+        seen += len(images)
 
         # ---- log (the only host sync) ---------------------------------------------------------------
         if (step + 1) % cfg.log_every == 0:
