@@ -108,6 +108,7 @@ class Config:
     parent_model: str = ""  # compare: the parent's MODELS name (default: parent / gpt_parent)
     parent_steps: int = 600  # compare: steps of parent training
     parent_lr: float = 0.0  # compare: the parent's peak LR; 0 = --lr, else Table 1 for random init
+    random_lr: float = 0.0  # compare: also train the random init at this LR (a tuned baseline); 0 = skip
     cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
     synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images
@@ -539,7 +540,10 @@ def clone(cfg: Config):
         dkind, spec = model_spec(cfg.model)
         if dkind != kind:
             C.fail(f"--model {cfg.model} is a {dkind}, the parent a {kind}")
-        spec = {**spec, **{k: v for k, v in arch.items() if k not in spec}}
+        other = [k for k in ("image_size", "patch", "embed_dim", "context_length") if k in spec and spec[k] != arch[k]]
+        if other:
+            C.fail(f"--model {cfg.model} differs from the parent in {other[0]} ({spec[other[0]]} vs "
+                   f"{arch[other[0]]}): subcloning changes only widths and depths")
         named = dict(width=spec["width"], depth=spec["layers"], heads=spec["heads"])
         if kind == "clip":
             named.update(text_width=spec["text_width"], text_depth=spec["text_layers"])
@@ -750,19 +754,29 @@ def compare(cfg: Config):
         train(parent)
     small = clone(dataclasses.replace(cfg, init=os.path.join(parent.out, f"ckpt-{parent.steps}.pt"), model=child,
                                       out=os.path.join(cfg.out, "subclone.pt")))
-    train(run("subcloned", init=small, model=child))
-    train(run("random", init="", model=child, bpe=os.path.join(parent.out, "bpe.txt")))
-    sub, rnd = read_log(os.path.join(cfg.out, "subcloned")), read_log(os.path.join(cfg.out, "random"))
-    metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"] if clip else ["val_ppl"])
-    C.print0("step | " + " | ".join(f"{m} subcloned / random" for m in metrics))
-    for r in (r for r in sub if metrics[0] in r):
-        other = next((o for o in rnd if o["step"] == r["step"] and metrics[0] in o), {})
-        C.print0(f"{r['step']} | " + " | ".join(f"{r[m]:.2f} / {other.get(m, float('nan')):.2f}" for m in metrics))
-    result = [speedup(sub, rnd, m, higher=clip) for m in metrics]
+    bpe = os.path.join(parent.out, "bpe.txt")  # every destination reads text the parent's way
+    stages = {"subcloned": run("subcloned", init=small, model=child),
+              "random": run("random", init="", model=child, bpe=bpe)}
+    if cfg.random_lr:  # a baseline with a tuned LR, not Table 1's: is the gap the init or the LR?
+        stages[f"random_lr{cfg.random_lr:g}"] = run(f"random_lr{cfg.random_lr:g}", init="", model=child, bpe=bpe,
+                                                     lr=cfg.random_lr)
+    for stage in stages.values():
+        if not os.path.exists(os.path.join(stage.out, f"ckpt-{stage.steps}.pt")):  # done in an earlier call
+            train(stage)
+    logs = {name: read_log(st.out) for name, st in stages.items()}
+    metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r10", "retrieval_t2i_r10"]
+               if clip else ["val_ppl"])
+    names = list(logs)
+    C.print0("step | " + " | ".join(f"{m}: {' / '.join(names)}" for m in metrics))
+    for step in [r["step"] for r in logs["subcloned"] if metrics[0] in r]:
+        row = {n: next((r for r in logs[n] if r["step"] == step and metrics[0] in r), {}) for n in names}
+        C.print0(f"{step} | " + " | ".join(" / ".join(f"{row[n].get(m, float('nan')):.2f}" for n in names)
+                                           for m in metrics))
+    result = [dict(speedup(logs["subcloned"], logs[n], m, higher=clip), baseline=n) for n in names[1:] for m in metrics]
     for s in result:
         x = "not reached" if s["speedup"] is None else f"{s['speedup']:.1f}x fewer steps"
-        C.print0(f"{s['metric']}: random init reaches {s['target']:.2f} at step {s['random_steps']}; subcloned at "
-                 f"step {s['subcloned_steps']} ({x})")
+        C.print0(f"{s['metric']}: {s['baseline']} reaches {s['target']:.2f} at step {s['random_steps']}; "
+                 f"subcloned at step {s['subcloned_steps']} ({x})")
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
