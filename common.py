@@ -102,9 +102,8 @@ def get_rank() -> int:
 
 
 def get_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    initialized = dist.is_available() and dist.is_initialized()
+    return dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def print0(*args, **kwargs):
@@ -735,8 +734,7 @@ def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0)
         if 0 < cw <= w and 0 < ch <= h:
             left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
             return left, top, left + cw, top + ch
-    s = min(w, h)
-    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+    return center_crop_box(w, h)
 
 
 def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
@@ -777,10 +775,9 @@ def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitu
         if name in _RA_SIGNED_MAX:
             m = _RA_SIGNED_MAX[name] * frac * (size if name.startswith("Translate") else 1)
             m = -m if rng.random() < 0.5 else m
-        elif name == "Posterize":  # bits kept: 8 at magnitude 0, 4 at the top bin
-            m = float(8 - round(magnitude / ((bins - 1) / 4)))
-        else:  # Solarize threshold falls from 255; the other ops have no magnitude
-            m = 255.0 * (1 - frac) if name == "Solarize" else 0.0
+        else:  # Posterize: bits kept, 8 at magnitude 0 and 4 at the top; Solarize: threshold falls from 255
+            m = {"Posterize": float(8 - round(magnitude / ((bins - 1) / 4))),
+                 "Solarize": 255.0 * (1 - frac)}.get(name, 0.0)
         ops.append([k, m])
     return ops
 
@@ -800,12 +797,8 @@ def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
             img = img.rotate(m, Image.NEAREST, fillcolor=(0, 0, 0))
         elif name in ("Brightness", "Color", "Contrast", "Sharpness"):
             img = getattr(ImageEnhance, name)(img).enhance(1.0 + m)
-        elif name == "Posterize":
-            img = ImageOps.posterize(img, int(m))
-        elif name == "Solarize":
-            img = ImageOps.solarize(img, m)
-        elif name in ("AutoContrast", "Equalize"):
-            img = getattr(ImageOps, name.lower())(img)
+        elif name != "Identity":  # Posterize (bits), Solarize (threshold), AutoContrast, Equalize
+            img = getattr(ImageOps, name.lower())(img, *{"Posterize": [int(m)], "Solarize": [m]}.get(name, []))
     return img
 
 

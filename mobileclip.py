@@ -789,10 +789,10 @@ def resolve_data(cfg: Config) -> tuple[str, str, str]:
     zs, ret = cfg.zeroshot_data, cfg.retrieval_data
     if cfg.data:
         try:
-            C.expand_shards(cfg.data)
+            first = C.expand_shards(cfg.data)[0]
         except FileNotFoundError as e:
             C.fail(str(e))
-        defaults = os.path.join(cfg.data, "eval.json")  # written by `reinforce` of the synthetic world
+        defaults = os.path.join(os.path.dirname(first), "eval.json")  # `reinforce` of the synthetic world
         if os.path.isfile(defaults):
             d = json.load(open(defaults))
             zs, ret = zs or d["zeroshot_data"], ret or d["retrieval_data"]
