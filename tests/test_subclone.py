@@ -250,3 +250,9 @@ def test_train_resumes_exactly(world, tmp_path, tiny_shapes):
         torch.testing.assert_close(wa["model"][k], wb["model"][k], rtol=0, atol=1e-6)
     w6 = torch.load(os.path.join(a, "ckpt-6.pt"), weights_only=True)
     assert not torch.equal(w6["model"]["head.weight"], wa["model"]["head.weight"])
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        S.main(["clone", "--help"])
+    assert e.value.code == 0 and "--calib-samples" in capsys.readouterr().out
