@@ -306,6 +306,8 @@ def subclone_block(p: dict, res, heads, ffn, head_dim: int, scale: bool = True) 
     D = p["attn.qkv.weight"].shape[1]  # the parent's attention inner width = residual width
     in_heads = torch.cat([h * head_dim + torch.arange(head_dim) for h in heads.tolist()])  # (h' Dh,)
     qkv_rows = torch.cat([j * D + in_heads for j in range(3)])  # (3 h' Dh,)
+    # q and k are both scaled by sqrt(D / d'), so the logits q.k / sqrt(Dh) are (D / d') x those of the plain
+    # slice; under the i.i.d. reading of Sec. 4.1 that restores the parent's logit scale (the paper is silent).
     out = {"norm1.weight": p["norm1.weight"][res], "norm1.bias": p["norm1.bias"][res],
            "attn.qkv.weight": take(p["attn.qkv.weight"], qkv_rows, res, scale),
            "attn.qkv.bias": p["attn.qkv.bias"][qkv_rows],
@@ -331,7 +333,7 @@ def subclone_tower(sd: dict, idx: dict, head_dim: int, scale: bool = True) -> di
             continue
         if k == "patch_embed.weight":  # (D, 3, p, p): output channels only; fan-in 3 p p is unchanged
             out[k] = v[res].clone()
-        elif k in ("cls_token",) or k.startswith(("norm", "norm_pre")):  # (D,) vectors: never scaled
+        elif k == "cls_token" or k.startswith("norm"):  # (D,) vectors (norm, norm_pre): never scaled
             out[k] = v[res].clone()
         elif k in ("pos_embed", "token_embed.weight"):  # (N or V, D) lookup tables: columns, no scaling
             out[k] = v[:, res].clone()
@@ -448,8 +450,8 @@ def load_model(path: str, act: str = "gelu") -> tuple[nn.Module, str, dict, list
             shape = C.openclip_config(ck)
         except (ValueError, KeyError) as e:
             C.fail(f"{path}: {e}")
-        kind, arch, merges = "clip", dict(shape, act=act), None
-        sd = {k: v.float() for k, v in C.openclip_to_ours(ck).items()}
+        # heads = width / 64 (80, 88, 104 for H, g, bigG): the file does not store them
+        return C.clip_from_openclip(ck, act=act), "clip", dict(shape, act=act), None
     model = build(kind, arch)
     C.load_state_dict_checked(model, sd, f"--init {path}")
     return model, kind, arch, merges
