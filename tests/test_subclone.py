@@ -256,3 +256,39 @@ def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as e:
         S.main(["clone", "--help"])
     assert e.value.code == 0 and "--calib-samples" in capsys.readouterr().out
+
+
+def test_mobileclip_checkpoint_is_a_parent(world, tmp_path):
+    """A mobileclip.py training checkpoint (ViT `tiny`) with its run's bpe.txt beside it subclones."""
+    bpe, vocab = tiny_bpe(tmp_path)  # written to tmp_path/bpe.txt, where mobileclip.py keeps it
+    big = C.build_clip(**mobileclip.MODELS["tiny"], vocab_size=vocab)
+    torch.save({"model": big.state_dict(), "model_name": "tiny", "vocab_size": vocab, "step": 5,
+                "config": {"act": "gelu"}}, tmp_path / "ckpt-5.pt")
+    small = str(tmp_path / "small.pt")
+    S.main(["clone", "--init", str(tmp_path / "ckpt-5.pt"), "--data", world["train"], "--width", "64",
+            "--text-width", "64", "--text-depth", "2", "--calib-samples", "32", "--out", small, "--device", "cpu"])
+    model, kind, arch, merges = S.load_model(small)
+    assert (arch["heads"], arch["text_heads"], arch["text_layers"], arch["layers"]) == (2, 1, 2, 4)
+    assert merges == [list(m) for m in C.Tokenizer(bpe).merges]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = str(tmp_path / "r")
+    proc = subprocess.Popen([sys.executable, "subclone.py", "train", "--model", "gpt_tiny", "--steps", "100000",
+                             "--log-every", "1", "--eval-every", "0"] + small_run(world, out)[2:],
+                            cwd=os.path.dirname(os.path.abspath(S.__file__)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(os.path.join(out, "log.jsonl"))
+                                          and len(S.read_log(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    step = S.read_log(out)[-1]["step"]
+    ckpts = [f for f in os.listdir(out) if f.startswith("ckpt-")]
+    assert len(ckpts) == 1 and int(ckpts[0][5:-3]) >= step, (ckpts, step)
