@@ -1154,23 +1154,23 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: Optional[int] 
     style = ("outlined ", "hollow ")[int(rng.integers(2))] if outlined else ""
     keep = rng.random(4) >= np.array(_DROP)  # size, colour, position, background
     col_w = colour + " " if keep[1] else ""
+    cx, cy = np.clip((placed[0][0] / size * 3).astype(int), 0, 2)
+    where = _POSITIONS[cy][cx] if count == 1 else ""  # several copies: a count word, no single position
     if count == 1:
         obj = (size_w + " " if keep[0] else "") + col_w + style + shape
         obj = ("an " if obj[0] in "aeiou" else "a ") + obj
-        cx, cy = np.clip((placed[0][0] / size * 3).astype(int), 0, 2)
-        pos = " " + _POSITIONS[cy][cx] if keep[2] else ""
-    else:  # several copies: a count word, no single position
+    else:
         plural = shape + ("es" if shape.endswith("ss") else "s")
-        obj, pos = f"{('two', 'three')[count - 2]} {col_w}{style}{plural}", ""
+        obj = f"{('two', 'three')[count - 2]} {col_w}{style}{plural}"
+    pos = " " + where if where and keep[2] else ""
     usable = [t for y, t in _TEMPLATES if y <= year]
     caption = usable[int(rng.integers(len(usable)))].format(
         obj=obj, pos=pos, extra=extra, be=("is", "are")[count > 1], icon=("icon", "as icons")[count > 1],
         bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
     caption += "." if rng.random() < 0.5 else ""
     # every attribute, dropped or not: ground truth for an accurate captioner (MobileCLIP's synthetic captions)
-    cx, cy = np.clip((placed[0][0] / size * 3).astype(int), 0, 2)
     scene = {"shape": shape, "count": count, "size": size_w, "colour": colour, "outlined": outlined,
-             "position": _POSITIONS[cy][cx] if count == 1 else "", "texture": texture, "background": bg_colour,
+             "position": where, "texture": texture, "background": bg_colour,
              "distractors": [[col, SYNTH_SHAPES[k]] for k, col, *_ in objects[:n_distract]]}
     return {"image": image, "caption": caption, "label": label, "mask": mask, "scene": scene,
             "depth": np.clip(depth, 0, 1).astype(np.float32), "year": year}
