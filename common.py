@@ -226,6 +226,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def run_blocks(blocks, x, checkpointing: bool, causal: bool = False):
+    """x through the blocks; with `checkpointing` each block's activations are recomputed in backward."""
+    for blk in blocks:
+        x = torch.utils.checkpoint.checkpoint(blk, x, None, causal, use_reentrant=False) if checkpointing \
+            else blk(x, None, causal)
+    return x
+
+
 class ViT(nn.Module):
     """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions,
     ln_pre, blocks, ln_post on the class token, linear projection to the joint embedding."""
@@ -248,13 +256,7 @@ class ViT(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, D)
-        x = self.norm_pre(x)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing and self.training))
 
     def forward(self, x):
         return self.forward_tokens(x)[:, 0] @ self.proj  # (B, E)
@@ -279,12 +281,7 @@ class TextTransformer(nn.Module):
     def forward(self, ids):
         N = ids.shape[1]
         x = self.token_embed(ids) + self.pos_embed[:N]  # (B, N, D)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, None, self.causal, use_reentrant=False)
-            else:
-                x = blk(x, causal=self.causal)
-        x = self.norm(x)
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=self.causal))
         return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.proj  # (B, E)
 
 
@@ -297,12 +294,10 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     def encode_image(self, images, normalize: bool = False):
-        z = self.visual(images)
-        return F.normalize(z, dim=-1) if normalize else z
+        return F.normalize(self.visual(images), dim=-1) if normalize else self.visual(images)
 
     def encode_text(self, ids, normalize: bool = False):
-        z = self.text(ids)
-        return F.normalize(z, dim=-1) if normalize else z
+        return F.normalize(self.text(ids), dim=-1) if normalize else self.text(ids)
 
     def forward(self, images, ids):
         """Normalised image and text embeddings (B, E) each, and the clamped scale exp(logit_scale) <= 100."""
@@ -937,20 +932,18 @@ def write_shard(path: str, samples) -> int:
 
 
 def encode_member(suffix: str, value) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8")
+    """bytes as they are, str as UTF-8, a PIL image in the format its suffix names, an array as .npy, else JSON."""
+    if isinstance(value, (bytes, str)):
+        return value.encode("utf-8") if isinstance(value, str) else value
+    buf = io.BytesIO()
     if isinstance(value, Image.Image):
-        buf = io.BytesIO()
         fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[suffix.rsplit(".", 1)[-1]]
         value.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        return buf.getvalue()
-    if isinstance(value, np.ndarray):
-        buf = io.BytesIO()
+    elif isinstance(value, np.ndarray):
         np.save(buf, value)
-        return buf.getvalue()
-    return json.dumps(value).encode("utf-8")  # dict / list / number -> .json
+    else:
+        return json.dumps(value).encode("utf-8")  # dict / list / number -> .json
+    return buf.getvalue()
 
 
 def sample_rng(seed: int, sample: dict) -> random.Random:
@@ -966,9 +959,8 @@ class ImageTextDecode:
 
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
-        self.tokenizer, self.size, self.context_length = tokenizer, image_size, context_length
+        self.tokenizer, self.size, self.context_length, self.resample = tokenizer, image_size, context_length, resample
         self.train, self.seed, self.scale, self.caption_key = train, seed, scale, caption_key
-        self.resample = resample
 
     def __call__(self, sample: dict) -> dict:
         caption = decode_caption(sample, self.caption_key)
@@ -1299,13 +1291,6 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
     for g in optimizer.param_groups:
         g["lr"] = lr
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers (what checkpoints are saved from)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------
