@@ -1,0 +1,1450 @@
+"""SAM-CLIP: Merging Vision Foundation Models towards Semantic and Spatial Understanding
+(arXiv 2310.15308, Wang et al., Apple).
+
+SAM-CLIP turns SAM's ViT-B image encoder into one backbone with two heads: SAM's own mask decoder (promptable
+segmentation, kept by self-distillation from a frozen copy of SAM) and a new CLIP head (zero-shot classification
+and semantic segmentation, distilled from a CLIP teacher). Stage I trains the CLIP head alone on the frozen
+backbone; stage II trains everything except the prompt encoder on L_CLIP + lambda L_SAM, the backbone and the SAM
+head at a tenth of the head's learning rate.
+
+What is here: Segment Anything (image encoder with windowed and global attention and decomposed relative position
+bias, the neck, prompt encoder, two-way-transformer mask decoder) with the official parameter names, so
+sam_vit_b_01ec64.pth (and vit_l / vit_h) load strictly; point, box and mask prompts with SAM's pre- and
+post-processing (`predict`); the CLIP head initialised from SAM's last block; stage I and stage II with the
+paper's losses, learning rates, batch mix (CLIP micro-batch + SAM micro-batch, one optimizer step) and
+resolutions (CLIP images at a cycle of 224/448, SAM images at 1024); a reader of SA-1B's published layout (tar
+shards of jpg + json whose masks are COCO run-length strings, decoded in numpy); zero-shot semantic segmentation
+by the paper's patch-level procedure (`segment`) and its mIoU on a Pascal VOC folder or on the synthetic world's
+held-out masks (`eval`), with the optional SAM-head refinement (App. C). On the synthetic world, the SAM teacher
+of the tiny pipeline is a tiny SAM trained here first on the world's masks (`train-sam`).
+Left out: SAM's iterative prompt simulation (one point or one box per mask here), stage III (resolution
+adaptation: stage I at other sizes is the same code), the CVNets variable-batch sampler (the CLIP resolution
+cycles per step at a fixed batch), the instance-segmentation and probing evaluations (Tables 3-4), caching of
+teacher outputs (the teachers run online).
+
+Paper -> code:
+  SAM ViT-B image encoder, neck (SAM paper, spec 2.1)      -> ImageEncoderViT, EncoderBlock, EncoderAttention
+  decomposed relative position bias (MViTv2)              -> rel_pos_lookup, rel_pos_bias
+  prompt encoder, random Fourier PE                        -> PromptEncoder, PositionEmbeddingRandom
+  two-way transformer mask decoder                         -> MaskDecoder, TwoWayTransformer, TwoWayBlock
+  CLIP head: 3 blocks from SAM's last, max-pool, LN, MLP   -> CLIPHead, SamClip.add_clip_head (Sec. 3.2)
+  L_CLIP, cosine distillation (Eq. 1)                      -> cosine_distill_loss
+  L_SAM = focal + dice against the frozen SAM (Eq. 2)      -> focal_loss, dice_loss, sam_distill_loss
+  L_CLIP + lambda L_SAM, lambda = 10 (Eq. 3)               -> merge (stage 2), Config.lambda_sam
+  stage I / II schedule (Sec. 4.1, spec 3.2)               -> merge, param_groups_stage2
+  zero-shot semantic segmentation (Sec. 4.3, Table 2)      -> dense_logits, segment_main, eval_main
+  CLIP + SAM head composition (Table 5, App. C)            -> refine_with_sam
+  SA-1B reader (COCO RLE)                                  -> rle_decode, rle_counts, SamDecode
+
+Commands (real data; the teacher can be this repo's checkpoint or an OpenCLIP state dict with --bpe):
+  python samclip.py predict --init sam_vit_b_01ec64.pth --image photo.jpg --point 320,240 --out mask.png
+  torchrun --nproc_per_node=8 samclip.py --stage 1 --init-sam sam_vit_b_01ec64.pth --teacher-clip clip_l14.pt \\
+      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --model vit_b --out runs/s1
+  torchrun --nproc_per_node=8 samclip.py --stage 2 --init runs/s1 --init-sam sam_vit_b_01ec64.pth \\
+      --teacher-clip clip_l14.pt --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' \\
+      --data-sam 'sa1b/sa_{000000..000063}.tar' --model vit_b --out runs/s2
+  python samclip.py segment --init runs/s2 --image x.jpg --classes "cat,dog,grass" --out seg.png
+  python samclip.py eval --init runs/s2 --voc VOCdevkit/VOC2012 --size 448
+Tiny pipeline on the synthetic world (CPU):
+  python samclip.py train-sam --out runs/sam_tiny
+  python samclip.py --stage 1 --init-sam runs/sam_tiny --teacher-clip /path/mobileclip_run/ckpt-800.pt --out runs/s1
+  python samclip.py --stage 2 --init runs/s1 --init-sam runs/sam_tiny --teacher-clip ... --out runs/s2
+  python samclip.py eval --init runs/s2
+Result: see the README's SAM-CLIP section (synthetic-world mIoU against chance, 2-core CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+
+@dataclass
+class Config:
+    stage: int = 1  # 1: CLIP-head probing on the frozen backbone; 2: multi-task distillation (CLIP + SAM)
+    model: str = "tiny"  # SAM size from MODELS (vit_b for sam_vit_b_01ec64.pth)
+    init_sam: str = ""  # SAM weights: official .pth, or a train-sam run/checkpoint; also the frozen SAM teacher
+    init: str = ""  # stage 2: the stage-1 checkpoint or run directory (CLIP head + backbone)
+    teacher_clip: str = ""  # CLIP teacher: a mobileclip.py checkpoint (bpe.txt beside it) or an OpenCLIP state dict
+    bpe: str = ""  # CLIP merges file for an OpenCLIP teacher
+    data_clip: str = ""  # tar shards of images for L_CLIP; empty = the synthetic world
+    data_sam: str = ""  # SA-1B tar shards (jpg + json) for L_SAM; empty = the synthetic world's masks
+    out: str = "runs/samclip"  # run directory
+    steps: int = 300  # optimizer steps (paper: 20 epochs of 40.6M images at 2048 per step for stage I)
+    batch_clip: int = 64  # CLIP images per step and process (paper: 2048 global)
+    batch_sam: int = 8  # SA-1B images per step and process (paper: 32 global)
+    masks_per_image: int = 4  # prompts (masks) sampled per SAM image (paper: 32)
+    clip_sizes: str = ""  # CLIP-side resolutions, cycled per step (paper: 224,448); empty = the model's size
+    sam_size: int = 0  # SAM-side resolution (paper: 1024); 0 = the model's
+    lr: float = 0.0  # CLIP-head learning rate; 0 = the paper's (stage 1: 8e-4, stage 2: 4e-5)
+    backbone_lr_mult: float = 0.1  # stage 2: backbone and SAM head at this fraction of --lr (paper: 0.1)
+    lambda_sam: float = 10.0  # weight of L_SAM in stage 2 (paper: 10)
+    focal_weight: float = 20.0  # focal : dice ratio of L_FD (SAM: 20 : 1)
+    head_hidden: int = 0  # hidden width of the CLIP head's MLP; 0 = the backbone width (the paper leaves it open)
+    weight_decay: float = 0.1  # AdamW weight decay (not stated; SAM's 0.1)
+    warmup: int = 20  # linear warm-up steps, then cosine
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    crop_scale: float = 0.5  # smallest area fraction of the CLIP images' random resized crop
+    box_prob: float = 0.5  # probability that a mask's prompt is its (noisy) box rather than a point in it
+    seed: int = 0  # init, data order, prompts
+    workers: int = 1  # DataLoader workers per stream and rank
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    fused: bool = True  # fused attention (SDPA); --no-fused runs the explicit-softmax reference
+    log_every: int = 25  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept
+    resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
+    eval: bool = True  # at the end: zero-shot segmentation mIoU and SAM-head IoU on the synthetic held-out set
+    eval_max: int = 500  # held-out images evaluated
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images
+    synthetic_size: int = 64  # synthetic image size
+
+
+@dataclass
+class SamTrainConfig:
+    model: str = "tiny"  # SAM size from MODELS
+    data: str = ""  # SA-1B tar shards; empty = the synthetic world's masks
+    out: str = "runs/sam_tiny"  # run directory
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # images per step and process
+    masks_per_image: int = 4  # prompts (masks) per image
+    size: int = 0  # training resolution; 0 = the model's
+    lr: float = 2e-3  # peak learning rate (SAM: 8e-4 at batch 256)
+    weight_decay: float = 0.1  # AdamW weight decay (SAM: 0.1)
+    warmup: int = 30  # linear warm-up steps
+    focal_weight: float = 20.0  # focal : dice (SAM: 20 : 1)
+    box_prob: float = 0.5  # probability of a box prompt instead of a point
+    grad_clip: float = 1.0  # gradient-norm clip; 0 = off
+    seed: int = 0  # init, data order, prompts
+    workers: int = 1  # DataLoader workers per rank
+    device: str = "auto"  # auto | cuda | cpu
+    log_every: int = 25  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept
+    resume: str = ""  # 'auto' or a checkpoint path
+    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images
+    synthetic_size: int = 64  # synthetic image size
+
+
+@dataclass
+class InferConfig:
+    init: str = ""  # predict: SAM weights (.pth, or any checkpoint of this script); segment/eval: a SAM-CLIP run
+    image: str = ""  # input image
+    point: str = ""  # predict: 'x,y[;x,y...]' foreground points in pixels of the original image
+    neg_point: str = ""  # predict: background points, same format
+    box: str = ""  # predict: 'x0,y0,x1,y1'
+    mask_input: str = ""  # predict: a previous low-res logits file (.pt, 1x1x256x256) as the mask prompt
+    multimask: bool = True  # predict: three candidate masks, keep the best by predicted IoU
+    classes: str = ""  # segment: comma-separated class names
+    out: str = "out.png"  # predict: the mask PNG; segment: the label-map PNG (+ .json legend)
+    teacher_clip: str = ""  # segment/eval: the CLIP teacher for the text side; default: the run's
+    bpe: str = ""  # CLIP merges for an OpenCLIP teacher
+    size: int = 0  # segment/eval: CLIP-head resolution (paper: 448); 0 = the run's first CLIP size
+    refine: bool = False  # segment/eval: refine with the SAM head (App. C): mask prompt + points per class
+    refine_threshold: float = 0.5  # probability above which refinement points are drawn (paper: 0.5 for VOC)
+    background: str = "background"  # eval/segment: name of the extra background class ('' = none)
+    voc: str = ""  # eval: a Pascal VOC folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)
+    split: str = "val"  # eval: the VOC image list
+    classnames: str = ""  # eval: file of class names, one a line, in label order (default: VOC's 21)
+    eval_max: int = 0  # eval: images evaluated (0 = all)
+    device: str = "auto"  # auto | cuda | cpu
+    seed: int = 0  # refinement point sampling
+    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic world of the run
+    synthetic_val: int = 1000  # synthetic held-out images
+    synthetic_size: int = 64  # synthetic image size
+
+
+# SAM sizes (build_sam.py constants); `tiny` is a CPU model for the synthetic world: 64 px, 8 x 8 tokens.
+MODELS = {
+    "vit_b": dict(image_size=1024, patch=16, width=768, depth=12, heads=12, window=14, global_blocks=(2, 5, 8, 11),
+                  prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16, iou_hidden=256),
+    "vit_l": dict(image_size=1024, patch=16, width=1024, depth=24, heads=16, window=14,
+                  global_blocks=(5, 11, 17, 23), prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16,
+                  iou_hidden=256),
+    "vit_h": dict(image_size=1024, patch=16, width=1280, depth=32, heads=16, window=14,
+                  global_blocks=(7, 15, 23, 31), prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16,
+                  iou_hidden=256),
+    "tiny": dict(image_size=64, patch=8, width=128, depth=4, heads=4, window=4, global_blocks=(1, 3),
+                 prompt_dim=64, decoder_mlp=256, decoder_heads=4, mask_in=8, iou_hidden=64),
+}
+SAM_MEAN, SAM_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # 0-255 scale
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+
+# ----------------------------------------------------------------------------------------------------
+# 1. SAM image encoder: ViT with windowed / global attention and decomposed relative positions
+# ----------------------------------------------------------------------------------------------------
+# Tokens stay channels-last (B, H, W, C) throughout. Most blocks attend inside w x w windows (the grid is
+# zero-padded bottom/right to a multiple of w); a few "global" blocks attend over the whole grid. Every
+# attention adds a relative position term q . R[h - h'] + q . R[w - w'] (MViTv2's decomposition), with a
+# learned table per axis of 2S - 1 rows; at another grid size the table is linearly resampled.
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW map, per pixel (SAM's neck, prompt and decoder convs)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * (x - u) / torch.sqrt(s + self.eps) + self.bias[:, None, None]
+
+
+class MLPBlock(nn.Module):
+    """lin1 -> act -> lin2 (names as in the checkpoint)."""
+
+    def __init__(self, dim: int, hidden: int, act=nn.GELU):
+        super().__init__()
+        self.lin1, self.lin2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), act()
+
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(x)))
+
+
+def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """(q_size, k_size, Dh): the table row of every (query, key) offset along one axis. A table of another
+    length than 2 max(q, k) - 1 is resampled linearly first (other resolutions in global blocks)."""
+    L = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != L:
+        table = F.interpolate(table.T[None], size=L, mode="linear")[0].T  # (L, Dh)
+    q = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return table[(q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """Decomposed relative position term for self-attention on an (h, w) grid: q (B, h, w, Dh), unscaled,
+    -> (B, h*w, h*w) bias = q . Rh[h - h'] + q . Rw[w - w'] added to the attention logits."""
+    B, h, w, Dh = q.shape
+    bias_h = torch.einsum("bhwc,hkc->bhwk", q, rel_pos_lookup(h, h, rel_h).to(q.dtype))  # (B, h, w, h')
+    bias_w = torch.einsum("bhwc,wkc->bhwk", q, rel_pos_lookup(w, w, rel_w).to(q.dtype))  # (B, h, w, w')
+    return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, h * w, h * w)
+
+
+class EncoderAttention(nn.Module):
+    """Self-attention on a (B, h, w, C) grid with one fused qkv projection and the relative position bias.
+    Fused path: the bias goes to SDPA as an additive mask; reference: explicit softmax (tests, bench)."""
+
+    def __init__(self, dim: int, heads: int, rel_size: int):
+        super().__init__()
+        self.heads, self.fused = heads, True
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, dim // heads))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, dim // heads))
+
+    def forward(self, x):
+        B, h, w, D = x.shape
+        H, Dh, N = self.heads, D // self.heads, h * w
+        q, k, v = self.qkv(x).view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # 3x (B, H, N, Dh)
+        bias = rel_pos_bias(q.reshape(B * H, h, w, Dh), self.rel_pos_h, self.rel_pos_w).view(B, H, N, N)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            acc = torch.promote_types(q.dtype, torch.float32)  # scores in fp32 at least
+            scores = (q.to(acc) * Dh**-0.5) @ k.to(acc).transpose(-2, -1) + bias.to(acc)  # (B, H, N, N)
+            o = (scores.softmax(-1) @ v.to(acc)).to(q.dtype)
+        return self.proj(o.transpose(1, 2).reshape(B, h, w, D))
+
+
+def window_partition(x: torch.Tensor, w: int):
+    """(B, H, W, C) -> (B * nW, w, w, C), zero-padding H and W bottom/right to multiples of w."""
+    B, H, W, D = x.shape
+    ph, pw = (w - H % w) % w, (w - W % w) % w
+    x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    Hp, Wp = H + ph, W + pw
+    x = x.view(B, Hp // w, w, Wp // w, w, D).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, w, w, C)
+    return x.reshape(-1, w, w, D), (Hp, Wp)
+
+
+def window_unpartition(x: torch.Tensor, w: int, padded: tuple, hw: tuple) -> torch.Tensor:
+    """Inverse of window_partition: (B * nW, w, w, C) -> (B, H, W, C) with the padding cropped."""
+    (Hp, Wp), (H, W) = padded, hw
+    B = x.shape[0] // ((Hp // w) * (Wp // w))
+    x = x.view(B, Hp // w, Wp // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, :H, :W].contiguous()
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block; `window` > 0 attends within windows, 0 globally (then rel_size = the token grid)."""
+
+    def __init__(self, dim: int, heads: int, window: int, grid: int):
+        super().__init__()
+        self.window = window
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = EncoderAttention(dim, heads, window or grid)
+        self.mlp = MLPBlock(dim, 4 * dim)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        if self.window:
+            hw = y.shape[1:3]
+            y, padded = window_partition(y, self.window)
+            y = window_unpartition(self.attn(y), self.window, padded, hw)
+        else:
+            y = self.attn(y)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, h, w, C)
+
+
+class ImageEncoderViT(nn.Module):
+    """Patchify, + absolute positions (1, g, g, C), blocks, then the neck to (B, out, g, g).
+    `forward_tokens` stops before the neck: the branch point of the CLIP head (spec 2.2)."""
+
+    def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, out_chans, grad_ckpt=False):
+        super().__init__()
+        self.img_size, self.grad_ckpt = image_size, grad_ckpt
+        g = image_size // patch
+        self.patch_embed = PatchEmbed(patch, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, width))
+        self.blocks = nn.ModuleList(EncoderBlock(width, heads, 0 if i in global_blocks else window, g)
+                                    for i in range(depth))
+        self.neck = nn.Sequential(nn.Conv2d(width, out_chans, 1, bias=False), LayerNorm2d(out_chans),
+                                  nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
+
+    def forward_tokens(self, x):
+        x = self.patch_embed(x)  # (B, h, w, C)
+        pos = self.pos_embed
+        if pos.shape[1:3] != x.shape[1:3]:  # other resolutions: bicubic resize of the grid (spec 6, design choice)
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)
+        x = x + pos
+        for blk in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training \
+                else blk(x)
+        return x  # (B, h, w, C)
+
+    def forward(self, x):
+        return self.neck(self.forward_tokens(x).permute(0, 3, 1, 2))  # (B, out, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Prompt encoder: random Fourier positions for points and boxes, a conv stack for mask prompts
+# ----------------------------------------------------------------------------------------------------
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """[sin, cos](2 pi (2c - 1) G) for coordinates c in [0, 1]^2 and a fixed Gaussian G (2, D/2), which is
+    a persistent buffer: it is in the checkpoint."""
+
+    def __init__(self, num_feats: int):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_feats))
+
+    def encode(self, coords):
+        z = 2 * math.pi * ((2 * coords - 1) @ self.positional_encoding_gaussian_matrix)  # (..., D/2)
+        return torch.cat([torch.sin(z), torch.cos(z)], dim=-1)  # (..., D)
+
+    def grid(self, h: int, w: int):
+        """(D, h, w): the encoding of every cell centre of an h x w grid (the decoder's dense PE)."""
+        dev = self.positional_encoding_gaussian_matrix.device
+        y, x = torch.meshgrid((torch.arange(h, device=dev) + 0.5) / h, (torch.arange(w, device=dev) + 0.5) / w,
+                              indexing="ij")
+        return self.encode(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
+
+    def with_coords(self, coords, image_hw):
+        """Pixel coordinates (..., 2) as (x, y) in an image of (H, W)."""
+        c = coords.float() / torch.tensor([image_hw[1], image_hw[0]], device=coords.device)
+        return self.encode(c)
+
+
+class PromptEncoder(nn.Module):
+    """Sparse tokens for points and box corners, a dense map for a mask prompt (or `no_mask_embed`).
+    Point labels: 1 foreground, 0 background, -1 padding, 2 / 3 a box's top-left / bottom-right corner."""
+
+    def __init__(self, dim: int, grid: int, image_size: int, mask_in: int):
+        super().__init__()
+        self.embed_dim, self.image_embedding_size, self.input_image_size = dim, (grid, grid), (image_size, image_size)
+        self.pe_layer = PositionEmbeddingRandom(dim // 2)
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, dim) for _ in range(4))
+        self.not_a_point_embed, self.no_mask_embed = nn.Embedding(1, dim), nn.Embedding(1, dim)
+        self.mask_input_size = (4 * grid, 4 * grid)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in // 4, 2, 2), LayerNorm2d(mask_in // 4), nn.GELU(),
+            nn.Conv2d(mask_in // 4, mask_in, 2, 2), LayerNorm2d(mask_in), nn.GELU(), nn.Conv2d(mask_in, dim, 1))
+
+    def get_dense_pe(self):
+        return self.pe_layer.grid(*self.image_embedding_size)[None]  # (1, D, g, g)
+
+    def embed_points(self, coords, labels):
+        """coords (N, P, 2) pixels of the padded input, labels (N, P) -> (N, P, D). Coordinates move to
+        pixel centres (+0.5); a padding point keeps only `not_a_point_embed`."""
+        z = self.pe_layer.with_coords(coords + 0.5, self.input_image_size)
+        z = torch.where(labels[..., None] == -1, torch.zeros_like(z), z)
+        table = torch.cat([self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings])  # (5, D)
+        return z + table[labels.long() + 1]
+
+    def forward(self, points=None, boxes=None, masks=None):
+        """points = (coords (N, P, 2), labels (N, P)), boxes (N, 4) xyxy, masks (N, 1, 4g, 4g) logits ->
+        sparse (N, T, D), dense (N, D, g, g). Points without a box get one padding point (as SAM)."""
+        n = next(t.shape[0] for t in (points[0] if points else None, boxes, masks) if t is not None) \
+            if (points or boxes is not None or masks is not None) else 1
+        dev = self.no_mask_embed.weight.device
+        parts = []
+        if points is not None:
+            coords, labels = points
+            if boxes is None:
+                coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], 1)
+                labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], 1)
+            parts.append(self.embed_points(coords, labels))
+        if boxes is not None:
+            corner = torch.tensor([[2, 3]], device=dev).expand(boxes.shape[0], 2)
+            parts.append(self.embed_points(boxes.reshape(-1, 2, 2), corner))
+        sparse = torch.cat(parts, 1) if parts else torch.empty(n, 0, self.embed_dim, device=dev)
+        if masks is not None:
+            dense = self.mask_downscaling(masks)
+        else:
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *self.image_embedding_size)
+        return sparse, dense
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Mask decoder: a two-way transformer between prompt tokens and image tokens, hypernetwork masks
+# ----------------------------------------------------------------------------------------------------
+
+
+class DecoderAttention(nn.Module):
+    """Attention with separate q/k/v/out projections; cross-attentions work at dim / downsample."""
+
+    def __init__(self, dim: int, heads: int, downsample: int = 1):
+        super().__init__()
+        inner = dim // downsample
+        self.heads, self.fused = heads, True
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def forward(self, q, k, v):
+        def split(t):  # (B, N, inner) -> (B, H, N, Dh)
+            return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        o = (C.attention if self.fused else C.attention_reference)(split(self.q_proj(q)), split(self.k_proj(k)),
+                                                                  split(self.v_proj(v)))
+        return self.out_proj(o.transpose(1, 2).flatten(2))
+
+
+class TwoWayBlock(nn.Module):
+    """Tokens attend to themselves, tokens -> image, token MLP, image -> tokens; post-norm each time.
+    Positional encodings are re-added to queries and keys at every attention (not to values)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, skip_first_layer_pe: bool):
+        super().__init__()
+        self.skip_first_layer_pe = skip_first_layer_pe
+        self.self_attn = DecoderAttention(dim, heads)
+        self.cross_attn_token_to_image = DecoderAttention(dim, heads, 2)
+        self.cross_attn_image_to_token = DecoderAttention(dim, heads, 2)
+        self.mlp = MLPBlock(dim, mlp, nn.ReLU)
+        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(dim) for _ in range(4))
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        if self.skip_first_layer_pe:  # first block: the tokens are their own PE, no residual
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        queries = self.norm1(queries)
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q, k = queries + query_pe, keys + key_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    def __init__(self, depth: int, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.layers = nn.ModuleList(TwoWayBlock(dim, heads, mlp, i == 0) for i in range(depth))
+        self.final_attn_token_to_image = DecoderAttention(dim, heads, 2)
+        self.norm_final_attn = nn.LayerNorm(dim)
+
+    def forward(self, image, image_pe, tokens):
+        """image, image_pe (N, D, g, g), tokens (N, T, D) -> tokens (N, T, D), image tokens (N, g*g, D)."""
+        keys, key_pe = image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)  # (N, g*g, D)
+        queries = tokens
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, tokens, key_pe)
+        q, k = queries + tokens, keys + key_pe
+        return self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys)), keys
+
+
+class MLPHead(nn.Module):
+    """`layers` Linear layers with ReLU between (the decoder's hypernetworks and IoU head)."""
+
+    def __init__(self, dim: int, hidden: int, out: int, depth: int):
+        super().__init__()
+        dims = [dim] + [hidden] * (depth - 1) + [out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Output tokens [iou, mask x 4] + prompt tokens through the two-way transformer; the image tokens are
+    upscaled 4x to 32 ... 8 channels and each mask token's 3-layer hypernetwork gives the weights of a
+    per-pixel dot product. Token 0 is the single-mask output, tokens 1-3 the ambiguity-aware ones."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, iou_hidden: int, num_multimask: int = 3):
+        super().__init__()
+        self.num_mask_tokens = num_multimask + 1
+        self.transformer = TwoWayTransformer(2, dim, heads, mlp)
+        self.iou_token, self.mask_tokens = nn.Embedding(1, dim), nn.Embedding(self.num_mask_tokens, dim)
+        self.output_upscaling = nn.Sequential(nn.ConvTranspose2d(dim, dim // 4, 2, 2), LayerNorm2d(dim // 4),
+                                              nn.GELU(), nn.ConvTranspose2d(dim // 4, dim // 8, 2, 2), nn.GELU())
+        self.output_hypernetworks_mlps = nn.ModuleList(MLPHead(dim, dim, dim // 8, 3)
+                                                       for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLPHead(dim, iou_hidden, self.num_mask_tokens, 3)
+
+    def forward(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool = True, all_masks=False):
+        """image_embeddings (1 or N, D, g, g) -> masks (N, 3 or 1, 4g, 4g) logits, iou (N, 3 or 1);
+        all_masks=True returns all four outputs (distillation)."""
+        N = sparse.shape[0]
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])[None].expand(N, -1, -1)
+        tokens = torch.cat([out_tokens, sparse], dim=1)  # (N, 1 + 4 + T, D)
+        src = image_embeddings.expand(N, -1, -1, -1) if image_embeddings.shape[0] == 1 else image_embeddings
+        src = src + dense
+        _, D, g, _ = src.shape
+        hs, src = self.transformer(src, image_pe.expand(N, -1, -1, -1), tokens)
+        up = self.output_upscaling(src.transpose(1, 2).reshape(N, D, g, g))  # (N, D/8, 4g, 4g)
+        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
+        masks = (hyper @ up.flatten(2)).view(N, -1, *up.shape[2:])  # (N, 4, 4g, 4g)
+        iou = self.iou_prediction_head(hs[:, 0])  # (N, 4)
+        if all_masks:
+            return masks, iou
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou[:, sl]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. SAM, its pre- and post-processing, and the CLIP head that turns it into SAM-CLIP
+# ----------------------------------------------------------------------------------------------------
+
+
+class Sam(nn.Module):
+    """image_encoder + prompt_encoder + mask_decoder, named as the official checkpoint. The pixel mean and
+    std are non-persistent buffers, so the state dict is exactly the official one."""
+
+    def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, prompt_dim, decoder_mlp,
+                 decoder_heads, mask_in, iou_hidden, grad_ckpt=False):
+        super().__init__()
+        grid = image_size // patch
+        self.image_encoder = ImageEncoderViT(image_size, patch, width, depth, heads, window, global_blocks,
+                                             prompt_dim, grad_ckpt)
+        self.prompt_encoder = PromptEncoder(prompt_dim, grid, image_size, mask_in)
+        self.mask_decoder = MaskDecoder(prompt_dim, decoder_heads, decoder_mlp, iou_hidden)
+        self.register_buffer("pixel_mean", torch.tensor(SAM_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(SAM_STD).view(-1, 1, 1), persistent=False)
+        self.mask_threshold, self.image_format = 0.0, "RGB"
+
+    def preprocess(self, x: torch.Tensor, hw=None) -> torch.Tensor:
+        """(B, 3, h, w) in 0-255, resized already -> normalised, zero-padded bottom/right to the encoder's
+        size (padding after normalisation). `hw` (B, 2): valid sizes of images already padded as uint8."""
+        x = (x.float() - self.pixel_mean) / self.pixel_std
+        if hw is not None:  # zero what lies outside each image's valid area
+            ys, xs = torch.arange(x.shape[2], device=x.device), torch.arange(x.shape[3], device=x.device)
+            x = x * ((ys[None, :, None] < hw[:, :1, None]) & (xs[None, None, :] < hw[:, 1:, None]))[:, None]
+        S = self.image_encoder.img_size
+        return F.pad(x, (0, max(0, S - x.shape[3]), 0, max(0, S - x.shape[2])))
+
+    def decode(self, emb, coords=None, labels=None, boxes=None, mask_input=None, multimask=True, all_masks=False):
+        """Image embeddings (1 or N, D, g, g) + prompts (N of them) -> low-res mask logits and IoU."""
+        sparse, dense = self.prompt_encoder(None if coords is None else (coords, labels), boxes, mask_input)
+        return self.mask_decoder(emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, all_masks)
+
+    def decode_tokens(self, emb, coords, labels, mask_input=None, multimask=True, all_masks=False):
+        """As `decode` for prompts already in token form, coords (N, P, 2) with labels (N, P) from
+        {1, 0, -1 (padding), 2, 3 (box corners)}: a batch can mix points and boxes (both 2 tokens)."""
+        sparse = self.prompt_encoder.embed_points(coords, labels)
+        dense = self.prompt_encoder(masks=mask_input)[1] if mask_input is not None else \
+            self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                coords.shape[0], -1, *self.prompt_encoder.image_embedding_size)
+        return self.mask_decoder(emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, all_masks)
+
+    def postprocess_masks(self, masks, input_hw, original_hw):
+        """Low-res logits -> encoder size -> crop the padding -> original size (bilinear each time)."""
+        S = self.image_encoder.img_size
+        masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)[..., :input_hw[0], :input_hw[1]]
+        return F.interpolate(masks, original_hw, mode="bilinear", align_corners=False)
+
+
+class CLIPHead(nn.Module):
+    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), max-pool over the
+    patch tokens, LayerNorm, an MLP with two hidden layers into the teacher's embedding space. `dense`
+    applies the LayerNorm and MLP to every token instead of the pooled one (per-patch embeddings)."""
+
+    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, embed_dim))
+
+    def tokens(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x  # (B, h, w, C)
+
+    def forward(self, x):
+        return self.mlp(self.norm(self.tokens(x).amax(dim=(1, 2))))  # (B, E)
+
+    def dense(self, x):
+        return self.mlp(self.norm(self.tokens(x)))  # (B, h, w, E)
+
+
+class SamClip(Sam):
+    """SAM plus `clip_head`, which branches off the encoder's last block, before the neck (spec 2.2)."""
+
+    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3):
+        last = self.image_encoder.blocks[-1]
+        width = last.norm1.normalized_shape[0]
+        self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width)
+        return self
+
+    def encode_image(self, x, normalize: bool = False):
+        """SAM-normalised (B, 3, S, S), any S the patch divides -> pooled CLIP embedding (B, E)."""
+        z = self.clip_head(self.image_encoder.forward_tokens(x))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, x, idx=None, coords=None, labels=None):
+        """The training entry (what DDP wraps): without prompts, the pooled CLIP embeddings (B, E); with
+        prompts (image index idx, coords, labels), all four mask outputs and IoUs of every prompt."""
+        if coords is None:
+            return self.encode_image(x)
+        return self.decode_tokens(self.image_encoder(x)[idx], coords, labels, all_masks=True)
+
+    def encode_dense(self, x, normalize: bool = True):
+        z = self.clip_head.dense(self.image_encoder.forward_tokens(x))  # (B, h, w, E)
+        return F.normalize(z, dim=-1) if normalize else z
+
+
+def build_sam(name: str, clip_embed: int = 0, head_hidden: int = 0, grad_ckpt: bool = False) -> SamClip:
+    """An untrained SAM of MODELS[name]; with clip_embed > 0, also a CLIP head of that output size."""
+    if name not in MODELS:
+        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    model = SamClip(**MODELS[name], grad_ckpt=grad_ckpt)
+    return model.add_clip_head(clip_embed, head_hidden) if clip_embed else model
+
+
+def sam_model_name(sd: dict) -> str:
+    """Which MODELS entry a flat SAM state dict is (by width, depth and token grid)."""
+    w = sd["image_encoder.pos_embed"].shape
+    depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
+    for name, m in MODELS.items():
+        if (m["width"], m["depth"], m["image_size"] // m["patch"]) == (w[3], depth, w[1]):
+            return name
+    C.fail(f"a SAM state dict of width {w[3]}, depth {depth}, grid {w[1]} matches no entry of MODELS")
+
+
+def read_weights(path: str) -> dict:
+    """A checkpoint file or run directory (its latest ckpt-*.pt) -> the loaded dict."""
+    if os.path.isdir(path):
+        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
+    if not os.path.isfile(path):
+        C.fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        C.fail(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def load_sam(path: str, with_clip_head: bool = False) -> SamClip:
+    """SAM (or SAM-CLIP) from the official sam_vit_{b,l,h}_*.pth (a flat state dict, loaded strictly) or
+    from a checkpoint of this script (train-sam or merge runs; a run directory gives its latest)."""
+    ck = read_weights(path)
+    if "kind" in ck and "model" in ck:  # this script's checkpoint
+        sd, name = ck["model"], ck["model_name"]
+    else:
+        sd, name = C.unwrap_state_dict(ck), None
+        name = sam_model_name(sd)
+    has_head = any(k.startswith("clip_head.") for k in sd)
+    if with_clip_head and not has_head:
+        C.fail(f"{path} has no CLIP head: give a SAM-CLIP (stage 1 or 2) checkpoint")
+    model = build_sam(name)
+    if has_head and with_clip_head:
+        model.add_clip_head(sd["clip_head.mlp.4.weight"].shape[0], sd["clip_head.mlp.0.weight"].shape[0],
+                            len({k.split(".")[2] for k in sd if k.startswith("clip_head.blocks.")}))
+    elif has_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("clip_head.")}
+    C.load_state_dict_checked(model, sd, f"SAM weights {path}")
+    model.model_name = name
+    return model.eval()
+
+
+def resize_longest(img: Image.Image, size: int) -> Image.Image:
+    """SAM's ResizeLongestSide: the longer side becomes `size`, rounding the other (bilinear)."""
+    w, h = img.size
+    s = size / max(w, h)
+    return img.resize((int(w * s + 0.5), int(h * s + 0.5)), Image.BILINEAR)
+
+
+@torch.no_grad()
+def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None, mask_input=None,
+                  multimask: bool = True):
+    """SamPredictor in one call: img (PIL RGB), points [(x, y)] with labels [1/0], box (x0, y0, x1, y1) in
+    original pixels, mask_input (1, 1, 4g, 4g) logits -> (masks (K, H, W) bool, iou (K,), low-res logits)."""
+    dev = sam.pixel_mean.device
+    S = sam.image_encoder.img_size
+    small = resize_longest(img, S)
+    scale = torch.tensor([small.size[0] / img.size[0], small.size[1] / img.size[1]], device=dev)
+    x = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)[None].to(dev)
+    emb = sam.image_encoder(sam.preprocess(x))  # (1, D, g, g)
+    coords = None if points is None else torch.tensor(points, dtype=torch.float32, device=dev)[None] * scale
+    lab = None if labels is None else torch.tensor(labels, device=dev)[None]
+    boxes = None if box is None else torch.tensor(box, dtype=torch.float32, device=dev).view(1, 2, 2) * scale
+    low, iou = sam.decode(emb, coords, lab, None if boxes is None else boxes.view(1, 4), mask_input, multimask)
+    masks = sam.postprocess_masks(low, (small.size[1], small.size[0]), (img.size[1], img.size[0]))
+    return masks[0] > sam.mask_threshold, iou[0], low
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Losses: L_CLIP (cosine distillation) and L_SAM (focal + dice against the frozen SAM's masks)
+# ----------------------------------------------------------------------------------------------------
+
+
+def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: mean over images of 1 - cos(student, teacher), both (B, E), in fp32."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017) of (..., H, W) logits against targets in [0, 1], the mean over
+    pixels -> (...). alpha 0.25, gamma 2: the usual defaults (SAM's own values are not published)."""
+    x, t = logits.float(), target.float()
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t, a_t = p * t + (1 - p) * (1 - t), alpha * t + (1 - alpha) * (1 - t)
+    return (a_t * ce * (1 - p_t) ** gamma).flatten(-2).mean(-1)
+
+
+def dice_loss(logits, target, eps: float = 1.0) -> torch.Tensor:
+    """1 - (2 |P . T| + 1) / (|P| + |T| + 1) per mask, P = sigmoid(logits): (..., H, W) -> (...)."""
+    p, t = torch.sigmoid(logits.float()).flatten(-2), target.float().flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
+
+
+def focal_loss_reference(logits, target, alpha=0.25, gamma=2.0):
+    """Pixel by pixel in float64 Python arithmetic, for the tests: (N, H, W) -> (N,)."""
+    out = []
+    for x_map, t_map in zip(logits.double().tolist(), target.double().tolist()):
+        terms = []
+        for x, t in zip(sum(x_map, []), sum(t_map, [])):
+            p = 1 / (1 + math.exp(-x))
+            ce = -(t * math.log(p) + (1 - t) * math.log(1 - p))
+            p_t = p * t + (1 - p) * (1 - t)
+            terms.append((alpha * t + (1 - alpha) * (1 - t)) * ce * (1 - p_t) ** gamma)
+        out.append(sum(terms) / len(terms))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def dice_loss_reference(logits, target, eps=1.0):
+    out = []
+    for x_map, t_map in zip(logits.double().tolist(), target.double().tolist()):
+        ps, ts = [1 / (1 + math.exp(-x)) for x in sum(x_map, [])], sum(t_map, [])
+        out.append(1 - (2 * sum(p * t for p, t in zip(ps, ts)) + eps) / (sum(ps) + sum(ts) + eps))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def mask_loss(logits, target, focal_weight: float = 20.0) -> torch.Tensor:
+    """L_FD per mask: focal_weight * focal + dice (SAM's 20 : 1), (..., H, W) -> (...)."""
+    return focal_weight * focal_loss(logits, target) + dice_loss(logits, target)
+
+
+def sam_distill_loss(masks, iou, t_masks, t_iou, focal_weight: float = 20.0) -> torch.Tensor:
+    """Eq. 2, L_SAM: the student's four outputs (N, 4, h, w) against the frozen SAM's for the same prompt,
+    token by token (the head starts as a copy of the teacher's, so its tokens match; design choice), the
+    teacher's logits binarised at 0 as the target; plus an MSE keeping the IoU head on the teacher's."""
+    target = (t_masks > 0).float()
+    return mask_loss(masks, target, focal_weight).mean() + F.mse_loss(iou.float(), t_iou.float())
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks (..., H, W) -> (...); 1 where both are empty."""
+    inter, union = (pred & target).flatten(-2).sum(-1), (pred | target).flatten(-2).sum(-1)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter, dtype=torch.float))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Data: SA-1B (jpg + json of COCO run-length masks), the synthetic world's masks, CLIP images
+# ----------------------------------------------------------------------------------------------------
+# COCO's compressed RLE: a mask is read column by column (Fortran order) as alternating runs of 0s and 1s,
+# starting with 0s. Each run length is written as 5-bit groups, low first, as characters chr(48 + g) with
+# bit 0x20 meaning "more groups follow" and bit 0x10 of the last group the sign; from the third run on, the
+# value stored is the difference to the run two before.
+
+
+def rle_counts(s: str) -> list[int]:
+    """COCO compressed counts string -> run lengths."""
+    counts, p = [], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more, p, k = bool(c & 0x20), p + 1, k + 1
+            if not more and c & 0x10:  # negative: sign-extend
+                x |= -1 << (5 * k)
+        counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+    return counts
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """{"size": [h, w], "counts": str or list} -> (h, w) uint8 mask, in numpy (no pycocotools)."""
+    h, w = rle["size"]
+    counts = rle_counts(rle["counts"]) if isinstance(rle["counts"], str) else list(rle["counts"])
+    flat = np.repeat(np.arange(len(counts)) % 2, counts).astype(np.uint8)
+    if flat.size != h * w:
+        raise ValueError(f"RLE covers {flat.size} pixels, not {h}x{w}")
+    return flat.reshape(w, h).T
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """The inverse of rle_decode (to write SA-1B-layout data and for the tests)."""
+    flat = np.asarray(mask, np.uint8).T.reshape(-1)  # column-major
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    counts = ([0] if flat.size and flat[0] else []) + np.diff(bounds).tolist()  # runs start with 0s
+    s = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        while True:
+            g, x = x & 0x1F, x >> 5
+            more = not ((x == 0 and not g & 0x10) or (x == -1 and g & 0x10))
+            s.append(chr(48 + (g | 0x20 if more else g)))
+            if not more:
+                break
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(s)}
+
+
+def sample_masks(sample: dict):
+    """The masks of a sample, as a list of zero-argument decoders (so only the chosen ones are decoded):
+    the synthetic world's seg.png (one mask per class id > 0), or SA-1B's json annotations (RLE)."""
+    if "seg.png" in sample:
+        seg = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
+        return [(lambda i=i: seg == i) for i in np.unique(seg) if i > 0]
+    meta = json.loads(sample["json"])
+    return [(lambda a=a: rle_decode(a["segmentation"]).astype(bool)) for a in meta.get("annotations", [])]
+
+
+def prompt_for(mask: np.ndarray, rng: random.Random, box_prob: float, noise_cap: float):
+    """SAM's prompt simulation, first iteration only: a point uniform in the mask (label 1, plus a padding
+    point), or the mask's box with per-coordinate noise of std 10% of the box side capped at noise_cap
+    pixels (corner labels 2, 3). -> coords (2, 2), labels (2,)."""
+    ys, xs = np.nonzero(mask)
+    if rng.random() < box_prob:
+        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        sx, sy = min(0.1 * (x1 - x0 + 1), noise_cap), min(0.1 * (y1 - y0 + 1), noise_cap)
+        box = [x0 + rng.gauss(0, sx), y0 + rng.gauss(0, sy), x1 + rng.gauss(0, sx), y1 + rng.gauss(0, sy)]
+        return torch.tensor(box, dtype=torch.float32).view(2, 2), torch.tensor([2, 3])
+    j = rng.randrange(len(xs))
+    return torch.tensor([[xs[j], ys[j]], [0, 0]], dtype=torch.float32), torch.tensor([1, -1])
+
+
+class SamDecode:
+    """Sample -> {"image": uint8 (3, S, S) (longest side S, zero-padded), "hw": (2,) valid size, "coords":
+    (K, 2, 2), "labels": (K, 2), "masks": uint8 (K, S, S)}: K masks drawn from the sample's (with replacement
+    when it has fewer) and one prompt for each. Raises on a sample without masks (skipped and counted)."""
+
+    def __init__(self, size: int, k: int, seed: int, box_prob: float):
+        self.size, self.k, self.seed, self.box_prob = size, k, seed, box_prob
+
+    def __call__(self, sample: dict) -> dict:
+        img, decoders = C.decode_image(sample), sample_masks(sample)
+        if not decoders:
+            raise ValueError("no masks")
+        rng = C.sample_rng(self.seed, sample)
+        S, small = self.size, resize_longest(img, self.size)
+        w, h = small.size
+        image = torch.zeros(3, S, S, dtype=torch.uint8)
+        image[:, :h, :w] = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)
+        picks = rng.sample(range(len(decoders)), self.k) if len(decoders) >= self.k else \
+            [rng.randrange(len(decoders)) for _ in range(self.k)]
+        coords, labels, masks = [], [], torch.zeros(self.k, S, S, dtype=torch.uint8)
+        for j, i in enumerate(picks):
+            m = np.asarray(Image.fromarray(decoders[i]().astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+            if not m.any():  # a mask lost in the resize: keep its bounding pixel
+                m = np.zeros((h, w), bool)
+                m[min(h - 1, h // 2), min(w - 1, w // 2)] = True
+            masks[j, :h, :w] = torch.from_numpy(m)
+            c, lab = prompt_for(m, rng, self.box_prob, 20 * S / 1024)
+            coords.append(c)
+            labels.append(lab)
+        return {"image": image, "hw": torch.tensor([h, w]), "coords": torch.stack(coords),
+                "labels": torch.stack(labels), "masks": masks}
+
+
+class ClipDecode:
+    """Sample -> {"image": uint8 (3, S, S)}: a random resized crop; the student and the teacher see the same
+    view, each at its own resolution and normalisation (spec 6). Captions are not used (spec 4)."""
+
+    def __init__(self, size: int, seed: int, scale: float):
+        self.size, self.seed, self.scale = size, seed, scale
+
+    def __call__(self, sample: dict) -> dict:
+        img = C.decode_image(sample)
+        box = C.random_resized_crop_box(*img.size, C.sample_rng(self.seed, sample), (self.scale, 1.0))
+        return {"image": C.image_to_uint8(img, self.size, box)}
+
+
+def synthetic(cfg) -> dict:
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+    return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, seed=0)
+
+
+def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, world: int, pos: dict, start: int):
+    s = C.ShardStream(C.expand_shards(shards), decode, batch, rank, world, seed, 500, pos, start)
+    return iter(C.make_loader(s, workers, torch.cuda.is_available()))
+
+
+def sam_batch(batch: dict, sam: Sam, device, low: int):
+    """A SamDecode batch on the device: normalised padded images (B, 3, S, S), the image index of each of
+    the B*K prompts, coords (B*K, 2, 2), labels (B*K, 2), ground-truth masks at the low-res size."""
+    x = sam.preprocess(batch["image"].to(device), batch["hw"].to(device))
+    B, K = batch["labels"].shape[:2]
+    gt = F.interpolate(batch["masks"].to(device).float(), (low, low), mode="area") > 0.5  # (B, K, low, low)
+    idx = torch.arange(B, device=device).repeat_interleave(K)
+    return x, idx, batch["coords"].to(device).flatten(0, 1), batch["labels"].to(device).flatten(0, 1), gt.flatten(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. train-sam: a small SAM on the synthetic world's masks (the SAM teacher of the tiny pipeline)
+# ----------------------------------------------------------------------------------------------------
+
+
+def sam_train_loss(masks, iou, gt, labels, focal_weight: float):
+    """SAM's training loss on ground truth, per prompt: a point is ambiguous, so the best of the three
+    multimask outputs is trained (the minimum loss); a box trains the single-mask output. Plus the MSE of
+    the IoU head against the actual IoU of each output mask."""
+    per = mask_loss(masks, gt[:, None].float().expand_as(masks), focal_weight)  # (N, 4)
+    is_point = labels[:, 0] == 1
+    loss = torch.where(is_point, per[:, 1:].min(dim=1).values, per[:, 0]).mean()
+    actual = mask_iou(masks > 0, gt[:, None].expand_as(masks)).detach()
+    return loss + F.mse_loss(iou.float(), actual)
+
+
+def save_run(out, step, model, opt, cfg, kind, positions, extra=None):
+    state = {"kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "rng": C.rng_state(), "data": positions, "model_name": model.model_name,
+             "config": dataclasses.asdict(cfg), **(extra or {})}
+    C.save_checkpoint(os.path.join(out, f"ckpt-{step}.pt"), state)
+    C.prune_checkpoints(out, cfg.keep_ckpts)
+
+
+def resume_run(cfg, model, opt, kind: str):
+    """(start step, {stream: data position}) from --resume, after restoring weights, optimizer and RNG."""
+    ck = C.load_checkpoint(cfg.resume, cfg.out)
+    if ck is None:
+        return 0, {}
+    if ck.get("kind") != kind or ck.get("model_name") != model.model_name:
+        C.fail(f"checkpoint {cfg.resume} is a '{ck.get('kind')}' of '{ck.get('model_name')}', not a {kind} run")
+    C.load_state_dict_checked(model, ck["model"], f"checkpoint {cfg.resume}")
+    opt.load_state_dict(ck["optimizer"])
+    C.set_rng_state(ck["rng"])
+    C.print0(f"resumed from step {ck['step']}")
+    return ck["step"], ck["data"]
+
+
+def train_sam(argv=None):
+    cfg = C.parse_config(SamTrainConfig, argv)
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    model = build_sam(cfg.model).to(device).train()
+    model.model_name = cfg.model
+    S = cfg.size or MODELS[cfg.model]["image_size"]
+    low = 4 * model.prompt_encoder.image_embedding_size[0]
+    shards = cfg.data or synthetic(cfg)["train"]
+    opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
+    start, pos = resume_run(cfg, model, opt, "sam")
+    batches = stream(shards, SamDecode(S, cfg.masks_per_image, cfg.seed, cfg.box_prob), cfg.batch_size, cfg.seed,
+                     cfg.workers, rank, world, pos.get(rank, {}), start)
+    position, log, stop = C.DataPosition(), C.RunLog(cfg.out), C.StopSignal()
+    position.pos = {int(w): p for w, p in pos.get(rank, {}).items()}
+    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    t0 = time.time()
+    for step in range(start, cfg.steps + 1):
+        last_step, stopping = step == cfg.steps, stop.requested
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            save_run(cfg.out, step, model, opt, cfg, "sam", position.state())
+        if last_step or stopping:
+            break
+        batch = next(batches)
+        position.update(batch)
+        x, idx, coords, labels, gt = sam_batch(batch, model, device, low)
+        masks, iou = ddp(x, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
+        loss = sam_train_loss(masks, iou, gt, labels, cfg.focal_weight)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, 0.01))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0:
+            best = mask_iou(masks[:, 1:] > 0, gt[:, None]).max(1).values  # best of the 3 outputs
+            log.log(step + 1, loss=loss.item(), mask_iou=best.mean().item(), lr=opt.param_groups[0]["lr"],
+                    grad_norm=gnorm.item(), steps_per_s=cfg.log_every / (time.time() - t0))
+            t0 = time.time()
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Merging: stage I (CLIP-head probing) and stage II (multi-task distillation), Sec. 3.2 and 4.1
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_clip_teacher(path: str, bpe: str, device):
+    """The CLIP teacher (frozen): a mobileclip.py checkpoint with bpe.txt beside it, or an OpenAI/OpenCLIP
+    state dict with --bpe (OpenCLIP ViT-L/14 DataComp-1B in the paper). -> (model, tokenizer, spec)."""
+    if not path:
+        C.fail("--teacher-clip is required: a mobileclip.py checkpoint or an OpenCLIP state dict (with --bpe)")
+    import mobileclip  # only for its teacher loader (MobileCLIP and ViT CLIPs, OpenCLIP weights)
+    model, tok, spec = mobileclip.load_teacher(path, bpe, device)
+    return model.requires_grad_(False), tok, spec
+
+
+def teacher_embed(teacher, spec: dict, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's normalised embedding of a uint8 (B, 3, S, S) view, at its own size and normalisation."""
+    x = F.interpolate(x.float(), size=spec["image_size"], mode="bicubic", antialias=True, align_corners=False)
+    return teacher.encode_image(C.normalize_images(x.clamp(0, 255), spec["mean"], spec["std"]), normalize=True)
+
+
+def sam_normalize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, s, s) -> the CLIP branch's input: resized to size x size, SAM's mean/std, no padding."""
+    x = x.float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+    return C.normalize_images(x, [m / 255 for m in SAM_MEAN], [s / 255 for s in SAM_STD])
+
+
+def param_groups_stage2(model: SamClip, mult: float, weight_decay: float) -> list[dict]:
+    """Stage II: the CLIP head at the base learning rate, the backbone and the SAM head at mult x base
+    (paper: 4e-5 and 4e-6). The prompt encoder stays frozen."""
+    head = C.param_groups(model.clip_head, weight_decay)
+    body = C.param_groups(nn.ModuleList([model.image_encoder, model.mask_decoder]), weight_decay)
+    return [dict(g, lr_mult=m) for gs, m in ((head, 1.0), (body, mult)) for g in gs if g["params"]]
+
+
+def build_student(cfg: Config, embed_dim: int, device):
+    """Stage 1: SAM from --init-sam plus a new CLIP head (copies of the last block); stage 2: the stage-1
+    checkpoint. Also returns the frozen SAM teacher (stage 2) and the optimizer."""
+    if not cfg.init_sam:
+        C.fail("--init-sam is required: sam_vit_b_01ec64.pth or a train-sam run (also the frozen SAM teacher)")
+    sam_teacher = load_sam(cfg.init_sam).to(device).requires_grad_(False)
+    if cfg.stage == 1:
+        model = copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden).to(device)
+        model.model_name = sam_teacher.model_name
+        model.requires_grad_(False).clip_head.requires_grad_(True)
+        opt = C.make_adamw(model.clip_head, cfg.lr or 8e-4, cfg.weight_decay, betas=(0.9, 0.999))
+        return model, None, opt
+    if not cfg.init:
+        C.fail("--stage 2 needs --init, the stage-1 checkpoint or run directory")
+    if read_weights(cfg.init).get("kind") != "samclip":
+        C.fail(f"--init {cfg.init} is not a SAM-CLIP checkpoint of this script")
+    model = load_sam(cfg.init, with_clip_head=True).to(device).train()
+    if model.model_name != sam_teacher.model_name:
+        C.fail(f"--init is a {model.model_name}, --init-sam a {sam_teacher.model_name}")
+    model.requires_grad_(True).prompt_encoder.requires_grad_(False)
+    groups = param_groups_stage2(model, cfg.backbone_lr_mult, cfg.weight_decay)
+    return model, sam_teacher.eval(), torch.optim.AdamW(groups, lr=cfg.lr or 4e-5, betas=(0.9, 0.999))
+
+
+def merge(argv=None):
+    cfg = C.parse_config(Config, argv)
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if cfg.stage not in (1, 2):
+        C.fail(f"--stage must be 1 or 2, not {cfg.stage}")
+    torch.manual_seed(cfg.seed)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    teacher, tok, spec = load_clip_teacher(cfg.teacher_clip, cfg.bpe, device)
+    E = teacher_embed(teacher, spec, torch.zeros(1, 3, 8, 8, device=device)).shape[-1]
+    model, sam_teacher, opt = build_student(cfg, E, device)
+    base_lr = cfg.lr or (8e-4 if cfg.stage == 1 else 4e-5)
+    S_sam = cfg.sam_size or model.image_encoder.img_size
+    sizes = [int(s) for s in cfg.clip_sizes.split(",")] if cfg.clip_sizes else [model.image_encoder.img_size]
+    low = 4 * model.prompt_encoder.image_embedding_size[0]
+    C.print0(f"stage {cfg.stage}: {model.model_name}, CLIP head {sum(p.numel() for p in model.clip_head.parameters()):,}"
+             f" params ({E}-d teacher), trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    start, pos = resume_run(cfg, model, opt, "samclip")
+    world_data = None if cfg.data_clip and (cfg.data_sam or cfg.stage == 1) else synthetic(cfg)
+    streams = {"clip": stream(cfg.data_clip or world_data["train"], ClipDecode(max(sizes), cfg.seed, cfg.crop_scale),
+                              cfg.batch_clip, cfg.seed, cfg.workers, rank, world, pos.get("clip", {}).get(rank, {}), start)}
+    if cfg.stage == 2:
+        streams["sam"] = stream(cfg.data_sam or world_data["train"], SamDecode(S_sam, cfg.masks_per_image, cfg.seed + 1,
+                                cfg.box_prob), cfg.batch_sam, cfg.seed + 1, cfg.workers, rank, world,
+                                pos.get("sam", {}).get(rank, {}), start)
+    positions = {k: C.DataPosition() for k in streams}
+    for k, p in positions.items():
+        p.pos = {int(w): v for w, v in pos.get(k, {}).get(rank, {}).items()}
+    trained = model.clip_head if cfg.stage == 1 else model
+    ddp = DDP(trained, device_ids=[local_rank] if device.type == "cuda" else None,
+              find_unused_parameters=cfg.stage == 2) if world > 1 else trained
+    for m in model.modules():
+        if isinstance(m, (EncoderAttention, DecoderAttention)):
+            m.fused = cfg.fused
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    log, stop, t0 = C.RunLog(cfg.out), C.StopSignal(), time.time()
+    extra = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
+             "clip_sizes": sizes, "embed_dim": E}
+    for step in range(start, cfg.steps + 1):
+        last_step = step == cfg.steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- checkpoint and final evaluation --------------------------------------------------------
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            save_run(cfg.out, step, model, opt, cfg, "samclip", {k: p.state() for k, p in positions.items()}, extra)
+        if last_step and cfg.eval and rank == 0 and world_data is not None:
+            res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher)
+            log.log(step, **res)
+        if last_step or stopping:
+            break
+
+        # ---- micro-step 1: L_CLIP on a CLIP batch at this step's resolution (Eq. 1) -----------------
+        model.train()
+        batch = next(streams["clip"])
+        positions["clip"].update(batch)
+        img = batch["image"].to(device, non_blocking=True)  # uint8 (B, 3, S_max, S_max)
+        x = sam_normalize(img, sizes[step % len(sizes)])
+        with torch.no_grad():
+            target = teacher_embed(teacher, spec, img)  # (B, E), normalised
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if cfg.stage == 1:  # frozen backbone: no graph through it
+                with torch.no_grad():
+                    tokens = model.image_encoder.forward_tokens(x)
+                z = ddp(tokens)
+            else:
+                with ddp.no_sync() if world > 1 else contextlib.nullcontext():
+                    z = ddp(x)
+        l_clip = cosine_distill_loss(z, target)
+        if cfg.stage == 1:
+            l_clip.backward()
+            l_sam = torch.zeros((), device=device)
+        else:
+            with ddp.no_sync() if world > 1 else contextlib.nullcontext():
+                l_clip.backward()
+
+            # ---- micro-step 2: lambda L_SAM against the frozen SAM on a SAM batch (Eq. 2, 3) ---------
+            batch = next(streams["sam"])
+            positions["sam"].update(batch)
+            xs, idx, coords, labels, _ = sam_batch(batch, model, device, low)
+            with torch.no_grad():
+                t_masks, t_iou = sam_teacher(xs, idx, coords, labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                masks, iou = ddp(xs, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
+            l_sam = sam_distill_loss(masks, iou, t_masks, t_iou, cfg.focal_weight)
+            (cfg.lambda_sam * l_sam).backward()
+
+        # ---- one optimizer step for both micro-steps ----------------------------------------------
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               cfg.grad_clip or float("inf"))
+        lr = C.lr_at(step, base_lr, cfg.warmup, cfg.steps, 0.01)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0:
+            if not torch.isfinite(l_clip + l_sam):
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            log.log(step + 1, loss=(l_clip + cfg.lambda_sam * l_sam).item(), l_clip=l_clip.item(),
+                    l_sam=l_sam.item(), lr=lr, grad_norm=gnorm.item(), steps_per_s=cfg.log_every / (time.time() - t0))
+            t0 = time.time()
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2) and the SAM-head refinement (Table 5, App. C)
+# ----------------------------------------------------------------------------------------------------
+# Patch-level procedure (CLIPpy's, which the paper follows): resize the image to size x size (448 in the
+# paper, a 28 x 28 token grid), per-patch embeddings from the CLIP head, cosine similarity with each class's
+# text embedding (prompt ensemble), bilinear upsampling of the logits to the image, argmax per pixel.
+# Background: the paper does not say; here it is one more class named by --background (a heuristic), or,
+# with --background '', background pixels are ignored and only object classes are scored.
+
+
+def text_classifier(clip_teacher, classnames: list[str], device) -> torch.Tensor:
+    """(E, K) normalised text embeddings of the class names from the teacher's frozen text encoder."""
+    model, tok, spec = clip_teacher
+    return C.zeroshot_classifier(model, tok, classnames, C.DEFAULT_TEMPLATES, device, spec["context_length"])
+
+
+@torch.no_grad()
+def dense_logits(model: SamClip, img: Image.Image, size: int, classifier: torch.Tensor) -> torch.Tensor:
+    """(K, h, w) cosine logits of every patch for every class; the image is resized to size x size."""
+    x = C.image_to_uint8(img, size, (0, 0, *img.size))[None].to(classifier.device)
+    z = model.encode_dense(sam_normalize(x, size))  # (1, h, w, E), normalised
+    return (z @ classifier)[0].permute(2, 0, 1)
+
+
+@torch.no_grad()
+def refine_with_sam(model: SamClip, img: Image.Image, logits: torch.Tensor, threshold: float, rng: random.Random,
+                    background: bool) -> torch.Tensor:
+    """App. C: for each class whose probability passes `threshold` somewhere, prompt the SAM head with the
+    class's probability map (as logits, resized to the mask-prompt size) and 1-3 points drawn where it
+    passes; the per-class SAM logits are then compared pixel-wise. -> (K, H, W) scores at image size.
+    Pixels no class claims (all SAM logits < 0) go to the background class 0 when there is one."""
+    S, low = model.image_encoder.img_size, model.prompt_encoder.mask_input_size[0]
+    small = resize_longest(img, S)
+    w, h = small.size
+    x = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)[None].to(logits.device)
+    emb = model.image_encoder(model.preprocess(x))  # (1, D, g, g)
+    probs = F.interpolate((100 * logits).softmax(0)[None], (h, w), mode="bilinear", align_corners=False)[0]
+    padded = F.pad(probs, (0, S - w, 0, S - h))  # (K, S, S) in SAM's padded frame
+    prompt = torch.logit(F.interpolate(padded[None], (low, low), mode="bilinear")[0], eps=1e-4) # (K, low, low)
+    scores = torch.full((len(logits), img.size[1], img.size[0]), -float("inf"), device=logits.device)
+    for k in range(1 if background else 0, len(logits)):
+        ys, xs = torch.nonzero(probs[k] > threshold, as_tuple=True)
+        if len(ys) == 0:
+            continue
+        pick = rng.sample(range(len(ys)), min(len(ys), rng.randint(1, 3)))
+        pts = torch.stack([xs[pick], ys[pick]], 1).float()[None]  # (1, n, 2) as (x, y)
+        low_logits, _ = model.decode(emb, pts, torch.ones(1, len(pick), device=pts.device),
+                                     mask_input=prompt[k][None, None], multimask=False)
+        scores[k] = model.postprocess_masks(low_logits, (h, w), (img.size[1], img.size[0]))[0, 0]
+    if background:
+        scores[0] = 0.0  # the mask threshold: background wins where every class's logit is negative
+    return scores
+
+
+def segment_image(model, img, size, classifier, refine=False, threshold=0.5, rng=None, background=True):
+    """(H, W) class index per pixel."""
+    logits = dense_logits(model, img, size, classifier)
+    if refine:
+        scores = refine_with_sam(model, img, logits, threshold, rng or random.Random(0), background)
+    else:
+        scores = F.interpolate(logits[None], (img.size[1], img.size[0]), mode="bilinear", align_corners=False)[0]
+    return scores.argmax(0)
+
+
+def confusion(pred: torch.Tensor, label: torch.Tensor, K: int) -> torch.Tensor:
+    """(K, K) counts [true, predicted]; labels outside 0..K-1 (VOC's 255 border) are ignored."""
+    ok = (label >= 0) & (label < K)
+    return torch.bincount(label[ok] * K + pred[ok], minlength=K * K).view(K, K).cpu()
+
+
+def miou(conf: torch.Tensor) -> float:
+    """Mean IoU (%) over the classes that occur in the ground truth."""
+    tp, gt, pr = conf.diag().double(), conf.sum(1).double(), conf.sum(0).double()
+    iou = tp / (gt + pr - tp).clamp(min=1)
+    return 100 * iou[gt > 0].mean().item()
+
+
+def voc_items(root: str, split: str):
+    """(image path, label-map path) of a Pascal VOC folder's segmentation split."""
+    lst = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    if not os.path.isfile(lst):
+        C.fail(f"not a Pascal VOC folder: {lst} not found")
+    return [(os.path.join(root, "JPEGImages", f"{i}.jpg"), os.path.join(root, "SegmentationClass", f"{i}.png"))
+            for i in C.read_lines(lst)]
+
+
+def seg_eval(model, pairs, classnames, clip_teacher, size, device, refine=False, threshold=0.5, background=True):
+    """mIoU of zero-shot segmentation over (PIL image, int label map) pairs, and of chance (a uniformly random
+    class per patch, upsampled the same way). With no background class, label 0 is ignored and labels shift."""
+    names = ([background] if background else []) + classnames
+    classifier = text_classifier(clip_teacher, names, device)
+    K, conf, chance = len(names), torch.zeros(len(names), len(names), dtype=torch.long), 0
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    for img, label in pairs:
+        y = torch.from_numpy(label.astype(np.int64)).to(device)
+        y = y if background else torch.where(y == 0, -1, y - 1)
+        conf += confusion(segment_image(model, img, size, classifier, refine, threshold, rng, bool(background)), y, K)
+        g = size // model.image_encoder.patch_embed.proj.stride[0]  # the token grid
+        rand = F.interpolate(torch.rand(1, K, g, g, generator=gen), y.shape, mode="bilinear")[0].argmax(0)
+        chance = chance + confusion(rand.to(device), y, K)
+    return {"miou": miou(conf), "chance_miou": miou(chance), "pixel_acc": 100 * conf.diag().sum().item() / conf.sum().item()}
+
+
+def synthetic_pairs(world: dict, n: int):
+    """(image, mask, label, sample) of the synthetic held-out set; mask 0 = background, 1 + k = SYNTH_SHAPES[k]."""
+    out, skipped = [], {}
+    for shard in C.expand_shards(world["val"]):
+        for s in C.iter_tar_samples(shard, skipped):
+            if len(out) < n:
+                out.append((C.decode_image(s), np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
+                            json.loads(s["json"])["label"], s))
+    return out
+
+
+@torch.no_grad()
+def sam_head_iou(model: Sam, samples, size: int, device, seed: int = 0) -> float:
+    """Mean IoU (%) against the ground truth of the SAM head's mask for one point per object mask (the
+    output the IoU head ranks first): how much of SAM the model keeps."""
+    model.eval()
+    dec, low, ious = SamDecode(size, 1, seed, 0.0), 4 * model.prompt_encoder.image_embedding_size[0], []
+    for i in range(0, len(samples), 64):
+        batch = C.collate([dec(s) for s in samples[i:i + 64]])
+        x, idx, coords, labels, gt = sam_batch(batch, model, device, low)
+        masks, iou = model(x, idx, coords, labels)
+        best = masks[:, 1:][torch.arange(len(masks)), iou[:, 1:].argmax(1)]  # (N, low, low)
+        ious.append(mask_iou(best > 0, gt))
+    return 100 * torch.cat(ious).mean().item()
+
+
+@torch.no_grad()
+def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None) -> dict:
+    """On the synthetic held-out set: zero-shot segmentation mIoU (background as a class, and objects
+    only), chance, zero-shot classification by the pooled embedding, and the SAM head's IoU."""
+    model.eval()
+    data = synthetic_pairs(world, n)
+    names = list(C.SYNTH_SHAPES)
+    out = {f"seg_{k}": v for k, v in seg_eval(model, [(a, b) for a, b, _, _ in data], names, clip_teacher, size,
+                                               device).items()}
+    out.update({f"seg_objects_{k}": v for k, v in seg_eval(model, [(a, b) for a, b, _, _ in data], names,
+                                                            clip_teacher, size, device, background="").items()})
+    classifier = text_classifier(clip_teacher, names, device)
+    x = torch.stack([C.image_to_uint8(a, size, (0, 0, *a.size)) for a, _, _, _ in data]).to(device)
+    z = torch.cat([model.encode_image(sam_normalize(x[i:i + 128], size), normalize=True) for i in range(0, len(x), 128)])
+    out["zeroshot_top1"] = 100 * ((z @ classifier).argmax(1).cpu() == torch.tensor([c for _, _, c, _ in data])).float().mean().item()
+    S = model.image_encoder.img_size
+    out["sam_head_iou"] = sam_head_iou(model, [s for *_, s in data], S, device)
+    if sam_teacher is not None:
+        out["sam_teacher_iou"] = sam_head_iou(sam_teacher, [s for *_, s in data], S, device)
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Commands: predict, segment, eval, train-sam, and the merge (default)
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_points(text: str) -> list:
+    try:
+        return [[float(v) for v in p.split(",")] for p in text.split(";") if p.strip()]
+    except ValueError:
+        C.fail(f"cannot read points '{text}': use x,y;x,y")
+
+
+def open_image(path: str) -> Image.Image:
+    if not os.path.isfile(path):
+        C.fail(f"image not found: {path}")
+    return Image.open(path).convert("RGB")
+
+
+def predict_main(argv=None):
+    """`samclip.py predict --init sam.pth --image x.jpg --point 320,240 [--box ...] --out mask.png`."""
+    cfg = C.parse_config(InferConfig, argv)
+    _, _, _, device = C.setup_distributed(cfg.device)
+    if not cfg.init:
+        C.fail("predict needs --init, SAM weights")
+    sam, img = load_sam(cfg.init).to(device), open_image(cfg.image)
+    pos, neg = parse_points(cfg.point), parse_points(cfg.neg_point)
+    box = parse_points(cfg.box)[0] if cfg.box else None
+    if box is not None and len(box) != 4:
+        C.fail("--box needs x0,y0,x1,y1")
+    if not (pos or neg or box or cfg.mask_input):
+        C.fail("give a prompt: --point, --neg-point, --box or --mask-input")
+    mask_in = torch.load(cfg.mask_input, weights_only=True).to(device) if cfg.mask_input else None
+    masks, iou, low = predict_masks(sam, img, pos + neg or None, [1] * len(pos) + [0] * len(neg) if pos + neg else None,
+                                    box, mask_in, cfg.multimask)
+    best = int(iou.argmax())
+    Image.fromarray(masks[best].cpu().numpy().astype(np.uint8) * 255).save(cfg.out)
+    torch.save(low[:, best:best + 1].cpu(), os.path.splitext(cfg.out)[0] + "_logits.pt")  # for --mask-input
+    print(f"{cfg.out}: mask {best} of {len(iou)}, predicted IoU {iou[best]:.3f}, area {masks[best].float().mean():.1%}")
+
+
+def load_samclip_run(cfg: InferConfig, device):
+    """The SAM-CLIP model of a run/checkpoint and its CLIP teacher (for the text side)."""
+    if not cfg.init:
+        C.fail("needs --init, a SAM-CLIP run or checkpoint")
+    ck = read_weights(cfg.init)
+    if ck.get("kind") != "samclip":
+        C.fail(f"--init {cfg.init} is not a SAM-CLIP checkpoint of this script")
+    model = load_sam(cfg.init, with_clip_head=True).to(device)
+    teacher = load_clip_teacher(cfg.teacher_clip or ck["teacher_clip"], cfg.bpe or ck.get("bpe", ""), device)
+    return model, teacher, cfg.size or ck["clip_sizes"][0]
+
+
+def palette_png(labels: np.ndarray) -> Image.Image:
+    img = Image.fromarray(labels.astype(np.uint8), "P")
+    rng = np.random.default_rng(0)
+    img.putpalette([0, 0, 0] + rng.integers(40, 256, 3 * 255).tolist())
+    return img
+
+
+def segment_main(argv=None):
+    """`samclip.py segment --init RUN --image x.jpg --classes "cat,dog,grass" --out seg.png`."""
+    cfg = C.parse_config(InferConfig, argv)
+    _, _, _, device = C.setup_distributed(cfg.device)
+    classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
+    if not classes:
+        C.fail("segment needs --classes 'a,b,c'")
+    model, teacher, size = load_samclip_run(cfg, device)
+    img = open_image(cfg.image)
+    names = ([cfg.background] if cfg.background else []) + classes
+    pred = segment_image(model, img, size, text_classifier(teacher, names, device), cfg.refine,
+                         cfg.refine_threshold, random.Random(cfg.seed), bool(cfg.background)).cpu().numpy()
+    palette_png(pred).save(cfg.out)
+    legend = {n: round(float((pred == i).mean()), 4) for i, n in enumerate(names)}
+    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+        json.dump({"classes": names, "area": legend}, f, indent=1)
+    print(f"{cfg.out}: " + ", ".join(f"{n} {a:.1%}" for n, a in legend.items()))
+
+
+def eval_main(argv=None):
+    """`samclip.py eval --init RUN [--voc DIR --size 448]`: mIoU on a VOC folder, or on the synthetic
+    held-out set (with classification top-1 and the SAM head's IoU)."""
+    cfg = C.parse_config(InferConfig, argv)
+    _, _, _, device = C.setup_distributed(cfg.device)
+    model, teacher, size = load_samclip_run(cfg, device)
+    t0 = time.time()
+    if cfg.voc:
+        names = C.read_lines(cfg.classnames) if cfg.classnames else VOC_CLASSES[1:]
+        items = voc_items(cfg.voc, cfg.split)[: cfg.eval_max or None]
+        pairs = ((open_image(a), np.asarray(Image.open(b))) for a, b in items)  # palette PNG: indices, 255 = border
+        res = seg_eval(model, pairs, names, teacher, size, device, cfg.refine, cfg.refine_threshold, cfg.background)
+    else:
+        res = synthetic_eval(model, teacher, synthetic(cfg), size, cfg.eval_max or cfg.synthetic_val, device)
+        if cfg.refine:
+            data = synthetic_pairs(synthetic(cfg), cfg.eval_max or cfg.synthetic_val)
+            ref = seg_eval(model, [(a, b) for a, b, _, _ in data], list(C.SYNTH_SHAPES), teacher, size, device, True,
+                           cfg.refine_threshold, cfg.background)
+            res.update({f"refined_{k}": v for k, v in ref.items() if k != "chance_miou"})
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}))
+    return res
+
+
+def main(argv=None):
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train-sam": train_sam, "predict": predict_main, "segment": segment_main, "eval": eval_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return merge(argv)
+
+
+if __name__ == "__main__":
+    main()

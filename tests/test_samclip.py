@@ -1,0 +1,232 @@
+"""samclip.py on the CPU: SAM ViT-B parameter counts and the official key layout (built without weights),
+fused attention against its reference, the RLE decoder against hand-made masks, focal and dice losses against
+naive versions, prompts and pre/post-processing, and a tiny SAM -> stage I -> stage II pipeline that learns."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common as C
+import samclip as S
+
+# ---- the official sam_vit_b_01ec64.pth layout (spec 2.1): name -> shape --------------------------------
+
+
+def _block(i, rel):
+    p = f"image_encoder.blocks.{i}."
+    return {p + "norm1.weight": (768,), p + "norm1.bias": (768,), p + "attn.rel_pos_h": (rel, 64),
+            p + "attn.rel_pos_w": (rel, 64), p + "attn.qkv.weight": (2304, 768), p + "attn.qkv.bias": (2304,),
+            p + "attn.proj.weight": (768, 768), p + "attn.proj.bias": (768,), p + "norm2.weight": (768,),
+            p + "norm2.bias": (768,), p + "mlp.lin1.weight": (3072, 768), p + "mlp.lin1.bias": (3072,),
+            p + "mlp.lin2.weight": (768, 3072), p + "mlp.lin2.bias": (768,)}
+
+
+def _attn(p, inner):
+    return {f"{p}.{n}_proj.weight": (inner, 256) for n in "qkv"} | {f"{p}.{n}_proj.bias": (inner,) for n in "qkv"} | \
+        {f"{p}.out_proj.weight": (256, inner), f"{p}.out_proj.bias": (256,)}
+
+
+def official_vit_b_keys() -> dict:
+    keys = {"image_encoder.pos_embed": (1, 64, 64, 768), "image_encoder.patch_embed.proj.weight": (768, 3, 16, 16),
+            "image_encoder.patch_embed.proj.bias": (768,), "image_encoder.neck.0.weight": (256, 768, 1, 1),
+            "image_encoder.neck.1.weight": (256,), "image_encoder.neck.1.bias": (256,),
+            "image_encoder.neck.2.weight": (256, 256, 3, 3), "image_encoder.neck.3.weight": (256,),
+            "image_encoder.neck.3.bias": (256,)}
+    for i in range(12):
+        keys |= _block(i, 127 if i in (2, 5, 8, 11) else 27)
+    pe = "prompt_encoder."
+    keys |= {pe + "pe_layer.positional_encoding_gaussian_matrix": (2, 128), pe + "not_a_point_embed.weight": (1, 256),
+             pe + "no_mask_embed.weight": (1, 256), pe + "mask_downscaling.0.weight": (4, 1, 2, 2),
+             pe + "mask_downscaling.0.bias": (4,), pe + "mask_downscaling.1.weight": (4,),
+             pe + "mask_downscaling.1.bias": (4,), pe + "mask_downscaling.3.weight": (16, 4, 2, 2),
+             pe + "mask_downscaling.3.bias": (16,), pe + "mask_downscaling.4.weight": (16,),
+             pe + "mask_downscaling.4.bias": (16,), pe + "mask_downscaling.6.weight": (256, 16, 1, 1),
+             pe + "mask_downscaling.6.bias": (256,)}
+    keys |= {f"{pe}point_embeddings.{i}.weight": (1, 256) for i in range(4)}
+    md = "mask_decoder."
+    for i in range(2):
+        p = f"{md}transformer.layers.{i}."
+        keys |= _attn(p + "self_attn", 256) | _attn(p + "cross_attn_token_to_image", 128) | \
+            _attn(p + "cross_attn_image_to_token", 128)
+        keys |= {f"{p}norm{j}.{w}": (256,) for j in range(1, 5) for w in ("weight", "bias")}
+        keys |= {p + "mlp.lin1.weight": (2048, 256), p + "mlp.lin1.bias": (2048,), p + "mlp.lin2.weight": (256, 2048),
+                 p + "mlp.lin2.bias": (256,)}
+    keys |= _attn(md + "transformer.final_attn_token_to_image", 128)
+    keys |= {md + "transformer.norm_final_attn.weight": (256,), md + "transformer.norm_final_attn.bias": (256,),
+             md + "iou_token.weight": (1, 256), md + "mask_tokens.weight": (4, 256),
+             md + "output_upscaling.0.weight": (256, 64, 2, 2), md + "output_upscaling.0.bias": (64,),
+             md + "output_upscaling.1.weight": (64,), md + "output_upscaling.1.bias": (64,),
+             md + "output_upscaling.3.weight": (64, 32, 2, 2), md + "output_upscaling.3.bias": (32,)}
+    for i in range(4):
+        for j, (o, n) in enumerate(((256, 256), (256, 256), (32, 256))):
+            keys |= {f"{md}output_hypernetworks_mlps.{i}.layers.{j}.weight": (o, n),
+                     f"{md}output_hypernetworks_mlps.{i}.layers.{j}.bias": (o,)}
+    for j, (o, n) in enumerate(((256, 256), (256, 256), (4, 256))):
+        keys |= {f"{md}iou_prediction_head.layers.{j}.weight": (o, n), f"{md}iou_prediction_head.layers.{j}.bias": (o,)}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def vit_b():
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        return S.build_sam("vit_b")
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_vit_b_parameter_counts(vit_b):
+    enc = vit_b.image_encoder
+    assert count(vit_b) == 93_735_472
+    assert (count(enc), count(vit_b.prompt_encoder), count(vit_b.mask_decoder)) == (89_670_912, 6_220, 4_058_340)
+    assert count(vit_b.mask_decoder.transformer) == 3_291_264
+    assert (count(enc.blocks[0]), count(enc.blocks[2]), count(enc.blocks)) == (7_091_328, 7_104_128, 85_147_136)
+    assert (count(enc.patch_embed), enc.pos_embed.numel(), count(enc.neck)) == (590_592, 3_145_728, 787_456)
+    assert vit_b.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.numel() == 256  # a buffer
+
+
+def test_vit_b_state_dict_is_the_official_layout(vit_b):
+    sd = {k: tuple(v.shape) for k, v in vit_b.state_dict().items()}
+    official = official_vit_b_keys()
+    assert len(official) == 314
+    assert sorted(set(official) - set(sd)) == [] and sorted(set(sd) - set(official)) == []  # no pixel_mean/std
+    assert {k: v for k, v in sd.items() if official[k] != v} == {}
+
+
+def test_clip_head_is_three_copies_of_the_last_block(vit_b):
+    m = S.build_sam("tiny").add_clip_head(32)
+    last = m.image_encoder.blocks[-1].state_dict()
+    for blk in m.clip_head.blocks:
+        assert all(torch.equal(v, last[k]) for k, v in blk.state_dict().items())
+    with torch.device("meta"):
+        head = S.build_sam("vit_b").add_clip_head(768).clip_head
+    assert count(head.blocks) == 21_312_384  # ~25% of ViT-B, as the paper says
+
+
+def test_load_sam_strict_and_predict_prompts(tmp_path):
+    """An official-style flat state dict loads strictly (a missing key fails in one line); points, a box and
+    a mask prompt go through SAM's resize-longest-side / pad / crop pipeline to the original size."""
+    torch.manual_seed(0)
+    sd = S.build_sam("tiny").state_dict()
+    torch.save(sd, tmp_path / "sam_tiny.pth")
+    sam = S.load_sam(str(tmp_path / "sam_tiny.pth"))
+    assert all(torch.equal(v, sam.state_dict()[k]) for k, v in sd.items())
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    masks, iou, low = S.predict_masks(sam, img, [[10, 12], [40, 5]], [1, 0])
+    assert masks.shape == (3, 30, 50) and masks.dtype == torch.bool and iou.shape == (3,) and low.shape == (1, 3, 32, 32)
+    masks, iou, _ = S.predict_masks(sam, img, box=[5, 5, 30, 25], mask_input=low[:, :1], multimask=False)
+    assert masks.shape == (1, 30, 50)
+    bad = dict(sd)
+    bad.pop("mask_decoder.iou_token.weight")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit):
+        S.load_sam(str(tmp_path / "bad.pth"))
+
+
+def test_prompt_tokens_match_the_official_forward():
+    """decode_tokens (points and boxes as 2 tokens each, mixed in one batch) equals PromptEncoder.forward."""
+    torch.manual_seed(0)
+    pe = S.build_sam("tiny").prompt_encoder
+    for e in [*pe.point_embeddings, pe.not_a_point_embed]:
+        torch.nn.init.normal_(e.weight)
+    pts = torch.tensor([[[10.0, 20.0]]])
+    sparse, _ = pe((pts, torch.tensor([[1]])))
+    tok = pe.embed_points(torch.tensor([[[10.0, 20.0], [0, 0]]]), torch.tensor([[1, -1]]))
+    torch.testing.assert_close(sparse, tok)
+    assert torch.equal(tok[0, 1], pe.not_a_point_embed.weight[0])
+    box = torch.tensor([[3.0, 4.0, 30.0, 40.0]])
+    torch.testing.assert_close(pe(boxes=box)[0], pe.embed_points(box.view(1, 2, 2), torch.tensor([[2, 3]])))
+
+
+def test_fused_attention_matches_reference():
+    torch.manual_seed(0)
+    m = S.build_sam("tiny").double()
+    for p in m.parameters():  # non-zero relative position tables
+        torch.nn.init.normal_(p, std=0.2) if p.ndim == 2 else None
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)  # 6 x 6 grid: windows padded, tables resampled
+    fused = m.image_encoder(x)
+    for mod in m.modules():
+        if isinstance(mod, (S.EncoderAttention, S.DecoderAttention)):
+            mod.fused = False
+    torch.testing.assert_close(fused, m.image_encoder(x))
+
+
+def test_window_partition_round_trip_and_rel_pos_lookup():
+    x = torch.randn(2, 9, 7, 5)
+    w, padded = S.window_partition(x, 4)
+    assert w.shape == (2 * 3 * 2, 4, 4, 5) and padded == (12, 8)
+    assert torch.equal(S.window_unpartition(w, 4, padded, (9, 7)), x)
+    table = torch.arange(7.0)[:, None].expand(7, 2)  # 2S - 1 rows for S = 4: row = offset + 3
+    r = S.rel_pos_lookup(4, 4, table)
+    assert torch.equal(r[..., 0], torch.arange(4.0)[:, None] - torch.arange(4.0)[None] + 3)
+
+
+# ---- COCO RLE (SA-1B) ------------------------------------------------------------------------------------
+
+
+def test_rle_decoder_on_hand_made_masks():
+    # column-major runs starting with 0s: [[0, 1, 1], [0, 1, 0]] reads 0 0 | 1 1 | 1 0 -> runs 2, 3, 1
+    m = np.array([[0, 1, 1], [0, 1, 0]], np.uint8)
+    assert (S.rle_decode({"size": [2, 3], "counts": [2, 3, 1]}) == m).all()
+    assert S.rle_counts("231") == [2, 3, 1] and (S.rle_decode({"size": [2, 3], "counts": "231"}) == m).all()
+    # 16 needs a continuation group ('`' = 48 + (16 | 0x20)) because its bit 0x10 would read as a sign
+    assert S.rle_counts("0`0") == [0, 16]
+    assert (S.rle_decode({"size": [4, 4], "counts": "0`0"}) == 1).all()
+    # from the fourth run on, the difference to the run two before is stored, here negative: 2 - 5 = -3 -> 'M'
+    assert S.rle_counts("12:1") == [1, 2, 10, 3] and S.rle_counts("151M") == [1, 5, 1, 2]
+    assert S.rle_encode(S.rle_decode({"size": [3, 3], "counts": [1, 5, 1, 2]}))["counts"] == "151M"
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random((rng.integers(1, 12), rng.integers(1, 12))) < rng.random()
+        assert (S.rle_decode(S.rle_encode(mask)) == mask).all()
+    with pytest.raises(ValueError):
+        S.rle_decode({"size": [3, 3], "counts": [2, 3]})
+
+
+def test_sa1b_layout_reader(tmp_path):
+    """A tar of SA-1B's layout (sa_N.jpg + sa_N.json with RLE annotations) decodes to masks and prompts."""
+    h, w = 40, 60
+    m1, m2 = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
+    m1[6:20, 10:30], m2[24:38, 40:58] = 1, 1  # 14 x 20 and 14 x 18
+    meta = {"image": {"image_id": 1, "width": w, "height": h, "file_name": "sa_1.jpg"},
+            "annotations": [{"id": i, "segmentation": S.rle_encode(m), "bbox": [0, 0, 1, 1], "area": int(m.sum())}
+                            for i, m in enumerate((m1, m2))]}
+    img = Image.fromarray(np.full((h, w, 3), 128, np.uint8))
+    C.write_shard(str(tmp_path / "sa_000000.tar"), [{"__key__": "sa_1", "jpg": img, "json": meta}])
+    sample = next(C.iter_tar_samples(str(tmp_path / "sa_000000.tar"), {}))
+    out = S.SamDecode(30, 2, 0, 0.5)(sample)
+    assert out["image"].shape == (3, 30, 30) and out["hw"].tolist() == [20, 30]
+    assert sorted(out["masks"].flatten(1).sum(1).tolist()) == [63, 70]  # both masks, sides halved (nearest)
+    for c, lab, m in zip(out["coords"], out["labels"], out["masks"]):
+        if lab[0] == 1:  # a point prompt lies inside its mask
+            assert m[int(c[0, 1]), int(c[0, 0])] == 1 and lab[1] == -1
+        else:
+            assert lab.tolist() == [2, 3]
+
+
+# ---- losses ----------------------------------------------------------------------------------------------
+
+
+def test_focal_and_dice_match_naive_versions():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6, 7, dtype=torch.float64) * 3
+    for target in ((torch.rand(5, 6, 7) > 0.6).double(), torch.rand(5, 6, 7, dtype=torch.float64)):  # hard, soft
+        torch.testing.assert_close(S.focal_loss(logits, target).double(), S.focal_loss_reference(logits, target))
+        torch.testing.assert_close(S.dice_loss(logits, target).double(), S.dice_loss_reference(logits, target))
+    # a confident, correct prediction costs almost nothing; the focal term down-weights it further than BCE
+    t = torch.zeros(1, 4, 4)
+    t[0, :2] = 1
+    good = (t * 2 - 1) * 8
+    assert S.dice_loss(good, t) < 0.01 and S.focal_loss(good, t) < 1e-6 < F.binary_cross_entropy_with_logits(good, t)
+
+
+def test_sam_distill_loss_is_zero_only_for_the_teacher():
+    torch.manual_seed(0)
+    t_masks, t_iou = torch.randn(3, 4, 8, 8).sign() * 20, torch.rand(3, 4)  # a confident teacher
+    same = S.sam_distill_loss(t_masks, t_iou, t_masks, t_iou)
+    other = S.sam_distill_loss(-t_masks, t_iou, t_masks, t_iou)
+    assert same < 0.01 < other
+    torch.testing.assert_close(S.cosine_distill_loss(torch.ones(2, 3), torch.ones(2, 3) * 5), torch.tensor(0.0))
