@@ -1,0 +1,745 @@
+"""FastFill: Efficient Compatible Model Update (arXiv 2303.04766, ICLR 2023, Jaeckle et al., Apple).
+
+A retrieval system holds a gallery embedded by an old model phi_old. A better model phi_new arrives and
+queries are embedded with it, but re-embedding ("backfilling") the whole gallery is slow. FastFill learns
+a transformation h that maps old gallery features into the new space (FCT's two-branch MLP, trained with
+alignment + the new classifier's cross-entropy under a learned per-item uncertainty sigma), then backfills
+the gallery item by item in order of decreasing sigma, so retrieval recovers fast at small backfilled
+fractions. The figure of merit is the area under the backfilling curve (CMC top-1/top-5, mAP).
+
+What is here: the embedding backbones (ResNet-18/50 with a 128-d ReLU'd embedding and a bias-free 1x1-conv
+classifier, the layout of apple/ml-fct; any torchvision classifier by name when torchvision is installed),
+their training (SGD, cosine with warm-up, label smoothing; optionally BCT's influence loss), the
+transformation with the uncertainty head and its training recipe (Adam, cosine, BN frozen for the second
+half), backfilling with the three orderings, the retrieval metrics with self-matches excluded, the curve as
+log.jsonl, CSV and PNG, and a no-argument run that does all of it on the synthetic world. Not here: side
+information (the released FastFill configs do not use it: the old feature feeds both branches, as there),
+the biased-model experiment and the RBT baseline (undefined in the public sources).
+
+Paper -> code:
+  phi_old, phi_new: ResNet-50, 128-d embedding (FCT)   -> ResNet, build_model, train_model
+  BCT influence loss (baseline new model)              -> train_model (--bct OLD), bct_loss
+  h: two-branch MLP + BN, sigma head (Sec. 3)          -> Transformation
+  L = mean(0.5 exp(-s) (MSE + CE_ls) + 0.5 s) (Eq. 5)  -> fastfill_loss (reference: fastfill_loss_reference)
+  FCT: the same h, MSE only                            -> --loss fct
+  backfilling orderings: sigma, random, distance       -> backfill_order
+  CMC top-k and mAP, self excluded; AUC (Sec. 4)       -> retrieval_metrics, backfill_curve
+
+Commands:
+  python fastfill.py                                   # the whole pipeline on the synthetic world, CPU
+  torchrun --nproc_per_node=8 fastfill.py train-model --data imagenet/train --classes 500 --model resnet50 \\
+      --batch-size 128 --epochs 100 --lr 1.024 --out old/
+  torchrun --nproc_per_node=8 fastfill.py train-model --data imagenet/train --model resnet50 --batch-size 128 \\
+      --epochs 100 --lr 1.024 --out new/
+  torchrun --nproc_per_node=8 fastfill.py align --old old/ --new new/ --data imagenet/train --batch-size 128 \\
+      --epochs 80 --out align/
+  python fastfill.py backfill --old old/ --new new/ --align align/ --data imagenet/val --order sigma,random,distance \\
+      --out backfill/
+
+Result (the no-argument run): README.md, "FastFill".
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Config:
+    data: str = ""  # ImageFolder to train on (backfill: the query = gallery set); empty = the synthetic world
+    val_data: str = ""  # train-model: ImageFolder for top-1 at the end; empty = the synthetic held-out set, if synthetic
+    out: str = "runs/fastfill"  # run directory: config.json, log.jsonl, checkpoints, curves
+    model: str = "resnet_tiny"  # resnet_tiny | resnet18 | resnet50 | torchvision:<name> (e.g. torchvision:resnet101)
+    embed_dim: int = 128  # embedding width (paper: 128)
+    classes: int = 0  # train-model: train on the first N classes only (the old model: half); 0 = all
+    bct: str = ""  # train-model: old model checkpoint -> BCT influence loss through its frozen classifier
+    bct_weight: float = 1.0  # weight of the influence loss
+    old: str = ""  # align/backfill: the old model (checkpoint or its run directory)
+    new: str = ""  # align/backfill: the new model
+    align: str = ""  # backfill: the transformation; empty = none (old features as they are, e.g. after BCT)
+    loss: str = "fastfill"  # align: fastfill (MSE + CE under sigma) | fct (MSE only, no sigma head)
+    inner_dim: int = 2048  # align: width of the mixer MLP (paper: 2048)
+    mu_uncertainty: float = 0.5  # align: the 0.5 of 0.5 exp(-s) L + 0.5 s
+    order: str = "sigma,random,distance"  # backfill: orderings to evaluate (sigma needs a fastfill --align)
+    points: int = 22  # backfill: fractions i/(points-1), i = 0..points-1 (the official 22)
+    epochs: int = 0  # 0 = the recipe's: 100 (train-model), 80 (align)
+    batch_size: int = 256  # per process
+    lr: float = 0.0  # 0 = the recipe's: SGD 1.024 x batch/1024 (train-model), Adam 5e-4 (align)
+    weight_decay: float = 2**-15  # both recipes: 3.05e-5
+    momentum: float = 0.875  # train-model: SGD momentum
+    warmup_epochs: float = 5  # linear warm-up, then cosine to zero
+    label_smoothing: float = 0.1  # train-model and the CE term of align
+    image_size: int = 224  # training/eval resolution (the synthetic world: 32)
+    crop_scale: float = 0.08  # smallest area fraction of the random resized crop
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 2  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 50  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints (and one at the end)
+    resume: str = "auto"  # 'auto' = the latest checkpoint in --out (fresh if none), '' = fresh, or a path
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 10000  # synthetic training images
+    synthetic_val: int = 2000  # synthetic held-out images (the query = gallery set)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Embedding models: ResNet with a D-dim embedding and a bias-free 1x1-conv classifier (FCT layout)
+# ----------------------------------------------------------------------------------------------------
+# apple/ml-fct's ResNet is torchvision's with two changes: the last block of layer4 outputs `embed_dim`
+# channels (its conv3/bn3 and a 1x1 projection shortcut are that wide), with a ReLU after it
+# (`last_nonlin`), and the classifier `fc` is a 1x1 conv without bias on the pooled (B, D, 1, 1) feature.
+# Names follow torchvision (conv1, bn1, layer1.0.downsample.0, ...), so checkpoints port by name.
+
+
+class Block(nn.Module):
+    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with expansion 4) block; `out_dim` overrides
+    the output width (the embedding block), `relu_out=False` leaves the output linear."""
+
+    def __init__(self, cin, planes, stride=1, bottleneck=True, out_dim=None, relu_out=True):
+        super().__init__()
+        cout = out_dim or planes * (4 if bottleneck else 1)
+        convs = ([(cin, planes, 1, 1), (planes, planes, 3, stride), (planes, cout, 1, 1)] if bottleneck
+                 else [(cin, planes, 3, stride), (planes, cout, 3, 1)])
+        for i, (a, b, k, s) in enumerate(convs, 1):
+            self.add_module(f"conv{i}", nn.Conv2d(a, b, k, s, k // 2, bias=False))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(b))
+        self.n, self.relu_out = len(convs), relu_out
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = x
+        for i in range(1, self.n + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            out = F.relu(out) if i < self.n else out
+        out = out + (x if self.downsample is None else self.downsample(x))
+        return F.relu(out) if self.relu_out else out
+
+
+class ResNet(nn.Module):
+    """(B, 3, H, W) -> (logits (B, classes), feature (B, D)). `small_stem`: a 3x3/1 stem without max-pool
+    for 32-px images (the CPU model); the standard stem is 7x7/2 + max-pool."""
+
+    def __init__(self, layers, classes, embed_dim=128, width=64, bottleneck=True, small_stem=False,
+                 last_nonlin=True):
+        super().__init__()
+        k, s = (3, 1) if small_stem else (7, 2)
+        self.conv1, self.bn1 = nn.Conv2d(3, width, k, s, k // 2, bias=False), nn.BatchNorm2d(width)
+        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
+        cin, exp = width, 4 if bottleneck else 1
+        for i, n in enumerate(layers):
+            planes, blocks = width * 2**i, []
+            for j in range(n):
+                last = i == len(layers) - 1 and j == n - 1  # the embedding block
+                blocks.append(Block(cin, planes, 2 if j == 0 and i > 0 else 1, bottleneck,
+                                    embed_dim if last else None, last_nonlin if last else True))
+                cin = embed_dim if last else planes * exp
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.n_layers, self.embed_dim = len(layers), embed_dim
+        self.fc = nn.Conv2d(embed_dim, classes, 1, bias=False)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for i in range(1, self.n_layers + 1):
+            x = getattr(self, f"layer{i}")(x)
+        feature = x.mean((2, 3), keepdim=True)  # (B, D, 1, 1)
+        return self.fc(feature).flatten(1), feature.flatten(1)
+
+
+class TorchvisionEmbedder(nn.Module):
+    """Any torchvision classifier as an embedder: its trunk up to the pooled feature, a 1x1 projection to
+    D with a ReLU (the FCT embedding), and the bias-free classifier."""
+
+    def __init__(self, name, classes, embed_dim=128):
+        super().__init__()
+        try:
+            import torchvision
+        except ImportError:
+            C.fail(f"--model torchvision:{name} needs torchvision (pip install torchvision)")
+        self.trunk = torchvision.models.get_model(name, num_classes=1000)
+        head = [n for n, m in self.trunk.named_modules() if isinstance(m, nn.Linear)][-1]
+        width = self.trunk.get_submodule(head).in_features
+        parent, _, leaf = head.rpartition(".")
+        setattr(self.trunk.get_submodule(parent) if parent else self.trunk, leaf, nn.Identity())
+        self.embed = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU())
+        self.fc = nn.Conv2d(embed_dim, classes, 1, bias=False)
+        self.embed_dim = embed_dim
+
+    def forward(self, x):
+        feature = self.embed(self.trunk(x))  # (B, D)
+        return self.fc(feature[:, :, None, None]).flatten(1), feature
+
+
+# name -> (blocks per stage, stem width, bottleneck, small stem)
+MODELS = {"resnet50": ((3, 4, 6, 3), 64, True, False), "resnet18": ((2, 2, 2, 2), 64, False, False),
+          "resnet_tiny": ((1, 1, 1, 1), 16, False, True)}
+
+
+def build_model(name: str, classes: int, embed_dim: int) -> nn.Module:
+    if name.startswith("torchvision:"):
+        return TorchvisionEmbedder(name.split(":", 1)[1], classes, embed_dim)
+    if name not in MODELS:
+        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)} or torchvision:<name>")
+    layers, width, bottleneck, small = MODELS[name]
+    return ResNet(layers, classes, embed_dim, width, bottleneck, small)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The transformation h and its loss (Sec. 3; spec 2.1 and 3.2)
+# ----------------------------------------------------------------------------------------------------
+
+
+class ConvBlock(nn.Module):
+    """A 1x1 conv on a (B, C, 1, 1) feature (a linear layer), then BN and ReLU; no bias when BN follows."""
+
+    def __init__(self, cin, cout, norm_act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=not norm_act)
+        self.normalizer = nn.BatchNorm2d(cout) if norm_act else None
+        self.activation = nn.ReLU() if norm_act else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x if self.normalizer is None else self.activation(self.normalizer(x))
+
+
+class Transformation(nn.Module):
+    """h(old, side) -> (new-space feature (B, D_new), s (B, sigma_dim) or None). Branch p1 reads the old
+    feature (D_old -> 2 D_old -> 2 D_new), p2 the side information (D_side -> 2 D_side -> 2 D_new), the mixer
+    maps their concatenation through two inner layers to D_new. FastFill adds `sigma`, a linear head on the
+    output that predicts s = log sigma^2, the item's alignment uncertainty. Without a side-information model
+    the old feature feeds both branches, as in the released FastFill configs."""
+
+    def __init__(self, d_old, d_new, d_side=None, inner=2048, sigma_dim=1):
+        super().__init__()
+        d_side = d_side or d_old
+        self.p1 = nn.Sequential(ConvBlock(d_old, 2 * d_old), ConvBlock(2 * d_old, 2 * d_new))
+        self.p2 = nn.Sequential(ConvBlock(d_side, 2 * d_side), ConvBlock(2 * d_side, 2 * d_new))
+        self.mixer = nn.Sequential(ConvBlock(4 * d_new, inner), ConvBlock(inner, inner),
+                                   ConvBlock(inner, d_new, norm_act=False))
+        self.sigma = nn.Linear(d_new, sigma_dim) if sigma_dim else None
+
+    def forward(self, old, side=None):
+        side = old if side is None else side
+        x = torch.cat([self.p1(old[:, :, None, None]), self.p2(side[:, :, None, None])], dim=1)  # (B, 4 D_new, 1, 1)
+        h = self.mixer(x).flatten(1)  # (B, D_new)
+        return h, (self.sigma(h) if self.sigma is not None else None)
+
+
+def fastfill_loss(h, s, target, logits, labels, mu_uncertainty=0.5, smoothing=0.1, mu_disc=1.0):
+    """Eq. 5 (spec 3.2): per item L_i = MSE(h_i, phi_new_i) (mean over D) + mu_disc * CE_ls(W_new h_i, y_i);
+    with the uncertainty head, loss = mean_i(mu e^{-s_i} L_i + mu s_i) (Kendall & Gal's aleatoric weighting:
+    hard items learn a large s, which down-weights them and costs mu s). s = None (FCT): mean_i L_i."""
+    per = (h.float() - target.float()).pow(2).mean(dim=1)  # (B,)
+    if mu_disc:
+        per = per + mu_disc * F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="none")
+    if s is None:
+        return per.mean()
+    s = s.float().mean(dim=1)  # (B,); sigma_dim > 1: the mean over dimensions
+    return (mu_uncertainty * torch.exp(-s) * per + mu_uncertainty * s).mean()
+
+
+def fastfill_loss_reference(h, s, target, logits, labels, mu_uncertainty=0.5, smoothing=0.1, mu_disc=1.0):
+    """The same, one item at a time with the smoothed cross-entropy written out:
+    CE_ls = -(1 - eps) log p_y - eps/K sum_k log p_k."""
+    total = 0.0
+    for i in range(len(h)):
+        mse = sum((float(a) - float(b)) ** 2 for a, b in zip(h[i], target[i])) / h.shape[1]
+        logp = [v - math.log(sum(math.exp(u) for u in logits[i].tolist())) for v in logits[i].tolist()]
+        ce = -(1 - smoothing) * logp[int(labels[i])] - smoothing / len(logp) * sum(logp)
+        L = mse + mu_disc * ce
+        if s is None:
+            total += L
+        else:
+            si = float(s[i].float().mean())
+            total += mu_uncertainty * math.exp(-si) * L + mu_uncertainty * si
+    return total / len(h)
+
+
+def bct_loss(old_classifier: nn.Module, feature, labels, old_classes: int):
+    """BCT's influence loss (Shen et al. 2020): the old model's frozen classifier applied to the new
+    embedding, cross-entropy on the items of classes the old model knows."""
+    seen = labels < old_classes
+    if not seen.any():
+        return feature.sum() * 0
+    logits = old_classifier(feature[seen][:, :, None, None]).flatten(1)
+    return F.cross_entropy(logits.float(), labels[seen])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Retrieval metrics and backfilling (Sec. 4; spec 5.1)
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def retrieval_metrics(query, gallery, labels, chunk: int = 1024) -> dict:
+    """CMC top-1/top-5 and mAP (%) with query set = gallery set: query i never retrieves gallery item i.
+    L2 distance; ties in the CMC ranking go to the lower gallery index (stable sort). mAP is sklearn's
+    average_precision_score per query over the other N-1 items (score = -distance; tied scores form one
+    threshold, so a tie of a positive and a negative counts as half a hit), averaged over the queries that
+    have a positive. Distances are computed `chunk` queries at a time, so N x N never exists at once."""
+    N = len(query)
+    top1 = top5 = ap_sum = 0.0
+    ap_n = 0
+    for lo in range(0, N, chunk):
+        q, idx = query[lo:lo + chunk].float(), torch.arange(lo, min(lo + chunk, N))
+        d = torch.cdist(q, gallery.float())  # (c, N)
+        d[torch.arange(len(q)), idx] = float("inf")  # self excluded
+        d, order = d.sort(dim=1, stable=True)
+        d, order = d[:, :-1], order[:, :-1]  # drop the self column, now last
+        hit = (labels[order] == labels[idx][:, None]).float()  # (c, N-1), in ranked order
+        top1 += hit[:, 0].sum().item()
+        top5 += hit[:, :5].amax(dim=1).sum().item()
+        # AP with ties: every item of a tie group takes the precision at the group's end.
+        pos = torch.arange(N - 1).expand_as(d)
+        is_end = torch.ones_like(hit, dtype=torch.bool)
+        is_end[:, :-1] = d[:, 1:] != d[:, :-1]
+        big = torch.full_like(pos, N)
+        end = torch.where(is_end, pos, big).flip(1).cummin(dim=1).values.flip(1)  # group end per rank
+        tp_at_end = hit.cumsum(dim=1).gather(1, end)
+        n_pos = hit.sum(dim=1)
+        ap = (hit * tp_at_end / (end + 1)).sum(dim=1) / n_pos.clamp(min=1)
+        ap_sum += ap[n_pos > 0].sum().item()
+        ap_n += int((n_pos > 0).sum())
+    return {"top1": 100 * top1 / N, "top5": 100 * top5 / N, "mAP": 100 * ap_sum / max(1, ap_n)}
+
+
+def backfill_order(kind: str, n: int, sigma=None, h=None, new=None, seed: int = 0) -> torch.Tensor:
+    """Which gallery items are re-embedded first (spec 5.1): `sigma` (FastFill) the most uncertain first,
+    free at update time; `random` (FCT/BCT); `distance` an oracle, the items worst aligned
+    ||phi_new - h(phi_old)|| first (it needs the new features backfilling tries to avoid computing)."""
+    if kind == "random":
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if kind == "sigma":
+        if sigma is None:
+            C.fail("--order sigma needs a FastFill transformation (--align trained with --loss fastfill)")
+        return sigma.float().mean(dim=1).argsort(descending=True, stable=True)
+    if kind == "distance":
+        return (new.float() - h.float()).norm(dim=1).argsort(descending=True, stable=True)
+    C.fail(f"unknown order '{kind}'; choose sigma, random or distance")
+
+
+def backfill_curve(query, gallery_old, gallery_new, labels, order, points: int = 22) -> list[dict]:
+    """The gallery starts as the transformed old features and has its first floor(i n / (points-1)) items
+    in `order` replaced by new ones, i = 0..points-1; metrics at each fraction. AUC = their plain mean."""
+    n, curve = len(labels), []
+    for i in C.progress(range(points), "backfill"):
+        k = i * n // (points - 1)
+        gallery = gallery_old.clone()
+        gallery[order[:k]] = gallery_new[order[:k]]
+        curve.append({"fraction": k / n, **retrieval_metrics(query, gallery, labels)})
+    return curve
+
+
+def auc(curve: list[dict]) -> dict:
+    return {f"auc_{m}": sum(p[m] for p in curve) / len(curve) for m in ("top1", "top5", "mAP")}
+
+
+def plot_curves(curves: dict, metric: str, path: str, size=(640, 420)):
+    """Backfilling curves as a PNG drawn with PIL: fraction backfilled (x) against `metric` (y)."""
+    W, H, m = *size, 50
+    img = Image.new("RGB", size, "white")
+    dr = ImageDraw.Draw(img)
+    ys = [p[metric] for c in curves.values() for p in c]
+    lo, hi = math.floor(min(ys) - 1), math.ceil(max(ys) + 1)
+    xy = lambda f, v: (m + f * (W - 2 * m), H - m - (v - lo) / (hi - lo) * (H - 2 * m))
+    dr.rectangle([m, m, W - m, H - m], outline="black")
+    for t in range(6):
+        dr.text((m - 30, xy(0, lo + t * (hi - lo) / 5)[1] - 5), f"{lo + t * (hi - lo) / 5:.1f}", fill="black")
+        dr.text((xy(t / 5, lo)[0] - 8, H - m + 6), f"{t / 5:.1f}", fill="black")
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for j, (name, c) in enumerate(curves.items()):
+        dr.line([xy(p["fraction"], p[metric]) for p in c], fill=colours[j % 6], width=2)
+        dr.text((m + 10, m + 8 + 14 * j), f"{name}  (AUC {auc(c)['auc_' + metric]:.1f})", fill=colours[j % 6])
+    dr.text((W // 2 - 60, H - 22), "fraction backfilled", fill="black")
+    dr.text((8, 8), metric + " (%)", fill="black")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Data: ImageFolders (or the synthetic world written as ImageFolders)
+# ----------------------------------------------------------------------------------------------------
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Map-style ImageFolder read by key (epoch, index). Train: random resized crop + flip seeded by (seed,
+    epoch, index), independent of workers and resumes; eval (epoch < 0): resize + centre crop. An
+    unreadable image becomes label -1 (ignored by the losses, counted) instead of a crash."""
+
+    def __init__(self, items, size: int, seed: int = 0, scale: float = 0.08):
+        self.items, self.size, self.seed, self.scale = items, size, seed, scale
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        path, label = self.items[i]
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
+        if epoch < 0:
+            return C.image_to_uint8(img, self.size, C.center_crop_box(*img.size), Image.BILINEAR), label
+        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
+        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*img.size, rng, (self.scale, 1.0)),
+                             Image.BILINEAR)
+        return (x.flip(-1) if rng.random() < 0.5 else x), label
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's share of each global batch from step `start` on: a permutation per epoch seeded by
+    (seed, epoch), cut into global batches, rank r taking every world-th item. The data position is the
+    step itself, so a resumed run replays exactly what an uninterrupted one would have seen."""
+
+    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
+        self.n, self.gb, self.start, self.total, self.seed = n, global_batch, start, total, seed
+        self.rank, self.world, self.per_epoch = rank, world, max(1, n // global_batch)
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        perm, perm_epoch = None, -1
+        for s in range(self.start, self.total):
+            epoch, j = divmod(s, self.per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                perm_epoch = epoch
+            yield [(epoch, int(i)) for i in perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]]
+
+
+def synthetic_folders(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0) -> tuple[str, str]:
+    """The synthetic world (10 shape classes) as train and val ImageFolders, written once by rank 0."""
+    root = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip"),
+                        f"fastfill-{C.SYNTH_VERSION}-{n_train}-{n_val}-{size}px-seed{seed}")
+    if C.get_rank() == 0 and not os.path.exists(os.path.join(root, "DONE")):
+        for split, n in (("train", n_train), ("val", n_val)):
+            for name in C.SYNTH_SHAPES:
+                os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for s in C.progress(C.synthetic_split(seed, n, size, split), f"synthetic {split}", total=n):
+                s["image"].save(os.path.join(root, split, C.SYNTH_SHAPES[s["label"]], s["key"] + ".png"))
+        open(os.path.join(root, "DONE"), "w").write("ok\n")
+    C.barrier()
+    return os.path.join(root, "train"), os.path.join(root, "val")
+
+
+def resolve_data(cfg: Config, split: str) -> str:
+    """--data, or the synthetic world's `split` folder (which also sets the 32-px image size)."""
+    if cfg.data:
+        return cfg.data
+    train, val = synthetic_folders(cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, 32, cfg.seed)
+    return train if split == "train" else val
+
+
+def to_input(x: torch.Tensor, device) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> normalised float on the device (ImageNet mean/std), channels_last."""
+    x = C.normalize_images(x.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Checkpoints of the three stages
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_stage(path: str, kind: str, device) -> tuple[nn.Module, dict]:
+    """A finished model/transformation from its checkpoint or run directory (the latest checkpoint),
+    frozen, in eval mode."""
+    if os.path.isdir(path):
+        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
+    ck = C.load_checkpoint(path, "")
+    if ck is None or ck.get("kind") != kind:
+        C.fail(f"{path} is not a {kind} checkpoint (kind {ck and ck.get('kind')!r})")
+    if kind == "model":
+        m = build_model(ck["model_name"], ck["classes"], ck["embed_dim"])
+    else:
+        m = Transformation(ck["d_old"], ck["d_new"], inner=ck["inner_dim"], sigma_dim=ck["sigma_dim"])
+    C.load_state_dict_checked(m, ck["model"], path)
+    return m.to(device).eval().requires_grad_(False), ck
+
+
+def recipe(cfg: Config, stage: str) -> tuple[int, float]:
+    """(epochs, peak lr) of the official recipes unless given: backbones SGD 1.024 at batch 1024 (scaled
+    linearly with the global batch), 100 epochs; the transformation Adam 5e-4, 80 epochs."""
+    gb = cfg.batch_size * C.get_world_size()
+    if stage == "model":
+        return cfg.epochs or 100, cfg.lr or 1.024 * gb / 1024
+    return cfg.epochs or 80, cfg.lr or 5e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Training: the backbones (train-model) and the transformation (align)
+# ----------------------------------------------------------------------------------------------------
+
+
+def classify(model: nn.Module, feature: torch.Tensor) -> torch.Tensor:
+    """A model's bias-free 1x1-conv classifier on (B, D) features -> (B, classes) logits."""
+    return model.fc(feature[:, :, None, None]).flatten(1)
+
+
+def setup_stage(cfg: Config, stage: str, classes: int, classnames: list, device):
+    """(trained module, optimizer, frozen helpers, checkpoint metadata) of one stage."""
+    if stage == "model":
+        model = build_model(cfg.model, classes, cfg.embed_dim).to(device, memory_format=torch.channels_last)
+        # SGD on every parameter, as the FCT backbone configs (no exclusions from weight decay)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        helpers = {"old": load_stage(cfg.bct, "model", device) if cfg.bct else None}
+        meta = {"kind": "model", "model_name": cfg.model, "classes": classes, "embed_dim": cfg.embed_dim,
+                "classnames": classnames[:classes]}
+        return model, opt, helpers, meta
+    if cfg.loss not in ("fastfill", "fct"):
+        C.fail(f"--loss must be fastfill or fct, not '{cfg.loss}'")
+    if not (cfg.old and cfg.new):
+        C.fail("align needs --old and --new model checkpoints (fastfill.py train-model)")
+    old, new = load_stage(cfg.old, "model", device), load_stage(cfg.new, "model", device)
+    if new[1]["classes"] != classes:
+        C.fail(f"the new model has {new[1]['classes']} classes, --data {classes}: align on the new model's data")
+    sigma_dim = 1 if cfg.loss == "fastfill" else 0
+    model = Transformation(old[1]["embed_dim"], new[1]["embed_dim"], inner=cfg.inner_dim, sigma_dim=sigma_dim)
+    opt = torch.optim.Adam(model.to(device).parameters(), lr=0.0, weight_decay=cfg.weight_decay)
+    meta = {"kind": "align", "loss": cfg.loss, "d_old": old[1]["embed_dim"], "d_new": new[1]["embed_dim"],
+            "inner_dim": cfg.inner_dim, "sigma_dim": sigma_dim}
+    return model, opt, {"old": old, "new": new}, meta
+
+
+def train(cfg: Config, stage: str):
+    """train-model (stage "model") or align (stage "align"): a flat step loop over epochs of an ImageFolder,
+    linear warm-up + cosine, resumable at any step, SIGTERM-safe, DDP under torchrun, bf16 on GPU."""
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    items, classnames = C.image_folder(resolve_data(cfg, "train"))
+    if stage == "model" and cfg.classes:  # the old model sees the first N classes only
+        if cfg.classes > len(classnames):
+            C.fail(f"--classes {cfg.classes} but --data has {len(classnames)} class folders")
+        items = [(p, y) for p, y in items if y < cfg.classes]
+    classes = cfg.classes if stage == "model" and cfg.classes else len(classnames)
+    model, opt, helpers, meta = setup_stage(cfg, stage, classes, classnames, device)
+    size = helpers["new"][1]["image_size"] if stage == "align" else (cfg.image_size if cfg.data else 32)
+    meta["image_size"] = size
+    epochs, peak_lr = recipe(cfg, stage)
+    gb = cfg.batch_size * world
+    steps = epochs * max(1, len(items) // gb)
+    warmup = int(round(cfg.warmup_epochs * steps / epochs))
+    C.print0(f"{stage}: {len(items)} images of {classes} classes, {steps} steps of {gb} ({epochs} epochs), "
+             f"peak lr {peak_lr:.4g}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    log = C.RunLog(cfg.out)
+
+    # ---- resume: the data position is the step (StepBatches) ---------------------------------------
+    start = 0
+    ck = C.load_checkpoint(cfg.resume, cfg.out)
+    if ck is not None:
+        if ck.get("kind") != meta["kind"] or ck.get("final"):
+            C.fail(f"{cfg.resume or cfg.out} holds a finished or different run; use a new --out or --resume ''")
+        C.load_state_dict_checked(model, ck["model"], f"checkpoint in {cfg.out}")
+        opt.load_state_dict(ck["optimizer"])
+        C.set_rng_state(ck["rng"])
+        start = ck["step"]
+        C.print0(f"resumed at step {start}")
+    data = FolderImages(items, size, cfg.seed, cfg.crop_scale)
+    sampler = StepBatches(len(items), gb, start, steps, cfg.seed, rank, world)
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
+                                               pin_memory=device.type == "cuda"))
+    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    stop, t0, bad = C.StopSignal(), time.time(), 0
+    for step in range(start, steps + 1):
+        last_step = step == steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- checkpoint (atomic; the last one is marked final) --------------------------------------
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            state = {**meta, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "rng": C.rng_state(), "final": last_step, "config": dataclasses.asdict(cfg)}
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, 2)
+        if last_step or stopping:
+            break
+
+        # ---- one step -----------------------------------------------------------------------------
+        x, y = next(batches)
+        x, y = to_input(x, device), y.to(device, non_blocking=True)
+        ok = y >= 0  # unreadable images are label -1
+        bad += int((~ok).sum()) if step % cfg.log_every == 0 else 0
+        C.set_lr(opt, C.lr_at(step, peak_lr, warmup, steps))
+        # align: the transformation's BN statistics are frozen for the second half (`switch_mode_to_eval`)
+        ddp.train(stage == "model" or step < steps // 2)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if stage == "model":
+                logits, feature = ddp(x)
+                loss = F.cross_entropy(logits[ok].float(), y[ok], label_smoothing=cfg.label_smoothing)
+                if helpers["old"] is not None:  # BCT: stay readable by the old model's classifier
+                    old, old_ck = helpers["old"]
+                    loss = loss + cfg.bct_weight * bct_loss(old.fc, feature[ok], y[ok], old_ck["classes"])
+            else:
+                (old, _), (new, _) = helpers["old"], helpers["new"]
+                with torch.no_grad():
+                    f_old, f_new = old(x)[1][ok], new(x)[1][ok]  # (B, D) each, frozen
+                h, s = ddp(f_old)
+                loss = fastfill_loss(h, s, f_new, classify(new, h), y[ok], cfg.mu_uncertainty,
+                                     cfg.label_smoothing, mu_disc=1.0 if cfg.loss == "fastfill" else 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % cfg.log_every == 0:
+            if not math.isfinite(loss.item()):
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], epoch=(step + 1) * epochs / steps,
+                    samples_per_s=cfg.log_every * gb / (time.time() - t0), unreadable=bad)
+            t0 = time.time()
+
+    # ---- the backbone's own check: top-1 on held-out images --------------------------------------------
+    if stage == "model" and last_step and rank == 0 and (cfg.val_data or not cfg.data):
+        val, _ = C.image_folder(cfg.val_data or resolve_data(cfg, "val"))
+        val = [(p, y) for p, y in val if y < classes]
+        feats, labels, logits = extract(model.eval(), val, size, device, logits=True)
+        log.log(steps, top1=100 * (logits.argmax(1) == labels).float().mean().item(), val_images=len(val))
+    C.cleanup_distributed()
+
+
+@torch.no_grad()
+def extract(model: nn.Module, items, size: int, device, batch: int = 256, workers: int = 2, logits=False):
+    """Features (N, D) and labels (N,) of an ImageFolder list, eval transform (and the logits if asked)."""
+    data = FolderImages(items, size)
+    keys = [[(-1, i) for i in range(lo, min(lo + batch, len(items)))] for lo in range(0, len(items), batch)]
+    feats, labels, outs = [], [], []
+    for x, y in C.progress(torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=workers), "embed"):
+        out, f = model(to_input(x, device))
+        feats.append(f.float().cpu()), labels.append(y), outs.append(out.float().cpu())
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    return (feats, labels, torch.cat(outs)) if logits else (feats, labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Backfilling and its evaluation (spec 5.1)
+# ----------------------------------------------------------------------------------------------------
+
+
+def gallery_features(cfg: Config, device) -> dict:
+    """Old, new and transformed-old features (with sigma) of the query = gallery set."""
+    old, old_ck = load_stage(cfg.old, "model", device)
+    new, new_ck = load_stage(cfg.new, "model", device)
+    items, _ = C.image_folder(resolve_data(cfg, "val"))
+    f_old, labels = extract(old, items, old_ck["image_size"], device, workers=cfg.workers)
+    f_new, _ = extract(new, items, new_ck["image_size"], device, workers=cfg.workers)
+    h, sigma, name = f_old, None, "no transformation"
+    if cfg.align:
+        align, a_ck = load_stage(cfg.align, "align", device)
+        with torch.no_grad():
+            h, sigma = (torch.cat(t) if t[0] is not None else None
+                        for t in zip(*(align(c.to(device)) for c in f_old.split(1024))))
+        h, sigma = h.cpu(), sigma.cpu() if sigma is not None else None
+        name = "FastFill" if a_ck["loss"] == "fastfill" else "FCT"
+    elif f_old.shape[1] != f_new.shape[1]:
+        C.fail(f"old ({f_old.shape[1]}-d) and new ({f_new.shape[1]}-d) features differ: pass --align")
+    return {"old": f_old, "new": f_new, "h": h, "sigma": sigma, "labels": labels, "name": name}
+
+
+def backfill(cfg: Config) -> dict:
+    """Reference points (old/old, new/new, new queries against the un-backfilled gallery), then one
+    backfilling curve per ordering, written to log.jsonl, curves.csv and a PNG per metric."""
+    device = C.setup_distributed(cfg.device)[3]
+    if not (cfg.old and cfg.new):
+        C.fail("backfill needs --old and --new (and --align for a transformation)")
+    g = gallery_features(cfg, device)
+    labels, log = g["labels"], C.RunLog(cfg.out)
+    ok = labels >= 0
+    if not ok.all():
+        C.print0(f"skipping {int((~ok).sum())} unreadable images")
+        g = {k: (v[ok] if torch.is_tensor(v) else v) for k, v in g.items()}
+        labels = g["labels"]
+    refs = {"old/old": retrieval_metrics(g["old"], g["old"], labels),
+            "new/new": retrieval_metrics(g["new"], g["new"], labels)}
+    for name, r in refs.items():
+        log.log(0, setting=name, **r)
+    curves = {}
+    for kind in [o.strip() for o in cfg.order.split(",") if o.strip()]:
+        order = backfill_order(kind, len(labels), g["sigma"], g["h"], g["new"], cfg.seed)
+        curves[f"{g['name']} {kind}"] = backfill_curve(g["new"], g["h"], g["new"], labels, order, cfg.points)
+    write_curves(curves, refs, cfg.out, log)
+    return {"refs": refs, "curves": curves}
+
+
+def write_curves(curves: dict, refs: dict, out: str, log):
+    """The summary lines, curves.csv (setting, fraction, top1, top5, mAP) and one PNG per metric."""
+    if C.get_rank() != 0:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "curves.csv"), "w") as f:
+        f.write("setting,fraction,top1,top5,mAP\n")
+        for name, c in curves.items():
+            for p in c:
+                f.write(f"{name},{p['fraction']:.4f},{p['top1']:.3f},{p['top5']:.3f},{p['mAP']:.3f}\n")
+    for name, c in curves.items():
+        log.log(len(c) - 1, setting=name, no_backfill_mAP=c[0]["mAP"], **auc(c))
+    for metric in ("mAP", "top1"):
+        plot_curves(curves, metric, os.path.join(out, f"backfill_{metric}.png"))
+    C.print0("\n" + f"{'setting':28s} {'top1':>6s} {'top5':>6s} {'mAP':>6s}   (AUC over the backfilling curve)")
+    for name, r in refs.items():
+        C.print0(f"{name:28s} {r['top1']:6.1f} {r['top5']:6.1f} {r['mAP']:6.1f}")
+    for name, c in curves.items():
+        a = auc(c)
+        C.print0(f"{name:28s} {a['auc_top1']:6.1f} {a['auc_top5']:6.1f} {a['auc_mAP']:6.1f}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The no-argument run: the whole comparison on the synthetic world
+# ----------------------------------------------------------------------------------------------------
+
+
+def demo(cfg: Config):
+    """Old model on the first half of the classes, new model on all, FastFill and FCT transformations,
+    then backfilling curves: FastFill in sigma / random / distance-oracle order and FCT in random order.
+    Finished stages in --out are reused, so an interrupted demo continues where it stopped."""
+    small = dict(epochs=cfg.epochs or 30, batch_size=cfg.batch_size, resume="auto", image_size=32)
+    sub = lambda name, **kw: dataclasses.replace(cfg, out=os.path.join(cfg.out, name), **{**small, **kw})
+    n_old = len(C.SYNTH_SHAPES) // 2
+    for name, stage, kw in (("old", "model", dict(classes=n_old)), ("new", "model", dict(classes=0)),
+                            ("fastfill", "align", dict(loss="fastfill", epochs=cfg.epochs or 20)),
+                            ("fct", "align", dict(loss="fct", epochs=cfg.epochs or 20))):
+        c = sub(name, old=os.path.join(cfg.out, "old"), new=os.path.join(cfg.out, "new"), **kw)
+        done = (p := C.latest_checkpoint(c.out)) and C.load_checkpoint(p, "").get("final")
+        if not done:
+            C.print0(f"---- {name} ({stage}) -> {c.out}")
+            train(c, stage)
+    curves, refs = {}, {}
+    for name, orders in (("fastfill", "sigma,random,distance"), ("fct", "random")):
+        c = sub(f"backfill_{name}", old=os.path.join(cfg.out, "old"), new=os.path.join(cfg.out, "new"),
+                align=os.path.join(cfg.out, name), order=orders)
+        r = backfill(c)
+        curves.update(r["curves"]), refs.update(r["refs"])
+    C.print0("\n==== all settings ====")
+    write_curves(curves, refs, cfg.out, C.RunLog(cfg.out))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"train-model": lambda c: train(c, "model"), "align": lambda c: train(c, "align"),
+                "backfill": backfill}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](C.parse_config(Config, argv[1:]))
+    if argv[:1] and not argv[0].startswith("-"):
+        C.fail(f"unknown command '{argv[0]}'; choose train-model, align, backfill, or none (the synthetic demo)")
+    demo(C.parse_config(Config, argv))
+
+
+if __name__ == "__main__":
+    main()

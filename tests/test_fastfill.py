@@ -1,0 +1,192 @@
+"""FastFill (fastfill.py): retrieval metrics against hand-computed values, the loss against its naive
+version, the orderings, the model layouts, resume, and a tiny end-to-end run on the synthetic world."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import common as C
+import fastfill as FF
+
+
+def naive_ap(scores, positive):
+    """sklearn's average_precision_score written out: thresholds at the distinct scores, high to low,
+    AP = sum (R_n - R_{n-1}) P_n."""
+    P, ap, prev_r = sum(positive), 0.0, 0.0
+    for t in sorted(set(scores), reverse=True):
+        sel = [p for s, p in zip(scores, positive) if s >= t]
+        r, prec = sum(sel) / P, sum(sel) / len(sel)
+        ap, prev_r = ap + (r - prev_r) * prec, r
+    return ap
+
+
+def naive_metrics(q, g, labels):
+    top1 = top5 = 0
+    aps = []
+    for i in range(len(q)):
+        others = [j for j in range(len(g)) if j != i]
+        d = [float((q[i] - g[j]).norm()) for j in others]
+        ranked = [others[k] for k in sorted(range(len(d)), key=lambda k: (d[k], others[k]))]
+        hits = [int(labels[j] == labels[i]) for j in ranked]
+        top1 += hits[0]
+        top5 += max(hits[:5])
+        if any(int(labels[j] == labels[i]) for j in others):
+            aps.append(naive_ap([-x for x in d], [int(labels[j] == labels[i]) for j in others]))
+    n = len(q)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "mAP": 100 * sum(aps) / len(aps)}
+
+
+def test_retrieval_metrics_hand_computed_with_ties_and_self_excluded():
+    # 1-d features. Query 0 (label 0) sees item 1 (label 1) and item 2 (label 0) tied at distance 1: the
+    # CMC tie goes to the lower index (a miss), AP takes the precision at the tie group's end (1/2).
+    x = torch.tensor([[0.0], [1.0], [-1.0], [5.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    m = FF.retrieval_metrics(x, x, labels)
+    assert m["top1"] == pytest.approx(50.0)  # queries 2 and 3 hit
+    assert m["top5"] == pytest.approx(100.0)
+    assert m["mAP"] == pytest.approx(100 * (0.5 + 1 / 3 + 1 + 1) / 4)
+    # a query without any positive is skipped in mAP, but counts (as a miss) in CMC
+    x2, l2 = torch.cat([x, torch.tensor([[100.0]])]), torch.cat([labels, torch.tensor([7])])
+    m2 = FF.retrieval_metrics(x2, x2, l2)
+    assert m2["mAP"] == pytest.approx(m["mAP"]) and m2["top1"] == pytest.approx(100 * 2 / 5)
+
+
+def test_retrieval_metrics_match_naive_on_tied_random_data():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 3, (40, 2), generator=g).float()  # a coarse grid: many exact ties
+    gal = torch.randint(0, 3, (40, 2), generator=g).float()
+    labels = torch.randint(0, 4, (40,), generator=g)
+    fast = FF.retrieval_metrics(q, gal, labels, chunk=7)  # several chunks
+    ref = naive_metrics(q, gal, labels)
+    for k in ("top1", "top5", "mAP"):
+        assert fast[k] == pytest.approx(ref[k], abs=1e-4), k
+
+
+@pytest.mark.parametrize("with_sigma,mu_disc", [(True, 1.0), (False, 1.0), (False, 0.0)])
+def test_loss_matches_reference(with_sigma, mu_disc):
+    g = torch.Generator().manual_seed(1)
+    h, t = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    logits, y = torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    s = torch.randn(6, 1, generator=g) if with_sigma else None
+    fast = FF.fastfill_loss(h, s, t, logits, y, 0.5, 0.1, mu_disc)
+    ref = FF.fastfill_loss_reference(h, s, t, logits, y, 0.5, 0.1, mu_disc)
+    assert float(fast) == pytest.approx(ref, rel=1e-5)
+
+
+def test_uncertainty_downweights_hard_items():
+    """d loss / d s_i = 0.5 (1 - e^{-s_i} L_i): the optimum is s_i = log L_i, larger for harder items."""
+    h, t = torch.zeros(2, 4), torch.tensor([[0.1] * 4, [2.0] * 4])
+    s = torch.zeros(2, 1, requires_grad=True)
+    opt = torch.optim.SGD([s], lr=0.5)
+    for _ in range(300):
+        opt.zero_grad()
+        FF.fastfill_loss(h, s, t, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), mu_disc=0.0).backward()
+        opt.step()
+    assert s[1] > s[0]
+    assert float(s[1].detach()) == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-3)  # L = 2^2
+
+
+def test_backfill_orders():
+    sigma = torch.tensor([[0.1], [3.0], [-1.0], [2.0]])
+    assert FF.backfill_order("sigma", 4, sigma=sigma).tolist() == [1, 3, 0, 2]
+    h, new = torch.zeros(4, 2), torch.tensor([[1.0, 0], [0, 0], [3, 0], [2, 0]])
+    assert FF.backfill_order("distance", 4, h=h, new=new).tolist() == [2, 3, 0, 1]
+    r1, r2 = FF.backfill_order("random", 50, seed=3), FF.backfill_order("random", 50, seed=3)
+    assert sorted(r1.tolist()) == list(range(50)) and r1.tolist() == r2.tolist()
+    with pytest.raises(SystemExit):
+        FF.backfill_order("sigma", 4)  # no sigma head (FCT)
+
+
+def test_backfill_curve_ends_at_new_new():
+    g = torch.Generator().manual_seed(2)
+    new, h = torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g)
+    labels = torch.randint(0, 3, (30,), generator=g)
+    curve = FF.backfill_curve(new, h, new, labels, torch.randperm(30, generator=g), points=4)
+    assert [p["fraction"] for p in curve] == [0.0, 10 / 30, 20 / 30, 1.0]
+    assert curve[0] == {"fraction": 0.0, **FF.retrieval_metrics(new, h, labels)}
+    assert curve[-1] == {"fraction": 1.0, **FF.retrieval_metrics(new, new, labels)}
+    assert FF.auc(curve)["auc_mAP"] == pytest.approx(sum(p["mAP"] for p in curve) / 4)
+
+
+def test_resnet50_layout():
+    """Without the embedding override the FCT ResNet-50 is torchvision's (25,557,032 parameters) less the
+    classifier bias; with embed_dim 128 the last block narrows to 128 through a projection shortcut."""
+    full = FF.ResNet((3, 4, 6, 3), 1000, embed_dim=2048)
+    assert sum(p.numel() for p in full.parameters()) == 25_557_032 - 1000
+    m = FF.build_model("resnet50", 1000, 128)
+    sd = m.state_dict()
+    assert sd["layer4.2.conv3.weight"].shape == (128, 512, 1, 1)
+    assert sd["layer4.2.downsample.0.weight"].shape == (128, 2048, 1, 1)
+    assert sd["fc.weight"].shape == (1000, 128, 1, 1) and "fc.bias" not in sd
+    assert "layer1.0.downsample.1.running_var" in sd and "layer1.1.downsample.0.weight" not in sd
+    logits, feat = m.eval()(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1000) and feat.shape == (2, 128) and (feat >= 0).all()  # ReLU'd embedding
+
+
+def test_transformation_layout():
+    h = FF.Transformation(128, 128, inner=2048, sigma_dim=1)
+    sd = h.state_dict()
+    assert sd["p1.0.conv.weight"].shape == (256, 128, 1, 1) and "p1.0.conv.bias" not in sd
+    assert sd["p2.1.normalizer.running_mean"].shape == (256,)
+    assert sd["mixer.0.conv.weight"].shape == (2048, 512, 1, 1)
+    assert sd["mixer.2.conv.weight"].shape == (128, 2048, 1, 1) and sd["mixer.2.conv.bias"].shape == (128,)
+    assert sd["sigma.weight"].shape == (1, 128)
+    out, s = h.eval()(torch.randn(3, 128))
+    assert out.shape == (3, 128) and s.shape == (3, 1)
+    assert FF.Transformation(128, 128, sigma_dim=0)(torch.randn(3, 128))[1] is None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny synthetic run: old model (5 classes), new model (10), FastFill transformation."""
+    root = tmp_path_factory.mktemp("ff")
+    torch.set_num_threads(1)
+    base = ["--cache-dir", str(root / "cache"), "--synthetic-train", "1000", "--synthetic-val", "300",
+            "--batch-size", "50", "--workers", "0", "--log-every", "10"]
+    FF.main(["train-model", *base, "--classes", "5", "--epochs", "6", "--out", str(root / "old")])
+    FF.main(["train-model", *base, "--epochs", "6", "--out", str(root / "new")])
+    FF.main(["align", *base, "--old", str(root / "old"), "--new", str(root / "new"), "--epochs", "6",
+             "--inner-dim", "256", "--out", str(root / "align")])
+    return root, base
+
+
+def read_log(path):
+    import json
+    return [json.loads(line) for line in open(path)]
+
+
+def test_tiny_pipeline_learns_and_backfills(tiny):
+    root, base = tiny
+    new_top1 = [r for r in read_log(root / "new" / "log.jsonl") if "top1" in r][-1]["top1"]
+    assert new_top1 > 25  # 10 classes: chance is 10%
+    r = FF.backfill(FF.C.parse_config(FF.Config, [*base, "--old", str(root / "old"), "--new", str(root / "new"),
+                                                  "--align", str(root / "align"), "--out", str(root / "bf")]))
+    curves, refs = r["curves"], r["refs"]
+    assert set(curves) == {"FastFill sigma", "FastFill random", "FastFill distance"}
+    for c in curves.values():
+        assert c[-1]["mAP"] == pytest.approx(refs["new/new"]["mAP"])  # fully backfilled = new/new
+    # the transformation makes the old gallery usable by new queries: far above chance (10% of items match)
+    assert curves["FastFill random"][0]["mAP"] > 15
+    # the oracle ordering (worst-aligned first) never loses to random by much and usually wins
+    assert FF.auc(curves["FastFill distance"])["auc_mAP"] > FF.auc(curves["FastFill random"])["auc_mAP"] - 0.5
+    assert os.path.getsize(root / "bf" / "backfill_mAP.png") > 1000
+    assert open(root / "bf" / "curves.csv").readline().strip() == "setting,fraction,top1,top5,mAP"
+
+
+def test_resume_replays_the_same_run(tiny, tmp_path):
+    """Cut a run at an intermediate checkpoint and resume it: the final weights equal the uninterrupted run's."""
+    root, base = tiny
+    args = ["train-model", *base, "--classes", "5", "--epochs", "2", "--ckpt-every", "10"]
+    FF.main([*args, "--out", str(tmp_path / "a")])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for p in C.checkpoints(str(tmp_path / "b"))[1:]:
+        os.remove(p)  # keep ckpt-10 only: as if killed after step 10
+    FF.main([*args, "--out", str(tmp_path / "b")])
+    a = torch.load(C.latest_checkpoint(str(tmp_path / "a")), weights_only=True)
+    b = torch.load(C.latest_checkpoint(str(tmp_path / "b")), weights_only=True)
+    assert a["step"] == b["step"] > 10 and a["final"] and b["final"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    with pytest.raises(SystemExit):  # a finished run is not trained over
+        FF.main([*args, "--out", str(tmp_path / "b")])
