@@ -1,0 +1,309 @@
+"""tic.py: replay-buffer composition of every strategy at every step (planned counts and the samples the
+stream really yields), summary metrics of a hand-made matrix, warm start = weights only with a fresh
+optimizer and schedule, LwF against its reference, splitting shards by year, and the tiny sequence end to end:
+it learns, an interrupted sequence resumes at its step and batch and ends where an uninterrupted one does."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import common as C
+import tic
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- replay buffers -------------------------------------------------------------------------------
+
+def test_replay_counts_every_strategy_every_step():
+    """Seven equal steps of D = 100 (TiC-DataComp's shape), buffer 2D: counts kept per old step."""
+    sizes = [100] * 7
+    for t in range(7):
+        assert tic.replay_counts("cumulative-all", sizes, t) == [100] * t
+        assert tic.replay_counts("restart", sizes, t) == [100] * t
+        for s in ("sequential", "lwf", "patching"):
+            assert tic.replay_counts(s, sizes, t) == [0] * t
+    equal = [tic.replay_counts("cumulative-equal", sizes, t) for t in range(7)]
+    assert equal == [[], [100], [100, 100], [66] * 3, [50] * 4, [40] * 5, [33] * 6]  # last: D/3 each (spec)
+    exp = [tic.replay_counts("cumulative-exp", sizes, t) for t in range(7)]
+    assert exp[:4] == [[], [100], [100, 100], [50, 50, 100]]
+    assert exp[6] == [6, 6, 12, 25, 50, 100]  # 200 x (1/32, 1/32, 1/16, 1/8, 1/4, 1/2), oldest first
+    for t in range(1, 7):
+        assert sum(equal[t]) <= 200 and sum(exp[t]) <= 200
+
+
+def test_replay_counts_spec_examples_and_unequal_sizes():
+    """The spec's examples with a buffer of D; YFCC's 4 steps with 2D (all fits until step 3, then 2/3);
+    a small old step is kept whole and its leftover share goes to the others."""
+    D = [120] * 4
+    assert tic.replay_counts("cumulative-exp", D, 2, 1.0) == [60, 60]  # step 3: D/2, D/2
+    assert tic.replay_counts("cumulative-exp", D, 3, 1.0) == [30, 30, 60]  # step 4: D/4, D/4, D/2
+    assert tic.replay_counts("cumulative-equal", D, 3, 1.0) == [40, 40, 40]  # step 4: D/3 each
+    assert tic.replay_counts("cumulative-equal", D, 2) == [120, 120]
+    assert tic.replay_counts("cumulative-equal", D, 3) == [80, 80, 80]
+    assert tic.replay_counts("cumulative-exp", [10, 100, 100, 100], 3) == [10, 90, 100]
+    with pytest.raises(SystemExit):
+        tic.replay_counts("bogus", D, 2)
+
+
+def fake_steps(root, n=200, T=3):
+    """T steps of n text-only samples each (no image: the stream test decodes json only)."""
+    ranges = [(2014 + 2 * k, 2015 + 2 * k) for k in range(T)]
+    for k, (y0, _) in enumerate(ranges):
+        os.makedirs(os.path.join(root, f"step{k}", "train"))
+        for s in range(2):
+            C.write_shard(os.path.join(root, f"step{k}", "train", f"train-{s:05d}.tar"),
+                          ({"__key__": f"k{k}_{i:05d}", "txt": "x", "json": {"year": y0 + i % 2}}
+                           for i in range(s * n // 2, (s + 1) * n // 2)))
+    tic.write_steps(root, ranges, {(k, p): n if p == "train" else 0 for k in range(T)
+                                   for p in ("train", "val", "eval")}, None, "year")
+    return tic.read_steps(root)
+
+
+def stream_counts(root, steps, strategy, t, seed=0):
+    shards, keep, counts = tic.step_sources(strategy, steps, root, t, 2.0 if strategy != "cumulative-exp" else 0.5, seed)
+    decode = lambda s: {"step": torch.tensor(int(s["__key__"][1]))}
+    stream = tic.ReplayStream(shards, decode, 1, epochs=1, drop_last=False, keep=keep)
+    got, keys = [0] * len(counts), set()
+    for b in stream:
+        got[int(b["step"][0])] += 1
+    for s in stream.raw_samples(0, 0, 1, {}):
+        keys.add(s["__key__"])
+    return got, counts, keys
+
+
+def test_stream_yields_the_planned_buffer(tmp_path):
+    """One epoch of the mixed stream holds all of the new step and ~count_j random samples of old step j
+    (hash selection: binomial, checked within 4 sigma); later buffers are subsets of earlier ones."""
+    root = str(tmp_path / "d")
+    steps = fake_steps(root)
+    got, counts, _ = stream_counts(root, steps, "sequential", 2)
+    assert got == counts == [0, 0, 200]
+    got, counts, _ = stream_counts(root, steps, "cumulative-all", 2)
+    assert got == counts == [200, 200, 200]
+    got, counts, _ = stream_counts(root, steps, "oracle", 0)
+    assert got == counts == [200, 200, 200]
+    got, counts, keys2 = stream_counts(root, steps, "cumulative-exp", 2)  # buffer 0.5 D = 100: 50 + 50
+    assert counts == [50, 50, 200] and got[2] == 200
+    for j in (0, 1):
+        p = counts[j] / 200
+        assert abs(got[j] - counts[j]) <= 4 * math.sqrt(200 * p * (1 - p)), (got, counts)
+    _, counts1, keys1 = stream_counts(root, steps, "cumulative-exp", 1)  # step 0 alone had 100 at t = 1
+    assert counts1 == [100, 200, 0]
+    old0 = lambda keys: {k for k in keys if k.startswith("k0_")}
+    assert old0(keys2) <= old0(keys1) and len(old0(keys2)) < len(old0(keys1))
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+def test_summary_metrics_hand_made_matrix():
+    E = [[10.0, 2.0, 3.0],
+         [8.0, 20.0, 6.0],
+         [7.0, 12.0, 30.0]]
+    m = tic.summary_metrics(E)
+    assert m["id"] == pytest.approx(20.0)  # (10 + 20 + 30) / 3
+    assert m["backward"] == pytest.approx(9.0)  # (8 + 7 + 12) / 3
+    assert m["forward"] == pytest.approx(11 / 3)  # (2 + 3 + 6) / 3
+    assert m["final"] == pytest.approx(49 / 3)
+    oracle = tic.summary_metrics([None, None, [7.0, 12.0, 30.0]])  # only the last row exists
+    assert oracle["id"] == 30.0 and oracle["backward"] == 9.5 and math.isnan(oracle["forward"])
+
+
+# ---- warm start, LwF, patching ------------------------------------------------------------------------
+
+def tiny_model(seed):
+    return tic.build_model(tic.Config(), 300, seed)
+
+
+def test_warm_start_loads_weights_and_resets_optimizer_and_schedule(tmp_path):
+    cfg = tic.Config(lr=1e-3, warmup=10, warm_warmup=0)
+    a = tiny_model(0)
+    opt, lr_fn = tic.fresh_optimizer(a, cfg, warm=False, total=50)
+    assert lr_fn(0) == pytest.approx(1e-4)  # first step: warm-up from lr / warmup
+    x, ids = torch.randn(8, 3, 32, 32), torch.randint(1, 299, (8, 32))
+    for step in range(3):
+        C.set_lr(opt, lr_fn(step))
+        C.contrastive_loss(*a(x, ids)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(opt.state) > 0
+    path = str(tmp_path / "model.pt")
+    C.save_checkpoint(path, {"model": a.state_dict(), "optimizer": opt.state_dict()})
+    b = tiny_model(1)
+    assert not torch.equal(b.logit_scale, a.logit_scale) or not all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    tic.warm_start(b, path)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+    opt_b, lr_b = tic.fresh_optimizer(b, cfg, warm=True, total=50)
+    assert len(opt_b.state) == 0  # no moments, no step count: nothing of the old optimizer
+    assert lr_b(0) == pytest.approx(1e-3) and lr_b(49) < 1e-5  # a fresh cosine over this step, no warm-up
+
+
+def test_lwf_loss_matches_reference_and_vanishes_for_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    emb = lambda: torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=-1)
+    img, txt, t_img, t_txt = emb().requires_grad_(), emb().requires_grad_(), emb(), emb()
+    scale, t_scale = torch.tensor(20.0), torch.tensor(30.0)
+    a = tic.lwf_loss(img, txt, t_img, t_txt, scale, t_scale)
+    b = tic.lwf_loss_reference(img, txt, t_img, t_txt, scale, t_scale)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, (img, txt))
+    gb = torch.autograd.grad(b, (img, txt))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+    assert a.item() > 0.01
+    same = tic.lwf_loss(t_img, t_txt, t_img, t_txt, t_scale, t_scale)
+    assert abs(same.item()) < 1e-5
+
+
+def test_patching_interpolates_and_picks_the_best_alpha():
+    a, b = tiny_model(0), tiny_model(1)
+    sa = {k: v.clone() for k, v in a.state_dict().items()}
+    sb = {k: v.clone() for k, v in b.state_dict().items()}
+    for k in sa:
+        torch.testing.assert_close(tic.interpolate(sa, sb, 0.0)[k], sa[k].float())
+        torch.testing.assert_close(tic.interpolate(sa, sb, 1.0)[k], sb[k].float())
+    key = next(k for k in sa if not torch.equal(sa[k], sb[k]))
+    target = 0.25 * sa[key] + 0.75 * sb[key]
+    score = lambda m: (None, -(m.state_dict()[key] - target).norm().item())  # best at alpha = 0.75
+    alpha, scores = tic.choose_alpha(a, sa, sb, [0.0, 0.25, 0.5, 0.75, 1.0], score)
+    assert alpha == 0.75 and len(scores) == 5
+    torch.testing.assert_close(a.state_dict()[key], target)  # the model is left patched with the best alpha
+
+
+# ---- splitting time-stamped shards ----------------------------------------------------------------------
+
+def test_split_by_year_into_steps(tmp_path):
+    """Years as ints and as date strings; samples outside every step are dropped; held-out shares by hash."""
+    from PIL import Image
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    img = Image.new("RGB", (8, 8), "red")
+    years = [2012, 2014, 2015, 2016, 2017, 2018, 2030]
+    for s in range(2):
+        C.write_shard(str(raw / f"{s}.tar"), (
+            {"__key__": f"{i:04d}", "jpg": img, "txt": f"caption {i}",
+             "json": {"t": (f"{years[i % 7]}-05-01" if i % 2 else years[i % 7]), "label": i % 3,
+                      "classname": "abc"[i % 3]}} for i in range(s * 350, (s + 1) * 350)))
+    out = str(tmp_path / "split")
+    tic.main(["split", "--data", str(raw), "--years", "2014-2015,2016,2017-2018", "--time-field", "t",
+              "--eval-frac", "0.1", "--val-frac", "0.1", "--shard-size", "64", "--out", out])
+    steps = tic.read_steps(out)
+    assert [s["name"] for s in steps["steps"]] == ["2014-2015", "2016", "2017-2018"]
+    assert steps["classnames"] == ["a", "b", "c"]
+    totals = [s["train"] + s["val"] + s["eval"] for s in steps["steps"]]
+    assert totals == [200, 100, 200]  # 700 samples, 1/7 each year; 2012 and 2030 dropped
+    for k, s in enumerate(steps["steps"]):
+        assert 0 < s["eval"] < 0.25 * totals[k] and 0 < s["val"] < 0.25 * totals[k]
+        seen = set()
+        for p in tic.part_shards(out, k, "train"):
+            for smp in C.iter_tar_samples(p, {}):
+                seen.add(tic.sample_year(json.loads(smp["json"]), "t"))
+        assert seen and all(s["years"][0] <= y <= s["years"][1] for y in seen)
+    with pytest.raises(SystemExit):
+        tic.parse_years("2016,2015")
+
+
+# ---- the tiny sequence, end to end ------------------------------------------------------------------------
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(cache_dir=str(tmp_path / "cache"), years="2014-2016,2017-2019", synthetic_train=600, synthetic_val=40,
+                synthetic_eval=100, synthetic_static=100, shard_size=200, budget_steps=60, batch_size=48, lr=2e-3,
+                warmup=10, workers=0, log_every=20, ckpt_every=1000, shuffle_buffer=500, bpe_vocab=600,
+                out=str(tmp_path / "run"))
+    base.update(kw)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory):
+    tmp, n = tmp_path_factory.mktemp("tic"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    tic.main(tiny_cfg(tmp, strategy="cumulative-all"))
+    torch.set_num_threads(n)
+    return tmp
+
+
+def test_tiny_sequence_learns_and_writes_its_outputs(sequential_run):
+    out = sequential_run / "run"
+    res = json.load(open(out / "matrix.json"))
+    for f in ("matrix.csv", "matrix.png", "log.jsonl", "step0/model.pt", "step1/model.pt", "bpe.txt"):
+        assert (out / f).exists(), f
+    assert not list((out / "step0").glob("ckpt-*.pt"))  # resume files go once the step is done
+    s = res["summary"]
+    # 100 eval pairs per step: chance R@1 is 1% (an untrained model gets ~1); 60 steps of batch 48 reach ~4
+    assert s["retrieval_id"] > 2.5, s
+    assert res["rows"][1]["counts"] == [600, 600] and s["compute_C"] == pytest.approx(2.0)
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r and r["time_step"] == 0]
+    assert losses[-1] < losses[0] - 0.25, losses  # log(48) = 3.87 at chance
+    assert log[-1]["retrieval_id"] == pytest.approx(s["retrieval_id"], abs=1e-4)
+    lines = open(out / "matrix.csv").read().splitlines()
+    assert len(lines) == 1 + 2 * 2 and lines[1].startswith("cumulative-all,2014-2016,2014-2016,")
+
+
+def test_interrupted_sequence_resumes_at_step_and_batch(sequential_run, tmp_path, monkeypatch):
+    """Stop inside time step 1 (as SIGTERM would), run again: step 0 is not retrained, step 1 resumes at its
+    checkpoint, and the final matrix equals the uninterrupted run's."""
+    ref = json.load(open(sequential_run / "run" / "matrix.json"))
+    out = tmp_path / "run"
+    shutil.copytree(sequential_run / "cache", tmp_path / "cache")
+    calls = {"n": 0}
+
+    class StopAt25(C.StopSignal):  # the flag the loop reads turns on at step 25 of time step 1
+        @property
+        def requested(self):
+            calls["n"] += 1
+            return calls["n"] > 60 + 26
+
+        @requested.setter
+        def requested(self, v):
+            pass
+
+    monkeypatch.setattr(C, "StopSignal", StopAt25)
+    tic.main(tiny_cfg(tmp_path, strategy="cumulative-all"))
+    assert (out / "step0" / "model.pt").exists() and not (out / "step1" / "model.pt").exists()
+    assert [p.name for p in (out / "step1").glob("ckpt-*.pt")] == ["ckpt-25.pt"]
+    monkeypatch.undo()
+    mtime = os.path.getmtime(out / "step0" / "model.pt")
+    tic.main(tiny_cfg(tmp_path, strategy="cumulative-all"))
+    assert os.path.getmtime(out / "step0" / "model.pt") == mtime
+    res = json.load(open(out / "matrix.json"))
+    assert res["rows"][1]["retrieval"] == ref["rows"][1]["retrieval"]
+    assert res["rows"][1]["zeroshot"] == ref["rows"][1]["zeroshot"]
+
+
+@pytest.mark.parametrize("strategy", ["lwf", "patching", "cumulative-exp", "oracle"])
+def test_other_strategies_run(tmp_path, strategy):
+    """Each strategy's own path (teacher, alpha search, buffer, T x C from scratch) runs and is accounted."""
+    tic.main(tiny_cfg(tmp_path, strategy=strategy, budget_steps=4, synthetic_train=200, synthetic_eval=40))
+    res = json.load(open(tmp_path / "run" / "matrix.json"))
+    if strategy == "oracle":
+        assert res["rows"][0] is None and res["rows"][1]["counts"] == [200, 200]
+        assert res["summary"]["compute_C"] == pytest.approx(2.0)
+    if strategy == "lwf":  # a teacher forward per sample at steps 1.., counted as 1/3
+        assert res["rows"][1]["compute_C"] == pytest.approx(4 / 3)
+    if strategy == "patching":
+        assert res["rows"][1]["alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0) and res["rows"][1]["compute_C"] > 1
+    if strategy == "cumulative-exp":
+        assert res["rows"][1]["counts"] == [200, 200]  # 2D buffer: the one old step fits whole
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit):
+        tic.main(["--strategy", "bogus", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        tic.main(["--data", str(tmp_path), "--out", str(tmp_path / "y")])  # no steps.json
+    with pytest.raises(SystemExit):
+        tic.main(["--benchmark", "nope", "--out", str(tmp_path / "z")])
