@@ -1,0 +1,988 @@
+"""Reinforce Data, Multiply Impact: Improved Model Accuracy and Robustness with Dataset Reinforcement
+(arXiv 2303.08983, Faghri et al., Apple, ICCV 2023).
+
+A dataset is reinforced once, offline: for every training image, NS random augmentations are drawn, a strong
+teacher ensemble classifies each augmented view, and only the augmentation parameters and the teacher's top-k
+class probabilities are stored. Any student then trains with no teacher at all: it reloads the image, replays
+one stored augmentation exactly and regresses onto the stored soft label with a KL divergence, so a step
+costs what an ordinary (ERM) step costs.
+
+What is here: `reinforce` (the paper's four augmentation variants: RandomResizedCrop + flip, RandAugment 2
+ops at magnitude 9 + RandomErasing, MixUp/CutMix with a partner image; the ensemble mean of softmax; a
+fixed-size binary record per augmentation; work split over ranks, resumable by output part), `train` (one
+stored sample per image and epoch, exact replay, "smooth" densification of the top-k, KL loss, a fraction
+1 - p of plain ERM samples; without --reinforced the same command is the ERM baseline and trains teachers),
+a compact ResNet with torchvision's parameter names (resnet18/34/50/101 load torchvision weights strictly,
+no torchvision needed) and common.ViT as a classifier. Any other torchvision classifier works by name when
+torchvision is installed. Left out: timm's IG-ResNeXt teachers (spec 2.1; use any ensemble you have), the
+CVNets recipes, the spec's "zeros" densification quirk, and several reinforcement folders at once.
+
+Storage (spec 4.3/4.4). The official sets pickle Python lists per image and gzip them (~73 B per augmentation
+for +RA/RE at k = 10). Here each part is one .npy structured array (images, NS) of fixed-size records:
+RRC box uint16 x4 (original pixels), a flag byte, RandAugment op+sign uint8 x2, erase box uint8 x4 (output
+pixels; int16 above 255 px), top-k probabilities float16 x k, class ids int16 x k: 55 B for +RA/RE at k = 10,
+79 B with mixing (partner index, its own view, the MixUp weight on a 1/510 grid, the CutMix box). Generation
+applies the *decoded* record, so replay is bit-exact by construction (spec 6: same image type both times).
+
+Paper -> code:
+  augmentation variants RRC / +M* / +RA/RE / +M*+R* (spec 3.1)  -> VARIANTS, draw_view, draw_sample
+  replayable ops, fixed pipeline order (spec 4.4)               -> apply_view, apply_sample
+  compressed record (spec 4.4)                                   -> record_dtype, encode_sample, decode_sample
+  teacher ensemble, mean of softmax(z / T), T = 1 (spec 2.1)      -> load_teachers, teacher_probs
+  top-k storage, index = dataset position (spec 4.1)             -> reinforce, Data
+  "smooth" densification (spec 4.2)                              -> densify
+  KL(student || teacher), batchmean (spec 3.2)                   -> kl_loss (fast), kl_loss_reference
+  p = 0.99 reinforced, else ERM + one-hot (spec 3.2)             -> TrainImages
+  ERM baseline: CE + label smoothing 0.1 (spec 3.3)              -> TrainImages.standard, one_hot
+  SGD 0.9, warm-up + cosine per iteration (spec 3.3)             -> make_optimizer, common.lr_at
+
+Commands:
+  torchrun --nproc_per_node=8 reinforce.py reinforce --data imagenet/train --image-size 224 \\
+      --teachers resnet50=resnet50-11ad3fa6.pth,runs/teacher2 --num-samples 400 --topk 10 --out imagenet_plus
+  torchrun --nproc_per_node=8 reinforce.py train --data imagenet/train --val-data imagenet/val \\
+      --reinforced imagenet_plus --model resnet50 --image-size 224 --epochs 150 --batch-size 128 --lr 0.4
+  # CPU, the synthetic world (4000 images, 32 px): a teacher, its reinforcement, student vs ERM baseline
+  python reinforce.py train --model resnet_small --synthetic-train 20000 --epochs 15 --out runs/rf_teacher
+  python reinforce.py reinforce --teachers runs/rf_teacher --num-samples 20 --out runs/rf_data
+  python reinforce.py train --reinforced runs/rf_data --out runs/rf_student
+  python reinforce.py train --out runs/rf_erm
+
+Result: see the README section (synthetic world, 2-core CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import random
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Shared:
+    """Flags of both commands: the data, the synthetic world and the machine."""
+    data: str = ""  # ImageFolder (one folder per class) or uncompressed tar shards with `cls` (or json label); empty = the synthetic world
+    classnames: str = ""  # file, one class name per line, in label order (maps a json 'classname' to its label)
+    seed: int = 0  # augmentation draws, data order, model init
+    workers: int = 2  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 4000  # synthetic training images
+    synthetic_val: int = 500  # synthetic held-out images (the evaluation ImageFolder)
+    synthetic_size: int = 32  # synthetic image size in pixels
+
+
+@dataclass
+class ReinforceConfig(Shared):
+    teachers: str = ""  # comma-separated: a `reinforce.py train` checkpoint or run dir, or ARCH=WEIGHTS (a torchvision state dict)
+    out: str = "runs/reinforced"  # output folder: meta.json and part-NNNNN.npy
+    num_samples: int = 20  # NS, augmentations stored per image (paper: 400 ImageNet+, 800 CIFAR-100+)
+    topk: int = 10  # k, teacher probabilities kept per augmentation (paper: 10)
+    variant: str = "randaug"  # cropflip | mixing | randaug | randaug_mixing (spec 3.1; the paper recommends randaug)
+    image_size: int = 0  # size of the stored views; 0 = 224 (synthetic world: its size)
+    min_scale: float = 0.08  # smallest area fraction of the RandomResizedCrop (torchvision's default)
+    mix_pool: int = 4  # MixUp/CutMix partners: this many images drawn uniformly per image (spec: its loader batch)
+    batch_size: int = 256  # views per teacher forward
+    part_size: int = 1000  # images per output file (the unit of resume and of rank splitting)
+    temperature: float = 1.0  # the ensemble averages softmax(logits / T) (paper: 1)
+
+
+@dataclass
+class TrainConfig(Shared):
+    reinforced: str = ""  # folder written by `reinforce`; empty = plain ERM training (the baseline, or a teacher)
+    val_data: str = ""  # ImageFolder for top-1; empty = the synthetic held-out set (none with --data: no eval)
+    model: str = "resnet_tiny"  # a name from MODELS or any torchvision classification model
+    num_classes: int = 0  # 0 = from the data
+    image_size: int = 0  # 0 = the reinforced views' size, else the synthetic size, else the model's
+    out: str = "runs/reinforce_train"  # run directory: config.json, log.jsonl, checkpoints, code copies
+    epochs: int = 20  # passes over the data (paper: 150-1000)
+    batch_size: int = 128  # per process (paper: 1024 over 8 GPUs)
+    optimizer: str = "sgd"  # sgd (the paper's ResNet recipe) | adamw (ViTs)
+    lr: float = 0.2  # peak learning rate (paper: 0.4 at batch 1024, SGD)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-5  # weight decay (paper: 1e-4 ImageNet, 5e-4 CIFAR)
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0 per step (paper: 5 epochs)
+    label_smoothing: float = 0.1  # plain training only (paper ERM: 0.1; the reinforced loss ignores it)
+    reinforce_p: float = 0.99  # probability of a stored sample; else the original image + ERM augmentation, one-hot
+    aug: str = "randaug"  # plain training's augmentation, a variant name (mixing variants mix the labels)
+    min_scale: float = 0.08  # smallest area fraction of the crop in plain training
+    grad_clip: float = 0.0  # global gradient-norm clip; 0 = off
+    eval_every: int = 0  # epochs between evaluations; 0 = at the end only
+    ckpt_every: int = 500  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept in --out
+    resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
+    log_every: int = 50  # steps between log lines (the only host syncs of the loop)
+
+
+# ResNets in torchvision's layout (block, blocks per stage, stage widths, stem); the `small` stem (3x3 conv,
+# stride 1, no max-pool) keeps 32 px images from shrinking to 1x1. ViTs: common.ViT plus a linear head.
+MODELS = {
+    "resnet18": dict(block="basic", layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), small=False, image_size=224),
+    "resnet34": dict(block="basic", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), small=False, image_size=224),
+    "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), small=False, image_size=224),
+    "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3), widths=(64, 128, 256, 512), small=False,
+                      image_size=224),
+    "resnet_tiny": dict(block="basic", layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), small=True, image_size=32),
+    "resnet_small": dict(block="basic", layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), small=True, image_size=32),
+    "vit_tiny": dict(vit=True, image_size=224, patch=16, width=192, layers=12, heads=3),  # DeiT-Ti
+    "vit_small": dict(vit=True, image_size=224, patch=16, width=384, layers=12, heads=6),
+    "vit_base": dict(vit=True, image_size=224, patch=16, width=768, layers=12, heads=12),
+    "vit_cpu": dict(vit=True, image_size=32, patch=4, width=128, layers=4, heads=4),
+}
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Models: ResNet with torchvision's names, ViT classifier, torchvision by name
+# ----------------------------------------------------------------------------------------------------
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(cin, width, 3, stride)
+        self.conv2, self.bn2 = conv_bn(width, width, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(*conv_bn(cin, width, 1, stride)) if stride != 1 or cin != width
+                           else None)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride: "ResNet v1.5", torchvision's and the paper's ResNet-50), 1x1 expand."""
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(cin, width, 1)
+        self.conv2, self.bn2 = conv_bn(width, width, 3, stride)
+        self.conv3, self.bn3 = conv_bn(width, width * 4, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(*conv_bn(cin, width * 4, 1, stride)) if stride != 1 or cin != width * 4
+                           else None)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(y)))))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """He et al. 2016, with torchvision's module names (conv1, bn1, layer1-4, fc) so that its weights load
+    with strict=True. The last BN of each block starts at zero (Goyal et al. 2017, torchvision's
+    zero_init_residual): every block begins as the identity, which helps short runs from scratch."""
+
+    def __init__(self, block: str, layers, widths, num_classes: int, small: bool = False, **_):
+        super().__init__()
+        Block = BasicBlock if block == "basic" else Bottleneck
+        stem = widths[0]
+        self.conv1 = (nn.Conv2d(3, stem, 3, 1, 1, bias=False) if small else nn.Conv2d(3, stem, 7, 2, 3, bias=False))
+        self.bn1, self.relu = nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
+        cin = stem
+        for s, (n, w) in enumerate(zip(layers, widths)):
+            blocks = []
+            for b in range(n):
+                blocks.append(Block(cin, w, 2 if s > 0 and b == 0 else 1))
+                cin = w * Block.expansion
+            setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))  # (B, classes)
+
+
+class ViTClassifier(nn.Module):
+    """common.ViT without its CLIP projection, a linear head on the class token."""
+
+    def __init__(self, num_classes: int, image_size: int, patch: int, width: int, layers: int, heads: int, **_):
+        super().__init__()
+        self.visual = C.ViT(image_size, patch, width, layers, heads, embed_dim=width)
+        self.visual.proj = None
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.visual.forward_tokens(x)[:, 0])  # (B, classes)
+
+
+def build_model(name: str, num_classes: int, image_size: int = 0) -> nn.Module:
+    """A classifier by name: ours (MODELS) without torchvision, any other torchvision model with it."""
+    if name in MODELS:
+        spec = dict(MODELS[name], image_size=image_size or MODELS[name]["image_size"])
+        if spec.get("vit") and spec["image_size"] % spec["patch"]:
+            C.fail(f"--image-size {spec['image_size']} is not a multiple of the patch size {spec['patch']}")
+        return (ViTClassifier if spec.get("vit") else ResNet)(num_classes=num_classes, **spec)
+    try:
+        import torchvision  # optional: only for architectures not defined here
+    except Exception as e:  # missing, or built for another torch (fails at import with a RuntimeError)
+        C.fail(f"model '{name}' needs a working torchvision ({type(e).__name__}); built in: {', '.join(MODELS)}")
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        C.fail(f"unknown model '{name}': neither in MODELS nor a torchvision classification model")
+    return torchvision.models.get_model(name, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: an image per index, in the order the reinforcement is stored (spec 4.1)
+# ----------------------------------------------------------------------------------------------------
+
+
+class Data:
+    """Images addressed by their position: an ImageFolder in sorted class and file order (torchvision's
+    ImageFolder order, that of the published sets), or the samples of tar shards in shard order, read by seek.
+    A stored reinforcement is only valid for the same order, so `fingerprint` ties the two together."""
+
+    def __init__(self, items: list, labels: list[int], classnames: list[str]):
+        self.items, self.labels, self.classnames = items, labels, classnames
+        self.num_classes = len(classnames)
+        names = "\n".join(f"{os.path.basename(s) if isinstance(s, str) else f'{os.path.basename(s[0])}@{s[1]}'}"
+                          f":{y}" for s, y in zip(items, labels))
+        self.fingerprint = f"{len(items)}-{zlib.crc32(names.encode()):08x}"
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, i: int) -> Image.Image:
+        src = self.items[i]
+        if isinstance(src, str):
+            return Image.open(src).convert("RGB")
+        with open(src[0], "rb") as f:  # (shard, offset, size): one seek, one read
+            f.seek(src[1])
+            img = Image.open(io.BytesIO(f.read(src[2])))
+            return img.convert("RGB")
+
+
+def tar_labels(path: str) -> tuple[list, list]:
+    """[(path, offset, size)] of the image member of each sample, and its label: the `cls` member (int), else
+    the json's 'classname' (str, mapped to an index by load_data), else its 'label' (int). Samples without an
+    image or a label are left out."""
+    items, labels, sample = [], [], {}
+
+    def flush():
+        img = next((sample[e] for e in C.IMAGE_EXTS if e in sample), None)
+        try:
+            if "cls" in sample:
+                y = int(sample["cls"].decode().strip())
+            else:
+                meta = json.loads(sample["json"])
+                y = str(meta["classname"]) if "classname" in meta else int(meta["label"])
+        except (KeyError, ValueError):
+            return
+        if img is not None:
+            items.append(img)
+            labels.append(y)
+
+    try:
+        tar = tarfile.open(path, "r:")  # uncompressed only: training reads images back by offset
+    except tarfile.ReadError:
+        C.fail(f"{path} is not an uncompressed tar (random access needs one)")
+    with tar:
+        key = None
+        for m in tar:
+            if not m.isfile():
+                continue
+            d, base = os.path.split(m.name)
+            k, _, suffix = base.partition(".")
+            if os.path.join(d, k) != key and sample:
+                flush()
+                sample = {}
+            key = os.path.join(d, k)
+            small = suffix in ("cls", "json")
+            sample[suffix] = tar.extractfile(m).read() if small else (path, m.offset_data, m.size)
+    if sample:
+        flush()
+    return items, labels
+
+
+def synthetic(cfg: Shared) -> dict:
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+    return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, seed=0)
+
+
+def load_data(cfg: Shared) -> Data:
+    """--data as an ImageFolder or tar shards; without it the synthetic world's training shards."""
+    names = C.read_lines(cfg.classnames) if cfg.classnames else None
+    if not cfg.data:
+        world = synthetic(cfg)
+        names, spec = world["classnames"], world["train"]  # sorted names: the order of its val ImageFolder
+    elif os.path.isdir(cfg.data) and not glob.glob(os.path.join(cfg.data, "*.tar")):
+        items, classnames = C.image_folder(cfg.data, names)
+        return Data([p for p, _ in items], [y for _, y in items], classnames)
+    else:
+        spec = cfg.data
+    try:
+        shards = C.expand_shards(spec)
+    except FileNotFoundError as e:
+        C.fail(str(e))
+    items, labels = [], []
+    for path in shards:
+        i, y = tar_labels(path)
+        items, labels = items + i, labels + y
+    if not items:
+        C.fail(f"no samples with an image and a label (cls or json) in {spec}")
+    # Class names -> indices in sorted order, that of an ImageFolder of the same classes (the val set), unless
+    # --classnames gives the order. (The synthetic world's json 'label' follows another order: not used.)
+    words = names or sorted({y for y in labels if isinstance(y, str)})
+    unknown = {y for y in labels if isinstance(y, str)} - set(words)
+    if unknown:
+        C.fail(f"classnames {sorted(unknown)[:5]} of {spec} are not in --classnames")
+    index = {w: c for c, w in enumerate(words)}
+    labels = [index[y] if isinstance(y, str) else y for y in labels]
+    n = max(max(labels) + 1, len(words))
+    return Data(items, labels, words + [str(c) for c in range(len(words), n)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Replayable augmentations (spec 3.1 and 4.4)
+# ----------------------------------------------------------------------------------------------------
+# All four variants use RandomResizedCrop + horizontal flip (p = 1/2); "randaug" adds RandAugment (2 ops,
+# magnitude 9 of 31 bins, p = 1) and RandomErasing (p = 0.25, black); "mixing" adds MixUp (alpha 1, lambda
+# halved, p = 1/2) then CutMix (alpha 1, p = 1/2) with a partner image, each with its own coin, so both can hit.
+VARIANTS = {"cropflip": (False, False), "mixing": (False, True), "randaug": (True, False),
+            "randaug_mixing": (True, True)}  # name -> (RandAugment + erasing, MixUp + CutMix)
+RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 31
+ERASE_P, MIXUP_P, CUTMIX_P = 0.25, 0.5, 0.5
+MIX_GRID = 510  # MixUp's lambda / 2 in [0, 1/2] is stored as a byte: lambda / 2 = q / 510
+# torchvision's RandAugment magnitudes at the top bin; the signed ops are negated with p = 1/2.
+RA_SIGNED_MAX = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150 / 331, "TranslateY": 150 / 331,
+                 "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
+
+
+def ra_magnitude(k: int, negative: bool, size: int, magnitude: int = RA_MAGNITUDE, bins: int = RA_BINS) -> float:
+    """The value of RandAugment op k at `magnitude` (common.rand_augment_params draws the same): only the op and
+    the sign are random, so 4 + 1 bits store an op (translations are in pixels of a size x size view)."""
+    name, frac = C.RAND_AUGMENT_OPS[k], magnitude / (bins - 1)
+    if name in RA_SIGNED_MAX:
+        m = RA_SIGNED_MAX[name] * frac * (size if name.startswith("Translate") else 1)
+        return -m if negative else m
+    return {"Posterize": float(8 - round(magnitude / ((bins - 1) / 4))), "Solarize": 255.0 * (1 - frac)}.get(name, 0.0)
+
+
+def erase_box(rng: random.Random, size: int, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+    """RandomErasing's region (top, left, h, w) in a size x size view, torchvision's defaults; None if none of
+    10 tries fits (the image is then left as it is)."""
+    for _ in range(10):
+        area = size * size * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if h < size and w < size:
+            return rng.randint(0, size - h), rng.randint(0, size - w), h, w
+    return None
+
+
+def cutmix_box(rng: random.Random, size: int):
+    """CutMix (Yun et al. 2019): lambda ~ Beta(1, 1), a box of side size * sqrt(1 - lambda) around a uniform
+    centre, clipped to the view: (top, left, h, w)."""
+    cut = int(size * math.sqrt(1 - rng.betavariate(1.0, 1.0)))
+    cy, cx = rng.randrange(size), rng.randrange(size)
+    y1, y2 = max(cy - cut // 2, 0), min(cy + cut // 2, size)
+    x1, x2 = max(cx - cut // 2, 0), min(cx + cut // 2, size)
+    return y1, x1, y2 - y1, x2 - x1
+
+
+def draw_view(rng: random.Random, w: int, h: int, size: int, randaug: bool, min_scale: float) -> dict:
+    """The single-image ops: crop box (top, left, h, w) in original pixels, flip, RandAugment [(op, negative)],
+    erase box or None."""
+    left, top, right, bottom = C.random_resized_crop_box(w, h, rng, (min_scale, 1.0))
+    view = {"box": (top, left, bottom - top, right - left), "flip": rng.random() < 0.5, "ra": None, "erase": None}
+    if randaug:
+        view["ra"] = [(k, m < 0) for k, m in C.rand_augment_params(rng, size, RA_OPS, RA_MAGNITUDE, RA_BINS)]
+        view["erase"] = erase_box(rng, size) if rng.random() < ERASE_P else None
+    return view
+
+
+def draw_sample(rng: random.Random, wh, size: int, variant: str, min_scale: float, pool=()) -> dict:
+    """One augmentation of an image of size `wh`: its view, and with mixing a partner drawn from `pool`
+    [(index, (w, h))] with the partner's own view, the MixUp weight code and the CutMix box."""
+    randaug, mixing = VARIANTS[variant]
+    s = {"view": draw_view(rng, *wh, size, randaug, min_scale), "id2": -1, "view2": None, "mixup": None,
+         "cutmix": None}
+    if mixing and pool:
+        mixup = round(rng.betavariate(1.0, 1.0) / 2 * MIX_GRID) if rng.random() < MIXUP_P else None
+        cutmix = cutmix_box(rng, size) if rng.random() < CUTMIX_P else None
+        if mixup is not None or cutmix is not None:
+            j, (w2, h2) = pool[rng.randrange(len(pool))]
+            s.update(id2=j, view2=draw_view(rng, w2, h2, size, randaug, min_scale), mixup=mixup, cutmix=cutmix)
+    return s
+
+
+def apply_view(img: Image.Image, view: dict, size: int) -> torch.Tensor:
+    """Spec 4.4's fixed order on a PIL image: crop + bilinear resize, flip, RandAugment; then uint8 and
+    erasing to 0 (black, as erasing before Normalize). -> uint8 (3, size, size)."""
+    t, l, h, w = view["box"]
+    img = img.resize((size, size), Image.BILINEAR, box=(l, t, l + w, t + h))
+    if view["flip"]:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if view["ra"]:
+        img = C.apply_rand_augment(img, [[k, ra_magnitude(k, neg, size)] for k, neg in view["ra"]])
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+    if view["erase"]:
+        i, j, eh, ew = view["erase"]
+        x[:, i:i + eh, j:j + ew] = 0
+    return x
+
+
+def apply_sample(img: Image.Image, s: dict, size: int, partner: Image.Image | None = None) -> torch.Tensor:
+    """The view, then MixUp and CutMix with the partner's own view. MixUp weighs the image by lambda/2 <= 1/2,
+    so the partner dominates (the official code's quirk, spec 6; the stored label is the teacher's of the mixed
+    view, so nothing depends on it). Rounded to uint8: the teacher and the student see the same pixels."""
+    x = apply_view(img, s["view"], size)
+    if s["id2"] < 0:
+        return x
+    x2 = apply_view(partner, s["view2"], size)
+    if s["mixup"] is not None:
+        lam = s["mixup"] / MIX_GRID
+        x = (lam * x.float() + (1 - lam) * x2.float()).round().to(torch.uint8)
+    if s["cutmix"] is not None:
+        i, j, h, w = s["cutmix"]
+        x[:, i:i + h, j:j + w] = x2[:, i:i + h, j:j + w]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The stored record: fixed-size binary, one per augmentation (spec 4.3 and 4.4)
+# ----------------------------------------------------------------------------------------------------
+FLIP, ERASE, MIXUP, CUTMIX, BAD = 1, 2, 4, 8, 128  # bits of `flags` (`flags2`: the partner's FLIP, ERASE)
+
+
+def record_dtype(variant: str, k: int, size: int, num_classes: int) -> np.dtype:
+    """Packed numpy record. Crop boxes in original pixels (uint16), boxes in the view in uint8 up to 255 px,
+    a RandAugment op as one byte (index | negative << 7), fp16 probabilities, int16 class ids."""
+    randaug, mixing = VARIANTS[variant]
+    px = np.uint8 if size <= 255 else np.int16
+    view = [("box", np.uint16, (4,)), ("flags", np.uint8)]
+    view += [("ra", np.uint8, (RA_OPS,)), ("erase", px, (4,))] if randaug else []
+    fields = list(view)
+    if mixing:
+        fields += [("id2", np.int32), ("mix", np.uint8), ("cut", px, (4,))] + [(n + "2", *r) for n, *r in view]
+    fields += [("prob", np.float16, (k,)), ("cls", np.int16 if num_classes <= 2**15 else np.int32, (k,))]
+    return np.dtype(fields)  # packed: itemsize is the sum of the fields
+
+
+def encode_view(rec, view: dict, suffix: str = ""):
+    rec["box" + suffix] = view["box"]
+    flags = FLIP * view["flip"] + ERASE * (view["erase"] is not None)
+    if view["ra"] is not None:
+        rec["ra" + suffix] = [k | (neg << 7) for k, neg in view["ra"]]
+        rec["erase" + suffix] = view["erase"] or (0, 0, 0, 0)
+    return flags
+
+
+def decode_view(rec, flags: int, suffix: str = "") -> dict:
+    has_ra = "ra" + suffix in rec.dtype.names
+    return {"box": tuple(int(v) for v in rec["box" + suffix]), "flip": bool(flags & FLIP),
+            "ra": [(int(b) & 127, bool(b >> 7)) for b in rec["ra" + suffix]] if has_ra else None,
+            "erase": tuple(int(v) for v in rec["erase" + suffix]) if flags & ERASE else None}
+
+
+def encode_sample(s: dict, dtype: np.dtype) -> np.ndarray:
+    """A sample dict (draw_sample) -> one record (labels left empty)."""
+    rec = np.zeros((), dtype)
+    flags = encode_view(rec, s["view"])
+    if "id2" in dtype.names:
+        rec["id2"] = s["id2"]
+        if s["id2"] >= 0:
+            rec["flags2"] = encode_view(rec, s["view2"], "2")
+            rec["mix"] = s["mixup"] or 0
+            rec["cut"] = s["cutmix"] or (0, 0, 0, 0)
+            flags += MIXUP * (s["mixup"] is not None) + CUTMIX * (s["cutmix"] is not None)
+    rec["flags"] = flags
+    return rec
+
+
+def decode_sample(rec) -> dict:
+    """One record -> the sample dict that generated it (exactly: every field is an integer)."""
+    flags = int(rec["flags"])
+    s = {"view": decode_view(rec, flags), "id2": -1, "view2": None, "mixup": None, "cutmix": None}
+    if "id2" in rec.dtype.names and int(rec["id2"]) >= 0:
+        s.update(id2=int(rec["id2"]), view2=decode_view(rec, int(rec["flags2"]), "2"),
+                 mixup=int(rec["mix"]) if flags & MIXUP else None,
+                 cutmix=tuple(int(v) for v in rec["cut"]) if flags & CUTMIX else None)
+    return s
+
+
+def densify(prob, cls, num_classes: int) -> torch.Tensor:
+    """Spec 4.2 "smooth": the stored top-k probabilities at their classes, the leftover mass 1 - sum(top-k)
+    spread uniformly over the other C - k classes. Each of those had at most the smallest kept probability, so
+    their average does too: the top-k stay the top-k. fp16 rounding can push the sum past 1; the leftover
+    is then 0 and the k values are renormalised (a design choice; the official code falls back to "zeros")."""
+    p = torch.as_tensor(np.asarray(prob, dtype=np.float32))
+    c = torch.as_tensor(np.asarray(cls, dtype=np.int64))
+    rest = (1 - p.sum()).clamp(min=0) / max(1, num_classes - len(p))
+    t = torch.full((num_classes,), float(rest))
+    t[c] = p
+    return t / t.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Reinforcement: teachers, the views of a group of images, the output parts
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_trained(path: str) -> dict:
+    """A checkpoint of `reinforce.py train` (a file, or its run directory: the latest)."""
+    if os.path.isdir(path):
+        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
+    ckpt = C.load_checkpoint(path, "")
+    if ckpt.get("kind") != "reinforce_classifier":
+        C.fail(f"{path} is not a checkpoint of `reinforce.py train` (kind {ckpt.get('kind')!r})")
+    return ckpt
+
+
+def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, int]]:
+    """[(model in eval mode, input size or 0 = the views' size)] from --teachers: this repo's checkpoints, or
+    ARCH=WEIGHTS with a torchvision state dict (ARCH=DEFAULT: torchvision's own pretrained weights)."""
+    teachers = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" in item:
+            arch, weights = item.split("=", 1)
+            if os.path.isfile(weights):
+                sd = torch.load(weights, map_location="cpu", weights_only=True)
+                sd = C.unwrap_state_dict(sd.get("state_dict", sd.get("model", sd)))
+                model = build_model(arch, num_classes)
+                C.load_state_dict_checked(model, sd, f"teacher {item}")
+            else:  # a torchvision weights name, e.g. resnet50=IMAGENET1K_V2 (downloads)
+                try:
+                    import torchvision
+                    model = torchvision.models.get_model(arch, weights=weights)
+                except Exception as e:  # no (working) torchvision, or an unknown weights name
+                    C.fail(f"teacher {item}: no file {weights} and no torchvision weights of that name ({e})")
+            size = 0
+        else:
+            ckpt = load_trained(item)
+            model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["image_size"])
+            C.load_state_dict_checked(model, ckpt["model"], f"teacher {item}")
+            size = ckpt["image_size"] if MODELS.get(ckpt["model_name"], {}).get("vit") else 0
+        teachers.append((model.eval().to(device), size))
+    if not teachers:
+        C.fail("--teachers is empty; train one first: python reinforce.py train --model resnet_small --out runs/t")
+    return teachers
+
+
+@torch.no_grad()
+def teacher_probs(teachers, x: torch.Tensor, temperature: float, bf16: bool) -> torch.Tensor:
+    """uint8 views (V, 3, S, S) -> the ensemble's mean of softmax(logits / T), fp32 (V, C) (spec 2.1)."""
+    probs = 0
+    for model, size in teachers:
+        xt = C.normalize_images(x, IMAGENET_MEAN, IMAGENET_STD)
+        if size and size != x.shape[-1]:
+            xt = F.interpolate(xt, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(xt)
+        probs = probs + F.softmax(logits.float() / temperature, dim=-1)
+    return probs / len(teachers)
+
+
+def image_rng(seed: int, i: int) -> random.Random:
+    """The draws of image i depend on (seed, i) alone: not on ranks, workers, part size or a resume."""
+    return random.Random(zlib.crc32(f"reinforce/{seed}/{i}".encode()))
+
+
+class ReinforceViews(torch.utils.data.Dataset):
+    """Loader item = a group of images of one part: their NS records (labels empty) and the rendered views
+    (V, 3, S, S) with, per view, its (row, sample) in the group. DataLoader workers render in parallel."""
+
+    def __init__(self, data: Data, groups, cfg: ReinforceConfig, size: int, dtype: np.dtype):
+        self.data, self.groups, self.cfg, self.size, self.dtype = data, groups, cfg, size, dtype
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, g):
+        part, idx = self.groups[g]
+        cfg, recs, views, owner = self.cfg, np.zeros((len(idx), self.cfg.num_samples), self.dtype), [], []
+        for r, i in enumerate(idx):
+            rng = image_rng(cfg.seed, i)
+            try:
+                img = self.data.load(i)
+            except Exception:  # unreadable: its records are flagged, training skips them
+                recs[r]["flags"] = BAD
+                continue
+            pool = {}  # mixing partners (spec 3.1); an unreadable partner is left out
+            for j in ([rng.randrange(len(self.data)) for _ in range(cfg.mix_pool)] if VARIANTS[cfg.variant][1] else []):
+                try:
+                    pool[j] = pool[j] if j in pool else self.data.load(j)
+                except Exception:
+                    pass
+            sizes = [(j, im.size) for j, im in pool.items()]
+            for n in range(cfg.num_samples):
+                recs[r, n] = rec = encode_sample(draw_sample(rng, img.size, self.size, cfg.variant, cfg.min_scale,
+                                                             sizes), self.dtype)
+                # generation applies the decoded record: what training replays is what the teacher saw
+                s = decode_sample(rec)
+                views.append(apply_sample(img, s, self.size, pool.get(s["id2"])))
+                owner.append((r, n))
+        x = torch.stack(views) if views else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+        return part, idx, recs, x, owner
+
+
+def _as_is(x):
+    return x  # the loader must not turn the structured records into tensors
+
+
+def part_path(out: str, p: int) -> str:
+    return os.path.join(out, f"part-{p:05d}.npy")
+
+
+def write_meta(out: str, meta: dict):
+    """Rank 0 writes meta.json; a later run into the same folder must agree on everything that shapes it."""
+    path, meta = os.path.join(out, "meta.json"), json.loads(json.dumps(meta))  # tuples -> lists, as stored
+    if os.path.exists(path):
+        old = json.load(open(path))
+        diff = [k for k in meta if k != "teachers" and old.get(k) != meta[k]]
+        if diff:
+            C.fail(f"{out} holds a different reinforcement ({', '.join(diff)} differ); use another --out")
+    elif C.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def reinforce(argv=None):
+    cfg = C.parse_config(ReinforceConfig, argv)
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if cfg.variant not in VARIANTS:
+        C.fail(f"--variant must be one of {', '.join(VARIANTS)}, not '{cfg.variant}'")
+    if cfg.num_samples < 1 or cfg.topk < 1:
+        C.fail("--num-samples and --topk must be at least 1")
+    data = load_data(cfg)
+    size = cfg.image_size or (cfg.synthetic_size if not cfg.data else 224)
+    if cfg.topk > data.num_classes:
+        C.fail(f"--topk {cfg.topk} is more than the {data.num_classes} classes")
+    teachers = load_teachers(cfg.teachers, data.num_classes, device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    dtype = record_dtype(cfg.variant, cfg.topk, size, data.num_classes)
+    meta = {"format": 1, "variant": cfg.variant, "num_samples": cfg.num_samples, "topk": cfg.topk,
+            "image_size": size, "min_scale": cfg.min_scale, "mix_pool": cfg.mix_pool, "seed": cfg.seed,
+            "num_images": len(data), "num_classes": data.num_classes, "classnames": data.classnames,
+            "part_size": cfg.part_size, "fingerprint": data.fingerprint, "temperature": cfg.temperature,
+            "dtype": [list(d) for d in dtype.descr], "record_bytes": dtype.itemsize, "teachers": cfg.teachers}
+    write_meta(cfg.out, meta)
+    C.barrier()
+
+    # ---- this rank's unfinished parts, cut into groups of about one teacher batch of views -------------
+    n_parts = math.ceil(len(data) / cfg.part_size)
+    todo = [p for p in range(rank, n_parts, world) if not os.path.exists(part_path(cfg.out, p))]
+    per = max(1, cfg.batch_size // cfg.num_samples)
+    groups = [(p, list(range(lo, min(lo + per, (p + 1) * cfg.part_size, len(data)))))
+              for p in todo for lo in range(p * cfg.part_size, min((p + 1) * cfg.part_size, len(data)), per)]
+    done = sum(os.path.exists(part_path(cfg.out, p)) for p in range(n_parts))
+    C.print0(f"{len(data)} images, {data.num_classes} classes, {n_parts} parts ({done} done), {len(teachers)} "
+             f"teacher(s), {dtype.itemsize} bytes per augmentation record")
+    loader = torch.utils.data.DataLoader(ReinforceViews(data, groups, cfg, size, dtype), batch_size=None,
+                                         collate_fn=_as_is, num_workers=cfg.workers,
+                                         prefetch_factor=2 if cfg.workers else None)
+    pending, t0, bad = {}, time.time(), 0
+    for part, idx, recs, x, owner in C.progress(loader, "reinforce", total=len(groups)):
+        if len(x):
+            probs = torch.cat([teacher_probs(teachers, x[i:i + cfg.batch_size].to(device), cfg.temperature, bf16)
+                               for i in range(0, len(x), cfg.batch_size)])  # (V, C)
+            if probs.shape[1] != data.num_classes:
+                C.fail(f"the teachers output {probs.shape[1]} classes, the data has {data.num_classes}")
+            top = probs.topk(cfg.topk, dim=1)  # sorted, unlike the official argpartition
+            rows, cols = (np.array(v) for v in zip(*owner))
+            recs["prob"][rows, cols] = top.values.cpu().half().numpy()
+            recs["cls"][rows, cols] = top.indices.cpu().numpy()
+        bad += int((recs["flags"][:, 0] & BAD).astype(bool).sum())
+        done = pending.setdefault(part, {})
+        done.update(zip(idx, recs))
+        lo = part * cfg.part_size
+        if len(done) == min(cfg.part_size, len(data) - lo):  # the part is complete: write it atomically
+            arr = np.stack([done[i] for i in range(lo, lo + len(done))])  # (images, NS) records
+            tmp = part_path(cfg.out, part) + ".tmp.npy"
+            np.save(tmp, arr)
+            os.replace(tmp, part_path(cfg.out, part))
+            del pending[part]
+    C.barrier()
+    if rank == 0:
+        total = sum(os.path.getsize(part_path(cfg.out, p)) for p in range(n_parts))
+        C.print0(f"done in {time.time() - t0:.0f}s: {total / (len(data) * cfg.num_samples):.1f} bytes per augmentation"
+                 f" on disk ({dtype.itemsize} per record), {bad} unreadable images on rank 0, in {cfg.out}")
+    C.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Training on the reinforced dataset (spec 3.2), or plain ERM training (the baseline, the teachers)
+# ----------------------------------------------------------------------------------------------------
+
+
+class Reinforced:
+    """A reinforcement folder, memory-mapped: record(i, j) = sample j of image i."""
+
+    def __init__(self, root: str, data: Data):
+        path = os.path.join(root, "meta.json")
+        if not os.path.isfile(path):
+            C.fail(f"--reinforced {root} has no meta.json (not written by `reinforce.py reinforce`)")
+        self.meta = meta = json.load(open(path))
+        if meta["fingerprint"] != data.fingerprint:
+            C.fail(f"--reinforced {root} was made from other data ({meta['num_images']} images, fingerprint "
+                   f"{meta['fingerprint']}; --data has {len(data)}, {data.fingerprint}): indices would not match")
+        n_parts = math.ceil(meta["num_images"] / meta["part_size"])
+        missing = [p for p in range(n_parts) if not os.path.exists(part_path(root, p))]
+        if missing:
+            C.fail(f"--reinforced {root} misses {len(missing)} of {n_parts} parts (rerun `reinforce` to finish it)")
+        self.parts = [np.load(part_path(root, p), mmap_mode="r") for p in range(n_parts)]
+        self.ns, self.size, self.num_classes = meta["num_samples"], meta["image_size"], meta["num_classes"]
+
+    def record(self, i: int, j: int):
+        return self.parts[i // self.meta["part_size"]][i % self.meta["part_size"], j]
+
+
+def one_hot(y: int, num_classes: int) -> torch.Tensor:
+    t = torch.zeros(num_classes)
+    t[y] = 1.0
+    return t
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Map-style dataset read by key (epoch, index) -> (uint8 (3, S, S), target distribution (C,)). With a
+    reinforcement: with probability p one of the NS stored samples, uniformly, replayed exactly, target = its
+    densified teacher probabilities; otherwise (and in plain training) a fresh ERM augmentation with one-hot
+    labels (mixed by area / weight when it mixes). Draws are seeded by (seed, epoch, index)."""
+
+    def __init__(self, data: Data, size: int, seed: int, store: Reinforced | None, p: float, aug: str,
+                 min_scale: float, smoothing: float):
+        self.data, self.size, self.seed, self.store, self.p = data, size, seed, store, p
+        self.aug, self.min_scale, self.smoothing = aug, min_scale, smoothing
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        rng = random.Random(zlib.crc32(f"train/{self.seed}/{epoch}/{i}".encode()))
+        try:
+            if self.store is not None and rng.random() < self.p:
+                x, t = self.replay(i, rng.randrange(self.store.ns))
+            else:
+                x, t = self.standard(i, rng)
+        except Exception:  # an unreadable image: a zero target, which adds nothing to the loss
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.zeros(self.data.num_classes)
+        if x.shape[-1] != self.size:  # a student at another resolution than the stored views
+            x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        return x, t
+
+    def replay(self, i: int, j: int):
+        rec = self.store.record(i, j)
+        if rec["flags"] & BAD:
+            raise ValueError("unreadable at reinforcement")
+        s = decode_sample(rec)
+        partner = self.data.load(s["id2"]) if s["id2"] >= 0 else None
+        x = apply_sample(self.data.load(i), s, self.store.size, partner)
+        return x, densify(rec["prob"], rec["cls"], self.data.num_classes)
+
+    def standard(self, i: int, rng: random.Random):
+        img, n = self.data.load(i), self.data.num_classes
+        j = rng.randrange(len(self.data))
+        partner = self.data.load(j) if VARIANTS[self.aug][1] else None
+        s = draw_sample(rng, img.size, self.size, self.aug, self.min_scale, [(j, partner.size)] if partner is not None else ())
+        x, t = apply_sample(img, s, self.size, partner), one_hot(self.data.labels[i], n)
+        if s["id2"] >= 0:  # the label of a mixed image, mixed as the pixels were
+            t2 = one_hot(self.data.labels[j], n)
+            if s["mixup"] is not None:
+                t = (s["mixup"] / MIX_GRID) * t + (1 - s["mixup"] / MIX_GRID) * t2
+            if s["cutmix"] is not None:
+                a = s["cutmix"][2] * s["cutmix"][3] / self.size ** 2
+                t = (1 - a) * t + a * t2
+        return x, (1 - self.smoothing) * t + self.smoothing / n
+
+
+def kl_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) summed over classes, averaged over the batch ("batchmean", T = 1;
+    spec 3.2). With a one-hot target it is the cross-entropy. fp32; 0 log 0 = 0 via xlogy."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, C)
+    return (torch.xlogy(target, target) - target * logp).sum() / logits.shape[0]
+
+
+def kl_loss_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), target, reduction="batchmean")
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's keys of each global batch from step `start` on: a permutation per epoch seeded by (seed,
+    epoch), cut into global batches, rank r taking every world-th item. The step is the data position:
+    resuming at step s replays exactly what follows s."""
+
+    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
+        self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
+            n, global_batch, start, total, seed, rank, world)
+        self.per_epoch = max(1, n // global_batch)
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        perm, perm_epoch = None, -1
+        for s in range(self.start, self.total):
+            epoch, j = divmod(s, self.per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                perm_epoch = epoch
+            yield [(epoch, int(i)) for i in perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, items, size: int, device, batch_size: int = 256) -> float:
+    """Top-1 (%) on [(path, label)]: resize the shorter side, centre crop (the paper: 256 -> 224 crop)."""
+    model.eval()
+    correct = 0
+    for i in C.progress(range(0, len(items), batch_size), "eval"):
+        chunk = items[i:i + batch_size]
+        x = C.normalize_images(C.eval_images([p for p, _ in chunk], size, Image.BILINEAR).to(device),
+                               IMAGENET_MEAN, IMAGENET_STD)
+        y = torch.tensor([y for _, y in chunk], device=device)
+        correct += (model(x).argmax(1) == y).sum().item()
+    model.train()
+    return 100 * correct / max(1, len(items))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
+    """SGD with momentum (the paper's ResNet recipe) or AdamW; no decay on norms and biases either way."""
+    groups = C.param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda)
+    C.fail(f"--optimizer must be sgd or adamw, not '{name}'")
+
+
+def val_items(cfg: TrainConfig, data: Data):
+    if cfg.val_data:
+        items, names = C.image_folder(cfg.val_data)
+        if len(names) != data.num_classes:
+            C.fail(f"--val-data has {len(names)} class folders, the training data {data.num_classes} classes")
+        return items
+    return C.image_folder(synthetic(cfg)["val_folder"], data.classnames)[0] if not cfg.data else []
+
+
+def train(argv=None):
+    cfg = C.parse_config(TrainConfig, argv)
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if cfg.aug not in VARIANTS:
+        C.fail(f"--aug must be one of {', '.join(VARIANTS)}, not '{cfg.aug}'")
+    data = load_data(cfg)
+    if cfg.num_classes:
+        data.classnames = data.classnames + [str(c) for c in range(len(data.classnames), cfg.num_classes)]
+        data.num_classes = cfg.num_classes
+    store = Reinforced(cfg.reinforced, data) if cfg.reinforced else None
+    size = cfg.image_size or (store.size if store else cfg.synthetic_size if not cfg.data else
+                              MODELS.get(cfg.model, {}).get("image_size", 224))
+    torch.manual_seed(cfg.seed)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    model = build_model(cfg.model, data.num_classes, size).to(device)
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    gb = cfg.batch_size * world
+    per_epoch = max(1, len(data) // gb)
+    steps, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
+    evals = val_items(cfg, data)
+    log = C.RunLog(cfg.out)
+    C.print0(f"{len(data)} images, {data.num_classes} classes, {len(evals)} held out, {steps} steps of {gb}, "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+             + (f"reinforced ({store.meta['variant']}, NS {store.ns}, k {store.meta['topk']})" if store
+                else f"plain ERM ({cfg.aug}, label smoothing {cfg.label_smoothing})"))
+
+    # ---- resume: the data position is the step (StepBatches) ---------------------------------------
+    start = 0
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    if ckpt is not None:
+        if ckpt.get("kind") != "reinforce_classifier" or ckpt.get("model_name") != cfg.model:
+            C.fail(f"checkpoint {cfg.resume} is not a `reinforce.py train` checkpoint of {cfg.model}")
+        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
+        opt.load_state_dict(ckpt["optimizer"])
+        C.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        C.print0(f"resumed from step {start}")
+    dataset = TrainImages(data, size, cfg.seed, store, cfg.reinforce_p, cfg.aug, cfg.min_scale,
+                          0.0 if store else cfg.label_smoothing)
+    batches = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(data), gb, start, steps, cfg.seed, rank, world),
+        num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    stop, t0 = C.StopSignal(), time.time()
+    for step in range(start, steps + 1):
+        last_step = step == steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- evaluate -----------------------------------------------------------------------------
+        epoch_end = cfg.eval_every and step % (cfg.eval_every * per_epoch) == 0 and step > start
+        if evals and (last_step or epoch_end):
+            if rank == 0:
+                log.log(step, top1=evaluate(model, evals, size, device), epoch=step / per_epoch)
+            C.barrier()
+
+        # ---- checkpoint (these are also the teachers of `reinforce`) --------------------------------
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            state = {"kind": "reinforce_classifier", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "step": step, "rng": C.rng_state(), "model_name": cfg.model, "num_classes": data.num_classes,
+                     "image_size": size, "classnames": data.classnames, "config": dataclasses.asdict(cfg)}
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+        if last_step or stopping:
+            break
+
+        # ---- forward, backward, step ---------------------------------------------------------------
+        x, target = next(batches)
+        x = C.normalize_images(x.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, S, S)
+        target = target.to(device, non_blocking=True)  # (B, C) distributions (zero rows: unreadable images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = ddp(x)
+        loss = kl_loss(logits, target)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        C.set_lr(opt, C.lr_at(step, cfg.lr, warmup, steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0:
+            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                    images_per_s=cfg.log_every * gb / (time.time() - t0))
+            t0 = time.time()
+    C.cleanup_distributed()
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"reinforce": reinforce, "train": train}
+    if not argv or argv[0] not in commands:
+        C.fail("usage: reinforce.py {reinforce,train} [--flags]; `reinforce.py train --help` lists them")
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
