@@ -95,7 +95,7 @@ class Config:
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     resume: str = "auto"  # 'auto' = the latest checkpoint in --out (fresh if none), '' = fresh, or a path
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-    synthetic_train: int = 10000  # synthetic training images
+    synthetic_train: int = 6000  # synthetic training images
     synthetic_val: int = 2000  # synthetic held-out images (the query = gallery set)
 
 
@@ -560,7 +560,7 @@ def train(cfg: Config, stage: str):
                                                pin_memory=device.type == "cuda"))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop, t0, bad = C.StopSignal(), time.time(), 0
+    stop, t0, bad = C.StopSignal(), time.time(), torch.zeros((), dtype=torch.long, device=device)
     for step in range(start, steps + 1):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
@@ -578,7 +578,7 @@ def train(cfg: Config, stage: str):
         x, y = next(batches)
         x, y = to_input(x, device), y.to(device, non_blocking=True)
         ok = y >= 0  # unreadable images are label -1
-        bad += int((~ok).sum()) if step % cfg.log_every == 0 else 0
+        bad += (~ok).sum()  # on the device: no host sync
         C.set_lr(opt, C.lr_at(step, peak_lr, warmup, steps))
         # align: the transformation's BN statistics are frozen for the second half (`switch_mode_to_eval`)
         ddp.train(stage == "model" or step < steps // 2)
@@ -603,7 +603,7 @@ def train(cfg: Config, stage: str):
             if not math.isfinite(loss.item()):
                 C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
             log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], epoch=(step + 1) * epochs / steps,
-                    samples_per_s=cfg.log_every * gb / (time.time() - t0), unreadable=bad)
+                    samples_per_s=cfg.log_every * gb / (time.time() - t0), unreadable=int(bad))
             t0 = time.time()
 
     # ---- the backbone's own check: top-1 on held-out images --------------------------------------------
@@ -709,12 +709,13 @@ def demo(cfg: Config):
     """Old model on the first half of the classes, new model on all, FastFill and FCT transformations,
     then backfilling curves: FastFill in sigma / random / distance-oracle order and FCT in random order.
     Finished stages in --out are reused, so an interrupted demo continues where it stopped."""
-    small = dict(epochs=cfg.epochs or 30, batch_size=cfg.batch_size, resume="auto", image_size=32)
+    # 32-px images: crops below a third of the area would often cut the shape away
+    small = dict(epochs=cfg.epochs or 20, resume="auto", image_size=32, crop_scale=max(cfg.crop_scale, 0.35))
     sub = lambda name, **kw: dataclasses.replace(cfg, out=os.path.join(cfg.out, name), **{**small, **kw})
     n_old = len(C.SYNTH_SHAPES) // 2
     for name, stage, kw in (("old", "model", dict(classes=n_old)), ("new", "model", dict(classes=0)),
-                            ("fastfill", "align", dict(loss="fastfill", epochs=cfg.epochs or 20)),
-                            ("fct", "align", dict(loss="fct", epochs=cfg.epochs or 20))):
+                            ("fastfill", "align", dict(loss="fastfill", epochs=cfg.epochs or 15)),
+                            ("fct", "align", dict(loss="fct", epochs=cfg.epochs or 15))):
         c = sub(name, old=os.path.join(cfg.out, "old"), new=os.path.join(cfg.out, "new"), **kw)
         done = (p := C.latest_checkpoint(c.out)) and C.load_checkpoint(p, "").get("final")
         if not done:
