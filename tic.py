@@ -40,7 +40,18 @@ Commands:
       --out runs/tic-cumulative --compile       # tic_medium: global batch 4096, 4500 iterations per step
   torchrun --nproc_per_node=8 tic.py ... --out runs/tic-cumulative   # after a stop: resumes step and batch
 
-Result on the synthetic world (2-core CPU shared with other jobs): see the docstring's end and README.
+Result on the synthetic world: 4 steps (2014-16, 2017-18, 2019-20, 2021-23) of 4,000 training images, C = 150
+steps x batch 128, `tiny` (0.45M parameters, 32 px), lr 2e-3, 2D buffer; 2-core CPU shared with other jobs
+(load ~14), torch 2.13 CPU; `python tic.py compare --strategies restart,sequential,cumulative-all,cumulative-exp,
+cumulative-equal,lwf,patching,oracle`. Last model, mean over the 4 eval steps of retrieval R@1 (500 pairs per
+step) / zero-shot top-1 / static top-1 (all-years set), and compute in units of C:
+  restart 2.8 / 19.3 / 20.0 (4C)   sequential 4.6 / 22.3 / 22.8 (4C)   cumulative-all 4.6 / 25.1 / 25.2 (4C)
+  cumulative-exp 5.1 / 23.8 / 23.4 (4C)   cumulative-equal 4.8 / 23.9 / 25.4 (4C)   lwf 4.4 / 21.1 / 22.2 (5C)
+  patching 4.5 / 22.3 / 22.4 (4.2C)   oracle 7.6 / 30.0 / 32.0 (4C in one schedule, for the last step only)
+At equal compute warm start beats restart on every number, and replay (cumulative) beats sequential on the
+zero-shot and static tasks (the paper's findings). The Oracle's single long schedule stays ahead: at this
+tiny, under-trained scale four short cosine cycles lose to one long one. Retrieval differences below ~1 point
+are noise (500 pairs). 3-6 min of training per strategy; matrices and timings: README.
 """
 from __future__ import annotations
 
@@ -517,7 +528,7 @@ def _colour(v: float, lo: float, hi: float) -> tuple:
     return tuple(round(a + (b - a) * (x - i)) for a, b in zip(stops[i], stops[i + 1]))
 
 
-def draw_heatmaps(results: list, path: str, cell: int = 60):
+def draw_heatmaps(results: list, path: str, cell: int = 66):
     """One row of panels per strategy (retrieval R@1, zero-shot top-1), train step down, eval step across,
     values printed in the cells; a shared colour range per metric. Pillow only."""
     from PIL import Image, ImageDraw
@@ -799,7 +810,7 @@ def run(cfg: Config) -> dict | None:
         prev = final
     if rank == 0:
         result["summary"] = summarize(result)
-        result["wall_s"] = time.time() - t_start
+        result["wall_s"] = result.get("wall_s", 0.0) + time.time() - t_start  # over all invocations
         with open(mpath, "w") as f:
             json.dump(result, f)
         write_outputs(cfg.out, result)

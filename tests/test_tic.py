@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 
 import pytest
 import torch
@@ -165,6 +166,63 @@ def test_lwf_loss_matches_reference_and_vanishes_for_the_teacher():
     assert a.item() > 0.01
     same = tic.lwf_loss(t_img, t_txt, t_img, t_txt, t_scale, t_scale)
     assert abs(same.item()) < 1e-5
+
+
+def _lwf_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g), torch.randn(8, 4, generator=g), \
+        torch.randn(8, 4, generator=g)
+
+
+class Towers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.img, self.txt = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x, t):
+        F = torch.nn.functional
+        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(t), dim=-1), self.logit_scale.exp()
+
+
+def _lwf_worker(rank, world, port, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(Towers())
+    x, t, ti, tt = (v[rank * 4:(rank + 1) * 4] for v in _lwf_data())
+    F = torch.nn.functional
+    loss = tic.lwf_loss(*model(x, t)[:2], F.normalize(ti, dim=-1), F.normalize(tt, dim=-1),
+                        model.module.logit_scale.exp(), torch.tensor(5.0))
+    loss.backward()  # DDP averages the gradients over ranks
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    torch.save({"loss": mean / world, "grads": {n: p.grad for n, p in model.module.named_parameters()}},
+               f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_lwf_loss_two_gloo_processes_match_the_reference(tmp_path):
+    """Local rows against the gathered batch on 2 ranks = the full-matrix reference on one process."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_lwf_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = Towers()
+    x, t, ti, tt = _lwf_data()
+    F = torch.nn.functional
+    loss = tic.lwf_loss_reference(*model(x, t)[:2], F.normalize(ti, dim=-1), F.normalize(tt, dim=-1),
+                                  model.logit_scale.exp(), torch.tensor(5.0))
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-6, rtol=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][n], p.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_patching_interpolates_and_picks_the_best_alpha():
