@@ -98,7 +98,7 @@ class ReinforceConfig(Shared):
     num_samples: int = 20  # NS, augmentations stored per image (paper: 400 ImageNet+, 800 CIFAR-100+)
     topk: int = 10  # k, teacher probabilities kept per augmentation (paper: 10)
     variant: str = "randaug"  # cropflip | mixing | randaug | randaug_mixing (spec 3.1; the paper recommends randaug)
-    image_size: int = 0  # size of the stored views; 0 = 224 (synthetic world: its size)
+    image_size: int = 0  # size of the stored views; 0 = the first `reinforce.py train` teacher's size, else 224
     min_scale: float = 0.08  # smallest area fraction of the RandomResizedCrop (torchvision's default)
     mix_pool: int = 4  # MixUp/CutMix partners: this many images drawn uniformly per image (spec: its loader batch)
     batch_size: int = 256  # views per teacher forward
@@ -563,8 +563,9 @@ def load_trained(path: str) -> dict:
 
 
 def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, int]]:
-    """[(model in eval mode, input size or 0 = the views' size)] from --teachers: this repo's checkpoints, or
-    ARCH=WEIGHTS with a torchvision state dict (ARCH=DEFAULT: torchvision's own pretrained weights)."""
+    """[(model in eval mode, its training size, or 0: any)] from --teachers: this repo's checkpoints (views are
+    resized to the size they were trained at), or ARCH=WEIGHTS with a torchvision state dict (ARCH=DEFAULT:
+    torchvision's own pretrained weights; they see the views as they are)."""
     teachers = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" in item:
@@ -585,7 +586,7 @@ def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, 
             ckpt = load_trained(item)
             model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["image_size"])
             C.load_state_dict_checked(model, ckpt["model"], f"teacher {item}")
-            size = ckpt["image_size"] if MODELS.get(ckpt["model_name"], {}).get("vit") else 0
+            size = ckpt["image_size"]
         teachers.append((model.eval().to(device), size))
     if not teachers:
         C.fail("--teachers is empty; train one first: python reinforce.py train --model resnet_small --out runs/t")
@@ -680,10 +681,10 @@ def reinforce(argv=None):
     if cfg.num_samples < 1 or cfg.topk < 1:
         C.fail("--num-samples and --topk must be at least 1")
     data = load_data(cfg)
-    size = cfg.image_size or (cfg.synthetic_size if not cfg.data else 224)
     if cfg.topk > data.num_classes:
         C.fail(f"--topk {cfg.topk} is more than the {data.num_classes} classes")
     teachers = load_teachers(cfg.teachers, data.num_classes, device)
+    size = cfg.image_size or next((s for _, s in teachers if s), 224)  # default: the first teacher's own size
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     dtype = record_dtype(cfg.variant, cfg.topk, size, data.num_classes)
     meta = {"format": 1, "variant": cfg.variant, "num_samples": cfg.num_samples, "topk": cfg.topk,

@@ -15,6 +15,15 @@ import common as C
 import reinforce as R
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _image(seed, w, h):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
@@ -127,13 +136,13 @@ def test_replay_from_disk_is_bit_exact_for_every_op(tmp_path):
     dt = R.record_dtype("randaug_mixing", 2, 24, 2)
     assert store.parts[0].dtype == dt and store.parts[0].shape == (4, 40) and store.parts[1].shape == (2, 40)
     train = R.TrainImages(data, 24, 0, store, 1.0, "randaug", 0.08, 0.0)
-    (teacher, _), = R.load_teachers(ckpt, 2, torch.device("cpu"))
+    teachers = R.load_teachers(ckpt, 2, torch.device("cpu"))  # a 32 px model: views are resized for it
     seen = set()
     for g in range(len(data)):
         _, idx, recs, views, owner = R.ReinforceViews(data, [(0, [g])], cfg, 24, dt)[0]  # the generator's views
         replayed = torch.stack([train.replay(g, n)[0] for _, n in owner])
         assert torch.equal(replayed, views)
-        probs = R.teacher_probs([(teacher, 0)], replayed, 1.0, False)
+        probs = R.teacher_probs(teachers, replayed, 1.0, False)
         stored = torch.from_numpy(np.stack([store.record(g, n)["prob"] for _, n in owner]).astype(np.float32))
         torch.testing.assert_close(probs.topk(2).values, stored, atol=2e-3, rtol=0)
         for _, n in owner:
