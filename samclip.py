@@ -27,7 +27,7 @@ Paper -> code:
   decomposed relative position bias (MViTv2)              -> rel_pos_lookup, rel_pos_bias
   prompt encoder, random Fourier PE                        -> PromptEncoder, PositionEmbeddingRandom
   two-way transformer mask decoder                         -> MaskDecoder, TwoWayTransformer, TwoWayBlock
-  CLIP head: 3 blocks from SAM's last, max-pool, LN, MLP   -> CLIPHead, SamClip.add_clip_head (Sec. 3.2)
+  CLIP head: 3 blocks from SAM's last, max-pool, LN, MLP   -> CLIPHead (order: see it), SamClip.add_clip_head
   L_CLIP, cosine distillation (Eq. 1)                      -> cosine_distill_loss
   L_SAM = focal + dice against the frozen SAM (Eq. 2)      -> focal_loss, dice_loss, sam_distill_loss
   L_CLIP + lambda L_SAM, lambda = 10 (Eq. 3)               -> merge (stage 2), Config.lambda_sam
@@ -39,10 +39,10 @@ Paper -> code:
 Commands (real data; the teacher can be this repo's checkpoint or an OpenCLIP state dict with --bpe):
   python samclip.py predict --init sam_vit_b_01ec64.pth --image photo.jpg --point 320,240 --out mask.png
   torchrun --nproc_per_node=8 samclip.py --stage 1 --init-sam sam_vit_b_01ec64.pth --teacher-clip clip_l14.pt \\
-      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --model vit_b --out runs/s1
+      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --out runs/s1
   torchrun --nproc_per_node=8 samclip.py --stage 2 --init runs/s1 --init-sam sam_vit_b_01ec64.pth \\
       --teacher-clip clip_l14.pt --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' \\
-      --data-sam 'sa1b/sa_{000000..000063}.tar' --model vit_b --out runs/s2
+      --data-sam 'sa1b/sa_{000000..000063}.tar' --out runs/s2
   python samclip.py segment --init runs/s2 --image x.jpg --classes "cat,dog,grass" --out seg.png
   python samclip.py eval --init runs/s2 --voc VOCdevkit/VOC2012 --size 448
 Tiny pipeline on the synthetic world (CPU):
@@ -76,85 +76,79 @@ import common as C
 
 
 @dataclass
-class Config:
+class Shared:
+    """The flags of every command."""
+    device: str = "auto"  # auto | cuda | cpu
+    seed: int = 0  # init, data order, prompts
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images (the evaluation set)
+    synthetic_size: int = 64  # synthetic image size
+
+
+@dataclass
+class TrainShared(Shared):
+    """The flags of both training commands."""
+    masks_per_image: int = 4  # prompts (masks) sampled per SAM image (paper: 32)
+    box_prob: float = 0.5  # probability that a mask's prompt is its (noisy) box rather than a point in it
+    focal_weight: float = 20.0  # focal : dice ratio of the mask loss (SAM: 20 : 1)
+    weight_decay: float = 0.1  # AdamW weight decay (not stated; SAM's 0.1)
+    warmup: int = 20  # linear warm-up steps, then cosine to 1% of the peak
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    workers: int = 1  # DataLoader workers per stream and rank
+    log_every: int = 25  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept
+    resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
+
+
+@dataclass
+class Config(TrainShared):
     stage: int = 1  # 1: CLIP-head probing on the frozen backbone; 2: multi-task distillation (CLIP + SAM)
-    model: str = "tiny"  # SAM size from MODELS (vit_b for sam_vit_b_01ec64.pth)
-    init_sam: str = ""  # SAM weights: official .pth, or a train-sam run/checkpoint; also the frozen SAM teacher
+    init_sam: str = ""  # SAM weights, also the frozen SAM teacher: official .pth, or a train-sam run/checkpoint
     init: str = ""  # stage 2: the stage-1 checkpoint or run directory (CLIP head + backbone)
     teacher_clip: str = ""  # CLIP teacher: a mobileclip.py checkpoint (bpe.txt beside it) or an OpenCLIP state dict
     bpe: str = ""  # CLIP merges file for an OpenCLIP teacher
     data_clip: str = ""  # tar shards of images for L_CLIP; empty = the synthetic world
     data_sam: str = ""  # SA-1B tar shards (jpg + json) for L_SAM; empty = the synthetic world's masks
     out: str = "runs/samclip"  # run directory
-    steps: int = 300  # optimizer steps (paper: 20 epochs of 40.6M images at 2048 per step for stage I)
+    steps: int = 300  # optimizer steps (paper: 20 epochs of 40.6M images at 2048 a step in stage I)
     batch_clip: int = 64  # CLIP images per step and process (paper: 2048 global)
     batch_sam: int = 8  # SA-1B images per step and process (paper: 32 global)
-    masks_per_image: int = 4  # prompts (masks) sampled per SAM image (paper: 32)
     clip_sizes: str = ""  # CLIP-side resolutions, cycled per step (paper: 224,448); empty = the model's size
     sam_size: int = 0  # SAM-side resolution (paper: 1024); 0 = the model's
     lr: float = 0.0  # CLIP-head learning rate; 0 = the paper's (stage 1: 8e-4, stage 2: 4e-5)
     backbone_lr_mult: float = 0.1  # stage 2: backbone and SAM head at this fraction of --lr (paper: 0.1)
     lambda_sam: float = 10.0  # weight of L_SAM in stage 2 (paper: 10)
-    focal_weight: float = 20.0  # focal : dice ratio of L_FD (SAM: 20 : 1)
+    pool_first: bool = False  # the paper's head order: max-pool, LN, MLP (default: LN, MLP, max-pool; CLIPHead)
     head_hidden: int = 0  # hidden width of the CLIP head's MLP; 0 = the backbone width (the paper leaves it open)
-    weight_decay: float = 0.1  # AdamW weight decay (not stated; SAM's 0.1)
-    warmup: int = 20  # linear warm-up steps, then cosine
-    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     crop_scale: float = 0.5  # smallest area fraction of the CLIP images' random resized crop
-    box_prob: float = 0.5  # probability that a mask's prompt is its (noisy) box rather than a point in it
-    seed: int = 0  # init, data order, prompts
-    workers: int = 1  # DataLoader workers per stream and rank
-    device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     fused: bool = True  # fused attention (SDPA); --no-fused runs the explicit-softmax reference
-    log_every: int = 25  # steps between log lines
-    ckpt_every: int = 500  # steps between checkpoints
-    keep_ckpts: int = 2  # newest checkpoints kept
-    resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
     eval: bool = True  # at the end: zero-shot segmentation mIoU and SAM-head IoU on the synthetic held-out set
     eval_max: int = 500  # held-out images evaluated
-    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-    synthetic_train: int = 40000  # synthetic training images
-    synthetic_val: int = 1000  # synthetic held-out images
-    synthetic_size: int = 64  # synthetic image size
 
 
 @dataclass
-class SamTrainConfig:
+class SamTrainConfig(TrainShared):
     model: str = "tiny"  # SAM size from MODELS
     data: str = ""  # SA-1B tar shards; empty = the synthetic world's masks
     out: str = "runs/sam_tiny"  # run directory
-    steps: int = 600  # optimizer steps
+    steps: int = 800  # optimizer steps
     batch_size: int = 32  # images per step and process
-    masks_per_image: int = 4  # prompts (masks) per image
     size: int = 0  # training resolution; 0 = the model's
     lr: float = 2e-3  # peak learning rate (SAM: 8e-4 at batch 256)
-    weight_decay: float = 0.1  # AdamW weight decay (SAM: 0.1)
     warmup: int = 30  # linear warm-up steps
-    focal_weight: float = 20.0  # focal : dice (SAM: 20 : 1)
-    box_prob: float = 0.5  # probability of a box prompt instead of a point
-    grad_clip: float = 1.0  # gradient-norm clip; 0 = off
-    seed: int = 0  # init, data order, prompts
-    workers: int = 1  # DataLoader workers per rank
-    device: str = "auto"  # auto | cuda | cpu
-    log_every: int = 25  # steps between log lines
-    ckpt_every: int = 500  # steps between checkpoints
-    keep_ckpts: int = 2  # newest checkpoints kept
-    resume: str = ""  # 'auto' or a checkpoint path
-    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
-    synthetic_train: int = 40000  # synthetic training images
-    synthetic_val: int = 1000  # synthetic held-out images
-    synthetic_size: int = 64  # synthetic image size
 
 
 @dataclass
-class InferConfig:
+class InferConfig(Shared):
     init: str = ""  # predict: SAM weights (.pth, or any checkpoint of this script); segment/eval: a SAM-CLIP run
     image: str = ""  # input image
     point: str = ""  # predict: 'x,y[;x,y...]' foreground points in pixels of the original image
     neg_point: str = ""  # predict: background points, same format
     box: str = ""  # predict: 'x0,y0,x1,y1'
-    mask_input: str = ""  # predict: a previous low-res logits file (.pt, 1x1x256x256) as the mask prompt
+    mask_input: str = ""  # predict: low-res logits of an earlier predict (its _logits.pt) as the mask prompt
     multimask: bool = True  # predict: three candidate masks, keep the best by predicted IoU
     classes: str = ""  # segment: comma-separated class names
     out: str = "out.png"  # predict: the mask PNG; segment: the label-map PNG (+ .json legend)
@@ -163,20 +157,17 @@ class InferConfig:
     size: int = 0  # segment/eval: CLIP-head resolution (paper: 448); 0 = the run's first CLIP size
     refine: bool = False  # segment/eval: refine with the SAM head (App. C): mask prompt + points per class
     refine_threshold: float = 0.5  # probability above which refinement points are drawn (paper: 0.5 for VOC)
-    background: str = "background"  # eval/segment: name of the extra background class ('' = none)
+    bg_threshold: float = -1.0  # segment/eval: background where the best cosine is below this; -1 = calibrated
+    # (segment: at the end of the run; eval: on 100 training images); 0 = the --background text class
+    background: str = "background"  # segment/eval with --bg-threshold 0: a background text class ('' = none)
     voc: str = ""  # eval: a Pascal VOC folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)
     split: str = "val"  # eval: the VOC image list
     classnames: str = ""  # eval: file of class names, one a line, in label order (default: VOC's 21)
     eval_max: int = 0  # eval: images evaluated (0 = all)
-    device: str = "auto"  # auto | cuda | cpu
-    seed: int = 0  # refinement point sampling
-    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
-    synthetic_train: int = 40000  # synthetic world of the run
-    synthetic_val: int = 1000  # synthetic held-out images
-    synthetic_size: int = 64  # synthetic image size
 
 
-# SAM sizes (build_sam.py constants); `tiny` is a CPU model for the synthetic world: 64 px, 8 x 8 tokens.
+# SAM sizes (build_sam.py constants); `tiny` is a CPU model for the synthetic world: 64 px, 8 x 8 tokens;
+# `micro` is the tests' (32 px).
 MODELS = {
     "vit_b": dict(image_size=1024, patch=16, width=768, depth=12, heads=12, window=14, global_blocks=(2, 5, 8, 11),
                   prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16, iou_hidden=256),
@@ -188,6 +179,8 @@ MODELS = {
                   iou_hidden=256),
     "tiny": dict(image_size=64, patch=8, width=128, depth=4, heads=4, window=4, global_blocks=(1, 3),
                  prompt_dim=64, decoder_mlp=256, decoder_heads=4, mask_in=8, iou_hidden=64),
+    "micro": dict(image_size=32, patch=4, width=64, depth=2, heads=2, window=4, global_blocks=(1,),  # the tests'
+                  prompt_dim=32, decoder_mlp=64, decoder_heads=2, mask_in=8, iou_hidden=32),
 }
 SAM_MEAN, SAM_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # 0-255 scale
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -604,16 +597,22 @@ class Sam(nn.Module):
 
 
 class CLIPHead(nn.Module):
-    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), max-pool over the
-    patch tokens, LayerNorm, an MLP with two hidden layers into the teacher's embedding space. `dense`
-    applies the LayerNorm and MLP to every token instead of the pooled one (per-patch embeddings)."""
+    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), then max-pooling
+    over the patch tokens, a LayerNorm and an MLP with two hidden layers into the teacher's embedding space.
+    `dense` gives per-patch embeddings (Fig. 2's segmentation logits): LayerNorm + MLP on every token.
+    pool_first=True is the paper's order (pool, LN, MLP). Its per-token LN + MLP sees vectors unlike the
+    pooled one it was trained on, and on the synthetic world gave chance-level dense outputs (README), so the
+    default pools last (LN, MLP, max over tokens): the per-patch embeddings are then the vectors whose
+    maximum is distilled (a design choice; CLIPpy, whose protocol the paper follows, also pools last)."""
 
-    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int):
+    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int, pool_first: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, embed_dim))
+        self.pool_first_ = pool_first
+        self.register_buffer("pool_first", torch.tensor(pool_first))  # saved, so a checkpoint knows its order
 
     def tokens(self, x):
         for blk in self.blocks:
@@ -621,7 +620,9 @@ class CLIPHead(nn.Module):
         return x  # (B, h, w, C)
 
     def forward(self, x):
-        return self.mlp(self.norm(self.tokens(x).amax(dim=(1, 2))))  # (B, E)
+        if self.pool_first_:
+            return self.mlp(self.norm(self.tokens(x).amax(dim=(1, 2))))  # (B, E)
+        return self.dense(x).amax(dim=(1, 2))
 
     def dense(self, x):
         return self.mlp(self.norm(self.tokens(x)))  # (B, h, w, E)
@@ -630,10 +631,11 @@ class CLIPHead(nn.Module):
 class SamClip(Sam):
     """SAM plus `clip_head`, which branches off the encoder's last block, before the neck (spec 2.2)."""
 
-    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3):
+    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = False):
         last = self.image_encoder.blocks[-1]
         width = last.norm1.normalized_shape[0]
-        self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width)
+        self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width,
+                                  pool_first)
         return self
 
     def encode_image(self, x, normalize: bool = False):
@@ -698,7 +700,8 @@ def load_sam(path: str, with_clip_head: bool = False) -> SamClip:
     model = build_sam(name)
     if has_head and with_clip_head:
         model.add_clip_head(sd["clip_head.mlp.4.weight"].shape[0], sd["clip_head.mlp.0.weight"].shape[0],
-                            len({k.split(".")[2] for k in sd if k.startswith("clip_head.blocks.")}))
+                            len({k.split(".")[2] for k in sd if k.startswith("clip_head.blocks.")}),
+                            bool(sd["clip_head.pool_first"]))
     elif has_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("clip_head.")}
     C.load_state_dict_checked(model, sd, f"SAM weights {path}")
@@ -1064,7 +1067,7 @@ def build_student(cfg: Config, embed_dim: int, device):
         C.fail("--init-sam is required: sam_vit_b_01ec64.pth or a train-sam run (also the frozen SAM teacher)")
     sam_teacher = load_sam(cfg.init_sam).to(device).requires_grad_(False)
     if cfg.stage == 1:
-        model = copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden).to(device)
+        model = copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden, 3, cfg.pool_first).to(device)
         model.model_name = sam_teacher.model_name
         model.requires_grad_(False).clip_head.requires_grad_(True)
         opt = C.make_adamw(model.clip_head, cfg.lr or 8e-4, cfg.weight_decay, betas=(0.9, 0.999))
@@ -1123,11 +1126,12 @@ def merge(argv=None):
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
         # ---- checkpoint and final evaluation --------------------------------------------------------
-        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
-            save_run(cfg.out, step, model, opt, cfg, "samclip", {k: p.state() for k, p in positions.items()}, extra)
         if last_step and cfg.eval and rank == 0 and world_data is not None:
             res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher)
             log.log(step, **res)
+            extra["bg_threshold"] = res["bg_threshold"]  # `segment` uses it by default
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            save_run(cfg.out, step, model, opt, cfg, "samclip", {k: p.state() for k, p in positions.items()}, extra)
         if last_step or stopping:
             break
 
@@ -1189,8 +1193,9 @@ def merge(argv=None):
 # Patch-level procedure (CLIPpy's, which the paper follows): resize the image to size x size (448 in the
 # paper, a 28 x 28 token grid), per-patch embeddings from the CLIP head, cosine similarity with each class's
 # text embedding (prompt ensemble), bilinear upsampling of the logits to the image, argmax per pixel.
-# Background: the paper does not say; here it is one more class named by --background (a heuristic), or,
-# with --background '', background pixels are ignored and only object classes are scored.
+# Background, which the paper leaves open, by one of three rules: a threshold on the best class's cosine
+# (GroupViT's and TCL's way; --bg-threshold, -1 = calibrated on labelled training images), one more text
+# class (--background NAME), or none (background pixels ignored, only object classes scored).
 
 
 def text_classifier(clip_teacher, classnames: list[str], device) -> torch.Tensor:
@@ -1201,50 +1206,56 @@ def text_classifier(clip_teacher, classnames: list[str], device) -> torch.Tensor
 
 @torch.no_grad()
 def dense_logits(model: SamClip, img: Image.Image, size: int, classifier: torch.Tensor) -> torch.Tensor:
-    """(K, h, w) cosine logits of every patch for every class; the image is resized to size x size."""
+    """(K, H, W) cosine logits for every class, at the image's size: the image is resized to size x size,
+    the per-patch logits (K, h, w) upsampled bilinearly."""
     x = C.image_to_uint8(img, size, (0, 0, *img.size))[None].to(classifier.device)
     z = model.encode_dense(sam_normalize(x, size))  # (1, h, w, E), normalised
-    return (z @ classifier)[0].permute(2, 0, 1)
+    logits = (z @ classifier).permute(0, 3, 1, 2)  # (1, K, h, w)
+    return F.interpolate(logits, (img.size[1], img.size[0]), mode="bilinear", align_corners=False)[0]
 
 
 @torch.no_grad()
-def refine_with_sam(model: SamClip, img: Image.Image, logits: torch.Tensor, threshold: float, rng: random.Random,
-                    background: bool) -> torch.Tensor:
-    """App. C: for each class whose probability passes `threshold` somewhere, prompt the SAM head with the
-    class's probability map (as logits, resized to the mask-prompt size) and 1-3 points drawn where it
-    passes; the per-class SAM logits are then compared pixel-wise. -> (K, H, W) scores at image size.
-    Pixels no class claims (all SAM logits < 0) go to the background class 0 when there is one."""
+def refine_with_sam(model: SamClip, img: Image.Image, logits: torch.Tensor, threshold: float,
+                    rng: random.Random) -> torch.Tensor:
+    """App. C: for each class whose probability passes `threshold` somewhere, prompt the SAM head with that
+    class's probability map (as logits at the mask-prompt size) and 1-3 points drawn where it passes.
+    logits (K, H, W) -> (K, H, W) SAM logits at image size, -inf for the classes not prompted."""
     S, low = model.image_encoder.img_size, model.prompt_encoder.mask_input_size[0]
     small = resize_longest(img, S)
     w, h = small.size
     x = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)[None].to(logits.device)
     emb = model.image_encoder(model.preprocess(x))  # (1, D, g, g)
-    probs = F.interpolate((100 * logits).softmax(0)[None], (h, w), mode="bilinear", align_corners=False)[0]
-    padded = F.pad(probs, (0, S - w, 0, S - h))  # (K, S, S) in SAM's padded frame
-    prompt = torch.logit(F.interpolate(padded[None], (low, low), mode="bilinear")[0], eps=1e-4) # (K, low, low)
-    scores = torch.full((len(logits), img.size[1], img.size[0]), -float("inf"), device=logits.device)
-    for k in range(1 if background else 0, len(logits)):
-        ys, xs = torch.nonzero(probs[k] > threshold, as_tuple=True)
+    probs = (100 * logits).softmax(0)  # CLIP's logit scale
+    frame = F.pad(F.interpolate(probs[None], (h, w), mode="bilinear")[0], (0, S - w, 0, S - h))  # SAM's padded frame
+    prompts = torch.logit(F.interpolate(frame[None], (low, low), mode="bilinear")[0], eps=1e-4)  # (K, low, low)
+    scores = torch.full_like(logits, -float("inf"))
+    for k in range(len(logits)):
+        ys, xs = torch.nonzero(frame[k] > threshold, as_tuple=True)
         if len(ys) == 0:
             continue
         pick = rng.sample(range(len(ys)), min(len(ys), rng.randint(1, 3)))
         pts = torch.stack([xs[pick], ys[pick]], 1).float()[None]  # (1, n, 2) as (x, y)
         low_logits, _ = model.decode(emb, pts, torch.ones(1, len(pick), device=pts.device),
-                                     mask_input=prompt[k][None, None], multimask=False)
+                                     mask_input=prompts[k][None, None], multimask=False)
         scores[k] = model.postprocess_masks(low_logits, (h, w), (img.size[1], img.size[0]))[0, 0]
-    if background:
-        scores[0] = 0.0  # the mask threshold: background wins where every class's logit is negative
     return scores
 
 
-def segment_image(model, img, size, classifier, refine=False, threshold=0.5, rng=None, background=True):
-    """(H, W) class index per pixel."""
+def segment_image(model, img, size, classifier, bg_text=False, bg_threshold=0.0, refine=False, threshold=0.5,
+                  rng=None) -> torch.Tensor:
+    """(H, W) labels: with a background rule 0 = background and 1 + k = class k, without one k. With
+    bg_text, the classifier's first column is the background class."""
     logits = dense_logits(model, img, size, classifier)
-    if refine:
-        scores = refine_with_sam(model, img, logits, threshold, rng or random.Random(0), background)
-    else:
-        scores = F.interpolate(logits[None], (img.size[1], img.size[0]), mode="bilinear", align_corners=False)[0]
-    return scores.argmax(0)
+    if refine:  # a pixel no class's SAM mask claims (all logits < 0) is background
+        scores = refine_with_sam(model, img, logits[1:] if bg_text else logits, threshold, rng or random.Random(0))
+        best = scores.max(0)
+        if bg_text or bg_threshold:
+            return torch.where(best.values > 0, best.indices + 1, 0)
+        return best.indices
+    if bg_threshold:
+        best = logits.max(0)
+        return torch.where(best.values < bg_threshold, 0, best.indices + 1)
+    return logits.argmax(0)
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, K: int) -> torch.Tensor:
@@ -1260,40 +1271,54 @@ def miou(conf: torch.Tensor) -> float:
     return 100 * iou[gt > 0].mean().item()
 
 
-def voc_items(root: str, split: str):
-    """(image path, label-map path) of a Pascal VOC folder's segmentation split."""
-    lst = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-    if not os.path.isfile(lst):
-        C.fail(f"not a Pascal VOC folder: {lst} not found")
-    return [(os.path.join(root, "JPEGImages", f"{i}.jpg"), os.path.join(root, "SegmentationClass", f"{i}.png"))
-            for i in C.read_lines(lst)]
-
-
-def seg_eval(model, pairs, classnames, clip_teacher, size, device, refine=False, threshold=0.5, background=True):
-    """mIoU of zero-shot segmentation over (PIL image, int label map) pairs, and of chance (a uniformly random
-    class per patch, upsampled the same way). With no background class, label 0 is ignored and labels shift."""
-    names = ([background] if background else []) + classnames
-    classifier = text_classifier(clip_teacher, names, device)
-    K, conf, chance = len(names), torch.zeros(len(names), len(names), dtype=torch.long), 0
+@torch.no_grad()
+def seg_eval(model, pairs, classnames, clip_teacher, size, device, background="", bg_threshold=0.0, refine=False,
+             threshold=0.5) -> dict:
+    """mIoU (%) of zero-shot segmentation over (PIL image, label map) pairs, label 0 = background, 1 + k =
+    classnames[k], 255 = ignored; and of chance, a uniformly random class per patch upsampled the same way.
+    With no background rule, background pixels are ignored and only the objects are scored."""
+    bg_text = bool(background) and not bg_threshold
+    bg = bg_text or bool(bg_threshold)
+    classifier = text_classifier(clip_teacher, ([background] if bg_text else []) + classnames, device)
+    K, g = len(classnames) + bg, size // model.image_encoder.patch_embed.proj.stride[0]  # g: the token grid
+    conf, chance = torch.zeros(K, K, dtype=torch.long), torch.zeros(K, K, dtype=torch.long)
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
     for img, label in pairs:
-        y = torch.from_numpy(label.astype(np.int64)).to(device)
-        y = y if background else torch.where(y == 0, -1, y - 1)
-        conf += confusion(segment_image(model, img, size, classifier, refine, threshold, rng, bool(background)), y, K)
-        g = size // model.image_encoder.patch_embed.proj.stride[0]  # the token grid
+        y = torch.from_numpy(np.asarray(label, np.int64)).to(device)
+        y = y if bg else torch.where((y == 0) | (y > K), -1, y - 1)
+        conf += confusion(segment_image(model, img, size, classifier, bg_text, bg_threshold, refine, threshold, rng),
+                          y, K)
         rand = F.interpolate(torch.rand(1, K, g, g, generator=gen), y.shape, mode="bilinear")[0].argmax(0)
-        chance = chance + confusion(rand.to(device), y, K)
+        chance += confusion(rand.to(device), y, K)
     return {"miou": miou(conf), "chance_miou": miou(chance), "pixel_acc": 100 * conf.diag().sum().item() / conf.sum().item()}
 
 
-def synthetic_pairs(world: dict, n: int):
-    """(image, mask, label, sample) of the synthetic held-out set; mask 0 = background, 1 + k = SYNTH_SHAPES[k]."""
+@torch.no_grad()
+def calibrate_bg_threshold(model, pairs, classnames, clip_teacher, size, device) -> float:
+    """The background threshold with the best mIoU on labelled images (the only use of labels; pass
+    training images): a search over quantiles of the best-class cosine."""
+    classifier = text_classifier(clip_teacher, classnames, device)
+    best, cls, ys = [], [], []
+    for img, label in pairs:
+        b = dense_logits(model, img, size, classifier).max(0)
+        best.append(b.values.flatten().cpu())
+        cls.append(b.indices.flatten().cpu() + 1)
+        ys.append(torch.from_numpy(np.asarray(label, np.int64)).flatten())
+    best, cls, ys = torch.cat(best), torch.cat(cls), torch.cat(ys)
+    taus = torch.quantile(best[::max(1, len(best) // 20000)], torch.linspace(0.02, 0.98, 49))
+    K = len(classnames) + 1
+    return max(taus.tolist(), key=lambda t: miou(confusion(torch.where(best < t, 0, cls), ys, K)))
+
+
+def synthetic_pairs(world: dict, n: int, split: str = "val"):
+    """(image, mask, label, sample) of the synthetic world; mask 0 = background, 1 + k = SYNTH_SHAPES[k]."""
     out, skipped = [], {}
-    for shard in C.expand_shards(world["val"]):
+    for shard in C.expand_shards(world[split]):
         for s in C.iter_tar_samples(shard, skipped):
-            if len(out) < n:
-                out.append((C.decode_image(s), np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
-                            json.loads(s["json"])["label"], s))
+            if len(out) == n:
+                return out
+            out.append((C.decode_image(s), np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
+                        json.loads(s["json"])["label"], s))
     return out
 
 
@@ -1313,20 +1338,24 @@ def sam_head_iou(model: Sam, samples, size: int, device, seed: int = 0) -> float
 
 
 @torch.no_grad()
-def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None) -> dict:
-    """On the synthetic held-out set: zero-shot segmentation mIoU (background as a class, and objects
-    only), chance, zero-shot classification by the pooled embedding, and the SAM head's IoU."""
+def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None, refine=False) -> dict:
+    """On the synthetic held-out set: zero-shot segmentation mIoU and chance, background by a threshold
+    calibrated on min(n, 100) training images (seg_*), by a text class (seg_text_*) or ignored (seg_objects_*);
+    zero-shot classification by the pooled embedding; the SAM head's IoU (and the frozen SAM's)."""
     model.eval()
-    data = synthetic_pairs(world, n)
-    names = list(C.SYNTH_SHAPES)
-    out = {f"seg_{k}": v for k, v in seg_eval(model, [(a, b) for a, b, _, _ in data], names, clip_teacher, size,
-                                               device).items()}
-    out.update({f"seg_objects_{k}": v for k, v in seg_eval(model, [(a, b) for a, b, _, _ in data], names,
-                                                            clip_teacher, size, device, background="").items()})
+    data, names = synthetic_pairs(world, n), list(C.SYNTH_SHAPES)
+    pairs = [(a, b) for a, b, _, _ in data]
+    tau = calibrate_bg_threshold(model, [(a, b) for a, b, _, _ in synthetic_pairs(world, min(n, 100), "train")],
+                                 names, clip_teacher, size, device)
+    out = {"bg_threshold": tau}
+    for tag, kw in (("seg", dict(bg_threshold=tau)), ("seg_text", dict(background="background")),
+                    ("seg_objects", {})) + ((("seg_refined", dict(bg_threshold=tau, refine=True)),) if refine else ()):
+        out.update({f"{tag}_{k}": v for k, v in seg_eval(model, pairs, names, clip_teacher, size, device, **kw).items()})
     classifier = text_classifier(clip_teacher, names, device)
     x = torch.stack([C.image_to_uint8(a, size, (0, 0, *a.size)) for a, _, _, _ in data]).to(device)
     z = torch.cat([model.encode_image(sam_normalize(x[i:i + 128], size), normalize=True) for i in range(0, len(x), 128)])
-    out["zeroshot_top1"] = 100 * ((z @ classifier).argmax(1).cpu() == torch.tensor([c for _, _, c, _ in data])).float().mean().item()
+    y = torch.tensor([c for _, _, c, _ in data])
+    out["zeroshot_top1"] = 100 * ((z @ classifier).argmax(1).cpu() == y).float().mean().item()
     S = model.image_encoder.img_size
     out["sam_head_iou"] = sam_head_iou(model, [s for *_, s in data], S, device)
     if sam_teacher is not None:
@@ -1384,7 +1413,7 @@ def load_samclip_run(cfg: InferConfig, device):
         C.fail(f"--init {cfg.init} is not a SAM-CLIP checkpoint of this script")
     model = load_sam(cfg.init, with_clip_head=True).to(device)
     teacher = load_clip_teacher(cfg.teacher_clip or ck["teacher_clip"], cfg.bpe or ck.get("bpe", ""), device)
-    return model, teacher, cfg.size or ck["clip_sizes"][0]
+    return model, teacher, cfg.size or ck["clip_sizes"][0], ck
 
 
 def palette_png(labels: np.ndarray) -> Image.Image:
@@ -1401,16 +1430,31 @@ def segment_main(argv=None):
     classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
     if not classes:
         C.fail("segment needs --classes 'a,b,c'")
-    model, teacher, size = load_samclip_run(cfg, device)
+    model, teacher, size, ck = load_samclip_run(cfg, device)
     img = open_image(cfg.image)
-    names = ([cfg.background] if cfg.background else []) + classes
-    pred = segment_image(model, img, size, text_classifier(teacher, names, device), cfg.refine,
-                         cfg.refine_threshold, random.Random(cfg.seed), bool(cfg.background)).cpu().numpy()
+    if cfg.bg_threshold < 0:  # the one calibrated at the end of the run, else the text class
+        cfg.bg_threshold = ck.get("bg_threshold", 0.0)
+    bg_text = bool(cfg.background) and not cfg.bg_threshold
+    classifier = text_classifier(teacher, ([cfg.background] if bg_text else []) + classes, device)
+    pred = segment_image(model, img, size, classifier, bg_text, cfg.bg_threshold, cfg.refine, cfg.refine_threshold,
+                         random.Random(cfg.seed)).cpu().numpy()
+    names = (["background"] if bg_text or cfg.bg_threshold else []) + classes
     palette_png(pred).save(cfg.out)
-    legend = {n: round(float((pred == i).mean()), 4) for i, n in enumerate(names)}
+    area = {n: round(float((pred == i).mean()), 4) for i, n in enumerate(names)}
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"classes": names, "area": legend}, f, indent=1)
-    print(f"{cfg.out}: " + ", ".join(f"{n} {a:.1%}" for n, a in legend.items()))
+        json.dump({"classes": names, "area": area}, f, indent=1)
+    print(f"{cfg.out}: " + ", ".join(f"{n} {a:.1%}" for n, a in area.items()))
+
+
+def voc_pairs(root: str, split: str, n: int = 0):
+    """(image, label map) of a Pascal VOC folder's segmentation split: JPEGImages/ID.jpg and the palette PNG
+    SegmentationClass/ID.png (its indices are the labels, 255 the ignored border), read lazily."""
+    lst = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    if not os.path.isfile(lst):
+        C.fail(f"not a Pascal VOC folder: {lst} not found")
+    for i in C.read_lines(lst)[: n or None]:
+        yield (open_image(os.path.join(root, "JPEGImages", f"{i}.jpg")),
+               np.asarray(Image.open(os.path.join(root, "SegmentationClass", f"{i}.png"))))
 
 
 def eval_main(argv=None):
@@ -1418,22 +1462,21 @@ def eval_main(argv=None):
     held-out set (with classification top-1 and the SAM head's IoU)."""
     cfg = C.parse_config(InferConfig, argv)
     _, _, _, device = C.setup_distributed(cfg.device)
-    model, teacher, size = load_samclip_run(cfg, device)
+    model, teacher, size, _ = load_samclip_run(cfg, device)
     t0 = time.time()
     if cfg.voc:
         names = C.read_lines(cfg.classnames) if cfg.classnames else VOC_CLASSES[1:]
-        items = voc_items(cfg.voc, cfg.split)[: cfg.eval_max or None]
-        pairs = ((open_image(a), np.asarray(Image.open(b))) for a, b in items)  # palette PNG: indices, 255 = border
-        res = seg_eval(model, pairs, names, teacher, size, device, cfg.refine, cfg.refine_threshold, cfg.background)
+        tau = cfg.bg_threshold
+        if tau < 0:  # calibrated on 100 images of the training split
+            tau = calibrate_bg_threshold(model, list(voc_pairs(cfg.voc, "train", 100)), names, teacher, size, device)
+        res = seg_eval(model, voc_pairs(cfg.voc, cfg.split, cfg.eval_max), names, teacher, size, device,
+                       cfg.background, tau, cfg.refine, cfg.refine_threshold)
+        res["bg_threshold"] = tau
     else:
-        res = synthetic_eval(model, teacher, synthetic(cfg), size, cfg.eval_max or cfg.synthetic_val, device)
-        if cfg.refine:
-            data = synthetic_pairs(synthetic(cfg), cfg.eval_max or cfg.synthetic_val)
-            ref = seg_eval(model, [(a, b) for a, b, _, _ in data], list(C.SYNTH_SHAPES), teacher, size, device, True,
-                           cfg.refine_threshold, cfg.background)
-            res.update({f"refined_{k}": v for k, v in ref.items() if k != "chance_miou"})
+        res = synthetic_eval(model, teacher, synthetic(cfg), size, cfg.eval_max or cfg.synthetic_val, device,
+                             refine=cfg.refine)
     res["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
     return res
 
 
