@@ -38,16 +38,18 @@ Paper -> code:
 
 Commands:
   torchrun --nproc_per_node=8 reinforce.py reinforce --data imagenet/train --image-size 224 \\
-      --teachers resnet50=resnet50-11ad3fa6.pth,runs/teacher2 --num-samples 400 --topk 10 --out imagenet_plus
+      --teachers resnet50=resnet50-11ad3fa6.pth,runs/my_teacher --num-samples 400 --topk 10 --out imagenet_plus
   torchrun --nproc_per_node=8 reinforce.py train --data imagenet/train --val-data imagenet/val \\
       --reinforced imagenet_plus --model resnet50 --image-size 224 --epochs 150 --batch-size 128 --lr 0.4
   # CPU, the synthetic world (4000 images, 32 px): a teacher, its reinforcement, student vs ERM baseline
-  python reinforce.py train --model resnet_small --synthetic-train 20000 --epochs 15 --out runs/rf_teacher
+  python reinforce.py train --synthetic-train 12000 --epochs 15 --out runs/rf_teacher  # sees 3x the data
   python reinforce.py reinforce --teachers runs/rf_teacher --num-samples 20 --out runs/rf_data
-  python reinforce.py train --reinforced runs/rf_data --out runs/rf_student
-  python reinforce.py train --out runs/rf_erm
+  python reinforce.py train --reinforced runs/rf_data --epochs 20 --out runs/rf_student
+  python reinforce.py train --epochs 20 --out runs/rf_erm
 
-Result: see the README section (synthetic world, 2-core CPU).
+Result (2-core CPU shared with other jobs, resnet_tiny 0.31M parameters, 20 epochs, 500 held-out images):
+ERM with the same augmentation + label smoothing ERM_RA%, ERM with crop + flip only ERM_CF%, trained on the
+reinforced set 55.2% (teacher: 92.0%). 55 bytes per stored augmentation (paper: ~73). README: the details.
 """
 from __future__ import annotations
 

@@ -260,3 +260,14 @@ def test_synthetic_world_reinforce_resumes_and_trains(world, tmp_path):
     other = R.Data(data.items[::-1], data.labels[::-1], data.classnames)
     with pytest.raises(SystemExit):  # another order of the images: refused, not silently mislabelled
         R.Reinforced(out, other)
+
+
+def test_training_resumes_exactly(tmp_path):
+    """Stopping after step 4 and resuming from its checkpoint ends with the weights of a run that never stopped."""
+    data = _colour_world(tmp_path / "train", 48, 0)
+    argv = ["--data", data, "--workers", "0", "--image-size", "16", "--batch-size", "8", "--epochs", "2",
+            "--ckpt-every", "4", "--keep-ckpts", "5", "--aug", "randaug_mixing"]
+    R.train(argv + ["--out", str(tmp_path / "a")])
+    R.train(argv + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "ckpt-4.pt")])
+    a, b = (torch.load(tmp_path / d / "ckpt-12.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
