@@ -937,7 +937,7 @@ def train(argv=None):
         num_workers=cfg.workers, pin_memory=device.type == "cuda"))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop, t0 = C.StopSignal(), time.time()
+    stop, t0, skipped = C.StopSignal(), time.time(), torch.zeros((), device=device)
     for step in range(start, steps + 1):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
@@ -972,8 +972,11 @@ def train(argv=None):
         C.set_lr(opt, C.lr_at(step, cfg.lr, warmup, steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        skipped += (target.sum(dim=1) == 0).sum()
         if (step + 1) % cfg.log_every == 0:
-            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"],
+            if not math.isfinite(loss.item()):  # the last checkpoint stays the last good one
+                C.fail(f"loss is {loss.item()} at step {step + 1}; stopping (resume from a checkpoint, lower --lr)")
+            log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], skipped=int(skipped.item()),
                     images_per_s=cfg.log_every * gb / (time.time() - t0))
             t0 = time.time()
     C.cleanup_distributed()
