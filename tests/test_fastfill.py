@@ -137,13 +137,48 @@ def test_transformation_layout():
     assert FF.Transformation(128, 128, sigma_dim=0)(torch.randn(3, 128))[1] is None
 
 
+def test_sigma_ordering_pays_off_on_a_controlled_problem():
+    """The mechanism behind the payoff, without images: old features are a rotation of the new ones, except
+    for a third of the items whose old features are noise (an old model that cannot see them). Trained with
+    the FastFill loss on 3,000 items (enough that h cannot memorise the noise), sigma learns which items are
+    unrecoverable, so backfilling them first gives a clearly larger area under the mAP curve than random
+    order on 1,000 held-out items (+2.9 to +3.8 over seeds 0-3; the demo shows the same on images)."""
+    g = torch.Generator().manual_seed(0)
+    K, D, N, NT = 8, 16, 4000, 3000
+    centroids = torch.randn(K, D, generator=g) * 1.5
+    labels = torch.arange(N) % K
+    new = centroids[labels] + 0.5 * torch.randn(N, D, generator=g)
+    A = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+    old = new @ A + 0.05 * torch.randn(N, D, generator=g)
+    hard = torch.rand(N, generator=g) < 1 / 3
+    old[hard] = torch.randn(int(hard.sum()), D, generator=g) * old.std()
+    torch.manual_seed(0)
+    h = FF.Transformation(D, D, inner=64, sigma_dim=1)
+    opt = torch.optim.Adam(h.parameters(), lr=3e-3)
+    for step in range(300):
+        i = torch.randint(0, NT, (256,), generator=g)
+        out, s = h(old[i])
+        loss = FF.fastfill_loss(out, s, new[i], out @ centroids.T, labels[i])  # W_new = the centroids
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    va = slice(NT, N)
+    with torch.no_grad():
+        gal, sigma = h.eval()(old[va])
+    assert sigma[hard[va]].mean() > sigma[~hard[va]].mean() + 0.1  # the unrecoverable items are flagged
+    curves = {kind: FF.backfill_curve(new[va], gal, new[va], labels[va],
+                                      FF.backfill_order(kind, N - NT, sigma=sigma, seed=1))
+              for kind in ("sigma", "random")}
+    assert FF.auc(curves["sigma"])["auc_mAP"] > FF.auc(curves["random"])["auc_mAP"] + 1.5
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic run: old model (5 classes), new model (10), FastFill transformation."""
     root = tmp_path_factory.mktemp("ff")
     torch.set_num_threads(1)
     base = ["--cache-dir", str(root / "cache"), "--synthetic-train", "1000", "--synthetic-val", "300",
-            "--batch-size", "50", "--workers", "0", "--log-every", "10"]
+            "--batch-size", "50", "--workers", "0", "--log-every", "10", "--crop-scale", "0.35"]
     FF.main(["train-model", *base, "--classes", "5", "--epochs", "6", "--out", str(root / "old")])
     FF.main(["train-model", *base, "--epochs", "6", "--out", str(root / "new")])
     FF.main(["align", *base, "--old", str(root / "old"), "--new", str(root / "new"), "--epochs", "6",
