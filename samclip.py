@@ -36,15 +36,18 @@ Paper -> code:
   CLIP + SAM head composition (Table 5, App. C)            -> refine_with_sam
   SA-1B reader (COCO RLE)                                  -> rle_decode, rle_counts, SamDecode
 
-Commands (real data; the teacher can be this repo's checkpoint or an OpenCLIP state dict with --bpe):
+Commands (real data, the paper's batch mix over 8 GPUs; the teacher is this repo's checkpoint or an OpenCLIP
+state dict with --bpe):
   python samclip.py predict --init sam_vit_b_01ec64.pth --image photo.jpg --point 320,240 --out mask.png
   torchrun --nproc_per_node=8 samclip.py --stage 1 --init-sam sam_vit_b_01ec64.pth --teacher-clip clip_l14.pt \\
-      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --out runs/s1
+      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --clip-sizes 224,448 \\
+      --batch-clip 256 --steps 400000 --warmup 2000 --out runs/s1
   torchrun --nproc_per_node=8 samclip.py --stage 2 --init runs/s1 --init-sam sam_vit_b_01ec64.pth \\
       --teacher-clip clip_l14.pt --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' \\
-      --data-sam 'sa1b/sa_{000000..000063}.tar' --out runs/s2
+      --data-sam 'sa1b/sa_{000000..000063}.tar' --clip-sizes 224,448 --batch-clip 256 --batch-sam 4 \\
+      --masks-per-image 32 --sam-size 1024 --steps 320000 --warmup 2000 --out runs/s2
   python samclip.py segment --init runs/s2 --image x.jpg --classes "cat,dog,grass" --out seg.png
-  python samclip.py eval --init runs/s2 --voc VOCdevkit/VOC2012 --size 448
+  python samclip.py eval --init runs/s2 --voc VOCdevkit/VOC2012 --size 448 [--refine]
 Tiny pipeline on the synthetic world (CPU):
   python samclip.py train-sam --out runs/sam_tiny
   python samclip.py --stage 1 --init-sam runs/sam_tiny --teacher-clip /path/mobileclip_run/ckpt-800.pt --out runs/s1
@@ -692,7 +695,9 @@ def load_sam(path: str, with_clip_head: bool = False) -> SamClip:
     if "kind" in ck and "model" in ck:  # this script's checkpoint
         sd, name = ck["model"], ck["model_name"]
     else:
-        sd, name = C.unwrap_state_dict(ck), None
+        sd = C.unwrap_state_dict(ck)
+        if "image_encoder.pos_embed" not in sd:
+            C.fail(f"{path} is not a SAM state dict (no image_encoder.pos_embed)")
         name = sam_model_name(sd)
     has_head = any(k.startswith("clip_head.") for k in sd)
     if with_clip_head and not has_head:
@@ -1275,13 +1280,14 @@ def miou(conf: torch.Tensor) -> float:
 def seg_eval(model, pairs, classnames, clip_teacher, size, device, background="", bg_threshold=0.0, refine=False,
              threshold=0.5) -> dict:
     """mIoU (%) of zero-shot segmentation over (PIL image, label map) pairs, label 0 = background, 1 + k =
-    classnames[k], 255 = ignored; and of chance, a uniformly random class per patch upsampled the same way.
+    classnames[k], 255 = ignored; of chance, a uniformly random class per patch upsampled the same way; and
+    of the majority guess (all background).
     With no background rule, background pixels are ignored and only the objects are scored."""
     bg_text = bool(background) and not bg_threshold
     bg = bg_text or bool(bg_threshold)
     classifier = text_classifier(clip_teacher, ([background] if bg_text else []) + classnames, device)
     K, g = len(classnames) + bg, size // model.image_encoder.patch_embed.proj.stride[0]  # g: the token grid
-    conf, chance = torch.zeros(K, K, dtype=torch.long), torch.zeros(K, K, dtype=torch.long)
+    conf, chance, majority = (torch.zeros(K, K, dtype=torch.long) for _ in range(3))
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
     for img, label in pairs:
         y = torch.from_numpy(np.asarray(label, np.int64)).to(device)
@@ -1290,7 +1296,9 @@ def seg_eval(model, pairs, classnames, clip_teacher, size, device, background=""
                           y, K)
         rand = F.interpolate(torch.rand(1, K, g, g, generator=gen), y.shape, mode="bilinear")[0].argmax(0)
         chance += confusion(rand.to(device), y, K)
-    return {"miou": miou(conf), "chance_miou": miou(chance), "pixel_acc": 100 * conf.diag().sum().item() / conf.sum().item()}
+        majority += confusion(torch.zeros_like(y), y, K)  # everything background (or the first class)
+    return {"miou": miou(conf), "chance_miou": miou(chance), "majority_miou": miou(majority),
+            "pixel_acc": 100 * conf.diag().sum().item() / conf.sum().item()}
 
 
 @torch.no_grad()
