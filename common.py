@@ -45,9 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Config and CLI
-# ----------------------------------------------------------------------------------------------------
+# ==== 1. Config and CLI ===============================================================================
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -92,9 +90,7 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Distributed
-# ----------------------------------------------------------------------------------------------------
+# ==== 2. Distributed ==================================================================================
 
 
 def get_rank() -> int:
@@ -151,9 +147,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnnf.all_gather(x.contiguous()), dim=0)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Attention and transformer blocks, ViT, text transformer, CLIP
-# ----------------------------------------------------------------------------------------------------
+# ==== 3. Attention and transformer blocks, ViT, text transformer, CLIP ================================
 
 
 def attention(q, k, v, mask=None, causal: bool = False):
@@ -409,9 +403,7 @@ def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
     model.load_state_dict(sd)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Tokenizer
-# ----------------------------------------------------------------------------------------------------
+# ==== 4. Tokenizer ====================================================================================
 # CLIP byte-level BPE tokenizer, stdlib + torch only. Pipeline of the original:
 # 1. clean: ftfy.fix_text, HTML-unescape twice, collapse whitespace, lower-case. ftfy is emulated for its
 #    context-free fixes only (HTML entities unless the text has '<', ANSI colour codes, invisible controls,
@@ -636,9 +628,7 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
     return merges
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Data: tar shards, image transforms, the synthetic world
-# ----------------------------------------------------------------------------------------------------
+# ==== 5. Data: tar shards, image transforms, the synthetic world ======================================
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -1227,9 +1217,7 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Losses shared by several papers
-# ----------------------------------------------------------------------------------------------------
+# ==== 6. Losses shared by several papers ==============================================================
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -1257,9 +1245,7 @@ def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale
     return (i2t + t2i) / 2
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. Optimisation
-# ----------------------------------------------------------------------------------------------------
+# ==== 7. Optimisation =================================================================================
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "token_embed", "logit_scale", "class_embedding", "positional_embedding")
 
 
@@ -1293,9 +1279,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
         g["lr"] = lr
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. Checkpoints
-# ----------------------------------------------------------------------------------------------------
+# ==== 8. Checkpoints ==================================================================================
 
 
 def save_checkpoint(path: str, state: dict):
@@ -1379,9 +1363,7 @@ class StopSignal:
         return bool(flag.item())
 
 
-# ----------------------------------------------------------------------------------------------------
-# 9. Evaluation
-# ----------------------------------------------------------------------------------------------------
+# ==== 9. Evaluation ===================================================================================
 # A small prompt ensemble; for ImageNet-style zero-shot pass your own with --templates FILE.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} in a photo.",
                      "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}.")
@@ -1424,11 +1406,8 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, devi
 
 def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Tensor:
     """Eval transform: resize the shorter side to `size`, centre crop, uint8 (N, 3, size, size)."""
-    out = []
-    for p in paths:
-        img = Image.open(p).convert("RGB")
-        out.append(image_to_uint8(img, size, center_crop_box(*img.size), resample))
-    return torch.stack(out)
+    images = (Image.open(p).convert("RGB") for p in paths)
+    return torch.stack([image_to_uint8(im, size, center_crop_box(*im.size), resample) for im in images])
 
 
 @torch.no_grad()
@@ -1462,9 +1441,7 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# 10. Logging
-# ----------------------------------------------------------------------------------------------------
+# ==== 10. Logging =====================================================================================
 
 
 def progress(iterable, desc: str, **kw):
