@@ -171,8 +171,8 @@ class TorchvisionEmbedder(nn.Module):
         super().__init__()
         try:
             import torchvision
-        except ImportError:
-            C.fail(f"--model torchvision:{name} needs torchvision (pip install torchvision)")
+        except Exception as e:  # missing, or built for another torch
+            C.fail(f"--model torchvision:{name} needs a working torchvision ({type(e).__name__}: {str(e)[:120]})")
         self.trunk = torchvision.models.get_model(name, num_classes=1000)
         head = [n for n, m in self.trunk.named_modules() if isinstance(m, nn.Linear)][-1]
         width = self.trunk.get_submodule(head).in_features

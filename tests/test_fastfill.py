@@ -225,3 +225,13 @@ def test_resume_replays_the_same_run(tiny, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     with pytest.raises(SystemExit):  # a finished run is not trained over
         FF.main([*args, "--out", str(tmp_path / "b")])
+
+
+def test_torchvision_backbone_by_name_or_one_clear_line(capsys):
+    try:
+        m = FF.build_model("torchvision:resnet18", 10, 32)
+    except SystemExit:
+        assert "needs a working torchvision" in capsys.readouterr().err
+        return
+    logits, feature = m.eval()(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 10) and feature.shape == (2, 32)
