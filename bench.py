@@ -1,0 +1,261 @@
+"""bench.py: speed, FLOPs, MFU and memory of each script's training step, fast path against the readable
+reference path, measured in one run (issue 14; anchors in shared/papers/performance.md).
+
+    python bench.py                       # every case; on a GPU at the reference sizes, on a CPU at `tiny` sizes
+    python bench.py mobileclip catlip     # some cases
+    python bench.py --compile --steps 30  # add torch.compile to the fast path
+
+A case builds a model, a synthetic batch on the device and one full training step (forward, loss, backward,
+optimizer). "fast" = fused attention (SDPA), the fused/distributed-form losses, bf16 autocast on GPU,
+channels_last for convolutions (+ --compile); "reference" = explicit-softmax attention, the textbook losses,
+fp32. Model FLOPs per sample are counted once with torch.utils.flop_counter on the forward and multiplied
+by 3 (the MFU convention of performance.md: recomputation is not counted). MFU = FLOPs/sample x samples/s /
+the device's dense bf16 peak, looked up by GPU name. On the GPU every timed step runs under CUDA's sync
+debug mode: a host synchronisation inside the step is reported in the `syncs` column.
+Rows are printed as a table and appended as JSON lines to --out (bench.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import common as C
+
+# Dense bf16 peaks (performance.md 2.1), matched against torch.cuda.get_device_name() in this order.
+PEAK_BF16 = [("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+             ("A100", 312e12), ("RTX 3090", 71e12)]
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_BF16 if key in name), None)
+
+
+def forward_flops(fn) -> float:
+    """FLOPs of one call of `fn` (a forward pass), 2 per multiply-add, counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:  # (not under no_grad: the counter's module tracker needs autograd)
+        fn()
+    return float(counter.get_total_flops())
+
+
+def time_step(step, device, steps: int, warmup: int) -> dict:
+    """Samples/s, peak memory and host syncs of `step` (a closure returning the batch size)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    syncs = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        t0, n = time.perf_counter(), 0
+        for _ in range(steps):
+            n += step()
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"samples_per_s": n / dt, "step_ms": 1000 * dt / steps, "peak_mem_gib": mem,
+            "syncs": syncs if device.type == "cuda" else None}
+
+
+def train_step(model, loss_fn, opt, device, bf16: bool):
+    """One optimizer step of `loss_fn(model)` under optional bf16 autocast."""
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return n
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases: each returns {path: (model, loss_fn, forward_fn)} for "fast" and "reference"
+# ----------------------------------------------------------------------------------------------------
+
+
+def clip_case(device, gpu: bool, batch: int | None):
+    """mobileclip.py's plain CLIP step: ViT-B/16 at 224 px, batch 256 (GPU) / `tiny` (CPU)."""
+    import mobileclip as M
+    name, B = ("vit_b16", batch or 256) if gpu else ("tiny", batch or 64)
+    spec = M.MODELS[name]
+    x = torch.randn(B, 3, spec["image_size"], spec["image_size"], device=device)
+    ids = torch.randint(1, 49000, (B, spec["context_length"]), device=device)
+    out = {}
+    for path, fused, loss in (("fast", True, C.contrastive_loss), ("reference", False, C.contrastive_loss_reference)):
+        torch.manual_seed(0)
+        model = C.set_fused(C.build_clip(**spec, vocab_size=49408), fused).to(device)
+        out[path] = (model, lambda m, loss=loss: (loss(*m(x, ids)), B), lambda m=model: m(x[:1], ids[:1]))
+    return name, out
+
+
+def reinforced_case(device, gpu: bool, batch: int | None):
+    """mobileclip.py's reinforced step against its plain step on the same MobileCLIP model (target: <= 1.1x;
+    stored teacher embeddings, no teacher forward)."""
+    import mobileclip as M
+    name, B, K, D = ("mobileclip_s0", batch or 256, 2, 768) if gpu else ("mobileclip_tiny", batch or 64, 1, 128)
+    spec = M.model_spec(name)
+    x = torch.randn(B, 3, spec["image_size"], spec["image_size"], device=device).contiguous(
+        memory_format=torch.channels_last)
+    ids = torch.randint(1, 49000, (2 * B, spec["context_length"]), device=device)
+    teach = {k: F.normalize(torch.randn(B, K, D, device=device), dim=-1).flatten(1)
+             for k in ("img_emb", "txt_emb", "syn_emb")}
+
+    def plain(m):
+        return C.contrastive_loss(*m(x, ids[:B])), B
+
+    def reinforced(m):  # GT and synthetic captions in one (2B, L) text forward, as in mobileclip.main
+        img, txt, scale = m(x, ids)
+        gt, syn = txt.chunk(2)
+        return M.reinforced_loss(img, gt, syn, teach, scale, 0.5, [100.0] * K), B
+
+    out = {}
+    for path, fn in (("plain", plain), ("reinforced", reinforced)):
+        torch.manual_seed(0)
+        model = M.create_model(name, vocab_size=49408).to(device, memory_format=torch.channels_last)
+        out[path] = (model, fn, lambda m=model: m(x[:1], ids[:1]))
+    return name, out
+
+
+def catlip_case(device, gpu: bool, batch: int | None):
+    """catlip.py's step (multi-hot BCE over a 24,320-word vocabulary, image tower only) against the CLIP step
+    on the same ViT: the paper's claim is 2.7x less time per sample."""
+    import catlip as CL
+    import mobileclip as M
+    name, B, V = ("vit_b16", batch or 256, 24320) if gpu else ("tiny", batch or 64, 2000)
+    spec = CL.MODELS[name]
+    x = torch.randn(B, 3, spec["image_size"], spec["image_size"], device=device)
+    labels = torch.stack([torch.randperm(V)[:8] for _ in range(B)]).to(device)  # 8 distinct labels per image
+    dense = torch.zeros(B, V, device=device).scatter_(1, labels, 1.0)
+    ids = torch.randint(1, 49000, (B, M.MODELS[name]["context_length"]), device=device)
+    out = {}
+    for path, fused in (("fast", True), ("reference", False)):
+        torch.manual_seed(0)
+        model = C.set_fused(CL.build_model(name, V), fused).to(device)
+        loss = ((lambda m: (CL.multilabel_bce(m(x), labels), B)) if fused else
+                (lambda m: (CL.multilabel_bce_reference(m(x).float(), dense), B)))
+        out[path] = (model, loss, lambda m=model: m(x[:1]))
+    torch.manual_seed(0)
+    clip = C.build_clip(**M.MODELS[name], vocab_size=49408).to(device)
+    out["clip (same ViT)"] = (clip, lambda m: (C.contrastive_loss(*m(x, ids)), B), lambda m=clip: m(x[:1], ids[:1]))
+    return name, out
+
+
+def fastfill_case(device, gpu: bool, batch: int | None):
+    """fastfill.py's backbone step: ResNet-50 with a 128-d embedding at 224 px (GPU) / resnet_tiny at 32 px."""
+    import fastfill as FF
+    name, B, S = ("resnet50", batch or 256, 224) if gpu else ("resnet_tiny", batch or 128, 32)
+    x = torch.randn(B, 3, S, S, device=device)
+    y = torch.randint(0, 1000, (B,), device=device)
+    out = {}
+    for path, mf in (("fast", torch.channels_last), ("reference", torch.contiguous_format)):
+        torch.manual_seed(0)
+        model = FF.build_model(name, 1000, 128).to(device, memory_format=mf)
+        xx = x.contiguous(memory_format=mf)
+        out[path] = (model, lambda m, xx=xx: (F.cross_entropy(m(xx)[0].float(), y, label_smoothing=0.1), B),
+                     lambda m=model, xx=xx: m(xx[:1]))
+    return name, out
+
+
+CASES = {"mobileclip": clip_case, "reinforced": reinforced_case, "catlip": catlip_case, "fastfill": fastfill_case}
+
+
+def data_rate(samples: int = 2000, size: int = 224) -> dict:
+    """The data pipeline alone: tar shard -> decoded, cropped, tokenised samples per second in one process
+    (one DataLoader worker's rate) on the synthetic world's shards."""
+    import os
+    import tempfile
+    root = os.path.join(tempfile.gettempdir(), "effclip-bench")
+    world = C.synthetic_world(root, samples, 10, 64, shard_size=1000)
+    tok = C.Tokenizer(merges=C.train_bpe(["a photo of a red star"] * 4, 600))
+    decode = C.ImageTextDecode(tok, size, 77)
+    stream = C.ShardStream(C.expand_shards(world["train"]), decode, 100, epochs=1, drop_last=False)
+    t0, n = time.perf_counter(), 0
+    for b in stream:
+        n += len(b["ids"])
+    return {"samples_per_s_per_worker": n / (time.perf_counter() - t0), "image_size": size, "source_px": 64}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("cases", nargs="*", help=f"some of {', '.join(CASES)}, data (default: all)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 on GPU, 5 on CPU)")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 5 on GPU, 2 on CPU)")
+    ap.add_argument("--batch", type=int, default=0, help="batch size (default: each case's reference)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="bench.jsonl")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    steps, warmup = args.steps or (20 if gpu else 5), args.warmup or (5 if gpu else 2)
+    peak = peak_flops(device)
+    hw = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {hw}; dense bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {hw}; MFU: n/a")
+    rows = []
+    for case in args.cases or [*CASES, "data"]:
+        if case == "data":
+            rows.append({"case": "data", "path": "decode+crop+tokenise", **data_rate()})
+            continue
+        if case not in CASES:
+            C.fail(f"unknown case '{case}'; choose from {', '.join(CASES)}, data")
+        model_name, paths = CASES[case](device, gpu, args.batch or None)
+        for path, (model, loss_fn, fwd) in paths.items():
+            flops = 3 * forward_flops(fwd)  # per sample: the forward ran on one sample
+            fast = path != "reference"
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
+            m = torch.compile(model) if args.compile and fast else model
+            r = time_step(train_step(m, loss_fn, opt, device, bf16=gpu and fast), device, steps, warmup)
+            rows.append({"case": case, "model": model_name, "path": path, "device": hw, "gflops_per_sample": flops / 1e9,
+                         "mfu": flops * r["samples_per_s"] / peak if peak else None, **r})
+            del model, m, opt
+            if gpu:
+                torch.cuda.empty_cache()
+        base = [r for r in rows if r["case"] == case]
+        for r in base[1:]:  # ratio of the first path's speed to each other's
+            r["first_path_speedup"] = base[0]["samples_per_s"] / r["samples_per_s"]
+        # Model FLOPs do not depend on the path; the counter sees every op of the explicit reference
+        # attention but may miss a fused kernel's, so the largest count stands for all paths of a model.
+        for r in base:
+            same = [o["gflops_per_sample"] for o in base if o["model"] == r["model"]]
+            r["gflops_per_sample"] = max(same)
+            r["mfu"] = r["gflops_per_sample"] * 1e9 * r["samples_per_s"] / peak if peak else None
+    print_table(rows)
+    with open(args.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "compile": args.compile, "torch": torch.__version__}) + "\n")
+
+
+def print_table(rows):
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"{'case':11s} {'path':20s} {'model':16s} {'samples/s':>10s} {'GFLOP/smp':>10s} {'MFU':>6s} "
+          f"{'mem GiB':>8s} {'syncs':>5s} {'first/this':>10s}")
+    for r in rows:
+        if r["case"] == "data":
+            print(f"{'data':11s} {r['path']:20s} {'-':16s} {r['samples_per_s_per_worker']:10.0f}  per worker, "
+                  f"{r['source_px']} px JPEG -> {r['image_size']} px")
+            continue
+        print(f"{r['case']:11s} {r['path']:20s} {r['model']:16s} {r['samples_per_s']:10.1f} "
+              f"{r['gflops_per_sample']:10.2f} {fmt(r['mfu'] and 100 * r['mfu'], '5.1f'):>6s} "
+              f"{fmt(r['peak_mem_gib'], '8.2f'):>8s} {fmt(r['syncs'], 'd'):>5s} "
+              f"{fmt(r.get('first_path_speedup'), '10.2f'):>10s}")
+
+
+if __name__ == "__main__":
+    main()
