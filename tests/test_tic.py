@@ -201,6 +201,9 @@ def _lwf_worker(rank, world, port, out):
     torch.save({"loss": mean / world, "grads": {n: p.grad for n, p in model.module.named_parameters()}},
                f"{out}/rank{rank}.pt")
     dist.barrier()
+    del model, loss  # DDP's reducer must go before its process group, or exit can abort (std::terminate)
+    import gc
+    gc.collect()
     dist.destroy_process_group()
 
 
