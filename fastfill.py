@@ -527,6 +527,8 @@ def train(cfg: Config, stage: str):
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     items, classnames = C.image_folder(resolve_data(cfg, "train"))
+    # the held-out folder is resolved here, on every rank: resolve_data may wait at a barrier
+    val_root = cfg.val_data or ("" if cfg.data else resolve_data(cfg, "val"))
     if stage == "model" and cfg.classes:  # the old model sees the first N classes only
         if cfg.classes > len(classnames):
             C.fail(f"--classes {cfg.classes} but --data has {len(classnames)} class folders")
@@ -607,8 +609,8 @@ def train(cfg: Config, stage: str):
             t0 = time.time()
 
     # ---- the backbone's own check: top-1 on held-out images --------------------------------------------
-    if stage == "model" and last_step and rank == 0 and (cfg.val_data or not cfg.data):
-        val, _ = C.image_folder(cfg.val_data or resolve_data(cfg, "val"))
+    if stage == "model" and last_step and rank == 0 and val_root:
+        val, _ = C.image_folder(val_root)
         val = [(p, y) for p, y in val if y < classes]
         feats, labels, logits = extract(model.eval(), val, size, device, logits=True)
         log.log(steps, top1=100 * (logits.argmax(1) == labels).float().mean().item(), val_images=len(val))
