@@ -128,7 +128,9 @@ def reinforced_case(device, gpu: bool, batch: int | None):
     for path, fn in (("plain", plain), ("reinforced", reinforced)):
         torch.manual_seed(0)
         model = M.create_model(name, vocab_size=49408).to(device, memory_format=torch.channels_last)
-        out[path] = (model, fn, lambda m=model: m(x[:1], ids[:1]))
+        # model FLOPs per sample: one image and one caption, or two captions for the reinforced step
+        texts = ids[[0, B]] if path == "reinforced" else ids[:1]
+        out[path] = (model, fn, lambda m=model, t=texts: m(x[:1], t), f"{name}, {len(texts)} caption(s)")
     return name, out
 
 
@@ -152,7 +154,8 @@ def catlip_case(device, gpu: bool, batch: int | None):
         out[path] = (model, loss, lambda m=model: m(x[:1]))
     torch.manual_seed(0)
     clip = C.build_clip(**M.MODELS[name], vocab_size=49408).to(device)
-    out["clip (same ViT)"] = (clip, lambda m: (C.contrastive_loss(*m(x, ids)), B), lambda m=clip: m(x[:1], ids[:1]))
+    out["clip (same ViT)"] = (clip, lambda m: (C.contrastive_loss(*m(x, ids)), B), lambda m=clip: m(x[:1], ids[:1]),
+                              f"{name} + text tower")
     return name, out
 
 
@@ -198,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 5 on GPU, 2 on CPU)")
     ap.add_argument("--batch", type=int, default=0, help="batch size (default: each case's reference)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
+    ap.add_argument("--reference-sizes", action="store_true",
+                    help="the GPU reference models (ViT-B/16, S0, ResNet-50) even on a CPU (use a small --batch)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench.jsonl")
     args = ap.parse_args(argv)
@@ -215,14 +220,15 @@ def main(argv=None):
             continue
         if case not in CASES:
             C.fail(f"unknown case '{case}'; choose from {', '.join(CASES)}, data")
-        model_name, paths = CASES[case](device, gpu, args.batch or None)
-        for path, (model, loss_fn, fwd) in paths.items():
+        model_name, paths = CASES[case](device, gpu or args.reference_sizes, args.batch or None)
+        for path, (model, loss_fn, fwd, *label) in paths.items():
             flops = 3 * forward_flops(fwd)  # per sample: the forward ran on one sample
             fast = path != "reference"
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
             m = torch.compile(model) if args.compile and fast else model
             r = time_step(train_step(m, loss_fn, opt, device, bf16=gpu and fast), device, steps, warmup)
-            rows.append({"case": case, "model": model_name, "path": path, "device": hw, "gflops_per_sample": flops / 1e9,
+            rows.append({"case": case, "model": label[0] if label else model_name, "path": path, "device": hw,
+                         "gflops_per_sample": flops / 1e9,
                          "mfu": flops * r["samples_per_s"] / peak if peak else None, **r})
             del model, m, opt
             if gpu:
@@ -244,14 +250,14 @@ def main(argv=None):
 
 def print_table(rows):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    print(f"{'case':11s} {'path':20s} {'model':16s} {'samples/s':>10s} {'GFLOP/smp':>10s} {'MFU':>6s} "
+    print(f"{'case':11s} {'path':20s} {'model':30s} {'samples/s':>10s} {'GFLOP/smp':>10s} {'MFU':>6s} "
           f"{'mem GiB':>8s} {'syncs':>5s} {'first/this':>10s}")
     for r in rows:
         if r["case"] == "data":
-            print(f"{'data':11s} {r['path']:20s} {'-':16s} {r['samples_per_s_per_worker']:10.0f}  per worker, "
+            print(f"{'data':11s} {r['path']:20s} {'-':30s} {r['samples_per_s_per_worker']:10.0f}  per worker, "
                   f"{r['source_px']} px JPEG -> {r['image_size']} px")
             continue
-        print(f"{r['case']:11s} {r['path']:20s} {r['model']:16s} {r['samples_per_s']:10.1f} "
+        print(f"{r['case']:11s} {r['path']:20s} {r['model']:30s} {r['samples_per_s']:10.1f} "
               f"{r['gflops_per_sample']:10.2f} {fmt(r['mfu'] and 100 * r['mfu'], '5.1f'):>6s} "
               f"{fmt(r['peak_mem_gib'], '8.2f'):>8s} {fmt(r['syncs'], 'd'):>5s} "
               f"{fmt(r.get('first_path_speedup'), '10.2f'):>10s}")
