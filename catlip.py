@@ -823,30 +823,6 @@ class FolderImages(torch.utils.data.Dataset):
         return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """The keys of this rank's share of each global batch from step `start` on: a fresh permutation per
-    epoch seeded by (seed, epoch), cut into global batches, rank r taking every world-th item. The data
-    position is therefore the step itself: resuming at step s replays exactly what follows s."""
-
-    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
-        self.n, self.gb, self.start, self.total = n, global_batch, start, total
-        self.seed, self.rank, self.world = seed, rank, world
-        self.per_epoch = max(1, n // global_batch)
-
-    def __len__(self):
-        return self.total - self.start
-
-    def __iter__(self):
-        perm, perm_epoch = None, -1
-        for s in range(self.start, self.total):
-            epoch, j = divmod(s, self.per_epoch)
-            if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                perm_epoch = epoch
-            chunk = perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]
-            yield [(epoch, int(i)) for i in chunk]
-
-
 def labelled_synthetic_folder(world: dict, n: int) -> str:
     """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it
     once): the labelled downstream set of the low-data regime. Its captions were seen in pre-training,
@@ -936,7 +912,7 @@ def finetune(argv=None):
     C.print0(f"{len(train_items)} training images, {len(val_items)} held out, {len(classnames)} classes, "
              f"{steps} steps of {min(gb, len(train_items))}")
 
-    # ---- resume: the data position is the step (StepBatches) ---------------------------------------
+    # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
@@ -949,7 +925,7 @@ def finetune(argv=None):
         start = ckpt["step"]
         C.print0(f"resumed from step {start} of {cfg.resume}")
     data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
-    sampler = StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
+    sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
                                                pin_memory=device.type == "cuda"))
 

@@ -638,14 +638,12 @@ def expand_shards(spec: str) -> list[str]:
     `shards/{00000..00099}.tar` or `{a,b}`, or several of these separated by `::`."""
     out = []
     for part in spec.split("::"):
-        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
-        if m:  # numeric range, zero-padded to the width of the first bound
+        if m := re.search(r"\{(\d+)\.\.(\d+)\}", part):  # numeric range, zero-padded to the first bound's width
             lo, hi, w = int(m.group(1)), int(m.group(2)), len(m.group(1))
             out += expand_shards("::".join(part[:m.start()] + str(i).zfill(w) + part[m.end():]
                                             for i in range(lo, hi + 1)))
             continue
-        m = re.search(r"\{([^{}]*,[^{}]*)\}", part)
-        if m:
+        if m := re.search(r"\{([^{}]*,[^{}]*)\}", part):
             out += expand_shards("::".join(part[:m.start()] + s + part[m.end():] for s in m.group(1).split(",")))
         elif os.path.isdir(part):
             out += sorted(glob.glob(os.path.join(part, "**", "*.tar"), recursive=True))
@@ -877,6 +875,27 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        pin_memory=pin_memory, persistent_workers=False,
                                        prefetch_factor=4 if num_workers else None)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler for a map-style dataset read by key (epoch, index): this rank's share of each global batch
+    from step `start` to `total`, a permutation per epoch seeded by (seed, epoch), rank r taking every world-th
+    item. The step is the data position: resuming at step s replays exactly what an uninterrupted run saw."""
+
+    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
+        self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
+            n, global_batch, start, total, seed, rank, world)
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        per_epoch, perm = max(1, self.n // self.gb), None
+        for s in range(self.start, self.total):
+            epoch, j = divmod(s, per_epoch)
+            if perm is None or j == 0:  # the first step, or a new epoch
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            yield [(epoch, int(i)) for i in perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]]
 
 
 class DataPosition:
@@ -1308,10 +1327,8 @@ def load_checkpoint(path: str, out_dir: str) -> dict | None:
     """`path` = "" (start fresh), "auto" (the latest in out_dir, or fresh if there is none) or a file."""
     if not path:
         return None
-    if path == "auto":
-        path = latest_checkpoint(out_dir)
-        if path is None:
-            return None
+    if path == "auto" and (path := latest_checkpoint(out_dir)) is None:
+        return None  # nothing to resume: start fresh
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path}")
     try:

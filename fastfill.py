@@ -63,9 +63,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @dataclass
 class Config:
     data: str = ""  # ImageFolder to train on (backfill: the query = gallery set); empty = the synthetic world
-    val_data: str = ""  # train-model: ImageFolder for top-1 at the end; empty = the synthetic held-out set, if synthetic
+    val_data: str = ""  # train-model: ImageFolder for top-1 at the end; empty = the synthetic held-out set if synthetic
     out: str = "runs/fastfill"  # run directory: config.json, log.jsonl, checkpoints, curves
-    model: str = "resnet_tiny"  # resnet_tiny | resnet18 | resnet50 | torchvision:<name> (e.g. torchvision:resnet101)
+    model: str = "resnet_tiny"  # resnet_tiny | resnet18 | resnet50 | torchvision:<name>, e.g. torchvision:vgg16
     embed_dim: int = 128  # embedding width (paper: 128)
     classes: int = 0  # train-model: train on the first N classes only (the old model: half); 0 = all
     bct: str = ""  # train-model: old model checkpoint -> BCT influence loss through its frozen classifier
@@ -404,28 +404,6 @@ class FolderImages(torch.utils.data.Dataset):
         return (x.flip(-1) if rng.random() < 0.5 else x), label
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """This rank's share of each global batch from step `start` on: a permutation per epoch seeded by
-    (seed, epoch), cut into global batches, rank r taking every world-th item. The data position is the
-    step itself, so a resumed run replays exactly what an uninterrupted one would have seen."""
-
-    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
-        self.n, self.gb, self.start, self.total, self.seed = n, global_batch, start, total, seed
-        self.rank, self.world, self.per_epoch = rank, world, max(1, n // global_batch)
-
-    def __len__(self):
-        return self.total - self.start
-
-    def __iter__(self):
-        perm, perm_epoch = None, -1
-        for s in range(self.start, self.total):
-            epoch, j = divmod(s, self.per_epoch)
-            if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                perm_epoch = epoch
-            yield [(epoch, int(i)) for i in perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]]
-
-
 def synthetic_folders(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0) -> tuple[str, str]:
     """The synthetic world (10 shape classes) as train and val ImageFolders, written once by rank 0."""
     root = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip"),
@@ -545,7 +523,7 @@ def train(cfg: Config, stage: str):
              f"peak lr {peak_lr:.4g}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     log = C.RunLog(cfg.out)
 
-    # ---- resume: the data position is the step (StepBatches) ---------------------------------------
+    # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
     ck = C.load_checkpoint(cfg.resume, cfg.out)
     if ck is not None:
@@ -557,7 +535,7 @@ def train(cfg: Config, stage: str):
         start = ck["step"]
         C.print0(f"resumed at step {start}")
     data = FolderImages(items, size, cfg.seed, cfg.crop_scale)
-    sampler = StepBatches(len(items), gb, start, steps, cfg.seed, rank, world)
+    sampler = C.StepBatches(len(items), gb, start, steps, cfg.seed, rank, world)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
                                                pin_memory=device.type == "cuda"))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model

@@ -837,29 +837,6 @@ def kl_loss_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.kl_div(F.log_softmax(logits.float(), dim=-1), target, reduction="batchmean")
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """This rank's keys of each global batch from step `start` on: a permutation per epoch seeded by (seed,
-    epoch), cut into global batches, rank r taking every world-th item. The step is the data position:
-    resuming at step s replays exactly what follows s."""
-
-    def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
-        self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
-            n, global_batch, start, total, seed, rank, world)
-        self.per_epoch = max(1, n // global_batch)
-
-    def __len__(self):
-        return self.total - self.start
-
-    def __iter__(self):
-        perm, perm_epoch = None, -1
-        for s in range(self.start, self.total):
-            epoch, j = divmod(s, self.per_epoch)
-            if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                perm_epoch = epoch
-            yield [(epoch, int(i)) for i in perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]]
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, items, size: int, device, batch_size: int = 256) -> float:
     """Top-1 (%) on [(path, label)]: resize the shorter side, centre crop (the paper: 256 -> 224 crop)."""
@@ -920,7 +897,7 @@ def train(argv=None):
              + (f"reinforced ({store.meta['variant']}, NS {store.ns}, k {store.meta['topk']})" if store
                 else f"plain ERM ({cfg.aug}, label smoothing {cfg.label_smoothing})"))
 
-    # ---- resume: the data position is the step (StepBatches) ---------------------------------------
+    # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
@@ -934,7 +911,7 @@ def train(argv=None):
     dataset = TrainImages(data, size, cfg.seed, store, cfg.reinforce_p, cfg.aug, cfg.min_scale,
                           0.0 if store else cfg.label_smoothing)
     batches = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(data), gb, start, steps, cfg.seed, rank, world),
+        dataset, batch_sampler=C.StepBatches(len(data), gb, start, steps, cfg.seed, rank, world),
         num_workers=cfg.workers, pin_memory=device.type == "cuda"))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
