@@ -9,6 +9,15 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def free_port():
+    """A free TCP port on localhost for a gloo process group of spawned test ranks."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A small synthetic world shared by the tests (generated once per session)."""

@@ -1,6 +1,5 @@
 """The distributed contrastive loss against the full-matrix reference, in one and in two processes."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -18,12 +17,6 @@ def test_local_loss_matches_reference():
     # perfect alignment gives a small loss, a shuffled pairing a large one
     assert C.contrastive_loss(img, img, torch.tensor(50.0)) < 0.01
     assert C.contrastive_loss(img, img.roll(1, 0), torch.tensor(50.0)) > 10
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Towers(torch.nn.Module):
@@ -58,8 +51,8 @@ def _worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo_matches_single_process(tmp_path, free_port):
+    mp.spawn(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     model = Towers()
     loss = C.contrastive_loss_reference(*model(*_data()))

@@ -280,17 +280,13 @@ def _reinforce_rank(rank, world, port, argv):
     R.reinforce(argv)
 
 
-def test_two_ranks_write_the_same_reinforcement_as_one(tmp_path):
+def test_two_ranks_write_the_same_reinforcement_as_one(tmp_path, free_port):
     """Under torchrun the parts are shared out over the ranks (gloo here); the files equal a 1-process run's."""
-    import socket
     import torch.multiprocessing as mp
     root, ckpt = _folder(tmp_path / "imgs"), _teacher(str(tmp_path / "t.pt"), 2)
     argv = ["--data", root, "--teachers", ckpt, "--num-samples", "6", "--topk", "2", "--variant", "randaug_mixing",
             "--workers", "0", "--part-size", "2"]
     R.reinforce(argv + ["--out", str(tmp_path / "one")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_reinforce_rank, args=(2, port, argv + ["--out", str(tmp_path / "two")]), nprocs=2, join=True)
+    mp.spawn(_reinforce_rank, args=(2, free_port, argv + ["--out", str(tmp_path / "two")]), nprocs=2, join=True)
     for p in ("part-00000.npy", "part-00001.npy", "part-00002.npy"):
         assert (tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes(), p

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
@@ -93,12 +92,6 @@ def test_distill_loss_matches_reference_and_is_kl_plus_entropy():
     torch.testing.assert_close(mobileclip.distill_loss(t1, t2, t1, t2, torch.tensor(10.0), [10.0]), entropy)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -117,8 +110,8 @@ def _worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_distill_loss_two_gloo_processes_equal_one(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_distill_loss_two_gloo_processes_equal_one(tmp_path, free_port):
+    mp.spawn(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     img, txt, t_img, t_txt = _teachers()
     img.requires_grad_(True)
     loss = mobileclip.distill_loss_reference(img, txt, t_img, t_txt, torch.tensor(12.0), [30.0, 20.0])

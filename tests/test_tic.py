@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -207,13 +206,10 @@ def _lwf_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_lwf_loss_two_gloo_processes_match_the_reference(tmp_path):
+def test_lwf_loss_two_gloo_processes_match_the_reference(tmp_path, free_port):
     """Local rows against the gathered batch on 2 ranks = the full-matrix reference on one process."""
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_lwf_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_lwf_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     model = Towers()
     x, t, ti, tt = _lwf_data()
