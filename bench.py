@@ -49,27 +49,26 @@ def forward_flops(fn) -> float:
 
 def time_step(step, device, steps: int, warmup: int) -> dict:
     """Samples/s, peak memory and host syncs of `step` (a closure returning the batch size)."""
+    cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    syncs = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         t0, n = time.perf_counter(), 0
         for _ in range(steps):
             n += step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"samples_per_s": n / dt, "step_ms": 1000 * dt / steps, "peak_mem_gib": mem,
-            "syncs": syncs if device.type == "cuda" else None}
+    syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"samples_per_s": n / dt, "step_ms": 1000 * dt / steps, "peak_mem_gib": mem, "syncs": syncs}
 
 
 def train_step(model, loss_fn, opt, device, bf16: bool):
