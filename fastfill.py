@@ -603,7 +603,9 @@ def extract(model: nn.Module, items, size: int, device, batch: int = 256, worker
     feats, labels, outs = [], [], []
     for x, y in C.progress(torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=workers), "embed"):
         out, f = model(to_input(x, device))
-        feats.append(f.float().cpu()), labels.append(y), outs.append(out.float().cpu())
+        feats.append(f.float().cpu())
+        labels.append(y)
+        outs.append(out.float().cpu())
     feats, labels = torch.cat(feats), torch.cat(labels)
     return (feats, labels, torch.cat(outs)) if logits else (feats, labels)
 
