@@ -105,6 +105,8 @@ class Config:
     lambda_kd: float = 1.0  # L = (1 - lambda) L_CLIP + lambda L_Distill per caption (1: DataCompDR-12M recipe)
     teacher_scales: str = "100,100"  # logit scale 1/tau_k of each teacher (v1: 100,100; MobileCLIP2: 70,60)
     syn_key: str = "^syn_text.*$"  # regex of the syn.json keys synthetic captions are drawn from
+    caption_source: str = "alt"  # plain training: alt (the .txt) | synthetic (syn.json) | mix (synthetic w.p. p)
+    synthetic_prob: float = 0.5  # --caption-source mix: probability of replacing the alt-text
     teachers: str = ""  # reinforce: teacher CLIP checkpoints, comma-separated (this repo's or OpenCLIP)
     num_augs: int = 10  # reinforce: stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
     captions: str = ""  # reinforce: JSON lines {"key", "captions"}; default: the synthetic world's captioner
@@ -1009,6 +1011,32 @@ def caption_scene(scene: dict, rng) -> str:
                        "{b} with {o}{e}")).format(o=obj, e=extra, b=bg)
 
 
+class CaptionSource:
+    """Plain CLIP on quality captions (arXiv 2405.08911; spec dense.md 3.1 (b), "mix synthetic" of Apple's
+    OpenCLIP patch): each sample's alt-text is replaced by one of its synthetic captions, always
+    (`synthetic`) or with probability p (`mix`), and one contrastive loss is used. The captions are a
+    syn.json's (keys matching --syn-key), or, in the synthetic world, its accurate captioner's (from the json
+    "scene"). Option (a), the sum of the alt-text and synthetic-caption losses, is `--reinforced
+    --lambda-kd 0` on reinforced shards. A sample with no synthetic caption raises (counted, skipped)."""
+
+    def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int):
+        if source not in ("synthetic", "mix"):
+            C.fail(f"--caption-source must be alt, synthetic or mix, not '{source}'")
+        self.decode, self.prob = decode, 1.0 if source == "synthetic" else prob
+        self.syn_key, self.seed = re.compile(syn_key), seed + 1  # an RNG stream apart from the crop's
+
+    def __call__(self, sample: dict) -> dict:
+        rng = C.sample_rng(self.seed, sample)
+        if rng.random() < self.prob:
+            if "syn.json" in sample:
+                syn = json.loads(sample["syn.json"])
+                caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
+            else:
+                caption = caption_scene(json.loads(sample["json"])["scene"], rng)
+            sample = {**sample, "txt": caption.encode()}
+        return self.decode(sample)
+
+
 def load_teacher(path: str, bpe: str, device):
     """A teacher: this repo's checkpoint (its tokenizer is the bpe.txt beside it, or --bpe) or an
     OpenAI/OpenCLIP state dict (--bpe, the CLIP merges). Returns (model, tokenizer, spec), in eval mode."""
@@ -1219,6 +1247,8 @@ def main(argv=None):
     else:
         decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
                                    resample=RESAMPLE[spec["interpolation"]])
+        if cfg.caption_source != "alt":  # CLIP with quality captions (dense.py's pre-training)
+            decode = CaptionSource(decode, cfg.caption_source, cfg.synthetic_prob, cfg.syn_key, cfg.seed)
     stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
                            cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
