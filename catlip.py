@@ -334,6 +334,20 @@ def select_vocab(counts: collections.Counter, captions: int, min_count: int = 0,
     return {"min_count": tau, "captions": captions, "counts": {w: counts[w] for w in keep}}
 
 
+def build_vocab(shards: str, caption_key: str, workers: int, rank: int, world: int, min_count: int,
+                max_size: int, out: str) -> tuple[dict, int]:
+    """Count, select and (rank 0) write the vocabulary; returns it and the number of distinct lemmas."""
+    counts, n, skipped = count_vocab(C.expand_shards(shards), caption_key, workers, rank, world)
+    if n == 0:
+        C.fail(f"no readable captions in {shards} (skipped: {skipped})")
+    vocab = select_vocab(counts, n, min_count, max_size)
+    if rank == 0:
+        save_vocab(out, {**vocab, "skipped": skipped})
+    C.print0(f"{n} captions ({sum(skipped.values())} skipped: {skipped}), {len(counts)} distinct lemmas, "
+             f"{len(vocab['counts'])} seen >= {vocab['min_count']} times -> {out}")
+    return vocab, len(counts)
+
+
 def save_vocab(path: str, vocab: dict):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -387,15 +401,9 @@ def vocab_main(argv=None):
     rank, _, world, _ = C.setup_distributed("cpu" if not torch.cuda.is_available() else "auto")
     shards = resolve_shards(cfg.data, cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size)
     t0 = time.time()
-    counts, n, skipped = count_vocab(C.expand_shards(shards), cfg.caption_key, cfg.workers, rank, world)
-    if n == 0:
-        C.fail(f"no readable captions in {shards} (skipped: {skipped})")
-    vocab = select_vocab(counts, n, cfg.min_count, cfg.max_size)
-    if rank == 0:
-        save_vocab(cfg.out, {**vocab, "skipped": skipped})
-    C.print0(f"{n} captions ({sum(skipped.values())} skipped: {skipped}) in {time.time() - t0:.0f}s, "
-             f"{len(counts)} distinct lemmas, {len(vocab['counts'])} seen >= {vocab['min_count']} times -> {cfg.out}")
-    C.print0("most frequent: " + ", ".join(f"{w} {c}" for w, c in list(vocab["counts"].items())[:20]))
+    vocab, _ = build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, cfg.max_size, cfg.out)
+    top = ", ".join(f"{w} {c}" for w, c in list(vocab["counts"].items())[:20])
+    C.print0(f"{time.time() - t0:.0f}s; most frequent: {top}")
     C.cleanup_distributed()
 
 
@@ -529,14 +537,11 @@ def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator)
 
 
 def resolve_shards(data: str, cache_dir: str, n_train: int, n_val: int, size: int) -> str:
-    """--data, checked, or the synthetic world's training shards."""
-    if data:
-        try:
-            C.expand_shards(data)
-        except FileNotFoundError as e:
-            C.fail(str(e))
-        return data
-    return synthetic(cache_dir, n_train, n_val, size)["train"]
+    """--data, checked (a missing path is one line), or the synthetic world's training shards."""
+    try:
+        return (C.expand_shards(data) and data) if data else synthetic(cache_dir, n_train, n_val, size)["train"]
+    except FileNotFoundError as e:
+        C.fail(str(e))
 
 
 def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
@@ -653,16 +658,18 @@ def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
         return load_vocab(cfg.vocab)
     saved = os.path.join(cfg.out, "vocab.json")
     if not os.path.exists(saved):
-        counts, n, skipped = count_vocab(C.expand_shards(shards), cfg.caption_key, cfg.workers, rank, world)
-        if n == 0:
-            C.fail(f"no readable captions in {shards} (skipped: {skipped})")
-        vocab = select_vocab(counts, n, cfg.min_count)
-        if rank == 0:
-            save_vocab(saved, vocab)
-        C.print0(f"vocabulary: {len(vocab['counts'])} of {len(counts)} lemmas seen >= {vocab['min_count']} times "
-                 f"in {n} captions -> {saved}")
+        build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, 0, saved)
     C.barrier()
     return load_vocab(saved)
+
+
+def restore(ckpt: dict, model, ema, opt, what: str) -> int:
+    """Load weights, EMA, optimizer and RNG of a checkpoint; returns its step."""
+    C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {what}")
+    ema.module.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    C.set_rng_state(ckpt["rng"])
+    return ckpt["step"]
 
 
 def checkpoint_state(model, ema, opt, step, cfg, position, vocab: Vocab, size: int) -> dict:
@@ -703,11 +710,7 @@ def pretrain(argv=None):
                    f"not a CatLIP --model {cfg.model}")
         if ckpt["labels"] != vocab.labels:
             C.fail(f"checkpoint {cfg.resume} was trained on another vocabulary ({len(ckpt['labels'])} labels)")
-        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
-        ema.module.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        C.set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
+        start = restore(ckpt, model, ema, opt, cfg.resume)
         if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
             data_pos = ckpt["data"][rank]
         else:
@@ -918,11 +921,7 @@ def finetune(argv=None):
     if ckpt is not None:
         if ckpt.get("kind") != "catlip_finetune" or ckpt.get("classnames") != classnames:
             C.fail(f"checkpoint {cfg.resume} is not a fine-tune on these {len(classnames)} classes")
-        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
-        ema.module.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        C.set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
+        start = restore(ckpt, model, ema, opt, cfg.resume)
         C.print0(f"resumed from step {start} of {cfg.resume}")
     data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
     sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
@@ -961,13 +960,8 @@ def finetune(argv=None):
         x, y = next(batches)
         x = C.normalize_images(x.to(device, non_blocking=True))  # (B, 3, S, S)
         y = y.to(device, non_blocking=True)  # (B,), -1 = unreadable image
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if cfg.linear_probe:
-                with torch.no_grad():
-                    feats = model.features(x)  # (B, D), frozen backbone
-                logits = ddp(feats)
-            else:
-                logits = ddp(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # probe: head on frozen (B, D)
+            logits = ddp(model.features(x).detach()) if cfg.linear_probe else ddp(x)
         loss = F.cross_entropy(logits.float(), y, ignore_index=-1, label_smoothing=cfg.label_smoothing)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip or float("inf"))
