@@ -601,8 +601,8 @@ def hyper(cfg: Config, kind: str, subcloned: bool) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model, kind: str, arch: dict, tok, val: str, zs_dir: str, limit: int, device) -> dict:
-    """CLIP: zero-shot top-1/top-5 on the ImageFolder, retrieval recall@1/5/10 on the held-out pairs.
-    GPT: held-out next-token loss and perplexity."""
+    """CLIP: zero-shot top-1/top-5 on the ImageFolder, retrieval recall@1/5/10 and the contrastive loss on the
+    held-out pairs. GPT: held-out next-token loss and perplexity."""
     model.eval()
     metrics = {}
     if kind == "clip" and zs_dir:
@@ -621,7 +621,12 @@ def evaluate(model, kind: str, arch: dict, tok, val: str, zs_dir: str, limit: in
                 n = int((ids.argmax(dim=1)).sum())  # targets per caption = the eot position
                 nll, ntok = nll + lm_loss(model, ids).item() * n, ntok + n
         if kind == "clip":
-            metrics.update(C.retrieval_eval(torch.cat(img), torch.cat(txt)))
+            img, txt = F.normalize(torch.cat(img), dim=-1), F.normalize(torch.cat(txt), dim=-1)  # (N, E) each
+            metrics.update(C.retrieval_eval(img, txt))
+            # the CLIP loss over all N held-out pairs at once (chance: log N): smooth where top-1 on a few
+            # hundred images is noisy, so small comparisons can rank two inits by it
+            scale = model.logit_scale.exp().clamp(max=100.0)
+            metrics["val_loss"] = C.contrastive_loss_reference(img, txt, scale).item()
         else:
             metrics.update(val_loss=nll / ntok, val_ppl=math.exp(nll / ntok))
     model.train()
@@ -775,15 +780,16 @@ def compare(cfg: Config):
         if not os.path.exists(os.path.join(stage.out, f"ckpt-{stage.steps}.pt")):  # done in an earlier call
             train(stage)
     logs = {name: read_log(st.out) for name, st in stages.items()}
-    metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r10", "retrieval_t2i_r10"]
-               if clip else ["val_ppl"])
+    metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r10", "retrieval_t2i_r10",
+                "val_loss"] if clip else ["val_ppl"])
     names = list(logs)
     C.print0("step | " + " | ".join(f"{m}: {' / '.join(names)}" for m in metrics))
     for step in [r["step"] for r in logs["subcloned"] if metrics[0] in r]:
         row = {n: next((r for r in logs[n] if r["step"] == step and metrics[0] in r), {}) for n in names}
         C.print0(f"{step} | " + " | ".join(" / ".join(f"{row[n].get(m, float('nan')):.2f}" for n in names)
                                            for m in metrics))
-    result = [dict(speedup(logs["subcloned"], logs[n], m, higher=clip), baseline=n) for n in names[1:] for m in metrics]
+    result = [dict(speedup(logs["subcloned"], logs[n], m, higher=not m.startswith("val_")), baseline=n)
+              for n in names[1:] for m in metrics]
     for s in result:
         x = "not reached" if s["speedup"] is None else f"{s['speedup']:.1f}x fewer steps"
         C.print0(f"{s['metric']}: {s['baseline']} reaches {s['target']:.2f} at step {s['random_steps']}; "

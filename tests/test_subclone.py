@@ -220,17 +220,47 @@ def small_run(world, out):
 def test_subcloned_lm_learns_faster_than_random(world, tmp_path, tiny_shapes):
     """The comparison in small: a GPT parent trained briefly, subcloned to half width and half depth; with
     Table 1's settings (lr 1e-4 both) the subclone reaches the random init's final perplexity in at most a
-    quarter of its steps (the paper's 4x), and ends far below it."""
+    quarter of its steps (the paper's 4x), and ends far below it; so it does against random init at lr 1e-3."""
     out = str(tmp_path / "cmp")
     result = S.main(["compare", "--kind", "gpt", "--parent-model", "t_parent", "--model", "t_child", "--parent-steps",
-                     "100", "--parent-lr", "1e-3", "--steps", "40", "--eval-every", "10", "--calib-samples", "256"]
-                    + small_run(world, out))
-    assert result[0]["metric"] == "val_ppl" and result[0]["random_steps"] == 40
-    assert result[0]["subcloned_steps"] is not None and result[0]["subcloned_steps"] <= 10, result
-    sub, rnd = S.read_log(os.path.join(out, "subcloned")), S.read_log(os.path.join(out, "random"))
-    assert sub[-1]["val_ppl"] < rnd[-1]["val_ppl"] / 3, (sub[-1], rnd[-1])
+                     "100", "--parent-lr", "1e-3", "--steps", "40", "--eval-every", "10", "--calib-samples", "256",
+                     "--random-lr", "1e-3"] + small_run(world, out))
+    assert [(r["metric"], r["baseline"], r["random_steps"]) for r in result] == [
+        ("val_ppl", "random", 40), ("val_ppl", "random_lr0.001", 40)]
+    for r in result:  # also against a random init at a 10x higher, tuned LR: the gap is the init, not the LR
+        assert r["subcloned_steps"] is not None and r["subcloned_steps"] <= 10, result
+    sub, rnd, tuned = (S.read_log(os.path.join(out, n)) for n in ("subcloned", "random", "random_lr0.001"))
+    assert sub[-1]["val_ppl"] < rnd[-1]["val_ppl"] / 3, (sub[-1], rnd[-1])  # measured 31.5 vs 520
+    assert sub[-1]["val_ppl"] < tuned[-1]["val_ppl"] / 2, (sub[-1], tuned[-1])  # measured 31.5 vs 129
     assert rnd[-1]["val_ppl"] < rnd[0]["val_ppl"] * 0.9  # the random init does learn, slowly at Table 1's lr
     assert {"subclone.pt", "compare.json", "parent", "subcloned", "random"} <= set(os.listdir(out))
+
+
+def test_subcloned_clip_learns_faster_than_random(world, tmp_path, monkeypatch):
+    """The CLIP comparison in small: a ViT CLIP parent (3 image blocks) trained briefly, subcloned to half width
+    and 2 image blocks; with Table 1's settings (subcloned lr 1e-4, random 2e-3) the subclone reaches the random
+    init's final held-out contrastive loss in at most half its steps. Zero-shot top-1 on 200 images moves by a
+    few points here, so the smooth loss is the measure (measured: random 5.53 -> 5.23 in 40 steps, subclone
+    5.27 -> 5.17 at step 10 -> 5.03)."""
+    monkeypatch.setitem(S.MODELS, "c_parent", dict(kind="clip", image_size=32, patch=8, width=64, layers=3, heads=4,
+                                                   embed_dim=64, text_width=64, text_layers=2, text_heads=4,
+                                                   context_length=24))
+    monkeypatch.setitem(S.MODELS, "c_child", dict(kind="clip", image_size=32, patch=8, width=32, layers=2, heads=2,
+                                                  embed_dim=64, text_width=32, text_layers=2, text_heads=2,
+                                                  context_length=24))
+    out = str(tmp_path / "cmp")
+    data = small_run(world, out) + ["--zeroshot-data", world["val_folder"]]
+    # the parent first, evaluated only at its end (compare finds its last checkpoint and does not re-train it)
+    S.main(["train", "--model", "c_parent", "--steps", "150", "--eval-every", "0"]
+           + small_run(world, os.path.join(out, "parent")))
+    result = S.main(["compare", "--parent-model", "c_parent", "--parent-steps", "150", "--model", "c_child",
+                     "--steps", "40", "--eval-every", "10", "--calib-samples", "256"] + data)
+    loss = next(r for r in result if r["metric"] == "val_loss")
+    assert loss["random_steps"] == 40 and loss["subcloned_steps"] is not None and loss["subcloned_steps"] <= 20, result
+    sub, rnd = S.read_log(os.path.join(out, "subcloned")), S.read_log(os.path.join(out, "random"))
+    assert rnd[-1]["val_loss"] < rnd[0]["val_loss"] - 0.1  # the random init does learn, slowly
+    assert sub[-1]["val_loss"] < rnd[-1]["val_loss"] - 0.1, (sub[-1], rnd[-1])
+    assert S.read_log(os.path.join(out, "parent"))[-1]["val_loss"] < sub[0]["val_loss"]  # subcloning loses some
 
 
 def test_train_resumes_exactly(world, tmp_path, tiny_shapes):
@@ -278,8 +308,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(world, tmp_path):
     import sys
     import time
     out = str(tmp_path / "r")
+    bpe, _ = tiny_bpe(tmp_path)  # no BPE training in the child process
     proc = subprocess.Popen([sys.executable, "subclone.py", "train", "--model", "gpt_tiny", "--steps", "100000",
-                             "--log-every", "1", "--eval-every", "0"] + small_run(world, out)[2:],
+                             "--log-every", "1", "--eval-every", "0", "--bpe", bpe] + small_run(world, out)[2:],
                             cwd=os.path.dirname(os.path.abspath(S.__file__)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
