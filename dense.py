@@ -1,0 +1,954 @@
+"""CLIP with Quality Captions: A Strong Pretraining for Vision Tasks (arXiv 2405.08911, Vasu et al., Apple).
+
+The paper's claim: the same CLIP recipe trained on well-aligned (captioner-written) captions gives a better backbone
+for semantic segmentation and depth estimation than alt-text, and beats MAE-style pre-training. This script is the
+instrument that measures it: it fine-tunes any image backbone the repository writes or loads with a dense head and
+reports single-scale mIoU (segmentation) or RMSE / AbsRel / delta<1.25 (depth). The pre-training itself is
+mobileclip.py with `--caption-source synthetic|mix` (README, "CLIP with quality captions").
+
+What is here: backbones from CLIP runs of mobileclip.py and OpenAI/OpenCLIP files (plain ViTs), MobileCLIP's MCi
+(this repository's runs and the released ml-mobileclip / OpenCLIP files), CatLIP runs, SAM / SAM-CLIP encoders
+(samclip.py) and MAE / timm ViTs through a key map; the standard ViT adapter (four blocks -> strides 4/8/16/32
+by deconvolution and pooling, as BEiT/MAE's ViT-UperNet) and the stage outputs of hierarchical MCi; an UperNet
+head (PPM + FPN) for segmentation, the deconvolution depth head of MIM-style depth evaluations with the
+scale-invariant log loss; sliding-window single-scale evaluation; ADE20K and NYUv2 folder layouts and tar shards
+with seg.png / depth.png members (the synthetic world's); `compare`, which runs the paper's comparison on the
+synthetic world end to end. Left out: multi-scale / flip test-time augmentation, EMA of the weights, the
+photometric distortion of mmseg's ADE20K pipeline, NYUv2's Eigen crop in evaluation, MobileCLIP-B's conv-stem ViT.
+
+Design choices where the spec is silent or unverified (spec 3.2, 7):
+  segmentation  UperNet (channels 512), 512 crops, random short-side scale 0.5-2.0 x crop and flip, AdamW
+                lr 3e-5 cosine to 3e-6, wd 0.1, 500 warm-up steps, 50 epochs of batch 32 (CoreNet's CatLIP
+                ADE20K recipe, with UperNet as the spec's head for hierarchical backbones and ViT adapters)
+  depth         deconvolution head (3 x [deconv 4x4/2, BN, ReLU], 3x3 conv, sigmoid x max depth) on the
+                deepest feature, SILog loss (lambda 0.85, x10), AdamW lr 1e-4 cosine, wd 0.01, 480 crops,
+                25 epochs of batch 24; metrics per image over valid pixels (depth > 0), then averaged
+  evaluation    resize so the short side is the crop, slide crop windows at stride 2/3 crop averaging the
+                outputs, resize the output to the label's size; mIoU over the whole set (classes absent from
+                prediction and label excluded), ignore index 255
+  layer decay   --layer-decay d scales the backbone's lr by d^(depth - i) for its i-th block (off: 1.0)
+
+Paper -> code:
+  quality-caption pre-training (Sec. 3, spec 3.1)     -> mobileclip.py --caption-source (CaptionSource)
+  ViT multi-scale adapter, MCi stages (spec 6)        -> ViTPyramid, MCiPyramid, build_backbone, load_backbone
+  segmentation head, loss, mIoU (spec 3.2, 5)         -> UperNet, F.cross_entropy, confusion_matrix, miou
+  depth head, loss, RMSE (spec 3.2, 5)                -> DeconvDepthHead, silog_loss (reference beside it),
+                                                         depth_errors
+  the claim on the synthetic world                    -> compare
+
+Commands:
+  torchrun --nproc_per_node=8 dense.py seg --model vit_b16 --init runs/b16/ckpt-100000.pt --data ADEChallengeData2016/
+  torchrun --nproc_per_node=8 dense.py seg --model mobileclip_s2 --init mobileclip_s2.pt --data ADEChallengeData2016/
+  torchrun --nproc_per_node=8 dense.py depth --model vit_b16 --init mae_pretrain_vit_base.pth --data nyuv2/
+  python dense.py compare            # alt-text vs quality-caption CLIP -> mIoU and RMSE on the synthetic world, CPU
+Results: README.md, "CLIP with quality captions".
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+
+@dataclass
+class Config:
+    data: str = ""  # ADE20K / NYUv2 root (images/ + annotations/ or depth/) or tar shards; empty = synthetic world
+    val_data: str = ""  # held-out tar shards or folder root (a --data root uses its validation split)
+    model: str = ""  # a ViT of VITS (tiny = vit_tiny), a MobileCLIP MCi model, sam_<size>; empty = the --init run's
+    init: str = ""  # backbone weights: a run or file of this repo, OpenAI/OpenCLIP, ml-mobileclip, SAM, MAE/timm
+    out: str = "runs/dense"  # run directory: config.json, log.jsonl, checkpoints
+    head: str = "auto"  # auto (upernet for seg, deconv for depth) | upernet | deconv | linear (BN + 1x1 conv probe)
+    freeze_backbone: bool = False  # train the head (and the ViT adapter) only: a frozen-feature probe
+    normalize: str = "auto"  # input normalisation: auto (by backbone and file) | clip | imagenet | none
+    crop: int = 0  # training crop and sliding window (0 = 512 seg / 480 depth on folders, the model's size on shards)
+    channels: int = 0  # head width (0 = 512 for UperNet, 256 for the depth head; 64/32 for backbones <= 256 wide)
+    epochs: float = 0  # passes over the training images (0 = the task's default)
+    steps: int = 0  # optimizer steps; overrides --epochs when > 0
+    batch_size: int = 4  # per process
+    lr: float = 0.0  # peak learning rate of the backbone (0 = the task's default)
+    head_lr: float = 0.0  # peak learning rate of the new layers (0 = 10 x --lr, mmseg's decode-head lr_mult)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak (CoreNet: 3e-5 -> 3e-6)
+    weight_decay: float = -1.0  # AdamW weight decay (-1 = the task's default)
+    warmup: int = 500  # linear warm-up steps (at most a fifth of the run)
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    layer_decay: float = 1.0  # lr x decay^(L - i) for backbone layer i of L (BEiT/MAE use 0.65); 1 = off
+    reduce_zero_label: str = "auto"  # seg: on = label 0 ignored, 1..K -> 0..K-1 (auto: on for folders, off for shards)
+    classes: int = 0  # seg: classes after the shift (0 = 150 for folders; 11 for the synthetic world's shards)
+    depth_scale: float = 0.0  # depth: PNG value / scale = depth (0 = 1000 for folders, NYUv2 mm; 65535 for shards)
+    max_depth: float = 0.0  # depth: the head's output range (0 = 10 for folders, NYUv2 metres; 1 for shards)
+    train_images: int = 0  # use only the first N training images (0 = all)
+    val_images: int = 0  # evaluate on the first N held-out images (0 = all)
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 4  # DataLoader workers per rank
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 50  # steps between log lines (the only host syncs of the loop)
+    eval_every: int = 0  # steps between evaluations; 0 = at the end only
+    ckpt_every: int = 1000  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept in --out
+    resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
+    eval_only: bool = False  # evaluate --resume (a fine-tuned checkpoint) and exit
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+
+
+TASK_DEFAULTS = {  # spec 3.2 and the design choices of the module docstring (real data: folders)
+    "seg": dict(crop=512, epochs=50, lr=3e-5, weight_decay=0.1, scale=(0.5, 2.0)),
+    "depth": dict(crop=480, epochs=25, lr=1e-4, weight_decay=0.01, scale=(1.0, 1.0)),
+}
+# The synthetic world (no --data): its 64-px images, a few thousand of them, and a shorter, hotter schedule that a
+# CPU finishes in minutes (design choice, README).
+WORLD_DEFAULTS = dict(train_images=4000, epochs=2, lr=5e-4, weight_decay=0.05)
+
+# Plain ViTs (common.ViT). `image_size` is the size the positions were trained at; other sizes interpolate them.
+VITS = {
+    "vit_tiny": dict(image_size=64, patch=8, width=128, layers=4, heads=4),  # mobileclip.py / catlip.py `tiny`
+    "vit_b32": dict(image_size=224, patch=32, width=768, layers=12, heads=12),
+    "vit_b16": dict(image_size=224, patch=16, width=768, layers=12, heads=12),
+    "vit_l16": dict(image_size=224, patch=16, width=1024, layers=24, heads=16),
+    "vit_l14": dict(image_size=224, patch=14, width=1024, layers=24, heads=16),
+    "vit_h16": dict(image_size=224, patch=16, width=1280, layers=32, heads=20),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Backbones -> a feature pyramid (spec 6: strides 4/8/16/32 for FPN/UperNet)
+# ----------------------------------------------------------------------------------------------------
+
+
+def resize_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(1 + g*g, D) learned positions (class token first) -> (1 + h*w, D), the grid resized bicubically
+    (spec 6: 32 x 32 tokens at 512 px for ViT-B/16)."""
+    g = math.isqrt(pos.shape[0] - 1)
+    if (g, g) == (h, w):
+        return pos
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+    return torch.cat([pos[:1], grid.flatten(2)[0].t()])  # (1 + h*w, D)
+
+
+class ViTPyramid(nn.Module):
+    """A plain ViT (common.ViT, or SAM's windowed encoder) as four maps: the outputs of blocks
+    depth/4, depth/2, 3 depth/4 and depth, at stride p (the patch), brought to p/4 (two 2x2 deconvolutions
+    with BN and GELU between), p/2 (one deconvolution), p (as is) and 2p (2x2 max pooling): BEiT's and MAE's
+    ViT-UperNet adapter. For ViT-B/16: strides 4, 8, 16, 32."""
+
+    def __init__(self, encoder: nn.Module, patch: int, width: int, depth: int):
+        super().__init__()
+        self.encoder, self.patch = encoder, patch
+        self.taps = [(i + 1) * depth // 4 - 1 for i in range(4)]
+        self.fpn = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(width, width, 2, 2), nn.BatchNorm2d(width), nn.GELU(),
+                          nn.ConvTranspose2d(width, width, 2, 2)),
+            nn.ConvTranspose2d(width, width, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
+        self.channels, self.strides = [width] * 4, [patch // 4, patch // 2, patch, 2 * patch]
+
+    def pretrained(self) -> list[nn.Module]:
+        return [self.encoder]
+
+    def layer_id(self, name: str) -> tuple[int, int]:
+        """(layer of parameter `name`, layers): patch embedding and positions 0, block i i + 1 (layer decay)."""
+        p = name.split(".")
+        return (int(p[2]) + 1 if p[:2] == ["encoder", "blocks"] else 0), len(self.encoder.blocks) + 1
+
+    def tapped(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> the tapped blocks' patch tokens, each (B, D, H/p, W/p)."""
+        enc, outs = self.encoder, []
+        if isinstance(enc, C.ViT):  # class token + learned positions (interpolated), ln_pre, blocks
+            x = enc.patch_embed(x)  # (B, D, h, w)
+            B, D, h, w = x.shape
+            x = torch.cat([enc.cls_token.to(x.dtype).expand(B, 1, D), x.flatten(2).transpose(1, 2)], 1)
+            x = enc.norm_pre(x + resize_positions(enc.pos_embed, h, w).to(x.dtype))  # (B, 1 + h*w, D)
+            for i, blk in enumerate(enc.blocks):
+                x = blk(x)
+                if i in self.taps:
+                    outs.append(x[:, 1:].transpose(1, 2).reshape(B, D, h, w))
+            return outs
+        x = enc.patch_embed(x)  # SAM: (B, h, w, D), positions resized by the encoder's own rule
+        pos = enc.pos_embed
+        if pos.shape[1:3] != x.shape[1:3]:
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)
+        x = x + pos
+        for i, blk in enumerate(enc.blocks):
+            x = blk(x)
+            if i in self.taps:
+                outs.append(x.permute(0, 3, 1, 2))  # (B, D, h, w)
+        return outs
+
+    def drop_adapter(self):
+        """Plain tapped maps, all at stride p (a linear probe of the frozen ViT stays linear)."""
+        self.fpn, self.strides = None, [self.patch] * 4
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.tapped(x)
+        return maps if self.fpn is None else [f(t) for f, t in zip(self.fpn, maps)]
+
+
+class MCiPyramid(nn.Module):
+    """MCi (MobileCLIP's FastViT hybrid) as its stage outputs: strides 4/8/16/32 (and 64 for MCi3/4's fifth
+    stage). The stem, downsamplers and RepCPE stay in their unfused train-time form (spec 6: fine-tune
+    unfused, reparameterise for deployment); conv_exp and the projection head are dropped."""
+
+    def __init__(self, mci: nn.Module):
+        super().__init__()
+        self.patch_embed, self.network = mci.patch_embed, mci.network
+        self.stage_ends = [i for i, m in enumerate(self.network) if isinstance(m, nn.Sequential)]
+        self.channels = [self.network[i][0].convffn.fc2.out_channels for i in self.stage_ends]
+        self.strides = [4 * 2 ** i for i in range(len(self.stage_ends))]
+
+    def pretrained(self) -> list[nn.Module]:
+        return [self.patch_embed, self.network]
+
+    def layer_id(self, name: str) -> tuple[int, int]:
+        """(layer, layers) for layer decay: the stem 0, the blocks 1.. in order; a downsampler or RepCPE
+        shares the layer of the block after it (a heuristic)."""
+        p, seen, total = name.split("."), 0, sum(len(self.network[i]) for i in self.stage_ends)
+        if p[0] != "network":
+            return 0, total + 1
+        j = int(p[1])
+        seen = sum(len(self.network[i]) for i in self.stage_ends if i < j)
+        return seen + (int(p[2]) + 1 if j in self.stage_ends else 1), total + 1
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, outs = self.patch_embed(x), []  # (B, C0, H/4, W/4)
+        for i, m in enumerate(self.network):
+            x = m(x)
+            if i in self.stage_ends:
+                outs.append(x)  # (B, C_s, H/2^(s+2), W/2^(s+2))
+        return outs
+
+
+def vit_from_state(sd: dict, heads: int = 0, act: str = "gelu") -> C.ViT:
+    """A common.ViT shaped like the state dict (our names; width, patch, grid and depth read from the shapes),
+    without the CLIP projection; `heads` (not stored in a state dict) defaults to 64-wide heads."""
+    width, _, patch, _ = sd["patch_embed.weight"].shape
+    grid = math.isqrt(sd["pos_embed"].shape[0] - 1)
+    layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    mlp = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    vit = C.ViT(grid * patch, patch, width, layers, heads or width // 64, width, mlp, act)
+    vit.proj = None  # dense heads read the patch tokens, not the joint embedding
+    return vit
+
+
+def timm_vit_to_ours(sd: dict) -> tuple[dict, bool]:
+    """MAE / timm ViT names -> common.ViT's (the blocks already match): patch_embed.proj -> patch_embed,
+    (1, N, D) tokens -> (N, D). Returns the renamed dict and whether the file has ln_pre (CLIP-style)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("patch_embed.proj.", "blocks.", "cls_token", "pos_embed", "norm_pre.")):
+            k = k.replace("patch_embed.proj.", "patch_embed.")
+            out[k] = v.reshape(v.shape[-1]) if k == "cls_token" else v.reshape(-1, v.shape[-1]) if k == "pos_embed" else v
+    return out, "norm_pre.weight" in out
+
+
+def build_backbone(name: str, state: dict | None = None, heads: int = 0, act: str = "gelu") -> tuple[nn.Module, dict]:
+    """A feature pyramid for a named backbone, randomly initialised (or shaped by a ViT `state`), and its info:
+    kind, native image size and input normalisation (mean, std)."""
+    import mobileclip as M
+    name = "vit_tiny" if name == "tiny" else name
+    clip = dict(mean=C.CLIP_MEAN, std=C.CLIP_STD)
+    if name in VITS or (state is not None and not name.startswith("sam")):
+        v = VITS.get(name, {})
+        vit = vit_from_state(state, heads or v.get("heads", 0), act) if state is not None else C.ViT(
+            **v, embed_dim=v["width"], act=act)
+        vit.proj = None
+        return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), dict(
+            kind="vit", image_size=vit.image_size, **clip)
+    if name in M.MOBILECLIP_MODELS and M.MOBILECLIP_MODELS[name]["image"] in M._MCI:
+        spec = M.MOBILECLIP_MODELS[name]
+        return MCiPyramid(M.create_model(name, vocab_size=1).visual), dict(
+            kind="mci", image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
+    if name.startswith("sam_"):
+        import samclip as S
+        enc = S.build_sam(name[4:]).image_encoder
+        return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    mci = [n for n, s in M.MOBILECLIP_MODELS.items() if s["image"] in M._MCI]
+    C.fail(f"unknown backbone '{name}'; choose tiny, one of {', '.join(VITS)}, {', '.join(mci)}, or sam_<size> "
+           f"(sam_vit_b, sam_tiny, ...)")
+
+
+def sam_pyramid(enc: nn.Module) -> ViTPyramid:
+    w = enc.patch_embed.proj
+    return ViTPyramid(enc, w.kernel_size[0], w.out_channels, len(enc.blocks))
+
+
+def read_init(path: str) -> dict:
+    """A checkpoint file, or a run directory of this repository (its latest ckpt-*.pt)."""
+    if os.path.isdir(path):
+        path = C.latest_checkpoint(path) or C.fail(f"--init {path}: no ckpt-*.pt in this directory")
+    if not os.path.isfile(path):
+        C.fail(f"--init file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # OpenAI distributes TorchScript archives
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            C.fail(f"cannot read --init {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
+    """The backbone of a checkpoint as a feature pyramid: (pyramid, info, model name). Recognised by its keys:
+    mobileclip.py runs (ViT or MCi, `model_name` inside), catlip.py runs, samclip.py runs and SAM files,
+    ml-mobileclip / OpenCLIP MobileCLIP files (MCi; need --model), OpenAI / OpenCLIP ViT CLIPs, MAE and timm ViTs."""
+    import mobileclip as M
+    ck = read_init(init)
+    what = f"--init {init}"
+    if isinstance(ck, dict) and "model" in ck and "model_name" in ck:  # a run of this repository
+        kind, run_name, sd = ck.get("kind", "clip"), ck["model_name"], ck["model"]
+        if kind.startswith("sam") or any(k.startswith("image_encoder.") for k in sd):
+            import samclip as S
+            enc = S.load_sam(init if not os.path.isdir(init) else C.latest_checkpoint(init)).image_encoder
+            return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN,
+                                          std=IMAGENET_STD), f"sam_{run_name}"
+        if name and name not in (run_name, "vit_tiny" if run_name == "tiny" else run_name):
+            C.fail(f"{what} is a '{run_name}' run, not --model {name}")
+        visual = {k[7:]: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
+        if run_name in M.MOBILECLIP_MODELS:
+            pyr, info = build_backbone(run_name)
+            mci = M.create_model(run_name, vocab_size=1).visual
+            mci.head = mci.conv_exp = None  # the pyramid keeps the stages only
+            visual = {k: v for k, v in visual.items() if not k.startswith(("head.", "conv_exp."))}
+            C.load_state_dict_checked(mci, visual, what)
+            return MCiPyramid(mci), info, run_name
+        heads = {**M.MODELS, **VITS}.get(run_name, {}).get("heads", 0)
+        vit = vit_from_state(visual, heads, ck.get("config", {}).get("act", "gelu"))
+        C.load_state_dict_checked(vit, {k: v for k, v in visual.items() if k in vit.state_dict()}, what)
+        info = dict(kind="vit", image_size=vit.image_size, mean=C.CLIP_MEAN, std=C.CLIP_STD)
+        return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), info, run_name
+    sd = C.unwrap_state_dict(ck) if isinstance(ck, dict) else {}
+    has = lambda p: any(k.startswith(p) for k in sd)
+    if has("image_encoder.pos_embed") or "image_encoder.pos_embed" in sd:  # official SAM files
+        import samclip as S
+        enc = S.load_sam(init).image_encoder
+        return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN,
+                                      std=IMAGENET_STD), "sam"
+    if has("image_encoder.model.") or has("visual.trunk."):  # ml-mobileclip / OpenCLIP MobileCLIP
+        if name not in M.MOBILECLIP_MODELS:
+            C.fail(f"{what} is a released MobileCLIP file: name it with --model (mobileclip_s2, mobileclip2_s0, ...)")
+        pyr, info = build_backbone(name)
+        model = M.create_model(name, init)
+        return MCiPyramid(model.visual), info, name
+    if "visual.conv1.weight" in sd:  # OpenAI / OpenCLIP ViT CLIP (OpenAI's activation: QuickGELU)
+        ours = {k[7:]: v.float() for k, v in C.openclip_to_ours(sd).items() if k.startswith("visual.")}
+        sd_name, heads = "openclip", C.openclip_config(sd)["heads"]
+        act = "quick_gelu"
+    elif "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:  # MAE / timm ViT
+        ours, ln_pre = timm_vit_to_ours(sd)
+        sd_name, heads, act = "timm", VITS.get(name, {}).get("heads", 0), "gelu"
+    else:
+        C.fail(f"{what}: not a checkpoint this script knows (a run of this repo, SAM, MobileCLIP, OpenCLIP, MAE/timm)")
+    vit = vit_from_state(ours, heads, act)
+    if sd_name == "timm":  # MAE/timm: a patch-embedding bias, no ln_pre, LayerNorm eps 1e-6
+        w = vit.patch_embed
+        vit.patch_embed = nn.Conv2d(3, w.out_channels, w.kernel_size, w.stride, bias="patch_embed.bias" in ours)
+        vit.norm_pre = vit.norm_pre if ln_pre else nn.Identity()
+        for m in vit.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = 1e-6
+    vit.norm = None  # the pyramid taps the blocks; the final norm (and any head) is not used
+    own = vit.state_dict()
+    ignored = sorted(k for k in ours if k not in own)
+    if ignored:
+        C.print0(f"{what}: ignoring {len(ignored)} tensors not in the backbone (e.g. {ignored[:3]})")
+    C.load_state_dict_checked(vit, {k: v for k, v in ours.items() if k in own}, what)
+    mean, std = (C.CLIP_MEAN, C.CLIP_STD) if sd_name == "openclip" else (IMAGENET_MEAN, IMAGENET_STD)
+    info = dict(kind="vit", image_size=vit.image_size, mean=mean, std=std)
+    return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), info, name or sd_name
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Heads: UperNet for segmentation, the deconvolution decoder for depth, a linear probe for both
+# ----------------------------------------------------------------------------------------------------
+
+
+def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class UperNet(nn.Module):
+    """UperNet (Xiao et al. 2018, as mmseg's UPerHead): a pyramid pooling module (PSPNet, pool sizes 1/2/3/6) on
+    the deepest level, a top-down FPN over the others, every level's 3x3-smoothed map upsampled to the finest
+    one, concatenated, fused by a 3x3 conv, dropout 0.1, a 1x1 classifier. Output at the finest stride."""
+
+    def __init__(self, in_channels: list[int], channels: int, out_channels: int, pool_sizes=(1, 2, 3, 6)):
+        super().__init__()
+        top = in_channels[-1]
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(top, channels, 1))
+                                 for s in pool_sizes)
+        self.bottleneck = conv_bn_relu(top + len(pool_sizes) * channels, channels, 3)
+        self.lateral = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in in_channels[:-1])
+        self.smooth = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in in_channels[:-1])
+        self.fuse = conv_bn_relu(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = feats[-1]  # (B, C_top, h, w)
+        psp = [x] + [upsample(m(x), x.shape[2:]) for m in self.ppm]
+        maps = [lat(f) for lat, f in zip(self.lateral, feats)] + [self.bottleneck(torch.cat(psp, 1))]
+        for i in range(len(maps) - 1, 0, -1):  # top-down: each level += the coarser one, upsampled
+            maps[i - 1] = maps[i - 1] + upsample(maps[i], maps[i - 1].shape[2:])
+        maps = [s(m) for s, m in zip(self.smooth, maps)] + maps[-1:]
+        size = maps[0].shape[2:]
+        fused = self.fuse(torch.cat([maps[0]] + [upsample(m, size) for m in maps[1:]], 1))  # (B, ch, H/s0, W/s0)
+        return self.classifier(self.dropout(fused))  # (B, K, H/s0, W/s0)
+
+
+class DeconvDepthHead(nn.Module):
+    """The light depth decoder of MIM-style evaluations (design choice, spec 2): on the deepest level, three
+    [4x4 stride-2 transposed conv, BN, ReLU] (x8 resolution), a 3x3 conv to one channel. Output: a logit at
+    1/8 of the deepest stride; `DenseModel` maps it to (0, max_depth) with a sigmoid."""
+
+    def __init__(self, in_channels: list[int], channels: int, out_channels: int = 1):
+        super().__init__()
+        layers, c = [], in_channels[-1]
+        for _ in range(3):
+            layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(True)]
+            c = channels
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, out_channels, 3, padding=1))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.net(feats[-1])  # (B, 1, 8h, 8w)
+
+
+class LinearHead(nn.Module):
+    """A probe of frozen features: every level upsampled to the finest, concatenated, BatchNorm, one 1x1 conv
+    (a linear map per pixel)."""
+
+    def __init__(self, in_channels: list[int], channels: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(sum(in_channels))
+        self.classifier = nn.Conv2d(sum(in_channels), out_channels, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[2:]
+        return self.classifier(self.norm(torch.cat([feats[0]] + [upsample(f, size) for f in feats[1:]], 1)))
+
+
+HEADS = {"upernet": UperNet, "deconv": DeconvDepthHead, "linear": LinearHead}
+
+
+class DenseModel(nn.Module):
+    """Backbone pyramid + head; depth outputs go through sigmoid x max_depth. With `frozen`, the pretrained part
+    of the backbone stays in eval mode (BN statistics fixed) and gets no gradients."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, max_depth: float = 0.0, frozen: bool = False):
+        super().__init__()
+        self.backbone, self.head, self.max_depth, self.frozen = backbone, head, max_depth, frozen
+        for m in backbone.pretrained() if frozen else []:
+            m.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.backbone.pretrained() if self.frozen else []:
+            m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.backbone(x))  # (B, K or 1, H/s, W/s)
+        return torch.sigmoid(out.float()) * self.max_depth if self.max_depth else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Losses and metrics (spec 3.2, 5)
+# ----------------------------------------------------------------------------------------------------
+
+
+def silog_loss(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) -> torch.Tensor:
+    """Scale-invariant log loss (Eigen et al. 2014, with BTS's lambda 0.85 and x10) over the valid pixels
+    (target > 0) of the whole batch: 10 sqrt(mean d^2 - lambda (mean d)^2), d = log pred - log target.
+    Masked sums instead of boolean indexing: no host sync, CUDA-friendly; reference below."""
+    valid = target > 0
+    d = torch.where(valid, pred.float().clamp_min(1e-6).log() - target.float().clamp_min(1e-6).log(), 0.0)
+    n = valid.sum().clamp_min(1)
+    mean_d, mean_d2 = d.sum() / n, (d * d).sum() / n
+    return 10 * (mean_d2 - lambda_ * mean_d ** 2).clamp_min(1e-12).sqrt()
+
+
+def silog_loss_reference(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) -> torch.Tensor:
+    valid = target > 0
+    d = torch.log(pred[valid].double()) - torch.log(target[valid].double())
+    return (10 * torch.sqrt((d ** 2).mean() - lambda_ * d.mean() ** 2)).float()
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """(K, K) pixel counts, rows = target class, columns = predicted class; pixels whose target is
+    `ignore_index` (or outside 0..K-1) are skipped."""
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[keep].long() * num_classes + pred[keep].long().clamp(0, num_classes - 1)
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def miou(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean IoU (%) over the classes present in the target or the prediction, and the per-class IoU (%),
+    NaN where a class is in neither. IoU_k = TP / (TP + FP + FN) = C_kk / (row_k + col_k - C_kk)."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, 100 * tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    present = union > 0
+    return (iou[present].mean().item() if present.any() else float("nan")), iou
+
+
+def depth_errors(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image (B,) RMSE, AbsRel = mean |p - t| / t and delta1 = fraction with max(p/t, t/p) < 1.25, over the
+    valid pixels (target > 0) of each image; pred and target (B, H, W) or (B, 1, H, W)."""
+    pred, target = pred.float().flatten(1), target.float().flatten(1)  # (B, P)
+    valid = (target > 0).float()
+    n = valid.sum(1).clamp_min(1)
+    p, t = pred.clamp_min(1e-6), target.clamp_min(1e-6)
+    rmse = (((p - t) ** 2 * valid).sum(1) / n).sqrt()
+    absrel = ((p - t).abs() / t * valid).sum(1) / n
+    delta1 = ((torch.maximum(p / t, t / p) < 1.25).float() * valid).sum(1) / n
+    return {"rmse": rmse, "absrel": absrel, "delta1": delta1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Data: ADE20K / NYUv2 folders and tar shards with seg.png / depth.png, read by (epoch, index)
+# ----------------------------------------------------------------------------------------------------
+SPLITS = {"train": ("training", "train"), "val": ("validation", "val", "test")}
+TARGET_DIRS = {"seg": "annotations", "depth": "depth"}
+TARGET_SUFFIX = {"seg": "seg.png", "depth": "depth.png"}
+
+
+def index_folder(root: str, task: str, split: str) -> list[tuple]:
+    """ADE20K's layout (images/training/x.jpg + annotations/training/x.png; validation) and the same with
+    depth/ for NYUv2 (train / test also accepted): items ("file", image path, target path), sorted by name."""
+    for s in SPLITS[split]:
+        img_dir, tgt_dir = os.path.join(root, "images", s), os.path.join(root, TARGET_DIRS[task], s)
+        if os.path.isdir(img_dir) and os.path.isdir(tgt_dir):
+            targets = {os.path.splitext(f)[0]: f for f in os.listdir(tgt_dir) if f.endswith(".png")}
+            items = [("file", os.path.join(img_dir, f), os.path.join(tgt_dir, targets[os.path.splitext(f)[0]]))
+                     for f in sorted(os.listdir(img_dir))
+                     if f.rsplit(".", 1)[-1].lower() in C.IMAGE_EXTS and os.path.splitext(f)[0] in targets]
+            if not items:
+                C.fail(f"no image with a matching {TARGET_DIRS[task]} PNG in {img_dir}")
+            return items
+    C.fail(f"{root}: expected images/<{'|'.join(SPLITS[split])}>/ and {TARGET_DIRS[task]}/<same>/ folders")
+
+
+def index_shards(spec: str, task: str) -> list[tuple]:
+    """Tar shards: items ("tar", path, (offset, size) of the image, (offset, size) of the target), found by one
+    pass over the member headers, so that any sample can be read alone (random access, resumable by step)."""
+    try:
+        paths = C.expand_shards(spec)
+    except FileNotFoundError as e:
+        C.fail(str(e))
+    items = []
+    for path in paths:
+        samples = {}
+        with tarfile.open(path, "r") as tar:
+            for m in tar:
+                d, base = os.path.split(m.name)
+                key, _, suffix = base.partition(".")
+                if m.isfile():
+                    samples.setdefault(os.path.join(d, key), {})[suffix.lower()] = (m.offset_data, m.size)
+        for s in samples.values():
+            img = next((s[e] for e in C.IMAGE_EXTS if e in s), None)
+            if img and TARGET_SUFFIX[task] in s:
+                items.append(("tar", path, img, s[TARGET_SUFFIX[task]]))
+    if not items:
+        C.fail(f"no sample with an image and a {TARGET_SUFFIX[task]} in {spec}")
+    return items
+
+
+def read_item(item: tuple) -> tuple[Image.Image, Image.Image]:
+    if item[0] == "file":
+        return Image.open(item[1]).convert("RGB"), Image.open(item[2])
+    with open(item[1], "rb") as f:
+        f.seek(item[2][0])
+        img = f.read(item[2][1])
+        f.seek(item[3][0])
+        tgt = f.read(item[3][1])
+    return Image.open(io.BytesIO(img)).convert("RGB"), Image.open(io.BytesIO(tgt))
+
+
+class DenseData(torch.utils.data.Dataset):
+    """Image + target, by key. Train (key = (epoch, index), from common.StepBatches): random short-side scale
+    (`scale` x crop), pad (image 0, label 255, depth 0 = invalid), random crop, horizontal flip, all seeded by
+    (seed, epoch, index). Eval (key = index): the image resized so its short side is the crop, the target as
+    stored. Labels: uint8 PNG, `reduce_zero_label` maps 0 -> 255 (ignored) and k -> k - 1. Depth: PNG / scale."""
+
+    def __init__(self, items, task: str, crop: int, train: bool, seed: int, scale, reduce_zero_label: bool,
+                 depth_scale: float):
+        self.items, self.task, self.crop, self.train, self.seed, self.scale = items, task, crop, train, seed, scale
+        self.reduce, self.depth_scale = reduce_zero_label, depth_scale
+
+    def __len__(self):
+        return len(self.items)
+
+    def target(self, tgt: Image.Image) -> torch.Tensor:
+        a = np.asarray(tgt)
+        if self.task == "depth":
+            return torch.from_numpy(a.astype(np.float32) / self.depth_scale)  # (H, W), 0 = invalid
+        a = a.astype(np.int64)
+        return torch.from_numpy(np.where(a == 0, 255, a - 1) if self.reduce else a)  # (H, W)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        img, tgt = read_item(self.items[i])
+        w, h = img.size
+        if not self.train:
+            r = self.crop / min(w, h)
+            img = img.resize((max(1, round(w * r)), max(1, round(h * r))), Image.BICUBIC)
+            return {"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "target": self.target(tgt)}
+        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
+        r = self.crop * rng.uniform(*self.scale) / min(w, h)
+        size = (max(1, round(w * r)), max(1, round(h * r)))
+        img, tgt = img.resize(size, Image.BICUBIC), tgt.resize(size, Image.NEAREST)
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, h', w') uint8
+        y = self.target(tgt)  # (h', w')
+        ph, pw = max(0, self.crop - y.shape[0]), max(0, self.crop - y.shape[1])
+        x = F.pad(x, (0, pw, 0, ph))
+        y = F.pad(y, (0, pw, 0, ph), value=255 if self.task == "seg" else 0)
+        top, left = rng.randint(0, y.shape[0] - self.crop), rng.randint(0, y.shape[1] - self.crop)
+        x, y = x[:, top:top + self.crop, left:left + self.crop], y[top:top + self.crop, left:left + self.crop]
+        if rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return {"image": x.contiguous(), "target": y.contiguous()}
+
+
+def resolve_data(cfg: Config, task: str, image_size: int) -> dict:
+    """Train and held-out items and the defaults that depend on the data: folders are real datasets (ADE20K:
+    label 0 = 'other', ignored; NYUv2: millimetres, 10 m), tar shards the synthetic world's kind (label 0 =
+    background, a real class; depth 1.0 = 65535)."""
+    world = not cfg.data
+    if world:
+        cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+        w = C.synthetic_world(cache, 40000, 1000, 64)  # mobileclip.py's world: one cache for both
+        train_spec, val_spec = w["train"], cfg.val_data or w["val"]
+    else:
+        train_spec, val_spec = cfg.data, cfg.val_data
+    folder = os.path.isdir(os.path.join(train_spec, "images"))
+    train = index_folder(train_spec, task, "train") if folder else index_shards(train_spec, task)
+    if not val_spec and not folder:
+        C.fail("--val-data is needed with tar shards (held-out shards with the same members)")
+    val_spec = val_spec or train_spec
+    val = index_folder(val_spec, task, "val") if os.path.isdir(os.path.join(val_spec, "images")) else \
+        index_shards(val_spec, task)
+    n_train = cfg.train_images or (WORLD_DEFAULTS["train_images"] if world else 0)
+    return dict(train=train[:n_train or None], val=val[:cfg.val_images or None], folder=folder, world=world)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Fine-tuning: optimiser groups, sliding-window evaluation, the loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: DenseModel, lr: float, head_lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups by (peak lr, decay): the pretrained backbone at lr x layer_decay^(L - layer) (BEiT's layer
+    decay; 1 = off), the new layers (head, ViT adapter) at head_lr; no decay on norms, biases, positions."""
+    groups = {}
+    pretrained = {id(p) for m in model.backbone.pretrained() for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in pretrained:
+            layer, layers = model.backbone.layer_id(name[len("backbone."):])
+            peak = lr * layer_decay ** (layers - layer)
+        else:
+            peak = head_lr
+        wd = 0.0 if p.ndim < 2 or any(n in name for n in C.NO_DECAY_NAMES) else weight_decay
+        groups.setdefault((peak, wd), []).append(p)
+    return [{"params": ps, "peak_lr": peak, "weight_decay": wd} for (peak, wd), ps in groups.items()]
+
+
+@torch.no_grad()
+def slide_predict(model: nn.Module, x: torch.Tensor, crop: int, out_channels: int) -> torch.Tensor:
+    """mmseg's sliding-window inference: crop x crop windows at stride 2/3 crop over (B, 3, H, W), each window's
+    output upsampled to the window, overlaps averaged. Returns (B, out_channels, H, W) in fp32."""
+    B, _, H, W = x.shape
+    stride = max(1, 2 * crop // 3)
+    out = x.new_zeros(B, out_channels, H, W, dtype=torch.float32)
+    count = x.new_zeros(1, 1, H, W, dtype=torch.float32)
+    for i in range(max(H - crop + stride - 1, 0) // stride + 1):
+        for j in range(max(W - crop + stride - 1, 0) // stride + 1):
+            y1, x1 = max(min(i * stride + crop, H) - crop, 0), max(min(j * stride + crop, W) - crop, 0)
+            y2, x2 = min(y1 + crop, H), min(x1 + crop, W)
+            out[:, :, y1:y2, x1:x2] += upsample(model(x[:, :, y1:y2, x1:x2]).float(), (y2 - y1, x2 - x1))
+            count[:, :, y1:y2, x1:x2] += 1
+    return out / count
+
+
+@torch.no_grad()
+def evaluate(model: DenseModel, items, task: str, cfg: Config, s: dict, device) -> dict:
+    """Single-scale evaluation of this rank's share of the held-out items, summed over ranks: mIoU from the
+    confusion matrix of the whole set (seg), or the per-image depth errors averaged over images (depth)."""
+    rank, world = C.get_rank(), C.get_world_size()
+    data = DenseData(items[rank::world], task, s["crop"], False, 0, (1, 1), s["reduce_zero_label"], s["depth_scale"])
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2),
+                                         collate_fn=list)
+    was_training = model.training
+    model.eval()
+    K = s["classes"] if task == "seg" else 1
+    conf = torch.zeros(K, K, dtype=torch.long, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # rmse, absrel, delta1, images
+    bf16 = s["bf16"]
+    for batch in C.progress(loader, f"eval {task}"):
+        by_size = {}
+        for it in batch:  # real images differ in size: one forward per size
+            by_size.setdefault((tuple(it["image"].shape), tuple(it["target"].shape)), []).append(it)
+        for group in by_size.values():
+            x = preprocess(torch.stack([it["image"] for it in group]).to(device), s)
+            y = torch.stack([it["target"] for it in group]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = upsample(slide_predict(model, x, s["crop"], K), y.shape[-2:])  # (B, K, H, W) at the label
+            if task == "seg":
+                conf += confusion_matrix(out.argmax(1), y, K)
+            else:
+                e = depth_errors(out[:, 0], y)
+                sums += torch.stack([e["rmse"].sum(), e["absrel"].sum(), e["delta1"].sum(),
+                                     torch.tensor(float(len(y)), device=device)]).double()
+    if world > 1:
+        torch.distributed.all_reduce(conf)
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    if task == "seg":
+        m, _ = miou(conf)
+        return {"miou": m, "pixel_acc": 100 * conf.diag().sum().item() / max(1, conf.sum().item())}
+    n = max(1.0, sums[3].item())
+    return {"rmse": sums[0].item() / n, "absrel": sums[1].item() / n, "delta1": sums[2].item() / n}
+
+
+def preprocess(images: torch.Tensor, s: dict) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on the device -> the backbone's input normalisation (none for MobileCLIP v1)."""
+    return C.normalize_images(images, s["mean"], s["std"])
+
+
+def settings(cfg: Config, task: str, info: dict, data: dict, width: int) -> dict:
+    """Every default that depends on the task, the data and the backbone, resolved once (logged)."""
+    folder, world = data["folder"], data["world"]
+    d = TASK_DEFAULTS[task]
+    norm = {"clip": (C.CLIP_MEAN, C.CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+            "none": ((0.0,) * 3, (1.0,) * 3), "auto": (info["mean"], info["std"])}
+    if cfg.normalize not in norm:
+        C.fail(f"--normalize must be auto, clip, imagenet or none, not '{cfg.normalize}'")
+    if cfg.reduce_zero_label not in ("auto", "on", "off"):
+        C.fail(f"--reduce-zero-label must be auto, on or off, not '{cfg.reduce_zero_label}'")
+    head = cfg.head if cfg.head != "auto" else "upernet" if task == "seg" else "deconv"
+    if head not in HEADS:
+        C.fail(f"--head must be auto, {', '.join(HEADS)}, not '{cfg.head}'")
+    lr = cfg.lr or (WORLD_DEFAULTS["lr"] if world else d["lr"])
+    small = width <= 256
+    return dict(
+        head=head, crop=cfg.crop or (d["crop"] if folder else info["image_size"]),
+        channels=cfg.channels or ((64 if small else 512) if head == "upernet" else (32 if small else 256)),
+        lr=lr, head_lr=cfg.head_lr or 10 * lr,
+        weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else WORLD_DEFAULTS["weight_decay"] if world
+        else d["weight_decay"],
+        epochs=cfg.epochs or (WORLD_DEFAULTS["epochs"] if world else d["epochs"]), scale=d["scale"],
+        reduce_zero_label=cfg.reduce_zero_label == "on" or (cfg.reduce_zero_label == "auto" and folder),
+        classes=cfg.classes or (150 if folder else 1 + len(C.SYNTH_SHAPES)),
+        depth_scale=cfg.depth_scale or (1000.0 if folder else 65535.0),
+        max_depth=(cfg.max_depth or (10.0 if folder else 1.0)) if task == "depth" else 0.0,
+        mean=norm[cfg.normalize][0], std=norm[cfg.normalize][1])
+
+
+def finetune(task: str, cfg: Config) -> dict:
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts it)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    if cfg.init:
+        backbone, info, name = load_backbone(cfg.model, cfg.init)
+    else:  # no pre-training: the from-scratch baseline
+        name = cfg.model or "mobileclip_tiny"
+        backbone, info = build_backbone(name)
+    data = resolve_data(cfg, task, info["image_size"])
+    s = settings(cfg, task, info, data, max(backbone.channels))
+    s["bf16"] = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    out_ch = s["classes"] if task == "seg" else 1
+    if s["head"] == "linear" and isinstance(backbone, ViTPyramid):
+        backbone.drop_adapter()
+    head = HEADS[s["head"]](backbone.channels, s["channels"], out_ch)
+    model = DenseModel(backbone, head, s["max_depth"], cfg.freeze_backbone).to(device)
+    n_train = len(data["train"])
+    steps = cfg.steps or max(1, round(s["epochs"] * n_train / (cfg.batch_size * world)))
+    warmup = min(cfg.warmup, steps // 5)
+    C.print0(f"{task} | backbone {name} ({info['kind']}, strides {backbone.strides}, "
+             f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M) | head {s['head']} "
+             f"({sum(p.numel() for p in head.parameters()) / 1e6:.2f}M) | {n_train} train / {len(data['val'])} "
+             f"held-out images | {steps} steps | " + json.dumps({k: v for k, v in s.items() if k not in ("mean", "std")}))
+    groups = param_groups(model, s["lr"], s["head_lr"], s["weight_decay"], cfg.layer_decay)
+    opt = torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
+    log = C.RunLog(cfg.out)
+
+    # ---- resume ---------------------------------------------------------------------------------
+    start = 0
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    if ckpt is not None:
+        if ckpt.get("kind") != "dense" or ckpt.get("task") != task or ckpt.get("model_name") != name:
+            C.fail(f"checkpoint {cfg.resume} is a {ckpt.get('kind')} {ckpt.get('task')} run of "
+                   f"'{ckpt.get('model_name')}', not dense {task} of '{name}'")
+        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
+        if not cfg.eval_only:
+            opt.load_state_dict(ckpt["optimizer"])
+            C.set_rng_state(ckpt["rng"])
+            start = ckpt["step"]
+        C.print0(f"resumed from step {ckpt['step']} of {cfg.resume}")
+    if cfg.eval_only:
+        metrics = evaluate(model, data["val"], task, cfg, s, device)
+        log.log(ckpt["step"] if ckpt else 0, **metrics)
+        C.cleanup_distributed()
+        return metrics
+
+    # ---- data: step-indexed, so resuming at step s replays what an uninterrupted run saw ------------
+    train_data = DenseData(data["train"], task, s["crop"], True, cfg.seed, s["scale"], s["reduce_zero_label"],
+                           s["depth_scale"])
+    sampler = C.StepBatches(n_train, cfg.batch_size * world, start, steps, cfg.seed, rank, world)
+    batches = iter(torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.workers,
+                                               pin_memory=device.type == "cuda"))
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    model.train()
+    stop = C.StopSignal()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    metrics, t0, seen = {}, time.time(), 0
+    for step in range(start, steps + 1):
+        last_step = step == steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- evaluate -----------------------------------------------------------------------------
+        if last_step or (cfg.eval_every and step % cfg.eval_every == 0 and step > start):
+            metrics = evaluate(model, data["val"], task, cfg, s, device)
+            log.log(step, **metrics)
+
+        # ---- checkpoint (never one with a non-finite loss behind it) ------------------------------
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            if nonfinite.item():
+                C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), {
+                "kind": "dense", "task": task, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "rng": C.rng_state(), "model_name": name, "config": dataclasses.asdict(cfg)})
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+        if last_step or stopping:
+            break
+
+        # ---- forward, backward, step --------------------------------------------------------------
+        batch = next(batches)
+        x = preprocess(batch["image"].to(device, non_blocking=True), s)  # (B, 3, crop, crop)
+        y = batch["target"].to(device, non_blocking=True)  # (B, crop, crop): labels or depth
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
+            out = upsample(train_model(x).float(), y.shape[-2:])  # (B, K or 1, crop, crop)
+        loss = F.cross_entropy(out, y, ignore_index=255) if task == "seg" else silog_loss(out[:, 0], y)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        scale = C.lr_at(step, 1.0, warmup, steps, cfg.min_lr_ratio)  # warm-up + cosine, as a factor
+        for g in opt.param_groups:
+            g["lr"] = g["peak_lr"] * scale
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        seen += len(x)
+
+        # ---- log (the only host sync) ---------------------------------------------------------------
+        if (step + 1) % cfg.log_every == 0:
+            if nonfinite.item():
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            log.log(step + 1, loss=loss.item(), lr=s["lr"] * scale, grad_norm=gnorm.item(),
+                    images_per_s=seen * world / (time.time() - t0))
+            t0, seen = time.time(), 0
+    C.cleanup_distributed()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The claim on the synthetic world: alt-text vs quality-caption CLIP, fine-tuned for both tasks
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareConfig:
+    model: str = "mobileclip_tiny"  # the CLIP both pre-trainings train: mobileclip_tiny (MCi) or tiny (ViT)
+    out: str = "runs/dense_compare"  # pre_<source>/, <task>_<source>/ and the summary in log.jsonl
+    pretrain_steps: int = 800  # mobileclip.py steps per caption source (its no-argument run's length)
+    pretrain_batch: int = 128  # mobileclip.py batch size
+    init_alt: str = ""  # an existing alt-text pre-training (run directory or checkpoint) instead of training one
+    init_synthetic: str = ""  # an existing --caption-source synthetic pre-training instead of training one
+    scratch: bool = False  # also fine-tune a randomly initialised backbone (the no-pre-training reference)
+    steps: int = 0  # fine-tuning steps per task (0 = the world's default: 2 epochs of 4000 images)
+    batch_size: int = 16  # fine-tuning batch size
+    train_images: int = 0  # fine-tuning images (0 = the world's default, 4000)
+    val_images: int = 0  # held-out images scored (0 = all 1000)
+    head: str = "auto"  # auto (UperNet / deconvolution) or linear (frozen-feature probes need --freeze-backbone)
+    freeze_backbone: bool = False  # probe the frozen features instead of fine-tuning
+    lr: float = 0.0  # fine-tuning lr (0 = the world's default)
+    workers: int = 2  # DataLoader workers
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    seed: int = 0  # seeds the pre-trainings and the fine-tunings
+
+
+def compare(cfg: CompareConfig) -> dict:
+    """Pre-train the same tiny CLIP on the world's alt-text and on its accurate captions (mobileclip.py
+    --caption-source alt | synthetic; same model, steps, batch, seed), fine-tune each backbone for segmentation
+    and depth with the same recipe, and report mIoU and RMSE side by side (README: the four figures)."""
+    import mobileclip as M
+    inits = {"alt": cfg.init_alt, "synthetic": cfg.init_synthetic}
+    for source in inits:
+        if not inits[source]:
+            run = os.path.join(cfg.out, f"pre_{source}")
+            if not os.path.exists(os.path.join(run, f"ckpt-{cfg.pretrain_steps}.pt")):
+                C.print0(f"---- pre-training {cfg.model} on {source} captions -> {run}")
+                M.main(["--model", cfg.model, "--caption-source", source, "--steps", str(cfg.pretrain_steps),
+                        "--batch-size", str(cfg.pretrain_batch), "--out", run, "--resume", "auto",
+                        "--workers", str(cfg.workers), "--seed", str(cfg.seed)]
+                       + (["--cache-dir", cfg.cache_dir] if cfg.cache_dir else []))
+            inits[source] = os.path.join(run, f"ckpt-{cfg.pretrain_steps}.pt")
+    if cfg.scratch:
+        inits["scratch"] = ""
+    common = ["--batch-size", str(cfg.batch_size), "--head", cfg.head, "--workers", str(cfg.workers),
+              "--seed", str(cfg.seed), "--resume", "auto", "--log-every", "25"]
+    for flag in ("steps", "train_images", "val_images", "lr", "cache_dir"):
+        if getattr(cfg, flag):
+            common += ["--" + flag.replace("_", "-"), str(getattr(cfg, flag))]
+    common += ["--freeze-backbone"] if cfg.freeze_backbone else []
+    results = {}
+    for source, init in inits.items():
+        results[source] = {}
+        for task in ("seg", "depth"):
+            out = os.path.join(cfg.out, f"{task}_{source}")
+            C.print0(f"---- {task} from the {source} backbone -> {out}")
+            init_args = ["--init", init] if init else ["--model", cfg.model]
+            results[source].update(main([task, *init_args, "--out", out, *common]))
+    log = C.RunLog(cfg.out)
+    C.print0(f"\n{'pre-training':14s} {'mIoU (%)':>9s} {'RMSE':>8s} {'AbsRel':>8s} {'delta1':>8s}")
+    for source, r in results.items():
+        C.print0(f"{source:14s} {r['miou']:9.2f} {r['rmse']:8.4f} {r['absrel']:8.4f} {r['delta1']:8.4f}")
+        log.log(0, source=source, **r)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`seg` / `depth`: fine-tune and return the final held-out metrics ({"miou", "pixel_acc"} or {"rmse",
+    "absrel", "delta1"}, also in OUT/log.jsonl); `compare`: the synthetic-world claim, per pre-training."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        return compare(C.parse_config(CompareConfig, argv[1:]))
+    if argv[:1] not in (["seg"], ["depth"]):
+        C.fail("usage: dense.py seg|depth|compare [flags] (each command has --help)")
+    return finetune(argv[0], C.parse_config(Config, argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
