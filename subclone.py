@@ -76,7 +76,7 @@ import common as C
 @dataclass
 class Config:
     data: str = ""  # tar shards (image + caption); empty = the built-in synthetic world
-    val_data: str = ""  # held-out shards: retrieval (CLIP) or perplexity (GPT); default: synthetic val
+    val_data: str = ""  # held-out shards: retrieval + contrastive loss (CLIP) or perplexity (GPT); default: synthetic
     zeroshot_data: str = ""  # ImageFolder for zero-shot top-1 (CLIP); default: the synthetic held-out set
     out: str = "runs/subclone"  # clone: the output file; train / compare: the run directory
     init: str = ""  # clone: the parent; train: a subcloned checkpoint (empty = random init of --model)
@@ -109,7 +109,7 @@ class Config:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 50  # steps between log lines
     eval_every: int = 50  # steps between evaluations (and at the end); 0 = at the end only
-    eval_max: int = 1000  # held-out samples for zero-shot / retrieval / perplexity
+    eval_max: int = 1000  # held-out samples for zero-shot / retrieval and val_loss / perplexity
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept
     resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
@@ -242,6 +242,7 @@ def importance(tower: nn.Module, run, batches) -> dict:
     if not count[0]:
         C.fail("no calibration samples were read: check --data")
     n = count[0]
+    sums = {k: v.cpu() for k, v in sums.items()}  # scores index the parent's CPU state dict, also after a GPU pass
     H = [blk.attn.heads for blk in blocks]
     return {"residual": (sums["embed"] + sum(sums[("res", i)] for i in range(L))) / n,
             "heads": [(sums[("heads", i)] / n).view(H[i], -1).mean(dim=1) for i in range(L)],  # (H, Dh) -> (H,)

@@ -186,6 +186,26 @@ def test_subclone_of_parent_loads_in_mobileclip_as_tiny(world, tmp_path):
         assert "zeroshot_top1" in json.loads(f.readlines()[-1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_clone_on_gpu_is_clone_on_cpu(world, tmp_path):
+    """Scores collected on the GPU index the parent's CPU weights: the same neurons and weights as on the CPU."""
+    bpe, vocab = tiny_bpe(tmp_path)
+    arch = dict(CLIP_ARCH, vocab_size=vocab)
+    torch.save({"model": S.build("clip", arch).state_dict(), "layout": "ours", "kind": "clip", "arch": arch,
+                "bpe_merges": [list(m) for m in C.Tokenizer(bpe).merges]}, tmp_path / "big.pt")
+    cks = []
+    for device in ("cpu", "cuda"):
+        S.main(["clone", "--init", str(tmp_path / "big.pt"), "--data", world["train"], "--width", "32",
+                "--text-width", "32", "--depth", "3", "--calib-samples", "64", "--device", device,
+                "--out", str(tmp_path / f"{device}.pt")])
+        cks.append(torch.load(tmp_path / f"{device}.pt", weights_only=True))
+    for p in ("visual.", "text."):  # CPU tensors in the file, so that it loads on a machine without a GPU
+        assert cks[1]["subclone"]["residual"][p].device.type == "cpu"
+        assert torch.equal(cks[0]["subclone"]["residual"][p], cks[1]["subclone"]["residual"][p])
+    for k, v in cks[0]["model"].items():
+        torch.testing.assert_close(cks[1]["model"][k], v)
+
+
 @pytest.mark.parametrize("args,message", [
     (["clone", "--out", "x.pt"], "clone needs --init"),
     (["clone", "--init", "/nonexistent.pt"], "--init file not found"),
