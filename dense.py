@@ -153,7 +153,7 @@ class ViTPyramid(nn.Module):
     def __init__(self, encoder: nn.Module, patch: int, width: int, depth: int):
         super().__init__()
         self.encoder, self.patch = encoder, patch
-        self.taps = [(i + 1) * depth // 4 - 1 for i in range(4)]
+        self.taps = [max(0, (i + 1) * depth // 4 - 1) for i in range(4)]  # shallow encoders repeat a block
         self.fpn = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(width, width, 2, 2), nn.BatchNorm2d(width), nn.GELU(),
                           nn.ConvTranspose2d(width, width, 2, 2)),
@@ -170,7 +170,7 @@ class ViTPyramid(nn.Module):
 
     def tapped(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> the tapped blocks' patch tokens, each (B, D, H/p, W/p)."""
-        enc, outs = self.encoder, []
+        enc, outs = self.encoder, {}
         if isinstance(enc, C.ViT):  # class token + learned positions (interpolated), ln_pre, blocks
             x = enc.patch_embed(x)  # (B, D, h, w)
             B, D, h, w = x.shape
@@ -179,8 +179,8 @@ class ViTPyramid(nn.Module):
             for i, blk in enumerate(enc.blocks):
                 x = blk(x)
                 if i in self.taps:
-                    outs.append(x[:, 1:].transpose(1, 2).reshape(B, D, h, w))
-            return outs
+                    outs[i] = x[:, 1:].transpose(1, 2).reshape(B, D, h, w)
+            return [outs[i] for i in self.taps]
         x = enc.patch_embed(x)  # SAM: (B, h, w, D), positions resized by the encoder's own rule
         pos = enc.pos_embed
         if pos.shape[1:3] != x.shape[1:3]:
@@ -190,8 +190,8 @@ class ViTPyramid(nn.Module):
         for i, blk in enumerate(enc.blocks):
             x = blk(x)
             if i in self.taps:
-                outs.append(x.permute(0, 3, 1, 2))  # (B, D, h, w)
-        return outs
+                outs[i] = x.permute(0, 3, 1, 2)  # (B, D, h, w)
+        return [outs[i] for i in self.taps]
 
     def drop_adapter(self):
         """Plain tapped maps, all at stride p (a linear probe of the frozen ViT stays linear)."""
@@ -349,13 +349,14 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
         return MCiPyramid(model.visual), info, name
     if "visual.conv1.weight" in sd:  # OpenAI / OpenCLIP ViT CLIP (OpenAI's activation: QuickGELU)
         ours = {k[7:]: v.float() for k, v in C.openclip_to_ours(sd).items() if k.startswith("visual.")}
-        sd_name, heads = "openclip", C.openclip_config(sd)["heads"]
-        act = "quick_gelu"
+        sd_name, heads, act = "openclip", C.openclip_config(sd)["heads"], "quick_gelu"
     elif "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:  # MAE / timm ViT
         ours, ln_pre = timm_vit_to_ours(sd)
         sd_name, heads, act = "timm", VITS.get(name, {}).get("heads", 0), "gelu"
     else:
         C.fail(f"{what}: not a checkpoint this script knows (a run of this repo, SAM, MobileCLIP, OpenCLIP, MAE/timm)")
+    v = VITS.get("vit_tiny" if name == "tiny" else name, {})
+    heads = v["heads"] if v.get("width") == ours["patch_embed.weight"].shape[0] else heads  # not in the file
     vit = vit_from_state(ours, heads, act)
     if sd_name == "timm":  # MAE/timm: a patch-embedding bias, no ln_pre, LayerNorm eps 1e-6
         w = vit.patch_embed
@@ -366,7 +367,7 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
                 m.eps = 1e-6
     vit.norm = None  # the pyramid taps the blocks; the final norm (and any head) is not used
     own = vit.state_dict()
-    ignored = sorted(k for k in ours if k not in own)
+    ignored = sorted(k for k in ours if k not in own and not k.startswith(("norm.", "proj", "fc_norm.", "head")))
     if ignored:
         C.print0(f"{what}: ignoring {len(ignored)} tensors not in the backbone (e.g. {ignored[:3]})")
     C.load_state_dict_checked(vit, {k: v for k, v in ours.items() if k in own}, what)
@@ -805,7 +806,6 @@ def finetune(task: str, cfg: Config) -> dict:
         C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
         if not cfg.eval_only:
             opt.load_state_dict(ckpt["optimizer"])
-            C.set_rng_state(ckpt["rng"])
             start = ckpt["step"]
         C.print0(f"resumed from step {ckpt['step']} of {cfg.resume}")
     if cfg.eval_only:
@@ -820,6 +820,8 @@ def finetune(task: str, cfg: Config) -> dict:
     sampler = C.StepBatches(n_train, cfg.batch_size * world, start, steps, cfg.seed, rank, world)
     batches = iter(torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.workers,
                                                pin_memory=device.type == "cuda"))
+    if ckpt is not None:  # after the DataLoader, whose iterator draws its base seed from the global RNG
+        C.set_rng_state(ckpt["rng"])
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     model.train()
     stop = C.StopSignal()
@@ -882,6 +884,8 @@ def finetune(task: str, cfg: Config) -> dict:
 class CompareConfig:
     model: str = "mobileclip_tiny"  # the CLIP both pre-trainings train: mobileclip_tiny (MCi) or tiny (ViT)
     out: str = "runs/dense_compare"  # pre_<source>/, <task>_<source>/ and the summary in log.jsonl
+    data: str = ""  # training shards with captions, seg.png and depth.png (empty = the synthetic world)
+    val_data: str = ""  # held-out shards for the fine-tunings (with --data)
     pretrain_steps: int = 800  # mobileclip.py steps per caption source (its no-argument run's length)
     pretrain_batch: int = 128  # mobileclip.py batch size
     init_alt: str = ""  # an existing alt-text pre-training (run directory or checkpoint) instead of training one
@@ -913,13 +917,14 @@ def compare(cfg: CompareConfig) -> dict:
                 M.main(["--model", cfg.model, "--caption-source", source, "--steps", str(cfg.pretrain_steps),
                         "--batch-size", str(cfg.pretrain_batch), "--out", run, "--resume", "auto",
                         "--workers", str(cfg.workers), "--seed", str(cfg.seed)]
-                       + (["--cache-dir", cfg.cache_dir] if cfg.cache_dir else []))
+                       + (["--cache-dir", cfg.cache_dir] if cfg.cache_dir else [])
+                       + (["--data", cfg.data, "--no-eval"] if cfg.data else []))
             inits[source] = os.path.join(run, f"ckpt-{cfg.pretrain_steps}.pt")
     if cfg.scratch:
         inits["scratch"] = ""
     common = ["--batch-size", str(cfg.batch_size), "--head", cfg.head, "--workers", str(cfg.workers),
               "--seed", str(cfg.seed), "--resume", "auto", "--log-every", "25"]
-    for flag in ("steps", "train_images", "val_images", "lr", "cache_dir"):
+    for flag in ("data", "val_data", "steps", "train_images", "val_images", "lr", "cache_dir"):
         if getattr(cfg, flag):
             common += ["--" + flag.replace("_", "-"), str(getattr(cfg, flag))]
     common += ["--freeze-backbone"] if cfg.freeze_backbone else []

@@ -1,0 +1,273 @@
+"""dense.py: mIoU, depth errors and the SILog loss against hand-computed values and their reference; the feature
+pyramids of ViT, MCi and SAM backbones and the heads on them; backbones loaded from every checkpoint layout give
+the same features as the model that was saved; label conventions per data layout; a tiny fine-tuning learns,
+resumes exactly, and the alt-text vs quality-caption comparison runs end to end from two different backbones."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common as C
+import dense as D
+import mobileclip as M
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    return C.synthetic_world(str(tmp_path_factory.mktemp("dense_cache")), 160, 24, 32, workers=1)
+
+
+# ---- metrics and loss ------------------------------------------------------------------------------
+
+
+def test_confusion_matrix_and_miou_hand_computed():
+    target = torch.tensor([[0, 0, 1], [1, 255, 2]])
+    pred = torch.tensor([[0, 1, 1], [1, 0, 0]])  # the ignored pixel's prediction (0) must not count
+    conf = D.confusion_matrix(pred, target, 4)
+    assert conf.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    m, iou = D.miou(conf)
+    # IoU_0 = 1 / (2 + 2 - 1), IoU_1 = 2 / (2 + 3 - 2), IoU_2 = 0 / 1; class 3 in neither: excluded, NaN
+    assert iou[:3].tolist() == pytest.approx([100 / 3, 200 / 3, 0.0])
+    assert math.isnan(iou[3])
+    assert m == pytest.approx((100 / 3 + 200 / 3 + 0) / 3)
+    # another ignore index, and a batch dimension
+    conf2 = D.confusion_matrix(pred[None], target.masked_fill(target == 255, 9)[None], 4, ignore_index=9)
+    assert torch.equal(conf2, conf)
+
+
+def test_depth_errors_hand_computed_per_image():
+    pred = torch.tensor([[[2.0, 1.0], [1.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 2.0]], [[2.0, 2.0], [0.0, 0.0]]])  # 0 = invalid
+    e = D.depth_errors(pred, target)
+    # image 0: valid pairs (2, 1), (1, 1), (4, 2); image 1: (1, 2), (1, 2)
+    assert e["rmse"].tolist() == pytest.approx([math.sqrt(5 / 3), 1.0])
+    assert e["absrel"].tolist() == pytest.approx([2 / 3, 0.5])
+    assert e["delta1"].tolist() == pytest.approx([1 / 3, 0.0])
+    assert D.depth_errors(pred[:, None], target[:, None])["rmse"].tolist() == pytest.approx(e["rmse"].tolist())
+
+
+def test_silog_matches_reference_and_is_scale_invariant():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(3, 8, 8, generator=g) + 0.1
+    target = (torch.rand(3, 8, 8, generator=g) + 0.1) * (torch.rand(3, 8, 8, generator=g) > 0.3)
+    torch.testing.assert_close(D.silog_loss(pred, target), D.silog_loss_reference(pred, target), rtol=1e-5, atol=1e-5)
+    assert D.silog_loss(pred, target) > 1.0
+    # with lambda = 1 the loss is the std of the log ratio: a global scale costs nothing
+    assert D.silog_loss(2.5 * target.clamp_min(0.1), target, lambda_=1.0) < 1e-3
+    assert D.silog_loss(pred, torch.zeros_like(pred)).isfinite()  # no valid pixel: no NaN
+
+
+# ---- backbones, pyramids, heads --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,size,strides,channels", [
+    ("tiny", 64, [2, 4, 8, 16], [128] * 4),  # the ViT adapter: deconvs x4, x2, as is, max-pool
+    ("tiny", 96, [2, 4, 8, 16], [128] * 4),  # another size: positions interpolated
+    ("mobileclip_tiny", 64, [4, 8, 16, 32], [32, 64, 128, 256]),  # MCi's stage outputs
+    ("sam_micro", 32, [1, 2, 4, 8], [64] * 4),  # SAM's windowed ViT through the same adapter
+])
+def test_pyramid_shapes_and_heads(name, size, strides, channels):
+    torch.manual_seed(0)
+    pyr, info = D.build_backbone(name)
+    assert pyr.strides == strides and pyr.channels == channels
+    feats = pyr(torch.randn(2, 3, size, size))
+    assert [tuple(f.shape) for f in feats] == [(2, c, size // s, size // s) for c, s in zip(channels, strides)]
+    seg = D.DenseModel(pyr, D.UperNet(pyr.channels, 16, 11))
+    assert seg(torch.randn(2, 3, size, size)).shape == (2, 11, size // strides[0], size // strides[0])
+    depth = D.DenseModel(pyr, D.DeconvDepthHead(pyr.channels, 8), max_depth=10.0)
+    out = depth(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 1, 8 * size // strides[-1], 8 * size // strides[-1])
+    assert 0 < out.min() and out.max() < 10.0
+
+
+def test_vit_b16_adapter_strides_and_linear_probe_without_adapter():
+    pyr, _ = D.build_backbone("vit_b16")
+    assert pyr.strides == [4, 8, 16, 32] and pyr.taps == [2, 5, 8, 11]
+    pyr, _ = D.build_backbone("tiny")
+    pyr.drop_adapter()
+    feats = pyr(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 8, 8)] * 4 and pyr.strides == [8] * 4
+
+
+def _run_checkpoint(path, model, name):
+    torch.save({"model": model.state_dict(), "model_name": name, "config": {"act": "gelu"}, "step": 2}, path)
+
+
+def test_load_backbone_from_every_layout(tmp_path):
+    """A saved model's features survive each layout's loader: mobileclip.py runs (ViT and MCi; a run directory),
+    OpenAI/OpenCLIP files, MAE/timm files, catlip.py runs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    clip = C.build_clip(**M.MODELS["tiny"], vocab_size=64).eval()
+    with torch.no_grad():
+        for p in clip.parameters():  # trained-like: non-zero biases, uneven norms
+            p.add_(torch.randn_like(p) * 0.05)
+        ref = clip.visual.forward_tokens(x)[:, 1:]  # (B, N, D) after ln_post
+    run = tmp_path / "run"
+    run.mkdir()
+    _run_checkpoint(run / "ckpt-2.pt", clip, "tiny")
+
+    def last_tokens(pyr, norm):
+        with torch.no_grad():
+            t = pyr.eval().tapped(x)[-1].flatten(2).transpose(1, 2)  # (B, N, D) before ln_post
+            return norm(t)
+
+    pyr, info, name = D.load_backbone("", str(run))
+    assert name == "tiny" and info["mean"] == C.CLIP_MEAN
+    torch.testing.assert_close(last_tokens(pyr, clip.visual.norm), ref, rtol=1e-5, atol=1e-5)
+    torch.save(C.ours_to_openclip(clip.state_dict()), tmp_path / "openclip.pt")
+    pyr, _, _ = D.load_backbone("vit_tiny", str(tmp_path / "openclip.pt"))
+    assert isinstance(pyr.encoder.blocks[0].mlp.act, C.QuickGELU)  # OpenAI's activation; these weights used GELU
+    for blk in pyr.encoder.blocks:
+        blk.mlp.act = torch.nn.GELU()
+    torch.testing.assert_close(last_tokens(pyr, clip.visual.norm), ref, rtol=1e-5, atol=1e-5)
+    # MAE / timm: (1, N, D) tokens, a patch-embedding bias (zero here), decoder tensors to ignore
+    v = clip.visual
+    timm = {"patch_embed.proj.weight": v.patch_embed.weight, "patch_embed.proj.bias": torch.zeros(128),
+            "cls_token": v.cls_token.reshape(1, 1, -1), "pos_embed": v.pos_embed[None], "decoder_embed.weight":
+            torch.zeros(4, 4), **{k: t for k, t in v.state_dict().items() if k.startswith(("blocks.", "norm_pre."))}}
+    torch.save({"model": timm}, tmp_path / "mae.pth")
+    pyr, info, _ = D.load_backbone("vit_tiny", str(tmp_path / "mae.pth"))
+    assert info["mean"] == D.IMAGENET_MEAN
+    torch.testing.assert_close(last_tokens(pyr, clip.visual.norm), ref, rtol=1e-3, atol=1e-3)  # LN eps 1e-6
+    # catlip.py: the ViT without its projection, plus a classification head
+    cat = {k: t for k, t in clip.state_dict().items() if k.startswith("visual.") and k != "visual.proj"}
+    torch.save({"kind": "catlip", "model": {**cat, "head.weight": torch.zeros(5, 128)}, "model_name": "tiny"},
+               tmp_path / "catlip.pt")
+    pyr, _, _ = D.load_backbone("tiny", str(tmp_path / "catlip.pt"))
+    torch.testing.assert_close(last_tokens(pyr, clip.visual.norm), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_load_mci_run_gives_the_stage_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = M.create_model("mobileclip_tiny", vocab_size=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    _run_checkpoint(tmp_path / "ckpt-2.pt", model, "mobileclip_tiny")
+    x = torch.randn(2, 3, 64, 64)
+    pyr, info, name = D.load_backbone("mobileclip_tiny", str(tmp_path / "ckpt-2.pt"))
+    assert name == "mobileclip_tiny" and info["mean"] == (0.0, 0.0, 0.0)  # MobileCLIP v1: [0, 1] input
+    with torch.no_grad():
+        h = model.visual.patch_embed(x)
+        for m in model.visual.network:
+            h = m(h)  # the last stage's output, which conv_exp and the head would read
+        torch.testing.assert_close(pyr.eval()(x)[-1], h)
+    with pytest.raises(SystemExit):  # a run of another model: one clear line
+        D.load_backbone("tiny", str(tmp_path / "ckpt-2.pt"))
+
+
+# ---- data conventions --------------------------------------------------------------------------------
+
+
+def test_label_conventions_folder_vs_world(tmp_path, tiny_world):
+    """ADE20K folders: 0 = 'other' is ignored and 1..150 shift to 0..149; the world's shards: 0 = background is a
+    class (11 classes), depth PNG / 65535 with a head range of 1."""
+    for split in ("training", "validation"):
+        os.makedirs(tmp_path / "ade" / "images" / split)
+        os.makedirs(tmp_path / "ade" / "annotations" / split)
+        Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "ade" / "images" / split / "a.jpg")
+        Image.fromarray(np.array([[0, 1, 150]] * 30, np.uint8).repeat(40 // 3 + 1, 1)[:, :40]).save(
+            tmp_path / "ade" / "annotations" / split / "a.png")
+    cfg = D.Config(data=str(tmp_path / "ade"))
+    data = D.resolve_data(cfg, "seg", 64)
+    s = D.settings(cfg, "seg", dict(mean=C.CLIP_MEAN, std=C.CLIP_STD, image_size=64), data, 768)
+    assert (s["reduce_zero_label"], s["classes"], s["crop"], s["channels"]) == (True, 150, 512, 512)
+    item = D.DenseData(data["val"], "seg", 16, False, 0, (1, 1), True, 1.0)[0]
+    assert set(item["target"].unique().tolist()) == {255, 0, 149} and item["image"].shape == (3, 16, 21)
+    cfg = D.Config(data=tiny_world["train"], val_data=tiny_world["val"])
+    for task in ("seg", "depth"):
+        data = D.resolve_data(cfg, task, 32)
+        s = D.settings(cfg, task, dict(mean=C.CLIP_MEAN, std=C.CLIP_STD, image_size=32), data, 128)
+        assert len(data["train"]) == 160 and len(data["val"]) == 24
+        assert (s["reduce_zero_label"], s["classes"], s["crop"], s["depth_scale"]) == (False, 11, 32, 65535.0)
+    assert s["max_depth"] == 1.0
+    seg = D.DenseData(D.index_shards(tiny_world["val"], "seg"), "seg", 32, True, 0, (0.5, 2.0), False, 1.0)
+    y = torch.stack([seg[(0, i)]["target"] for i in range(24)])
+    assert y.shape == (24, 32, 32) and (y == 0).any() and ((y > 0) & (y <= 10)).any()  # background and shapes
+    dep = D.DenseData(D.index_shards(tiny_world["val"], "depth"), "depth", 32, False, 0, (1, 1), False, 65535.0)
+    d = dep[0]["target"]
+    assert d.dtype == torch.float32 and 0 < d.min() and d.max() <= 1.0
+
+
+# ---- fine-tuning runs --------------------------------------------------------------------------------
+
+
+def _args(task, world, out, *extra):
+    return [task, "--data", world["train"], "--val-data", world["val"], "--out", str(out), "--workers", "0",
+            "--batch-size", "8", "--log-every", "10", "--crop", "32", *extra]
+
+
+def test_tiny_finetuning_learns_both_tasks(tmp_path, tiny_world):
+    """From scratch, 60 steps on 16 images, scored on the same 16 (a fit, the test that image and target stay
+    aligned through scale, crop and flip): segmentation beats predicting background everywhere (whose pixel
+    accuracy is the background fraction, ~85%), depth beats the best constant (the std of the depth)."""
+    val = D.DenseData(D.index_shards(tiny_world["train"], "seg")[:16], "seg", 32, False, 0, (1, 1), False, 1.0)
+    y = torch.stack([val[i]["target"] for i in range(16)])
+    background = 100 * (y == 0).float().mean().item()
+    all_background_miou = background / len(y.unique())  # IoU_bg = the fraction, 0 for every present shape
+    fit = ["--val-data", tiny_world["train"], "--train-images", "16", "--val-images", "16", "--model", "tiny",
+           "--steps", "60", "--lr", "1e-3"]
+    r = D.main(_args("seg", tiny_world, tmp_path / "seg", *fit))
+    assert set(r) == {"miou", "pixel_acc"}
+    assert r["pixel_acc"] > background + 2 and r["miou"] > 1.5 * all_background_miou, (r, background)
+    dval = D.DenseData(D.index_shards(tiny_world["train"], "depth")[:16], "depth", 32, False, 0, (1, 1), False, 65535.0)
+    t = torch.stack([dval[i]["target"] for i in range(16)])
+    r = D.main(_args("depth", tiny_world, tmp_path / "depth", *fit))
+    assert set(r) == {"rmse", "absrel", "delta1"}
+    assert r["rmse"] < 0.8 * t[t > 0].std().item(), r
+    logged = [json.loads(line) for line in open(tmp_path / "depth" / "log.jsonl")]
+    assert logged[-1]["rmse"] == pytest.approx(r["rmse"], rel=1e-4)
+
+
+def test_resume_replays_the_same_steps(tmp_path, tiny_world):
+    extra = ["--model", "tiny", "--steps", "6", "--ckpt-every", "3", "--val-images", "2", "--lr", "1e-3"]
+    D.main(_args("seg", tiny_world, tmp_path / "a", *extra))
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "ckpt-3.pt", tmp_path / "b" / "ckpt-3.pt")
+    D.main(_args("seg", tiny_world, tmp_path / "b", *extra, "--resume", "auto"))
+    a = torch.load(tmp_path / "a" / "ckpt-6.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt-6.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    with pytest.raises(SystemExit):  # a segmentation checkpoint is not a depth run
+        D.main(_args("depth", tiny_world, tmp_path / "b", *extra, "--resume", "auto"))
+
+
+def test_compare_runs_both_arms_from_different_backbones(tmp_path, tiny_world):
+    """The comparison end to end in miniature (4 pre-training steps per caption source): both arms report all
+    four figures, and they differ, so each fine-tuning really started from its own pre-training."""
+    r = D.main(["compare", "--data", tiny_world["train"], "--val-data", tiny_world["val"], "--out", str(tmp_path),
+                "--pretrain-steps", "4", "--pretrain-batch", "16", "--steps", "4", "--batch-size", "8",
+                "--workers", "0", "--val-images", "4"])
+    assert set(r) == {"alt", "synthetic"}
+    for source in r:
+        assert {"miou", "rmse", "absrel", "delta1"} <= set(r[source])
+        assert all(math.isfinite(v) for v in r[source].values())
+    assert r["alt"]["rmse"] != r["synthetic"]["rmse"]
+    pre = torch.load(tmp_path / "pre_synthetic" / "ckpt-4.pt", weights_only=True)
+    assert pre["config"]["caption_source"] == "synthetic"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit):
+        D.main(["segment"])
+    with pytest.raises(SystemExit):
+        D.main(["seg", "--model", "resnet50", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        D.main(["seg", "--init", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
