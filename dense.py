@@ -34,13 +34,27 @@ Paper -> code:
   segmentation head, loss, mIoU (spec 3.2, 5)         -> UperNet, F.cross_entropy, confusion_matrix, miou
   depth head, loss, RMSE (spec 3.2, 5)                -> DeconvDepthHead, silog_loss (reference beside it),
                                                          depth_errors
+  frozen-feature probes                               -> LinearHead (--head linear --freeze-backbone)
   the claim on the synthetic world                    -> compare
+
+Backbones (--model) and weights (--init):
+  --model tiny | vit_tiny | vit_b32 | vit_b16 | vit_l16 | vit_l14 | vit_h16    plain ViTs (common.ViT)
+  --model mobileclip_tiny | mobileclip_s0..s4 | mobileclip2_s0..s4           MCi (mobileclip.py)
+  --model sam_<size> (sam_vit_b, sam_tiny, ...)                              SAM's encoder (samclip.py)
+  --init: a mobileclip.py run (checkpoint or run directory; --model may be left out, it is in the file),
+  a catlip.py or samclip.py run, an official SAM .pth, an ml-mobileclip .pt or OpenCLIP MobileCLIP file
+  (with --model), an OpenAI / OpenCLIP ViT CLIP, an MAE / timm ViT (keys patch_embed.proj, blocks.*).
+  Without --init the backbone is randomly initialised (the no-pre-training reference).
 
 Commands:
   torchrun --nproc_per_node=8 dense.py seg --model vit_b16 --init runs/b16/ckpt-100000.pt --data ADEChallengeData2016/
   torchrun --nproc_per_node=8 dense.py seg --model mobileclip_s2 --init mobileclip_s2.pt --data ADEChallengeData2016/
   torchrun --nproc_per_node=8 dense.py depth --model vit_b16 --init mae_pretrain_vit_base.pth --data nyuv2/
-  python dense.py compare            # alt-text vs quality-caption CLIP -> mIoU and RMSE on the synthetic world, CPU
+  python dense.py seg --init runs/x/ckpt-800.pt --head linear --freeze-backbone --data train/ --val-data val/
+  python dense.py compare --pretrain-steps 400  # alt-text vs quality-caption CLIP -> mIoU and RMSE, synthetic world
+Data layouts: ADEChallengeData2016/{images,annotations}/{training,validation}/ (uint8 PNG labels, 0 = other);
+nyuv2/{images,depth}/{train,test}/ (16-bit PNG depth in mm, 0 = invalid); tar shards with {jpg, seg.png,
+depth.png} members (the synthetic world's: label 0 = background, a class; depth 65535 = 1.0, 1 = near).
 Results: README.md, "CLIP with quality captions".
 """
 from __future__ import annotations
@@ -114,7 +128,7 @@ TASK_DEFAULTS = {  # spec 3.2 and the design choices of the module docstring (re
 }
 # The synthetic world (no --data): its 64-px images, a few thousand of them, and a shorter, hotter schedule that a
 # CPU finishes in minutes (design choice, README).
-WORLD_DEFAULTS = dict(train_images=4000, epochs=2, lr=5e-4, weight_decay=0.05)
+WORLD_DEFAULTS = dict(train_images=2400, epochs=2, lr=5e-4, weight_decay=0.05)
 
 # Plain ViTs (common.ViT). `image_size` is the size the positions were trained at; other sizes interpolate them.
 VITS = {
@@ -244,7 +258,7 @@ def vit_from_state(sd: dict, heads: int = 0, act: str = "gelu") -> C.ViT:
     layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     mlp = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
     vit = C.ViT(grid * patch, patch, width, layers, heads or width // 64, width, mlp, act)
-    vit.proj = None  # dense heads read the patch tokens, not the joint embedding
+    vit.proj = vit.norm = None  # the pyramid taps the blocks: no ln_post, no joint embedding (unused under DDP)
     return vit
 
 
@@ -269,7 +283,7 @@ def build_backbone(name: str, state: dict | None = None, heads: int = 0, act: st
         v = VITS.get(name, {})
         vit = vit_from_state(state, heads or v.get("heads", 0), act) if state is not None else C.ViT(
             **v, embed_dim=v["width"], act=act)
-        vit.proj = None
+        vit.proj = vit.norm = None
         return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), dict(
             kind="vit", image_size=vit.image_size, **clip)
     if name in M.MOBILECLIP_MODELS and M.MOBILECLIP_MODELS[name]["image"] in M._MCI:
@@ -286,7 +300,8 @@ def build_backbone(name: str, state: dict | None = None, heads: int = 0, act: st
 
 
 def sam_pyramid(enc: nn.Module) -> ViTPyramid:
-    w = enc.patch_embed.proj
+    """SAM's encoder without its neck (the pyramid taps the blocks)."""
+    enc.neck, w = None, enc.patch_embed.proj
     return ViTPyramid(enc, w.kernel_size[0], w.out_channels, len(enc.blocks))
 
 
@@ -365,7 +380,6 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
         for m in vit.modules():
             if isinstance(m, nn.LayerNorm):
                 m.eps = 1e-6
-    vit.norm = None  # the pyramid taps the blocks; the final norm (and any head) is not used
     own = vit.state_dict()
     ignored = sorted(k for k in ours if k not in own and not k.startswith(("norm.", "proj", "fc_norm.", "head")))
     if ignored:
@@ -886,14 +900,14 @@ class CompareConfig:
     out: str = "runs/dense_compare"  # pre_<source>/, <task>_<source>/ and the summary in log.jsonl
     data: str = ""  # training shards with captions, seg.png and depth.png (empty = the synthetic world)
     val_data: str = ""  # held-out shards for the fine-tunings (with --data)
-    pretrain_steps: int = 800  # mobileclip.py steps per caption source (its no-argument run's length)
+    pretrain_steps: int = 400  # mobileclip.py steps per caption source (half its no-argument run, for a shared CPU)
     pretrain_batch: int = 128  # mobileclip.py batch size
     init_alt: str = ""  # an existing alt-text pre-training (run directory or checkpoint) instead of training one
     init_synthetic: str = ""  # an existing --caption-source synthetic pre-training instead of training one
     scratch: bool = False  # also fine-tune a randomly initialised backbone (the no-pre-training reference)
-    steps: int = 0  # fine-tuning steps per task (0 = the world's default: 2 epochs of 4000 images)
+    steps: int = 0  # fine-tuning steps per task (0 = the world's default: 2 epochs of 2400 images, 300 steps)
     batch_size: int = 16  # fine-tuning batch size
-    train_images: int = 0  # fine-tuning images (0 = the world's default, 4000)
+    train_images: int = 0  # fine-tuning images (0 = the world's default, 2400)
     val_images: int = 0  # held-out images scored (0 = all 1000)
     head: str = "auto"  # auto (UperNet / deconvolution) or linear (frozen-feature probes need --freeze-backbone)
     freeze_backbone: bool = False  # probe the frozen features instead of fine-tuning
