@@ -271,3 +271,26 @@ def test_bad_input_is_one_line(tmp_path):
         D.main(["seg", "--model", "resnet50", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         D.main(["seg", "--init", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
+
+
+def test_caption_source_replaces_alt_text():
+    """mobileclip.py --caption-source: `synthetic` always takes a quality caption (syn.json's, or the world's
+    accurate captioner from the json scene), `mix` with probability p, the same draw for the same (seed, epoch,
+    key); a sample without synthetic captions raises (counted and skipped by the stream)."""
+    scene = {"shape": "star", "count": 1, "size": "large", "colour": "red", "outlined": False,
+             "position": "at the top left", "texture": "striped", "background": "blue", "distractors": [["green", "ring"]]}
+    samples = [{"__key__": f"k{i}", "txt": b"a star", "json": json.dumps({"scene": scene}).encode()} for i in range(400)]
+    read = lambda s: s["txt"].decode()
+    syn = M.CaptionSource(read, "synthetic", 0.0, "^syn_text.*$", seed=0)
+    for c in map(syn, samples[:20]):
+        assert all(w in c for w in ("large red star", "top left", "striped blue", "small green ring"))
+    mix = M.CaptionSource(read, "mix", 0.25, "^syn_text.*$", seed=0)
+    replaced = [mix(s) != "a star" for s in samples]
+    assert 0.18 < sum(replaced) / len(replaced) < 0.32
+    assert [mix(s) for s in samples[:30]] == [mix(s) for s in samples[:30]]  # deterministic per key
+    with_syn = {"__key__": "x", "txt": b"alt", "syn.json": json.dumps({"syn_text": ["one", "two"], "other": ["no"]}).encode()}
+    assert {syn(with_syn) for _ in range(3)} <= {"one", "two"}
+    with pytest.raises(KeyError):
+        syn({"__key__": "y", "txt": b"alt only"})
+    with pytest.raises(SystemExit):
+        M.CaptionSource(read, "coca", 0.5, "^syn_text.*$", seed=0)
