@@ -1,0 +1,170 @@
+"""Knowledge transfer (transfer.py): chunked retrieval against brute force, the KD loss against its naive
+version (per image and per pixel), mIoU by hand, the retrieve command end to end, resume, and a tiny run
+of the whole comparison on the synthetic world."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common as C
+import transfer as T
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these many tiny ops slow down by an order of magnitude when two threads
+    spin-wait for a core on a machine shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def chunks_of(emb, size):
+    for lo in range(0, len(emb), size):
+        yield emb[lo:lo + size], torch.arange(lo, min(lo + size, len(emb))) * 10 + 3  # ids need not be positions
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 7, 53, 100])
+@pytest.mark.parametrize("k", [1, 5, 7, 60])
+def test_nearest_neighbours_is_exact_top_k(chunk, k):
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(9, 16, generator=g), dim=-1)
+    pool = F.normalize(torch.randn(53, 16, generator=g), dim=-1)
+    scores, ids = T.nearest_neighbours(q, chunks_of(pool, chunk), k)
+    ref = (q @ pool.T).topk(min(k, 53), dim=1)  # brute force over the whole pool at once
+    assert ids.tolist() == (ref.indices * 10 + 3).tolist()
+    assert torch.allclose(scores, ref.values)
+
+
+def test_merging_ranks_gives_the_global_top_k():
+    """Two 'ranks' each keep their own top-k over half the pool; merging the two lists is exact."""
+    g = torch.Generator().manual_seed(1)
+    q, pool = torch.randn(4, 8, generator=g), torch.randn(40, 8, generator=g)
+    a = T.nearest_neighbours(q, [(pool[:17], torch.arange(17))], 6)
+    b = T.nearest_neighbours(q, [(pool[17:], torch.arange(17, 40))], 6)
+    s, i = T.merge_topk(a[0][:, :0], a[1][:, :0], torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1), 6)
+    assert i.tolist() == (q @ pool.T).topk(6, dim=1).indices.tolist()
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_kd_loss_matches_naive_per_image_and_per_pixel(temp):
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 4, generator=g) * 3, torch.randn(5, 4, generator=g) * 3
+    assert float(T.kd_loss(s, t, temp)) == pytest.approx(T.kd_loss_reference(s, t, temp), rel=1e-5)
+    s, t = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)  # per pixel
+    assert float(T.kd_loss(s, t, temp)) == pytest.approx(T.kd_loss_reference(s, t, temp), rel=1e-5)
+    small = torch.randn(2, 3, 2, 2, generator=g)  # a coarser student map is resized to the teacher grid
+    up = F.interpolate(small, size=(4, 5), mode="bilinear", align_corners=False)
+    assert float(T.kd_loss(small, t, temp)) == pytest.approx(T.kd_loss_reference(up, t, temp), rel=1e-5)
+    assert float(T.kd_loss(t, t, temp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_loss_gradient_moves_student_to_teacher():
+    t = torch.tensor([[2.0, 0.0, -1.0]])
+    s = torch.zeros(1, 3, requires_grad=True)
+    opt = torch.optim.SGD([s], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        T.kd_loss(s, t).backward()
+        opt.step()
+    assert torch.allclose(s.softmax(1), t.softmax(1), atol=1e-3)
+
+
+def test_confusion_and_miou_by_hand():
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    target = torch.tensor([0, 1, 1, 1, 2, 0])
+    conf = T.confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
+    # IoU: class 0 1/(2+2-1) = 1/3, class 1 2/(3+2-2) = 2/3, class 2 1/(1+2-1) = 1/2
+    assert T.miou(conf) == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert T.miou(T.confusion_matrix(pred, target, 4)) == pytest.approx(T.miou(conf))  # absent class 3 ignored
+
+
+def micro_vfm(path):
+    """A randomly initialised micro CLIP ViT (32 px, 4 x 4 patches) saved in the OpenCLIP layout: the VFM
+    and retrieval encoder of the tests."""
+    torch.manual_seed(0)
+    clip = C.build_clip(image_size=32, patch=8, width=64, layers=2, heads=1, embed_dim=32, text_width=64,
+                        text_layers=1, text_heads=1, vocab_size=64, context_length=8)
+    torch.save(C.ours_to_openclip(clip.state_dict()), path)
+    return path
+
+
+def test_retrieve_writes_the_union_of_the_brute_force_neighbours(world, tmp_path):
+    enc = micro_vfm(str(tmp_path / "clip.pt"))
+    labelled = T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 2)  # 6 queries
+    pool = C.expand_shards(world["train"])[:1]  # 250 images
+    cfg = T.Config(queries=labelled, pool="::".join(pool), encoder=enc, per_query=4, image_size=32, workers=0,
+                   batch_size=64, chunk=100, out=str(tmp_path / "set"), shard_size=7)
+    info = T.retrieve(cfg)
+    # brute force: every pool image embedded at once, the queries excluded from the pool
+    vfm = T.load_foundation(enc).eval()
+    q_keys = {s["__key__"] for s in C.iter_tar_samples(os.path.join(labelled, "labelled-00000.tar"), {})}
+    embed = lambda paths: [(s["__key__"], s) for p in paths for s in C.iter_tar_samples(p, {})]
+    items = [(k, s) for k, s in embed(pool) if k not in q_keys]
+    to_x = lambda ss: torch.stack([C.image_to_uint8(im, 32, C.center_crop_box(*im.size))
+                                   for im in (C.decode_image(s) for s in ss)])
+    with torch.no_grad():
+        e = F.normalize(vfm(to_x([s for _, s in items]))[0], dim=-1)
+        q = F.normalize(vfm(to_x([s for _, s in embed([os.path.join(labelled, "labelled-00000.tar")])]))[0], dim=-1)
+    want = {items[i][0] for i in (q @ e.T).topk(4, dim=1).indices.flatten().tolist()}
+    got = [s["__key__"] for p in C.expand_shards(cfg.out) for s in C.iter_tar_samples(p, {})]
+    assert sorted(got) == sorted(want) and len(got) == len(set(got)) == info["transfer_set"]
+    assert info["neighbours"] == 24 and len(C.expand_shards(cfg.out)) == -(-len(want) // 7)
+    rnd = T.retrieve(T.Config(pool="::".join(pool), random_size=50, queries=labelled, workers=0,
+                              out=str(tmp_path / "rnd"), image_size=32))
+    keys = [s["__key__"] for p in C.expand_shards(str(tmp_path / "rnd")) for s in C.iter_tar_samples(p, {})]
+    assert rnd["transfer_set"] == len(set(keys)) == 50 and not set(keys) & q_keys
+
+
+def test_bad_input_fails_with_one_line(tmp_path):
+    with pytest.raises(SystemExit):
+        T.build_backbone("mci_huge")
+    with pytest.raises(SystemExit):
+        T.build_backbone("mci_tiny", pretrained=True)  # no ImageNet weights for MCi
+    try:
+        import torchvision  # noqa: F401
+        has_tv = True
+    except Exception:
+        has_tv = False
+    if not has_tv:
+        with pytest.raises(SystemExit):
+            T.build_backbone("torchvision:mobilenet_v3_small")
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        T.load_foundation(str(tmp_path / "x.pt"))
+    with pytest.raises(SystemExit):
+        T.main(["distill", "--data", str(tmp_path), "--out", str(tmp_path / "o")])  # no .tar shards
+
+
+def test_student_outputs_and_clip_init(tmp_path):
+    import mobileclip as MC
+    for task, shape in (("cls", (2, 4)), ("seg", (2, 5, 8, 8))):  # seg: K + 1 channels at stride 8 of 64 px
+        m = T.TaskModel(T.build_backbone("mci_tiny"), task, 4)
+        assert tuple(m(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape) == shape
+    clip = MC.create_model("mobileclip_tiny", vocab_size=64)
+    path = str(tmp_path / "ckpt-1.pt")
+    torch.save({"model": clip.state_dict(), "model_name": "mobileclip_tiny", "vocab_size": 64}, path)
+    m = T.TaskModel(T.build_backbone("mci_tiny"), "cls", 4)
+    T.init_student(m, T.Config(init=path, student="mci_tiny"))
+    for k, v in clip.visual.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(m.backbone.mci.state_dict()[k], v), k
+
+
+def test_tiny_comparison_runs_and_learns(world, tmp_path):
+    """The whole demo at toy size (teacher, three distillations, four fine-tunes): every arm reports, the
+    teacher fine-tuned from the VFM beats chance, and the retrieved set is at least as in-task as random."""
+    enc = micro_vfm(str(tmp_path / "clip.pt"))
+    s = T.demo(T.Config(foundation=enc, out=str(tmp_path / "demo"), cache_dir=os.path.dirname(world["root"]),
+                        synthetic_train=2000, synthetic_val=200, image_size=32, demo_classes=3, shots=4,
+                        pool_shards=2, per_query=10, steps=30, batch_size=16, workers=0, probe_steps=10, warmup=5, log_every=10))
+    assert len(s["results"]) == 5 and all("top1" in m for m in s["results"].values())
+    assert s["sets"]["random"]["transfer_set"] == s["sets"]["retrieved"]["transfer_set"] > 40
+    assert s["results"]["VFM teacher (fine-tuned tiny CLIP ViT)"]["top1"] > 100 / 3
+    log = [json.loads(l) for l in open(tmp_path / "demo" / "kd_task_retrieved" / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]

@@ -1,0 +1,900 @@
+"""Knowledge Transfer from Vision Foundation Models for Efficient Training of Small Task-specific Models
+(arXiv 2311.18237, ICML 2024, Vemulapalli, Pouransari, Faghri, Mehta, Farajtabar, Rastegari, Tuzel; Apple).
+
+A large vision foundation model (VFM) knows a lot, a small deployable model little, and the target task
+has only a few labels. Task-oriented knowledge transfer: (1) fine-tune the VFM with a task head on the few
+labels, (2) distil that teacher into the small model on a large *unlabelled* transfer set (KL between the
+teacher's and the student's softmax outputs, per image or per pixel), (3) fine-tune the small model on the
+labels. Without a large in-domain unlabelled set, the transfer set is *retrieved*: the labelled images are
+queries, a web-scale pool is searched by image-embedding cosine similarity, and the union of every query's
+neighbours is the transfer set.
+
+What is here: `retrieve` (exact chunked top-k over a pool of tar shards, split over ranks and workers,
+de-duplicated union written as shards; `--random-size` draws the random-subset baseline instead), `teacher`,
+`distill` and `finetune` for classification and semantic segmentation; VFMs: this repo's CLIP ViTs and
+MCi towers (mobileclip.py checkpoints), OpenAI/OpenCLIP ViT state dicts, SAM-CLIP (samclip.py checkpoints);
+small models: MCi (mci0-4, mci_tiny) and torchvision architectures with a `.features` trunk (MobileNet,
+EfficientNet, MNASNet) by name; baselines: task-agnostic feature distillation (`--kd features`: contrastive
+on the pooled embedding, plus per-patch cosine for segmentation), fine-tuning from scratch, from CLIP
+pre-training (`--init` a mobileclip.py checkpoint) or ImageNet pre-training (`--init imagenet`, torchvision).
+Not here: DINOv2 teachers (not in torch/torchvision), DeepLabV3 heads (a light FPN-style conv head stands
+in), the paper's schedules (not public), multi-crop or strong augmentation recipes.
+
+Paper -> code:
+  step 1, fine-tune the VFM with a task head           -> `teacher` (linear-probe warm-up, backbone at 0.1x lr)
+  step 2, KD on the transfer set, no labels            -> `distill --kd task`, kd_loss (reference: kd_loss_reference)
+          per-pixel KD, student resized to teacher grid -> kd_loss on (B, K, h, w)
+  step 3, fine-tune the small model on the labels      -> `finetune --init <distill run>`
+  retrieval-augmented transfer set (Sec. 5)            -> `retrieve`, nearest_neighbours, merge_topk
+  task-agnostic VFM distillation (baseline)            -> `distill --kd features`, feature_kd_loss
+  ImageNet / CLIP pre-training baselines               -> `finetune --init imagenet | clip.pt`
+  top-1 / mIoU                                         -> evaluate, confusion_matrix, miou
+
+Commands:
+  python transfer.py --foundation runs/clip_tiny      # the whole comparison on the synthetic world, CPU
+  torchrun --nproc_per_node=8 transfer.py retrieve --queries labelled/ --pool 'pool/{00000..09999}.tar' \\
+      --encoder clip.pt --per-query 100 --out transfer_set/
+  torchrun --nproc_per_node=8 transfer.py teacher --foundation ViT-L-14.pt --data labelled/ --test test/ \\
+      --num-classes 10 --out runs/teacher
+  torchrun --nproc_per_node=8 transfer.py distill --teacher runs/teacher --data transfer_set/ \\
+      --student torchvision:mobilenet_v3_large --num-classes 10 --steps 20000 --out runs/kd
+  torchrun --nproc_per_node=8 transfer.py finetune --init runs/kd --data labelled/ --test test/ \\
+      --student torchvision:mobilenet_v3_large --num-classes 10 --out runs/ft
+  # segmentation: the same with --task seg (masks as {key}.seg.png, 0 = background, 1..K the classes)
+
+Data: webdataset tar shards, {key}.jpg|png + {key}.json {"label": k} (classification) or {key}.seg.png
+(segmentation); a sample of another class (label >= --num-classes) is skipped, mask values above K count
+as background. Result (the no-argument run): README.md, "Knowledge transfer".
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Config:
+    task: str = "cls"  # cls (image classification) | seg (semantic segmentation)
+    num_classes: int = 10  # classes of the target task: labels 0..K-1 (seg: mask values 1..K, 0 = background)
+    data: str = ""  # teacher/finetune: the labelled target shards; distill: the transfer set (labels unused)
+    test: str = ""  # held-out labelled shards for top-1 / mIoU at the end; empty = no evaluation
+    out: str = "runs/transfer"  # run directory: config.json, log.jsonl, checkpoints (retrieve: the shards)
+    foundation: str = ""  # teacher, distill --kd features: the VFM (mobileclip.py run/ckpt, OpenCLIP ViT, samclip.py ckpt)
+    act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
+    teacher: str = ""  # distill --kd task: the fine-tuned teacher (a `teacher` run directory or checkpoint)
+    student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
+    init: str = ""  # finetune: '' (scratch) | a distill run/ckpt | a mobileclip.py ckpt (CLIP) | imagenet (torchvision)
+    kd: str = "task"  # distill: task (KL on the teacher's outputs) | features (task-agnostic, the frozen VFM)
+    temperature: float = 1.0  # KD temperature T; the loss is multiplied by T^2
+    image_size: int = 0  # data resolution; 0 = 224 (the synthetic world: 64)
+    steps: int = 0  # 0 = the stage's default (the CPU demo's): teacher 150, distill 400, finetune 150
+    batch_size: int = 64  # per process
+    lr: float = 0.0  # peak AdamW lr; 0 = the stage's default: teacher 1e-3, distill 2e-3, finetune 2e-3
+    backbone_lr_mult: float = 0.1  # teacher: the VFM backbone's lr relative to the head's
+    probe_steps: int = 50  # teacher: steps with the backbone frozen (linear-probe warm-up) before the full fine-tune
+    weight_decay: float = 0.05  # decoupled weight decay (not on norms, biases, embeddings)
+    warmup: int = 50  # linear warm-up steps, then cosine to zero
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    crop_scale: float = 0.5  # smallest area fraction of the random resized crop (teacher, student: the same view)
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 2  # DataLoader worker processes per rank
+    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 50  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_ckpts: int = 2  # newest checkpoints kept
+    resume: str = "auto"  # 'auto' = the latest checkpoint in --out (fresh if none), '' = fresh, or a path
+    # retrieve
+    queries: str = ""  # retrieve: the labelled target images (shards): the queries
+    pool: str = ""  # retrieve: the unlabelled pool (shards), e.g. DataComp
+    encoder: str = ""  # retrieve: the frozen image encoder (same kinds as --foundation)
+    per_query: int = 100  # retrieve: neighbours per query (balanced: every query gets the same number)
+    random_size: int = 0  # retrieve: instead draw this many pool images uniformly at random (the baseline)
+    chunk: int = 8192  # retrieve: pool embeddings scored per matrix product
+    exclude_queries: bool = True  # retrieve: skip pool samples whose key is a query's
+    shard_size: int = 5000  # retrieve: samples per written shard
+    # the synthetic demo (no command)
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images: the pool (and the CLIP's pre-training set)
+    synthetic_val: int = 1000  # synthetic held-out images: the test set
+    shots: int = 10  # demo: labelled images per class
+    demo_classes: int = 5  # demo: the target task's classes (the pool holds all 10 shapes)
+    pool_shards: int = 0  # demo: the first N training shards form the pool; 0 = all
+    clip_steps: int = 800  # demo without --foundation: steps of the tiny CLIP trained as the VFM
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Models: the VFM (teacher backbone), the small target models, task heads
+# ----------------------------------------------------------------------------------------------------
+# Every model takes the same uint8 view (B, 3, S, S) and normalises (and for a VFM, resizes) it itself, so
+# the teacher and the student see the same augmented pixels (spec 6) whatever their input conventions.
+# A backbone returns (pooled (B, D), [feature maps (B, C_i, h_i, w_i), finest first]).
+
+
+def to_input(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, s, s) -> float at size x size, normalised."""
+    x = x.float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+    return C.normalize_images(x, mean, std)
+
+
+class Foundation(nn.Module):
+    """A VFM image encoder. kind 'vit': common.ViT (pooled = the CLIP embedding, map = the patch grid);
+    'sam': SAM-CLIP (pooled = its CLIP head, map = the encoder tokens before the neck); 'mci': an MCi tower
+    of a MobileCLIP (pooled = its embedding, map = the last stage)."""
+
+    def __init__(self, encoder: nn.Module, kind: str, size: int, mean, std):
+        super().__init__()
+        self.encoder, self.kind, self.size, self.mean, self.std = encoder, kind, size, tuple(mean), tuple(std)
+        self.dims = output_dims(self)  # (pooled D, [C_i of each map])
+
+    def forward(self, x):
+        x, e = to_input(x, self.size, self.mean, self.std), self.encoder
+        if self.kind == "vit":
+            t = e.forward_tokens(x)  # (B, 1 + N, W)
+            g = int(math.isqrt(t.shape[1] - 1))
+            return t[:, 0] @ e.proj, [t[:, 1:].transpose(1, 2).reshape(len(x), -1, g, g)]  # (B, E), (B, W, g, g)
+        if self.kind == "sam":
+            t = e.image_encoder.forward_tokens(x)  # (B, h, w, C)
+            return e.clip_head(t), [t.permute(0, 3, 1, 2)]
+        maps = mci_stages(e, x)
+        return e.head(e.conv_exp(maps[-1])), maps[-1:]
+
+
+@torch.no_grad()
+def output_dims(backbone: nn.Module, size: int = 64) -> tuple[int, list[int]]:
+    """(pooled width, [channels of each map]) from one dummy image, in eval mode (BN statistics untouched)."""
+    was = backbone.training
+    pooled, maps = backbone.eval()(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    backbone.train(was)
+    return pooled.shape[1], [m.shape[1] for m in maps]
+
+
+def mci_stages(mci: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every stage of an MCi tower: strides 4, 8, 16, 32 (MCi3/4: and 64)."""
+    x, maps = mci.patch_embed(x), []
+    for m in mci.network:
+        x = m(x)
+        if isinstance(m, nn.Sequential):  # a stage's blocks (PatchEmbed and RepCPE are not Sequential)
+            maps.append(x)
+    return maps
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint file or run directory (its latest ckpt-*.pt) -> the loaded dict."""
+    if os.path.isdir(path):
+        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
+    ck = C.load_checkpoint(path, "") if path else None
+    if not isinstance(ck, dict):
+        C.fail(f"{path or '(empty path)'}: not a checkpoint")
+    return ck
+
+
+def load_foundation(path: str, act: str = "gelu") -> Foundation:
+    """A VFM from a mobileclip.py checkpoint (CLIP ViT or MobileCLIP), a samclip.py SAM-CLIP checkpoint,
+    or an OpenAI/OpenCLIP ViT state dict; only its image side is kept."""
+    ck = read_checkpoint(path)
+    sd = ck.get("model") if isinstance(ck.get("model"), dict) else ck
+    if any(k.startswith("image_encoder.") for k in sd):  # SAM-CLIP
+        import samclip
+        sam = samclip.load_sam(C.latest_checkpoint(path) if os.path.isdir(path) else path, with_clip_head=True)
+        del sam.prompt_encoder, sam.mask_decoder, sam.image_encoder.neck  # the CLIP branch only
+        norm = [m / 255 for m in samclip.SAM_MEAN], [s / 255 for s in samclip.SAM_STD]
+        return Foundation(sam, "sam", sam.image_encoder.img_size, *norm)
+    if "model_name" in ck and "vocab_size" in ck:  # mobileclip.py
+        import mobileclip as MC
+        clip = MC.build_model(MC.Config(model=ck["model_name"], act=ck.get("config", {}).get("act", "gelu")),
+                              ck["vocab_size"])
+        C.load_state_dict_checked(clip, ck["model"], f"foundation {path}")
+        spec, v = MC.model_spec(ck["model_name"]), clip.visual
+        kind = "vit" if isinstance(v, C.ViT) else "mci" if isinstance(v, MC.MCi) else None
+        if kind is None:
+            C.fail(f"{path}: the image tower of {ck['model_name']} is not supported as a VFM here (ViT or MCi)")
+        return Foundation(v, kind, spec["image_size"], spec["mean"], spec["std"])
+    sd = C.unwrap_state_dict(sd)
+    if not any(k.startswith("visual.") for k in sd):
+        C.fail(f"{path} is neither a mobileclip.py / samclip.py checkpoint nor an OpenAI/OpenCLIP state dict")
+    v = C.clip_from_openclip(sd, act=act).visual
+    return Foundation(v, "vit", v.image_size, C.CLIP_MEAN, C.CLIP_STD)
+
+
+class MCiBackbone(nn.Module):
+    """An MCi image tower without its projection head: pooled = mean of `conv_exp` (B, 2 C_last)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        import mobileclip as MC
+        if name not in MC._MCI:
+            C.fail(f"unknown student '{name}'; choose one of {', '.join(MC._MCI)} or torchvision:<name>")
+        self.mci = MC.MCi(**MC._MCI[name], embed_dim=1)
+        self.mci.head = None  # the CLIP projection is not part of a task model
+        MC.init_weights(self.mci)
+        self.mean, self.std = MC.MOBILECLIP_MODELS["mobileclip_s0"]["mean"], MC.MOBILECLIP_MODELS["mobileclip_s0"]["std"]
+
+    def forward(self, x):
+        maps = mci_stages(self.mci, to_input(x, x.shape[-1], self.mean, self.std))
+        return self.mci.conv_exp(maps[-1]).mean((2, 3)), maps[1:]  # (B, 2C), the maps at strides 8, 16, 32
+
+
+class TorchvisionBackbone(nn.Module):
+    """A torchvision model with a `.features` trunk; the maps are the last of each resolution."""
+
+    def __init__(self, name: str, pretrained: bool):
+        super().__init__()
+        try:
+            import torchvision
+        except Exception as e:  # missing, or built for another torch
+            C.fail(f"--student torchvision:{name} needs a working torchvision ({type(e).__name__}: {str(e)[:120]})")
+        m = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+        if not hasattr(m, "features"):
+            C.fail(f"torchvision:{name} has no `.features` trunk; use a MobileNet, EfficientNet or MNASNet")
+        self.features, self.mean, self.std = m.features, IMAGENET_MEAN, IMAGENET_STD
+
+    def forward(self, x):
+        x, maps = to_input(x, x.shape[-1], self.mean, self.std), []
+        for layer in self.features:
+            x = layer(x)
+            if maps and x.shape[-1] == maps[-1].shape[-1]:
+                maps[-1] = x  # the same resolution: keep its last map
+            else:
+                maps.append(x)
+        return x.mean((2, 3)), maps[-2:]  # (B, C), the stride-16 and stride-32 maps
+
+
+def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
+    if name.startswith("torchvision:"):
+        return TorchvisionBackbone(name.split(":", 1)[1], pretrained)
+    if pretrained:
+        C.fail(f"no ImageNet weights for '{name}' here; use --student torchvision:<name> --init imagenet")
+    return MCiBackbone(name)
+
+
+class SegHead(nn.Module):
+    """A light FPN-style head (design choice; the paper's is DeepLabV3-like): 1x1 lateral convs to `width`,
+    upsampled to the finest map and summed, 3x3 conv + BN + ReLU, 1x1 classifier -> (B, K + 1, h, w)."""
+
+    def __init__(self, dims: list[int], classes: int, width: int = 64):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(d, width, 1) for d in dims)
+        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.classifier = nn.Conv2d(width, classes, 1)
+
+    def forward(self, maps):
+        size = maps[0].shape[-2:]
+        x = sum(F.interpolate(l(m), size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else l(m)
+                for l, m in zip(self.lateral, maps))
+        return self.classifier(self.fuse(x))
+
+
+class TaskModel(nn.Module):
+    """backbone + task head: (B, K) logits (a linear head on the pooled feature) or (B, K + 1, h, w)."""
+
+    def __init__(self, backbone: nn.Module, task: str, num_classes: int):
+        super().__init__()
+        self.backbone, self.task = backbone, task
+        pooled, maps = output_dims(backbone)
+        self.head = nn.Linear(pooled, num_classes) if task == "cls" else SegHead(maps, num_classes + 1)
+
+    def forward(self, x):
+        pooled, maps = self.backbone(x)
+        return self.head(pooled if self.task == "cls" else maps)
+
+
+class FeatureDistiller(nn.Module):
+    """Task-agnostic transfer (the baseline): the student backbone and linear maps of its pooled feature
+    (and, for segmentation, of its finest map) into the VFM's feature spaces."""
+
+    def __init__(self, backbone: nn.Module, vfm_dims, task: str):
+        super().__init__()
+        self.backbone = backbone
+        pooled, maps = output_dims(backbone)
+        self.proj = nn.Linear(pooled, vfm_dims[0])
+        self.proj_dense = nn.Conv2d(maps[0], vfm_dims[1][0], 1) if task == "seg" else None
+
+    def forward(self, x):
+        pooled, maps = self.backbone(x)
+        return self.proj(pooled), (self.proj_dense(maps[0]) if self.proj_dense is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Losses: KD on the teacher's outputs (step 2), task-agnostic feature distillation, the task loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """KL(p_teacher || p_student) of the softmax at temperature T over dim 1, times T^2 (Hinton et al. 2015,
+    so the gradient scale does not depend on T), averaged over images, or over images and pixels for
+    (B, K, h, w) maps; the student's map is first resized (bilinear) to the teacher's grid. fp32."""
+    if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student.float(), size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    log_ps = F.log_softmax(student.float() / T, dim=1)
+    log_pt = F.log_softmax(teacher.float() / T, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * T * T
+
+
+def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> float:
+    """The same, one image (and one pixel) at a time in plain Python: sum_k p_k (log p_k - log q_k)."""
+    if student.dim() == 2:
+        student, teacher = student[:, :, None, None], teacher[:, :, None, None]
+    total, n = 0.0, 0
+    for b in range(student.shape[0]):
+        for i in range(student.shape[2]):
+            for j in range(student.shape[3]):
+                s = [float(v) / T for v in student[b, :, i, j]]
+                t = [float(v) / T for v in teacher[b, :, i, j]]
+                ls, lt = math.log(sum(math.exp(v) for v in s)), math.log(sum(math.exp(v) for v in t))
+                total += sum(math.exp(tk - lt) * ((tk - lt) - (sk - ls)) for sk, tk in zip(s, t))
+                n += 1
+    return total / n * T * T
+
+
+def feature_kd_loss(s_pooled, t_pooled, s_map=None, t_map=None, tau: float = 0.07) -> torch.Tensor:
+    """Task-agnostic distillation of the frozen VFM (the baseline; a reviewer reports a contrastive
+    feature-matching loss): CLIP's InfoNCE between the student's projected and the VFM's pooled features
+    over the global batch (fixed temperature, a design choice), plus for segmentation 1 - cosine on every
+    position of the VFM's patch grid (the student's projected finest map resized to it)."""
+    scale = torch.tensor(1.0 / tau, device=s_pooled.device)
+    loss = C.contrastive_loss(F.normalize(s_pooled.float(), dim=-1), F.normalize(t_pooled.float(), dim=-1), scale)
+    if s_map is not None:
+        s_map = F.interpolate(s_map.float(), size=t_map.shape[-2:], mode="bilinear", align_corners=False)
+        loss = loss + (1 - F.cosine_similarity(s_map, t_map.float(), dim=1)).mean()
+    return loss
+
+
+def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on labels (B,), or per pixel on masks (B, H, W) with the logits upsampled to them."""
+    if logits.dim() == 4 and logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits.float(), target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Evaluation: top-1 and mIoU from one confusion matrix
+# ----------------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) counts, rows = target, columns = prediction; targets outside [0, n) are ignored."""
+    ok = (target >= 0) & (target < n)
+    return torch.bincount(target[ok] * n + pred[ok], minlength=n * n).reshape(n, n)
+
+
+def miou(conf: torch.Tensor) -> float:
+    """Mean over classes present (in target or prediction) of TP / (TP + FP + FN), in %."""
+    conf = conf.double()
+    tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    return 100 * (tp[union > 0] / union[union > 0]).mean().item()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, device) -> dict:
+    """Top-1 (classification) or mIoU and pixel accuracy (segmentation) on --test, split over ranks."""
+    was = model.training
+    model.eval()
+    n = cfg.num_classes + (cfg.task == "seg")
+    conf = torch.zeros(n, n, dtype=torch.long, device=device)
+    stream = C.ShardStream(shards(cfg.test), Decode(cfg, train=False), cfg.batch_size, C.get_rank(),
+                           C.get_world_size(), cfg.seed, 1, epochs=1, drop_last=False)
+    for batch in C.progress(C.make_loader(stream, cfg.workers, False), "eval"):
+        logits = model(batch["image"].to(device))
+        target = (batch["label"] if cfg.task == "cls" else batch["mask"]).to(device)
+        if logits.dim() == 4:
+            logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        conf += confusion_matrix(logits.argmax(1).flatten(), target.flatten(), n)
+    if dist.is_initialized():
+        dist.all_reduce(conf)
+    model.train(was)
+    acc = 100 * conf.diag().sum().item() / max(1, conf.sum().item())
+    return {"top1": acc, "test_images": int(conf.sum())} if cfg.task == "cls" else {"miou": miou(conf), "pixel_acc": acc}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Data: labelled target shards, the transfer set, the same augmented view for teacher and student
+# ----------------------------------------------------------------------------------------------------
+
+
+def shards(spec: str) -> list[str]:
+    try:
+        return C.expand_shards(spec)
+    except FileNotFoundError as e:
+        C.fail(str(e))
+
+
+def data_size(cfg: Config) -> int:
+    return cfg.image_size or 224
+
+
+class Decode:
+    """Sample -> {"image": uint8 (3, S, S), "label": class (cls), "mask": (S, S) int64 (seg)}. Train: a
+    random resized crop and a horizontal flip seeded by (seed, epoch, key), the mask cropped alike (nearest);
+    eval: centre crop. `labels=False` (the transfer set) reads the image only. A labelled sample of another
+    class is rejected (ShardStream counts it); mask values above K become background."""
+
+    def __init__(self, cfg: Config, train: bool, labels: bool = True):
+        self.size, self.task, self.K, self.train, self.labels = data_size(cfg), cfg.task, cfg.num_classes, train, labels
+        self.seed, self.scale = cfg.seed, (cfg.crop_scale, 1.0)
+
+    def __call__(self, sample: dict) -> dict:
+        img, out = C.decode_image(sample), {}
+        if self.labels and "json" in sample:
+            label = int(json.loads(sample["json"])["label"])
+            if not 0 <= label < self.K:
+                raise ValueError("a class outside the task")
+            out["label"] = torch.tensor(label)
+        elif self.labels and self.task == "cls":
+            raise KeyError("no json label")
+        rng = C.sample_rng(self.seed, sample)
+        box = C.random_resized_crop_box(*img.size, rng, self.scale) if self.train else C.center_crop_box(*img.size)
+        flip = self.train and rng.random() < 0.5
+        x = C.image_to_uint8(img, self.size, box)
+        out["image"] = x.flip(-1) if flip else x
+        if self.labels and self.task == "seg":
+            m = Image.open(io.BytesIO(sample["seg.png"])).resize((self.size, self.size), Image.NEAREST, box=box)
+            m = torch.from_numpy(np.asarray(m, dtype=np.int64).copy())
+            m[m > self.K] = 0
+            out["mask"] = m.flip(-1) if flip else m
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Retrieval of the transfer set (Sec. 5 "retrieval-augmented transfer"; spec 3)
+# ----------------------------------------------------------------------------------------------------
+# Queries (the labelled images) and the pool are embedded by the same frozen encoder and L2-normalised.
+# Each rank streams its share of the pool, keeping only a running (Q, k) top-k per query, merged chunk by
+# chunk (exact: the k best of a union are among the k best of each part). The ranks' lists are then
+# gathered and merged the same way. A pool sample is named by (shard index, position in its shard), so the
+# pool is never held in memory, not even its keys; a second pass copies the chosen samples into new shards.
+
+
+def merge_topk(scores, ids, new_scores, new_ids, k: int):
+    """The k largest of [scores | new_scores] per row, with their ids. (Q, a), (Q, b) -> (Q, min(k, a + b))."""
+    s, i = torch.cat([scores, new_scores], dim=1), torch.cat([ids, new_ids], dim=1)
+    top = s.topk(min(k, s.shape[1]), dim=1)
+    return top.values, i.gather(1, top.indices)
+
+
+@torch.no_grad()
+def nearest_neighbours(queries: torch.Tensor, chunks, k: int):
+    """Exact cosine top-k of each query over a stream of (embeddings (n, D), ids (n,)) chunks, with the
+    running best kept between chunks. queries (Q, D) and embeddings L2-normalised -> (Q, k) scores, ids."""
+    Q = len(queries)
+    scores = torch.empty(Q, 0, device=queries.device)
+    ids = torch.empty(Q, 0, dtype=torch.long, device=queries.device)
+    for emb, idx in chunks:
+        sim = queries @ emb.to(queries.dtype).T  # (Q, n)
+        scores, ids = merge_topk(scores, ids, sim, idx.to(ids.device).expand(Q, -1), k)
+    return scores, ids
+
+
+class PoolImages(torch.utils.data.IterableDataset):
+    """This (rank, worker)'s shards of the pool, in order: {"image" (or nothing), "id": shard << 32 | pos,
+    "key"}. An undecodable image gives id -1 (counted, dropped). Keys in `exclude` are skipped."""
+
+    def __init__(self, paths, size: int, rank: int, world: int, exclude=(), images: bool = True):
+        self.paths, self.size, self.rank, self.world, self.exclude, self.images = paths, size, rank, world, set(exclude), images
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        consumer, consumers = self.rank * nw + wid, self.world * nw
+        for si in range(consumer, len(self.paths), consumers):
+            for pos, s in enumerate(C.iter_tar_samples(self.paths[si], {})):
+                if s["__key__"] in self.exclude:
+                    continue
+                out, uid = {"id": si << 32 | pos, "key": s["__key__"]}, si << 32 | pos
+                if self.images:
+                    try:
+                        img = C.decode_image(s)
+                        out["image"] = C.image_to_uint8(img, self.size, C.center_crop_box(*img.size))
+                    except Exception:
+                        out["image"], out["id"] = torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
+                yield out
+
+
+def embed_chunks(encoder, loader, device, chunk: int, stats: dict):
+    """(normalised embeddings, ids) of about `chunk` pool images at a time."""
+    embs, ids, n = [], [], 0
+    for batch in loader:
+        idx = batch["id"]
+        stats["unreadable"] = stats.get("unreadable", 0) + int((idx < 0).sum())
+        keep = idx >= 0
+        embs.append(F.normalize(encoder(batch["image"][keep].to(device))[0].float(), dim=-1))
+        ids.append(idx[keep])
+        n += int(keep.sum())
+        if n >= chunk:
+            yield torch.cat(embs), torch.cat(ids)
+            embs, ids, n = [], [], 0
+    if n:
+        yield torch.cat(embs), torch.cat(ids)
+
+
+def random_chunks(loader, seed: int, chunk: int):
+    """The random-subset baseline as a top-k: every pool image gets a score hashed from (seed, id), so the
+    `random_size` highest form a uniform random subset, drawn in one streaming pass like the retrieval."""
+    for batch in loader:
+        idx = batch["id"]
+        u = torch.tensor([zlib.crc32(f"{seed}/{int(i)}".encode()) / 2**32 for i in idx])
+        yield u[:, None], idx  # (n, 1) "embeddings" against the one query [1]
+
+
+def retrieve(cfg: Config) -> dict:
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if not cfg.pool:
+        C.fail("retrieve needs --pool (shards of unlabelled images)")
+    if not cfg.random_size and not (cfg.queries and cfg.encoder):
+        C.fail("retrieve needs --queries and --encoder (or --random-size N for a random transfer set)")
+    pool = shards(cfg.pool)
+    size = data_size(cfg)
+    q_keys, queries = set(), None
+    if cfg.queries:
+        q_keys = {s["__key__"] for p in shards(cfg.queries) for s in C.iter_tar_samples(p, {})}
+    t0 = time.time()
+    if cfg.random_size:
+        loader = torch.utils.data.DataLoader(PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else (),
+                                                        images=False), batch_size=4096, num_workers=cfg.workers)
+        scores, ids = nearest_neighbours(torch.ones(1, 1), random_chunks(loader, cfg.seed, cfg.chunk), cfg.random_size)
+        k, stats = cfg.random_size, {}
+    else:
+        encoder = load_foundation(cfg.encoder, cfg.act).to(device).eval().requires_grad_(False)
+        qs = torch.utils.data.DataLoader(PoolImages(shards(cfg.queries), size, 0, 1), batch_size=cfg.batch_size)
+        queries = torch.cat([F.normalize(encoder(b["image"].to(device))[0].float(), dim=-1) for b in qs])  # (Q, E)
+        loader = torch.utils.data.DataLoader(PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else ()),
+                                             batch_size=cfg.batch_size, num_workers=cfg.workers)
+        k, stats = cfg.per_query, {}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            scores, ids = nearest_neighbours(queries, C.progress(embed_chunks(encoder, loader, device, cfg.chunk,
+                                                                              stats), "retrieve"), k)
+    # ---- merge the ranks' lists (each padded to k columns) ----------------------------------------------
+    if world > 1:
+        pad = k - scores.shape[1]
+        scores = F.pad(scores.float(), (0, pad), value=-math.inf).to(device)
+        ids = F.pad(ids, (0, pad), value=-1).to(device)
+        all_s, all_i = [torch.empty_like(scores) for _ in range(world)], [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_s, scores)
+        dist.all_gather(all_i, ids)
+        scores, ids = merge_topk(scores[:, :0], ids[:, :0], torch.cat(all_s, 1), torch.cat(all_i, 1), k)
+    chosen = torch.unique(ids[ids >= 0].cpu())  # the de-duplicated union
+    # ---- second pass: copy the chosen samples (each rank the shards si = rank mod world) ---------------
+    by_shard = {}
+    for uid in chosen.tolist():
+        by_shard.setdefault(uid >> 32, set()).add(uid & 0xFFFFFFFF)
+    written = write_transfer_set(pool, by_shard, cfg.out, rank, world, cfg.shard_size)
+    total = torch.tensor([written], device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    info = {"queries": 0 if queries is None else len(queries), "per_query": 0 if cfg.random_size else k,
+            "random_size": cfg.random_size, "pool_shards": len(pool), "neighbours": int((ids >= 0).sum()),
+            "transfer_set": int(total), "seconds": round(time.time() - t0, 1), **stats}
+    if rank == 0:
+        json.dump(info, open(os.path.join(cfg.out, "retrieval.json"), "w"))  # also marks the set finished
+        C.print0(json.dumps(info))
+    C.cleanup_distributed()
+    return info
+
+
+def write_transfer_set(pool, by_shard: dict, out: str, rank: int, world: int, shard_size: int) -> int:
+    """Copy the chosen (shard, position) samples, all their members, into out/transfer-RRR-JJJJJ.tar."""
+    os.makedirs(out, exist_ok=True)
+
+    def chosen():
+        for si in sorted(by_shard):
+            if si % world == rank:
+                want = by_shard[si]
+                yield from (s for pos, s in enumerate(C.iter_tar_samples(pool[si], {})) if pos in want)
+
+    n, j, part = 0, 0, []
+    for s in chosen():
+        part.append(s)
+        if len(part) == shard_size:
+            n += C.write_shard(os.path.join(out, f"transfer-{rank:03d}-{j:05d}.tar"), part)
+            part, j = [], j + 1
+    if part:
+        n += C.write_shard(os.path.join(out, f"transfer-{rank:03d}-{j:05d}.tar"), part)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The three steps: fine-tune the VFM (teacher), distil (distill), fine-tune the small model (finetune)
+# ----------------------------------------------------------------------------------------------------
+DEFAULTS = {"teacher": (150, 1e-3), "distill": (400, 2e-3), "finetune": (150, 2e-3)}  # (steps, lr): the CPU demo's
+
+
+def load_teacher(path: str, cfg: Config) -> TaskModel:
+    """The fine-tuned VFM of a `teacher` run, frozen (the architecture is rebuilt from its --foundation)."""
+    ck = read_checkpoint(path)
+    if ck.get("kind") != "teacher":
+        C.fail(f"--teacher {path} is not a checkpoint of `transfer.py teacher` (kind {ck.get('kind')!r})")
+    if (ck["task"], ck["num_classes"]) != (cfg.task, cfg.num_classes):
+        C.fail(f"--teacher {path} is a {ck['task']} model of {ck['num_classes']} classes, not --task {cfg.task} "
+               f"--num-classes {cfg.num_classes}")
+    model = TaskModel(load_foundation(ck["foundation"], ck["act"]), ck["task"], ck["num_classes"])
+    C.load_state_dict_checked(model, ck["model"], f"teacher {path}")
+    return model.eval().requires_grad_(False)
+
+
+def init_student(model: TaskModel, cfg: Config):
+    """--init for finetune: a distill run (the backbone; the head too after task KD), or a mobileclip.py
+    checkpoint whose image tower is this MCi (CLIP pre-training). `imagenet` is handled by build_backbone."""
+    if cfg.init in ("", "imagenet"):
+        return
+    ck = read_checkpoint(cfg.init)
+    if ck.get("kind") == "distill":
+        if ck["student"] != cfg.student:
+            C.fail(f"--init {cfg.init} distilled a '{ck['student']}', not --student {cfg.student}")
+        sd = ck["model"]
+        C.load_state_dict_checked(model.backbone, {k[9:]: v for k, v in sd.items() if k.startswith("backbone.")},
+                                  f"--init {cfg.init}")
+        if ck["kd"] == "task":  # step 3 fine-tunes the distilled model, head included
+            C.load_state_dict_checked(model.head, {k[5:]: v for k, v in sd.items() if k.startswith("head.")},
+                                      f"--init {cfg.init} (head)")
+    elif "model_name" in ck and "vocab_size" in ck:  # CLIP pre-training of the same MCi (mobileclip.py)
+        import mobileclip as MC
+        image = MC.MOBILECLIP_MODELS.get(ck["model_name"], {}).get("image")
+        if image != cfg.student:
+            C.fail(f"--init {cfg.init} is a CLIP of image tower '{image or ck['model_name']}', not --student {cfg.student}")
+        sd = {"mci." + k[7:]: v for k, v in ck["model"].items() if k.startswith("visual.") and not k.startswith("visual.head.")}
+        C.load_state_dict_checked(model.backbone, sd, f"--init {cfg.init} (CLIP image tower)")
+    else:
+        C.fail(f"--init {cfg.init}: not a distill run, a mobileclip.py checkpoint or 'imagenet'")
+
+
+def setup_stage(cfg: Config, stage: str, device):
+    """(trained module, frozen teacher or None, backbone lr multiplier, checkpoint metadata)."""
+    if cfg.task not in ("cls", "seg"):
+        C.fail(f"--task must be cls or seg, not '{cfg.task}'")
+    meta = {"kind": stage, "task": cfg.task, "num_classes": cfg.num_classes, "image_size": data_size(cfg)}
+    if stage == "teacher":
+        if not cfg.foundation:
+            C.fail("teacher needs --foundation: the VFM to fine-tune")
+        net = TaskModel(load_foundation(cfg.foundation, cfg.act), cfg.task, cfg.num_classes)
+        return net, None, cfg.backbone_lr_mult, {**meta, "foundation": os.path.abspath(cfg.foundation), "act": cfg.act}
+    meta.update(student=cfg.student)
+    if stage == "finetune":
+        net = TaskModel(build_backbone(cfg.student, cfg.init == "imagenet"), cfg.task, cfg.num_classes)
+        init_student(net, cfg)
+        return net, None, 1.0, {**meta, "init": cfg.init}
+    if cfg.kd == "task":
+        if not cfg.teacher:
+            C.fail("distill --kd task needs --teacher: a `transfer.py teacher` run")
+        teacher = load_teacher(cfg.teacher, cfg)
+        return TaskModel(build_backbone(cfg.student), cfg.task, cfg.num_classes), teacher, 1.0, {**meta, "kd": "task"}
+    if cfg.kd != "features":
+        C.fail(f"--kd must be task or features, not '{cfg.kd}'")
+    if not cfg.foundation:
+        C.fail("distill --kd features needs --foundation: the frozen VFM whose features are distilled")
+    vfm = load_foundation(cfg.foundation, cfg.act).eval().requires_grad_(False)
+    return FeatureDistiller(build_backbone(cfg.student), vfm.dims, cfg.task), vfm, 1.0, {**meta, "kd": "features"}
+
+
+def make_optimizer(net: nn.Module, cfg: Config, backbone_mult: float):
+    """AdamW with groups by (lr multiplier, decay): the backbone at `backbone_mult`, the rest at 1; no decay
+    on norms, biases and embeddings. Each group's lr = lr_at(step) x its "mult"."""
+    groups = {}
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            mult = backbone_mult if name.startswith("backbone.") else 1.0
+            decay = cfg.weight_decay if p.ndim >= 2 and not any(n in name for n in C.NO_DECAY_NAMES) else 0.0
+            groups.setdefault((mult, decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "mult": m, "weight_decay": d} for (m, d), ps in groups.items()],
+                             lr=0.0, betas=(0.9, 0.999), fused=next(net.parameters()).is_cuda)
+
+
+def train(cfg: Config, stage: str) -> dict:
+    """One step of the recipe: a flat loop over shards (DDP under torchrun, bf16 on GPU), resumable at any
+    step with its data position, SIGTERM-safe; the final checkpoint holds the test metrics."""
+    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if not cfg.data:
+        C.fail(f"{stage} needs --data: " + ("the transfer set" if stage == "distill" else "the labelled target shards"))
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    steps, peak_lr = cfg.steps or DEFAULTS[stage][0], cfg.lr or DEFAULTS[stage][1]
+    net, teacher, backbone_mult, meta = setup_stage(cfg, stage, device)
+    net, teacher = net.to(device), teacher.to(device) if teacher is not None else None
+    opt = make_optimizer(net, cfg, backbone_mult)
+    C.print0(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M trained parameters, {steps} steps "
+             f"of {cfg.batch_size * world}, peak lr {peak_lr:g}")
+    log = C.RunLog(cfg.out)
+
+    # ---- resume: weights, optimizer, RNG and the data position -------------------------------------
+    start, data_pos = 0, {}
+    ck = C.load_checkpoint(cfg.resume, cfg.out)
+    if ck is not None:
+        if ck.get("kind") != stage or ck.get("student") != meta.get("student"):
+            C.fail(f"{cfg.resume or cfg.out} holds a different run ({ck.get('kind')}); use a new --out or --resume ''")
+        C.load_state_dict_checked(net, ck["model"], f"checkpoint in {cfg.out}")
+        opt.load_state_dict(ck["optimizer"])
+        C.set_rng_state(ck["rng"])
+        start = ck["step"]
+        if len(ck["data"]) == world and len(ck["data"].get(rank, {})) == max(1, cfg.workers):
+            data_pos = ck["data"][rank]
+        C.print0(f"resumed at step {start}")
+    stream = C.ShardStream(shards(cfg.data), Decode(cfg, train=True, labels=stage != "distill"), cfg.batch_size,
+                           rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
+    batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
+    position = C.DataPosition()
+    position.pos = {int(w): p for w, p in data_pos.items()}
+    ddp = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else net
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    stop, nonfinite = C.StopSignal(), torch.zeros((), dtype=torch.bool, device=device)
+    t0, seen, metrics = time.time(), 0, {}
+    for step in range(start, steps + 1):
+        last_step = step == steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+
+        # ---- evaluate, checkpoint -----------------------------------------------------------------
+        if last_step and cfg.test and isinstance(net, TaskModel):  # a distilled student: before step 3
+            metrics = evaluate(net, cfg, device)
+            log.log(step, **metrics)
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            if nonfinite.item():
+                C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
+            state = {**meta, "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "final": last_step,
+                     "rng": C.rng_state(), "data": position.state(), "metrics": metrics, "config": dataclasses.asdict(cfg)}
+            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+        if last_step or stopping:
+            break
+
+        # ---- one step: the same augmented view for teacher and student --------------------------------
+        batch = next(batches)
+        position.update(batch)
+        x = batch["image"].to(device, non_blocking=True)
+        lr = C.lr_at(step, peak_lr, cfg.warmup, steps)
+        for g in opt.param_groups:  # teacher: the backbone is frozen for the linear-probe warm-up
+            g["lr"] = lr * g["mult"] * (step >= cfg.probe_steps or g["mult"] == 1.0 or stage != "teacher")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if stage == "distill":
+                with torch.no_grad():
+                    target = teacher(x)
+                out = ddp(x)
+                loss = (kd_loss(out, target, cfg.temperature) if cfg.kd == "task"
+                        else feature_kd_loss(out[0], target[0], out[1], target[1][0] if out[1] is not None else None))
+            else:
+                y = batch["label" if cfg.task == "cls" else "mask"].to(device, non_blocking=True)
+                loss = task_loss(ddp(x), y)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        seen += len(x)
+
+        # ---- log (the only host sync) -------------------------------------------------------------------
+        if (step + 1) % cfg.log_every == 0:
+            if nonfinite.item():
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            log.log(step + 1, loss=loss.item(), lr=lr, grad_norm=gnorm.item(),
+                    samples_per_s=seen * world / (time.time() - t0), skipped=sum(position.skip_totals().values()))
+            t0, seen = time.time(), 0
+    C.cleanup_distributed()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The no-argument run: the whole comparison on the synthetic world
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_labelled(train_shards: str, out: str, K: int, shots: int) -> str:
+    """The first `shots` training images of each of the classes 0..K-1 (shard order), as one shard."""
+    path = os.path.join(out, "labelled-00000.tar")
+    if C.get_rank() == 0 and not os.path.exists(path):
+        os.makedirs(out, exist_ok=True)
+        got, picked = {}, []
+        for p in shards(train_shards):
+            for s in C.iter_tar_samples(p, {}):
+                y = json.loads(s["json"])["label"]
+                if y < K and got.get(y, 0) < shots:
+                    got[y] = got.get(y, 0) + 1
+                    picked.append(s)
+            if len(picked) == K * shots:
+                break
+        C.write_shard(path, picked)
+    C.barrier()
+    return out
+
+
+def in_task_fraction(path: str, K: int) -> float:
+    """Share of a transfer set whose (hidden) label is one of the task's classes: the retrieval's precision."""
+    labels = [json.loads(s["json"])["label"] for p in shards(path) for s in C.iter_tar_samples(p, {})]
+    return 100 * sum(y < K for y in labels) / max(1, len(labels))
+
+
+def run_stage(cfg: Config, stage: str) -> dict:
+    """A stage of the demo, or the metrics of its finished run in cfg.out."""
+    p = C.latest_checkpoint(cfg.out)
+    ck = C.load_checkpoint(p, "") if p else None
+    if ck and ck.get("final"):
+        return ck["metrics"]
+    C.print0(f"---- {stage} -> {cfg.out}")
+    return train(cfg, stage)
+
+
+def demo(cfg: Config):
+    """Target task: the first `demo_classes` shapes with `shots` labels each; pool: the 40,000 training
+    images of all ten shapes, labels hidden; VFM: a tiny CLIP ViT pre-trained on the pool's captions;
+    student: mci_tiny. Finished stages in --out are reused, so an interrupted demo continues."""
+    C.setup_distributed(cfg.device)
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+    world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size or 64)
+    K, out = cfg.demo_classes, cfg.out
+    base = dataclasses.replace(cfg, num_classes=K, image_size=cfg.image_size or 64, test=cfg.test or world["val"],
+                               init="")
+    sub = lambda name, **kw: dataclasses.replace(base, out=os.path.join(out, name), **kw)
+    foundation = cfg.foundation or os.path.join(out, "clip")
+    if not cfg.foundation and not (C.latest_checkpoint(foundation) or "").endswith(f"ckpt-{cfg.clip_steps}.pt"):
+        import mobileclip as MC
+        MC.main(["--model", "tiny", "--out", foundation, "--steps", str(cfg.clip_steps), "--cache-dir", cache,
+                 "--synthetic-train", str(cfg.synthetic_train), "--synthetic-val", str(cfg.synthetic_val),
+                 "--workers", str(cfg.workers), "--resume", "auto"])
+    labelled = write_labelled(world["train"], os.path.join(out, "labelled"), K, cfg.shots)
+    pool = "::".join(shards(world["train"])[:cfg.pool_shards or None])
+    sets = {}
+    for name, kw in (("retrieved", dict(encoder=foundation)), ("random", {})):
+        c = sub(name, pool=pool, queries=labelled, **kw,
+                random_size=sets["retrieved"]["transfer_set"] if name == "random" else 0)
+        done = os.path.join(c.out, "retrieval.json")
+        sets[name] = json.load(open(done)) if os.path.exists(done) else retrieve(c)
+        sets[name]["in_task_pct"] = in_task_fraction(c.out, K)
+    teacher = sub("teacher", foundation=foundation, data=labelled)
+    results = {"VFM teacher (fine-tuned tiny CLIP ViT)": run_stage(teacher, "teacher")}
+    arms = [("labels only (mci_tiny from scratch)", None, None),
+            ("task-oriented KD, retrieved transfer set", "retrieved", "task"),
+            ("task-oriented KD, random transfer set", "random", "task"),
+            ("task-agnostic feature KD, retrieved transfer set", "retrieved", "features")]
+    if cfg.init:  # a mobileclip.py mobileclip_tiny run: the CLIP pre-training baseline
+        arms.append(("CLIP pre-training (mobileclip_tiny) + fine-tune", "clip", None))
+    for name, tset, kd in arms:
+        init = cfg.init if tset == "clip" else ""
+        if tset in sets:
+            init = sub(f"kd_{kd}_{tset}").out
+            run_stage(sub(f"kd_{kd}_{tset}", data=sub(tset).out, kd=kd, teacher=teacher.out, foundation=foundation),
+                      "distill")
+        results[name] = run_stage(sub(f"ft_{tset or 'scratch'}_{kd or 'none'}", data=labelled, init=init), "finetune")
+    summary = {"sets": sets, "results": results, "labelled": K * cfg.shots, "classes": K}
+    if C.get_rank() == 0:
+        json.dump(summary, open(os.path.join(out, "results.json"), "w"), indent=1)
+        metric = "top1" if cfg.task == "cls" else "miou"
+        C.print0(f"\ntransfer sets: retrieved {sets['retrieved']['transfer_set']} images "
+                 f"({sets['retrieved']['in_task_pct']:.1f}% of the task's classes), random "
+                 f"{sets['random']['transfer_set']} ({sets['random']['in_task_pct']:.1f}%)")
+        for name, m in results.items():
+            C.print0(f"{name:52s} {metric} {m.get(metric, float('nan')):6.1f}")
+    C.cleanup_distributed()
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"retrieve": retrieve, "teacher": lambda c: train(c, "teacher"),
+                "distill": lambda c: train(c, "distill"), "finetune": lambda c: train(c, "finetune")}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](C.parse_config(Config, argv[1:]))
+    if argv[:1] and not argv[0].startswith("-"):
+        C.fail(f"unknown command '{argv[0]}'; choose retrieve, teacher, distill, finetune, or none (the demo)")
+    return demo(C.parse_config(Config, argv))
+
+
+if __name__ == "__main__":
+    main()
