@@ -878,6 +878,8 @@ def train(argv=None):
         C.fail(f"--aug must be one of {', '.join(VARIANTS)}, not '{cfg.aug}'")
     data = load_data(cfg)
     if cfg.num_classes:
+        if cfg.num_classes < data.num_classes:  # labels past the head would all be "unreadable" (zero targets)
+            C.fail(f"--num-classes {cfg.num_classes} is less than the data's {data.num_classes} classes")
         data.classnames = data.classnames + [str(c) for c in range(len(data.classnames), cfg.num_classes)]
         data.num_classes = cfg.num_classes
     store = Reinforced(cfg.reinforced, data) if cfg.reinforced else None
