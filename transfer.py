@@ -753,7 +753,11 @@ def train(cfg: Config, stage: str) -> dict:
                      "rng": C.rng_state(), "data": position.state(), "metrics": metrics, "config": dataclasses.asdict(cfg)}
             C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
             C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
-        if last_step or stopping:
+        if stopping:  # SIGTERM: saved above; stop the whole program (the demo too), resume with --resume auto
+            C.print0(f"stopped at step {step}; the checkpoint in {cfg.out} resumes it")
+            C.cleanup_distributed()
+            raise SystemExit(143)
+        if last_step:
             break
 
         # ---- one step: the same augmented view for teacher and student --------------------------------

@@ -168,3 +168,31 @@ def test_tiny_comparison_runs_and_learns(world, tmp_path):
     log = [json.loads(l) for l in open(tmp_path / "demo" / "kd_task_retrieved" / "log.jsonl")]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+def test_resume_continues_exactly(world, tmp_path, capsys):
+    """A run resumed from its step-3 checkpoint ends with the weights of the uninterrupted run."""
+    labelled = T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 4)
+    cfg = T.Config(data=labelled, num_classes=3, image_size=32, steps=6, batch_size=4, ckpt_every=3, keep_ckpts=5,
+                   warmup=2, workers=0, log_every=2, out=str(tmp_path / "ft"))
+    T.train(cfg, "finetune")
+    full = torch.load(tmp_path / "ft" / "ckpt-6.pt", weights_only=True)["model"]
+    os.remove(tmp_path / "ft" / "ckpt-6.pt")
+    capsys.readouterr()
+    T.train(cfg, "finetune")  # --resume auto: from ckpt-3
+    assert "resumed at step 3" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "ft" / "ckpt-6.pt", weights_only=True)["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_segmentation_recipe_runs(world, tmp_path):
+    """teacher -> per-pixel distill -> finetune for segmentation, a few steps each; mIoU is reported."""
+    enc = micro_vfm(str(tmp_path / "clip.pt"))
+    labelled = T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 2)
+    kw = dict(task="seg", num_classes=3, image_size=32, steps=3, batch_size=4, warmup=1, workers=0, test=world["val"])
+    m = T.train(T.Config(foundation=enc, data=labelled, out=str(tmp_path / "t"), probe_steps=1, **kw), "teacher")
+    assert 0 <= m["miou"] <= 100 and 0 <= m["pixel_acc"] <= 100
+    T.train(T.Config(teacher=str(tmp_path / "t"), data=labelled, out=str(tmp_path / "kd"), **kw), "distill")
+    T.train(T.Config(foundation=enc, kd="features", data=labelled, out=str(tmp_path / "kdf"), **kw), "distill")
+    m = T.train(T.Config(init=str(tmp_path / "kd"), data=labelled, out=str(tmp_path / "ft"), **kw), "finetune")
+    assert "miou" in m
