@@ -78,7 +78,7 @@ class Config:
     data: str = ""  # teacher/finetune: the labelled target shards; distill: the transfer set (labels unused)
     test: str = ""  # held-out labelled shards for top-1 / mIoU at the end; empty = no evaluation
     out: str = "runs/transfer"  # run directory: config.json, log.jsonl, checkpoints (retrieve: the shards)
-    foundation: str = ""  # teacher, distill --kd features: the VFM (mobileclip.py run/ckpt, OpenCLIP ViT, samclip.py ckpt)
+    foundation: str = ""  # teacher, distill --kd features: the VFM (mobileclip.py / samclip.py run, OpenCLIP ViT)
     act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
     teacher: str = ""  # distill --kd task: the fine-tuned teacher (a `teacher` run directory or checkpoint)
     student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
@@ -230,7 +230,8 @@ class MCiBackbone(nn.Module):
         self.mci = MC.MCi(**MC._MCI[name], embed_dim=1)
         self.mci.head = None  # the CLIP projection is not part of a task model
         MC.init_weights(self.mci)
-        self.mean, self.std = MC.MOBILECLIP_MODELS["mobileclip_s0"]["mean"], MC.MOBILECLIP_MODELS["mobileclip_s0"]["std"]
+        v1 = MC.MOBILECLIP_MODELS["mobileclip_s0"]  # MobileCLIP v1's input convention: no normalisation
+        self.mean, self.std = v1["mean"], v1["std"]
 
     def forward(self, x):
         maps = mci_stages(self.mci, to_input(x, x.shape[-1], self.mean, self.std))
@@ -406,7 +407,9 @@ def evaluate(model: nn.Module, cfg: Config, device) -> dict:
         dist.all_reduce(conf)
     model.train(was)
     acc = 100 * conf.diag().sum().item() / max(1, conf.sum().item())
-    return {"top1": acc, "test_images": int(conf.sum())} if cfg.task == "cls" else {"miou": miou(conf), "pixel_acc": acc}
+    if cfg.task == "cls":
+        return {"top1": acc, "test_images": int(conf.sum())}
+    return {"miou": miou(conf), "pixel_acc": acc}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,7 +495,8 @@ class PoolImages(torch.utils.data.IterableDataset):
     "key"}. An undecodable image gives id -1 (counted, dropped). Keys in `exclude` are skipped."""
 
     def __init__(self, paths, size: int, rank: int, world: int, exclude=(), images: bool = True):
-        self.paths, self.size, self.rank, self.world, self.exclude, self.images = paths, size, rank, world, set(exclude), images
+        self.paths, self.size, self.rank, self.world = paths, size, rank, world
+        self.exclude, self.images = set(exclude), images
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -652,8 +656,10 @@ def init_student(model: TaskModel, cfg: Config):
         import mobileclip as MC
         image = MC.MOBILECLIP_MODELS.get(ck["model_name"], {}).get("image")
         if image != cfg.student:
-            C.fail(f"--init {cfg.init} is a CLIP of image tower '{image or ck['model_name']}', not --student {cfg.student}")
-        sd = {"mci." + k[7:]: v for k, v in ck["model"].items() if k.startswith("visual.") and not k.startswith("visual.head.")}
+            C.fail(f"--init {cfg.init} is a CLIP of image tower '{image or ck['model_name']}', "
+                   f"not --student {cfg.student}")
+        sd = {"mci." + k[7:]: v for k, v in ck["model"].items()
+              if k.startswith("visual.") and not k.startswith("visual.head.")}  # visual.X -> mci.X, no projection
         C.load_state_dict_checked(model.backbone, sd, f"--init {cfg.init} (CLIP image tower)")
     else:
         C.fail(f"--init {cfg.init}: not a distill run, a mobileclip.py checkpoint or 'imagenet'")
@@ -749,8 +755,9 @@ def train(cfg: Config, stage: str) -> dict:
         if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
             if nonfinite.item():
                 C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
-            state = {**meta, "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "final": last_step,
-                     "rng": C.rng_state(), "data": position.state(), "metrics": metrics, "config": dataclasses.asdict(cfg)}
+            state = {**meta, "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "final": last_step, "rng": C.rng_state(), "data": position.state(), "metrics": metrics,
+                     "config": dataclasses.asdict(cfg)}
             C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
             C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
         if stopping:  # SIGTERM: saved above; stop the whole program (the demo too), resume with --resume auto
