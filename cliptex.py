@@ -5,23 +5,20 @@ The method: run task experts from model zoos once over an image-text set, store 
 continue CLIP training with the contrastive loss plus task losses through light heads on the image backbone. The
 enhanced CLIP's dense features improve (segmentation, depth, ...) while its zero-shot classification is kept.
 
-What is here: `label`, the offline pass (segmentation as uint8 PNG class maps with 255 where the expert is unsure,
-depth as 16-bit PNG, surface normals as 8-bit RGB PNG, detections as JSON; one label shard per data shard, same
-keys, same order); the experts (the synthetic world's renderer, which reads the ground truth the shards carry;
-torchvision's segmentation and detection models with a weights file; any TorchScript or state-dict depth or
-normals model under the interface of `load_user_expert`; normals derived from depth); `train`, CLIPTeX's
-objective on a mobileclip.py CLIP (MCi or ViT towers) with a light head per task and the CLIP-FT baseline
-(`--baseline`: contrastive only, the same data, crops and steps); `probe`, dense.py's frozen linear probes
-(segmentation mIoU, depth RMSE) of a checkpoint; `compare`, the paper's comparison on the synthetic world end to
-end. Not here: the paper's own experts (Mask2Former, DPT, NLL-AngMF, ViTDet are not in torchvision; bring them as
-TorchScript), PSPNet / SSD / Mask R-CNN downstream probes, horizontal flips (captions name left and right, as in
-mobileclip.py), batched expert inference (one image at a time, at its stored resolution).
+What is here: `label`, the offline pass (segmentation as uint8 PNG class maps, 255 where the expert is unsure;
+depth as 16-bit PNG; normals as 8-bit RGB PNG; detections as JSON; one label shard per data shard, same keys
+and order) with the experts: the synthetic world's renderer (its shards carry the ground truth), torchvision's
+segmentation and detection models with a weights file, any TorchScript or state-dict depth / normals model (see
+`load_user_expert`), normals from depth; `train`, CLIPTeX on a mobileclip.py CLIP (MCi or ViT) with a light head
+per task, and CLIP-FT (`--baseline`: contrastive only, the same data, crops and steps); `probe`, zero-shot and
+dense.py's frozen linear probes (mIoU, depth RMSE); `compare`, the comparison on the synthetic world. Not here:
+the paper's own experts (Mask2Former, DPT, NLL-AngMF, ViTDet; bring them as TorchScript), PSPNet / SSD / Mask
+R-CNN probes, flips (captions name left and right), batched expert inference (one image at a time).
 
 Design choices where the spec is silent (spec 2, 3, 7; nothing below the abstract level is public):
   heads       per backbone level a 1x1 conv to --head-width, upsampled to stride 4 and summed, GELU, 1x1 conv
               (MCi: its four stage outputs; ViT: the last block's patch tokens)
-  seg         cross-entropy, ignore 255 (the synthetic expert is unsure on class boundaries: a 3x3 window
-              holding two classes)
+  seg         cross-entropy, ignore 255 (the synthetic expert is unsure next to a different object class)
   depth       relative inverse depth in [0, 1] (1 = near, as DPT/MiDaS and the synthetic world), sigmoid output,
               scale-invariant log loss per image (lambda 0.85)
   normals     L2-normalised 3-channel output, 1 - cosine over valid pixels; x right, y down, z toward the camera;
@@ -58,6 +55,7 @@ import io
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -152,7 +150,7 @@ TASKS = ("seg", "depth", "normals", "det")
 
 def encode_seg(classes: np.ndarray) -> bytes:
     """(H, W) class ids 0..254, 255 = ignore -> an 8-bit greyscale PNG."""
-    return png(Image.fromarray(classes.astype(np.uint8), "L"))
+    return C.encode_member("png", Image.fromarray(classes.astype(np.uint8), "L"))
 
 
 def decode_seg(data: bytes) -> np.ndarray:
@@ -164,7 +162,7 @@ def encode_depth(depth: np.ndarray) -> bytes:
     a valid value never rounds to 0."""
     q = np.round(np.clip(depth, 0, 1) * 65535).astype(np.uint16)
     q[(depth > 0) & (q == 0)] = 1
-    return png(Image.fromarray(q))
+    return C.encode_member("png", Image.fromarray(q))
 
 
 def decode_depth(data: bytes) -> np.ndarray:
@@ -176,7 +174,7 @@ def encode_normals(normals: np.ndarray, valid: np.ndarray) -> bytes:
     invalid pixel (no unit vector maps there: it would need every component <= -0.996)."""
     q = np.round((np.clip(normals, -1, 1) + 1) * 127.5).astype(np.uint8)
     q[~valid] = 0
-    return png(Image.fromarray(q, "RGB"))
+    return C.encode_member("png", Image.fromarray(q, "RGB"))
 
 
 def decode_normals(data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -190,12 +188,6 @@ def encode_boxes(boxes, classes, scores, size) -> dict:
     """Detections above the expert's threshold: boxes [x0, y0, x1, y1] in pixels of the stored image."""
     return {"boxes": [[round(float(v), 2) for v in b] for b in boxes], "classes": [int(c) for c in classes],
             "scores": [round(float(s), 4) for s in scores], "size": [int(size[0]), int(size[1])]}
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,9 +278,9 @@ class TorchvisionExpert:
         try:
             import torchvision
         except Exception as e:  # missing, or built for another torch
-            C.fail(f"--{task}-expert torchvision:{name} needs a working torchvision ({type(e).__name__}: {str(e)[:120]})")
+            C.fail(f"--{task}-expert torchvision:{name} needs a working torchvision ({type(e).__name__}: {str(e)[:90]})")
         if not os.path.isfile(weights):
-            C.fail(f"--{task}-expert torchvision:{name} needs --{task}-weights FILE (a torchvision .pth); got '{weights}'")
+            C.fail(f"--{task}-expert torchvision:{name} needs --{task}-weights FILE (a .pth); got '{weights}'")
         try:
             model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
                                                  num_classes=21 if task == "seg" else 91)
@@ -355,8 +347,7 @@ class UserExpert:
         y = y.reshape(1, -1, *y.shape[-2:])  # (1, c, h, w)
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
         if self.task == "depth":  # relative: min-max over the image to (0, 1], 1 = near
-            d = y[0]
-            d = (d - d.min()) / (d.max() - d.min()).clamp(min=1e-6)
+            d = (y[0] - y[0].min()) / (y[0].max() - y[0].min()).clamp(min=1e-6)
             return {"depth": d.clamp(min=1 / 65535).cpu().numpy()}
         n = F.normalize(y, dim=0).permute(1, 2, 0).cpu().numpy()
         return {"normals": (n, np.isfinite(n).all(-1))}
@@ -429,7 +420,11 @@ def label(cfg: Config):
                     yield label_sample(s, experts, cfg)
                 except Exception as e:  # corrupt image, missing ground truth: skip and count
                     skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
-        n_done += C.write_shard(dst, labelled())
+                    skipped.setdefault("first", f"{type(e).__name__}: {str(e)[:150]}")
+        if (n := C.write_shard(dst, labelled())) == 0:  # nothing usable: a wrong expert or wrong data
+            os.remove(dst)
+            C.fail(f"no sample of {path} could be labelled; first problem: {skipped.get('first', 'no samples')}")
+        n_done += n
     print(f"rank {rank}: labelled {n_done} samples with {', '.join(experts)} in {time.time() - t0:.0f} s"
           f"{'; skipped ' + json.dumps(skipped) if skipped else ''}", flush=True)
     C.cleanup_distributed()
@@ -476,7 +471,6 @@ class LabelledShards(C.ShardStream):
             yield s  # a sample the experts skipped has no label members: decode rejects it if a task needs them
 
     def raw_samples(self, epoch: int, consumer: int, consumers: int, skipped: dict):
-        import random
         rng = random.Random(hash((self.seed, epoch, consumer)) & 0xFFFFFFFF)
         if len(self.shards) >= consumers:
             mine, every, offset = list(self.shards[consumer::consumers]), 1, 0
@@ -521,53 +515,50 @@ class LabelledDecode:
         self.size, self.tasks, self.K, self.seed = size, tasks, det_classes, seed
 
     def __call__(self, sample: dict) -> dict:
-        caption = C.decode_caption(sample)
-        img = C.decode_image(sample)
+        caption, img = C.decode_caption(sample), C.decode_image(sample)
         box = C.random_resized_crop_box(*img.size, C.sample_rng(self.seed, sample), self.text.scale)
         S = self.size
         out = {"image": C.image_to_uint8(img, S, box, self.text.resample),
                "ids": self.text.tokenizer([caption], self.text.context_length)[0], "caption": caption}
+        crop = lambda a, resample: crop_label(a, box, img.size, S, resample)  # noqa: E731
         if "seg" in self.tasks:
-            out["seg"] = torch.from_numpy(crop_label(decode_seg(sample["seg.png"]), box, img.size, S, Image.NEAREST)
-                                          .astype(np.int64))
-        if "depth" in self.tasks:
-            out["depth"] = torch.from_numpy(bilinear_valid(decode_depth(sample["depth.png"]), box, img.size, S))
-        if "normals" in self.tasks:
+            out["seg"] = torch.from_numpy(crop(decode_seg(sample["seg.png"]), Image.NEAREST).astype(np.int64))
+        if "depth" in self.tasks:  # bilinear; invalid wherever an invalid pixel took part
+            d = decode_depth(sample["depth.png"])
+            ok = crop((d > 0).astype(np.float32), Image.BILINEAR) > 0.999
+            out["depth"] = torch.from_numpy(np.where(ok, crop(d, Image.BILINEAR), 0).astype(np.float32))
+        if "normals" in self.tasks:  # bilinear per component, renormalised; the same validity rule
             n, valid = decode_normals(sample["normals.png"])
-            n = np.stack([crop_label(n[..., c], box, img.size, S, Image.BILINEAR) for c in range(3)])  # (3, S, S)
-            v = crop_label(valid.astype(np.float32), box, img.size, S, Image.BILINEAR) > 0.999
-            out["normals"] = torch.from_numpy(n / np.maximum(np.linalg.norm(n, axis=0), 1e-6))
-            out["normals_valid"] = torch.from_numpy(v & (np.linalg.norm(n, axis=0) > 0.5))
+            n = np.stack([crop(n[..., c], Image.BILINEAR) for c in range(3)])  # (3, S, S)
+            norm = np.linalg.norm(n, axis=0)
+            out["normals"] = torch.from_numpy(n / np.maximum(norm, 1e-6))
+            ok = crop(valid.astype(np.float32), Image.BILINEAR) > 0.999
+            out["normals_valid"] = torch.from_numpy(ok & (norm > 0.5))
         if "det" in self.tasks:
-            out.update(det_targets(json.loads(sample["det.json"]), box, S, self.K))
+            out.update(det_targets(json.loads(sample["det.json"]), box, img.size, S, self.K))
         return out
 
 
-def bilinear_valid(depth: np.ndarray, box, image_size, size: int) -> np.ndarray:
-    """Depth resized bilinearly, invalid (0) wherever an invalid pixel took part in the interpolation."""
-    d = crop_label(depth, box, image_size, size, Image.BILINEAR)
-    ok = crop_label((depth > 0).astype(np.float32), box, image_size, size, Image.BILINEAR) > 0.999
-    return np.where(ok, d, 0).astype(np.float32)
-
-
-def det_targets(det: dict, box, size: int, K: int) -> dict:
+def det_targets(det: dict, box, image_size, size: int, K: int) -> dict:
     """CenterNet-style targets on the stride-4 grid of the crop: per class a heatmap of Gaussian peaks at the
     box centres (sigma = sqrt(w h) / 6 cells, at least 0.5; exactly 1 at the centre cell), and the box
     size (w, h) in cells at each centre."""
     g = size // DENSE_STRIDE
     heat, wh, centre = np.zeros((K, g, g), np.float32), np.zeros((2, g, g), np.float32), np.zeros((g, g), bool)
-    sx, sy = size / (box[2] - box[0]), size / (box[3] - box[1])  # image pixels -> crop pixels
+    f = image_size[0] / det["size"][0]  # the expert's pixels -> the image's (1 unless it ran at another size)
+    sx, sy = f * size / (box[2] - box[0]), f * size / (box[3] - box[1])  # -> crop pixels
     ys, xs = np.mgrid[0:g, 0:g].astype(np.float32)
     for (x0, y0, x1, y1), k in zip(det["boxes"], det["classes"]):
-        x0, x1 = np.clip([(x0 - box[0]) * sx, (x1 - box[0]) * sx], 0, size) / DENSE_STRIDE  # in cells
-        y0, y1 = np.clip([(y0 - box[1]) * sy, (y1 - box[1]) * sy], 0, size) / DENSE_STRIDE
+        x0, x1 = np.clip([(x0 - box[0] / f) * sx, (x1 - box[0] / f) * sx], 0, size) / DENSE_STRIDE  # in cells
+        y0, y1 = np.clip([(y0 - box[1] / f) * sy, (y1 - box[1] / f) * sy], 0, size) / DENSE_STRIDE
         if not 0 <= k < K or x1 - x0 < 0.5 or y1 - y0 < 0.5:  # outside the crop, or another label space
             continue
         cx, cy = min(int((x0 + x1) / 2), g - 1), min(int((y0 + y1) / 2), g - 1)
         sigma = max(0.5, math.sqrt((x1 - x0) * (y1 - y0)) / 6)
         heat[k] = np.maximum(heat[k], np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma ** 2)))
         heat[k, cy, cx], wh[:, cy, cx], centre[cy, cx] = 1.0, (x1 - x0, y1 - y0), True
-    return {"det_heat": torch.from_numpy(heat), "det_size": torch.from_numpy(wh), "det_centre": torch.from_numpy(centre)}
+    return {"det_heat": torch.from_numpy(heat), "det_size": torch.from_numpy(wh),
+            "det_centre": torch.from_numpy(centre)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -655,7 +646,7 @@ def seg_loss_reference(logits, target) -> torch.Tensor:
     for b, i, j in zip(*torch.nonzero(target != IGNORE, as_tuple=True)):
         total = total - up[b, :, i, j].log_softmax(0)[target[b, i, j]]
         n += 1
-    return total / max(n, 1) if n else torch.zeros(())
+    return total / n if n else torch.zeros(())
 
 
 def depth_loss(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) -> torch.Tensor:
@@ -739,17 +730,14 @@ def task_losses(outs: dict, batch: dict) -> dict:
 
 def read_init(cfg: Config) -> tuple[dict | None, str]:
     """(the --init checkpoint or None, the model name): a checkpoint of this repository names its model."""
-    if not cfg.init:
-        return None, cfg.model
-    if not os.path.isfile(cfg.init):
+    if cfg.init and not os.path.isfile(cfg.init):
         C.fail(f"--init file not found: {cfg.init}")
     try:
-        ck = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        ck = torch.load(cfg.init, map_location="cpu", weights_only=True) if cfg.init else None
     except Exception:  # an OpenAI TorchScript archive: mobileclip.load_init reads it
-        return None, cfg.model
-    if isinstance(ck, dict) and "model_name" in ck and "model" in ck:
-        return ck, ck["model_name"]
-    return None, cfg.model
+        ck = None
+    ours = isinstance(ck, dict) and "model_name" in ck and "model" in ck
+    return (ck, ck["model_name"]) if ours else (None, cfg.model)
 
 
 def load_clip(cfg: Config, ck: dict | None, name: str, shards: list[str]):
@@ -785,9 +773,9 @@ def load_clip(cfg: Config, ck: dict | None, name: str, shards: list[str]):
 def make_optimizer(model: CLIPTeX, cfg: Config) -> torch.optim.Optimizer:
     """AdamW: the CLIP at --lr, the fresh heads at --head-lr (their groups carry lr_mult)."""
     groups = C.param_groups(model.clip, cfg.weight_decay)
-    groups += [dict(g, lr_mult=cfg.head_lr / cfg.lr) for g in C.param_groups(model.heads, cfg.weight_decay) if g["params"]]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=fused)
+    groups += [dict(g, lr_mult=cfg.head_lr / cfg.lr) for g in C.param_groups(model.heads, cfg.weight_decay)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6,
+                             fused=next(model.parameters()).is_cuda)
 
 
 def parse_tasks(cfg: Config) -> list[str]:
@@ -832,7 +820,7 @@ def train(cfg: Config):
     if name in M.MOBILECLIP_MODELS:
         model = model.to(memory_format=torch.channels_last)
     C.print0(f"model {name}: CLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M + heads "
-             f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.3f}M parameters; tasks {tasks or 'none (CLIP-FT)'}")
+             f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.3f}M; tasks {tasks or 'none (CLIP-FT)'}")
     opt = make_optimizer(model, cfg)
     log = C.RunLog(cfg.out)
 
@@ -996,8 +984,7 @@ def compare(cfg: Config) -> dict:
         C.print0(f"| {run} | {r.get('zeroshot_top1', float('nan')):.1f} | {r.get('seg_miou', float('nan')):.2f} | "
                  f"{r.get('depth_rmse', float('nan')):.4f} |")
     if C.get_rank() == 0:
-        with open(os.path.join(cfg.out, "compare.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        open(os.path.join(cfg.out, "compare.json"), "w").write(json.dumps(results, indent=1))
     return results
 
 

@@ -101,7 +101,7 @@ def test_task_losses_match_naive_versions():
     assert float(X.normals_loss(pn, tn, vn)) == pytest.approx(float(X.normals_loss_reference(pn, tn, vn)), rel=1e-5)
     assert float(X.normals_loss(tn, tn, vn)) == pytest.approx(0.0, abs=1e-6)
     det = X.det_targets({"boxes": [[0, 0, 12, 8], [20, 16, 32, 32]], "classes": [1, 2], "size": [32, 32]},
-                        (0, 0, 32, 32), 32, 3)
+                        (0, 0, 32, 32), (32, 32), 32, 3)
     assert det["det_heat"][1, 1, 1] == 1 and det["det_heat"][2, 6, 6] == 1 and det["det_centre"].sum() == 2
     assert det["det_size"][:, 1, 1].tolist() == [3.0, 2.0]  # (w, h) in stride-4 cells
     heat, size, centre = (torch.stack([det[k]] * 2) for k in ("det_heat", "det_size", "det_centre"))
@@ -173,6 +173,10 @@ def test_experts_fail_with_one_clear_line(tmp_path, capsys, world):
     with pytest.raises(SystemExit):
         X.main(["train", "--data", data, "--out", str(tmp_path / "t")])  # tasks but no --labels
     assert "--labels" in capsys.readouterr().err
+    C.write_shard(str(tmp_path / "web.tar"), [{"__key__": "a", "jpg": Image.new("RGB", (8, 8)), "txt": "a cat"}])
+    with pytest.raises(SystemExit):  # the synthetic experts on data without ground truth
+        X.main(["label", "--data", str(tmp_path / "web.tar"), "--out", str(tmp_path / "l2")])
+    assert "no sample" in capsys.readouterr().err and not os.listdir(tmp_path / "l2")
 
 
 def test_torchscript_depth_expert(world, tmp_path):
@@ -237,7 +241,7 @@ def probe_features(ckpt, shards):
     return miou, float(fg_iou), rmse
 
 
-def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, tmp_path):
+def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, world, tmp_path):
     """From the same fresh CLIP, on the same samples and crops for 40 steps: the task losses fall, and the
     frozen features of CLIPTeX probe better than those of contrastive-only training (CLIP-FT): foreground IoU
     up, depth RMSE down (40 steps do not yet separate the ten shape classes: their mIoU is only kept)."""
@@ -247,7 +251,7 @@ def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, tmp_path):
         out = str(tmp_path / name)
         X.main(train_args(data, labels, out, 40, "--seed", "1", "--lr", "2e-3", "--head-lr", "1e-2", *extra))
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        runs[name] = probe_features(os.path.join(out, "ckpt-40.pt"), os.path.join(os.path.dirname(data), "train-00003.tar"))
+        runs[name] = probe_features(os.path.join(out, "ckpt-40.pt"), os.path.join(world["train"], "train-00003.tar"))
         if name == "cliptex":
             assert log[-1]["seg"] < log[0]["seg"] and log[-1]["det"] < log[0]["det"]
             assert log[-1]["clip"] < log[0]["clip"] + 0.2  # the contrastive task goes on
