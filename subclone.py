@@ -57,8 +57,8 @@ Result on the synthetic world (2-core CPU shared with other jobs, torch 2.13 CPU
     of the same command, on an older common.py, gave the random init 27.9% at step 400, hence 4x: one run's
     final top-1 moves by a few points at this size).
   python subclone.py compare --kind gpt --parent-lr 1e-3 --random-lr 1e-3   gpt_parent (ppl 3.35) -> gpt_tiny
-    (half width, 3 of 6 blocks): val perplexity at step 0 / 100 / 400: subcloned 29.0 / 3.70 / 3.48, random at
-    Table 1's lr 1e-4: 840 / 73.8 / 18.8 (8x), random at lr 1e-3: 840 / 4.29 / 3.43 -- a tuned random init of
+    (half width, 3 of 6 blocks): val perplexity at step 0 / 100 / 400: subcloned 22.3 / 3.68 / 3.48, random at
+    Table 1's lr 1e-4: 840 / 73.9 / 18.7 (8x), random at lr 1e-3: 840 / 4.30 / 3.43 -- a tuned random init of
     this tiny LM catches up after ~200 steps: the captions are too easy to show the paper's 4x at equal LR.
 """
 from __future__ import annotations
