@@ -18,11 +18,13 @@ photometric distortion of mmseg's ADE20K pipeline, NYUv2's Eigen crop in evaluat
 
 Design choices where the spec is silent or unverified (spec 3.2, 7):
   segmentation  UperNet (channels 512), 512 crops, random short-side scale 0.5-2.0 x crop and flip, AdamW
-                lr 3e-5 cosine to 3e-6, wd 0.1, 500 warm-up steps, 50 epochs of batch 32 (CoreNet's CatLIP
-                ADE20K recipe, with UperNet as the spec's head for hierarchical backbones and ViT adapters)
+                lr 3e-5 cosine to 3e-6, wd 0.1, 500 warm-up steps, 50 epochs of batch 4 x 8 GPUs (CoreNet's
+                CatLIP ADE20K recipe, with UperNet as the spec's head for hierarchical backbones and ViT adapters)
   depth         deconvolution head (3 x [deconv 4x4/2, BN, ReLU], 3x3 conv, sigmoid x max depth) on the
                 deepest feature, SILog loss (lambda 0.85, x10), AdamW lr 1e-4 cosine, wd 0.01, 480 crops,
-                25 epochs of batch 24; metrics per image over valid pixels (depth > 0), then averaged
+                25 epochs of batch 4 x 8 GPUs; metrics per image over valid pixels (depth > 0), then averaged
+  new layers    the head and the ViT adapter at 10 x the backbone's lr (mmseg's decode-head lr_mult = 10)
+  the world     2,400 images, 2 epochs of batch 16 (300 steps), lr 5e-4, wd 0.05, 64-px crops: a CPU run
   evaluation    resize so the short side is the crop, slide crop windows at stride 2/3 crop averaging the
                 outputs, resize the output to the label's size; mIoU over the whole set (classes absent from
                 prediction and label excluded), ignore index 255
@@ -574,6 +576,8 @@ def index_shards(spec: str, task: str) -> list[tuple]:
         C.fail(str(e))
     items = []
     for path in paths:
+        if not path.endswith(".tar"):
+            C.fail(f"{path}: dense.py reads uncompressed .tar shards (members are read by their offsets)")
         samples = {}
         with tarfile.open(path, "r") as tar:
             for m in tar:
