@@ -44,7 +44,14 @@ Commands:
 
 Data: webdataset tar shards, {key}.jpg|png + {key}.json {"label": k} (classification) or {key}.seg.png
 (segmentation); a sample of another class (label >= --num-classes) is skipped, mask values above K count
-as background. Result (the no-argument run): README.md, "Knowledge transfer".
+as background.
+
+Result (synthetic world, 5 of the 10 shapes with 10 labels each, pool 5,000 unlabelled images of all ten
+shapes, VFM a tiny CLIP ViT of 0.84M parameters, student mci_tiny 1.1M; loaded 2-core CPU; README.md,
+"Knowledge transfer"): top-1 on the 508 held-out images of the task, chance 20%: labels only 34.4, task-agnostic
+feature KD 36.0, task-oriented KD on the retrieved set 40.7 and on a random set of the same size 43.5 (teacher
+54.3). Task-oriented transfer beats the labels alone and the task-agnostic baseline; the retrieved set
+(62% in-task images against 49% at random) did not beat the random one in this run.
 """
 from __future__ import annotations
 
@@ -543,6 +550,9 @@ def random_chunks(loader, seed: int, chunk: int):
 
 
 def retrieve(cfg: Config) -> dict:
+    """The transfer set: every query's `per_query` nearest pool images (cosine, the frozen --encoder), their
+    de-duplicated union written to --out as shards, with retrieval.json (counts, seconds). Under torchrun
+    every rank embeds its share of the pool; the pool should have many more shards than ranks x workers."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if not cfg.pool:
         C.fail("retrieve needs --pool (shards of unlabelled images)")
@@ -551,7 +561,7 @@ def retrieve(cfg: Config) -> dict:
     pool = shards(cfg.pool)
     size = data_size(cfg)
     q_keys, queries = set(), None
-    if cfg.queries:
+    if cfg.queries:  # when the pool holds the labelled images too (the demo), they are not retrieved again
         q_keys = {s["__key__"] for p in shards(cfg.queries) for s in C.iter_tar_samples(p, {})}
     t0 = time.time()
     if cfg.random_size:
@@ -561,6 +571,7 @@ def retrieve(cfg: Config) -> dict:
         k, stats = cfg.random_size, {}
     else:
         encoder = load_foundation(cfg.encoder, cfg.act).to(device).eval().requires_grad_(False)
+        # the queries are few (the labelled set): every rank embeds all of them, centre crop like the pool
         qs = torch.utils.data.DataLoader(PoolImages(shards(cfg.queries), size, 0, 1), batch_size=cfg.batch_size)
         queries = torch.cat([F.normalize(encoder(b["image"].to(device))[0].float(), dim=-1) for b in qs])  # (Q, E)
         loader = torch.utils.data.DataLoader(PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else ()),
@@ -578,7 +589,9 @@ def retrieve(cfg: Config) -> dict:
         dist.all_gather(all_s, scores)
         dist.all_gather(all_i, ids)
         scores, ids = merge_topk(scores[:, :0], ids[:, :0], torch.cat(all_s, 1), torch.cat(all_i, 1), k)
-    chosen = torch.unique(ids[ids >= 0].cpu())  # the de-duplicated union
+    # Balanced retrieval: every query contributes its k neighbours; a pool image near several queries is
+    # kept once, so the union is smaller than Q x k (the paper's de-duplication).
+    chosen = torch.unique(ids[ids >= 0].cpu())
     # ---- second pass: copy the chosen samples (each rank the shards si = rank mod world) ---------------
     by_shard = {}
     for uid in chosen.tolist():
@@ -772,16 +785,19 @@ def train(cfg: Config, stage: str) -> dict:
         position.update(batch)
         x = batch["image"].to(device, non_blocking=True)
         lr = C.lr_at(step, peak_lr, cfg.warmup, steps)
+        # Step 1 (spec 3): a linear probe first (a random head's gradients would disturb the VFM's features),
+        # then the whole VFM at backbone_lr_mult x the head's lr. Steps 2 and 3 train everything at 1x.
         for g in opt.param_groups:  # teacher: the backbone is frozen for the linear-probe warm-up
             g["lr"] = lr * g["mult"] * (step >= cfg.probe_steps or g["mult"] == 1.0 or stage != "teacher")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if stage == "distill":
+            if stage == "distill":  # step 2: no labels; the teacher's outputs on this very view are the target
                 with torch.no_grad():
-                    target = teacher(x)
+                    target = teacher(x)  # (B, K) or (B, K + 1, h, w); task-agnostic: (pooled, maps) of the VFM
                 out = ddp(x)
                 loss = (kd_loss(out, target, cfg.temperature) if cfg.kd == "task"
                         else feature_kd_loss(out[0], target[0], out[1], target[1][0] if out[1] is not None else None))
             else:
+                # steps 1 and 3: the few labels, the same subset for the VFM and the small model (spec 6)
                 y = batch["label" if cfg.task == "cls" else "mask"].to(device, non_blocking=True)
                 loss = task_loss(ddp(x), y)
         loss.backward()
