@@ -753,7 +753,9 @@ def train(cfg: Config, stage: str) -> dict:
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}
-    ddp = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else net
+    # segmentation leaves the pooled branch (the ViT's projection, MCi's conv_exp) without gradients
+    ddp = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None,
+              find_unused_parameters=cfg.task == "seg") if world > 1 else net
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     stop, nonfinite = C.StopSignal(), torch.zeros((), dtype=torch.bool, device=device)
     t0, seen, metrics = time.time(), 0, {}
