@@ -57,7 +57,11 @@ Commands:
 Data layouts: ADEChallengeData2016/{images,annotations}/{training,validation}/ (uint8 PNG labels, 0 = other);
 nyuv2/{images,depth}/{train,test}/ (16-bit PNG depth in mm, 0 = invalid); tar shards with {jpg, seg.png,
 depth.png} members (the synthetic world's: label 0 = background, a class; depth 65535 = 1.0, 1 = near).
-Results: README.md, "CLIP with quality captions".
+Result on the synthetic world (2-core CPU shared by four jobs; `compare`'s recipe: tiny MCi CLIP, 400 steps of
+batch 128 per caption source, then 300 fine-tuning steps per task; 1,000 held-out images): fine-tuned mIoU / RMSE
+17.0 / 0.135 without pre-training, 28.1 / 0.126 from alt-text CLIP, 23.5 / 0.129 from quality-caption CLIP, 23.4
+/ 0.129 from the p = 0.5 mix; frozen linear probes 23.3 / 0.1185 (alt) vs 20.4 / 0.1188 (quality). Pre-training
+helps; the paper's quality-caption gain does not reproduce on this world (README: figures, commands, a hypothesis).
 """
 from __future__ import annotations
 
