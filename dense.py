@@ -275,7 +275,8 @@ def timm_vit_to_ours(sd: dict) -> tuple[dict, bool]:
     for k, v in sd.items():
         if k.startswith(("patch_embed.proj.", "blocks.", "cls_token", "pos_embed", "norm_pre.")):
             k = k.replace("patch_embed.proj.", "patch_embed.")
-            out[k] = v.reshape(v.shape[-1]) if k == "cls_token" else v.reshape(-1, v.shape[-1]) if k == "pos_embed" else v
+            shape = {"cls_token": (-1,), "pos_embed": (-1, v.shape[-1])}.get(k, v.shape)
+            out[k] = v.reshape(shape)
     return out, "norm_pre.weight" in out
 
 
@@ -515,7 +516,8 @@ def silog_loss_reference(pred: torch.Tensor, target: torch.Tensor, lambda_: floa
     return (10 * torch.sqrt((d ** 2).mean() - lambda_ * d.mean() ** 2)).float()
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
     """(K, K) pixel counts, rows = target class, columns = predicted class; pixels whose target is
     `ignore_index` (or outside 0..K-1) are skipped."""
     keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
@@ -813,7 +815,7 @@ def finetune(task: str, cfg: Config) -> dict:
     C.print0(f"{task} | backbone {name} ({info['kind']}, strides {backbone.strides}, "
              f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M) | head {s['head']} "
              f"({sum(p.numel() for p in head.parameters()) / 1e6:.2f}M) | {n_train} train / {len(data['val'])} "
-             f"held-out images | {steps} steps | " + json.dumps({k: v for k, v in s.items() if k not in ("mean", "std")}))
+             f"held-out images | {steps} steps | " + json.dumps({k: v for k, v in s.items() if "mean" != k != "std"}))
     groups = param_groups(model, s["lr"], s["head_lr"], s["weight_decay"], cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
     log = C.RunLog(cfg.out)

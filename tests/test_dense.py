@@ -278,8 +278,10 @@ def test_caption_source_replaces_alt_text():
     accurate captioner from the json scene), `mix` with probability p, the same draw for the same (seed, epoch,
     key); a sample without synthetic captions raises (counted and skipped by the stream)."""
     scene = {"shape": "star", "count": 1, "size": "large", "colour": "red", "outlined": False,
-             "position": "at the top left", "texture": "striped", "background": "blue", "distractors": [["green", "ring"]]}
-    samples = [{"__key__": f"k{i}", "txt": b"a star", "json": json.dumps({"scene": scene}).encode()} for i in range(400)]
+             "position": "at the top left", "texture": "striped", "background": "blue",
+             "distractors": [["green", "ring"]]}
+    samples = [{"__key__": f"k{i}", "txt": b"a star", "json": json.dumps({"scene": scene}).encode()}
+               for i in range(400)]
     read = lambda s: s["txt"].decode()
     syn = M.CaptionSource(read, "synthetic", 0.0, "^syn_text.*$", seed=0)
     for c in map(syn, samples[:20]):
@@ -288,7 +290,8 @@ def test_caption_source_replaces_alt_text():
     replaced = [mix(s) != "a star" for s in samples]
     assert 0.18 < sum(replaced) / len(replaced) < 0.32
     assert [mix(s) for s in samples[:30]] == [mix(s) for s in samples[:30]]  # deterministic per key
-    with_syn = {"__key__": "x", "txt": b"alt", "syn.json": json.dumps({"syn_text": ["one", "two"], "other": ["no"]}).encode()}
+    syn_json = json.dumps({"syn_text": ["one", "two"], "other": ["no"]}).encode()
+    with_syn = {"__key__": "x", "txt": b"alt", "syn.json": syn_json}
     assert {syn(with_syn) for _ in range(3)} <= {"one", "two"}
     with pytest.raises(KeyError):
         syn({"__key__": "y", "txt": b"alt only"})
