@@ -60,8 +60,9 @@ depth.png} members (the synthetic world's: label 0 = background, a class; depth 
 Result on the synthetic world (2-core CPU shared by four jobs; `compare`'s recipe: tiny MCi CLIP, 400 steps of
 batch 128 per caption source, then 300 fine-tuning steps per task; 1,000 held-out images): fine-tuned mIoU / RMSE
 17.0 / 0.135 without pre-training, 28.1 / 0.126 from alt-text CLIP, 23.5 / 0.129 from quality-caption CLIP, 23.4
-/ 0.129 from the p = 0.5 mix; frozen linear probes 23.3 / 0.1185 (alt) vs 20.4 / 0.1188 (quality). Pre-training
-helps; the paper's quality-caption gain does not reproduce on this world (README: figures, commands, a hypothesis).
+/ 0.129 from the p = 0.5 mix; seed 1: 31.3 / 0.123 (alt) vs 21.0 / 0.128 (quality); frozen linear probes 23.3 /
+0.1185 (alt) vs 20.4 / 0.1188 (quality). Pre-training helps; the paper's quality-caption gain does not reproduce
+on this world (README: figures, commands, a hypothesis).
 """
 from __future__ import annotations
 
