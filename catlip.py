@@ -176,9 +176,7 @@ MODELS = {
     "vit_h16": dict(image_size=224, patch=16, width=1280, layers=32, heads=20),
 }
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Captions -> noun lemmas (Eq. 1; spec 4.1 and 6)
-# ----------------------------------------------------------------------------------------------------
+# ==== 1. Captions -> noun lemmas (Eq. 1; spec 4.1 and 6) ====================================================
 # A heuristic stand-in for "tokens that head their own WordNet noun synset": drop function words, pronouns,
 # auxiliaries, frequent verbs and adjectives, number words and web junk. The frequency threshold of the
 # vocabulary removes most of what gets through.
@@ -267,9 +265,7 @@ def extract_nouns(text: str) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. The vocabulary V (Sec. 3.1, spec 4.2): one streaming pass over the captions
-# ----------------------------------------------------------------------------------------------------
+# ==== 2. The vocabulary V (Sec. 3.1, spec 4.2): one streaming pass over the captions ========================
 
 
 class NounCounts(torch.utils.data.IterableDataset):
@@ -407,9 +403,7 @@ def vocab_main(argv=None):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Model: an image-only ViT with one linear head (Sec. 3, spec 2)
-# ----------------------------------------------------------------------------------------------------
+# ==== 3. Model: an image-only ViT with one linear head (Sec. 3, spec 2) =====================================
 
 
 class ViTClassifier(nn.Module):
@@ -461,9 +455,7 @@ def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls
     return ViTClassifier(n_classes, **spec, pool=pool, grad_checkpointing=grad_checkpointing)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. The loss: binary cross-entropy over V, summed over classes, averaged over the batch (Sec. 3.1)
-# ----------------------------------------------------------------------------------------------------
+# ==== 4. The loss: binary cross-entropy over V, summed over classes, averaged over the batch (Sec. 3.1) =====
 
 
 def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -494,9 +486,7 @@ def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> tor
     return -(targets * torch.log(p) + (1 - targets) * torch.log(1 - p)).sum() / logits.shape[0]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Data and augmentation (spec 3.2)
-# ----------------------------------------------------------------------------------------------------
+# ==== 5. Data and augmentation (spec 3.2) ===================================================================
 
 
 class CatLIPDecode:
@@ -549,9 +539,7 @@ def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
     return C.synthetic_world(cache, n_train, n_val, size, seed=0)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Optimiser and EMA (spec 3.2)
-# ----------------------------------------------------------------------------------------------------
+# ==== 6. Optimiser and EMA (spec 3.2) =======================================================================
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, decay_all: bool):
@@ -579,9 +567,7 @@ class EMA:
         torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], m)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. Transfer Init (Sec. 4.2, App. B)
-# ----------------------------------------------------------------------------------------------------
+# ==== 7. Transfer Init (Sec. 4.2, App. B) ===================================================================
 
 
 def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
@@ -616,9 +602,7 @@ def transfer_init(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, mat
     return sum(bool(r) for r in matches)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. Evaluation on an ImageFolder
-# ----------------------------------------------------------------------------------------------------
+# ==== 8. Evaluation on an ImageFolder =======================================================================
 
 
 @torch.no_grad()
@@ -646,9 +630,7 @@ def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: i
             "classes_matched": sum(bool(r) for r in matches)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 9. Pre-training
-# ----------------------------------------------------------------------------------------------------
+# ==== 9. Pre-training =======================================================================================
 
 
 def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
@@ -797,9 +779,7 @@ def pretrain(argv=None):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2)
-# ----------------------------------------------------------------------------------------------------
+# ==== 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2) ==============================
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -977,9 +957,7 @@ def finetune(argv=None):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 11. The claim on the synthetic world: pre-training + fine-tuning beats fine-tuning from scratch
-# ----------------------------------------------------------------------------------------------------
+# ==== 11. The claim on the synthetic world: pre-training + fine-tuning beats fine-tuning from scratch =======
 VARIANTS = {  # name -> flags added to the fine-tune
     "scratch": dict(init="", transfer_init=False, linear_probe=False),
     "ft_random_head": dict(transfer_init=False, linear_probe=False),
