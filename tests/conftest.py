@@ -18,6 +18,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on two fighting over a shared 2-core machine; a test module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A small synthetic world shared by the tests (generated once per session)."""

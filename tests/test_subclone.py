@@ -18,13 +18,7 @@ CLIP_ARCH = dict(image_size=32, patch=8, width=64, layers=4, heads=4, embed_dim=
 GPT_ARCH = dict(vocab_size=300, context_length=16, width=64, layers=4, heads=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting for a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def calibration(seed=0, n=16):
