@@ -46,13 +46,16 @@ Data: webdataset tar shards, {key}.jpg|png + {key}.json {"label": k} (classifica
 (segmentation); a sample of another class (label >= --num-classes) is skipped, mask values above K count
 as background.
 
-Result (synthetic world, 5 of the 10 shapes with 10 labels each, pool 5,000 unlabelled images of all ten
-shapes, VFM a tiny CLIP ViT of 0.84M parameters, student mci_tiny 1.1M; loaded 2-core CPU; README.md,
-"Knowledge transfer"): top-1 on the 508 held-out images of the task, chance 20%: labels only 34.4, task-agnostic
-feature KD 36.0, task-oriented KD on the retrieved set 40.7 and on a random set of the same size 43.5 (teacher
-54.3). Task-oriented transfer beats the labels alone and the task-agnostic baseline; the retrieved set
-(62% in-task images against 49% at random) did not beat the random one in this run, nor with 2 classes
-(55% against 19% in-task; 56.6 vs 59.0, within noise): the paper's retrieval gain is not reproduced here yet.
+Result (synthetic world, README.md "Knowledge transfer"; loaded 2-core CPU): 3 of the 10 shapes, 10 labels each,
+pool 10,000 unlabelled images of all ten shapes, 40 neighbours per query (~1,100 images), student mci_tiny,
+top-1 on the task's 299 held-out images, chance 33.3%. Labels only 40.1. With a mobileclip_tiny VFM (800 steps,
+zero-shot 36.7%; retrieved set 65.9% in-task vs 32.0% at random; teacher 69.2), the distilled student reaches
+57.5 / 61.9 (seeds 0 / 1) on the retrieved set and 55.5 / 62.9 on a random set of the same size; with the tiny
+ViT VFM (61.4% vs 31.8% in-task, teacher 61.9) 55.2 vs 52.8 (seed 0). Task-oriented KD beats the labels alone
+by 13-23 points; the retrieved set does not beat the random one beyond the seed noise (~5 points): the paper's
+retrieval gain is not shown here. Step 3 on the 30 labels lowers every distilled student (150 steps at 2e-3:
+49.5 / 51.2; 50 steps at 2e-4: 54.2 / 55.5), so the demo also reports the student before step 3. The CLIP
+pre-training baseline (the VFM's own mci_tiny tower, fine-tuned on the labels) gets 57.9.
 """
 from __future__ import annotations
 
@@ -126,7 +129,7 @@ class Config:
     synthetic_train: int = 40000  # synthetic training images: the pool (and the CLIP's pre-training set)
     synthetic_val: int = 1000  # synthetic held-out images: the test set
     shots: int = 10  # demo: labelled images per class
-    demo_classes: int = 5  # demo: the target task's classes (the pool holds all 10 shapes)
+    demo_classes: int = 3  # demo: the task's classes (the pool holds all 10 shapes: random sets are mostly off-task)
     pool_shards: int = 0  # demo: the first N training shards form the pool; 0 = all
     clip_steps: int = 800  # demo without --foundation: steps of the tiny CLIP trained as the VFM
 
@@ -899,8 +902,10 @@ def demo(cfg: Config):
         init = cfg.init if tset == "clip" else ""
         if tset in sets:
             init = sub(f"kd_{kd}_{tset}").out
-            run_stage(sub(f"kd_{kd}_{tset}", data=sub(tset).out, kd=kd, teacher=teacher.out, foundation=foundation),
-                      "distill")
+            m = run_stage(sub(f"kd_{kd}_{tset}", data=sub(tset).out, kd=kd, teacher=teacher.out, foundation=foundation),
+                          "distill")
+            if kd == "task":  # the distilled student itself (steps 1-2): step 3 on the few labels can undo part of it
+                results[f"{name}, before step 3"] = m
         results[name] = run_stage(sub(f"ft_{tset or 'scratch'}_{kd or 'none'}", data=labelled, init=init), "finetune")
     summary = {"sets": sets, "results": results, "labelled": K * cfg.shots, "classes": K}
     if C.get_rank() == 0:

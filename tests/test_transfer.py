@@ -163,7 +163,7 @@ def test_tiny_comparison_runs_and_learns(world, tmp_path):
                         synthetic_train=2000, synthetic_val=200, image_size=32, demo_classes=3, shots=4,
                         pool_shards=2, per_query=10, steps=30, batch_size=16, workers=0, probe_steps=10, warmup=5,
                         log_every=10))
-    assert len(s["results"]) == 5 and all("top1" in m for m in s["results"].values())
+    assert len(s["results"]) == 7 and all("top1" in m for m in s["results"].values())
     assert s["sets"]["random"]["transfer_set"] == s["sets"]["retrieved"]["transfer_set"] > 40
     assert s["results"]["VFM teacher (fine-tuned tiny CLIP ViT)"]["top1"] > 100 / 3
     log = [json.loads(l) for l in open(tmp_path / "demo" / "kd_task_retrieved" / "log.jsonl")]
