@@ -12,14 +12,7 @@ import common as C
 import transfer as T
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these many tiny ops slow down by an order of magnitude when two threads
-    spin-wait for a core on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def chunks_of(emb, size):
