@@ -56,7 +56,6 @@ import io
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -455,13 +454,13 @@ def synthetic(cfg: Config) -> dict:
 class LabelledShards(C.ShardStream):
     """common.ShardStream over data shards, each read in step with the label shard of the same name (the data's
     keys in order, minus those the experts could not read, so one forward pass matches them). Partition and
-    shuffle as ShardStream.raw_samples, of which this is a copy with the joined reader (it has no reader hook)."""
+    shuffle are ShardStream's; only the shard reader is replaced."""
 
     def __init__(self, shards: list[str], label_dir: str, decode, batch_size: int, **kw):
         super().__init__(shards, decode, batch_size, **kw)
         self.label_dir = label_dir
 
-    def joined(self, path: str, skipped: dict):
+    def read_shard(self, path: str, skipped: dict):
         labels = C.iter_tar_samples(os.path.join(self.label_dir, os.path.basename(path)), skipped)
         pending = next(labels, None)
         for s in C.iter_tar_samples(path, skipped):
@@ -469,29 +468,6 @@ class LabelledShards(C.ShardStream):
                 s.update({k: v for k, v in pending.items() if k != "__key__"})
                 pending = next(labels, None)
             yield s  # a sample the experts skipped has no label members: decode rejects it if a task needs them
-
-    def raw_samples(self, epoch: int, consumer: int, consumers: int, skipped: dict):
-        rng = random.Random(hash((self.seed, epoch, consumer)) & 0xFFFFFFFF)
-        if len(self.shards) >= consumers:
-            mine, every, offset = list(self.shards[consumer::consumers]), 1, 0
-            rng.shuffle(mine)
-        else:
-            mine, every, offset = list(self.shards), consumers, consumer
-            random.Random(hash((self.seed, epoch)) & 0xFFFFFFFF).shuffle(mine)
-        buf, i = [], 0
-        for path in mine:
-            for s in self.joined(path, skipped):
-                i += 1
-                if (i - 1) % every != offset:
-                    continue
-                if len(buf) < self.buffer:
-                    buf.append(s)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], s = s, buf[j]
-                yield s
-        rng.shuffle(buf)
-        yield from buf
 
 
 def crop_label(arr: np.ndarray, box, image_size, size: int, resample) -> np.ndarray:

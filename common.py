@@ -808,6 +808,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world, self.seed, self.buffer = rank, world, seed, shuffle_buffer
         self.start_pos, self.start_batch, self.epochs, self.drop_last = start_pos or {}, start_batch, epochs, drop_last
 
+    read_shard = staticmethod(iter_tar_samples)  # (path, skipped) -> samples; a subclass may join more members
+
     def raw_samples(self, epoch: int, consumer: int, consumers: int, skipped: dict):
         rng = random.Random(hash((self.seed, epoch, consumer)) & 0xFFFFFFFF)
         if len(self.shards) >= consumers:
@@ -818,7 +820,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             random.Random(hash((self.seed, epoch)) & 0xFFFFFFFF).shuffle(mine)
         buf, i = [], 0
         for path in mine:
-            for s in iter_tar_samples(path, skipped):
+            for s in self.read_shard(path, skipped):
                 i += 1
                 if (i - 1) % every != offset:
                     continue
@@ -1345,10 +1347,8 @@ def prune_checkpoints(out_dir: str, keep: int):
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), **cuda}
 
 
 def set_rng_state(s: dict):
