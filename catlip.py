@@ -51,9 +51,9 @@ Commands:
   python catlip.py --crop-scale 0.9                  # tiny pre-training on the synthetic world, CPU
   python catlip.py compare --init runs/catlip --crop-scale 0.9  # fine-tune from it vs from scratch
 
-Result (2-core CPU, synthetic world, the two commands above with --crop-scale 0.9): the untrained head rows of
-the shape names reach 24.9% top-1 (chance 10%); fine-tuned on 500 labelled images, 16.5% from scratch, 21.4% from
-the CatLIP backbone with a random head, 23.6% with Transfer Init. Details: README, CatLIP section.
+Result (2-core CPU, synthetic world, the two commands above): the head rows of the shape names, untrained on labels,
+reach 24.9% top-1 (chance 10%); fine-tuned on 500 labelled images, 16.5% from scratch, 21.4% from the CatLIP
+backbone with a random head, 23.6% with Transfer Init (README, CatLIP section).
 """
 from __future__ import annotations
 
@@ -204,15 +204,14 @@ download sale buy shop online uk inc llc ltd
 
 # Irregular plurals (and -oes / -ves / -ses plurals the rules below get wrong) -> singular.
 IRREGULAR = {
-    "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
-    "geese": "goose", "feet": "foot", "teeth": "tooth", "oxen": "ox", "lice": "louse",
-    "knives": "knife", "wives": "wife", "lives": "life", "leaves": "leaf", "wolves": "wolf",
-    "halves": "half", "shelves": "shelf", "calves": "calf", "loaves": "loaf", "thieves": "thief",
-    "scarves": "scarf", "elves": "elf", "cacti": "cactus", "fungi": "fungus", "nuclei": "nucleus",
-    "criteria": "criterion", "phenomena": "phenomenon", "potatoes": "potato", "tomatoes": "tomato",
-    "heroes": "hero", "echoes": "echo", "volcanoes": "volcano", "mosquitoes": "mosquito",
-    "buses": "bus", "gases": "gas", "lenses": "lens", "analyses": "analysis", "crises": "crisis",
-    "dice": "die", "indices": "index", "matrices": "matrix", "vertices": "vertex",
+    "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse", "geese": "goose",
+    "feet": "foot", "teeth": "tooth", "oxen": "ox", "lice": "louse", "knives": "knife", "wives": "wife",
+    "lives": "life", "leaves": "leaf", "wolves": "wolf", "halves": "half", "shelves": "shelf", "calves": "calf",
+    "loaves": "loaf", "thieves": "thief", "scarves": "scarf", "elves": "elf", "cacti": "cactus", "fungi": "fungus",
+    "nuclei": "nucleus", "criteria": "criterion", "phenomena": "phenomenon", "potatoes": "potato",
+    "tomatoes": "tomato", "heroes": "hero", "echoes": "echo", "volcanoes": "volcano", "mosquitoes": "mosquito",
+    "buses": "bus", "gases": "gas", "lenses": "lens", "analyses": "analysis", "crises": "crisis", "dice": "die",
+    "indices": "index", "matrices": "matrix", "vertices": "vertex",
 }
 # Words that end in -s but are not plurals (or have no singular in common use).
 INVARIANT = frozenset("series species news clothes jeans pants shorts scissors trousers sunglasses "
@@ -292,7 +291,7 @@ class NounCounts(torch.utils.data.IterableDataset):
         yield {"counts": counts, "n": n, "skipped": skipped, "worker": worker}
 
 
-def _as_is(x):
+def _as_is(x):  # DataLoader's default_convert rebuilds a Counter with .update(), doubling every count
     return x
 
 
@@ -383,12 +382,7 @@ def load_vocab(path: str) -> Vocab:
 
 def caption_labels(caption: str, vocab: Vocab, max_labels: int) -> list[int]:
     """The head rows a caption switches on: its lemmas found in V, each once, at most max_labels."""
-    rows = []
-    for w in caption_lemmas(caption):
-        i = vocab.lemmas.get(w)
-        if i is not None and i not in rows:
-            rows.append(i)
-    return rows[:max_labels]
+    return list(dict.fromkeys(vocab.lemmas[w] for w in caption_lemmas(caption) if w in vocab.lemmas))[:max_labels]
 
 
 def vocab_main(argv=None):
@@ -474,8 +468,7 @@ def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def multi_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, K) padded ids -> (B, C) float 0/1; padding goes to an extra column that is cut off."""
-    B = labels.shape[0]
-    y = torch.zeros(B, n_classes + 1, device=labels.device)
+    y = torch.zeros(labels.shape[0], n_classes + 1, device=labels.device)  # (B, C + 1)
     return y.scatter_(1, labels.masked_fill(labels < 0, n_classes), 1.0)[:, :n_classes]
 
 
@@ -517,8 +510,7 @@ def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator)
     """Stand-in for RangeAugment (a design choice, spec 3.1): per image, contrast and brightness factors
     in 1 +- strength and Gaussian noise of std up to noise * 255, on the device, on float (B, 3, H, W) in
     [0, 255]. RangeAugment learns these magnitudes against a PSNR target; here they are fixed."""
-    B = x.shape[0]
-    u = torch.rand(B, 3, 1, 1, 1, device=x.device, generator=gen).unbind(1)  # three (B, 1, 1, 1) draws
+    u = torch.rand(x.shape[0], 3, 1, 1, 1, device=x.device, generator=gen).unbind(1)  # three (B, 1, 1, 1) draws
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (1 + strength * (2 * u[0] - 1)) + mean  # contrast around the image mean
     x = x * (1 + strength * (2 * u[1] - 1))  # brightness
@@ -535,8 +527,7 @@ def resolve_shards(data: str, cache_dir: str, n_train: int, n_val: int, size: in
 
 
 def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
-    cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
-    return C.synthetic_world(cache, n_train, n_val, size, seed=0)
+    return C.synthetic_world(cache_dir or os.path.expanduser("~/.cache/effclip"), n_train, n_val, size, seed=0)
 
 
 # ==== 6. Optimiser and EMA (spec 3.2) =======================================================================
@@ -583,11 +574,8 @@ def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
             out.append([label_row[f"n{int(key[1:])}"]])
             continue
         whole = vocab.lemmas.get(singularize(key.replace(" ", "_")))
-        rows = [whole] if whole is not None else []
-        for w in caption_lemmas(key) if whole is None else []:
-            if w in vocab.lemmas and vocab.lemmas[w] not in rows:
-                rows.append(vocab.lemmas[w])
-        out.append(rows)
+        out.append([whole] if whole is not None else  # else its words' rows, each once, in order
+                   list(dict.fromkeys(vocab.lemmas[w] for w in caption_lemmas(key) if w in vocab.lemmas)))
     return out
 
 
@@ -872,19 +860,16 @@ def finetune(argv=None):
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     train_items, val_items, classnames = finetune_data(cfg, size)
     model = build_model(name, len(classnames), size, init["pool"] if init else cfg.pool).to(device)
-    note = "from scratch"
-    if init:  # the backbone from the pre-training; the head is new
-        sd = init[cfg.init_weights]
+    if init:  # the backbone from the pre-training; the head is new (random, or Transfer Init)
+        sd, note = init[cfg.init_weights], f"backbone from {cfg.init} ({cfg.init_weights} weights), random head"
         C.load_state_dict_checked(model.visual, {k[7:]: v for k, v in sd.items() if k.startswith("visual.")},
                                   f"--init {cfg.init}")
-        note = f"backbone from {cfg.init} ({cfg.init_weights} weights), random head"
         if cfg.transfer_init:
             matches = match_classes(classnames, Vocab(init["labels"], init["lemmas"]))
             hit = transfer_init(model.head, sd["head.weight"], sd["head.bias"], matches)
-            note = (f"backbone from {cfg.init} ({cfg.init_weights} weights), Transfer Init of {hit}/{len(classnames)}"
-                    f" classes: " + ", ".join(f"{c}<-{'+'.join(init['labels'][i] for i in r) or 'random'}"
-                                              for c, r in list(zip(classnames, matches))[:12]))
-    C.print0(note)
+            note = note.replace("random head", f"Transfer Init of {hit}/{len(classnames)} classes: ") + ", ".join(
+                f"{c}<-{'+'.join(init['labels'][i] for i in r) or 'random'}" for c, r in zip(classnames[:12], matches))
+    C.print0(note if init else "from scratch")
     if cfg.linear_probe:
         model.visual.requires_grad_(False)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, 0.999, decay_all=True)
