@@ -1,26 +1,19 @@
 """SAM-CLIP: Merging Vision Foundation Models towards Semantic and Spatial Understanding
 (arXiv 2310.15308, Wang et al., Apple).
 
-SAM-CLIP turns SAM's ViT-B image encoder into one backbone with two heads: SAM's own mask decoder (promptable
-segmentation, kept by self-distillation from a frozen copy of SAM) and a new CLIP head (zero-shot classification
-and semantic segmentation, distilled from a CLIP teacher). Stage I trains the CLIP head alone on the frozen
-backbone; stage II trains everything except the prompt encoder on L_CLIP + lambda L_SAM, the backbone and the SAM
-head at a tenth of the head's learning rate.
+SAM-CLIP turns SAM's ViT-B image encoder into one backbone with two heads: SAM's mask decoder (promptable
+segmentation, kept by self-distillation from a frozen SAM) and a new CLIP head (zero-shot classification and
+segmentation, distilled from a CLIP teacher). Stage I trains the CLIP head alone on the frozen backbone; stage II
+trains all but the prompt encoder on L_CLIP + lambda L_SAM, backbone and SAM head at a tenth of the head's lr.
 
-What is here: Segment Anything (image encoder with windowed and global attention and decomposed relative position
-bias, the neck, prompt encoder, two-way-transformer mask decoder) with the official parameter names, so
-sam_vit_b_01ec64.pth (and vit_l / vit_h) load strictly; point, box and mask prompts with SAM's pre- and
-post-processing (`predict`); the CLIP head initialised from SAM's last block; stage I and stage II with the
-paper's losses, learning rates, batch mix (CLIP micro-batch + SAM micro-batch, one optimizer step) and
-resolutions (CLIP images at a cycle of 224/448, SAM images at 1024); a reader of SA-1B's published layout (tar
-shards of jpg + json whose masks are COCO run-length strings, decoded in numpy); zero-shot semantic segmentation
-by the paper's patch-level procedure (`segment`) and its mIoU on a Pascal VOC folder or on the synthetic world's
-held-out masks (`eval`), with the optional SAM-head refinement (App. C). On the synthetic world, the SAM teacher
-of the tiny pipeline is a tiny SAM trained here first on the world's masks (`train-sam`).
-Left out: SAM's iterative prompt simulation (one point or one box per mask here), stage III (resolution
-adaptation: stage I at other sizes is the same code), the CVNets variable-batch sampler (the CLIP resolution
-cycles per step at a fixed batch), the instance-segmentation and probing evaluations (Tables 3-4), caching of
-teacher outputs (the teachers run online).
+What is here: Segment Anything with the official parameter names (sam_vit_{b,l,h} load strictly), point, box and
+mask prompts with SAM's pre/post-processing (`predict`); the CLIP head; stages I and II with the paper's losses,
+learning rates, batch mix (a CLIP and a SAM micro-batch, one optimizer step) and resolutions (CLIP at a cycle of
+224/448, SAM at 1024); an SA-1B shard reader (COCO RLE masks decoded in numpy); zero-shot semantic segmentation
+(`segment`) and its mIoU on a Pascal VOC folder or the synthetic world (`eval`), optionally refined by the SAM
+head (App. C). The tiny pipeline's SAM teacher is a tiny SAM trained here on the world's masks (`train-sam`).
+Left out: iterative prompt simulation (one point or box per mask), stage III (= stage I at other sizes), the
+CVNets variable-batch sampler (the CLIP size cycles per step), the Table 3-4 evaluations, cached teacher outputs.
 
 Paper -> code:
   SAM ViT-B image encoder, neck (SAM paper, spec 2.1)      -> ImageEncoderViT, EncoderBlock, EncoderAttention
@@ -96,7 +89,7 @@ class TrainShared(Shared):
     box_prob: float = 0.5  # probability that a mask's prompt is its (noisy) box rather than a point in it
     focal_weight: float = 20.0  # focal : dice ratio of the mask loss (SAM: 20 : 1)
     weight_decay: float = 0.1  # AdamW weight decay (not stated; SAM's 0.1)
-    warmup: int = 20  # linear warm-up steps, then cosine to 1% of the peak
+    warmup: int = 20  # linear warm-up steps, then cosine to 0.01 x the peak
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     workers: int = 1  # DataLoader workers per stream and rank
     log_every: int = 25  # steps between log lines
@@ -171,15 +164,12 @@ class InferConfig(Shared):
 
 # SAM sizes (build_sam.py constants); `tiny` is a CPU model for the synthetic world: 64 px, 8 x 8 tokens;
 # `micro` is the tests' (32 px).
+_SAM_1024 = dict(image_size=1024, patch=16, window=14, prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16,
+                 iou_hidden=256)
 MODELS = {
-    "vit_b": dict(image_size=1024, patch=16, width=768, depth=12, heads=12, window=14, global_blocks=(2, 5, 8, 11),
-                  prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16, iou_hidden=256),
-    "vit_l": dict(image_size=1024, patch=16, width=1024, depth=24, heads=16, window=14,
-                  global_blocks=(5, 11, 17, 23), prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16,
-                  iou_hidden=256),
-    "vit_h": dict(image_size=1024, patch=16, width=1280, depth=32, heads=16, window=14,
-                  global_blocks=(7, 15, 23, 31), prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in=16,
-                  iou_hidden=256),
+    "vit_b": dict(_SAM_1024, width=768, depth=12, heads=12, global_blocks=(2, 5, 8, 11)),
+    "vit_l": dict(_SAM_1024, width=1024, depth=24, heads=16, global_blocks=(5, 11, 17, 23)),
+    "vit_h": dict(_SAM_1024, width=1280, depth=32, heads=16, global_blocks=(7, 15, 23, 31)),
     "tiny": dict(image_size=64, patch=8, width=128, depth=4, heads=4, window=4, global_blocks=(1, 3),
                  prompt_dim=64, decoder_mlp=256, decoder_heads=4, mask_in=8, iou_hidden=64),
     "micro": dict(image_size=32, patch=4, width=64, depth=2, heads=2, window=4, global_blocks=(1,),  # the tests'
@@ -190,9 +180,7 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
 
-# ----------------------------------------------------------------------------------------------------
-# 1. SAM image encoder: ViT with windowed / global attention and decomposed relative positions
-# ----------------------------------------------------------------------------------------------------
+# ==== 1. SAM image encoder: ViT with windowed / global attention and decomposed relative positions ===========
 # Tokens stay channels-last (B, H, W, C) throughout. Most blocks attend inside w x w windows (the grid is
 # zero-padded bottom/right to a multiple of w); a few "global" blocks attend over the whole grid. Every
 # attention adds a relative position term q . R[h - h'] + q . R[w - w'] (MViTv2's decomposition), with a
@@ -300,9 +288,8 @@ class EncoderBlock(nn.Module):
     def forward(self, x):
         y = self.norm1(x)
         if self.window:
-            hw = y.shape[1:3]
             y, padded = window_partition(y, self.window)
-            y = window_unpartition(self.attn(y), self.window, padded, hw)
+            y = window_unpartition(self.attn(y), self.window, padded, x.shape[1:3])
         else:
             y = self.attn(y)
         x = x + y
@@ -322,9 +309,9 @@ class ImageEncoderViT(nn.Module):
     """Patchify, + absolute positions (1, g, g, C), blocks, then the neck to (B, out, g, g).
     `forward_tokens` stops before the neck: the branch point of the CLIP head (spec 2.2)."""
 
-    def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, out_chans, grad_ckpt=False):
+    def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, out_chans):
         super().__init__()
-        self.img_size, self.grad_ckpt = image_size, grad_ckpt
+        self.img_size = image_size
         g = image_size // patch
         self.patch_embed = PatchEmbed(patch, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, g, g, width))
@@ -341,17 +328,14 @@ class ImageEncoderViT(nn.Module):
                                 align_corners=False).permute(0, 2, 3, 1)
         x = x + pos
         for blk in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training \
-                else blk(x)
+            x = blk(x)
         return x  # (B, h, w, C)
 
     def forward(self, x):
         return self.neck(self.forward_tokens(x).permute(0, 3, 1, 2))  # (B, out, h, w)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Prompt encoder: random Fourier positions for points and boxes, a conv stack for mask prompts
-# ----------------------------------------------------------------------------------------------------
+# ==== 2. Prompt encoder: random Fourier positions for points and boxes, a conv stack for mask prompts ========
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -372,11 +356,6 @@ class PositionEmbeddingRandom(nn.Module):
         y, x = torch.meshgrid((torch.arange(h, device=dev) + 0.5) / h, (torch.arange(w, device=dev) + 0.5) / w,
                               indexing="ij")
         return self.encode(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
-
-    def with_coords(self, coords, image_hw):
-        """Pixel coordinates (..., 2) as (x, y) in an image of (H, W)."""
-        c = coords.float() / torch.tensor([image_hw[1], image_hw[0]], device=coords.device)
-        return self.encode(c)
 
 
 class PromptEncoder(nn.Module):
@@ -400,38 +379,34 @@ class PromptEncoder(nn.Module):
     def embed_points(self, coords, labels):
         """coords (N, P, 2) pixels of the padded input, labels (N, P) -> (N, P, D). Coordinates move to
         pixel centres (+0.5); a padding point keeps only `not_a_point_embed`."""
-        z = self.pe_layer.with_coords(coords + 0.5, self.input_image_size)
+        wh = torch.tensor(self.input_image_size[::-1], device=coords.device)
+        z = self.pe_layer.encode((coords.float() + 0.5) / wh)  # (x, y) in [0, 1]
         z = torch.where(labels[..., None] == -1, torch.zeros_like(z), z)
         table = torch.cat([self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings])  # (5, D)
         return z + table[labels.long() + 1]
 
-    def forward(self, points=None, boxes=None, masks=None):
+    def forward(self, points=None, boxes=None, masks=None, pad: bool = True):
         """points = (coords (N, P, 2), labels (N, P)), boxes (N, 4) xyxy, masks (N, 1, 4g, 4g) logits ->
-        sparse (N, T, D), dense (N, D, g, g). Points without a box get one padding point (as SAM)."""
-        n = next(t.shape[0] for t in (points[0] if points else None, boxes, masks) if t is not None) \
-            if (points or boxes is not None or masks is not None) else 1
+        sparse (N, T, D), dense (N, D, g, g). Points without a box get one padding point (as SAM), unless
+        pad=False: training prompts come as two tokens each (point + padding, or a box's corners 2, 3)."""
+        n = next((t.shape[0] for t in (points and points[0], boxes, masks) if t is not None), 1)
         dev = self.no_mask_embed.weight.device
         parts = []
         if points is not None:
             coords, labels = points
-            if boxes is None:
+            if boxes is None and pad:
                 coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], 1)
                 labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], 1)
             parts.append(self.embed_points(coords, labels))
         if boxes is not None:
-            corner = torch.tensor([[2, 3]], device=dev).expand(boxes.shape[0], 2)
-            parts.append(self.embed_points(boxes.reshape(-1, 2, 2), corner))
+            parts.append(self.embed_points(boxes.reshape(-1, 2, 2), torch.tensor([[2, 3]], device=dev).expand(n, 2)))
         sparse = torch.cat(parts, 1) if parts else torch.empty(n, 0, self.embed_dim, device=dev)
-        if masks is not None:
-            dense = self.mask_downscaling(masks)
-        else:
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *self.image_embedding_size)
+        dense = self.mask_downscaling(masks) if masks is not None else \
+            self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *self.image_embedding_size)
         return sparse, dense
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Mask decoder: a two-way transformer between prompt tokens and image tokens, hypernetwork masks
-# ----------------------------------------------------------------------------------------------------
+# ==== 3. Mask decoder: a two-way transformer between prompt tokens and image tokens, hypernetwork masks ======
 
 
 class DecoderAttention(nn.Module):
@@ -533,8 +508,7 @@ class MaskDecoder(nn.Module):
         N = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])[None].expand(N, -1, -1)
         tokens = torch.cat([out_tokens, sparse], dim=1)  # (N, 1 + 4 + T, D)
-        src = image_embeddings.expand(N, -1, -1, -1) if image_embeddings.shape[0] == 1 else image_embeddings
-        src = src + dense
+        src = image_embeddings + dense  # one image's embedding broadcasts over its N prompts
         _, D, g, _ = src.shape
         hs, src = self.transformer(src, image_pe.expand(N, -1, -1, -1), tokens)
         up = self.output_upscaling(src.transpose(1, 2).reshape(N, D, g, g))  # (N, D/8, 4g, 4g)
@@ -547,9 +521,7 @@ class MaskDecoder(nn.Module):
         return masks[:, sl], iou[:, sl]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. SAM, its pre- and post-processing, and the CLIP head that turns it into SAM-CLIP
-# ----------------------------------------------------------------------------------------------------
+# ==== 4. SAM, its pre- and post-processing, and the CLIP head that turns it into SAM-CLIP ====================
 
 
 class Sam(nn.Module):
@@ -557,11 +529,10 @@ class Sam(nn.Module):
     std are non-persistent buffers, so the state dict is exactly the official one."""
 
     def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, prompt_dim, decoder_mlp,
-                 decoder_heads, mask_in, iou_hidden, grad_ckpt=False):
+                 decoder_heads, mask_in, iou_hidden):
         super().__init__()
         grid = image_size // patch
-        self.image_encoder = ImageEncoderViT(image_size, patch, width, depth, heads, window, global_blocks,
-                                             prompt_dim, grad_ckpt)
+        self.image_encoder = ImageEncoderViT(image_size, patch, width, depth, heads, window, global_blocks, prompt_dim)
         self.prompt_encoder = PromptEncoder(prompt_dim, grid, image_size, mask_in)
         self.mask_decoder = MaskDecoder(prompt_dim, decoder_heads, decoder_mlp, iou_hidden)
         self.register_buffer("pixel_mean", torch.tensor(SAM_MEAN).view(-1, 1, 1), persistent=False)
@@ -578,18 +549,11 @@ class Sam(nn.Module):
         S = self.image_encoder.img_size
         return F.pad(x, (0, max(0, S - x.shape[3]), 0, max(0, S - x.shape[2])))
 
-    def decode(self, emb, coords=None, labels=None, boxes=None, mask_input=None, multimask=True, all_masks=False):
-        """Image embeddings (1 or N, D, g, g) + prompts (N of them) -> low-res mask logits and IoU."""
-        sparse, dense = self.prompt_encoder(None if coords is None else (coords, labels), boxes, mask_input)
-        return self.mask_decoder(emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, all_masks)
-
-    def decode_tokens(self, emb, coords, labels, mask_input=None, multimask=True, all_masks=False):
-        """As `decode` for prompts already in token form, coords (N, P, 2) with labels (N, P) from
-        {1, 0, -1 (padding), 2, 3 (box corners)}: a batch can mix points and boxes (both 2 tokens)."""
-        sparse = self.prompt_encoder.embed_points(coords, labels)
-        dense = self.prompt_encoder(masks=mask_input)[1] if mask_input is not None else \
-            self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-                coords.shape[0], -1, *self.prompt_encoder.image_embedding_size)
+    def decode(self, emb, coords=None, labels=None, boxes=None, mask_input=None, multimask=True, all_masks=False,
+               pad=True):
+        """Image embeddings (1 or N, D, g, g) + prompts (N of them) -> low-res mask logits and IoU. With
+        pad=False, coords (N, 2, 2) and labels (N, 2) are token pairs, so a batch can mix points and boxes."""
+        sparse, dense = self.prompt_encoder(None if coords is None else (coords, labels), boxes, mask_input, pad)
         return self.mask_decoder(emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, all_masks)
 
     def postprocess_masks(self, masks, input_hw, original_hw):
@@ -641,9 +605,11 @@ class SamClip(Sam):
                                   pool_first)
         return self
 
-    def encode_image(self, x, normalize: bool = False):
-        """SAM-normalised (B, 3, S, S), any S the patch divides -> pooled CLIP embedding (B, E)."""
-        z = self.clip_head(self.image_encoder.forward_tokens(x))
+    def encode_image(self, x, normalize: bool = False, dense: bool = False):
+        """SAM-normalised (B, 3, S, S), any S the patch divides -> the pooled CLIP embedding (B, E), or with
+        dense=True the per-patch embeddings (B, h, w, E)."""
+        t = self.image_encoder.forward_tokens(x)  # (B, h, w, C)
+        z = self.clip_head.dense(t) if dense else self.clip_head(t)
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, x, idx=None, coords=None, labels=None):
@@ -651,67 +617,61 @@ class SamClip(Sam):
         prompts (image index idx, coords, labels), all four mask outputs and IoUs of every prompt."""
         if coords is None:
             return self.encode_image(x)
-        return self.decode_tokens(self.image_encoder(x)[idx], coords, labels, all_masks=True)
-
-    def encode_dense(self, x, normalize: bool = True):
-        z = self.clip_head.dense(self.image_encoder.forward_tokens(x))  # (B, h, w, E)
-        return F.normalize(z, dim=-1) if normalize else z
+        return self.decode(self.image_encoder(x)[idx], coords, labels, all_masks=True, pad=False)
 
 
-def build_sam(name: str, clip_embed: int = 0, head_hidden: int = 0, grad_ckpt: bool = False) -> SamClip:
-    """An untrained SAM of MODELS[name]; with clip_embed > 0, also a CLIP head of that output size."""
+def build_sam(name: str) -> SamClip:
+    """An untrained SAM of MODELS[name] (`add_clip_head` makes it a SAM-CLIP)."""
     if name not in MODELS:
         C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    model = SamClip(**MODELS[name], grad_ckpt=grad_ckpt)
-    return model.add_clip_head(clip_embed, head_hidden) if clip_embed else model
-
-
-def sam_model_name(sd: dict) -> str:
-    """Which MODELS entry a flat SAM state dict is (by width, depth and token grid)."""
-    w = sd["image_encoder.pos_embed"].shape
-    depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
-    for name, m in MODELS.items():
-        if (m["width"], m["depth"], m["image_size"] // m["patch"]) == (w[3], depth, w[1]):
-            return name
-    C.fail(f"a SAM state dict of width {w[3]}, depth {depth}, grid {w[1]} matches no entry of MODELS")
+    model = SamClip(**MODELS[name])
+    model.model_name = name
+    return model
 
 
 def read_weights(path: str) -> dict:
     """A checkpoint file or run directory (its latest ckpt-*.pt) -> the loaded dict."""
     if os.path.isdir(path):
         path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # before load_checkpoint, which reads "" and "auto" as "start fresh"
         C.fail(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        C.fail(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return C.load_checkpoint(path, "")
 
 
-def load_sam(path: str, with_clip_head: bool = False) -> SamClip:
+def load_sam(path: str, with_clip_head: bool = False, ck: dict | None = None) -> SamClip:
     """SAM (or SAM-CLIP) from the official sam_vit_{b,l,h}_*.pth (a flat state dict, loaded strictly) or
-    from a checkpoint of this script (train-sam or merge runs; a run directory gives its latest)."""
-    ck = read_weights(path)
+    from a checkpoint of this script (train-sam or merge runs; a run directory gives its latest), or from
+    `ck`, that file already read."""
+    ck = ck or read_weights(path)
     if "kind" in ck and "model" in ck:  # this script's checkpoint
         sd, name = ck["model"], ck["model_name"]
-    else:
+    else:  # an official file: the MODELS entry of its width, depth and token grid
         sd = C.unwrap_state_dict(ck)
         if "image_encoder.pos_embed" not in sd:
             C.fail(f"{path} is not a SAM state dict (no image_encoder.pos_embed)")
-        name = sam_model_name(sd)
-    has_head = any(k.startswith("clip_head.") for k in sd)
-    if with_clip_head and not has_head:
-        C.fail(f"{path} has no CLIP head: give a SAM-CLIP (stage 1 or 2) checkpoint")
-    model = build_sam(name)
-    if has_head and with_clip_head:
+        _, g, _, w = sd["image_encoder.pos_embed"].shape
+        depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
+        name = next((n for n, m in MODELS.items() if (m["width"], m["depth"], m["image_size"] // m["patch"])
+                     == (w, depth, g)), None) or C.fail(f"a SAM state dict of width {w}, depth {depth}, grid {g} "
+                                                         "matches no entry of MODELS")
+    model, head = build_sam(name), {k for k in sd if k.startswith("clip_head.")}
+    if with_clip_head:
+        if not head:
+            C.fail(f"{path} has no CLIP head: give a SAM-CLIP (stage 1 or 2) checkpoint")
         model.add_clip_head(sd["clip_head.mlp.4.weight"].shape[0], sd["clip_head.mlp.0.weight"].shape[0],
-                            len({k.split(".")[2] for k in sd if k.startswith("clip_head.blocks.")}),
+                            len({k.split(".")[2] for k in head if k.startswith("clip_head.blocks.")}),
                             bool(sd["clip_head.pool_first"]))
-    elif has_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith("clip_head.")}
+    sd = {k: v for k, v in sd.items() if with_clip_head or k not in head}  # SAM alone: the head is dropped
     C.load_state_dict_checked(model, sd, f"SAM weights {path}")
-    model.model_name = name
     return model.eval()
+
+
+def load_samclip(path: str, flag: str) -> tuple[SamClip, dict]:
+    """A SAM-CLIP (stage 1 or 2) checkpoint or run of this script -> (model, the checkpoint's dict)."""
+    ck = read_weights(path) if path else C.fail(f"needs {flag}, a SAM-CLIP (stage 1 or 2) run or checkpoint")
+    if ck.get("kind") != "samclip":
+        C.fail(f"{flag} {path} is not a SAM-CLIP checkpoint of this script")
+    return load_sam(path, True, ck), ck
 
 
 def resize_longest(img: Image.Image, size: int) -> Image.Image:
@@ -721,28 +681,31 @@ def resize_longest(img: Image.Image, size: int) -> Image.Image:
     return img.resize((int(w * s + 0.5), int(h * s + 0.5)), Image.BILINEAR)
 
 
+def embed_image(sam: Sam, img: Image.Image):
+    """SAM's image path: img (PIL RGB) -> longest side to the encoder's size, normalised, padded -> (image
+    embedding (1, D, g, g), the resized (h, w))."""
+    small = resize_longest(img, sam.image_encoder.img_size)
+    x = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)[None].to(sam.pixel_mean.device)
+    return sam.image_encoder(sam.preprocess(x)), (small.size[1], small.size[0])
+
+
 @torch.no_grad()
 def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None, mask_input=None,
                   multimask: bool = True):
     """SamPredictor in one call: img (PIL RGB), points [(x, y)] with labels [1/0], box (x0, y0, x1, y1) in
     original pixels, mask_input (1, 1, 4g, 4g) logits -> (masks (K, H, W) bool, iou (K,), low-res logits)."""
     dev = sam.pixel_mean.device
-    S = sam.image_encoder.img_size
-    small = resize_longest(img, S)
-    scale = torch.tensor([small.size[0] / img.size[0], small.size[1] / img.size[1]], device=dev)
-    x = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)[None].to(dev)
-    emb = sam.image_encoder(sam.preprocess(x))  # (1, D, g, g)
+    emb, (h, w) = embed_image(sam, img)
+    scale = torch.tensor([w / img.size[0], h / img.size[1]], device=dev)  # prompts move with the resize
     coords = None if points is None else torch.tensor(points, dtype=torch.float32, device=dev)[None] * scale
     lab = None if labels is None else torch.tensor(labels, device=dev)[None]
-    boxes = None if box is None else torch.tensor(box, dtype=torch.float32, device=dev).view(1, 2, 2) * scale
-    low, iou = sam.decode(emb, coords, lab, None if boxes is None else boxes.view(1, 4), mask_input, multimask)
-    masks = sam.postprocess_masks(low, (small.size[1], small.size[0]), (img.size[1], img.size[0]))
+    boxes = None if box is None else (torch.tensor(box, dtype=torch.float32, device=dev).view(2, 2) * scale).view(1, 4)
+    low, iou = sam.decode(emb, coords, lab, boxes, mask_input, multimask)
+    masks = sam.postprocess_masks(low, (h, w), (img.size[1], img.size[0]))
     return masks[0] > sam.mask_threshold, iou[0], low
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Losses: L_CLIP (cosine distillation) and L_SAM (focal + dice against the frozen SAM's masks)
-# ----------------------------------------------------------------------------------------------------
+# ==== 5. Losses: L_CLIP (cosine distillation) and L_SAM (focal + dice against the frozen SAM's masks) ========
 
 
 def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -766,26 +729,17 @@ def dice_loss(logits, target, eps: float = 1.0) -> torch.Tensor:
     return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
 
 
-def focal_loss_reference(logits, target, alpha=0.25, gamma=2.0):
-    """Pixel by pixel in float64 Python arithmetic, for the tests: (N, H, W) -> (N,)."""
-    out = []
-    for x_map, t_map in zip(logits.double().tolist(), target.double().tolist()):
-        terms = []
-        for x, t in zip(sum(x_map, []), sum(t_map, [])):
-            p = 1 / (1 + math.exp(-x))
-            ce = -(t * math.log(p) + (1 - t) * math.log(1 - p))
-            p_t = p * t + (1 - p) * (1 - t)
-            terms.append((alpha * t + (1 - alpha) * (1 - t)) * ce * (1 - p_t) ** gamma)
-        out.append(sum(terms) / len(terms))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def dice_loss_reference(logits, target, eps=1.0):
-    out = []
+def focal_dice_reference(logits, target, alpha=0.25, gamma=2.0, eps=1.0):
+    """focal_loss and dice_loss pixel by pixel in float64 Python arithmetic, for the tests: (N, H, W) ->
+    (focal (N,), dice (N,))."""
+    focal, dice = [], []
     for x_map, t_map in zip(logits.double().tolist(), target.double().tolist()):
         ps, ts = [1 / (1 + math.exp(-x)) for x in sum(x_map, [])], sum(t_map, [])
-        out.append(1 - (2 * sum(p * t for p, t in zip(ps, ts)) + eps) / (sum(ps) + sum(ts) + eps))
-    return torch.tensor(out, dtype=torch.float64)
+        terms = [(alpha * t + (1 - alpha) * (1 - t)) * -(t * math.log(p) + (1 - t) * math.log(1 - p))  # a_t * CE
+                 * (1 - (p * t + (1 - p) * (1 - t))) ** gamma for p, t in zip(ps, ts)]  # * (1 - p_t)^gamma
+        focal.append(sum(terms) / len(terms))
+        dice.append(1 - (2 * sum(p * t for p, t in zip(ps, ts)) + eps) / (sum(ps) + sum(ts) + eps))
+    return torch.tensor(focal, dtype=torch.float64), torch.tensor(dice, dtype=torch.float64)
 
 
 def mask_loss(logits, target, focal_weight: float = 20.0) -> torch.Tensor:
@@ -807,9 +761,7 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter, dtype=torch.float))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Data: SA-1B (jpg + json of COCO run-length masks), the synthetic world's masks, CLIP images
-# ----------------------------------------------------------------------------------------------------
+# ==== 6. Data: SA-1B (jpg + json of COCO run-length masks), the synthetic world's masks, CLIP images =========
 # COCO's compressed RLE: a mask is read column by column (Fortran order) as alternating runs of 0s and 1s,
 # starting with 0s. Each run length is written as 5-bit groups, low first, as characters chr(48 + g) with
 # bit 0x20 meaning "more groups follow" and bit 0x10 of the last group the sign; from the third run on, the
@@ -839,23 +791,6 @@ def rle_decode(rle: dict) -> np.ndarray:
     if flat.size != h * w:
         raise ValueError(f"RLE covers {flat.size} pixels, not {h}x{w}")
     return flat.reshape(w, h).T
-
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """The inverse of rle_decode (to write SA-1B-layout data and for the tests)."""
-    flat = np.asarray(mask, np.uint8).T.reshape(-1)  # column-major
-    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
-    counts = ([0] if flat.size and flat[0] else []) + np.diff(bounds).tolist()  # runs start with 0s
-    s = []
-    for i, c in enumerate(counts):
-        x = c - counts[i - 2] if i > 2 else c
-        while True:
-            g, x = x & 0x1F, x >> 5
-            more = not ((x == 0 and not g & 0x10) or (x == -1 and g & 0x10))
-            s.append(chr(48 + (g | 0x20 if more else g)))
-            if not more:
-                break
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(s)}
 
 
 def sample_masks(sample: dict):
@@ -934,8 +869,12 @@ def synthetic(cfg) -> dict:
 
 
 def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, world: int, pos: dict, start: int):
-    s = C.ShardStream(C.expand_shards(shards), decode, batch, rank, world, seed, 500, pos, start)
-    return iter(C.make_loader(s, workers, torch.cuda.is_available()))
+    """A resumable batch iterator over tar shards, and the DataPosition to record what it gave out; `pos` =
+    {rank: {worker: [epoch, n]}} of the checkpoint resumed from, `start` its step."""
+    mine, position = pos.get(rank, {}), C.DataPosition()
+    position.pos = {int(w): p for w, p in mine.items()}
+    s = C.ShardStream(C.expand_shards(shards), decode, batch, rank, world, seed, 500, mine, start)
+    return iter(C.make_loader(s, workers, torch.cuda.is_available())), position
 
 
 def sam_batch(batch: dict, sam: Sam, device, low: int):
@@ -948,9 +887,7 @@ def sam_batch(batch: dict, sam: Sam, device, low: int):
     return x, idx, batch["coords"].to(device).flatten(0, 1), batch["labels"].to(device).flatten(0, 1), gt.flatten(0, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. train-sam: a small SAM on the synthetic world's masks (the SAM teacher of the tiny pipeline)
-# ----------------------------------------------------------------------------------------------------
+# ==== 7. train-sam: a small SAM on the synthetic world's masks (the SAM teacher of the tiny pipeline) ========
 
 
 def sam_train_loss(masks, iou, gt, labels, focal_weight: float):
@@ -992,16 +929,14 @@ def train_sam(argv=None):
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     model = build_sam(cfg.model).to(device).train()
-    model.model_name = cfg.model
     S = cfg.size or MODELS[cfg.model]["image_size"]
     low = 4 * model.prompt_encoder.image_embedding_size[0]
     shards = cfg.data or synthetic(cfg)["train"]
     opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
     start, pos = resume_run(cfg, model, opt, "sam")
-    batches = stream(shards, SamDecode(S, cfg.masks_per_image, cfg.seed, cfg.box_prob), cfg.batch_size, cfg.seed,
-                     cfg.workers, rank, world, pos.get(rank, {}), start)
-    position, log, stop = C.DataPosition(), C.RunLog(cfg.out), C.StopSignal()
-    position.pos = {int(w): p for w, p in pos.get(rank, {}).items()}
+    batches, position = stream(shards, SamDecode(S, cfg.masks_per_image, cfg.seed, cfg.box_prob), cfg.batch_size,
+                               cfg.seed, cfg.workers, rank, world, pos, start)
+    log, stop = C.RunLog(cfg.out), C.StopSignal()
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     t0 = time.time()
     for step in range(start, cfg.steps + 1):
@@ -1028,18 +963,15 @@ def train_sam(argv=None):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. Merging: stage I (CLIP-head probing) and stage II (multi-task distillation), Sec. 3.2 and 4.1
-# ----------------------------------------------------------------------------------------------------
+# ==== 8. Merging: stage I (CLIP-head probing) and stage II (multi-task distillation), Sec. 3.2 and 4.1 =======
 
 
 def load_clip_teacher(path: str, bpe: str, device):
     """The CLIP teacher (frozen): a mobileclip.py checkpoint with bpe.txt beside it, or an OpenAI/OpenCLIP
     state dict with --bpe (OpenCLIP ViT-L/14 DataComp-1B in the paper). -> (model, tokenizer, spec)."""
-    if not path:
-        C.fail("--teacher-clip is required: a mobileclip.py checkpoint or an OpenCLIP state dict (with --bpe)")
     import mobileclip  # only for its teacher loader (MobileCLIP and ViT CLIPs, OpenCLIP weights)
-    model, tok, spec = mobileclip.load_teacher(path, bpe, device)
+    model, tok, spec = mobileclip.load_teacher(path or C.fail(
+        "--teacher-clip is required: a mobileclip.py checkpoint or an OpenCLIP state dict (with --bpe)"), bpe, device)
     return model.requires_grad_(False), tok, spec
 
 
@@ -1068,20 +1000,14 @@ def param_groups_stage2(model: SamClip, mult: float, weight_decay: float) -> lis
 def build_student(cfg: Config, embed_dim: int, device):
     """Stage 1: SAM from --init-sam plus a new CLIP head (copies of the last block); stage 2: the stage-1
     checkpoint. Also returns the frozen SAM teacher (stage 2) and the optimizer."""
-    if not cfg.init_sam:
-        C.fail("--init-sam is required: sam_vit_b_01ec64.pth or a train-sam run (also the frozen SAM teacher)")
-    sam_teacher = load_sam(cfg.init_sam).to(device).requires_grad_(False)
+    sam_teacher = load_sam(cfg.init_sam or C.fail("--init-sam is required: sam_vit_b_01ec64.pth or a train-sam run"
+                                                   " (also the frozen SAM teacher)")).to(device).requires_grad_(False)
     if cfg.stage == 1:
         model = copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden, 3, cfg.pool_first).to(device)
-        model.model_name = sam_teacher.model_name
         model.requires_grad_(False).clip_head.requires_grad_(True)
         opt = C.make_adamw(model.clip_head, cfg.lr or 8e-4, cfg.weight_decay, betas=(0.9, 0.999))
         return model, None, opt
-    if not cfg.init:
-        C.fail("--stage 2 needs --init, the stage-1 checkpoint or run directory")
-    if read_weights(cfg.init).get("kind") != "samclip":
-        C.fail(f"--init {cfg.init} is not a SAM-CLIP checkpoint of this script")
-    model = load_sam(cfg.init, with_clip_head=True).to(device).train()
+    model = load_samclip(cfg.init, "--stage 2 --init")[0].to(device).train()
     if model.model_name != sam_teacher.model_name:
         C.fail(f"--init is a {model.model_name}, --init-sam a {sam_teacher.model_name}")
     model.requires_grad_(True).prompt_encoder.requires_grad_(False)
@@ -1107,18 +1033,17 @@ def merge(argv=None):
              f" params ({E}-d teacher), trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     start, pos = resume_run(cfg, model, opt, "samclip")
     world_data = None if cfg.data_clip and (cfg.data_sam or cfg.stage == 1) else synthetic(cfg)
-    streams = {"clip": stream(cfg.data_clip or world_data["train"], ClipDecode(max(sizes), cfg.seed, cfg.crop_scale),
-                              cfg.batch_clip, cfg.seed, cfg.workers, rank, world, pos.get("clip", {}).get(rank, {}), start)}
+    streams, positions = {}, {}
+    streams["clip"], positions["clip"] = stream(cfg.data_clip or world_data["train"], ClipDecode(
+        max(sizes), cfg.seed, cfg.crop_scale), cfg.batch_clip, cfg.seed, cfg.workers, rank, world, pos.get("clip", {}),
+        start)
     if cfg.stage == 2:
-        streams["sam"] = stream(cfg.data_sam or world_data["train"], SamDecode(S_sam, cfg.masks_per_image, cfg.seed + 1,
-                                cfg.box_prob), cfg.batch_sam, cfg.seed + 1, cfg.workers, rank, world,
-                                pos.get("sam", {}).get(rank, {}), start)
-    positions = {k: C.DataPosition() for k in streams}
-    for k, p in positions.items():
-        p.pos = {int(w): v for w, v in pos.get(k, {}).get(rank, {}).items()}
-    trained = model.clip_head if cfg.stage == 1 else model
-    ddp = DDP(trained, device_ids=[local_rank] if device.type == "cuda" else None,
-              find_unused_parameters=cfg.stage == 2) if world > 1 else trained
+        streams["sam"], positions["sam"] = stream(cfg.data_sam or world_data["train"], SamDecode(
+            S_sam, cfg.masks_per_image, cfg.seed + 1, cfg.box_prob), cfg.batch_sam, cfg.seed + 1, cfg.workers, rank,
+            world, pos.get("sam", {}), start)
+    # DDP all-reduces only what trains: the CLIP head in stage I, all but the prompt encoder in stage II
+    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+              find_unused_parameters=cfg.stage == 2) if world > 1 else model
     for m in model.modules():
         if isinstance(m, (EncoderAttention, DecoderAttention)):
             m.fused = cfg.fused
@@ -1148,23 +1073,16 @@ def merge(argv=None):
         x = sam_normalize(img, sizes[step % len(sizes)])
         with torch.no_grad():
             target = teacher_embed(teacher, spec, img)  # (B, E), normalised
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if cfg.stage == 1:  # frozen backbone: no graph through it
-                with torch.no_grad():
-                    tokens = model.image_encoder.forward_tokens(x)
-                z = ddp(tokens)
-            else:
-                with ddp.no_sync() if world > 1 else contextlib.nullcontext():
-                    z = ddp(x)
-        l_clip = cosine_distill_loss(z, target)
-        if cfg.stage == 1:
+        # stage II all-reduces the gradients once, in the SAM micro-step's backward
+        with ddp.no_sync() if world > 1 and cfg.stage == 2 else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                z = ddp(x)  # (B, E); stage I builds no graph through the frozen backbone
+            l_clip = cosine_distill_loss(z, target)
             l_clip.backward()
-            l_sam = torch.zeros((), device=device)
-        else:
-            with ddp.no_sync() if world > 1 else contextlib.nullcontext():
-                l_clip.backward()
+        l_sam = torch.zeros((), device=device)
 
-            # ---- micro-step 2: lambda L_SAM against the frozen SAM on a SAM batch (Eq. 2, 3) ---------
+        # ---- micro-step 2: lambda L_SAM against the frozen SAM on a SAM batch (Eq. 2, 3) -----------------
+        if cfg.stage == 2:
             batch = next(streams["sam"])
             positions["sam"].update(batch)
             xs, idx, coords, labels, _ = sam_batch(batch, model, device, low)
@@ -1192,9 +1110,7 @@ def merge(argv=None):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2) and the SAM-head refinement (Table 5, App. C)
-# ----------------------------------------------------------------------------------------------------
+# ==== 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2) and the SAM-head refinement (Table 5, App. C) ====
 # Patch-level procedure (CLIPpy's, which the paper follows): resize the image to size x size (448 in the
 # paper, a 28 x 28 token grid), per-patch embeddings from the CLIP head, cosine similarity with each class's
 # text embedding (prompt ensemble), bilinear upsampling of the logits to the image, argmax per pixel.
@@ -1214,7 +1130,7 @@ def dense_logits(model: SamClip, img: Image.Image, size: int, classifier: torch.
     """(K, H, W) cosine logits for every class, at the image's size: the image is resized to size x size,
     the per-patch logits (K, h, w) upsampled bilinearly."""
     x = C.image_to_uint8(img, size, (0, 0, *img.size))[None].to(classifier.device)
-    z = model.encode_dense(sam_normalize(x, size))  # (1, h, w, E), normalised
+    z = model.encode_image(sam_normalize(x, size), normalize=True, dense=True)  # (1, h, w, E)
     logits = (z @ classifier).permute(0, 3, 1, 2)  # (1, K, h, w)
     return F.interpolate(logits, (img.size[1], img.size[0]), mode="bilinear", align_corners=False)[0]
 
@@ -1226,10 +1142,7 @@ def refine_with_sam(model: SamClip, img: Image.Image, logits: torch.Tensor, thre
     class's probability map (as logits at the mask-prompt size) and 1-3 points drawn where it passes.
     logits (K, H, W) -> (K, H, W) SAM logits at image size, -inf for the classes not prompted."""
     S, low = model.image_encoder.img_size, model.prompt_encoder.mask_input_size[0]
-    small = resize_longest(img, S)
-    w, h = small.size
-    x = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)[None].to(logits.device)
-    emb = model.image_encoder(model.preprocess(x))  # (1, D, g, g)
+    emb, (h, w) = embed_image(model, img)  # one backbone pass at SAM's size
     probs = (100 * logits).softmax(0)  # CLIP's logit scale
     frame = F.pad(F.interpolate(probs[None], (h, w), mode="bilinear")[0], (0, S - w, 0, S - h))  # SAM's padded frame
     prompts = torch.logit(F.interpolate(frame[None], (low, low), mode="bilinear")[0], eps=1e-4)  # (K, low, low)
@@ -1252,11 +1165,8 @@ def segment_image(model, img, size, classifier, bg_text=False, bg_threshold=0.0,
     bg_text, the classifier's first column is the background class."""
     logits = dense_logits(model, img, size, classifier)
     if refine:  # a pixel no class's SAM mask claims (all logits < 0) is background
-        scores = refine_with_sam(model, img, logits[1:] if bg_text else logits, threshold, rng or random.Random(0))
-        best = scores.max(0)
-        if bg_text or bg_threshold:
-            return torch.where(best.values > 0, best.indices + 1, 0)
-        return best.indices
+        best = refine_with_sam(model, img, logits[1:] if bg_text else logits, threshold, rng or random.Random(0)).max(0)
+        return torch.where(best.values > 0, best.indices + 1, 0) if bg_text or bg_threshold else best.indices
     if bg_threshold:
         best = logits.max(0)
         return torch.where(best.values < bg_threshold, 0, best.indices + 1)
@@ -1331,11 +1241,12 @@ def synthetic_pairs(world: dict, n: int, split: str = "val"):
 
 
 @torch.no_grad()
-def sam_head_iou(model: Sam, samples, size: int, device, seed: int = 0) -> float:
+def sam_head_iou(model: Sam, samples, device) -> float:
     """Mean IoU (%) against the ground truth of the SAM head's mask for one point per object mask (the
-    output the IoU head ranks first): how much of SAM the model keeps."""
+    output the IoU head ranks first), at SAM's size: how much of SAM the model keeps."""
     model.eval()
-    dec, low, ious = SamDecode(size, 1, seed, 0.0), 4 * model.prompt_encoder.image_embedding_size[0], []
+    dec = SamDecode(model.image_encoder.img_size, 1, 0, 0.0)
+    low, ious = 4 * model.prompt_encoder.image_embedding_size[0], []
     for i in range(0, len(samples), 64):
         batch = C.collate([dec(s) for s in samples[i:i + 64]])
         x, idx, coords, labels, gt = sam_batch(batch, model, device, low)
@@ -1364,17 +1275,14 @@ def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None
     z = torch.cat([model.encode_image(sam_normalize(x[i:i + 128], size), normalize=True) for i in range(0, len(x), 128)])
     y = torch.tensor([c for _, _, c, _ in data])
     out["zeroshot_top1"] = 100 * ((z @ classifier).argmax(1).cpu() == y).float().mean().item()
-    S = model.image_encoder.img_size
-    out["sam_head_iou"] = sam_head_iou(model, [s for *_, s in data], S, device)
+    out["sam_head_iou"] = sam_head_iou(model, [s for *_, s in data], device)
     if sam_teacher is not None:
-        out["sam_teacher_iou"] = sam_head_iou(sam_teacher, [s for *_, s in data], S, device)
+        out["sam_teacher_iou"] = sam_head_iou(sam_teacher, [s for *_, s in data], device)
     model.train()
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# 10. Commands: predict, segment, eval, train-sam, and the merge (default)
-# ----------------------------------------------------------------------------------------------------
+# ==== 10. Commands: predict, segment, eval, train-sam, and the merge (default) ===============================
 
 
 def parse_points(text: str) -> list:
@@ -1390,13 +1298,10 @@ def open_image(path: str) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def predict_main(argv=None):
+def predict_main(cfg: InferConfig, device):
     """`samclip.py predict --init sam.pth --image x.jpg --point 320,240 [--box ...] --out mask.png`."""
-    cfg = C.parse_config(InferConfig, argv)
-    _, _, _, device = C.setup_distributed(cfg.device)
-    if not cfg.init:
-        C.fail("predict needs --init, SAM weights")
-    sam, img = load_sam(cfg.init).to(device), open_image(cfg.image)
+    sam = load_sam(cfg.init or C.fail("predict needs --init, SAM weights")).to(device)
+    img = open_image(cfg.image)
     pos, neg = parse_points(cfg.point), parse_points(cfg.neg_point)
     box = parse_points(cfg.box)[0] if cfg.box else None
     if box is not None and len(box) != 4:
@@ -1413,15 +1318,10 @@ def predict_main(argv=None):
 
 
 def load_samclip_run(cfg: InferConfig, device):
-    """The SAM-CLIP model of a run/checkpoint and its CLIP teacher (for the text side)."""
-    if not cfg.init:
-        C.fail("needs --init, a SAM-CLIP run or checkpoint")
-    ck = read_weights(cfg.init)
-    if ck.get("kind") != "samclip":
-        C.fail(f"--init {cfg.init} is not a SAM-CLIP checkpoint of this script")
-    model = load_sam(cfg.init, with_clip_head=True).to(device)
+    """The SAM-CLIP model of --init, its CLIP teacher (the text side), CLIP-head size and checkpoint."""
+    model, ck = load_samclip(cfg.init, "--init")
     teacher = load_clip_teacher(cfg.teacher_clip or ck["teacher_clip"], cfg.bpe or ck.get("bpe", ""), device)
-    return model, teacher, cfg.size or ck["clip_sizes"][0], ck
+    return model.to(device), teacher, cfg.size or ck["clip_sizes"][0], ck
 
 
 def palette_png(labels: np.ndarray) -> Image.Image:
@@ -1431,10 +1331,8 @@ def palette_png(labels: np.ndarray) -> Image.Image:
     return img
 
 
-def segment_main(argv=None):
+def segment_main(cfg: InferConfig, device):
     """`samclip.py segment --init RUN --image x.jpg --classes "cat,dog,grass" --out seg.png`."""
-    cfg = C.parse_config(InferConfig, argv)
-    _, _, _, device = C.setup_distributed(cfg.device)
     classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
     if not classes:
         C.fail("segment needs --classes 'a,b,c'")
@@ -1465,11 +1363,9 @@ def voc_pairs(root: str, split: str, n: int = 0):
                np.asarray(Image.open(os.path.join(root, "SegmentationClass", f"{i}.png"))))
 
 
-def eval_main(argv=None):
+def eval_main(cfg: InferConfig, device):
     """`samclip.py eval --init RUN [--voc DIR --size 448]`: mIoU on a VOC folder, or on the synthetic
     held-out set (with classification top-1 and the SAM head's IoU)."""
-    cfg = C.parse_config(InferConfig, argv)
-    _, _, _, device = C.setup_distributed(cfg.device)
     model, teacher, size, _ = load_samclip_run(cfg, device)
     t0 = time.time()
     if cfg.voc:
@@ -1491,10 +1387,11 @@ def eval_main(argv=None):
 def main(argv=None):
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train-sam": train_sam, "predict": predict_main, "segment": segment_main, "eval": eval_main}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    return merge(argv)
+    infer = {"predict": predict_main, "segment": segment_main, "eval": eval_main}
+    if argv and argv[0] in infer:  # the inference commands share InferConfig
+        cfg = C.parse_config(InferConfig, argv[1:])
+        return infer[argv[0]](cfg, C.setup_distributed(cfg.device)[3])
+    return train_sam(argv[1:]) if argv[:1] == ["train-sam"] else merge(argv)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def test_load_sam_strict_and_predict_prompts(tmp_path):
 
 
 def test_prompt_tokens_match_the_official_forward():
-    """decode_tokens (points and boxes as 2 tokens each, mixed in one batch) equals PromptEncoder.forward."""
+    """Training prompts as token pairs (pad=False: points and boxes 2 tokens each, mixed in one batch) equal
+    PromptEncoder.forward's own padding and box corners."""
     torch.manual_seed(0)
     pe = S.build_sam("tiny").prompt_encoder
     for e in [*pe.point_embeddings, pe.not_a_point_embed]:
@@ -170,6 +171,23 @@ def test_window_partition_round_trip_and_rel_pos_lookup():
 # ---- COCO RLE (SA-1B) ------------------------------------------------------------------------------------
 
 
+def rle_encode(mask: np.ndarray) -> dict:
+    """The inverse of samclip.rle_decode: a mask -> COCO compressed RLE (to write SA-1B-layout data)."""
+    flat = np.asarray(mask, np.uint8).T.reshape(-1)  # column-major
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    counts = ([0] if flat.size and flat[0] else []) + np.diff(bounds).tolist()  # runs start with 0s
+    s = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        while True:
+            g, x = x & 0x1F, x >> 5
+            more = not ((x == 0 and not g & 0x10) or (x == -1 and g & 0x10))
+            s.append(chr(48 + (g | 0x20 if more else g)))
+            if not more:
+                break
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(s)}
+
+
 def test_rle_decoder_on_hand_made_masks():
     # column-major runs starting with 0s: [[0, 1, 1], [0, 1, 0]] reads 0 0 | 1 1 | 1 0 -> runs 2, 3, 1
     m = np.array([[0, 1, 1], [0, 1, 0]], np.uint8)
@@ -180,11 +198,11 @@ def test_rle_decoder_on_hand_made_masks():
     assert (S.rle_decode({"size": [4, 4], "counts": "0`0"}) == 1).all()
     # from the fourth run on, the difference to the run two before is stored, here negative: 2 - 5 = -3 -> 'M'
     assert S.rle_counts("12:1") == [1, 2, 10, 3] and S.rle_counts("151M") == [1, 5, 1, 2]
-    assert S.rle_encode(S.rle_decode({"size": [3, 3], "counts": [1, 5, 1, 2]}))["counts"] == "151M"
+    assert rle_encode(S.rle_decode({"size": [3, 3], "counts": [1, 5, 1, 2]}))["counts"] == "151M"
     rng = np.random.default_rng(0)
     for _ in range(50):
         mask = rng.random((rng.integers(1, 12), rng.integers(1, 12))) < rng.random()
-        assert (S.rle_decode(S.rle_encode(mask)) == mask).all()
+        assert (S.rle_decode(rle_encode(mask)) == mask).all()
     with pytest.raises(ValueError):
         S.rle_decode({"size": [3, 3], "counts": [2, 3]})
 
@@ -195,7 +213,7 @@ def test_sa1b_layout_reader(tmp_path):
     m1, m2 = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
     m1[6:20, 10:30], m2[24:38, 40:58] = 1, 1  # 14 x 20 and 14 x 18
     meta = {"image": {"image_id": 1, "width": w, "height": h, "file_name": "sa_1.jpg"},
-            "annotations": [{"id": i, "segmentation": S.rle_encode(m), "bbox": [0, 0, 1, 1], "area": int(m.sum())}
+            "annotations": [{"id": i, "segmentation": rle_encode(m), "bbox": [0, 0, 1, 1], "area": int(m.sum())}
                             for i, m in enumerate((m1, m2))]}
     img = Image.fromarray(np.full((h, w, 3), 128, np.uint8))
     C.write_shard(str(tmp_path / "sa_000000.tar"), [{"__key__": "sa_1", "jpg": img, "json": meta}])
@@ -217,8 +235,9 @@ def test_focal_and_dice_match_naive_versions():
     torch.manual_seed(0)
     logits = torch.randn(5, 6, 7, dtype=torch.float64) * 3
     for target in ((torch.rand(5, 6, 7) > 0.6).double(), torch.rand(5, 6, 7, dtype=torch.float64)):  # hard, soft
-        torch.testing.assert_close(S.focal_loss(logits, target).double(), S.focal_loss_reference(logits, target))
-        torch.testing.assert_close(S.dice_loss(logits, target).double(), S.dice_loss_reference(logits, target))
+        focal, dice = S.focal_dice_reference(logits, target)
+        torch.testing.assert_close(S.focal_loss(logits, target).double(), focal)
+        torch.testing.assert_close(S.dice_loss(logits, target).double(), dice)
     # a confident, correct prediction costs almost nothing; the focal term down-weights it further than BCE
     t = torch.zeros(1, 4, 4)
     t[0, :2] = 1
