@@ -52,8 +52,8 @@ Commands:
   python catlip.py compare --init runs/catlip --crop-scale 0.9  # fine-tune from it vs from scratch
 
 Result (2-core CPU, synthetic world, the two commands above): the head rows of the shape names, untrained on labels,
-reach 24.9% top-1 (chance 10%); fine-tuned on 500 labelled images, 16.5% from scratch, 21.4% from the CatLIP
-backbone with a random head, 23.6% with Transfer Init (README, CatLIP section).
+reach 23.6% top-1 (chance 10%); fine-tuned on 500 labelled images, 16.5% from scratch, 21.4% from the CatLIP
+backbone with a random head, 22.3% with Transfer Init (README, CatLIP section).
 """
 from __future__ import annotations
 
