@@ -1,23 +1,26 @@
 """MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training (arXiv 2311.17049), and the
 MobileCLIP2 models (arXiv 2508.20691).
 
-What is here: the MobileCLIP model zoo (MCi image encoders, MCt and base text encoders, the ViT-B/16 with
-a conv stem) with reparameterisation and the official checkpoint layouts; the plain CLIP baseline the paper
-builds on (common.py's ViT/text towers, the contrastive loss over the global batch); multi-modal reinforced
-training on DataCompDR shards (stored augmentations replayed exactly, stored teacher-ensemble embeddings,
-synthetic captions) and `reinforce`, which writes such shards from any image-text shards. DDP, bf16
-autocast, optional torch.compile; zero-shot (ImageFolder) and retrieval evaluation. Not here: the CoCa
-captioner (bring captions with --captions; the synthetic world has its own accurate captioner), online KD
-with live teachers, the DataComp 38-task evaluation suite.
+In: the MobileCLIP model zoo with reparameterisation and the official checkpoint layouts; the plain CLIP
+baseline (common.py's towers); multi-modal reinforced training on DataCompDR shards and `reinforce`, which
+writes such shards from any image-text shards; DDP, bf16 autocast, optional torch.compile; zero-shot and
+retrieval evaluation. Out: the CoCa captioner (bring captions with --captions; the synthetic world has its
+own accurate captioner), online KD with live teachers, the DataComp 38-task evaluation suite.
 
-Paper -> code:
+Paper -> code (spec: shared/papers/mobileclip.md):
+  MCi image encoders, FastViT-derived (spec 2.2, 2.3)  -> MCi: MobileOneBlock stem, RepMixerBlock and
+                                                          AttentionBlock stages, RepCPE, PatchEmbed
+  MCt hybrid text encoder (spec 2.5); base text        -> TextEncoder(mct=True), TextRepMixerBlock; TextEncoder
+  MobileCLIP-B: ViT-B/16 with a conv stem (spec 2.4)   -> ConvStemViT
+  structural reparameterisation (spec 2.2)             -> reparameterize
+  released checkpoints (spec 2.6)                      -> create_model(pretrained=), layout_name, export_state_dict
   L_CLIP, symmetric InfoNCE over the global batch      -> common.contrastive_loss
-  L_Distill, teacher-ensemble KD over the global batch  -> distill_loss (reference: distill_loss_reference)
-  L = (1 - lambda) L_CLIP + lambda L_Distill, GT + syn  -> reinforced_loss (--lambda-kd, --teacher-scales)
-  DataCompDR: stored augmentations, exact replay        -> draw_augmentation, replay_augmentation, DRDecode
-  dataset reinforcement (teachers, captions, augs)      -> reinforce
-  MCi / MCt / reparameterisation                        -> MCi, TextEncoder, reparameterize
-  zero-shot classifier, retrieval                       -> common.zeroshot_classifier, common.retrieval_eval
+  L_Distill, teacher-ensemble KD over the global batch -> distill_loss (reference: distill_loss_reference)
+  L = (1 - lambda) L_CLIP + lambda L_Distill, GT + syn -> reinforced_loss (--lambda-kd, --teacher-scales)
+  DataCompDR: stored augmentations, exact replay (4.5) -> draw_augmentation, replay_augmentation, DRDecode (4.4)
+  offline reinforcement (teachers, captioner; 4.3)     -> reinforce, reinforce_shard, caption_scene, load_teacher
+  CLIP on quality captions (arXiv 2405.08911)          -> CaptionSource (--caption-source synthetic|mix)
+  zero-shot classifier, retrieval                      -> common.zeroshot_classifier, common.retrieval_eval
 
 Commands:
   python mobileclip.py                                  # tiny MCi/MCt CLIP on the synthetic world, CPU
@@ -46,6 +49,7 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,40 +121,26 @@ class Config:
 
 # Named sizes. vit_b32/b16/l14 are the OpenAI CLIP shapes (text context 77); the BPE vocabulary sets
 # vocab_size. `tiny` is the CPU model of the smoke run.
+_VIT_B = dict(image_size=224, width=768, layers=12, heads=12, embed_dim=512, text_width=512, text_layers=12,
+              text_heads=8, context_length=77)
 MODELS = {
     "tiny": dict(image_size=64, patch=8, width=128, layers=4, heads=4, embed_dim=128,
                  text_width=128, text_layers=3, text_heads=2, context_length=32),
-    "vit_b32": dict(image_size=224, patch=32, width=768, layers=12, heads=12, embed_dim=512,
-                    text_width=512, text_layers=12, text_heads=8, context_length=77),
-    "vit_b16": dict(image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512,
-                    text_width=512, text_layers=12, text_heads=8, context_length=77),
-    "vit_l14": dict(image_size=224, patch=14, width=1024, layers=24, heads=16, embed_dim=768,
-                    text_width=768, text_layers=12, text_heads=12, context_length=77),
+    "vit_b32": dict(_VIT_B, patch=32),
+    "vit_b16": dict(_VIT_B, patch=16),
+    "vit_l14": dict(_VIT_B, patch=14, width=1024, layers=24, heads=16, embed_dim=768, text_width=768, text_heads=12),
 }
 
 
-# ----------------------------------------------------------------------------------------------------
-# MobileCLIP models (spec 2), paper -> code:
-#   MCi image encoders, FastViT-derived (spec 2.2, 2.3)  -> MCi: MobileOneBlock stem, RepMixerBlock and
-#                                                           AttentionBlock stages, RepCPE, PatchEmbed
-#   MCt hybrid text encoder (spec 2.5)                   -> TextEncoder(mct=True), TextRepMixerBlock
-#   base 12-layer text encoder                           -> TextEncoder
-#   MobileCLIP-B: ViT-B/16 with a conv stem (spec 2.4)   -> ConvStemViT
-#   structural reparameterisation (spec 2.2)             -> reparameterize
-#   released checkpoints (spec 2.6)                      -> create_model(pretrained=), layout_name
-# Module and attribute names are apple/ml-mobileclip's, so its v1 `.pt` files load strictly into the
-# unfused modules after renaming `image_encoder.model.` -> `visual.`, `text_encoder.` -> `text.` and
-# `qkv_proj`/`out_proj` -> `qkv`/`proj` (common.Attention). OpenCLIP files (timm trunks) are mapped name by
-# name by `layout_name`.
-# ----------------------------------------------------------------------------------------------------
+# ==== MobileCLIP models (spec 2) ===================================================================================
+# Module and attribute names are apple/ml-mobileclip's, so its v1 `.pt` files load strictly into the unfused
+# modules after renaming `image_encoder.model.` -> `visual.`, `text_encoder.` -> `text.` and `qkv_proj`/`out_proj`
+# -> `qkv`/`proj` (common.Attention). OpenCLIP files (timm trunks) are mapped name by name by `layout_name`.
 
 
 def named(**modules):
     """nn.Sequential whose children carry the checkpoints' names (`.conv`/`.bn`, `.block`, `.pos_embed`)."""
-    seq = nn.Sequential()
-    for name, m in modules.items():
-        seq.add_module(name, m)
-    return seq
+    return nn.Sequential(OrderedDict(modules))
 
 
 def conv_bn(cin, cout, k, stride=1, groups=1):
@@ -188,27 +178,20 @@ def folded_conv(cin, cout, k, stride, groups, w, b):
     return conv
 
 
-class SEBlock(nn.Module):
-    """Squeeze-excitation (1709.01507) with Apple's names, in `conv_exp`: global mean -> 1x1 `reduce` (C/16)
-    -> ReLU -> 1x1 `expand` -> sigmoid gate on the input."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.reduce, self.expand = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
-
-
 class SqueezeExcite(nn.Module):
-    """The same gate with timm's names (`fc1`, `fc2`), in the downsampling layers (C/4, rounded to 8)."""
+    """Squeeze-excitation (1709.01507): global mean -> 1x1 conv down to `hidden` -> ReLU -> 1x1 conv up ->
+    sigmoid gate on the input. Named as the checkpoints name it: Apple's `reduce`/`expand` in `conv_exp`
+    (C/16), timm's `fc1`/`fc2` in the downsampling layers (C/4, rounded to 8)."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, names=("fc1", "fc2")):
         super().__init__()
-        self.fc1, self.fc2 = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
+        self.names = names
+        self.add_module(names[0], nn.Conv2d(dim, hidden, 1))
+        self.add_module(names[1], nn.Conv2d(hidden, dim, 1))
 
     def forward(self, x):
-        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        down, up = (getattr(self, n) for n in self.names)
+        return x * torch.sigmoid(up(F.relu(down(x.mean((2, 3), keepdim=True)))))
 
 
 class MobileOneBlock(nn.Module):
@@ -220,7 +203,7 @@ class MobileOneBlock(nn.Module):
         super().__init__()
         self.k = (k, k) if isinstance(k, int) else tuple(k)
         self.cin, self.cout, self.stride, self.groups = cin, cout, stride, groups
-        self.se = SEBlock(cout, int(cout * 0.0625)) if se else nn.Identity()
+        self.se = SqueezeExcite(cout, int(cout * 0.0625), ("reduce", "expand")) if se else nn.Identity()
         self.activation = nn.GELU() if act else nn.Identity()
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
         convs = [conv_bn(cin, cout, self.k, stride, groups) for _ in range(n_conv)]
@@ -232,24 +215,15 @@ class MobileOneBlock(nn.Module):
         return [b for b in (self.rbr_scale, self.rbr_skip, *(self.rbr_conv or [])) if b is not None]
 
     def forward(self, x):
-        if self.reparam_conv is not None:
-            return self.activation(self.se(self.reparam_conv(x)))
-        out = 0
-        for branch in self.branches():
-            out = out + branch(x)
+        out = self.reparam_conv(x) if self.reparam_conv is not None else sum(br(x) for br in self.branches())
         return self.activation(self.se(out))
 
     def fused(self):
         """(kernel, bias) of the single kxk conv equal to the sum of the branches: each branch is folded
         with its BN; the 1x1 kernel is zero-padded, the skip is the identity kernel."""
-        w = b = 0
-        for br in self.branches():
-            if isinstance(br, nn.BatchNorm2d):
-                kw, kb = fold_bn(identity_kernel(self.cin, self.groups, self.k, br.weight), br)
-            else:
-                kw, kb = fold_bn(pad_to(br.conv.weight, self.k), br.bn)
-            w, b = w + kw, b + kb
-        return w, b
+        wb = [fold_bn(identity_kernel(self.cin, self.groups, self.k, br.weight), br) if isinstance(br, nn.BatchNorm2d)
+              else fold_bn(pad_to(br.conv.weight, self.k), br.bn) for br in self.branches()]
+        return sum(w for w, _ in wb), sum(b for _, b in wb)
 
     def reparameterize(self):
         w, b = self.fused()
@@ -373,8 +347,7 @@ class AttentionBlock(nn.Module):
         self.token_mixer = C.Attention(dim, dim // 32)
         self.token_mixer.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.convffn = ConvFFN(dim, int(dim * mlp_ratio))
-        self.layer_scale_1 = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
-        self.layer_scale_2 = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+        self.layer_scale_1, self.layer_scale_2 = (nn.Parameter(1e-5 * torch.ones(dim, 1, 1)) for _ in range(2))
 
     def forward(self, x):
         B, D, H, W = x.shape
@@ -427,19 +400,14 @@ class MCi(nn.Module):
         self.patch_embed = nn.Sequential(MobileOneBlock(3, c0, 3, 2, scale_branch=stem_scale),
                                          MobileOneBlock(c0, c0, 3, 2, groups=c0, scale_branch=stem_scale),
                                          MobileOneBlock(c0, c0, 1))
-        net, self.timm_prefix = [], []  # timm's name of each `network` entry (stages.i.{downsample,pos_emb,blocks})
+        net = []  # (timm's name, module) of each `network` entry: stages.i.{downsample,pos_emb,blocks}
         for i, (depth, c) in enumerate(zip(depths, widths)):
-            if i > 0:
-                net.append(PatchEmbed(widths[i - 1], c, se[i]))
-                self.timm_prefix.append(f"stages.{i}.downsample")
-            if attn[i]:
-                net.append(RepCPE(c))
-                self.timm_prefix.append(f"stages.{i}.pos_emb")
+            net += [(f"stages.{i}.downsample", PatchEmbed(widths[i - 1], c, se[i]))] if i > 0 else []
+            net += [(f"stages.{i}.pos_emb", RepCPE(c))] if attn[i] else []
             blocks = [AttentionBlock(c, mlp_ratio, attn_norm) if attn[i] else RepMixerBlock(c, 3, mlp_ratio)
                       for _ in range(depth)]
-            net.append(nn.Sequential(*blocks))
-            self.timm_prefix.append(f"stages.{i}.blocks")
-        self.network = nn.ModuleList(net)
+            net.append((f"stages.{i}.blocks", nn.Sequential(*blocks)))
+        self.timm_prefix, self.network = [n for n, _ in net], nn.ModuleList(m for _, m in net)
         self.conv_exp = MobileOneBlock(widths[-1], 2 * widths[-1], 3, groups=widths[-1], se=True)
         self.head = ProjectionHead(2 * widths[-1], embed_dim, head_bias)
 
@@ -552,20 +520,6 @@ class TextEncoder(nn.Module):
             x = layer(x, causal=self.causal)
         x = self.final_layer_norm(x)
         return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.projection_layer
-
-    def openclip_name(self, key):
-        for a, b in _OPENCLIP_TEXT:
-            key = key.replace(a, b)
-        return key
-
-
-# OpenCLIP's text names for ours (the inverse of OpenCLIP's `convert_mobile_clip_state_dict`).
-_OPENCLIP_TEXT = [("embedding_layer", "token_embedding"), ("transformer.", "transformer.resblocks."),
-                  ("positional_embedding.pos_embed.pos_embed", "positional_embedding"), ("pre_norm_mha.0", "ln_1"),
-                  ("pre_norm_mha.1.qkv.weight", "attn.in_proj_weight"),
-                  ("pre_norm_mha.1.qkv.bias", "attn.in_proj_bias"), ("pre_norm_mha.1.proj", "attn.out_proj"),
-                  ("pre_norm_ffn.0", "ln_2"), ("pre_norm_ffn.1", "mlp.c_fc"), ("pre_norm_ffn.4", "mlp.c_proj"),
-                  ("final_layer_norm", "ln_final"), ("projection_layer", "text_projection")]
 
 
 def conv_norm_act(cin, cout, k, pad, norm_act=True):
@@ -715,6 +669,13 @@ def reparameterize(model):
 # ---- checkpoint layouts ------------------------------------------------------------------------------
 _APPLE_INFIX = [("pre_norm_mha.1.qkv.", "pre_norm_mha.1.qkv_proj."),
                 ("pre_norm_mha.1.proj.", "pre_norm_mha.1.out_proj.")]
+# OpenCLIP's text names for ours (the inverse of OpenCLIP's `convert_mobile_clip_state_dict`).
+_OPENCLIP_TEXT = [("embedding_layer", "token_embedding"), ("transformer.", "transformer.resblocks."),
+                  ("positional_embedding.pos_embed.pos_embed", "positional_embedding"), ("pre_norm_mha.0", "ln_1"),
+                  ("pre_norm_mha.1.qkv.weight", "attn.in_proj_weight"),
+                  ("pre_norm_mha.1.qkv.bias", "attn.in_proj_bias"), ("pre_norm_mha.1.proj", "attn.out_proj"),
+                  ("pre_norm_ffn.0", "ln_2"), ("pre_norm_ffn.1", "mlp.c_fc"), ("pre_norm_ffn.4", "mlp.c_proj"),
+                  ("final_layer_norm", "ln_final"), ("projection_layer", "text_projection")]
 _TRANSPOSED = ("visual.head.proj", "visual.classifier.proj", "visual.proj")  # (C, E) here; timm's Linear: (E, C)
 
 
@@ -724,13 +685,12 @@ def layout_name(model, key, layout):
     if key == "logit_scale" or layout == "ours":
         return key
     tower, rest = key.split(".", 1)
-    if layout == "apple":
-        for a, b in _APPLE_INFIX:
-            rest = rest.replace(a, b)
-        return ("image_encoder.model." if tower == "visual" else "text_encoder.") + rest
-    if tower == "visual":
+    if layout == "openclip" and tower == "visual":
         return "visual.trunk." + model.visual.timm_name(rest)
-    return "text." + model.text.openclip_name(rest)
+    for a, b in _APPLE_INFIX if layout == "apple" else _OPENCLIP_TEXT:
+        rest = rest.replace(a, b)
+    prefix = "text." if layout == "openclip" else "image_encoder.model." if tower == "visual" else "text_encoder."
+    return prefix + rest
 
 
 def export_state_dict(model, layout):
@@ -781,9 +741,7 @@ def load_pretrained(model, path, name=""):
     C.load_state_dict_checked(model, out, f"{path} ({layout} layout) for {name or 'this model'}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data and tokenizer
-# ----------------------------------------------------------------------------------------------------
+# ==== Data and tokenizer =============================================================================================
 
 
 def resolve_data(cfg: Config) -> tuple[str, str, str]:
@@ -873,14 +831,7 @@ def load_init(model: C.CLIP, cfg: Config):
     C.load_state_dict_checked(model, {k: v.float() for k, v in C.openclip_to_ours(sd).items()}, f"--init {cfg.init}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Multi-modal reinforced training (paper Sec. 3; spec 3.1 and 4), paper -> code:
-#   stored augmentation, exact replay (spec 4.5)        -> draw_augmentation, replay_augmentation
-#   DataCompDR sample -> student inputs (spec 4.4)      -> DRDecode
-#   L_Distill, teacher-ensemble KD over the global batch -> distill_loss (fused), distill_loss_reference
-#   L = (1 - lambda) L_CLIP + lambda L_Distill, GT + syn -> reinforced_loss
-#   offline reinforcement (teachers, captioner)         -> reinforce, caption_scene, load_teacher
-# ----------------------------------------------------------------------------------------------------
+# ==== Multi-modal reinforced training (paper Sec. 3; spec 3.1 and 4) =================================================
 
 
 def draw_augmentation(rng, width: int, height: int, size: int, min_scale: float) -> list:
@@ -926,8 +877,7 @@ class DRDecode:
 
     def __call__(self, sample: dict) -> dict:
         rng = C.sample_rng(self.seed, sample)
-        gt = C.decode_caption(sample)
-        syn = json.loads(sample["syn.json"])
+        gt, syn = C.decode_caption(sample), json.loads(sample["syn.json"])
         paug = json.loads(sample["paug.json"])["param_aug"]
         paug = json.loads(paug) if isinstance(paug, str) else paug  # the HF viewer form is a JSON string
         emb = read_embeddings(sample)
@@ -1093,9 +1043,8 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
             buf = io.BytesIO()
             np.savez(buf, image_emb=zi[:n_img].numpy(), text_emb=zt[:n_txt].numpy())
             zi, zt = zi[n_img:], zt[n_txt:]
-            meta = json.loads(s.get("json", b"{}"))
-            image_bytes = next(s[k] for k in C.IMAGE_EXTS if k in s)
-            meta.update(teachers=len(teachers), sha256=hashlib.sha256(image_bytes).hexdigest())
+            meta = dict(json.loads(s.get("json", b"{}")), teachers=len(teachers),
+                        sha256=hashlib.sha256(next(s[k] for k in C.IMAGE_EXTS if k in s)).hexdigest())
             yield {**s, "syn.json": {"syn_text": syn}, "paug.json": {"param_aug": params}, "npz": buf.getvalue(),
                    "json": meta}
 
@@ -1139,11 +1088,8 @@ def reinforce(cfg: Config):
     teachers = [load_teacher(p, cfg.bpe, device) for p in cfg.teachers.split(",")]
     scales = ",".join(f"{m.logit_scale.exp().clamp(max=100).item():.1f}" for m, _, _ in teachers)
     C.print0(f"teachers: {len(teachers)}; their learned logit scales: {scales} (--teacher-scales to train with)")
-    captions = {}
-    if cfg.captions:
-        for line in C.read_lines(cfg.captions):
-            d = json.loads(line)
-            captions[str(d["key"])] = list(d["captions"])
+    rows = [json.loads(line) for line in C.read_lines(cfg.captions)] if cfg.captions else []
+    captions = {str(d["key"]): list(d["captions"]) for d in rows}  # JSON lines {"key", "captions"}
     root = os.path.commonpath([os.path.dirname(p) for p in shards])
     done = skipped_total = 0
     for path in C.progress(shards[rank::world], f"reinforce (rank {rank})"):
@@ -1161,9 +1107,7 @@ def reinforce(cfg: Config):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
+# ==== Evaluation =====================================================================================================
 
 
 @torch.no_grad()
@@ -1193,9 +1137,7 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
+# ==== Training =======================================================================================================
 
 
 def main(argv=None):
