@@ -74,7 +74,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
@@ -131,6 +131,7 @@ class Config:
     shots: int = 10  # demo: labelled images per class
     demo_classes: int = 3  # demo: the task's classes (the pool holds all 10 shapes: random sets are mostly off-task)
     pool_shards: int = 0  # demo: the first N training shards form the pool; 0 = all
+    pool_offdomain: float = 0.0  # demo: this fraction of the pool is off-domain clutter images (web-like); 0 = none
     clip_steps: int = 800  # demo without --foundation: steps of the tiny CLIP trained as the VFM
 
 
@@ -848,6 +849,57 @@ def write_labelled(train_shards: str, out: str, K: int, shots: int) -> str:
     return out
 
 
+def render_offdomain(rng: np.random.Generator, size: int) -> Image.Image:
+    """One off-domain pool image (--pool-offdomain), the stand-in for a web image unrelated to the task. A web-scale
+    pool is mostly pictures of other things in other scenes that share only low-level statistics (colour, edges,
+    texture) with the task's images; so: a smooth colour field (a 4 x 4 grid of colours around one random tone,
+    upsampled bicubic; a third of the time overlaid with stripes) with 2-6 clutter objects (ellipses, thick
+    strokes, irregular polygons) in random colours, plus the world's sensor noise. Not the world's backgrounds
+    alone (the task's own scenes with the object removed: in-domain negatives, not unrelated images), nor the
+    world's shapes drawn differently (still the task's classes)."""
+    low = np.clip(rng.uniform(30, 225, 3) + rng.normal(0, 45, (4, 4, 3)), 0, 255).astype(np.uint8)  # one tone +-
+    img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), np.float32)
+    if rng.random() < 1 / 3:
+        a, yy, xx = rng.uniform(0, math.pi), *np.mgrid[0:size, 0:size] / size
+        on = np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / rng.uniform(0.08, 0.3)) > 0
+        img = np.where(on[..., None], 0.6 * img + 0.4 * rng.uniform(0, 255, 3), img)
+    canvas = Image.fromarray(img.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(2, 7))):
+        colour, (cx, cy) = tuple(int(v) for v in rng.integers(0, 256, 3)), rng.uniform(0, size, 2)
+        r = size * rng.uniform(0.06, 0.3)
+        kind = rng.integers(3)
+        if kind == 0:  # an ellipse at least 1.6:1, so it is rarely a circle of the world
+            ry = r / rng.uniform(1.6, 3.0)
+            draw.ellipse([cx - r, cy - ry, cx + r, cy + ry], fill=colour)
+        elif kind == 1:  # a stroke: a thick polyline of 2-4 random points
+            pts = rng.uniform(0, size, (int(rng.integers(2, 5)), 2))
+            draw.line(pts.ravel().tolist(), fill=colour, width=int(rng.integers(2, max(3, size // 10))))
+        else:  # an irregular polygon: 5-9 vertices at random radii, unlike the world's regular shapes
+            n = int(rng.integers(5, 10))
+            ang = np.sort(rng.uniform(0, 2 * math.pi, n))
+            rad = r * rng.uniform(0.3, 1.0, n)
+            draw.polygon(np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).ravel().tolist(), fill=colour)
+    img = np.asarray(canvas, np.float32) + rng.standard_normal((size, size, 3), dtype=np.float32) * 4.0
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_offdomain(out: str, n: int, size: int, shard_size: int = 5000) -> list[str]:
+    """n off-domain images as pool shards ({key}.jpg + {key}.json, label len(SYNTH_SHAPES) = "none of the
+    world's shapes", so in_task_fraction counts them off-task). Image i is seeded by i alone (not --seed): every
+    seed of the demo sees the same pool. Finished shards are kept (write_shard is atomic)."""
+    paths = [os.path.join(out, f"offdomain-{j:05d}.tar") for j in range(-(-n // shard_size))]
+    if C.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        for j, path in enumerate(paths):
+            if not os.path.exists(path):
+                C.write_shard(path, ({"__key__": f"offdomain{i:07d}", "json": {"label": len(C.SYNTH_SHAPES)},
+                                      "jpg": render_offdomain(np.random.default_rng([7, i]), size)}
+                                     for i in range(j * shard_size, min(n, (j + 1) * shard_size))))
+    C.barrier()
+    return paths
+
+
 def in_task_fraction(path: str, K: int) -> float:
     """Share of a transfer set whose (hidden) label is one of the task's classes: the retrieval's precision."""
     labels = [json.loads(s["json"])["label"] for p in shards(path) for s in C.iter_tar_samples(p, {})]
@@ -868,6 +920,8 @@ def demo(cfg: Config):
     """Target task: the first `demo_classes` shapes with `shots` labels each; pool: the 40,000 training
     images of all ten shapes, labels hidden; VFM: a tiny CLIP ViT pre-trained on the pool's captions;
     student: mci_tiny. Finished stages in --out are reused, so an interrupted demo continues."""
+    if not 0 <= cfg.pool_offdomain < 1:
+        C.fail(f"--pool-offdomain must be in [0, 1), not {cfg.pool_offdomain}")
     C.setup_distributed(cfg.device)
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size or 64)
@@ -882,7 +936,12 @@ def demo(cfg: Config):
                  "--synthetic-train", str(cfg.synthetic_train), "--synthetic-val", str(cfg.synthetic_val),
                  "--workers", str(cfg.workers), "--resume", "auto"])
     labelled = write_labelled(world["train"], os.path.join(out, "labelled"), K, cfg.shots)
-    pool = "::".join(shards(world["train"])[:cfg.pool_shards or None])
+    pool = shards(world["train"])[:cfg.pool_shards or None]
+    if cfg.pool_offdomain:  # the task's domain a minority of the pool, as in a web-scale pool (see the docstring)
+        n_world = sum(1 for p in pool for _ in C.iter_tar_samples(p, {}))
+        n_off = round(n_world * cfg.pool_offdomain / (1 - cfg.pool_offdomain))
+        pool += write_offdomain(os.path.join(out, f"offdomain-{n_off}"), n_off, base.image_size)
+    pool = "::".join(pool)
     sets = {}
     for name, kw in (("retrieved", dict(encoder=foundation)), ("random", {})):
         c = sub(name, pool=pool, queries=labelled, **kw,

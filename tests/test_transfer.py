@@ -149,19 +149,34 @@ def test_student_outputs_and_clip_init(tmp_path):
 
 
 def test_tiny_comparison_runs_and_learns(world, tmp_path):
-    """The whole demo at toy size (teacher, three distillations, four fine-tunes): every arm reports, the
-    teacher fine-tuned from the VFM beats chance, and the retrieved set is at least as in-task as random."""
+    """The whole demo at toy size (teacher, three distillations, four fine-tunes) on a pool half off-domain:
+    every arm reports, the teacher fine-tuned from the VFM beats chance, the pool holds the off-domain shard."""
     enc = micro_vfm(str(tmp_path / "clip.pt"))
     s = T.demo(T.Config(foundation=enc, out=str(tmp_path / "demo"), cache_dir=os.path.dirname(world["root"]),
                         synthetic_train=2000, synthetic_val=200, image_size=32, demo_classes=3, shots=4,
-                        pool_shards=2, per_query=10, steps=30, batch_size=16, workers=0, probe_steps=10, warmup=5,
-                        log_every=10))
+                        pool_shards=2, pool_offdomain=0.5, per_query=10, steps=30, batch_size=16, workers=0,
+                        probe_steps=10, warmup=5, log_every=10))
     assert len(s["results"]) == 7 and all("top1" in m for m in s["results"].values())
+    assert s["sets"]["random"]["pool_shards"] == 3  # 2 x 250 world images + one shard of 500 off-domain images
     assert s["sets"]["random"]["transfer_set"] == s["sets"]["retrieved"]["transfer_set"] > 40
     assert s["results"]["VFM teacher (fine-tuned tiny CLIP ViT)"]["top1"] > 100 / 3
     log = [json.loads(l) for l in open(tmp_path / "demo" / "kd_task_retrieved" / "log.jsonl")]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+def test_offdomain_pool_shards(tmp_path):
+    """Off-domain pool images: n samples in ceil(n / shard_size) shards, counted off-task, the size asked for,
+    the same pixels whoever renders them (seeded by index), and a fraction outside [0, 1) refused."""
+    paths = T.write_offdomain(str(tmp_path / "a"), 7, 32, shard_size=3)
+    again = T.write_offdomain(str(tmp_path / "b"), 7, 32, shard_size=3)
+    samples = [s for p in paths for s in C.iter_tar_samples(p, {})]
+    assert len(paths) == 3 and len(samples) == 7 and len({s["__key__"] for s in samples}) == 7
+    assert T.in_task_fraction(str(tmp_path / "a"), 10) == 0.0
+    assert all(C.decode_image(s).size == (32, 32) for s in samples)
+    assert [s["jpg"] for p in again for s in C.iter_tar_samples(p, {})] == [s["jpg"] for s in samples]
+    with pytest.raises(SystemExit):
+        T.demo(T.Config(pool_offdomain=1.0, out=str(tmp_path / "demo")))
 
 
 def test_resume_continues_exactly(world, tmp_path, capsys):
