@@ -49,6 +49,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ class Config:
     syn_key: str = "^syn_text.*$"  # regex of the syn.json keys synthetic captions are drawn from
     caption_source: str = "alt"  # plain training: alt (the .txt) | synthetic (syn.json) | mix (synthetic w.p. p)
     synthetic_prob: float = 0.5  # --caption-source mix: probability of replacing the alt-text
+    alt_noise: float = 0.0  # synthetic world: this fraction of the samples (fixed by key) has an unrelated alt-text
     teachers: str = ""  # reinforce: teacher CLIP checkpoints, comma-separated (this repo's or OpenCLIP)
     num_augs: int = 10  # reinforce: stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
     captions: str = ""  # reinforce: JSON lines {"key", "captions"}; default: the synthetic world's captioner
@@ -748,6 +750,8 @@ def resolve_data(cfg: Config) -> tuple[str, str, str]:
     """(train shards, zero-shot ImageFolder, retrieval shards): the user's, or the synthetic world's."""
     zs, ret = cfg.zeroshot_data, cfg.retrieval_data
     if cfg.data:
+        if cfg.alt_noise:
+            C.fail("--alt-noise needs the synthetic world (no --data): it writes its captions from random scenes")
         try:
             first = C.expand_shards(cfg.data)[0]
         except FileNotFoundError as e:
@@ -967,24 +971,32 @@ class CaptionSource:
     (`synthetic`) or with probability p (`mix`), and one contrastive loss is used. The captions are a
     syn.json's (keys matching --syn-key), or, in the synthetic world, its accurate captioner's (from the json
     "scene"). Option (a), the sum of the alt-text and synthetic-caption losses, is `--reinforced
-    --lambda-kd 0` on reinforced shards. A sample with no synthetic caption raises (counted, skipped)."""
+    --lambda-kd 0` on reinforced shards. A sample with no synthetic caption raises (counted, skipped).
+    --alt-noise q makes the world's alt-text web-like: for a fraction q of the samples, fixed by the key alone
+    (every epoch, seed and worker layout; nested in q), the alt-text that is kept is the alt-text of an unrelated
+    random picture, rendered by the world itself (in its alt-text style, so the style does not give the noise
+    away) and redrawn until it does not name the sample's shape. A caption the captioner replaced stays correct."""
 
-    def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int):
-        if source not in ("synthetic", "mix"):
-            C.fail(f"--caption-source must be alt, synthetic or mix, not '{source}'")
-        self.decode, self.prob = decode, 1.0 if source == "synthetic" else prob
+    def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int, noise: float = 0.0):
+        if source not in ("alt", "synthetic", "mix") or not 0 <= noise <= 1:
+            C.fail(f"--caption-source must be alt, synthetic or mix (not '{source}'), --alt-noise in [0, 1]")
+        self.decode, self.prob, self.noise = decode, {"alt": 0.0, "synthetic": 1.0}.get(source, prob), noise
         self.syn_key, self.seed = re.compile(syn_key), seed + 1  # an RNG stream apart from the crop's
 
     def __call__(self, sample: dict) -> dict:
-        rng = C.sample_rng(self.seed, sample)
+        rng, caption = C.sample_rng(self.seed, sample), None
+        noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
         if rng.random() < self.prob:
             if "syn.json" in sample:
                 syn = json.loads(sample["syn.json"])
                 caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
             else:
                 caption = caption_scene(json.loads(sample["json"])["scene"], rng)
-            sample = {**sample, "txt": caption.encode()}
-        return self.decode(sample)
+        elif noise.random() < self.noise:
+            shape = json.loads(sample["json"])["scene"]["shape"]
+            while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
+                pass
+        return self.decode({**sample, "txt": caption.encode()} if caption else sample)
 
 
 def load_teacher(path: str, bpe: str, device):
@@ -1189,8 +1201,9 @@ def main(argv=None):
     else:
         decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
                                    resample=RESAMPLE[spec["interpolation"]])
-        if cfg.caption_source != "alt":  # CLIP with quality captions (dense.py's pre-training)
-            decode = CaptionSource(decode, cfg.caption_source, cfg.synthetic_prob, cfg.syn_key, cfg.seed)
+        if cfg.caption_source != "alt" or cfg.alt_noise:  # quality captions (dense.py's pre-training), noise
+            decode = CaptionSource(decode, cfg.caption_source, cfg.synthetic_prob, cfg.syn_key, cfg.seed,
+                                   cfg.alt_noise)
     stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
                            cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))

@@ -291,3 +291,39 @@ def test_caption_source_replaces_alt_text():
         syn({"__key__": "y", "txt": b"alt only"})
     with pytest.raises(SystemExit):
         M.CaptionSource(read, "coca", 0.5, "^syn_text.*$", seed=0)
+
+
+def test_alt_noise_replaces_a_fixed_fraction_with_unrelated_alt_text():
+    """mobileclip.py --alt-noise q: a fraction ~q of the samples, fixed by the key alone (not the epoch, the
+    seed or the worker), gets the alt-text of another random picture, which never names the sample's shape;
+    q = 0 leaves the alt-text; a caption the captioner wrote (--caption-source synthetic) is never noisy."""
+    scene = {"shape": "star", "count": 1, "size": "large", "colour": "red", "outlined": False,
+             "position": "at the top left", "texture": "striped", "background": "blue", "distractors": []}
+    meta = json.dumps({"scene": scene}).encode()
+    samples = [{"__key__": f"train{i:07d}", "txt": b"a star", "json": meta} for i in range(3000)]
+    read = lambda s: s["txt"].decode()
+    noisy = M.CaptionSource(read, "alt", 0.0, "^syn_text.*$", seed=0, noise=0.5)
+    out = [noisy(s) for s in samples]
+    wrong = [c for c in out if c != "a star"]
+    assert 0.46 < len(wrong) / len(out) < 0.54
+    assert not any("star" in c for c in wrong)
+    assert len(set(wrong)) > len(wrong) // 3  # many different pictures, not one fixed wrong caption
+    assert any(s in c for c in wrong for s in C.SYNTH_SHAPES)  # the world's alt-text style
+    # every epoch, another seed, another worker order: the same samples, the same wrong captions
+    later = [{**s, "__epoch__": 3, "__worker__": 1} for s in reversed(samples)]
+    again = M.CaptionSource(read, "alt", 0.0, "^syn_text.*$", seed=7, noise=0.5)
+    assert [again(s) for s in later][::-1] == out
+    more = M.CaptionSource(read, "alt", 0.0, "^syn_text.*$", seed=0, noise=0.75)
+    assert all(more(s) == c for s, c in zip(samples, out) if c != "a star")  # nested in q
+    clean = M.CaptionSource(read, "alt", 0.0, "^syn_text.*$", seed=0, noise=0.0)
+    assert all(clean(s) == "a star" for s in samples[:300])
+    syn = M.CaptionSource(read, "synthetic", 0.0, "^syn_text.*$", seed=0, noise=1.0)
+    assert all("large red star" in syn(s) for s in samples[:50])
+    mix = M.CaptionSource(read, "mix", 0.5, "^syn_text.*$", seed=0, noise=1.0)
+    mixed = [mix(s) for s in samples[:400]]
+    assert 0.4 < sum("large red star" in c for c in mixed) / 400 < 0.6
+    assert all("large red star" in c or "star" not in c for c in mixed)  # the alt-text kept is all wrong
+    with pytest.raises(SystemExit):
+        M.CaptionSource(read, "alt", 0.0, "^syn_text.*$", seed=0, noise=1.5)
+    with pytest.raises(SystemExit):
+        M.resolve_data(M.Config(data="shards/x.tar", alt_noise=0.5))
