@@ -1,5 +1,6 @@
 """FastFill (fastfill.py): retrieval metrics against hand-computed values, the loss against its naive
-version, the orderings, the model layouts, resume, and a tiny end-to-end run on the synthetic world."""
+version, the orderings, the model layouts, resume, a tiny end-to-end run on the synthetic world and the payoff
+of uncertainty-ordered backfilling on its images."""
 import os
 import shutil
 
@@ -8,6 +9,8 @@ import torch
 
 import common as C
 import fastfill as FF
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_ap(scores, positive):
@@ -174,16 +177,22 @@ def test_sigma_ordering_pays_off_on_a_controlled_problem():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny synthetic run: old model (5 classes), new model (10), FastFill transformation."""
+    """A tiny synthetic run at 16 px: old model (5 classes), new model (10), FastFill transformation. Sized so
+    that the payoff shows on images (2,000 train / 400 held-out, 12 epochs per stage, ~30 s on one thread);
+    at 32 px on 1,000 images with 6 epochs, sigma order did not beat random."""
     root = tmp_path_factory.mktemp("ff")
-    torch.set_num_threads(1)
-    base = ["--cache-dir", str(root / "cache"), "--synthetic-train", "1000", "--synthetic-val", "300",
-            "--batch-size", "50", "--workers", "0", "--log-every", "10", "--crop-scale", "0.35"]
-    FF.main(["train-model", *base, "--classes", "5", "--epochs", "6", "--out", str(root / "old")])
-    FF.main(["train-model", *base, "--epochs", "6", "--out", str(root / "new")])
-    FF.main(["align", *base, "--old", str(root / "old"), "--new", str(root / "new"), "--epochs", "6",
-             "--inner-dim", "256", "--out", str(root / "align")])
-    return root, base
+    train, val = FF.synthetic_folders(str(root / "cache"), 2000, 400, 16)
+    base = ["--data", train, "--val-data", val, "--image-size", "16", "--batch-size", "100", "--workers", "0",
+            "--log-every", "10", "--crop-scale", "1.0", "--warmup-epochs", "1", "--epochs", "12"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: runs before the one_thread fixture
+    FF.main(["train-model", *base, "--lr", "0.1", "--classes", "5", "--out", str(root / "old")])
+    FF.main(["train-model", *base, "--lr", "0.1", "--out", str(root / "new")])
+    FF.main(["align", *base, "--old", str(root / "old"), "--new", str(root / "new"), "--inner-dim", "256",
+             "--out", str(root / "align")])
+    torch.set_num_threads(n)
+    stages = ["--data", val, "--workers", "0", *(f for s in ("old", "new", "align") for f in (f"--{s}", str(root / s)))]
+    return root, base, stages
 
 
 def read_log(path):
@@ -192,11 +201,10 @@ def read_log(path):
 
 
 def test_tiny_pipeline_learns_and_backfills(tiny):
-    root, base = tiny
+    root, base, stages = tiny
     new_top1 = [r for r in read_log(root / "new" / "log.jsonl") if "top1" in r][-1]["top1"]
-    assert new_top1 > 25  # 10 classes: chance is 10%
-    r = FF.backfill(FF.C.parse_config(FF.Config, [*base, "--old", str(root / "old"), "--new", str(root / "new"),
-                                                  "--align", str(root / "align"), "--out", str(root / "bf")]))
+    assert new_top1 > 50  # 10 classes: chance is 10% (77-83% over seeds 0-3)
+    r = FF.backfill(FF.C.parse_config(FF.Config, [*stages, "--out", str(root / "bf")]))
     curves, refs = r["curves"], r["refs"]
     assert set(curves) == {"FastFill sigma", "FastFill random", "FastFill distance"}
     for c in curves.values():
@@ -209,9 +217,23 @@ def test_tiny_pipeline_learns_and_backfills(tiny):
     assert open(root / "bf" / "curves.csv").readline().strip() == "setting,fraction,top1,top5,mAP"
 
 
+def test_sigma_ordering_pays_off_on_images(tiny):
+    """The issue's payoff on the synthetic world: backfilling the most uncertain items first (FastFill's sigma,
+    free at update time) gives a larger area under the mAP curve than random order. Measured, AUC mAP of sigma
+    minus the mean of 4 random orders: +2.06 / +1.70 / +2.27 / +2.03 (seeds 0-3 of every stage; smallest gap
+    to the best of the 4 random orders +1.39); sigma comes within 0.3 of the distance oracle (seed 2: 0.8 above it)."""
+    root, base, stages = tiny
+    g = FF.gallery_features(FF.C.parse_config(FF.Config, stages), "cpu")
+    n = len(g["labels"])
+    area = lambda order: FF.auc(FF.backfill_curve(g["new"], g["h"], g["new"], g["labels"], order))["auc_mAP"]
+    sigma = area(FF.backfill_order("sigma", n, g["sigma"]))
+    random = [area(FF.backfill_order("random", n, seed=s)) for s in range(4)]
+    assert sigma > max(random) + 0.5 and sigma > sum(random) / 4 + 1.0, (sigma, random)
+
+
 def test_resume_replays_the_same_run(tiny, tmp_path):
     """Cut a run at an intermediate checkpoint and resume it: the final weights equal the uninterrupted run's."""
-    root, base = tiny
+    root, base, _ = tiny
     args = ["train-model", *base, "--classes", "5", "--epochs", "2", "--ckpt-every", "10"]
     FF.main([*args, "--out", str(tmp_path / "a")])
     shutil.copytree(tmp_path / "a", tmp_path / "b")
