@@ -985,17 +985,18 @@ class CaptionSource:
 
     def __call__(self, sample: dict) -> dict:
         rng, caption = C.sample_rng(self.seed, sample), None
-        noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
         if rng.random() < self.prob:
             if "syn.json" in sample:
                 syn = json.loads(sample["syn.json"])
                 caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
             else:
                 caption = caption_scene(json.loads(sample["json"])["scene"], rng)
-        elif noise.random() < self.noise:
-            shape = json.loads(sample["json"])["scene"]["shape"]
-            while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
-                pass
+        elif self.noise:  # drawn from the key alone: the same samples every epoch, nested in q
+            noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
+            if noise.random() < self.noise:
+                shape = json.loads(sample["json"])["scene"]["shape"]
+                while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
+                    pass
         return self.decode({**sample, "txt": caption.encode()} if caption else sample)
 
 
