@@ -113,6 +113,7 @@ class Config:
     caption_source: str = "alt"  # plain training: alt (the .txt) | synthetic (syn.json) | mix (synthetic w.p. p)
     synthetic_prob: float = 0.5  # --caption-source mix: probability of replacing the alt-text
     alt_noise: float = 0.0  # synthetic world: this fraction of the samples (fixed by key) has an unrelated alt-text
+    #                         (plain training reads it; `reinforce` stores it as the samples' ground-truth caption)
     teachers: str = ""  # reinforce: teacher CLIP checkpoints, comma-separated (this repo's or OpenCLIP)
     num_augs: int = 10  # reinforce: stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
     captions: str = ""  # reinforce: JSON lines {"key", "captions"}; default: the synthetic world's captioner
@@ -972,10 +973,7 @@ class CaptionSource:
     syn.json's (keys matching --syn-key), or, in the synthetic world, its accurate captioner's (from the json
     "scene"). Option (a), the sum of the alt-text and synthetic-caption losses, is `--reinforced
     --lambda-kd 0` on reinforced shards. A sample with no synthetic caption raises (counted, skipped).
-    --alt-noise q makes the world's alt-text web-like: for a fraction q of the samples, fixed by the key alone
-    (every epoch, seed and worker layout; nested in q), the alt-text that is kept is the alt-text of an unrelated
-    random picture, rendered by the world itself (in its alt-text style, so the style does not give the noise
-    away) and redrawn until it does not name the sample's shape. A caption the captioner replaced stays correct."""
+    --alt-noise q makes the world's alt-text web-like (`unrelated_alt_text`); a replaced caption stays correct."""
 
     def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int, noise: float = 0.0):
         if source not in ("alt", "synthetic", "mix") or not 0 <= noise <= 1:
@@ -991,13 +989,23 @@ class CaptionSource:
                 caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
             else:
                 caption = caption_scene(json.loads(sample["json"])["scene"], rng)
-        elif self.noise:  # drawn from the key alone: the same samples every epoch, nested in q
-            noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
-            if noise.random() < self.noise:
-                shape = json.loads(sample["json"])["scene"]["shape"]
-                while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
-                    pass
+        elif self.noise:
+            caption = unrelated_alt_text(sample, self.noise)
         return self.decode({**sample, "txt": caption.encode()} if caption else sample)
+
+
+def unrelated_alt_text(sample: dict, q: float):
+    """--alt-noise: for a fraction q of the synthetic world's samples, drawn from the key alone (the same samples
+    every epoch, seed and worker layout; nested in q), the alt-text of an unrelated random picture, rendered by
+    the world in its alt-text style (the style does not give the noise away) and redrawn until it does not name
+    the sample's shape; None for the others (their alt-text is kept)."""
+    noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
+    if q <= 0 or noise.random() >= q:
+        return None
+    shape = json.loads(sample["json"])["scene"]["shape"]
+    while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
+        pass
+    return caption
 
 
 def load_teacher(path: str, bpe: str, device):
@@ -1064,6 +1072,8 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
     chunk = []
     for s in C.iter_tar_samples(path, skipped):
         try:
+            if cfg.alt_noise and (wrong := unrelated_alt_text(s, cfg.alt_noise)):  # stored as the alt-text
+                s = {**s, "txt": wrong.encode()}
             img, gt = C.decode_image(s), C.decode_caption(s)
             rng = C.sample_rng(cfg.seed, s)
             if captions:
@@ -1091,6 +1101,8 @@ def reinforce(cfg: Config):
     {"key", "captions"}) or, in the synthetic world, its accurate captioner. Input shards are split over the
     ranks; a finished output shard is never redone, so an interrupted run resumes by running it again."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    if not 0 <= cfg.alt_noise <= 1:
+        C.fail(f"--alt-noise must be in [0, 1], not {cfg.alt_noise}")
     if not cfg.teachers:
         C.fail("reinforce needs --teachers a.pt[,b.pt...]: CLIP checkpoints (this repo's or OpenCLIP)")
     data, zs, ret = resolve_data(cfg)

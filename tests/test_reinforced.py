@@ -192,6 +192,19 @@ def test_reinforce_then_train_round_trip(tmp_path):
     scene = json.loads(s["json"])["scene"]  # the world's captioner names every attribute
     assert all(scene[a] in c for c in syn for a in ("shape", "colour", "size", "texture", "background"))
 
+    # --alt-noise: the web-like alt-text is what is stored (and embedded) as the sample's ground truth
+    noisy = str(tmp_path / "dr_noisy")
+    mobileclip.main(["reinforce", "--teachers", ckpt, "--num-augs", "1", "--num-captions", "1", "--alt-noise", "0.5",
+                     "--out", noisy, "--cache-dir", cache, *SMALL])
+    clean = {s["__key__"]: s for s in C.iter_tar_samples(shards[0], {})}
+    wrong = 0
+    for s in C.iter_tar_samples(C.expand_shards(noisy)[0], {}):
+        expect = mobileclip.unrelated_alt_text(clean[s["__key__"]], 0.5) or C.decode_caption(clean[s["__key__"]])
+        wrong += expect != C.decode_caption(clean[s["__key__"]])
+        assert C.decode_caption(s) == expect and json.loads(s["json"])["scene"]["shape"] in json.loads(
+            s["syn.json"])["syn_text"][0]  # the captioner's caption stays correct
+    assert 0.35 < wrong / len(clean) < 0.65
+
     mobileclip.main(["--reinforced", "--data", dr, "--teacher-scales", "20,20", "--lambda-kd", "0.5",
                      "--out", student, "--steps", "30", "--batch-size", "32", "--log-every", "5", "--lr", "3e-3",
                      "--warmup", "5", *SMALL])
