@@ -29,7 +29,7 @@ def test_nearest_neighbours_is_exact_top_k(chunk, k):
     scores, ids = T.nearest_neighbours(q, chunks_of(pool, chunk), k)
     ref = (q @ pool.T).topk(min(k, 53), dim=1)  # brute force over the whole pool at once
     assert ids.tolist() == (ref.indices * 10 + 3).tolist()
-    assert torch.allclose(scores, ref.values)
+    assert torch.allclose(scores, ref.values, atol=1e-6)  # fp32: another summation order per chunk
 
 
 def test_merging_ranks_gives_the_global_top_k():
