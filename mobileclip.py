@@ -750,6 +750,8 @@ def load_pretrained(model, path, name=""):
 def resolve_data(cfg: Config) -> tuple[str, str, str]:
     """(train shards, zero-shot ImageFolder, retrieval shards): the user's, or the synthetic world's."""
     zs, ret = cfg.zeroshot_data, cfg.retrieval_data
+    if not 0 <= cfg.alt_noise <= 1:  # read by plain training (CaptionSource) and by `reinforce`
+        C.fail(f"--alt-noise must be in [0, 1], not {cfg.alt_noise}")
     if cfg.data:
         if cfg.alt_noise:
             C.fail("--alt-noise needs the synthetic world (no --data): it writes its captions from random scenes")
@@ -989,7 +991,7 @@ class CaptionSource:
                 caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
             else:
                 caption = caption_scene(json.loads(sample["json"])["scene"], rng)
-        elif self.noise:
+        else:
             caption = unrelated_alt_text(sample, self.noise)
         return self.decode({**sample, "txt": caption.encode()} if caption else sample)
 
@@ -999,8 +1001,10 @@ def unrelated_alt_text(sample: dict, q: float):
     every epoch, seed and worker layout; nested in q), the alt-text of an unrelated random picture, rendered by
     the world in its alt-text style (the style does not give the noise away) and redrawn until it does not name
     the sample's shape; None for the others (their alt-text is kept)."""
+    if not q:  # no generator made: the common case costs nothing
+        return None
     noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
-    if q <= 0 or noise.random() >= q:
+    if noise.random() >= q:
         return None
     shape = json.loads(sample["json"])["scene"]["shape"]
     while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
@@ -1072,7 +1076,7 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
     chunk = []
     for s in C.iter_tar_samples(path, skipped):
         try:
-            if cfg.alt_noise and (wrong := unrelated_alt_text(s, cfg.alt_noise)):  # stored as the alt-text
+            if wrong := unrelated_alt_text(s, cfg.alt_noise):  # --alt-noise: stored as the alt-text
                 s = {**s, "txt": wrong.encode()}
             img, gt = C.decode_image(s), C.decode_caption(s)
             rng = C.sample_rng(cfg.seed, s)
@@ -1101,8 +1105,6 @@ def reinforce(cfg: Config):
     {"key", "captions"}) or, in the synthetic world, its accurate captioner. Input shards are split over the
     ranks; a finished output shard is never redone, so an interrupted run resumes by running it again."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if not 0 <= cfg.alt_noise <= 1:
-        C.fail(f"--alt-noise must be in [0, 1], not {cfg.alt_noise}")
     if not cfg.teachers:
         C.fail("reinforce needs --teachers a.pt[,b.pt...]: CLIP checkpoints (this repo's or OpenCLIP)")
     data, zs, ret = resolve_data(cfg)
