@@ -7,18 +7,19 @@ alignment + the new classifier's cross-entropy under a learned per-item uncertai
 the gallery item by item in order of decreasing sigma, so retrieval recovers fast at small backfilled
 fractions. The figure of merit is the area under the backfilling curve (CMC top-1/top-5, mAP).
 
-What is here: the embedding backbones (ResNet-18/50 with a 128-d ReLU'd embedding and a bias-free 1x1-conv
-classifier, the layout of apple/ml-fct; any torchvision classifier by name when torchvision is installed),
-their training (SGD, cosine with warm-up, label smoothing; optionally BCT's influence loss), the
-transformation with the uncertainty head and its training recipe (Adam, cosine, BN frozen for the second
-half), backfilling with the three orderings, the retrieval metrics with self-matches excluded, the curve as
-log.jsonl, CSV and PNG, and a no-argument run that does all of it on the synthetic world. Not here: side
-information (the released FastFill configs do not use it: the old feature feeds both branches, as there),
-the biased-model experiment and the RBT baseline (undefined in the public sources).
+What is here: the embedding backbones (torchvision's ResNet-18/50 with apple/ml-fct's two changes: a 128-d
+ReLU'd embedding out of the last block and a bias-free 1x1-conv classifier; or any torchvision classifier by
+name with a projection to the embedding), their training (SGD, cosine with warm-up, label smoothing;
+optionally BCT's influence loss), the transformation with the uncertainty head and its training recipe
+(Adam, cosine, BN frozen for the second half), backfilling with the three orderings, the retrieval metrics
+with self-matches excluded, the curve as log.jsonl, CSV and PNG, and a no-argument run that does all of it
+on the synthetic world. Not here: side information (the released FastFill configs do not use it: the old
+feature feeds both branches, as there), the biased-model experiment and the RBT baseline (undefined in the
+public sources).
 
 Paper -> code:
-  phi_old, phi_new: ResNet-50, 128-d embedding (FCT)   -> ResNet, build_model, train_model
-  BCT influence loss (baseline new model)              -> train_model (--bct OLD), bct_loss
+  phi_old, phi_new: ResNet-50, 128-d embedding (FCT)   -> ResNet (embedding_block), build_model, train
+  BCT influence loss (baseline new model)              -> train (train-model --bct OLD), bct_loss
   h: two-branch MLP + BN, sigma head (Sec. 3)          -> Transformation
   L = mean(0.5 exp(-s) (MSE + CE_ls) + 0.5 s) (Eq. 5)  -> fastfill_loss (reference: fastfill_loss_reference)
   FCT: the same h, MSE only                            -> --loss fct
@@ -52,8 +53,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 import common as C
 
@@ -103,80 +106,88 @@ class Config:
 # 1. Embedding models: ResNet with a D-dim embedding and a bias-free 1x1-conv classifier (FCT layout)
 # ----------------------------------------------------------------------------------------------------
 # apple/ml-fct's ResNet is torchvision's with two changes: the last block of layer4 outputs `embed_dim`
-# channels (its conv3/bn3 and a 1x1 projection shortcut are that wide), with a ReLU after it
+# channels (its last conv/bn and a 1x1 projection shortcut are that wide), with a ReLU after it
 # (`last_nonlin`), and the classifier `fc` is a 1x1 conv without bias on the pooled (B, D, 1, 1) feature.
-# Names follow torchvision (conv1, bn1, layer1.0.downsample.0, ...), so checkpoints port by name.
+# (ml-fct's BasicBlock also widens its first conv to `embed_dim`; here only the last conv changes, for both
+# block types.) Everything else is torchvision's own ResNet, BasicBlock and Bottleneck, so the names (conv1,
+# bn1, layer1.0.downsample.0, ...) are torchvision's and its checkpoints load by name, all but the changed
+# tensors.
 
 
-class Block(nn.Module):
-    """ResNet basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with expansion 4) block; `out_dim` overrides
-    the output width (the embedding block), `relu_out=False` leaves the output linear."""
-
-    def __init__(self, cin, planes, stride=1, bottleneck=True, out_dim=None, relu_out=True):
-        super().__init__()
-        cout = out_dim or planes * (4 if bottleneck else 1)
-        convs = ([(cin, planes, 1, 1), (planes, planes, 3, stride), (planes, cout, 1, 1)] if bottleneck
-                 else [(cin, planes, 3, stride), (planes, cout, 3, 1)])
-        for i, (a, b, k, s) in enumerate(convs, 1):
-            self.add_module(f"conv{i}", nn.Conv2d(a, b, k, s, k // 2, bias=False))
-            self.add_module(f"bn{i}", nn.BatchNorm2d(b))
-        self.n, self.relu_out = len(convs), relu_out
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        out = x
-        for i in range(1, self.n + 1):
-            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            out = F.relu(out) if i < self.n else out
-        out = out + (x if self.downsample is None else self.downsample(x))
-        return F.relu(out) if self.relu_out else out
+def embedding_block(block: nn.Module, embed_dim: int) -> nn.Module:
+    """The same torchvision block (BasicBlock or Bottleneck, same input, planes and stride) with its last
+    conv/bn `embed_dim` wide, and a 1x1 conv + BN projection shortcut where the input width or stride differ."""
+    cin, planes, stride = block.conv1.in_channels, block.conv1.out_channels, block.stride
+    down = (nn.Sequential(conv1x1(cin, embed_dim, stride), nn.BatchNorm2d(embed_dim))
+            if stride != 1 or cin != embed_dim else None)
+    new = type(block)(cin, planes, stride, down)
+    if isinstance(new, Bottleneck):  # 1x1, 3x3, 1x1: the last 1x1 maps planes -> embed_dim (not 4 planes)
+        new.conv3, new.bn3 = conv1x1(planes, embed_dim), nn.BatchNorm2d(embed_dim)
+    else:  # two 3x3 convs: the second maps planes -> embed_dim
+        new.conv2, new.bn2 = conv3x3(planes, embed_dim), nn.BatchNorm2d(embed_dim)
+    return new
 
 
-class ResNet(nn.Module):
-    """(B, 3, H, W) -> (logits (B, classes), feature (B, D)). `small_stem`: a 3x3/1 stem without max-pool
-    for 32-px images (the CPU model); the standard stem is 7x7/2 + max-pool."""
+def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision block's output before its final ReLU (`last_nonlin=False`): branch + shortcut."""
+    n = 3 if isinstance(block, Bottleneck) else 2
+    out = x
+    for i in range(1, n + 1):
+        out = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(out))
+        out = F.relu(out) if i < n else out
+    return out + (x if block.downsample is None else block.downsample(x))
+
+
+class ResNet(torchvision.models.resnet.ResNet):
+    """(B, 3, H, W) -> (logits (B, classes), feature (B, D)). torchvision's ResNet with the FCT embedding
+    block and classifier. `width`: the stem's width (stages are width x 1, 2, 4, 8, torchvision's 64 by
+    default); `small_stem`: a 3x3/1 stem without max-pool for 32-px images (the CPU model)."""
 
     def __init__(self, layers, classes, embed_dim=128, width=64, bottleneck=True, small_stem=False,
                  last_nonlin=True):
-        super().__init__()
-        k, s = (3, 1) if small_stem else (7, 2)
-        self.conv1, self.bn1 = nn.Conv2d(3, width, k, s, k // 2, bias=False), nn.BatchNorm2d(width)
-        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
-        cin, exp = width, 4 if bottleneck else 1
-        for i, n in enumerate(layers):
-            planes, blocks = width * 2**i, []
-            for j in range(n):
-                last = i == len(layers) - 1 and j == n - 1  # the embedding block
-                blocks.append(Block(cin, planes, 2 if j == 0 and i > 0 else 1, bottleneck,
-                                    embed_dim if last else None, last_nonlin if last else True))
-                cin = embed_dim if last else planes * exp
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.n_layers, self.embed_dim = len(layers), embed_dim
-        self.fc = nn.Conv2d(embed_dim, classes, 1, bias=False)
+        block = Bottleneck if bottleneck else BasicBlock
+        # Built on a forked RNG, then initialised below: the weights drawn from a seed depend on the layout
+        # only, not on how torchvision builds and initialises it.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(block, list(layers), num_classes=classes)
+            if small_stem or width != 64:  # the CPU model: another stem, stages rebuilt by torchvision's code
+                k, s = (3, 1) if small_stem else (7, 2)
+                self.conv1, self.bn1 = nn.Conv2d(3, width, k, s, k // 2, bias=False), nn.BatchNorm2d(width)
+                self.maxpool = nn.Identity() if small_stem else self.maxpool
+                self.inplanes = width  # the input width of the next _make_layer
+                for i, n in enumerate(layers):
+                    setattr(self, f"layer{i + 1}", self._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2))
+            self.layer4[-1] = embedding_block(self.layer4[-1], embed_dim)
+            self.fc = nn.Conv2d(embed_dim, classes, 1, bias=False)
+        # torchvision redraws every conv with kaiming_normal_(fan_out); apple/ml-fct keeps PyTorch's default
+        # (kaiming_uniform_, a = sqrt 5), as did this file before it used torchvision: restored, in module order.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+        self.embed_dim, self.last_nonlin = embed_dim, last_nonlin
 
     def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        for i in range(1, self.n_layers + 1):
-            x = getattr(self, f"layer{i}")(x)
-        feature = x.mean((2, 3), keepdim=True)  # (B, D, 1, 1)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4[:-1](self.layer3(self.layer2(self.layer1(x))))
+        x = self.layer4[-1](x) if self.last_nonlin else residual_sum(self.layer4[-1], x)  # (B, D, h, w)
+        feature = self.avgpool(x)  # (B, D, 1, 1)
         return self.fc(feature).flatten(1), feature.flatten(1)
 
 
 class TorchvisionEmbedder(nn.Module):
-    """Any torchvision classifier as an embedder: its trunk up to the pooled feature, a 1x1 projection to
-    D with a ReLU (the FCT embedding), and the bias-free classifier."""
+    """Any torchvision classifier as an embedder: its trunk up to the input of its last linear layer, a
+    linear projection to D with a ReLU (the FCT embedding), and the bias-free 1x1-conv classifier."""
 
     def __init__(self, name, classes, embed_dim=128):
         super().__init__()
-        try:
-            import torchvision
-        except Exception as e:  # missing, or built for another torch
-            C.fail(f"--model torchvision:{name} needs a working torchvision ({type(e).__name__}: {str(e)[:120]})")
+        if name.lower() not in torchvision.models.list_models():
+            C.fail(f"unknown torchvision model '{name}' (torchvision.models.list_models() names them)")
         self.trunk = torchvision.models.get_model(name, num_classes=1000)
-        head = [n for n, m in self.trunk.named_modules() if isinstance(m, nn.Linear)][-1]
-        width = self.trunk.get_submodule(head).in_features
-        parent, _, leaf = head.rpartition(".")
+        heads = [n for n, m in self.trunk.named_modules() if isinstance(m, nn.Linear)]
+        if not heads:
+            C.fail(f"torchvision model '{name}' has no linear classifier to replace by the embedding")
+        width = self.trunk.get_submodule(heads[-1]).in_features
+        parent, _, leaf = heads[-1].rpartition(".")
         setattr(self.trunk.get_submodule(parent) if parent else self.trunk, leaf, nn.Identity())
         self.embed = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU())
         self.fc = nn.Conv2d(embed_dim, classes, 1, bias=False)

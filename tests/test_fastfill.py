@@ -127,6 +127,60 @@ def test_resnet50_layout():
     assert logits.shape == (2, 1000) and feat.shape == (2, 128) and (feat >= 0).all()  # ReLU'd embedding
 
 
+def test_model_sizes_and_layouts_are_pinned():
+    """The parameter counts of the three named backbones at D = 128, as they were when the ResNet was written
+    out by hand (before torchvision built it), and the CPU model's stem and stage widths."""
+    counts = {n: sum(p.numel() for p in FF.build_model(n, 10, 128).parameters()) for n in FF.MODELS}
+    assert counts == {"resnet50": 22_784_832, "resnet18": 9_473_344, "resnet_tiny": 308_816}
+    sd = FF.build_model("resnet18", 10, 128).state_dict()
+    assert sd["layer4.1.conv1.weight"].shape == (512, 512, 3, 3)  # only the last conv of the block narrows
+    assert sd["layer4.1.conv2.weight"].shape == (128, 512, 3, 3)
+    assert sd["layer4.1.downsample.0.weight"].shape == (128, 512, 1, 1)
+    tiny = FF.build_model("resnet_tiny", 10, 128)
+    sd = tiny.state_dict()
+    assert sd["conv1.weight"].shape == (16, 3, 3, 3) and isinstance(tiny.maxpool, torch.nn.Identity)
+    assert [sd[f"layer{i}.0.conv1.weight"].shape[0] for i in range(1, 5)] == [16, 32, 64, 128]
+    assert "layer1.0.downsample.0.weight" not in sd and sd["layer4.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    assert tiny.eval()(torch.randn(2, 3, 32, 32))[1].shape == (2, 128)
+
+
+def test_forward_is_torchvision_and_init_is_pytorch_default():
+    """With the embedding as wide as torchvision's feature, torchvision's ResNet-18 weights load by name (fc
+    reshaped to a 1x1 conv) and give its logits less the bias; the convs keep PyTorch's default init
+    (std 1/sqrt(3 fan_in), as apple/ml-fct), not torchvision's kaiming_normal_(fan_out)."""
+    import torchvision
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    ours = FF.ResNet((2, 2, 2, 2), 10, embed_dim=512, bottleneck=False).eval()
+    sd = {k: v for k, v in tv.state_dict().items() if k != "fc.bias"}
+    sd["fc.weight"] = sd["fc.weight"][:, :, None, None]
+    ours.load_state_dict(sd)  # strict: the same keys and shapes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, feat = ours(x)
+        torch.testing.assert_close(logits, tv(x) - tv.fc.bias)
+    assert feat.shape == (2, 512)
+    w = FF.build_model("resnet50", 10, 128).layer3[0].conv2.weight  # fan_in 256 * 9, fan_out 256 * 9
+    assert w.std().item() == pytest.approx((3 * 256 * 9) ** -0.5, rel=0.05)  # torchvision's: sqrt(2 / fan_out)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_last_nonlin_off_leaves_the_embedding_linear(bottleneck):
+    """residual_sum is the torchvision block's forward without its final ReLU, and last_nonlin=False uses it."""
+    block = FF.ResNet((1, 1, 1, 1), 10, embed_dim=24, width=8, bottleneck=bottleneck).layer4[-1].eval()
+    x = torch.randn(2, block.conv1.in_channels, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.relu(FF.residual_sum(block, x)), block(x))
+    torch.manual_seed(0)
+    m = FF.ResNet((1, 1, 1, 1), 10, embed_dim=24, width=8, bottleneck=bottleneck, last_nonlin=False).eval()
+    torch.manual_seed(0)
+    relu = FF.ResNet((1, 1, 1, 1), 10, embed_dim=24, width=8, bottleneck=bottleneck).eval()
+    assert m.state_dict().keys() == relu.state_dict().keys()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f, f_relu = m(x)[1], relu(x)[1]
+    assert (f < 0).any() and (f_relu >= 0).all()
+
+
 def test_transformation_layout():
     h = FF.Transformation(128, 128, inner=2048, sigma_dim=1)
     sd = h.state_dict()
@@ -249,11 +303,14 @@ def test_resume_replays_the_same_run(tiny, tmp_path):
         FF.main([*args, "--out", str(tmp_path / "b")])
 
 
-def test_torchvision_backbone_by_name_or_one_clear_line(capsys):
-    try:
-        m = FF.build_model("torchvision:resnet18", 10, 32)
-    except SystemExit:
-        assert "needs a working torchvision" in capsys.readouterr().err
-        return
+def test_torchvision_backbone_by_name(capsys):
+    m = FF.build_model("torchvision:resnet18", 10, 32)
     logits, feature = m.eval()(torch.randn(2, 3, 64, 64))
-    assert logits.shape == (2, 10) and feature.shape == (2, 32)
+    assert logits.shape == (2, 10) and feature.shape == (2, 32) and (feature >= 0).all()
+    assert isinstance(m.trunk.fc, torch.nn.Identity) and m.embed[0].in_features == 512
+    for name, msg in (("not_a_model", "unknown torchvision model 'not_a_model'"),
+                      ("squeezenet1_0", "no linear classifier")):
+        with pytest.raises(SystemExit):
+            FF.build_model(f"torchvision:{name}", 10, 32)
+        err = capsys.readouterr().err
+        assert msg in err and err.startswith("error:") and err.count("\n") == 1, err
