@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -35,6 +36,7 @@ import tarfile
 import time
 import typing
 import unicodedata
+import warnings
 import zlib
 from typing import Iterator, Optional, Tuple
 
@@ -43,7 +45,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 
 # ==== 1. Config and CLI ===============================================================================
 
@@ -633,38 +639,93 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+def _braces(spec: str) -> list[str]:
+    """Expand `{00..99}` (zero-padded to the first bound's width) and `{a,b}` patterns, left to right."""
+    if m := re.search(r"\{(\d+)\.\.(\d+)\}", spec):
+        lo, hi, w = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        return [x for i in range(lo, hi + 1) for x in _braces(spec[:m.start()] + str(i).zfill(w) + spec[m.end():])]
+    if m := re.search(r"\{([^{}]*,[^{}]*)\}", spec):
+        return [x for s in m.group(1).split(",") for x in _braces(spec[:m.start()] + s + spec[m.end():])]
+    return [spec]
+
+
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a directory (its *.tar, sorted), a glob, a brace pattern such as
-    `shards/{00000..00099}.tar` or `{a,b}`, or several of these separated by `::`."""
+    """Shard sources, as webdataset and OpenCLIP users write them, several joined by `::`: a directory (its
+    *.tar, sorted), a glob, a file, a brace pattern (`shards/{00000..00099}.tar`, `{a,b}`), an http(s) URL,
+    or `pipe:CMD`, a command whose standard output is the tar (`pipe:aws s3 cp s3://b/{000..099}.tar -`).
+    URLs and commands are brace-expanded and streamed when read, never written to disk."""
     out = []
     for part in spec.split("::"):
-        if m := re.search(r"\{(\d+)\.\.(\d+)\}", part):  # numeric range, zero-padded to the first bound's width
-            lo, hi, w = int(m.group(1)), int(m.group(2)), len(m.group(1))
-            out += expand_shards("::".join(part[:m.start()] + str(i).zfill(w) + part[m.end():]
-                                            for i in range(lo, hi + 1)))
+        if part.startswith(("pipe:", "http://", "https://")):
+            out += _braces(part)
             continue
-        if m := re.search(r"\{([^{}]*,[^{}]*)\}", part):
-            out += expand_shards("::".join(part[:m.start()] + s + part[m.end():] for s in m.group(1).split(",")))
-        elif os.path.isdir(part):
-            out += sorted(glob.glob(os.path.join(part, "**", "*.tar"), recursive=True))
-        elif any(c in part for c in "*?["):
-            out += sorted(glob.glob(part, recursive=True))
-        elif os.path.exists(part):
-            out.append(part)
-        else:
-            raise FileNotFoundError(f"data path does not exist: {part}")
+        for p in _braces(part):
+            if os.path.isdir(p):
+                out += sorted(glob.glob(os.path.join(p, "**", "*.tar"), recursive=True))
+            elif any(c in p for c in "*?["):
+                out += sorted(glob.glob(p, recursive=True))
+            elif os.path.exists(p):
+                out.append(p)
+            else:
+                raise FileNotFoundError(f"data path does not exist: {p}")
     if not out:
         raise FileNotFoundError(f"no .tar shards found at {spec}")
     return out
 
 
+def _count(skipped: dict, reason: str):
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
+class PipeFailed(OSError):
+    """A `pipe:` shard's command exited non-zero."""
+
+
+@contextlib.contextmanager
+def open_shard(source: str):
+    """A shard as a readable byte stream: a local file, an http(s) URL (urllib) or `pipe:CMD` (a shell
+    command's standard output, read as it comes). A command that exits non-zero raises PipeFailed with the
+    last line it wrote to stderr, once its output (read like a tar cut off) is used up."""
+    if source.startswith(("http://", "https://")):
+        import urllib.request
+        with urllib.request.urlopen(source, timeout=120) as f:
+            yield f
+        return
+    if not source.startswith("pipe:"):
+        with open(source, "rb") as f:
+            yield f
+        return
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryFile() as err:  # stderr to a file: a chatty command can never block on a full pipe
+        proc = subprocess.Popen(source[5:], shell=True, stdout=subprocess.PIPE, stderr=err)
+        reader_left = True  # the reader stopped early (a closed generator, Ctrl-C): end the command quietly
+        try:
+            yield proc.stdout
+            reader_left = False
+        except (tarfile.TarError, EOFError, OSError, zlib.error):
+            reader_left = False
+            raise
+        finally:
+            if reader_left:
+                proc.kill()
+            else:  # read the rest (the tar's end padding), so the exit status is the command's own
+                while proc.stdout.read(1 << 20):
+                    pass
+            proc.stdout.close()
+            if proc.wait() != 0 and not reader_left:  # replaces a tar error that the failure caused
+                err.seek(0)
+                last = (err.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1][:200]
+                raise PipeFailed(f"exit status {proc.returncode}: {last}")
+
+
 def iter_tar_samples(path: str, skipped: dict):
     """Group the members of one tar into samples {"__key__": key, suffix: bytes} the webdataset way:
     key = member path up to the first '.' of its basename, suffix = the rest ("jpg", "seg.png"). Members of
-    a sample must be contiguous. A tar cut off or damaged mid-way ends the shard, counted in `skipped`."""
+    a sample must be contiguous. A tar cut off, damaged or unreachable ends the shard, counted in `skipped`."""
     sample, key = {}, None
     try:
-        with tarfile.open(path, "r|*") as tar:  # streaming mode: never seeks, works on pipes too
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streaming: never seeks
             for m in tar:
                 if not m.isfile():
                     continue
@@ -679,20 +740,48 @@ def iter_tar_samples(path: str, skipped: dict):
                 key = k
                 sample["__key__"] = k
                 sample[suffix.lower()] = tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        skipped[f"broken_tar:{type(e).__name__}"] = skipped.get(f"broken_tar:{type(e).__name__}", 0) + 1
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # OSError: also urllib's URLError, HTTPError
+        _count(skipped, "pipe_failed" if isinstance(e, PipeFailed) else f"broken_tar:{type(e).__name__}")
+        if path.startswith(("pipe:", "http://", "https://")):  # a remote source: say which, once
+            print(f"data: skipped {path} ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
         sample = {}  # the last sample may be incomplete
     if sample:
         yield sample
 
 
 def decode_image(sample: dict) -> Image.Image:
-    """The sample's image as RGB; raises on a missing or undecodable image (caller counts and skips)."""
+    """The sample's image as an RGB PIL image; raises on a missing or undecodable image (caller counts and
+    skips). For the paths that must match PIL-based official code (stored-augmentation replay)."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             img = Image.open(io.BytesIO(sample[ext]))
             img.load()  # force the full decode here, so a truncated file fails now, not in the crop
             return img.convert("RGB")
+    raise KeyError("no image")
+
+
+def bytes_to_tensor(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 (3, H, W): JPEG through torchvision's libjpeg-turbo decoder (about twice
+    as fast as PIL's decode + convert), anything else, and any JPEG it rejects (CMYK oddities, truncation),
+    through PIL. Raises on bytes that are no image."""
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # PIL decides: it decodes what it can and raises on the rest
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def decode_image_tensor(sample: dict) -> torch.Tensor:
+    """The sample's image as uint8 (3, H, W) (`bytes_to_tensor`), the fast training path; raises on a missing
+    or undecodable image (caller counts and skips)."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return bytes_to_tensor(sample[ext])
     raise KeyError("no image")
 
 
@@ -707,29 +796,64 @@ def decode_caption(sample: dict, key: str = "txt") -> str:
 
 
 def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random box (left, top, right, bottom) covering `scale` of the area with aspect ratio in `ratio`
-    (log-uniform), the Inception-style crop; falls back to the largest centred box."""
-    area = w * h
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng` instead of torch's
+    global generator so that a sample's crop is fixed by its key: up to 10 tries of an area fraction in
+    `scale` and a log-uniform aspect ratio in `ratio`, top then left uniform; if none fits, the whole image
+    cut to the nearest allowed aspect ratio, centred (torchvision's fallback)."""
+    area, log_ratio = w * h, (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
             return left, top, left + cw, top + ch
-    return center_crop_box(w, h)
+    if w / h < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif w / h > max(ratio):
+        cw, ch = int(round(h * max(ratio))), h
+    else:
+        cw, ch = w, h
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
 
 
 def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+    """The largest centred square (for labels that must stay aligned with a square crop of the image)."""
     s = min(w, h)
     return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
 
 
-def image_to_uint8(img: Image.Image, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
-    """Crop `box`, resize to size x size, return uint8 (3, size, size). Images travel to the device as
-    uint8 (4x less than fp32) and are normalised there by `normalize_images`."""
+def image_wh(img) -> tuple[int, int]:
+    """(width, height) of a PIL image or a (C, H, W) tensor."""
+    return (img.shape[-1], img.shape[-2]) if torch.is_tensor(img) else img.size
+
+
+_MODES = {Image.NEAREST: InterpolationMode.NEAREST, Image.BILINEAR: InterpolationMode.BILINEAR,
+          Image.BICUBIC: InterpolationMode.BICUBIC}
+
+
+def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
+    """Crop `box` (left, top, right, bottom), resize to size x size -> uint8 (3, size, size). A uint8
+    (3, H, W) tensor goes through torchvision's antialiased tensor resize (the fast training path; bicubic
+    within a few grey levels of PIL's), a PIL image through PIL (the replay paths that must match PIL-based
+    official code). Images travel to the device as uint8 (4x less than fp32), normalised there."""
+    if torch.is_tensor(img):
+        left, top, right, bottom = box
+        return TF.resized_crop(img, top, left, bottom - top, right - left, [size, size],
+                               interpolation=_MODES[resample], antialias=True)
     img = img.resize((size, size), resample, box=box)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
+    """OpenCLIP's eval transform (`image_transform(size, is_train=False)`): resize the shorter side to `size`,
+    centre crop size x size -> uint8 (3, size, size). A PIL image is resized by PIL, as OpenCLIP does, so the
+    pixels are OpenCLIP's; a tensor by torchvision's antialiased tensor resize (within ~2 grey levels)."""
+    if not torch.is_tensor(img):
+        img = img.convert("RGB")
+    x = TF.center_crop(TF.resize(img, size, interpolation=_MODES[resample], antialias=True), [size, size])
+    return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
@@ -740,48 +864,48 @@ def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Ten
 
 
 # RandAugment (Cubuk et al. 2020) with its random draws kept as compact parameters, so that an augmentation
-# can be stored and replayed exactly (MobileCLIP's DataCompDR, dataset reinforcement). The op table, the
-# magnitude grid (m of 31 bins, signed ops negated with p = 1/2) and each op's effect on a PIL image follow
-# torchvision's RandAugment and its PIL backend, which the published DataCompDR parameters index into.
+# can be stored and replayed exactly (MobileCLIP's DataCompDR, dataset reinforcement). The op table (names,
+# magnitude grids) and each op's effect are torchvision's RandAugment itself, as in the official replay code;
+# only the draw is ours, from a seeded `random.Random`. An op is stored as [index into RAND_AUGMENT_OPS,
+# signed magnitude] (DataCompDR's form); translations are in pixels.
 RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
                     "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
-_RA_SIGNED_MAX = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150 / 331, "TranslateY": 150 / 331,
-                  "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
+
+
+@functools.lru_cache(maxsize=64)
+def _rand_augment_space(bins: int, size: int) -> dict:
+    """torchvision's table {op: (magnitudes of the `bins` bins, signed)} for a size x size image."""
+    from torchvision.transforms import RandAugment
+    space = RandAugment(num_magnitude_bins=bins)._augmentation_space(bins, [size, size])
+    assert tuple(space) == RAND_AUGMENT_OPS, "torchvision's RandAugment ops changed order"
+    return {k: (m.tolist() if m.ndim else None, signed) for k, (m, signed) in space.items()}
+
+
+def rand_augment_magnitude(k: int, negative: bool, size: int, magnitude: int = 9, bins: int = 31) -> float:
+    """The value of op k at `magnitude` (of `bins`), negated if `negative` and the op is signed: what
+    torchvision's RandAugment would apply (Posterize: bits kept; Solarize: threshold; 0 for unparametrised ops)."""
+    grid, signed = _rand_augment_space(bins, size)[RAND_AUGMENT_OPS[k]]
+    m = float(grid[magnitude]) if grid is not None else 0.0
+    return -m if signed and negative else m
 
 
 def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitude: int = 9, bins: int = 31):
-    """num_ops [op_index, signed magnitude] pairs; translations are in pixels of a size x size image."""
+    """num_ops [op_index, signed magnitude] pairs drawn as torchvision's RandAugment draws them: an op
+    uniformly, the sign of a signed op with p = 1/2."""
     ops = []
     for _ in range(num_ops):
         k = rng.randrange(len(RAND_AUGMENT_OPS))
-        name, frac = RAND_AUGMENT_OPS[k], magnitude / (bins - 1)
-        if name in _RA_SIGNED_MAX:
-            m = _RA_SIGNED_MAX[name] * frac * (size if name.startswith("Translate") else 1)
-            m = -m if rng.random() < 0.5 else m
-        else:  # Posterize: bits kept, 8 at magnitude 0 and 4 at the top; Solarize: threshold falls from 255
-            m = {"Posterize": float(8 - round(magnitude / ((bins - 1) / 4))),
-                 "Solarize": 255.0 * (1 - frac)}.get(name, 0.0)
-        ops.append([k, m])
+        negative = _rand_augment_space(bins, size)[RAND_AUGMENT_OPS[k]][1] and rng.random() < 0.5
+        ops.append([k, rand_augment_magnitude(k, negative, size, magnitude, bins)])
     return ops
 
 
 def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
-    """Apply stored [op_index, magnitude] pairs to an RGB image (nearest resampling, black fill)."""
-    from PIL import ImageEnhance, ImageOps
+    """Apply stored [op_index, magnitude] pairs to a PIL image with torchvision's own op implementation
+    (nearest resampling, black fill), as torchvision's RandAugment and the official DataCompDR replay do."""
+    from torchvision.transforms.autoaugment import _apply_op
     for k, m in ops:
-        name = RAND_AUGMENT_OPS[int(k)]
-        # PIL's AFFINE maps each output pixel (x, y) to the input (a x + b y + c, d x + e y + f); shears are
-        # about the corner (0, 0) and translations whole pixels, as in torchvision.
-        affine = {"ShearX": (1, m, 0, 0, 1, 0), "ShearY": (1, 0, 0, m, 1, 0),
-                  "TranslateX": (1, 0, -int(m), 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, -int(m))}.get(name)
-        if affine:
-            img = img.transform(img.size, Image.AFFINE, affine, Image.NEAREST, fillcolor=(0, 0, 0))
-        elif name == "Rotate":
-            img = img.rotate(m, Image.NEAREST, fillcolor=(0, 0, 0))
-        elif name in ("Brightness", "Color", "Contrast", "Sharpness"):
-            img = getattr(ImageEnhance, name)(img).enhance(1.0 + m)
-        elif name != "Identity":  # Posterize (bits), Solarize (threshold), AutoContrast, Equalize
-            img = getattr(ImageOps, name.lower())(img, *{"Posterize": [int(m)], "Solarize": [m]}.get(name, []))
+        img = _apply_op(img, RAND_AUGMENT_OPS[int(k)], float(m), InterpolationMode.NEAREST, None)
     return img
 
 
@@ -843,7 +967,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch, to_skip = self.start_pos.get(wid, (0, 0))
         skipped, batch = {}, []
         while self.epochs is None or epoch < self.epochs:
-            n = 0  # raw samples read in this epoch
+            n = good = 0  # raw samples read in this epoch, and those decoded
             for s in self.raw_samples(epoch, consumer, consumers, skipped):
                 n += 1
                 if n <= to_skip:  # resume: fast-forward past what was consumed, without decoding
@@ -852,13 +976,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 try:
                     batch.append(self.decode(s))
                 except Exception as e:  # corrupt image, bad caption...: skip and count, never crash
-                    skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
+                    _count(skipped, type(e).__name__)
                     continue
+                good += 1
                 if len(batch) == self.batch_size:
                     yield collate(batch, wid, skipped, [epoch, n])
                     batch = []
-            if n == 0:
-                raise RuntimeError(f"data consumer {consumer} of {consumers} found no samples in {self.shards[:3]}")
+            if good == 0 and (n > to_skip or n == 0):  # a whole pass without one usable sample: stop, never spin
+                what = f"{len(self.shards)} shard(s) ({self.shards[0]}{', ...' if len(self.shards) > 1 else ''})"
+                counts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "no samples in them"
+                raise DataError(f"no usable sample in a whole pass of data consumer {consumer + 1} of "
+                                f"{consumers} over {what}; skipped: {counts}")
             epoch, to_skip = epoch + 1, 0
         if batch and not self.drop_last:
             yield collate(batch, wid, skipped, [epoch, 0])
@@ -872,11 +1000,29 @@ def collate(items: list[dict], worker: int = 0, skipped: dict | None = None, pos
     return out
 
 
+class DataError(RuntimeError):
+    """Data that cannot feed a run (every sample of a pass bad, every shard unreadable)."""
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose DataError, raised in a worker, ends the run with its one line, not a traceback."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+            except DataError as e:  # re-raised from a worker with its traceback in the text: keep the message
+                fail([line for line in str(e).strip().splitlines() if line.strip()][-1].removeprefix(
+                    f"{DataError.__module__}.DataError: "))
+
+
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
     """DataLoader over a ShardStream that batches itself; worker processes and pinned memory."""
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=False,
-                                       prefetch_factor=4 if num_workers else None)
+    return Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -964,9 +1110,10 @@ def sample_rng(seed: int, sample: dict) -> random.Random:
 
 
 class ImageTextDecode:
-    """Sample -> {"image": uint8 (3, S, S), "ids": (L,) token ids, "caption": str}. Train: a random
-    resized crop (scale 0.9-1, OpenCLIP's default; no flip, captions say left and right); eval: resize
-    and centre crop. Raises on a bad image or caption, which ShardStream counts and skips."""
+    """Sample -> {"image": uint8 (3, S, S), "ids": (L,) token ids, "caption": str}. Train: OpenCLIP's train
+    transform, RandomResizedCrop (scale 0.9-1, bicubic; no flip, captions say left and right) on the
+    torchvision-decoded tensor; eval: OpenCLIP's eval transform on the PIL image (`eval_transform`).
+    Raises on a bad image or caption, which ShardStream counts and skips."""
 
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
@@ -975,11 +1122,13 @@ class ImageTextDecode:
 
     def __call__(self, sample: dict) -> dict:
         caption = decode_caption(sample, self.caption_key)
-        img = decode_image(sample)
-        box = (random_resized_crop_box(*img.size, sample_rng(self.seed, sample), self.scale) if self.train
-               else center_crop_box(*img.size))
-        return {"image": image_to_uint8(img, self.size, box, self.resample),
-                "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
+        if self.train:
+            img = decode_image_tensor(sample)
+            box = random_resized_crop_box(*image_wh(img), sample_rng(self.seed, sample), self.scale)
+            image = image_to_uint8(img, self.size, box, self.resample)
+        else:
+            image = eval_transform(decode_image(sample), self.size, self.resample)
+        return {"image": image, "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
 
 
 # The built-in synthetic world: with no --data, training scripts draw samples from this deterministic
@@ -1394,19 +1543,23 @@ def read_lines(path: str) -> list[str]:
 
 
 def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """An ImageFolder: one sub-folder per class (sorted), the folder name is the class name unless
-    `classnames` (one per folder, same order) is given. Returns ([(path, label)], classnames)."""
+    """torchvision's ImageFolder listing: one sub-folder per class (sorted), every image file below it,
+    nested folders included, with the extensions ImageFolder accepts, in its order. The folder name is the
+    class name ('_' read as a space) unless `classnames` (one per folder, same order) is given.
+    Returns ([(path, label)], classnames)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     if not os.path.isdir(root):
-        fail(f"zero-shot data folder not found: {root}")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not folders:
+        fail(f"image folder not found: {root}")
+    try:
+        folders, class_to_idx = find_classes(root)
+    except FileNotFoundError:
         fail(f"no class folders in {root}")
     if classnames is not None and len(classnames) != len(folders):
         fail(f"{len(classnames)} class names for {len(folders)} class folders in {root}")
-    names = classnames or [d.replace("_", " ") for d in folders]
-    items = [(os.path.join(root, d, f), i) for i, d in enumerate(folders)
-             for f in sorted(os.listdir(os.path.join(root, d))) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
-    return items, names
+    items = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not items:
+        fail(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {root}")
+    return items, classnames or [d.replace("_", " ") for d in folders]
 
 
 @torch.no_grad()
@@ -1422,9 +1575,9 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, devi
 
 
 def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Tensor:
-    """Eval transform: resize the shorter side to `size`, centre crop, uint8 (N, 3, size, size)."""
-    images = (Image.open(p).convert("RGB") for p in paths)
-    return torch.stack([image_to_uint8(im, size, center_crop_box(*im.size), resample) for im in images])
+    """OpenCLIP's eval transform of image files (`eval_transform`, PIL decode and resize: OpenCLIP's pixels)
+    -> uint8 (N, 3, size, size)."""
+    return torch.stack([eval_transform(Image.open(p), size, resample) for p in paths])
 
 
 @torch.no_grad()
