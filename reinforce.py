@@ -12,10 +12,11 @@ ops at magnitude 9 + RandomErasing, MixUp/CutMix with a partner image; the ensem
 fixed-size binary record per augmentation; work split over ranks, resumable by output part), `train` (one
 stored sample per image and epoch, exact replay, "smooth" densification of the top-k, KL loss, a fraction
 1 - p of plain ERM samples; without --reinforced the same command is the ERM baseline and trains teachers),
-a compact ResNet with torchvision's parameter names (resnet18/34/50/101 load torchvision weights strictly,
-no torchvision needed) and common.ViT as a classifier. Any other torchvision classifier works by name when
-torchvision is installed. Left out: timm's IG-ResNeXt teachers (spec 2.1; use any ensemble you have), the
-CVNets recipes, the spec's "zeros" densification quirk, and several reinforcement folders at once.
+and the classifiers: torchvision's ResNets (resnet18/34/50/101 with zero-initialised residual BNs; its weights
+load as they are), resnet_tiny/resnet_small (torchvision's ResNet with a 32 px stem and narrow stages),
+common.ViT with a linear head, and any other torchvision classifier by name. Left out: timm's IG-ResNeXt
+teachers (spec 2.1; use any ensemble you have), the CVNets recipes, the spec's "zeros" densification quirk,
+and several reinforcement folders at once.
 
 Storage (spec 4.3/4.4). The official sets pickle Python lists per image and gzip them (~73 B per augmentation
 for +RA/RE at k = 10). Here each part is one .npy structured array (images, NS) of fixed-size records:
@@ -71,8 +72,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.models.resnet import BasicBlock, ResNet
 
 import common as C
 
@@ -136,16 +139,17 @@ class TrainConfig(Shared):
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
 
 
-# ResNets in torchvision's layout (block, blocks per stage, stage widths, stem); the `small` stem (3x3 conv,
-# stride 1, no max-pool) keeps 32 px images from shrinking to 1x1. ViTs: common.ViT plus a linear head.
+# Torchvision's ResNets, the last BN of each residual block starting at zero (zero_init_residual, Goyal et al.
+# 2017): every block begins as the identity, which helps short runs from scratch. `widths` entries are
+# torchvision's ResNet with BasicBlocks at those widths and a 3x3 stride-1 stem without max-pool, so that 32 px
+# images do not shrink to 1x1. ViTs: common.ViT plus a linear head. Any other name: a torchvision classifier.
 MODELS = {
-    "resnet18": dict(block="basic", layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), small=False, image_size=224),
-    "resnet34": dict(block="basic", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), small=False, image_size=224),
-    "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), small=False, image_size=224),
-    "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3), widths=(64, 128, 256, 512), small=False,
-                      image_size=224),
-    "resnet_tiny": dict(block="basic", layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), small=True, image_size=32),
-    "resnet_small": dict(block="basic", layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), small=True, image_size=32),
+    "resnet18": dict(torchvision=dict(zero_init_residual=True), image_size=224),
+    "resnet34": dict(torchvision=dict(zero_init_residual=True), image_size=224),
+    "resnet50": dict(torchvision=dict(zero_init_residual=True), image_size=224),
+    "resnet101": dict(torchvision=dict(zero_init_residual=True), image_size=224),
+    "resnet_tiny": dict(layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), image_size=32),
+    "resnet_small": dict(layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), image_size=32),
     "vit_tiny": dict(vit=True, image_size=224, patch=16, width=192, layers=12, heads=3),  # DeiT-Ti
     "vit_small": dict(vit=True, image_size=224, patch=16, width=384, layers=12, heads=6),
     "vit_base": dict(vit=True, image_size=224, patch=16, width=768, layers=12, heads=12),
@@ -153,80 +157,25 @@ MODELS = {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Models: ResNet with torchvision's names, ViT classifier, torchvision by name
+# 1. Models: torchvision's ResNets (and a small-image variant), ViT classifier, torchvision by name
 # ----------------------------------------------------------------------------------------------------
 
 
-def conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin: int, width: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = conv_bn(cin, width, 3, stride)
-        self.conv2, self.bn2 = conv_bn(width, width, 3)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(*conv_bn(cin, width, 1, stride)) if stride != 1 or cin != width
-                           else None)
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carrying the stride: "ResNet v1.5", torchvision's and the paper's ResNet-50), 1x1 expand."""
-    expansion = 4
-
-    def __init__(self, cin: int, width: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = conv_bn(cin, width, 1)
-        self.conv2, self.bn2 = conv_bn(width, width, 3, stride)
-        self.conv3, self.bn3 = conv_bn(width, width * 4, 1)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(*conv_bn(cin, width * 4, 1, stride)) if stride != 1 or cin != width * 4
-                           else None)
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(y)))))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    """He et al. 2016, with torchvision's module names (conv1, bn1, layer1-4, fc) so that its weights load
-    with strict=True. The last BN of each block starts at zero (Goyal et al. 2017, torchvision's
-    zero_init_residual): every block begins as the identity, which helps short runs from scratch."""
-
-    def __init__(self, block: str, layers, widths, num_classes: int, small: bool = False, **_):
-        super().__init__()
-        Block = BasicBlock if block == "basic" else Bottleneck
-        stem = widths[0]
-        self.conv1 = (nn.Conv2d(3, stem, 3, 1, 1, bias=False) if small else nn.Conv2d(3, stem, 7, 2, 3, bias=False))
-        self.bn1, self.relu = nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
-        cin = stem
-        for s, (n, w) in enumerate(zip(layers, widths)):
-            blocks = []
-            for b in range(n):
-                blocks.append(Block(cin, w, 2 if s > 0 and b == 0 else 1))
-                cin = w * Block.expansion
-            setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.avgpool(x).flatten(1))  # (B, classes)
+def small_resnet(layers, widths, num_classes: int) -> nn.Module:
+    """torchvision's ResNet (He et al. 2016) with BasicBlocks of `widths` channels and a 3x3 stride-1 stem
+    without max-pool: torchvision's module names and forward, its initialisation redone for the new modules."""
+    m = ResNet(BasicBlock, list(layers), num_classes)
+    m.conv1, m.bn1, m.maxpool = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.Identity()
+    m.inplanes = widths[0]  # _make_layer reads the input width from here and advances it
+    for s, (n, w) in enumerate(zip(layers, widths)):
+        setattr(m, f"layer{s + 1}", m._make_layer(BasicBlock, w, n, stride=1 if s == 0 else 2))
+    m.fc = nn.Linear(widths[-1], num_classes)
+    for mod in m.modules():  # as torchvision's ResNet(zero_init_residual=True); new BNs are already 1 and 0
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, BasicBlock):
+            nn.init.zeros_(mod.bn2.weight)
+    return m
 
 
 class ViTClassifier(nn.Module):
@@ -243,19 +192,18 @@ class ViTClassifier(nn.Module):
 
 
 def build_model(name: str, num_classes: int, image_size: int = 0) -> nn.Module:
-    """A classifier by name: ours (MODELS) without torchvision, any other torchvision model with it."""
-    if name in MODELS:
-        spec = dict(MODELS[name], image_size=image_size or MODELS[name]["image_size"])
-        if spec.get("vit") and spec["image_size"] % spec["patch"]:
+    """A classifier by name: a MODELS entry, else any torchvision classification model."""
+    spec = dict(MODELS.get(name, {}))
+    spec["image_size"] = image_size or spec.get("image_size", 224)
+    if spec.get("vit"):
+        if spec["image_size"] % spec["patch"]:
             C.fail(f"--image-size {spec['image_size']} is not a multiple of the patch size {spec['patch']}")
-        return (ViTClassifier if spec.get("vit") else ResNet)(num_classes=num_classes, **spec)
-    try:
-        import torchvision  # optional: only for architectures not defined here
-    except Exception as e:  # missing, or built for another torch (fails at import with a RuntimeError)
-        C.fail(f"model '{name}' needs a working torchvision ({type(e).__name__}); built in: {', '.join(MODELS)}")
+        return ViTClassifier(num_classes=num_classes, **spec)
+    if "widths" in spec:
+        return small_resnet(spec["layers"], spec["widths"], num_classes)
     if name not in torchvision.models.list_models(module=torchvision.models):
-        C.fail(f"unknown model '{name}': neither in MODELS nor a torchvision classification model")
-    return torchvision.models.get_model(name, num_classes=num_classes)
+        C.fail(f"unknown model '{name}': neither in MODELS ({', '.join(MODELS)}) nor a torchvision classifier")
+    return torchvision.models.get_model(name, num_classes=num_classes, **spec.get("torchvision", {}))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,19 +327,6 @@ VARIANTS = {"cropflip": (False, False), "mixing": (False, True), "randaug": (Tru
 RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 31
 ERASE_P, MIXUP_P, CUTMIX_P = 0.25, 0.5, 0.5
 MIX_GRID = 510  # MixUp's lambda / 2 in [0, 1/2] is stored as a byte: lambda / 2 = q / 510
-# torchvision's RandAugment magnitudes at the top bin; the signed ops are negated with p = 1/2.
-RA_SIGNED_MAX = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150 / 331, "TranslateY": 150 / 331,
-                 "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
-
-
-def ra_magnitude(k: int, negative: bool, size: int, magnitude: int = RA_MAGNITUDE, bins: int = RA_BINS) -> float:
-    """The value of RandAugment op k at `magnitude` (common.rand_augment_params draws the same): only the op and
-    the sign are random, so 4 + 1 bits store an op (translations are in pixels of a size x size view)."""
-    name, frac = C.RAND_AUGMENT_OPS[k], magnitude / (bins - 1)
-    if name in RA_SIGNED_MAX:
-        m = RA_SIGNED_MAX[name] * frac * (size if name.startswith("Translate") else 1)
-        return -m if negative else m
-    return {"Posterize": float(8 - round(magnitude / ((bins - 1) / 4))), "Solarize": 255.0 * (1 - frac)}.get(name, 0.0)
 
 
 def erase_box(rng: random.Random, size: int, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
@@ -449,8 +384,9 @@ def apply_view(img: Image.Image, view: dict, size: int) -> torch.Tensor:
     img = img.resize((size, size), Image.BILINEAR, box=(l, t, l + w, t + h))
     if view["flip"]:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    if view["ra"]:
-        img = C.apply_rand_augment(img, [[k, ra_magnitude(k, neg, size)] for k, neg in view["ra"]])
+    if view["ra"]:  # the magnitude is fixed: (op, sign) gives back the value common.rand_augment_params drew
+        ops = [[k, C.rand_augment_magnitude(k, neg, size, RA_MAGNITUDE, RA_BINS)] for k, neg in view["ra"]]
+        img = C.apply_rand_augment(img, ops)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
     if view["erase"]:
         i, j, eh, ew = view["erase"]
@@ -580,9 +516,8 @@ def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, 
                 C.load_state_dict_checked(model, sd, f"teacher {item}")
             else:  # a torchvision weights name, e.g. resnet50=IMAGENET1K_V2 (downloads)
                 try:
-                    import torchvision
                     model = torchvision.models.get_model(arch, weights=weights)
-                except Exception as e:  # no (working) torchvision, or an unknown weights name
+                except Exception as e:  # an unknown architecture or weights name, or no download
                     C.fail(f"teacher {item}: no file {weights} and no torchvision weights of that name ({e})")
             size = 0
         else:

@@ -1,5 +1,5 @@
 """reinforce.py on the CPU: exact replay of every augmentation op from the stored records, the record size,
-"smooth" densification, the KL loss against torch's, the ResNet layout against torchvision's, tar shards with a
+"smooth" densification, the KL loss against torch's, the ResNets against torchvision's, tar shards with a
 `cls` member, a reinforcement of the synthetic world that resumes, training that resumes exactly, and the
 paper's payoff: a student trained on reinforced data beats the same student trained with ERM."""
 import json
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import common as C
 import reinforce as R
@@ -43,24 +45,45 @@ def _teacher(path, n_classes, model="resnet_tiny", size=32):
     return path
 
 
-def test_resnet_has_torchvision_parameter_count_and_names():
-    m = R.build_model("resnet50", 1000)
-    assert sum(p.numel() for p in m.parameters()) == 25_557_032  # torchvision.models.resnet50()
-    sd = m.state_dict()
-    assert len(sd) == 320
-    for k, shape in {"conv1.weight": (64, 3, 7, 7), "bn1.running_var": (64,), "layer1.0.conv3.weight": (256, 64, 1, 1),
-                     "layer1.0.downsample.0.weight": (256, 64, 1, 1), "layer2.0.conv2.weight": (128, 128, 3, 3),
-                     "layer3.5.bn3.num_batches_tracked": (), "layer4.2.bn3.bias": (2048,), "fc.weight": (1000, 2048)}.items():
-        assert tuple(sd[k].shape) == shape, k
-    assert "layer2.0.downsample.1.running_mean" in sd and "layer1.1.downsample.0.weight" not in sd
-    r18 = R.build_model("resnet18", 1000)
-    assert sum(p.numel() for p in r18.parameters()) == 11_689_512 and len(r18.state_dict()) == 122
-    try:
-        import torchvision
-    except Exception:  # not installed, or built for another torch: the published figures above stand in
-        return
-    ref = torchvision.models.resnet50().state_dict()
-    assert {k: v.shape for k, v in ref.items()} == {k: v.shape for k, v in sd.items()}
+def test_resnets_are_torchvisions_with_zero_initialised_residual_bns():
+    """resnet18-101 have torchvision's keys, shapes and parameter counts (the published figures for 1000
+    classes), and every block's last BN starts at zero (each block begins as the identity)."""
+    counts = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160}
+    for name, n in counts.items():
+        m, ref = R.build_model(name, 1000), torchvision.models.get_model(name)
+        assert sum(p.numel() for p in m.parameters()) == n
+        assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        blocks = [b for b in m.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+        last = [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in blocks]
+        assert len(last) == sum(len(getattr(m, f"layer{s}")) for s in range(1, 5))
+        assert all(bn.weight.abs().sum() == 0 for bn in last), name
+
+
+def _scaled(ref: dict, div: int, keep) -> dict:
+    """torchvision resnet18's (key, shape), channels divided by `div`, 3x3 stem, only the keys `keep` passes."""
+    shapes = {k: tuple(d // div if d >= 64 else d for d in v.shape) for k, v in ref.items() if keep(k)}
+    return {**shapes, "conv1.weight": (64 // div, 3, 3, 3)}
+
+
+def test_small_resnets_keep_their_keys_shapes_and_parameter_counts():
+    """resnet_tiny/resnet_small checkpoints written before they were built from torchvision's pieces still
+    load: resnet18's layout at 1/4 (one block per stage) and 1/2 the width with a 3x3 stem; the counts were
+    measured on the old hand-written model."""
+    ref = torchvision.models.resnet18(num_classes=10).state_dict()
+    tiny, small = R.build_model("resnet_tiny", 10), R.build_model("resnet_small", 10)
+    assert {k: tuple(v.shape) for k, v in tiny.state_dict().items()} == _scaled(ref, 4, lambda k: k.split(".")[1:2] != ["1"])
+    assert {k: tuple(v.shape) for k, v in small.state_dict().items()} == _scaled(ref, 2, lambda k: True)
+    assert [sum(p.numel() for p in m.parameters()) for m in (tiny, small)] == [308_826, 2_797_610]
+    assert sum(p.numel() for p in R.build_model("resnet_tiny", 1000).parameters()) == 436_536
+    assert isinstance(tiny.maxpool, torch.nn.Identity) and tiny(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert all(b.bn2.weight.abs().sum() == 0 for b in small.modules() if isinstance(b, BasicBlock))
+
+
+def test_any_torchvision_classifier_by_name_and_unknown_names_fail():
+    m = R.build_model("squeezenet1_0", 7)
+    assert m(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(SystemExit):
+        R.build_model("resnet_huge", 10)
 
 
 def test_torchvision_style_weights_load_strictly_as_a_teacher(tmp_path):
@@ -74,10 +97,19 @@ def test_torchvision_style_weights_load_strictly_as_a_teacher(tmp_path):
 
 
 def test_rand_augment_values_are_common_draws():
-    """The op index and sign stored per op give back exactly the magnitude common.rand_augment_params drew."""
+    """The op index and sign stored per op give back exactly the magnitude common.rand_augment_params drew,
+    and those are the values records decoded to when reinforce.py kept its own table (up to torchvision's
+    float32 rounding): stored reinforcements replay with the same augmentation strengths."""
     for size in (32, 224):
-        for k, m in C.rand_augment_params(random.Random(size), size, num_ops=500):
-            assert R.ra_magnitude(k, m < 0, size) == m
+        for k, m in C.rand_augment_params(random.Random(size), size, R.RA_OPS * 250, R.RA_MAGNITUDE, R.RA_BINS):
+            assert C.rand_augment_magnitude(k, m < 0, size, R.RA_MAGNITUDE, R.RA_BINS) == m
+    before = {"ShearX": 0.09, "ShearY": 0.09, "TranslateX": 150 / 331 * 0.3 * 32, "TranslateY": 150 / 331 * 0.3 * 32,
+              "Rotate": 9.0, "Brightness": 0.27, "Color": 0.27, "Contrast": 0.27, "Sharpness": 0.27,
+              "Posterize": 7.0, "Solarize": 178.5}  # magnitude 9 of 31 bins, 32 px
+    for k, name in enumerate(C.RAND_AUGMENT_OPS):
+        for negative in (False, True):
+            m = before.get(name, 0.0) * (-1 if negative and name not in ("Posterize", "Solarize") else 1)
+            assert C.rand_augment_magnitude(k, negative, 32, R.RA_MAGNITUDE, R.RA_BINS) == pytest.approx(m, abs=1e-6)
 
 
 def test_record_size_per_augmentation():
