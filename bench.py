@@ -4,6 +4,7 @@ reference path, measured in one run (issue 14; anchors in shared/papers/performa
     python bench.py                       # every case; on a GPU at the reference sizes, on a CPU at `tiny` sizes
     python bench.py mobileclip catlip     # some cases
     python bench.py --compile --steps 30  # add torch.compile to the fast path
+    python bench.py data                  # the data loader alone: ours against OpenCLIP's, per worker (issue 27)
 
 A case builds a model, a synthetic batch on the device and one full training step (forward, loss, backward,
 optimizer). "fast" = fused attention (SDPA), the fused/distributed-form losses, bf16 autocast on GPU,
@@ -12,17 +13,31 @@ fp32. Model FLOPs per sample are counted once with torch.utils.flop_counter on t
 by 3 (the MFU convention of performance.md: recomputation is not counted). MFU = FLOPs/sample x samples/s /
 the device's dense bf16 peak, looked up by GPU name. On the GPU every timed step runs under CUDA's sync
 debug mode: a host synchronisation inside the step is reported in the `syncs` column.
+The `data` case times one DataLoader worker's work (one process, one thread: read tar, decode, crop to
+224 px, tokenise, collate) on photo-like 512x384 JPEG shards (--images, written once under --cache):
+this repository's train loader (C.ImageTextDecode: torchvision decode_jpeg + v2 resized crop, uint8 out,
+normalised on the device) against OpenCLIP's train transform on the same ShardStream (PIL decode,
+RandomResizedCrop(0.9-1, bicubic), ToTensor, Normalize -> float32); --rounds passes each, alternating.
+Target of issue 27: ours >= 1.8x OpenCLIP per core.
 Rows are printed as a table and appended as JSON lines to --out (bench.jsonl).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import platform
+import random
+import statistics
+import tempfile
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import common as C
 
@@ -177,20 +192,144 @@ def fastfill_case(device, gpu: bool, batch: int | None):
 CASES = {"mobileclip": clip_case, "reinforced": reinforced_case, "catlip": catlip_case, "fastfill": fastfill_case}
 
 
-def data_rate(samples: int = 2000, size: int = 224) -> dict:
-    """The data pipeline alone: tar shard -> decoded, cropped, tokenised samples per second in one process
-    (one DataLoader worker's rate) on the synthetic world's shards."""
-    import os
-    import tempfile
-    root = os.path.join(tempfile.gettempdir(), "effclip-bench")
-    world = C.synthetic_world(root, samples, 10, 64, shard_size=1000)
-    tok = C.Tokenizer(merges=C.train_bpe(["a photo of a red star"] * 4, 600))
-    decode = C.ImageTextDecode(tok, size, 77)
-    stream = C.ShardStream(C.expand_shards(world["train"]), decode, 100, epochs=1, drop_last=False)
-    t0, n = time.perf_counter(), 0
+# ----------------------------------------------------------------------------------------------------
+# Data: one DataLoader worker's images/s, this repository's train loader against OpenCLIP's train transform
+# ----------------------------------------------------------------------------------------------------
+
+_WORDS = ("a photo of the old red wooden house near quiet lake with tall green trees under cloudy blue sky "
+          "two dogs playing on sandy beach at sunset close up view small yellow flower in garden after rain "
+          "city street crowded people walking bicycle parked beside stone wall bright morning light over "
+          "mountains snow covered peaks reflected water white cat sleeping sofa vintage car road").split()
+
+
+def photo_like(rng: np.random.Generator, h: int = 384, w: int = 512, alpha: float = 1.4) -> Image.Image:
+    """A colour random field with a 1/f^alpha amplitude spectrum, smooth and detailed at every scale as
+    photographs are (their spectra fall roughly as 1/f). alpha 1.4 is a heuristic, tuned so that a 512x384 JPEG
+    at quality 90 is ~50-75 KB, a photograph's size: a flat render would compress to a few KB and flatter the
+    decoder. Three fields mixed through a random colour matrix, mostly one shared field."""
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fx ** 2 + fy ** 2)
+    f[0, 0] = 1.0
+    spec = (rng.standard_normal((3, h, w // 2 + 1)) + 1j * rng.standard_normal((3, h, w // 2 + 1))) / f ** alpha
+    x = np.fft.irfft2(spec, s=(h, w))  # (3, H, W)
+    mix = 0.6 + rng.normal(0, 0.25, (3, 3))
+    mix[:, 1:] *= 0.5  # the first field is shared by R, G, B (luminance-like), as in photographs
+    x = np.einsum("ij,jhw->hwi", mix, x)  # (H, W, 3)
+    lo, hi = np.percentile(x, (1, 99))
+    return Image.fromarray(np.clip((x - lo) / (hi - lo) * 215 + 20, 0, 255).astype(np.uint8))
+
+
+def bench_caption(seed: int, i: int) -> str:
+    """Alt-text-like caption of image i: 6-20 words of a small vocabulary."""
+    rng = random.Random(f"{seed}/{i}")
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 20)))
+
+
+def jpeg_shards(root: str, n: int, shard_size: int = 250, seed: int = 0) -> list[str]:
+    """`n` photo-like 512x384 JPEGs (quality 90) with alt-text-like captions in tar shards of `shard_size`
+    under `root`, written once (deterministic in `seed`) and reused. Returns the shard paths."""
+    d = os.path.join(root, f"jpeg512x384-q90-v1-n{n}-seed{seed}")  # bump v1 when the images or captions change
+    os.makedirs(d, exist_ok=True)
+    paths = []
+    for s, lo in enumerate(range(0, n, shard_size)):
+        paths.append(path := os.path.join(d, f"{s:05d}.tar"))
+        if os.path.exists(path):
+            continue
+        samples = []
+        for i in range(lo, min(n, lo + shard_size)):
+            buf = io.BytesIO()
+            photo_like(np.random.default_rng([seed, i])).save(buf, format="JPEG", quality=90)
+            samples.append({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "txt": bench_caption(seed, i)})
+        C.write_shard(path, samples)
+    return paths
+
+
+def _convert_to_rgb(img):  # OpenCLIP's own step of its train transform (a copy for an RGB image)
+    return img.convert("RGB")
+
+
+def openclip_train_transform(size: int):
+    """OpenCLIP's `image_transform(size, is_train=True)` with the default AugmentationCfg (open_clip/transform.py),
+    built from the same torchvision v1 transforms on PIL images: RandomResizedCrop(scale 0.9-1, bicubic),
+    convert to RGB, ToTensor, Normalize(CLIP mean/std) -> float32 (3, size, size)."""
+    from torchvision import transforms as T
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      _convert_to_rgb, T.ToTensor(), T.Normalize(C.CLIP_MEAN, C.CLIP_STD)])
+
+
+class OpenCLIPDecode:
+    """Sample -> {"image": float32 (3, S, S), normalised; "ids"; "caption"}, as OpenCLIP's webdataset pipeline
+    does it: PIL decode (`wds.decode("pilrgb")`: open, convert to RGB), then its train transform. Caption and
+    tokenisation are C.ImageTextDecode's, so only the image path differs from ours."""
+
+    def __init__(self, tokenizer, image_size: int, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.transform = openclip_train_transform(image_size)
+
+    def __call__(self, sample: dict) -> dict:
+        caption = C.decode_caption(sample)
+        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        return {"image": self.transform(img), "ids": self.tokenizer([caption], self.context_length)[0],
+                "caption": caption}
+
+
+def data_streams(shards: list[str], tokenizer, batch: int, size: int = 224) -> dict:
+    """{loader: () -> one pass over `shards`}: one DataLoader worker's work (read tar, decode, crop, tokenise,
+    collate) with ours (torchvision decode_jpeg + v2 resized_crop on uint8) or OpenCLIP's transform."""
+    decodes = {"ours": C.ImageTextDecode(tokenizer, size, 77), "openclip": OpenCLIPDecode(tokenizer, size, 77)}
+    return {name: (lambda d=d: C.ShardStream(shards, d, batch, epochs=1, drop_last=False))
+            for name, d in decodes.items()}
+
+
+def images_per_s(stream, limit: int | None = None) -> tuple[float, float]:
+    """(images per wall-clock second, images per CPU second of this process) of one pass over `stream`. On a
+    shared machine the two differ: wall time also counts the time the process waited for a core."""
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for b in stream:
         n += len(b["ids"])
-    return {"samples_per_s_per_worker": n / (time.perf_counter() - t0), "image_size": size, "source_px": 64}
+        if limit and n >= limit:
+            break
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+
+
+def data_rates(root: str, images: int, rounds: int, batch: int) -> list[dict]:
+    """Images/s of one worker (one process, one thread) for ours and OpenCLIP's loader on the same JPEG shards,
+    `rounds` timed passes each, alternating (AB BA AB ...) so that drifting machine load hits both alike; the
+    median with its min-max spread, and ours/OpenCLIP of the medians (and within each round)."""
+    shards = jpeg_shards(root, images)
+    tok = C.Tokenizer(merges=C.train_bpe([bench_caption(0, i) for i in range(500)], 1024))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    try:
+        streams = data_streams(shards, tok, batch)
+        for make in streams.values():  # untimed: lazy imports, tokenizer cache, shard files into the page cache
+            images_per_s(make(), limit=2 * batch)
+        load0, rates = os.getloadavg()[0], {name: [] for name in streams}
+        for r in range(rounds):
+            for name in (streams if r % 2 == 0 else reversed(list(streams))):
+                rates[name].append(images_per_s(streams[name]()))
+        load1 = os.getloadavg()[0]
+    finally:
+        torch.set_num_threads(threads)
+    kb = sum(os.path.getsize(p) for p in shards) / images / 1024
+    wall = {name: [w for w, _ in v] for name, v in rates.items()}
+    cpu = {name: [c for _, c in v] for name, v in rates.items()}
+    med, med_cpu = ({k: statistics.median(v) for k, v in d.items()} for d in (wall, cpu))
+    return [{"case": "data", "path": name, "device": f"{cpu_name()}, 1 thread", "images": images, "batch": batch,
+             "source": f"512x384 JPEG q90, {kb:.0f} KB", "images_per_s": med[name], "ms_per_image": 1000 / med[name],
+             "rounds_images_per_s": wall[name], "images_per_cpu_s": med_cpu[name], "rounds_images_per_cpu_s": cpu[name],
+             "ours_over_openclip": med["ours"] / med["openclip"],
+             "ours_over_openclip_rounds": [a / b for a, b in zip(wall["ours"], wall["openclip"])],
+             "ours_over_openclip_cpu": med_cpu["ours"] / med_cpu["openclip"],
+             "loadavg_1min": [load0, load1]} for name in rates]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
 def main(argv=None):
@@ -202,6 +341,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
     ap.add_argument("--reference-sizes", action="store_true",
                     help="the GPU reference models (ViT-B/16, S0, ResNet-50) even on a CPU (use a small --batch)")
+    ap.add_argument("--images", type=int, default=1000, help="data: 512x384 JPEGs in the benchmark shards")
+    ap.add_argument("--rounds", type=int, default=3, help="data: timed passes per loader, alternating")
+    ap.add_argument("--cache", default="", help="data: where the shards are written once (default: a temp dir)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench.jsonl")
     args = ap.parse_args(argv)
@@ -215,7 +357,8 @@ def main(argv=None):
     rows = []
     for case in args.cases or [*CASES, "data"]:
         if case == "data":
-            rows.append({"case": "data", "path": "decode+crop+tokenise", **data_rate()})
+            root = args.cache or os.path.join(tempfile.gettempdir(), "effclip-bench")
+            rows += data_rates(root, args.images, args.rounds, args.batch or 128)
             continue
         if case not in CASES:
             C.fail(f"unknown case '{case}'; choose from {', '.join(CASES)}, data")
@@ -249,17 +392,30 @@ def main(argv=None):
 
 def print_table(rows):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    print(f"{'case':11s} {'path':20s} {'model':30s} {'samples/s':>10s} {'GFLOP/smp':>10s} {'MFU':>6s} "
-          f"{'mem GiB':>8s} {'syncs':>5s} {'first/this':>10s}")
-    for r in rows:
-        if r["case"] == "data":
-            print(f"{'data':11s} {r['path']:20s} {'-':30s} {r['samples_per_s_per_worker']:10.0f}  per worker, "
-                  f"{r['source_px']} px JPEG -> {r['image_size']} px")
-            continue
+    steps, data = [r for r in rows if r["case"] != "data"], [r for r in rows if r["case"] == "data"]
+    if steps:
+        print(f"{'case':11s} {'path':20s} {'model':30s} {'samples/s':>10s} {'GFLOP/smp':>10s} {'MFU':>6s} "
+              f"{'mem GiB':>8s} {'syncs':>5s} {'first/this':>10s}")
+    for r in steps:
         print(f"{r['case']:11s} {r['path']:20s} {r['model']:30s} {r['samples_per_s']:10.1f} "
               f"{r['gflops_per_sample']:10.2f} {fmt(r['mfu'] and 100 * r['mfu'], '5.1f'):>6s} "
               f"{fmt(r['peak_mem_gib'], '8.2f'):>8s} {fmt(r['syncs'], 'd'):>5s} "
               f"{fmt(r.get('first_path_speedup'), '10.2f'):>10s}")
+    if data:
+        r = data[0]
+        print(f"\ndata: one worker ({r['device']}), {r['images']} x {r['source']} -> 224 px, batch {r['batch']}, "
+              f"median of {len(r['rounds_images_per_s'])} rounds; load average (1 min) {r['loadavg_1min'][0]:.2f} "
+              f"-> {r['loadavg_1min'][1]:.2f}")
+        print(f"{'loader':10s} {'images/s/worker':>16s} {'spread':>10s} {'ms/image':>9s} {'images/CPU-s':>13s} "
+              f"{'spread':>10s}")
+    for r in data:
+        spread = lambda v: f"{min(v):.0f}-{max(v):.0f}"
+        print(f"{r['path']:10s} {r['images_per_s']:16.0f} {spread(r['rounds_images_per_s']):>10s} "
+              f"{r['ms_per_image']:9.2f} {r['images_per_cpu_s']:13.0f} {spread(r['rounds_images_per_cpu_s']):>10s}")
+    if data:
+        paired = r["ours_over_openclip_rounds"]
+        print(f"ours/OpenCLIP: {r['ours_over_openclip']:.2f}x per worker (rounds {min(paired):.2f}-{max(paired):.2f}), "
+              f"{r['ours_over_openclip_cpu']:.2f}x per CPU second (issue 27 target: >= 1.8x)")
 
 
 if __name__ == "__main__":
