@@ -64,6 +64,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -272,38 +273,37 @@ class SyntheticExpert:
 
 class TorchvisionExpert:
     """torchvision's segmentation (DeepLabV3, FCN, LR-ASPP: 21 VOC classes) or detection (Faster/Mask R-CNN,
-    RetinaNet, FCOS, SSD: COCO ids) model, built without downloading and loaded from the user's weights file."""
+    RetinaNet, FCOS, SSD: COCO ids) model, built without downloading and loaded strictly from the user's weights
+    file (torchvision's .pth). An auxiliary training head in the file is dropped; BN step counters missing from it
+    (files saved from FrozenBatchNorm2d) are taken from the model: inference never reads them."""
 
     def __init__(self, task: str, name: str, weights: str, threshold: float, device):
-        try:
-            import torchvision
-        except Exception as e:  # missing, or built for another torch
-            C.fail(f"--{task}-expert torchvision:{name} needs a working torchvision ({type(e).__name__}: {e})")
+        kind = torchvision.models.segmentation if task == "seg" else torchvision.models.detection
+        if name not in (zoo := torchvision.models.list_models(module=kind)):
+            C.fail(f"torchvision has no {task} model '{name}'; choose one of {', '.join(zoo)}")
         if not os.path.isfile(weights):
             C.fail(f"--{task}-expert torchvision:{name} needs --{task}-weights FILE (a .pth); got '{weights}'")
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
+                                             num_classes=21 if task == "seg" else 91)
         try:
-            model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
-                                                 num_classes=21 if task == "seg" else 91)
+            sd = C.unwrap_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as e:
-            C.fail(f"torchvision has no {task} model '{name}' ({str(e)[:120]})")
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-        sd = {k: v for k, v in sd.items() if not k.startswith("aux_")}  # the auxiliary training head is not used
-        missing, _ = model.load_state_dict(sd, strict=False)
-        if missing:
-            C.fail(f"{weights} does not fit torchvision:{name}: missing {missing[:3]}")
+            C.fail(f"--{task}-weights {weights}: not a state-dict file ({type(e).__name__})")
+        sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
+              **{k: v for k, v in sd.items() if not k.startswith("aux_classifier.")}}
+        C.load_state_dict_checked(model, sd, f"--{task}-weights {weights} (torchvision:{name})")
         self.task, self.threshold, self.device = task, threshold, device
         self.model = model.to(device).eval()
 
     @torch.no_grad()
     def __call__(self, img: Image.Image, sample: dict) -> dict:
-        x = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None].to(self.device)
-        if self.task == "seg":  # ImageNet normalisation, the segmentation models' training transform
-            x = (x - torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)) / \
-                torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-            prob, cls = self.model(x)["out"].float().softmax(1)[0].max(0)  # (H, W) each
+        x = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1).to(self.device)  # (3, H, W)
+        if self.task == "seg":  # ImageNet normalisation, as the transforms of torchvision's weights
+            x = torchvision.transforms.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+            prob, cls = self.model(x[None])["out"].float().softmax(1)[0].max(0)  # (H, W) each
             cls[prob < self.threshold] = IGNORE  # hard label only where the expert is confident
             return {"seg": cls.byte().cpu().numpy()}
-        out = self.model(list(x))[0]  # detection models normalise internally
+        out = self.model([x])[0]  # detection models normalise and resize inside; boxes in the image's pixels
         keep = out["scores"] >= self.threshold
         return {"det": (out["boxes"][keep].tolist(), out["labels"][keep].tolist(), out["scores"][keep].tolist())}
 

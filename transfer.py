@@ -16,7 +16,8 @@ MCi towers (mobileclip.py checkpoints), OpenAI/OpenCLIP ViT state dicts, SAM-CLI
 small models: MCi (mci0-4, mci_tiny) and torchvision architectures with a `.features` trunk (MobileNet,
 EfficientNet, MNASNet) by name; baselines: task-agnostic feature distillation (`--kd features`: contrastive
 on the pooled embedding, plus per-patch cosine for segmentation), fine-tuning from scratch, from CLIP
-pre-training (`--init` a mobileclip.py checkpoint) or ImageNet pre-training (`--init imagenet`, torchvision).
+pre-training (`--init` a mobileclip.py checkpoint) or ImageNet pre-training of a torchvision student
+(`--init imagenet`: torchvision downloads its weights; `--init imagenet=FILE`: its .pth, offline).
 Not here: DINOv2 teachers (not in torch/torchvision), DeepLabV3 heads (a light FPN-style conv head stands
 in), the paper's schedules (not public), multi-crop or strong augmentation recipes.
 
@@ -27,7 +28,7 @@ Paper -> code:
   step 3, fine-tune the small model on the labels      -> `finetune --init <distill run>`
   retrieval-augmented transfer set (Sec. 5)            -> `retrieve`, nearest_neighbours, merge_topk
   task-agnostic VFM distillation (baseline)            -> `distill --kd features`, feature_kd_loss
-  ImageNet / CLIP pre-training baselines               -> `finetune --init imagenet | clip.pt`
+  ImageNet / CLIP pre-training baselines               -> `finetune --init imagenet[=FILE] | clip.pt`
   top-1 / mIoU                                         -> evaluate, confusion_matrix, miou
 
 Commands:
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -76,6 +78,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -95,7 +98,7 @@ class Config:
     act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
     teacher: str = ""  # distill --kd task: the fine-tuned teacher (a `teacher` run directory or checkpoint)
     student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
-    init: str = ""  # finetune: '' (scratch) | a distill run/ckpt | a mobileclip.py ckpt (CLIP) | imagenet (torchvision)
+    init: str = ""  # finetune: '' (scratch) | a distill run/ckpt | a mobileclip.py ckpt (CLIP) | imagenet[=FILE.pth]
     kd: str = "task"  # distill: task (KL on the teacher's outputs) | features (task-agnostic, the frozen VFM)
     temperature: float = 1.0  # KD temperature T; the loss is multiplied by T^2
     image_size: int = 0  # data resolution; 0 = 224 (the synthetic world: 64)
@@ -253,17 +256,24 @@ class MCiBackbone(nn.Module):
 
 
 class TorchvisionBackbone(nn.Module):
-    """A torchvision model with a `.features` trunk; the maps are the last of each resolution."""
+    """A torchvision classifier's `.features` trunk; the maps are the last of each resolution. weights: None
+    (random init), "DEFAULT" (torchvision's ImageNet weights, downloaded once) or a torchvision state-dict file
+    of the whole classifier (e.g. mobilenet_v3_large-8738ca79.pth), loaded strictly."""
 
-    def __init__(self, name: str, pretrained: bool):
+    def __init__(self, name: str, weights: str | None = None):
         super().__init__()
-        try:
-            import torchvision
-        except Exception as e:  # missing, or built for another torch
-            C.fail(f"--student torchvision:{name} needs a working torchvision ({type(e).__name__}: {str(e)[:120]})")
-        m = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+        if name not in (zoo := torchvision.models.list_models(module=torchvision.models)):  # classifiers only
+            C.fail(f"torchvision has no classifier '{name}'; e.g. {', '.join(n for n in zoo if 'mobilenet' in n)}")
+        m = torchvision.models.get_model(name, weights="DEFAULT" if weights == "DEFAULT" else None)
         if not hasattr(m, "features"):
             C.fail(f"torchvision:{name} has no `.features` trunk; use a MobileNet, EfficientNet or MNASNet")
+        if weights not in (None, "DEFAULT"):
+            if not os.path.isfile(weights):
+                C.fail(f"--init imagenet={weights}: file not found (a torchvision .pth of {name})")
+            # strict, but BN step counters (unused) that files saved before torch 0.4.1 lack come from the model
+            own = {k: v for k, v in m.state_dict().items() if k.endswith("num_batches_tracked")}
+            sd = {**own, **C.unwrap_state_dict(read_checkpoint(weights))}
+            C.load_state_dict_checked(m, sd, f"--init imagenet={weights} (torchvision:{name})")
         self.features, self.mean, self.std = m.features, IMAGENET_MEAN, IMAGENET_STD
 
     def forward(self, x):
@@ -277,11 +287,16 @@ class TorchvisionBackbone(nn.Module):
         return x.mean((2, 3)), maps[-2:]  # (B, C), the stride-16 and stride-32 maps
 
 
-def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
+def imagenet_weights(init: str) -> str | None:
+    """--init imagenet -> "DEFAULT" (downloaded by torchvision), imagenet=FILE -> FILE, anything else -> None."""
+    return "DEFAULT" if init == "imagenet" else init.split("=", 1)[1] if init.startswith("imagenet=") else None
+
+
+def build_backbone(name: str, weights: str | None = None) -> nn.Module:
     if name.startswith("torchvision:"):
-        return TorchvisionBackbone(name.split(":", 1)[1], pretrained)
-    if pretrained:
-        C.fail(f"no ImageNet weights for '{name}' here; use --student torchvision:<name> --init imagenet")
+        return TorchvisionBackbone(name.split(":", 1)[1], weights)
+    if weights:
+        C.fail(f"no ImageNet weights for '{name}' here; use --student torchvision:<name> --init imagenet[=FILE]")
     return MCiBackbone(name)
 
 
@@ -420,10 +435,9 @@ def evaluate(model: nn.Module, cfg: Config, device) -> dict:
     if dist.is_initialized():
         dist.all_reduce(conf)
     model.train(was)
-    acc = 100 * conf.diag().sum().item() / max(1, conf.sum().item())
-    if cfg.task == "cls":
-        return {"top1": acc, "test_images": int(conf.sum())}
-    return {"miou": miou(conf), "pixel_acc": acc}
+    total = int(conf.sum())
+    acc = 100 * conf.diag().sum().item() / max(1, total)
+    return {"top1": acc, "test_images": total} if cfg.task == "cls" else {"miou": miou(conf), "pixel_acc": acc}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -520,7 +534,7 @@ class PoolImages(torch.utils.data.IterableDataset):
             for pos, s in enumerate(C.iter_tar_samples(self.paths[si], {})):
                 if s["__key__"] in self.exclude:
                     continue
-                out, uid = {"id": si << 32 | pos, "key": s["__key__"]}, si << 32 | pos
+                out = {"id": si << 32 | pos, "key": s["__key__"]}
                 if self.images:
                     try:
                         img = C.decode_image(s)
@@ -565,9 +579,7 @@ def retrieve(cfg: Config) -> dict:
         C.fail("retrieve needs --pool (shards of unlabelled images)")
     if not cfg.random_size and not (cfg.queries and cfg.encoder):
         C.fail("retrieve needs --queries and --encoder (or --random-size N for a random transfer set)")
-    pool = shards(cfg.pool)
-    size = data_size(cfg)
-    q_keys, queries = set(), None
+    pool, size, q_keys, queries = shards(cfg.pool), data_size(cfg), set(), None
     if cfg.queries:  # when the pool holds the labelled images too (the demo), they are not retrieved again
         q_keys = {s["__key__"] for p in shards(cfg.queries) for s in C.iter_tar_samples(p, {})}
     t0 = time.time()
@@ -620,21 +632,11 @@ def retrieve(cfg: Config) -> dict:
 def write_transfer_set(pool, by_shard: dict, out: str, rank: int, world: int, shard_size: int) -> int:
     """Copy the chosen (shard, position) samples, all their members, into out/transfer-RRR-JJJJJ.tar."""
     os.makedirs(out, exist_ok=True)
-
-    def chosen():
-        for si in sorted(by_shard):
-            if si % world == rank:
-                want = by_shard[si]
-                yield from (s for pos, s in enumerate(C.iter_tar_samples(pool[si], {})) if pos in want)
-
-    n, j, part = 0, 0, []
-    for s in chosen():
-        part.append(s)
-        if len(part) == shard_size:
-            n += C.write_shard(os.path.join(out, f"transfer-{rank:03d}-{j:05d}.tar"), part)
-            part, j = [], j + 1
-    if part:
-        n += C.write_shard(os.path.join(out, f"transfer-{rank:03d}-{j:05d}.tar"), part)
+    chosen = (s for si in sorted(by_shard) if si % world == rank
+              for pos, s in enumerate(C.iter_tar_samples(pool[si], {})) if pos in by_shard[si])
+    n, j = 0, 0
+    while part := list(itertools.islice(chosen, shard_size)):
+        n, j = n + C.write_shard(os.path.join(out, f"transfer-{rank:03d}-{j:05d}.tar"), part), j + 1
     return n
 
 
@@ -659,8 +661,8 @@ def load_teacher(path: str, cfg: Config) -> TaskModel:
 
 def init_student(model: TaskModel, cfg: Config):
     """--init for finetune: a distill run (the backbone; the head too after task KD), or a mobileclip.py
-    checkpoint whose image tower is this MCi (CLIP pre-training). `imagenet` is handled by build_backbone."""
-    if cfg.init in ("", "imagenet"):
+    checkpoint whose image tower is this MCi (CLIP pre-training). `imagenet[=FILE]`: build_backbone's."""
+    if not cfg.init or imagenet_weights(cfg.init):
         return
     ck = read_checkpoint(cfg.init)
     if ck.get("kind") == "distill":
@@ -682,7 +684,7 @@ def init_student(model: TaskModel, cfg: Config):
               if k.startswith("visual.") and not k.startswith("visual.head.")}  # visual.X -> mci.X, no projection
         C.load_state_dict_checked(model.backbone, sd, f"--init {cfg.init} (CLIP image tower)")
     else:
-        C.fail(f"--init {cfg.init}: not a distill run, a mobileclip.py checkpoint or 'imagenet'")
+        C.fail(f"--init {cfg.init}: not a distill run, a mobileclip.py checkpoint or imagenet[=FILE]")
 
 
 def setup_stage(cfg: Config, stage: str, device):
@@ -697,7 +699,7 @@ def setup_stage(cfg: Config, stage: str, device):
         return net, None, cfg.backbone_lr_mult, {**meta, "foundation": os.path.abspath(cfg.foundation), "act": cfg.act}
     meta.update(student=cfg.student)
     if stage == "finetune":
-        net = TaskModel(build_backbone(cfg.student, cfg.init == "imagenet"), cfg.task, cfg.num_classes)
+        net = TaskModel(build_backbone(cfg.student, imagenet_weights(cfg.init)), cfg.task, cfg.num_classes)
         init_student(net, cfg)
         return net, None, 1.0, {**meta, "init": cfg.init}
     if cfg.kd == "task":
@@ -910,8 +912,7 @@ def in_task_fraction(path: str, K: int) -> float:
 
 def run_stage(cfg: Config, stage: str) -> dict:
     """A stage of the demo, or the metrics of its finished run in cfg.out."""
-    p = C.latest_checkpoint(cfg.out)
-    ck = C.load_checkpoint(p, "") if p else None
+    ck = C.load_checkpoint(C.latest_checkpoint(cfg.out) or "", "")  # None before the first checkpoint
     if ck and ck.get("final"):
         return ck["metrics"]
     C.print0(f"---- {stage} -> {cfg.out}")

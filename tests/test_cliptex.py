@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 import cliptex as X
@@ -183,6 +184,65 @@ def test_torchscript_depth_expert(world, tmp_path):
     s = next(C.iter_tar_samples(str(tmp_path / "l" / "train-00007.tar"), {}))
     d = X.decode_depth(s["depth.png"])
     assert set(s) == {"__key__", "depth.png", "normals.png"} and d.min() > 0 and d.max() == 1.0
+
+
+def test_torchvision_experts_label_a_shard(world, tmp_path, capsys):
+    """torchvision:lraspp_mobilenet_v3_large (seg) and torchvision:ssdlite320_mobilenet_v3_large (det) from state
+    dicts in torchvision's layout (random weights, saved here): the label pass over three images stores exactly
+    the models' hard labels (seg: the argmax, 255 where the top probability is under the threshold; det: the
+    boxes scored at least the threshold, within the image); a weights file of the other model fails with one line.
+    The thresholds are the medians of the models' own scores, so both sides of each are exercised."""
+    torch.manual_seed(0)
+    seg = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
+    det = torchvision.models.get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
+    with torch.no_grad():  # torchvision's init scores every class 1/91 everywhere: spread the scores
+        for m in det.head.classification_head.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0, 1)
+    # seg.pth as torchvision's DeepLabV3 files (an auxiliary head) and files saved from FrozenBatchNorm2d (no BN
+    # step counters): the expert drops the one and keeps the model's own of the other
+    torch.save({**{k: v for k, v in seg.state_dict().items() if not k.endswith("num_batches_tracked")},
+                "aux_classifier.4.weight": torch.zeros(21, 10, 1, 1)}, tmp_path / "seg.pth")
+    torch.save(det.state_dict(), tmp_path / "det.pth")
+    samples = list(C.iter_tar_samples(os.path.join(world["train"], "train-00000.tar"), {}))[:3]
+    os.makedirs(tmp_path / "data")
+    C.write_shard(str(tmp_path / "data" / "a.tar"), samples)
+    want_seg, want_det = [], []
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        for s in samples:  # the models on each image, as the expert should run them
+            x = torch.from_numpy(np.asarray(C.decode_image(s), np.float32) / 255).permute(2, 0, 1)  # (3, 32, 32)
+            want_seg.append(seg(((x - mean) / std)[None])["out"][0].softmax(0).max(0))  # (prob, class), (32, 32) each
+            want_det.append(det([x])[0])
+    seg_thr = float(torch.cat([p.flatten() for p, _ in want_seg]).median())
+    det_thr = float(torch.cat([d["scores"] for d in want_det]).median())
+    X.main(["label", "--data", str(tmp_path / "data" / "a.tar"), "--out", str(tmp_path / "l"), "--experts", "seg,det",
+            "--seg-expert", "torchvision:lraspp_mobilenet_v3_large", "--seg-weights", str(tmp_path / "seg.pth"),
+            "--det-expert", "torchvision:ssdlite320_mobilenet_v3_large", "--det-weights", str(tmp_path / "det.pth"),
+            "--seg-threshold", str(seg_thr), "--det-threshold", str(det_thr), "--device", "cpu"])
+    lab = list(C.iter_tar_samples(str(tmp_path / "l" / "a.tar"), {}))
+    assert [s["__key__"] for s in lab] == [s["__key__"] for s in samples]
+    n_ignored, n_boxes = 0, 0
+    for s, (prob, cls), d in zip(lab, want_seg, want_det):
+        m = X.decode_seg(s["seg.png"])
+        assert m.shape == (32, 32) and (m == np.where(prob < seg_thr, X.IGNORE, cls)).all()
+        n_ignored += int((m == X.IGNORE).sum())
+        boxes = json.loads(s["det.json"])
+        keep = d["scores"] >= det_thr
+        assert boxes["size"] == [32, 32] and boxes["classes"] == d["labels"][keep].tolist()
+        b = np.array(boxes["boxes"]).reshape(-1, 4)
+        assert np.allclose(b, d["boxes"][keep].numpy(), atol=0.006) and (b >= 0).all() and (b <= 32).all()
+        assert all(det_thr - 1e-4 <= v <= 1 for v in boxes["scores"]) and all(0 < c < 91 for c in boxes["classes"])
+        n_boxes += len(b)
+    assert 0 < n_ignored < 3 * 32 * 32 and 0 < n_boxes < sum(len(d["scores"]) for d in want_det)
+    capsys.readouterr()
+    for weights in ("det.pth", "data/a.tar"):  # another model's weights; not a state dict at all
+        with pytest.raises(SystemExit):
+            X.main(["label", "--data", str(tmp_path / "data" / "a.tar"), "--out", str(tmp_path / "l2"),
+                    "--experts", "seg", "--seg-expert", "torchvision:lraspp_mobilenet_v3_large",
+                    "--seg-weights", str(tmp_path / weights)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --seg-weights"), err
 
 
 # ---- training: resume and the tiny comparison -------------------------------------------------------------

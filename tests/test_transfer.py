@@ -1,12 +1,14 @@
 """Knowledge transfer (transfer.py): chunked retrieval against brute force, the KD loss against its naive
-version (per image and per pixel), mIoU by hand, the retrieve command end to end, resume, and a tiny run
-of the whole comparison on the synthetic world."""
+version (per image and per pixel), mIoU by hand, the retrieve command end to end, resume, a torchvision
+student from an ImageNet weights file, and a tiny run of the whole comparison on the synthetic world."""
 import json
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import common as C
 import transfer as T
@@ -113,19 +115,14 @@ def test_retrieve_writes_the_union_of_the_brute_force_neighbours(world, tmp_path
     assert rnd["transfer_set"] == len(set(keys)) == 50 and not set(keys) & q_keys
 
 
-def test_bad_input_fails_with_one_line(tmp_path):
-    with pytest.raises(SystemExit):
-        T.build_backbone("mci_huge")
-    with pytest.raises(SystemExit):
-        T.build_backbone("mci_tiny", pretrained=True)  # no ImageNet weights for MCi
-    try:
-        import torchvision  # noqa: F401
-        has_tv = True
-    except Exception:
-        has_tv = False
-    if not has_tv:
+def test_bad_input_fails_with_one_line(tmp_path, capsys):
+    for name, weights in (("mci_huge", None), ("mci_tiny", "DEFAULT"),  # no ImageNet weights for MCi
+                          ("torchvision:mobilenet_v9", None), ("torchvision:resnet18", None),  # no `.features`
+                          ("torchvision:mobilenet_v3_small", str(tmp_path / "missing.pth"))):
         with pytest.raises(SystemExit):
-            T.build_backbone("torchvision:mobilenet_v3_small")
+            T.build_backbone(name, weights)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), (name, err)
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit):
         T.load_foundation(str(tmp_path / "x.pt"))
@@ -205,3 +202,36 @@ def test_segmentation_recipe_runs(world, tmp_path):
     T.train(T.Config(foundation=enc, kd="features", data=labelled, out=str(tmp_path / "kdf"), **kw), "distill")
     m = T.train(T.Config(init=str(tmp_path / "kd"), data=labelled, out=str(tmp_path / "ft"), **kw), "finetune")
     assert "miou" in m
+
+
+def test_torchvision_student_from_an_imagenet_file(world, tmp_path, capsys):
+    """--student torchvision:mobilenet_v3_small --init imagenet=FILE: a state dict in torchvision's layout (random
+    weights, saved here) is loaded strictly and the student starts from exactly its `features`; a fine-tune from it
+    and a per-pixel feature distillation into the student (its stride-16/32 maps) run; a file of another layout
+    fails with one line."""
+    torch.manual_seed(0)
+    ref = torchvision.models.mobilenet_v3_small()  # weights=None: nothing is downloaded
+    path = str(tmp_path / "mobilenet_v3_small.pth")
+    torch.save({k: v for k, v in ref.state_dict().items() if "num_batches_tracked" not in k}, path)  # as old files
+    kw = dict(student="torchvision:mobilenet_v3_small", num_classes=3, image_size=32, steps=2, batch_size=4,
+              warmup=1, workers=0, log_every=1)
+    cfg = T.Config(init=f"imagenet={path}", **kw)
+    net = T.setup_stage(cfg, "finetune", torch.device("cpu"))[0]  # the path `finetune` builds its model on
+    want, got = ref.features.state_dict(), net.backbone.features.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    fresh = T.build_backbone("torchvision:mobilenet_v3_small").features.state_dict()
+    assert not torch.equal(fresh["0.0.weight"], want["0.0.weight"])  # without --init: not the file's weights
+    labelled = T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 2)
+    T.train(T.Config(init=cfg.init, data=labelled, out=str(tmp_path / "ft"), **kw), "finetune")
+    assert torch.load(tmp_path / "ft" / "ckpt-2.pt", weights_only=True)["init"] == cfg.init
+    T.train(T.Config(task="seg", kd="features", foundation=micro_vfm(str(tmp_path / "clip.pt")), data=labelled,
+                     out=str(tmp_path / "kdf"), **kw), "distill")
+    for run in ("ft", "kdf"):
+        losses = [r["loss"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "loss" in r]
+        assert len(losses) == 2 and all(math.isfinite(l) for l in losses), run
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.startswith("classifier.3.")}, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        T.build_backbone("torchvision:mobilenet_v3_small", path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit" in err[0], err
