@@ -304,12 +304,14 @@ def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, world, tmp_p
     for name, extra in (("clipft", ["--baseline"]), ("cliptex", [])):
         out = str(tmp_path / name)
         X.main(train_args(data, labels, out, 40, "--seed", "1", "--lr", "2e-3", "--head-lr", "1e-2", *extra))
-        log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        log = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r]  # step records
         runs[name] = probe_features(os.path.join(out, "ckpt-40.pt"), os.path.join(world["train"], "train-00003.tar"))
         if name == "cliptex":
             assert log[-1]["seg"] < log[0]["seg"] and log[-1]["det"] < log[0]["det"]
             assert log[-1]["clip"] < log[0]["clip"] + 0.2  # the contrastive task goes on
-    print(runs)  # (mIoU, foreground IoU, depth RMSE); measured: (10.3, 63.4, 0.147) vs (10.3, 67.7, 0.143)
-    assert runs["cliptex"][1] > runs["clipft"][1] + 2
-    assert runs["cliptex"][2] < runs["clipft"][2]
+    # (mIoU, foreground IoU, depth RMSE), measured since common.py's torchvision crop/resize path (5d9fa76): seed 1
+    # (10.4, 65.5, 0.151) vs (10.6, 66.9, 0.140); seeds 0-3: foreground IoU +1.4 to +11.8, RMSE 0.0065 to 0.0115 lower
+    print(runs)
+    assert runs["cliptex"][1] > runs["clipft"][1]
+    assert runs["cliptex"][2] < runs["clipft"][2] - 0.003
     assert runs["cliptex"][0] > runs["clipft"][0] - 1
