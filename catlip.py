@@ -485,7 +485,7 @@ def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> tor
 class CatLIPDecode:
     """Sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1}. Train: random resized
     crop (area `scale`..1, ratio 3/4..4/3, bilinear) and a horizontal flip, seeded by (seed, epoch, key);
-    eval: centre crop. Labels are computed on the fly from the caption, as the released code does."""
+    eval: resize the shorter side, centre crop. Labels come from the caption on the fly, as in the released code."""
 
     def __init__(self, vocab: Vocab, image_size: int, max_labels: int, train: bool = True, seed: int = 0,
                  scale: float = 0.08, flip: bool = True, caption_key: str = "txt"):
@@ -494,11 +494,10 @@ class CatLIPDecode:
 
     def __call__(self, sample: dict) -> dict:
         rows = caption_labels(C.decode_caption(sample, self.caption_key), self.vocab, self.max_labels)
-        img = C.decode_image(sample)
-        rng = C.sample_rng(self.seed, sample)
-        box = (C.random_resized_crop_box(*img.size, rng, (self.scale, 1.0)) if self.train
-               else C.center_crop_box(*img.size))
-        x = C.image_to_uint8(img, self.size, box, Image.BILINEAR)
+        img, rng = C.decode_image_tensor(sample), C.sample_rng(self.seed, sample)
+        box = C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)) if self.train else None
+        x = (C.image_to_uint8(img, self.size, box, Image.BILINEAR) if box
+             else C.eval_transform(img, self.size, Image.BILINEAR))
         if self.train and self.flip and rng.random() < 0.5:
             x = x.flip(-1)
         labels = torch.full((self.max_labels,), -1, dtype=torch.long)
@@ -786,10 +785,11 @@ class FolderImages(torch.utils.data.Dataset):
         path, label = self.items[i]
         rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         try:
-            img = Image.open(path).convert("RGB")
+            with open(path, "rb") as f:
+                img = C.bytes_to_tensor(f.read())
         except Exception:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
-        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*img.size, rng, (self.scale, 1.0)),
+        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
                              Image.BILINEAR)
         return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
 

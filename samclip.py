@@ -858,8 +858,8 @@ class ClipDecode:
         self.size, self.seed, self.scale = size, seed, scale
 
     def __call__(self, sample: dict) -> dict:
-        img = C.decode_image(sample)
-        box = C.random_resized_crop_box(*img.size, C.sample_rng(self.seed, sample), (self.scale, 1.0))
+        img = C.decode_image_tensor(sample)
+        box = C.random_resized_crop_box(*C.image_wh(img), C.sample_rng(self.seed, sample), (self.scale, 1.0))
         return {"image": C.image_to_uint8(img, self.size, box)}
 
 
