@@ -135,7 +135,8 @@ class TrainConfig(Shared):
     eval_every: int = 0  # epochs between evaluations; 0 = at the end only
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept in --out
-    resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
+    resume: str = ""  # 'auto' = the newest checkpoint in --out that reads (fresh if none), or a checkpoint path
+    overwrite: bool = False  # start over in an --out that holds another run's checkpoints (they move to OUT/previous-N/)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
 
 
@@ -236,10 +237,11 @@ class Data:
             return img.convert("RGB")
 
 
-def tar_labels(path: str) -> tuple[list, list]:
+def tar_labels(path: str, skipped: dict) -> tuple[list, list]:
     """[(path, offset, size)] of the image member of each sample, and its label: the `cls` member (int), else
     the json's 'classname' (str, mapped to an index by load_data), else its 'label' (int). Samples without an
-    image or a label are left out."""
+    image or a label are left out. An empty, unreadable or cut-off tar is counted in `skipped` by reason: a
+    cut-off one keeps the samples before the cut (their members were read whole)."""
     items, labels, sample = [], [], {}
 
     def flush():
@@ -256,23 +258,29 @@ def tar_labels(path: str) -> tuple[list, list]:
             items.append(img)
             labels.append(y)
 
+    if os.path.getsize(path) == 0:
+        skipped["empty shard"] = skipped.get("empty shard", 0) + 1
+        return items, labels
     try:
-        tar = tarfile.open(path, "r:")  # uncompressed only: training reads images back by offset
-    except tarfile.ReadError:
-        C.fail(f"{path} is not an uncompressed tar (random access needs one)")
-    with tar:
-        key = None
-        for m in tar:
-            if not m.isfile():
-                continue
-            d, base = os.path.split(m.name)
-            k, _, suffix = base.partition(".")
-            if os.path.join(d, k) != key and sample:
-                flush()
-                sample = {}
-            key = os.path.join(d, k)
-            small = suffix in ("cls", "json")
-            sample[suffix] = tar.extractfile(m).read() if small else (path, m.offset_data, m.size)
+        with tarfile.open(path, "r:") as tar:  # uncompressed only: training reads images back by offset
+            key = None
+            for m in tar:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                k, _, suffix = base.partition(".")
+                if os.path.join(d, k) != key and sample:
+                    flush()
+                    sample = {}
+                key = os.path.join(d, k)
+                small = suffix in ("cls", "json")
+                sample[suffix] = tar.extractfile(m).read() if small else (path, m.offset_data, m.size)
+    except (tarfile.TarError, EOFError, OSError) as e:  # not a plain tar, or cut off: the last sample may be partial
+        why = "not an uncompressed tar" if not items and not sample else "cut-off tar"
+        skipped[why] = skipped.get(why, 0) + 1
+        C.print0(f"data: {path}: {why} ({type(e).__name__}: {str(e)[:100]}); {len(items)} samples kept",
+                 file=sys.stderr)
+        sample = {}
     if sample:
         flush()
     return items, labels
@@ -298,12 +306,13 @@ def load_data(cfg: Shared) -> Data:
         shards = C.expand_shards(spec)
     except FileNotFoundError as e:
         C.fail(str(e))
-    items, labels = [], []
+    items, labels, skipped = [], [], {}
     for path in shards:
-        i, y = tar_labels(path)
+        i, y = tar_labels(path, skipped)
         items, labels = items + i, labels + y
     if not items:
-        C.fail(f"no samples with an image and a label (cls or json) in {spec}")
+        C.fail(f"no samples with an image and a label (cls or json) in {spec}; skipped shards: "
+               + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"))
     # Class names -> indices in sorted order, that of an ImageFolder of the same classes (the val set), unless
     # --classnames gives the order. (The synthetic world's json 'label' follows another order: not used.)
     words = names or sorted({y for y in labels if isinstance(y, str)})
@@ -492,10 +501,10 @@ def densify(prob, cls, num_classes: int) -> torch.Tensor:
 
 
 def load_trained(path: str) -> dict:
-    """A checkpoint of `reinforce.py train` (a file, or its run directory: the latest)."""
-    if os.path.isdir(path):
-        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
-    ckpt = C.load_checkpoint(path, "")
+    """A checkpoint of `reinforce.py train` (a file, or its run directory: the newest that reads)."""
+    ckpt = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")
+    if ckpt is None:
+        C.fail(f"no ckpt-*.pt in {path}")
     if ckpt.get("kind") != "reinforce_classifier":
         C.fail(f"{path} is not a checkpoint of `reinforce.py train` (kind {ckpt.get('kind')!r})")
     return ckpt
@@ -510,7 +519,10 @@ def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, 
         if "=" in item:
             arch, weights = item.split("=", 1)
             if os.path.isfile(weights):
-                sd = torch.load(weights, map_location="cpu", weights_only=True)
+                try:
+                    sd = C.read_checkpoint(weights)
+                except (ValueError, OSError) as e:  # empty, not a state dict, not a torch file: one line
+                    C.fail(f"teacher {item}: cannot read {weights}: {e}")
                 sd = C.unwrap_state_dict(sd.get("state_dict", sd.get("model", sd)))
                 model = build_model(arch, num_classes)
                 C.load_state_dict_checked(model, sd, f"teacher {item}")
@@ -596,28 +608,54 @@ def part_path(out: str, p: int) -> str:
     return os.path.join(out, f"part-{p:05d}.npy")
 
 
-def write_meta(out: str, meta: dict):
+def write_meta(out: str, meta: dict, check_only: bool = False):
     """Rank 0 writes meta.json; a later run into the same folder must agree on everything that shapes it."""
     path, meta = os.path.join(out, "meta.json"), json.loads(json.dumps(meta))  # tuples -> lists, as stored
     if os.path.exists(path):
-        old = json.load(open(path))
+        old = read_meta(path, f"--out {out}")
         diff = [k for k in meta if k != "teachers" and old.get(k) != meta[k]]
         if diff:
             C.fail(f"{out} holds a different reinforcement ({', '.join(diff)} differ); use another --out")
-    elif C.get_rank() == 0:
+    elif C.get_rank() == 0 and not check_only:
         os.makedirs(out, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(path + ".tmp", path)
 
 
-def reinforce(argv=None):
-    cfg = C.parse_config(ReinforceConfig, argv)
+def read_meta(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        meta = f"{type(e).__name__}: {e}"
+    if not isinstance(meta, dict) or "fingerprint" not in meta:
+        C.fail(f"{what}: {path} is not a reinforcement's meta.json ({meta if isinstance(meta, str) else 'no fingerprint'})")
+    return meta
+
+
+def unreadable(data: Data, n: int = 100) -> str:
+    """Why the first `n` images do not load, by reason ("UnidentifiedImageError 6"): for the one line of a
+    run that found no readable image."""
+    why = {}
+    for i in range(min(n, len(data))):
+        try:
+            data.load(i)
+        except Exception as e:
+            why[type(e).__name__] = why.get(type(e).__name__, 0) + 1
+    return f"reasons in the first {min(n, len(data))} tried: " + ", ".join(f"{k} {v}" for k, v in sorted(why.items()))
+
+
+def reinforce(cfg: ReinforceConfig):
+    """Reinforce a dataset: NS stored augmentations per image, each with the teacher ensemble's top-k.
+
+    Resumable by part: a rerun of the same command writes only the missing part-NNNNN.npy files; SIGTERM
+    stops after the parts in flight are written. Under torchrun the parts are shared out over the ranks."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.variant not in VARIANTS:
         C.fail(f"--variant must be one of {', '.join(VARIANTS)}, not '{cfg.variant}'")
-    if cfg.num_samples < 1 or cfg.topk < 1:
-        C.fail("--num-samples and --topk must be at least 1")
+    check_precision(cfg)
+    C.claim_out(cfg.out)  # one run per folder (run.lock), before anything is read or written
     data = load_data(cfg)
     if cfg.topk > data.num_classes:
         C.fail(f"--topk {cfg.topk} is more than the {data.num_classes} classes")
@@ -630,6 +668,8 @@ def reinforce(argv=None):
             "num_images": len(data), "num_classes": data.num_classes, "classnames": data.classnames,
             "part_size": cfg.part_size, "fingerprint": data.fingerprint, "temperature": cfg.temperature,
             "dtype": [list(d) for d in dtype.descr], "record_bytes": dtype.itemsize, "teachers": cfg.teachers}
+    write_meta(cfg.out, meta, check_only=True)  # another reinforcement in --out: one line, nothing written
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     write_meta(cfg.out, meta)
     C.barrier()
 
@@ -644,9 +684,12 @@ def reinforce(argv=None):
              f"teacher(s), {dtype.itemsize} bytes per augmentation record")
     loader = torch.utils.data.DataLoader(ReinforceViews(data, groups, cfg, size, dtype), batch_size=None,
                                          collate_fn=_as_is, num_workers=cfg.workers,
-                                         prefetch_factor=2 if cfg.workers else None)
-    pending, t0, bad = {}, time.time(), 0
+                                         prefetch_factor=2 if cfg.workers else None,
+                                         worker_init_fn=C.ignore_stop_signals)
+    pending, t0, stop = {}, time.time(), C.StopSignal()  # workers ignore SIGTERM: this process stops them
     for part, idx, recs, x, owner in C.progress(loader, "reinforce", total=len(groups)):
+        if stop.requested:  # written parts are whole; a rerun does the rest
+            break
         if len(x):
             probs = torch.cat([teacher_probs(teachers, x[i:i + cfg.batch_size].to(device), cfg.temperature, bf16)
                                for i in range(0, len(x), cfg.batch_size)])  # (V, C)
@@ -656,7 +699,6 @@ def reinforce(argv=None):
             rows, cols = (np.array(v) for v in zip(*owner))
             recs["prob"][rows, cols] = top.values.cpu().half().numpy()
             recs["cls"][rows, cols] = top.indices.cpu().numpy()
-        bad += int((recs["flags"][:, 0] & BAD).astype(bool).sum())
         done = pending.setdefault(part, {})
         done.update(zip(idx, recs))
         lo = part * cfg.part_size
@@ -667,10 +709,19 @@ def reinforce(argv=None):
             os.replace(tmp, part_path(cfg.out, part))
             del pending[part]
     C.barrier()
-    if rank == 0:
-        total = sum(os.path.getsize(part_path(cfg.out, p)) for p in range(n_parts))
+    written = [p for p in range(n_parts) if os.path.exists(part_path(cfg.out, p))]
+    if rank == 0 and len(written) < n_parts:
+        C.print0(f"stopped: {len(written)} of {n_parts} parts written; the same command writes the rest")
+    elif rank == 0:
+        total = sum(os.path.getsize(part_path(cfg.out, p)) for p in written)
+        bad = sum(int((np.load(part_path(cfg.out, p), mmap_mode="r")["flags"][:, 0] & BAD).astype(bool).sum())
+                  for p in written)  # images that did not load, over every part
+        if bad == len(data):  # a whole pass without one readable image: say so, never train on it
+            C.fail(f"no readable image in --data: all {bad} failed to load; {unreadable(data)}; fix the "
+                   f"images and delete {cfg.out}")
         C.print0(f"done in {time.time() - t0:.0f}s: {total / (len(data) * cfg.num_samples):.1f} bytes per augmentation"
-                 f" on disk ({dtype.itemsize} per record), {bad} unreadable images on rank 0, in {cfg.out}")
+                 f" on disk ({dtype.itemsize} per record), {bad} unreadable images")
+    C.finish_run(cfg.out, extra=f"reinforcement {os.path.join(cfg.out, 'meta.json')} + part-*.npy")
     C.cleanup_distributed()
 
 
@@ -686,7 +737,7 @@ class Reinforced:
         path = os.path.join(root, "meta.json")
         if not os.path.isfile(path):
             C.fail(f"--reinforced {root} has no meta.json (not written by `reinforce.py reinforce`)")
-        self.meta = meta = json.load(open(path))
+        self.meta = meta = read_meta(path, f"--reinforced {root}")
         if meta["fingerprint"] != data.fingerprint:
             C.fail(f"--reinforced {root} was made from other data ({meta['num_images']} images, fingerprint "
                    f"{meta['fingerprint']}; --data has {len(data)}, {data.fingerprint}): indices would not match")
@@ -694,7 +745,11 @@ class Reinforced:
         missing = [p for p in range(n_parts) if not os.path.exists(part_path(root, p))]
         if missing:
             C.fail(f"--reinforced {root} misses {len(missing)} of {n_parts} parts (rerun `reinforce` to finish it)")
-        self.parts = [np.load(part_path(root, p), mmap_mode="r") for p in range(n_parts)]
+        try:
+            self.parts = [np.load(part_path(root, p), mmap_mode="r") for p in range(n_parts)]
+        except (OSError, ValueError) as e:
+            C.fail(f"--reinforced {root}: a part does not read ({type(e).__name__}: {e}); rerun `reinforce` after "
+                   f"deleting it")
         self.ns, self.size, self.num_classes = meta["num_samples"], meta["image_size"], meta["num_classes"]
 
     def record(self, i: int, j: int):
@@ -806,11 +861,27 @@ def val_items(cfg: TrainConfig, data: Data):
     return C.image_folder(synthetic(cfg)["val_folder"], data.classnames)[0] if not cfg.data else []
 
 
-def train(argv=None):
-    cfg = C.parse_config(TrainConfig, argv)
+def check_precision(cfg: Shared):
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        C.fail(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
+
+
+def train(cfg: TrainConfig):
+    """Train a classifier: on a reinforced dataset (--reinforced), or plain ERM (the baseline, or a teacher).
+
+    A flat step loop over epochs, SGD (or AdamW) with warm-up + cosine, resumable at any step (--resume auto),
+    SIGTERM-safe (a checkpoint at the current step, exit 0), DDP under torchrun, bf16 on GPU. Its checkpoints
+    are the teachers that `reinforce` reads."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.aug not in VARIANTS:
         C.fail(f"--aug must be one of {', '.join(VARIANTS)}, not '{cfg.aug}'")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        C.fail(f"--optimizer must be sgd or adamw, not '{cfg.optimizer}'")
+    check_precision(cfg)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])  # claims --out (run.lock) before anything is written
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # an unreadable --resume file: one line, before any work
+    if ckpt is not None and (ckpt.get("kind") != "reinforce_classifier" or ckpt.get("model_name") != cfg.model):
+        C.fail(f"checkpoint {cfg.resume} is not a `reinforce.py train` checkpoint of {cfg.model}")
     data = load_data(cfg)
     if cfg.num_classes:
         if cfg.num_classes < data.num_classes:  # labels past the head would all be "unreadable" (zero targets)
@@ -821,7 +892,6 @@ def train(argv=None):
     size = cfg.image_size or (store.size if store else cfg.synthetic_size if not cfg.data else
                               MODELS.get(cfg.model, {}).get("image_size", 224))
     torch.manual_seed(cfg.seed)
-    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     model = build_model(cfg.model, data.num_classes, size).to(device)
     opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     gb = cfg.batch_size * world
@@ -836,24 +906,25 @@ def train(argv=None):
 
     # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
-    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
-        if ckpt.get("kind") != "reinforce_classifier" or ckpt.get("model_name") != cfg.model:
-            C.fail(f"checkpoint {cfg.resume} is not a `reinforce.py train` checkpoint of {cfg.model}")
         C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
         opt.load_state_dict(ckpt["optimizer"])
         C.set_rng_state(ckpt["rng"])
         start = ckpt["step"]
+        if start > steps:
+            C.fail(f"the checkpoint is at step {start}, past this run's {steps} steps (--epochs {cfg.epochs})")
         C.print0(f"resumed from step {start}")
     dataset = TrainImages(data, size, cfg.seed, store, cfg.reinforce_p, cfg.aug, cfg.min_scale,
                           0.0 if store else cfg.label_smoothing)
-    batches = iter(torch.utils.data.DataLoader(
+    batches = iter(torch.utils.data.DataLoader(  # workers ignore SIGTERM/SIGINT: this process stops them
         dataset, batch_sampler=C.StepBatches(len(data), gb, start, steps, cfg.seed, rank, world),
-        num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", worker_init_fn=C.ignore_stop_signals))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     stop, t0, skipped = C.StopSignal(), time.time(), torch.zeros((), device=device)
-    for step in range(start, steps + 1):
+    seen, epoch_start = 0, (0, 0)  # images read by this rank; (seen, skipped) when the epoch began
+    path, stopping, last_step = None, False, False
+    for step in C.progress(range(start, steps + 1), "train", initial=start, total=steps + 1):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -869,8 +940,9 @@ def train(argv=None):
             state = {"kind": "reinforce_classifier", "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "step": step, "rng": C.rng_state(), "model_name": cfg.model, "num_classes": data.num_classes,
                      "image_size": size, "classnames": data.classnames, "config": dataclasses.asdict(cfg)}
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            path = os.path.join(cfg.out, f"ckpt-{step}.pt")
+            C.save_checkpoint(path, state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
         if last_step or stopping:
             break
 
@@ -888,21 +960,30 @@ def train(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         skipped += (target.sum(dim=1) == 0).sum()
+        seen += len(target)
+        if (step + 1) % per_epoch == 0:  # an epoch without one readable image: stop (one sync per epoch)
+            counts = torch.tensor([seen - epoch_start[0], skipped.item() - epoch_start[1]], device=device)
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            if counts[0] > 0 and counts[1] == counts[0]:
+                C.fail(f"no readable image in epoch {(step + 1) // per_epoch}: all {int(counts[0])} failed to load; "
+                       f"{unreadable(data)}")
+            epoch_start = (seen, skipped.item())
         if (step + 1) % cfg.log_every == 0:
             if not math.isfinite(loss.item()):  # the last checkpoint stays the last good one
                 C.fail(f"loss is {loss.item()} at step {step + 1}; stopping (resume from a checkpoint, lower --lr)")
             log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], skipped=int(skipped.item()),
                     images_per_s=cfg.log_every * gb / (time.time() - t0))
             t0 = time.time()
+    if stopping and not last_step:
+        C.print0(f"stopped by a signal at step {step}: --resume auto continues from {path}")
+    C.finish_run(cfg.out, path)
     C.cleanup_distributed()
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"reinforce": reinforce, "train": train}
-    if not argv or argv[0] not in commands:
-        C.fail("usage: reinforce.py {reinforce,train} [--flags]; `reinforce.py train --help` lists them")
-    return commands[argv[0]](argv[1:])
+    """`reinforce.py reinforce|train [flags]`; `reinforce.py COMMAND --help` lists that command's flags."""
+    return C.run_command(__doc__, {"reinforce": (reinforce, ReinforceConfig), "train": (train, TrainConfig)}, argv)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_replay_from_disk_is_bit_exact_for_every_op(tmp_path):
     out = str(tmp_path / "rf")
     argv = ["--data", root, "--teachers", ckpt, "--num-samples", "40", "--topk", "2", "--variant", "randaug_mixing",
             "--image-size", "24", "--workers", "0", "--part-size", "4", "--batch-size", "64", "--out", out]
-    R.reinforce(argv)
+    R.main(["reinforce"] + argv)
     cfg = C.parse_config(R.ReinforceConfig, argv, verbose=False)
     data = R.load_data(cfg)
     store = R.Reinforced(out, data)
@@ -231,7 +231,7 @@ def test_tar_shards_with_a_cls_member(tmp_path):
     assert data.labels == [0, 1, 2, 0, 1] and data.num_classes == 3
     assert all(np.array_equal(np.asarray(data.load(i)), np.asarray(im)) for i, im in enumerate(imgs))
     with pytest.raises(SystemExit):  # a head too small for the labels: refused, not trained on zero targets
-        R.train(["--data", str(tmp_path), "--num-classes", "2", "--out", str(tmp_path / "run")])
+        R.main(["train", "--data", str(tmp_path), "--num-classes", "2", "--out", str(tmp_path / "run")])
 
 
 def _colour_world(root, n, seed):
@@ -273,11 +273,11 @@ def _reinforced_vs_erm(root, seed):
     teach, train = _patch_world(root / "teach", 1000, 3 * seed + 1), _patch_world(root / "train", 80, 3 * seed + 2)
     common = ["--val-data", _patch_world(root / "val", 500, 3 * seed + 3), "--workers", "0", "--image-size", "16",
               "--batch-size", "16", "--lr", "0.05", "--aug", "cropflip", "--seed", str(seed)]
-    R.train(common + ["--data", teach, "--epochs", "10", "--out", str(root / "teacher")])
-    R.reinforce(["--data", train, "--workers", "0", "--teachers", str(root / "teacher"), "--num-samples", "60",
-                 "--topk", "3", "--variant", "cropflip", "--seed", str(seed), "--out", str(root / "rf")])
+    R.main(["train"] + common + ["--data", teach, "--epochs", "10", "--out", str(root / "teacher")])
+    R.main(["reinforce", "--data", train, "--workers", "0", "--teachers", str(root / "teacher"), "--num-samples", "60",
+            "--topk", "3", "--variant", "cropflip", "--seed", str(seed), "--out", str(root / "rf")])
     for run, extra in (("student", ["--reinforced", str(root / "rf")]), ("erm", [])):
-        R.train(common + ["--data", train, "--epochs", "90", "--out", str(root / run)] + extra)
+        R.main(["train"] + common + ["--data", train, "--epochs", "90", "--out", str(root / run)] + extra)
     return {run: [json.loads(line) for line in open(root / run / "log.jsonl")] for run in ("teacher", "student", "erm")}
 
 
@@ -306,18 +306,18 @@ def test_synthetic_world_reinforce_resumes_and_trains(world, tmp_path):
     out = str(tmp_path / "rf")
     argv = small + ["--teachers", _teacher(str(tmp_path / "t.pt"), 10), "--num-samples", "3", "--topk", "3",
                     "--part-size", "200", "--out", out]
-    R.reinforce(argv)
+    R.main(["reinforce"] + argv)
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["num_images"] == 500 and meta["record_bytes"] == 8 + 1 + 2 + 4 + 3 * 2 + 3 * 2
     before = {p: open(os.path.join(out, p), "rb").read() for p in sorted(os.listdir(out)) if p.endswith(".npy")}
     assert len(before) == 3
     os.remove(os.path.join(out, "part-00001.npy"))  # an interrupted run: part 1 missing
     mtime = os.path.getmtime(os.path.join(out, "part-00000.npy"))
-    R.reinforce(argv)
+    R.main(["reinforce"] + argv)
     assert {p: open(os.path.join(out, p), "rb").read() for p in before} == before
     assert os.path.getmtime(os.path.join(out, "part-00000.npy")) == mtime  # finished parts are skipped
-    R.train(small + ["--val-data", world["val_folder"], "--reinforced", out, "--epochs", "1", "--batch-size", "50",
-                     "--out", str(tmp_path / "student")])
+    R.main(["train"] + small + ["--val-data", world["val_folder"], "--reinforced", out, "--epochs", "1",
+                                "--batch-size", "50", "--out", str(tmp_path / "student")])
     assert "top1" in [json.loads(line) for line in open(tmp_path / "student" / "log.jsonl")][-1]
     other = R.Data(data.items[::-1], data.labels[::-1], data.classnames)
     with pytest.raises(SystemExit):  # another order of the images: refused, not silently mislabelled
@@ -329,8 +329,8 @@ def test_training_resumes_exactly(tmp_path):
     data = _colour_world(tmp_path / "train", 48, 0)
     argv = ["--data", data, "--workers", "0", "--image-size", "16", "--batch-size", "8", "--epochs", "2",
             "--ckpt-every", "4", "--keep-ckpts", "5", "--aug", "randaug_mixing"]
-    R.train(argv + ["--out", str(tmp_path / "a")])
-    R.train(argv + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "ckpt-4.pt")])
+    R.main(["train"] + argv + ["--out", str(tmp_path / "a")])
+    R.main(["train"] + argv + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "ckpt-4.pt")])
     a, b = (torch.load(tmp_path / d / "ckpt-12.pt", weights_only=True)["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -339,7 +339,7 @@ def _reinforce_rank(rank, world, port, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    R.reinforce(argv)
+    R.main(["reinforce", *argv])
 
 
 def test_two_ranks_write_the_same_reinforcement_as_one(tmp_path, free_port):
@@ -348,7 +348,119 @@ def test_two_ranks_write_the_same_reinforcement_as_one(tmp_path, free_port):
     root, ckpt = _folder(tmp_path / "imgs"), _teacher(str(tmp_path / "t.pt"), 2)
     argv = ["--data", root, "--teachers", ckpt, "--num-samples", "6", "--topk", "2", "--variant", "randaug_mixing",
             "--workers", "0", "--part-size", "2"]
-    R.reinforce(argv + ["--out", str(tmp_path / "one")])
+    R.main(["reinforce"] + argv + ["--out", str(tmp_path / "one")])
     mp.spawn(_reinforce_rank, args=(2, free_port, argv + ["--out", str(tmp_path / "two")]), nprocs=2, join=True)
     for p in ("part-00000.npy", "part-00001.npy", "part-00002.npy"):
         assert (tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes(), p
+
+
+# ---- runs that survive a cluster, inputs that get one clear line, --help (issue 28) ----------------------
+
+
+def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "reinforce.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert "arXiv 2303.08983" in r.stdout and "  reinforce  Reinforce a dataset" in r.stdout
+    assert "  train      Train a classifier" in r.stdout
+    for cmd, own, other in (("train", "--reinforce-p", "--num-samples"), ("reinforce", "--num-samples", "--epochs")):
+        with pytest.raises(SystemExit) as e:
+            R.main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and own in out and other not in out, cmd
+        assert out.count("--data DATA ") == 1 and "Traceback" not in out  # a shared flag once
+
+
+def _bad(path, name, data=b""):
+    os.makedirs(path, exist_ok=True)
+    open(os.path.join(path, name), "wb").write(data)
+    return os.path.join(path, name)
+
+
+@pytest.mark.parametrize("case", ["batch-size", "epochs", "workers", "reinforce-p", "resume", "tar", "teacher-file",
+                                  "teacher-run", "num-samples", "all-bad-train", "all-bad-reinforce", "other-run"])
+def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
+    folder, out = _colour_world(tmp_path / "data", 6, 0), str(tmp_path / "out")
+    junk = str(tmp_path / "junk")
+    for c in "ab":
+        _bad(os.path.join(junk, c), "x.png", b"not an image at all")
+        _bad(os.path.join(junk, c), "y.jpg", b"\xff\xd8\xff\xe0 cut")
+    train = ["train", "--data", folder, "--workers", "0", "--image-size", "16", "--batch-size", "2", "--out", out]
+    rf = ["reinforce", "--data", folder, "--workers", "0", "--num-samples", "2", "--topk", "2", "--out", out]
+    argv, msg = {
+        "batch-size": (train + ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        "epochs": (train + ["--epochs", "-5"], "--epochs -5: must be >= 0"),
+        "workers": (rf + ["--workers", "-1"], "--workers -1: must be >= 0"),
+        "reinforce-p": (train + ["--reinforce-p", "1.5"], "--reinforce-p 1.5: must be between 0 and 1"),
+        "resume": (train + ["--resume", _bad(tmp_path, "empty.pt")], "cannot read checkpoint"),
+        "tar": (["train", "--data", _bad(tmp_path, "empty.tar"), "--out", out],
+                "no samples with an image and a label (cls or json) in"),
+        "teacher-file": (rf + ["--teachers", "resnet18=" + _bad(tmp_path, "w.pth", b"junk")], "cannot read"),
+        "teacher-run": (rf + ["--teachers", _bad(tmp_path, "t.pt")], "cannot read checkpoint"),
+        "num-samples": (rf + ["--num-samples", "0"], "--num-samples 0: must be >= 1"),
+        "all-bad-train": (train + ["--data", junk], "no readable image in epoch 1: all 4 failed to load; reasons in"),
+        "all-bad-reinforce": (rf + ["--data", junk, "--teachers", _teacher(str(tmp_path / "good.pt"), 2)],
+                              "no readable image in --data: all 4 failed to load; reasons in"),
+        "other-run": (train, "holds another run's checkpoints (ckpt-7.pt"),
+    }[case]
+    if case == "other-run":
+        C.save_checkpoint(os.path.join(out, "ckpt-7.pt"), {"step": 7})
+    with pytest.raises(SystemExit) as e:
+        R.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    if case == "tar":
+        assert "skipped shards: empty shard 1" in err[0]
+    if case.startswith("all-bad"):
+        assert "reasons in the first 4 tried: OSError 2, UnidentifiedImageError 2" in err[0]
+    assert [os.path.basename(p) for p in C.checkpoints(out)] == (["ckpt-7.pt"] if case == "other-run" else [])
+
+
+def test_a_cut_off_shard_keeps_its_whole_samples(tmp_path, capsys):
+    C.write_shard(str(tmp_path / "a.tar"), [{"__key__": f"k{i}", "png": _image(i, 20, 20), "cls": str(i % 2)}
+                                            for i in range(6)])
+    raw = open(tmp_path / "a.tar", "rb").read()
+    open(tmp_path / "a.tar", "wb").write(raw[:len(raw) // 2])
+    data = R.load_data(C.parse_config(R.TrainConfig, ["--data", str(tmp_path)], verbose=False))
+    assert 0 < len(data) < 6 and all(data.load(i).size == (20, 20) for i in range(len(data)))
+
+
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import common as C, reinforce as R
+log = C.RunLog.log
+def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
+    log(self, step, **m)
+    if step == {at} and "loss" in m:
+        os.killpg(0, signal.SIGTERM)
+C.RunLog.log = log_and_signal
+R.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path):
+    """SIGTERM to every process of the job (a DataLoader worker included) at step 6: the worker ignores it, the
+    run saves ckpt-6.pt and exits 0; --resume auto then logs the losses of a run never stopped."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["train", "--data", _colour_world(tmp_path / "data", 24, 0), "--image-size", "16", "--batch-size", "4",
+            "--epochs", "3", "--log-every", "2", "--workers", "1"]
+    script = tmp_path / "signal_at.py"
+    script.write_text(SIGNAL_AT.format(root=root, at=6))
+    stopped = str(tmp_path / "stopped")
+    r = subprocess.run([sys.executable, str(script), *argv, "--out", stopped], capture_output=True, text=True,
+                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [os.path.basename(p) for p in C.checkpoints(stopped)] == ["ckpt-6.pt"]
+    assert "stopped by a signal at step 6" in r.stdout and "Traceback" not in r.stderr
+    R.main(argv + ["--out", stopped, "--resume", "auto", "--workers", "0"])
+    R.main(argv + ["--out", str(tmp_path / "straight"), "--workers", "0"])
+    losses = {d: [(rec["step"], rec["loss"]) for rec in map(json.loads, open(tmp_path / d / "log.jsonl")) if "loss" in rec]
+              for d in ("stopped", "straight")}
+    assert losses["stopped"] == losses["straight"] and len(losses["straight"]) == 9
+    starts = [rec for rec in map(json.loads, open(tmp_path / "stopped" / "log.jsonl")) if rec.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["config"]["resume"] == "auto"
