@@ -57,9 +57,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 import zlib
@@ -75,10 +77,26 @@ import common as C
 
 @dataclass
 class Config:
-    data: str = ""  # a folder written by `tic.py split` (steps.json + step*/); empty = the synthetic world
+    data: str = ""  # train: a folder written by `tic.py split` (empty = the synthetic world); split: raw shards
     out: str = "runs/tic"  # run directory (compare: one sub-folder per strategy; split: the output folder)
-    strategy: str = "sequential"  # restart | sequential | cumulative-all | cumulative-exp | cumulative-equal | lwf | patching | oracle
-    strategies: str = "restart,sequential,cumulative-all,oracle"  # compare: the strategies to run
+    overwrite: bool = False  # start over in an --out that holds another run or split (moved to OUT/previous-N/)
+    benchmark: str = "synthetic"  # time steps: datacomp | yfcc | redcaps | synthetic (see BENCHMARKS)
+    years: str = ""  # your own time steps, e.g. '2014-2016,2017,2018-2019' (overrides --benchmark)
+    label_field: str = "label"  # json field with a class index (zero-shot per step, where present)
+    shard_size: int = 1000  # split / synthetic: samples per written shard
+    seed: int = 0  # model init, data order, buffer selection (split: the held-out selection)
+
+
+@dataclass
+class SplitConfig(Config):
+    time_field: str = "year"  # json field with the timestamp: a year, or a date string starting with it
+    eval_frac: float = 0.01  # held-out eval share per step (spec: 1%)
+    val_frac: float = 0.005  # validation share per step (patching's coefficient)
+
+
+@dataclass
+class Recipe(Config):
+    """Flags of `train` and `compare`: the model, the budget, the optimiser, the evaluation, the run."""
     model: str = "tiny"  # a name from MODELS
     budget_steps: int = 150  # C: optimizer steps per time step, whatever the strategy (oracle: T x C)
     batch_size: int = 128  # per process (the global batch is this x world size)
@@ -91,19 +109,11 @@ class Config:
     buffer_factor: float = 2.0  # replay buffer of cumulative-exp/equal, in units of the new step's size D
     lwf_lambda: float = 1.0  # weight of the LwF distillation term
     patch_alphas: str = "0,0.25,0.5,0.75,1"  # patching: mixing coefficients tried on the val splits
-    benchmark: str = "synthetic"  # time steps: datacomp | yfcc | redcaps | synthetic (see BENCHMARKS)
-    years: str = ""  # your own time steps, e.g. '2014-2016,2017,2018-2019' (overrides --benchmark)
-    time_field: str = "year"  # json field with the timestamp: a year, or a date string starting with it
-    label_field: str = "label"  # json field with a class index (zero-shot per step, where present)
     classnames: str = ""  # file with one class name per label index (default: json 'classname' of the data)
-    eval_frac: float = 0.01  # split: held-out eval share per step (spec: 1%)
-    val_frac: float = 0.005  # split: validation share per step (patching's coefficient)
-    shard_size: int = 1000  # split / synthetic: samples per written shard
     eval_max: int = 500  # eval pairs per step used for retrieval and zero-shot
     static_data: str = ""  # ImageFolder for the static zero-shot task (synthetic: all years)
     bpe: str = ""  # CLIP merges file; empty = a BPE trained on the first step's captions
     bpe_vocab: int = 1024  # vocabulary of a BPE trained here
-    seed: int = 0  # model init, data order, buffer selection
     workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
     device: str = "auto"  # auto | cuda | cpu
@@ -119,6 +129,16 @@ class Config:
     synthetic_static: int = 500  # synthetic static-task images (all years)
     image_size: int = 32  # synthetic image size (the model's input size is MODELS[model])
     max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
+
+
+@dataclass
+class TrainConfig(Recipe):
+    strategy: str = "sequential"  # restart | sequential | cumulative-all | cumulative-exp | cumulative-equal | lwf | patching | oracle
+
+
+@dataclass
+class CompareConfig(Recipe):
+    strategies: str = "restart,sequential,cumulative-all,oracle"  # the strategies to run, comma-separated
 
 
 # Named sizes. `tiny` is the CPU model of the synthetic experiment; vit_b32 is tic_medium's, vit_b16
@@ -143,7 +163,6 @@ BENCHMARKS = {
 }
 STRATEGIES = ("restart", "sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "lwf",
               "patching", "oracle")
-WARM = ("sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "lwf", "patching")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,12 +208,25 @@ def unit_hash(seed: int, key: str) -> float:
     return zlib.crc32(f"{seed}/{key}".encode()) / 2 ** 32
 
 
-def split_shards(cfg: Config):
-    """`split`: read every sample of --data once, put it in the time step of its timestamp and, by a hash of
-    its key, in train, val (--val-frac) or eval (--eval-frac; the spec's 1% test split). Writes
+def split_shards(cfg: SplitConfig):
+    """Cut time-stamped shards into the benchmark's time steps, each with train / val / held-out eval shards.
+
+    Every sample of --data is read once and goes to the time step of its timestamp and, by a hash of its key,
+    to train, val (--val-frac) or eval (--eval-frac; the spec's 1% test split). Writes
     OUT/step{k}/{train,val,eval}/*.tar and OUT/steps.json with the counts (the replay rules need the sizes).
     Single process; for web-scale pools run it on disjoint --data subsets into separate folders."""
-    ranges, src = step_ranges(cfg), C.expand_shards(cfg.data)
+    if not cfg.data:
+        C.fail("split needs --data: the time-stamped tar shards to cut into time steps")
+    if cfg.eval_frac + cfg.val_frac > 1:
+        C.fail(f"--eval-frac {cfg.eval_frac} + --val-frac {cfg.val_frac}: their sum must be at most 1")
+    ranges = step_ranges(cfg)
+    try:
+        src = C.expand_shards(cfg.data)
+    except FileNotFoundError as e:
+        C.fail(str(e))
+    earlier = any(n == "steps.json" or re.fullmatch(r"step\d+", n) for n in os.listdir(cfg.out)) \
+        if os.path.isdir(cfg.out) else False
+    take_out(cfg.out, "an earlier split (steps.json, step*/)" if earlier else None, cfg.overwrite)
     parts = ("train", "val", "eval")
     bufs = {(k, p): [] for k in range(len(ranges)) for p in parts}
     counts = {kp: 0 for kp in bufs}
@@ -225,13 +257,17 @@ def split_shards(cfg: Config):
             s["__key__"] = f"{i:05d}_{s['__key__'].replace('/', '_')}"  # unique over the source shards
             bufs[(k, part)].append(s)
             flush((k, part))
+    if not any(bufs.values()) and not any(counts.values()):  # nothing written: say why, in one line
+        C.fail(f"no sample of --data {cfg.data} ({len(src)} shard(s)) falls in a time step; skipped: "
+               + (", ".join(f"{k} {v}" for k, v in sorted({**skipped, **dropped}.items())) or "no samples in them"))
     for kp in bufs:
         flush(kp, final=True)
     classnames = [names[j] for j in range(len(names))] if names and sorted(names) == list(range(len(names))) else None
     write_steps(cfg.out, ranges, counts, classnames, cfg.time_field)
-    C.print0(f"split {len(src)} shards into {len(ranges)} steps in {cfg.out}: "
-             f"{[counts[(k, 'train')] for k in range(len(ranges))]} train samples; dropped {dropped}; "
-             f"unreadable {skipped}")
+    C.print0(f"split {len(src)} shards into {len(ranges)} steps: {[counts[(k, 'train')] for k in range(len(ranges))]}"
+             f" train samples; dropped {dropped}; unreadable {skipped}")
+    C.print0(f"results: {os.path.join(cfg.out, 'steps.json')} and {os.path.join(cfg.out, 'step*')}/{{train,val,eval}}/ "
+             f"(train with: python tic.py --data {cfg.out})")
 
 
 def write_steps(root: str, ranges, counts: dict, classnames, time_field: str):
@@ -241,7 +277,7 @@ def write_steps(root: str, ranges, counts: dict, classnames, time_field: str):
         json.dump({"steps": steps, "classnames": classnames, "time_field": time_field}, f, indent=1)
 
 
-def synthetic_steps(cfg: Config) -> str:
+def synthetic_steps(cfg: Recipe) -> str:
     """The synthetic world cut into time steps: per step, train / val / eval samples whose year is drawn
     uniformly in the step's range (common.synthetic_split(years=...)), each step and part with its own seed,
     and a static-task ImageFolder over all years. Generated once (rank 0) and cached by its parameters."""
@@ -277,13 +313,21 @@ def synthetic_steps(cfg: Config) -> str:
 def read_steps(root: str) -> dict:
     path = os.path.join(root, "steps.json")
     if not os.path.isfile(path):
-        C.fail(f"{path} not found: run `python tic.py split --data SHARDS --out {root}` first")
-    with open(path) as f:
-        return json.load(f)
+        C.fail(f"{path} not found: --data is a folder written by `python tic.py split --data SHARDS --out {root}`")
+    try:
+        with open(path) as f:
+            steps = json.load(f)
+        assert [s["train"] for s in steps["steps"]]
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        C.fail(f"{path} does not read as tic.py split's steps.json ({type(e).__name__}); split the shards again")
+    return steps
 
 
 def part_shards(root: str, k: int, part: str) -> list[str]:
-    return C.expand_shards(os.path.join(root, f"step{k}", part))
+    try:
+        return C.expand_shards(os.path.join(root, f"step{k}", part))
+    except FileNotFoundError as e:  # a time step without samples of this part (e.g. a tiny --eval-frac)
+        C.fail(f"time step {k} has no {part} shards ({e}): split with more data or a larger --{part}-frac")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,7 +487,7 @@ class LabelledDecode(C.ImageTextDecode):
         return out
 
 
-def eval_batches(shards, tokenizer, spec, cfg: Config, cache: dict) -> list[dict]:
+def eval_batches(shards, tokenizer, spec, cfg: Recipe, cache: dict) -> list[dict]:
     """The first --eval-max pairs of `shards`, decoded once per run and cached (every model sees the same)."""
     key = tuple(shards)
     if key not in cache:
@@ -451,17 +495,20 @@ def eval_batches(shards, tokenizer, spec, cfg: Config, cache: dict) -> list[dict
                                 label_field=cfg.label_field)
         stream = C.ShardStream(shards, decode, 256, shuffle_buffer=1, epochs=1, drop_last=False)
         out, n = [], 0
-        for b in stream:
-            out.append({k: b[k] for k in ("image", "ids", "label")})
-            n += len(b["ids"])
-            if n >= cfg.eval_max:
-                break
+        try:
+            for b in stream:
+                out.append({k: b[k] for k in ("image", "ids", "label")})
+                n += len(b["ids"])
+                if n >= cfg.eval_max:
+                    break
+        except C.DataError as e:  # every sample of the eval shards is unusable
+            C.fail(str(e))
         cache[key] = out
     return cache[key]
 
 
 @torch.no_grad()
-def evaluate_model(model, tokenizer, steps: dict, root: str, part: str, cfg: Config, device, cache: dict,
+def evaluate_model(model, tokenizer, steps: dict, root: str, part: str, cfg: Recipe, device, cache: dict,
                    upto: int | None = None) -> dict:
     """Per time step j (j <= upto): mean of image->text and text->image R@1 (the paper's TiC-Retrieval
     metric) and zero-shot top-1 with the class names where the samples carry labels; plus the static task."""
@@ -565,7 +612,7 @@ def draw_heatmaps(results: list, path: str, cell: int = 66):
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_tokenizer(cfg: Config, root: str):
+def make_tokenizer(cfg: Recipe, root: str):
     """--bpe, the BPE saved in --out by an earlier run, or one trained on the first step's captions and
     frozen for the whole sequence (later vocabulary falls back to byte-level pieces, as it would in time)."""
     saved = os.path.join(cfg.out, "bpe.txt")
@@ -584,32 +631,34 @@ def make_tokenizer(cfg: Config, root: str):
                     pass
             if len(captions) >= 20000:
                 break
-        os.makedirs(cfg.out, exist_ok=True)
+        if not captions:
+            C.fail(f"no readable caption in time step 0's training shards of {root} to train a BPE on "
+                   f"(skipped: {skipped or 'samples without a .txt'}); pass --bpe or check the data")
         C.Tokenizer(merges=C.train_bpe(captions, cfg.bpe_vocab)).save(saved)
     C.barrier()
     return C.Tokenizer(saved)
 
 
-def build_model(cfg: Config, vocab_size: int, seed: int):
-    if cfg.model not in MODELS:
-        C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+def build_model(cfg: Recipe, vocab_size: int, seed: int):
     torch.manual_seed(seed)  # the same random init on every rank and at every restart
     return C.set_fused(C.build_clip(**MODELS[cfg.model], vocab_size=vocab_size), cfg.fused)
 
 
 def warm_start(model, path: str):
     """Sec. 3.2 / open_clip --new-run: load the previous step's *weights* only. Nothing else carries over."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = C.read_checkpoint(path)
+    except (ValueError, OSError) as e:
+        C.fail(f"cannot read the time-step model {path} ({e}): move it away to train that step again")
     C.load_state_dict_checked(model, ck["model"], f"time-step checkpoint {path}")
     return ck
 
 
-def fresh_optimizer(model, cfg: Config, warm: bool, total: int):
+def fresh_optimizer(model, cfg: Recipe, warm: bool, total: int):
     """A new AdamW (no moments, no step count) and a new warmup + cosine schedule over this step's budget;
     warm-started steps use --warm-warmup (0 in the released scripts: warm-up helps only the first step)."""
     opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2))
-    warmup = cfg.warm_warmup if warm else cfg.warmup
-    return opt, lambda step: C.lr_at(step, cfg.lr, warmup, total)
+    return opt, lambda step: C.lr_at(step, cfg.lr, cfg.warm_warmup if warm else cfg.warmup, total)
 
 
 def broadcast(obj):
@@ -626,10 +675,11 @@ def broadcast(obj):
 # ----------------------------------------------------------------------------------------------------
 
 
-def train_time_step(cfg: Config, model, opt, lr_fn, total: int, shards, keep, teacher, sdir: str, t: int,
-                    env, log, tokenizer) -> dict | None:
+def train_time_step(cfg: TrainConfig, model, opt, lr_fn, total: int, shards, keep, teacher, sdir: str, t: int,
+                    env, log, tokenizer, stop: C.StopSignal) -> dict | None:
     """`total` optimizer steps on `shards` (filtered by `keep`), resuming from sdir's ckpt-*.pt (weights,
-    optimizer, RNG, data position) if there is one. Returns {"wall_s"}, or None when stopped by a signal."""
+    optimizer, RNG, data position) if there is one. Returns {"wall_s"}, or None when `stop` was signalled
+    (after saving a checkpoint at the current step)."""
     rank, local_rank, world, device = env
     spec, offset = MODELS[cfg.model], t * cfg.budget_steps  # log steps count across the whole sequence
     start, data_pos, wall = 0, {}, 0.0
@@ -659,9 +709,9 @@ def train_time_step(cfg: Config, model, opt, lr_fn, total: int, shards, keep, te
     if cfg.compile:
         train_model = torch.compile(train_model)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop, t0, t_log, seen = C.StopSignal(), time.time(), time.time(), 0
+    t0, t_log, seen = time.time(), time.time(), 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    for step in range(start, total + 1):
+    for step in C.progress(range(start, total + 1), f"time step {t}"):
         last_step = step == total
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -673,7 +723,7 @@ def train_time_step(cfg: Config, model, opt, lr_fn, total: int, shards, keep, te
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(),
                 "data": position.state(), "model_name": cfg.model, "strategy": cfg.strategy,
                 "wall_s": wall + time.time() - t0, "config": dataclasses.asdict(cfg)})
-            C.prune_checkpoints(sdir, 1)
+            C.prune_checkpoints(sdir, 1, written=os.path.join(sdir, f"ckpt-{step}.pt"))
         if last_step or stopping:
             break
 
@@ -716,7 +766,7 @@ def train_time_step(cfg: Config, model, opt, lr_fn, total: int, shards, keep, te
 # ----------------------------------------------------------------------------------------------------
 
 
-def fit_time_step(cfg: Config, model, init_sd, tokenizer, steps, root, t, prev, sdir, env, log, cache):
+def fit_time_step(cfg: TrainConfig, model, init_sd, tokenizer, steps, root, t, prev, sdir, env, log, cache, stop):
     """Protocol A + B of Fig. 1 for step t: initialise (random or warm start), assemble the data (new +
     buffer), train C steps (T x C for the Oracle), patch, and keep the step's model in sdir/model.pt."""
     T, world = len(steps["steps"]), env[2]
@@ -733,14 +783,14 @@ def fit_time_step(cfg: Config, model, init_sd, tokenizer, steps, root, t, prev, 
     C.print0(f"time step {t} ({steps['steps'][t]['name']}): {cfg.strategy}, {'random init' if restart else 'warm start'}"
              f", {total} steps, training samples per step {counts}")
     opt, lr_fn = fresh_optimizer(model, cfg, not restart, total)
-    done = train_time_step(cfg, model, opt, lr_fn, total, shards, keep, teacher, sdir, t, env, log, tokenizer)
+    done = train_time_step(cfg, model, opt, lr_fn, total, shards, keep, teacher, sdir, t, env, log, tokenizer, stop)
     if done is None:
         return None
     n = total * cfg.batch_size * world
     stats = {"train_samples": n, "teacher_samples": n if teacher is not None else 0, "counts": counts,
              "wall_s": done["wall_s"], "alpha": None, "patch_eval_samples": 0}
     if patch:
-        alphas = [float(a) for a in cfg.patch_alphas.split(",")]
+        alphas = parse_alphas(cfg.patch_alphas)
         new_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
         def score(m):  # validation retrieval of the old steps (mean) and of the new one
@@ -765,21 +815,91 @@ def compute_units(stats: dict, C_samples: int) -> float:
     return (stats["train_samples"] + (stats["teacher_samples"] + stats["patch_eval_samples"]) / 3) / C_samples
 
 
-def run(cfg: Config) -> dict | None:
-    """Train (or resume) the whole sequence of one strategy and evaluate every step's model on every step."""
+# Flags that may change between the invocations of one run (where and how it runs, not what it computes).
+RUN_FLAGS = ("out", "overwrite", "workers", "device", "precision", "compile", "fused", "log_every", "ckpt_every",
+             "cache_dir", "strategies")
+
+
+def earlier_run(cfg: Config) -> str | None:
+    """An earlier run in --out whose config.json differs in a flag that changes the results, or None (none, or the
+    same run, which continues). "" = one that trained nothing (bad input): its files are moved aside unasked."""
+    try:
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FLAGS and k in old and old[k] != v]
+    work = [p for p in glob.glob(os.path.join(cfg.out, "**", "*.pt"), recursive=True)
+            if not os.path.relpath(p, cfg.out).startswith("previous-")]  # models and checkpoints, of any step
+    return None if not diff else "" if not work else "a run with other settings (" + ", ".join(
+        "--{} {}".format(k.replace("_", "-"), json.dumps(old[k])) for k in diff) + ")"
+
+
+def take_out(out: str, other: str | None, overwrite: bool):
+    """Claim --out (common.claim_out: one live run per directory, one line naming the holder) and never mix two
+    runs' files: where `other` names what an earlier, different run left there, stop with one line, or with
+    --overwrite move its files to OUT/previous-N/ (nothing is deleted) and start clean."""
+    C.claim_out(out, resume="auto")
+    if other is not None and C.get_rank() == 0:
+        if not overwrite and other:
+            C.fail(f"{out} holds {other}: run the same command to continue it, --overwrite to start over (its files "
+                   f"move to {out}/previous-N/), or another --out")
+        keep = os.path.join(out, f"previous-{1 + sum(n.startswith('previous-') for n in os.listdir(out))}")
+        os.makedirs(keep)
+        for n in os.listdir(out):
+            if n != "run.lock" and not n.startswith("previous-"):
+                os.replace(os.path.join(out, n), os.path.join(keep, n))
+        C.print0(f"the earlier files of {out} ({other or 'an attempt that trained nothing'}) moved to {keep}")
+    C.barrier()
+
+
+def save_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:  # a temporary name, then rename: never half a file
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def parse_alphas(spec: str) -> list[float]:
+    alphas = [float(a) if re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*", a) else -1.0 for a in spec.split(",")]
+    if not all(0 <= a <= 1 for a in alphas):
+        C.fail(f"--patch-alphas '{spec}': must be numbers between 0 and 1, comma-separated (e.g. 0,0.5,1)")
+    return alphas
+
+
+def check_flags(cfg: Recipe, strategies: list[str]):
+    """The checks of this script's own flags (common.check_ranges did the generic ones): one line, no work done."""
+    if cfg.model not in MODELS:
+        C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            C.fail(f"unknown strategy '{s}'; choose one of {', '.join(STRATEGIES)}")
+    parse_alphas(cfg.patch_alphas)
+    for flag, path in (("bpe", cfg.bpe), ("classnames", cfg.classnames), ("static-data", cfg.static_data)):
+        if path and not os.path.exists(path):  # read late in the run: their absence now, before any work
+            C.fail(f"--{flag} {path}: not found")
+    for flag, low in (("budget_steps", 1), ("eval_max", 1), ("buffer_factor", 0), ("synthetic_train", 1),
+                      ("synthetic_val", 1), ("synthetic_eval", 1), ("image_size", 8)):
+        if getattr(cfg, flag) < low:
+            C.fail(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be >= {low}")
+
+
+def run(cfg: TrainConfig, stop: C.StopSignal | None = None) -> dict | None:
+    """Train one strategy over the time steps, then score every step's model on every time step's eval set.
+
+    The same command continues a stopped run (SIGTERM / Ctrl-C save a checkpoint) at its time step and batch.
+    Writes OUT/step{t}/model.pt, matrix.json, matrix.csv, matrix.png and log.jsonl."""
+    stop = stop or C.StopSignal()  # from here on SIGTERM / SIGINT save at the current step and exit 0
     env = C.setup_distributed(cfg.device)
     rank = env[0]
-    if cfg.strategy not in STRATEGIES:
-        C.fail(f"unknown strategy '{cfg.strategy}'; choose one of {', '.join(STRATEGIES)}")
+    check_flags(cfg, [cfg.strategy])
+    take_out(cfg.out, earlier_run(cfg), cfg.overwrite)
     root = cfg.data or synthetic_steps(cfg)
     steps = read_steps(root)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     T, t_start = len(steps["steps"]), time.time()
     mpath = os.path.join(cfg.out, "matrix.json")
-    result = json.load(open(mpath)) if os.path.isfile(mpath) else None
-    if result and (result["strategy"], len(result["rows"])) != (cfg.strategy, T):
-        C.fail(f"{cfg.out} holds a {result['strategy']} run of {len(result['rows'])} steps: use another --out")
+    result = json.load(open(mpath)) if os.path.isfile(mpath) else None  # written atomically (save_json)
     result = result or {"strategy": cfg.strategy, "steps": steps["steps"], "rows": [None] * T}
-    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     tokenizer = make_tokenizer(cfg, root)
     model = build_model(cfg, tokenizer.vocab_size, cfg.seed).to(env[3])
     init_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -791,30 +911,31 @@ def run(cfg: Config) -> dict | None:
         if os.path.isfile(final):  # done earlier: its weights are the next step's warm start
             stats = warm_start(model, final)["compute"]
         else:
-            stats = fit_time_step(cfg, model, init_sd, tokenizer, steps, root, t, prev, sdir, env, log, cache)
+            stats = fit_time_step(cfg, model, init_sd, tokenizer, steps, root, t, prev, sdir, env, log, cache, stop)
             if stats is None:
-                C.print0(f"stopped in time step {t}; run the same command again to resume")
+                C.print0(f"stopped in time step {t}, checkpoint in {sdir}; run the same command again to resume")
                 return None
         if result["rows"][t] is None and rank == 0:  # ---- this model on every time step's eval set ----
             row = evaluate_model(model, tokenizer, steps, root, "eval", cfg, env[3], cache)
             row.update(compute_C=compute_units(stats, C_samples), train_wall_s=stats["wall_s"], alpha=stats["alpha"],
                        counts=stats["counts"])
             result["rows"][t] = row
-            with open(mpath + ".tmp", "w") as f:
-                json.dump(result, f)
-            os.replace(mpath + ".tmp", mpath)
+            save_json(mpath, result)
             log.log((t + 1) * cfg.budget_steps, time_step=t, **{f"retrieval_{n['name']}": v for n, v in
                                                                 zip(steps["steps"], row["retrieval"])},
                     static=row.get("static"), compute_C=row["compute_C"], alpha=stats["alpha"])
         C.barrier()
         prev = final
+        if t < T - 1 and stop.agreed(env[3]):  # a signal during the evaluation: the next step starts on resume
+            C.print0(f"stopped after time step {t} (its model is {final}); run the same command again to resume")
+            return None
     if rank == 0:
         result["summary"] = summarize(result)
         result["wall_s"] = result.get("wall_s", 0.0) + time.time() - t_start  # over all invocations
-        with open(mpath, "w") as f:
-            json.dump(result, f)
+        save_json(mpath, result)
         write_outputs(cfg.out, result)
         log.log(T * cfg.budget_steps, **{k: v for k, v in result["summary"].items()})
+        C.finish_run(cfg.out, final, f"matrix {mpath} (.csv, .png)")
     return broadcast(result)
 
 
@@ -833,18 +954,22 @@ def summarize(result: dict) -> dict:
     return out
 
 
-def compare(cfg: Config):
-    """Run several strategies on the same data and tokenizer; summary.md / summary.csv / matrices.png."""
+def compare(cfg: CompareConfig):
+    """Run several strategies on the same data and tokenizer and tabulate them side by side.
+
+    One sub-folder of --out per strategy (each a `train` run: a stopped compare resumes with the same command),
+    then summary.md, summary.csv and matrices.png in --out."""
+    stop = C.StopSignal()
     names = [s.strip() for s in cfg.strategies.split(",") if s.strip()]
-    for s in names:
-        if s not in STRATEGIES:
-            C.fail(f"unknown strategy '{s}' in --strategies; choose from {', '.join(STRATEGIES)}")
+    check_flags(cfg, names)
     C.setup_distributed(cfg.device)
+    take_out(cfg.out, earlier_run(cfg), cfg.overwrite)
     root = cfg.data or synthetic_steps(cfg)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     bpe = cfg.bpe or (make_tokenizer(cfg, root) and os.path.join(cfg.out, "bpe.txt"))
-    results = []
+    results, shared = [], {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)}
     for s in names:
-        r = run(dataclasses.replace(cfg, strategy=s, out=os.path.join(cfg.out, s), data=root, bpe=bpe))
+        r = run(TrainConfig(**dict(shared, out=os.path.join(cfg.out, s), data=root, bpe=bpe), strategy=s), stop)
         if r is None:
             return
         results.append((s, r))
@@ -861,13 +986,13 @@ def compare(cfg: Config):
         f.writelines(f"| {s} | " + " | ".join(fmt(r['summary'].get(k)) for k in keys) + " |\n" for s, r in results)
     draw_heatmaps(results, os.path.join(cfg.out, "matrices.png"))
     C.print0(open(os.path.join(cfg.out, "summary.md")).read())
+    C.finish_run(cfg.out, None, "summary " + ", ".join(os.path.join(cfg.out, f) for f in
+                                                      ("summary.md", "summary.csv", "matrices.png")))
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"split": split_shards, "compare": compare, "train": run}
-    command = argv.pop(0) if argv[:1] and argv[0] in commands else "train"
-    commands[command](C.parse_config(Config, argv))
+    commands = {"train": (run, TrainConfig), "split": (split_shards, SplitConfig), "compare": (compare, CompareConfig)}
+    C.run_command(__doc__, commands, argv, default="train")
     C.cleanup_distributed()
 
 

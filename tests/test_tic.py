@@ -116,11 +116,11 @@ def test_summary_metrics_hand_made_matrix():
 # ---- warm start, LwF, patching ------------------------------------------------------------------------
 
 def tiny_model(seed):
-    return tic.build_model(tic.Config(), 300, seed)
+    return tic.build_model(tic.TrainConfig(), 300, seed)
 
 
 def test_warm_start_loads_weights_and_resets_optimizer_and_schedule(tmp_path):
-    cfg = tic.Config(lr=1e-3, warmup=10, warm_warmup=0)
+    cfg = tic.TrainConfig(lr=1e-3, warmup=10, warm_warmup=0)
     a = tiny_model(0)
     opt, lr_fn = tic.fresh_optimizer(a, cfg, warm=False, total=50)
     assert lr_fn(0) == pytest.approx(1e-4)  # first step: warm-up from lr / warmup
@@ -314,9 +314,9 @@ def test_interrupted_sequence_resumes_at_step_and_batch(sequential_run, tmp_path
 
     class StopAt25(C.StopSignal):  # the flag the loop reads turns on at step 25 of time step 1
         @property
-        def requested(self):
+        def requested(self):  # read once per step (61 in time step 0), once after time step 0's evaluation
             calls["n"] += 1
-            return calls["n"] > 60 + 26
+            return calls["n"] > 61 + 1 + 25
 
         @requested.setter
         def requested(self, v):
@@ -358,3 +358,119 @@ def test_bad_input_is_one_clear_line(tmp_path):
         tic.main(["--data", str(tmp_path), "--out", str(tmp_path / "y")])  # no steps.json
     with pytest.raises(SystemExit):
         tic.main(["--benchmark", "nope", "--out", str(tmp_path / "z")])
+
+
+# ---- the command line and runs that survive a cluster (issue 28) ------------------------------------------
+
+@pytest.mark.parametrize("argv,own,other", [(["--help"], "split ", None), (["split", "--help"], "--eval-frac", "--lr"),
+                                            (["train", "--help"], "--budget-steps", "--eval-frac"),
+                                            (["compare", "--help"], "--strategies", "--strategy STRATEGY")])
+def test_help_lists_commands_and_each_commands_own_flags(argv, own, other, capsys):
+    with pytest.raises(SystemExit) as e:
+        tic.main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and own in out and "Traceback" not in out
+    assert other is None or other not in out
+    if argv == ["--help"]:
+        assert all(f"  {c} " in out for c in ("train", "split", "compare"))
+    else:  # the description: the command's docstring, its first paragraph
+        assert tic.main.__globals__[{"split": "split_shards", "train": "run"}.get(argv[0], argv[0])].__doc__.split(
+            "\n")[0] in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--budget-steps", "-5"], "--budget-steps -5: must be >= 0"),
+    (["--budget-steps", "0"], "--budget-steps 0: must be >= 1"),
+    (["--lr", "-1"], "--lr -1.0: must be >= 0"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--max-skip-frac", "1.5"], "--max-skip-frac 1.5: must be between 0 and 1"),
+    (["--patch-alphas", "0,x"], "--patch-alphas '0,x': must be numbers between 0 and 1"),
+    (["--strategy", "bogus"], "unknown strategy 'bogus'"),
+    (["--model", "vit_huge"], "unknown model 'vit_huge'"),
+    (["--classnames", "{tmp}/none.txt"], "--classnames {tmp}/none.txt: not found"),
+    (["--data", "{tmp}/empty.tar"], "{tmp}/empty.tar/steps.json not found"),
+    (["compare", "--strategies", "restart,bogus"], "unknown strategy 'bogus'"),
+    (["split", "--data", "{tmp}/empty.tar"], "falls in a time step; skipped: broken_tar:ReadError 1"),
+    (["split", "--data", "{tmp}/empty.tar", "--eval-frac", "0.6", "--val-frac", "0.6"], "their sum must be at most 1"),
+    (["split", "--eval-frac", "1.5"], "--eval-frac 1.5: must be between 0 and 1"),
+    (["split", "--data", "{tmp}/nowhere"], "data path does not exist: {tmp}/nowhere"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, argv, message):
+    open(tmp_path / "empty.tar", "wb").close()  # zero bytes
+    with pytest.raises(SystemExit) as e:
+        tic.main([a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "out"),
+                                                            "--cache-dir", str(tmp_path / "cache")][:2 if "split" in argv else 4])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0] == "error: " + err[0][7:] and message.format(tmp=tmp_path) in err[0]
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("out/**/*.pt"))  # nothing generated or trained
+
+
+def test_a_second_run_into_an_out_holding_another_run_stops_or_starts_over(sequential_run, tmp_path, capsys):
+    """Other settings into the fixture's --out: one line naming them, nothing touched; with --overwrite the earlier
+    files move to OUT/previous-1/ and the new run starts clean."""
+    out = tmp_path / "run"
+    shutil.copytree(sequential_run / "run", out, ignore=shutil.ignore_patterns("step1"))
+    with pytest.raises(SystemExit) as e:
+        tic.main(tiny_cfg(sequential_run, strategy="cumulative-all", lr=1e-3, out=out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "holds a run with other settings (--lr 0.002)" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (sequential_run / "run").iterdir()
+                                                           if p.name != "step1")  # nothing moved or written
+    tic.main(tiny_cfg(sequential_run, strategy="sequential", budget_steps=2, out=out) + ["--overwrite"])
+    assert (out / "previous-1" / "step0" / "model.pt").exists() and (out / "previous-1" / "matrix.json").exists()
+    assert json.load(open(out / "matrix.json"))["strategy"] == "sequential"
+    starts = [json.loads(line) for line in open(out / "log.jsonl") if '"event": "start"' in line]
+    assert len(starts) == 1 and starts[0]["config"]["strategy"] == "sequential"  # the log starts over too
+
+
+def test_a_live_runs_out_is_refused_at_once(tmp_path, capsys):
+    import subprocess
+    import sys
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); import "
+                               f"common as C; C.claim_out({out!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit):
+            tic.main(tiny_cfg(tmp_path))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (pid {holder.pid}" in err[0]
+        assert not (tmp_path / "cache").exists()  # stopped before generating the data
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_to_the_process_group_saves_and_resumes_to_the_same_losses(sequential_run, tmp_path):
+    """kill -TERM -PGID with a DataLoader worker: the worker ignores it, the main process saves a checkpoint at
+    the current step, shuts its worker down and exits 0; the same command then logs the losses of the run that
+    never stopped (the fixture's time step 0: same data, --workers 0, same samples in the same order)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "tic.py"] + tiny_cfg(tmp_path, strategy="cumulative-all", years="2014-2016", workers=1,
+                                                log_every=5)
+    env, cwd = dict(os.environ, OMP_NUM_THREADS="1"), os.path.dirname(os.path.abspath(tic.__file__))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group: the main process and its DataLoader worker
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped in time step 0" in output and "Traceback" not in output, output
+    with pytest.raises(ProcessLookupError):  # the worker is gone too
+        os.killpg(proc.pid, 0)
+    logged = max(json.loads(line).get("step", 0) for line in open(log))
+    ckpts = [p.name for p in (tmp_path / "run" / "step0").glob("ckpt-*.pt")]
+    assert len(ckpts) == 1 and logged <= int(ckpts[0][5:-3]) < 20, (ckpts, logged)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "results: run directory" in done.stdout, done.stdout + done.stderr
+    records = lambda p: [json.loads(line) for line in open(p / "run" / "log.jsonl")]
+    ref = {r["step"]: r["loss"] for r in records(sequential_run) if "loss" in r and r["time_step"] == 0}
+    got = {r["step"]: r["loss"] for r in records(tmp_path) if "loss" in r and r["step"] in ref}
+    assert got == ref and len(ref) == 3, (got, ref)
+    assert len([r for r in records(tmp_path) if r.get("event") == "start"]) == 2  # each invocation marks its start
