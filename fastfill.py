@@ -45,7 +45,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -64,42 +63,68 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
-class Config:
+class Shared:
+    """Flags of every command: the data, the synthetic world, the run directory and the machine."""
     data: str = ""  # ImageFolder to train on (backfill: the query = gallery set); empty = the synthetic world
-    val_data: str = ""  # train-model: ImageFolder for top-1 at the end; empty = the synthetic held-out set if synthetic
     out: str = "runs/fastfill"  # run directory: config.json, log.jsonl, checkpoints, curves
-    model: str = "resnet_tiny"  # resnet_tiny | resnet18 | resnet50 | torchvision:<name>, e.g. torchvision:vgg16
-    embed_dim: int = 128  # embedding width (paper: 128)
-    classes: int = 0  # train-model: train on the first N classes only (the old model: half); 0 = all
-    bct: str = ""  # train-model: old model checkpoint -> BCT influence loss through its frozen classifier
-    bct_weight: float = 1.0  # weight of the influence loss
-    old: str = ""  # align/backfill: the old model (checkpoint or its run directory)
-    new: str = ""  # align/backfill: the new model
-    align: str = ""  # backfill: the transformation; empty = none (old features as they are, e.g. after BCT)
-    loss: str = "fastfill"  # align: fastfill (MSE + CE under sigma) | fct (MSE only, no sigma head)
-    inner_dim: int = 2048  # align: width of the mixer MLP (paper: 2048)
-    mu_uncertainty: float = 0.5  # align: the 0.5 of 0.5 exp(-s) L + 0.5 s
-    order: str = "sigma,random,distance"  # backfill: orderings to evaluate (sigma needs a fastfill --align)
-    points: int = 22  # backfill: fractions i/(points-1), i = 0..points-1 (the official 22)
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 2  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cuda | cpu
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 6000  # synthetic training images
+    synthetic_val: int = 2000  # synthetic held-out images (the query = gallery set)
+
+
+@dataclass
+class Training(Shared):
+    """Flags of the two training commands (train-model, align)."""
     epochs: int = 0  # 0 = the recipe's: 100 (train-model), 80 (align)
     batch_size: int = 256  # per process
     lr: float = 0.0  # 0 = the recipe's: SGD 1.024 x batch/1024 (train-model), Adam 5e-4 (align)
     weight_decay: float = 2**-15  # both recipes: 3.05e-5
-    momentum: float = 0.875  # train-model: SGD momentum
     warmup_epochs: float = 5  # linear warm-up, then cosine to zero
     label_smoothing: float = 0.1  # train-model and the CE term of align
-    image_size: int = 224  # training/eval resolution (the synthetic world: 32)
     crop_scale: float = 0.08  # smallest area fraction of the random resized crop
-    seed: int = 0  # model init, data order, augmentation
-    workers: int = 2  # DataLoader worker processes per rank
-    device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 50  # steps between log lines
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
-    resume: str = "auto"  # 'auto' = the latest checkpoint in --out (fresh if none), '' = fresh, or a path
-    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-    synthetic_train: int = 6000  # synthetic training images
-    synthetic_val: int = 2000  # synthetic held-out images (the query = gallery set)
+    resume: str = "auto"  # 'auto' = the newest checkpoint in --out that reads (fresh if none), '' = fresh, or a path
+    overwrite: bool = False  # start over in an --out that holds another run's checkpoints (they move to OUT/previous-N/)
+
+
+@dataclass
+class TrainModelConfig(Training):
+    val_data: str = ""  # ImageFolder for top-1 at the end; empty = the synthetic held-out set if synthetic
+    model: str = "resnet_tiny"  # resnet_tiny | resnet18 | resnet50 | torchvision:<name>, e.g. torchvision:vgg16
+    embed_dim: int = 128  # embedding width (paper: 128)
+    classes: int = 0  # train on the first N classes only (the old model: half); 0 = all
+    bct: str = ""  # old model checkpoint -> BCT influence loss through its frozen classifier
+    bct_weight: float = 1.0  # weight of the influence loss
+    momentum: float = 0.875  # SGD momentum
+    image_size: int = 224  # training/eval resolution (the synthetic world: 32)
+
+
+@dataclass
+class AlignConfig(Training):
+    old: str = ""  # the old model (checkpoint or its run directory)
+    new: str = ""  # the new model
+    loss: str = "fastfill"  # fastfill (MSE + CE under sigma) | fct (MSE only, no sigma head)
+    inner_dim: int = 2048  # width of the mixer MLP (paper: 2048)
+    mu_uncertainty: float = 0.5  # the 0.5 of 0.5 exp(-s) L + 0.5 s
+
+
+@dataclass
+class BackfillConfig(Shared):
+    old: str = ""  # the old model (checkpoint or its run directory)
+    new: str = ""  # the new model
+    align: str = ""  # the transformation; empty = none (old features as they are, e.g. after BCT)
+    order: str = "sigma,random,distance"  # orderings to evaluate (sigma needs a fastfill --align)
+    points: int = 22  # fractions i/(points-1), i = 0..points-1 (the official 22)
+
+
+@dataclass
+class Config(TrainModelConfig, AlignConfig, BackfillConfig):
+    """Every flag: the no-command run (the whole pipeline) passes them on to its stages."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,13 +429,14 @@ class FolderImages(torch.utils.data.Dataset):
         epoch, i = key
         path, label = self.items[i]
         try:
-            img = Image.open(path).convert("RGB")
+            with open(path, "rb") as f:
+                img = C.bytes_to_tensor(f.read())  # uint8 (3, H, W)
         except Exception:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
-        if epoch < 0:
-            return C.image_to_uint8(img, self.size, C.center_crop_box(*img.size), Image.BILINEAR), label
+        if epoch < 0:  # eval: resize the shorter side, centre crop
+            return C.eval_transform(img, self.size, Image.BILINEAR), label
         rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
-        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*img.size, rng, (self.scale, 1.0)),
+        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
                              Image.BILINEAR)
         return (x.flip(-1) if rng.random() < 0.5 else x), label
 
@@ -430,7 +456,7 @@ def synthetic_folders(cache_dir: str, n_train: int, n_val: int, size: int, seed:
     return os.path.join(root, "train"), os.path.join(root, "val")
 
 
-def resolve_data(cfg: Config, split: str) -> str:
+def resolve_data(cfg: Shared, split: str) -> str:
     """--data, or the synthetic world's `split` folder (which also sets the 32-px image size)."""
     if cfg.data:
         return cfg.data
@@ -450,13 +476,13 @@ def to_input(x: torch.Tensor, device) -> torch.Tensor:
 
 
 def load_stage(path: str, kind: str, device) -> tuple[nn.Module, dict]:
-    """A finished model/transformation from its checkpoint or run directory (the latest checkpoint),
-    frozen, in eval mode."""
-    if os.path.isdir(path):
-        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
-    ck = C.load_checkpoint(path, "")
-    if ck is None or ck.get("kind") != kind:
-        C.fail(f"{path} is not a {kind} checkpoint (kind {ck and ck.get('kind')!r})")
+    """A finished model/transformation from its checkpoint or run directory (the newest checkpoint that
+    reads), frozen, in eval mode."""
+    ck = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")  # one line if unreadable
+    if ck is None:
+        C.fail(f"no ckpt-*.pt in {path}")
+    if ck.get("kind") != kind:
+        C.fail(f"{path} is not a {kind} checkpoint (kind {ck.get('kind')!r})")
     if kind == "model":
         m = build_model(ck["model_name"], ck["classes"], ck["embed_dim"])
     else:
@@ -465,7 +491,31 @@ def load_stage(path: str, kind: str, device) -> tuple[nn.Module, dict]:
     return m.to(device).eval().requires_grad_(False), ck
 
 
-def recipe(cfg: Config, stage: str) -> tuple[int, float]:
+def check_flags(cfg: Shared):
+    """What the range checks of common.parse_config leave open, one line each, before any work."""
+    if isinstance(cfg, Training):
+        if cfg.precision not in ("auto", "bf16", "fp32"):
+            C.fail(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
+        if cfg.weight_decay < 0:
+            C.fail(f"--weight-decay {cfg.weight_decay}: must be >= 0")
+    if isinstance(cfg, TrainModelConfig):
+        if cfg.model not in MODELS and not cfg.model.startswith("torchvision:"):
+            C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)} or torchvision:<name>")
+        for flag, v in (("--embed-dim", cfg.embed_dim), ("--image-size", cfg.image_size)):
+            if v < 1:
+                C.fail(f"{flag} {v}: must be >= 1")
+    if isinstance(cfg, AlignConfig):
+        if cfg.loss not in ("fastfill", "fct"):
+            C.fail(f"--loss must be fastfill or fct, not '{cfg.loss}'")
+        if cfg.inner_dim < 1 or cfg.mu_uncertainty <= 0:
+            C.fail(f"--inner-dim {cfg.inner_dim}, --mu-uncertainty {cfg.mu_uncertainty}: must be >= 1 and > 0")
+    if isinstance(cfg, BackfillConfig):
+        orders = [o.strip() for o in cfg.order.split(",") if o.strip()]
+        if not orders or set(orders) - {"sigma", "random", "distance"} or cfg.points < 2:
+            C.fail(f"--order {cfg.order} --points {cfg.points}: orders are sigma, random, distance; points >= 2")
+
+
+def recipe(cfg: Training, stage: str) -> tuple[int, float]:
     """(epochs, peak lr) of the official recipes unless given: backbones SGD 1.024 at batch 1024 (scaled
     linearly with the global batch), 100 epochs; the transformation Adam 5e-4, 80 epochs."""
     gb = cfg.batch_size * C.get_world_size()
@@ -484,7 +534,7 @@ def classify(model: nn.Module, feature: torch.Tensor) -> torch.Tensor:
     return model.fc(feature[:, :, None, None]).flatten(1)
 
 
-def setup_stage(cfg: Config, stage: str, classes: int, classnames: list, device):
+def setup_stage(cfg: Training, stage: str, classes: int, classnames: list, device):
     """(trained module, optimizer, frozen helpers, checkpoint metadata) of one stage."""
     if stage == "model":
         model = build_model(cfg.model, classes, cfg.embed_dim).to(device, memory_format=torch.channels_last)
@@ -494,10 +544,6 @@ def setup_stage(cfg: Config, stage: str, classes: int, classnames: list, device)
         meta = {"kind": "model", "model_name": cfg.model, "classes": classes, "embed_dim": cfg.embed_dim,
                 "classnames": classnames[:classes]}
         return model, opt, helpers, meta
-    if cfg.loss not in ("fastfill", "fct"):
-        C.fail(f"--loss must be fastfill or fct, not '{cfg.loss}'")
-    if not (cfg.old and cfg.new):
-        C.fail("align needs --old and --new model checkpoints (fastfill.py train-model)")
     old, new = load_stage(cfg.old, "model", device), load_stage(cfg.new, "model", device)
     if new[1]["classes"] != classes:
         C.fail(f"the new model has {new[1]['classes']} classes, --data {classes}: align on the new model's data")
@@ -509,15 +555,33 @@ def setup_stage(cfg: Config, stage: str, classes: int, classnames: list, device)
     return model, opt, {"old": old, "new": new}, meta
 
 
-def train(cfg: Config, stage: str):
+def unreadable(items, n: int = 100) -> str:
+    """Why the first `n` images of [(path, label)] do not decode, by reason: for the one line of a run that
+    found no readable image."""
+    why = {}
+    for path, _ in items[:n]:
+        try:
+            with open(path, "rb") as f:
+                C.bytes_to_tensor(f.read())
+        except Exception as e:
+            why[type(e).__name__] = why.get(type(e).__name__, 0) + 1
+    return f"reasons in the first {min(n, len(items))} tried: " + ", ".join(f"{k} {v}" for k, v in sorted(why.items()))
+
+
+def train(cfg: Training, stage: str):
     """train-model (stage "model") or align (stage "align"): a flat step loop over epochs of an ImageFolder,
     linear warm-up + cosine, resumable at any step, SIGTERM-safe, DDP under torchrun, bf16 on GPU."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    check_flags(cfg)
     torch.manual_seed(cfg.seed)
-    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])  # claims --out (run.lock) before anything is written
+    ck = C.load_checkpoint(cfg.resume, cfg.out)  # an unreadable --resume file: one line, before any work
+    if ck is not None and (ck.get("kind") != ("model" if stage == "model" else "align") or ck.get("final")):
+        C.fail(f"{cfg.resume if cfg.resume != 'auto' else cfg.out} holds a finished or different run; use a new "
+               f"--out, or --resume '' --overwrite to start over")
     items, classnames = C.image_folder(resolve_data(cfg, "train"))
     # the held-out folder is resolved here, on every rank: resolve_data may wait at a barrier
-    val_root = cfg.val_data or ("" if cfg.data else resolve_data(cfg, "val"))
+    val_root = "" if stage != "model" else cfg.val_data or ("" if cfg.data else resolve_data(cfg, "val"))
     if stage == "model" and cfg.classes:  # the old model sees the first N classes only
         if cfg.classes > len(classnames):
             C.fail(f"--classes {cfg.classes} but --data has {len(classnames)} class folders")
@@ -528,7 +592,8 @@ def train(cfg: Config, stage: str):
     meta["image_size"] = size
     epochs, peak_lr = recipe(cfg, stage)
     gb = cfg.batch_size * world
-    steps = epochs * max(1, len(items) // gb)
+    per_epoch = max(1, len(items) // gb)
+    steps = epochs * per_epoch
     warmup = int(round(cfg.warmup_epochs * steps / epochs))
     C.print0(f"{stage}: {len(items)} images of {classes} classes, {steps} steps of {gb} ({epochs} epochs), "
              f"peak lr {peak_lr:.4g}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -536,23 +601,25 @@ def train(cfg: Config, stage: str):
 
     # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
-    ck = C.load_checkpoint(cfg.resume, cfg.out)
     if ck is not None:
-        if ck.get("kind") != meta["kind"] or ck.get("final"):
-            C.fail(f"{cfg.resume or cfg.out} holds a finished or different run; use a new --out or --resume ''")
         C.load_state_dict_checked(model, ck["model"], f"checkpoint in {cfg.out}")
         opt.load_state_dict(ck["optimizer"])
         C.set_rng_state(ck["rng"])
         start = ck["step"]
+        if start > steps:
+            C.fail(f"the checkpoint is at step {start}, past this run's {steps} steps ({epochs} epochs)")
         C.print0(f"resumed at step {start}")
     data = FolderImages(items, size, cfg.seed, cfg.crop_scale)
     sampler = C.StepBatches(len(items), gb, start, steps, cfg.seed, rank, world)
-    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
-                                               pin_memory=device.type == "cuda"))
+    batches = iter(torch.utils.data.DataLoader(  # workers ignore SIGTERM/SIGINT: this process stops them
+        data, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        worker_init_fn=C.ignore_stop_signals))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     stop, t0, bad = C.StopSignal(), time.time(), torch.zeros((), dtype=torch.long, device=device)
-    for step in range(start, steps + 1):
+    seen, epoch_start = 0, (0, 0)  # images read by this rank; (seen, bad) when the epoch began
+    path, stopping, last_step = None, False, False
+    for step in C.progress(range(start, steps + 1), stage, initial=start, total=steps + 1):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -560,8 +627,9 @@ def train(cfg: Config, stage: str):
         if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
             state = {**meta, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "rng": C.rng_state(), "final": last_step, "config": dataclasses.asdict(cfg)}
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, 2)
+            path = os.path.join(cfg.out, f"ckpt-{step}.pt")
+            C.save_checkpoint(path, state)
+            C.prune_checkpoints(cfg.out, 2, written=path)
         if last_step or stopping:
             break
 
@@ -570,6 +638,7 @@ def train(cfg: Config, stage: str):
         x, y = to_input(x, device), y.to(device, non_blocking=True)
         ok = y >= 0  # unreadable images are label -1
         bad += (~ok).sum()  # on the device: no host sync
+        seen += len(y)
         C.set_lr(opt, C.lr_at(step, peak_lr, warmup, steps))
         # align: the transformation's BN statistics are frozen for the second half (`switch_mode_to_eval`)
         ddp.train(stage == "model" or step < steps // 2)
@@ -590,7 +659,18 @@ def train(cfg: Config, stage: str):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % cfg.log_every == 0:
+        log_step = (step + 1) % cfg.log_every == 0
+        if (step + 1) % per_epoch == 0 or (log_step and not math.isfinite(loss.item())):
+            # a whole epoch without one readable image (its loss is NaN): one line with the reasons
+            counts = torch.stack([torch.tensor(seen - epoch_start[0], device=device), bad - epoch_start[1]])
+            if world > 1 and (step + 1) % per_epoch == 0:
+                torch.distributed.all_reduce(counts)
+            if counts[0] > 0 and counts[1] == counts[0]:
+                C.fail(f"no readable image in epoch {step // per_epoch + 1}{'' if (step + 1) % per_epoch == 0 else ' so far'}"
+                       f": all {int(counts[0])} failed to load; {unreadable(items)}")
+            if (step + 1) % per_epoch == 0:
+                epoch_start = (seen, int(bad))
+        if log_step:
             if not math.isfinite(loss.item()):
                 C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
             log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], epoch=(step + 1) * epochs / steps,
@@ -601,8 +681,11 @@ def train(cfg: Config, stage: str):
     if stage == "model" and last_step and rank == 0 and val_root:
         val, _ = C.image_folder(val_root)
         val = [(p, y) for p, y in val if y < classes]
-        feats, labels, logits = extract(model.eval(), val, size, device, logits=True)
+        feats, labels, logits = extract(model.eval(), val, size, device, workers=cfg.workers, logits=True)
         log.log(steps, top1=100 * (logits.argmax(1) == labels).float().mean().item(), val_images=len(val))
+    if stopping and not last_step:
+        C.print0(f"stopped by a signal at step {step}: --resume auto continues from {path}")
+    C.finish_run(cfg.out, path)
     C.cleanup_distributed()
 
 
@@ -612,7 +695,9 @@ def extract(model: nn.Module, items, size: int, device, batch: int = 256, worker
     data = FolderImages(items, size)
     keys = [[(-1, i) for i in range(lo, min(lo + batch, len(items)))] for lo in range(0, len(items), batch)]
     feats, labels, outs = [], [], []
-    for x, y in C.progress(torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=workers), "embed"):
+    loader = torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=workers,
+                                         worker_init_fn=C.ignore_stop_signals)
+    for x, y in C.progress(loader, "embed"):
         out, f = model(to_input(x, device))
         feats.append(f.float().cpu())
         labels.append(y)
@@ -626,32 +711,41 @@ def extract(model: nn.Module, items, size: int, device, batch: int = 256, worker
 # ----------------------------------------------------------------------------------------------------
 
 
-def gallery_features(cfg: Config, device) -> dict:
+def gallery_features(cfg: BackfillConfig, device) -> dict:
     """Old, new and transformed-old features (with sigma) of the query = gallery set."""
     old, old_ck = load_stage(cfg.old, "model", device)
     new, new_ck = load_stage(cfg.new, "model", device)
+    align, a_ck = load_stage(cfg.align, "align", device) if cfg.align else (None, {})
+    if "sigma" in cfg.order and a_ck.get("loss") != "fastfill":  # checked before the features are computed
+        C.fail("--order sigma needs a FastFill transformation (--align trained with --loss fastfill)")
+    if not cfg.align and old_ck["embed_dim"] != new_ck["embed_dim"]:
+        C.fail(f"old ({old_ck['embed_dim']}-d) and new ({new_ck['embed_dim']}-d) features differ: pass --align")
     items, _ = C.image_folder(resolve_data(cfg, "val"))
     f_old, labels = extract(old, items, old_ck["image_size"], device, workers=cfg.workers)
+    if not (labels >= 0).any():
+        C.fail(f"no readable image in {cfg.data or 'the synthetic held-out set'}: all {len(labels)} failed to "
+               f"load; {unreadable(items)}")
     f_new, _ = extract(new, items, new_ck["image_size"], device, workers=cfg.workers)
     h, sigma, name = f_old, None, "no transformation"
-    if cfg.align:
-        align, a_ck = load_stage(cfg.align, "align", device)
+    if align is not None:
         with torch.no_grad():
             h, sigma = (torch.cat(t) if t[0] is not None else None
                         for t in zip(*(align(c.to(device)) for c in f_old.split(1024))))
         h, sigma = h.cpu(), sigma.cpu() if sigma is not None else None
         name = "FastFill" if a_ck["loss"] == "fastfill" else "FCT"
-    elif f_old.shape[1] != f_new.shape[1]:
-        C.fail(f"old ({f_old.shape[1]}-d) and new ({f_new.shape[1]}-d) features differ: pass --align")
     return {"old": f_old, "new": f_new, "h": h, "sigma": sigma, "labels": labels, "name": name}
 
 
-def backfill(cfg: Config) -> dict:
-    """Reference points (old/old, new/new, new queries against the un-backfilled gallery), then one
-    backfilling curve per ordering, written to log.jsonl, curves.csv and a PNG per metric."""
+def backfill(cfg: BackfillConfig) -> dict:
+    """Evaluate backfilling: a retrieval curve per ordering (sigma, random, distance) and its area.
+
+    Reference points (old/old, new/new, new queries against the un-backfilled gallery), then one backfilling
+    curve per ordering, written to log.jsonl, curves.csv and a PNG per metric."""
     device = C.setup_distributed(cfg.device)[3]
+    check_flags(cfg)
     if not (cfg.old and cfg.new):
         C.fail("backfill needs --old and --new (and --align for a transformation)")
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     g = gallery_features(cfg, device)
     labels, log = g["labels"], C.RunLog(cfg.out)
     ok = labels >= 0
@@ -668,6 +762,7 @@ def backfill(cfg: Config) -> dict:
         order = backfill_order(kind, len(labels), g["sigma"], g["h"], g["new"], cfg.seed)
         curves[f"{g['name']} {kind}"] = backfill_curve(g["new"], g["h"], g["new"], labels, order, cfg.points)
     write_curves(curves, refs, cfg.out, log)
+    C.finish_run(cfg.out, extra=f"curves {os.path.join(cfg.out, 'curves.csv')}, plots {cfg.out}/backfill_*.png")
     return {"refs": refs, "curves": curves}
 
 
@@ -699,19 +794,22 @@ def write_curves(curves: dict, refs: dict, out: str, log):
 
 
 def demo(cfg: Config):
-    """Old model on the first half of the classes, new model on all, FastFill and FCT transformations,
-    then backfilling curves: FastFill in sigma / random / distance-oracle order and FCT in random order.
-    Finished stages in --out are reused, so an interrupted demo continues where it stopped."""
+    """The whole comparison on the synthetic world: what `python fastfill.py` with no command runs.
+
+    Old model on the first half of the classes, new model on all, FastFill and FCT transformations, then
+    backfilling curves: FastFill in sigma / random / distance-oracle order and FCT in random order. Finished
+    stages in --out are reused, so an interrupted demo continues where it stopped (--overwrite: starts over)."""
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     # 32-px images: crops below a third of the area would often cut the shape away
-    small = dict(epochs=cfg.epochs or 20, resume="auto", image_size=32, crop_scale=max(cfg.crop_scale, 0.35))
+    small = dict(epochs=cfg.epochs or 20, resume="" if cfg.overwrite else "auto", image_size=32,
+                 crop_scale=max(cfg.crop_scale, 0.35))
     sub = lambda name, **kw: dataclasses.replace(cfg, out=os.path.join(cfg.out, name), **{**small, **kw})
     n_old = len(C.SYNTH_SHAPES) // 2
     for name, stage, kw in (("old", "model", dict(classes=n_old)), ("new", "model", dict(classes=0)),
                             ("fastfill", "align", dict(loss="fastfill", epochs=cfg.epochs or 15)),
                             ("fct", "align", dict(loss="fct", epochs=cfg.epochs or 15))):
         c = sub(name, old=os.path.join(cfg.out, "old"), new=os.path.join(cfg.out, "new"), **kw)
-        done = (p := C.latest_checkpoint(c.out)) and C.load_checkpoint(p, "").get("final")
-        if not done:
+        if cfg.overwrite or not ((ck := C.load_checkpoint("auto", c.out)) and ck.get("final")):
             C.print0(f"---- {name} ({stage}) -> {c.out}")
             train(c, stage)
     curves, refs = {}, {}
@@ -722,17 +820,34 @@ def demo(cfg: Config):
         curves.update(r["curves"]), refs.update(r["refs"])
     C.print0("\n==== all settings ====")
     write_curves(curves, refs, cfg.out, C.RunLog(cfg.out))
+    C.finish_run(cfg.out, extra=f"curves {os.path.join(cfg.out, 'curves.csv')}, plots {cfg.out}/backfill_*.png, "
+                                f"stages {cfg.out}/{{old,new,fastfill,fct}}")
+
+
+def train_model(cfg: TrainModelConfig):
+    """Train an embedding model: the old one (--classes N), the new one, or a BCT one (--bct OLD).
+
+    torchvision's ResNet with FCT's D-dim embedding and bias-free classifier (or any torchvision classifier),
+    SGD with warm-up + cosine and label smoothing, resumable at any step (--resume auto, the default),
+    SIGTERM-safe (a checkpoint at the current step, exit 0), DDP under torchrun, bf16 on GPU."""
+    return train(cfg, "model")
+
+
+def train_align(cfg: AlignConfig):
+    """Train the transformation h from the old model's features to the new one's (FastFill, or --loss fct).
+
+    The old and new models stay frozen; Adam with warm-up + cosine, BN frozen for the second half; resumable
+    and SIGTERM-safe as train-model."""
+    check_flags(cfg)
+    if not (cfg.old and cfg.new):
+        C.fail("align needs --old and --new model checkpoints (fastfill.py train-model)")
+    return train(cfg, "align")
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"train-model": lambda c: train(c, "model"), "align": lambda c: train(c, "align"),
-                "backfill": backfill}
-    if argv[:1] and argv[0] in commands:
-        return commands[argv[0]](C.parse_config(Config, argv[1:]))
-    if argv[:1] and not argv[0].startswith("-"):
-        C.fail(f"unknown command '{argv[0]}'; choose train-model, align, backfill, or none (the synthetic demo)")
-    demo(C.parse_config(Config, argv))
+    """`fastfill.py [train-model|align|backfill|demo] [flags]`: flags alone run the demo."""
+    return C.run_command(__doc__, {"train-model": (train_model, TrainModelConfig), "align": (train_align, AlignConfig),
+                                   "backfill": (backfill, BackfillConfig), "demo": (demo, Config)}, argv, default="demo")
 
 
 if __name__ == "__main__":

@@ -236,13 +236,14 @@ def tiny(tmp_path_factory):
     at 32 px on 1,000 images with 6 epochs, sigma order did not beat random."""
     root = tmp_path_factory.mktemp("ff")
     train, val = FF.synthetic_folders(str(root / "cache"), 2000, 400, 16)
-    base = ["--data", train, "--val-data", val, "--image-size", "16", "--batch-size", "100", "--workers", "0",
-            "--log-every", "10", "--crop-scale", "1.0", "--warmup-epochs", "1", "--epochs", "12"]
+    steps = ["--data", train, "--batch-size", "100", "--workers", "0", "--log-every", "10", "--crop-scale", "1.0",
+             "--warmup-epochs", "1", "--epochs", "12"]  # the flags of both training commands
+    base = steps + ["--val-data", val, "--image-size", "16"]  # train-model's own (align: the new model's size)
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # module-scoped: runs before the one_thread fixture
     FF.main(["train-model", *base, "--lr", "0.1", "--classes", "5", "--out", str(root / "old")])
     FF.main(["train-model", *base, "--lr", "0.1", "--out", str(root / "new")])
-    FF.main(["align", *base, "--old", str(root / "old"), "--new", str(root / "new"), "--inner-dim", "256",
+    FF.main(["align", *steps, "--old", str(root / "old"), "--new", str(root / "new"), "--inner-dim", "256",
              "--out", str(root / "align")])
     torch.set_num_threads(n)
     stages = ["--data", val, "--workers", "0", *(f for s in ("old", "new", "align") for f in (f"--{s}", str(root / s)))]
@@ -314,3 +315,129 @@ def test_torchvision_backbone_by_name(capsys):
             FF.build_model(f"torchvision:{name}", 10, 32)
         err = capsys.readouterr().err
         assert msg in err and err.startswith("error:") and err.count("\n") == 1, err
+
+
+# ---- runs that survive a cluster, inputs that get one clear line, --help (issue 28) ----------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _folder(root, n, seed=0, junk=False):
+    """An ImageFolder of n noise PNGs in two classes (red-ish, blue-ish), or of files that are no image."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = os.path.join(root, "ab"[i % 2])
+        os.makedirs(d, exist_ok=True)
+        if junk:
+            open(os.path.join(d, f"{i}.png"), "wb").write(b"no image" if i % 2 else b"\xff\xd8\xff\xe0 cut")
+            continue
+        x = rng.integers(0, 150, (20, 20, 3))
+        x[..., 2 * (i % 2)] += 100
+        Image.fromarray(x.astype(np.uint8)).save(os.path.join(d, f"{i}.png"))
+    return str(root)
+
+
+def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "fastfill.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    for line in ("  train-model  Train an embedding model", "  align        Train the transformation h",
+                 "  backfill     Evaluate backfilling", "  demo         The whole comparison on the synthetic world"):
+        assert line in r.stdout, r.stdout
+    for cmd, own, other in (("train-model", "--bct ", "--mu-uncertainty"), ("align", "--mu-uncertainty", "--bct "),
+                            ("backfill", "--points", "--batch-size"), ("demo", "--points", "--no-such-flag")):
+        with pytest.raises(SystemExit) as e:
+            FF.main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and own in out and other not in out, cmd
+        assert out.count("--data DATA ") == 1 and "Traceback" not in out  # a shared flag once
+    with pytest.raises(SystemExit) as e:
+        FF.main(["backfill", "--help"])
+    out = capsys.readouterr().out  # the description: the command's docstring, its first paragraph only
+    assert "Evaluate backfilling: a retrieval curve per ordering" in out and "Reference points" not in out
+
+
+def _stage_file(path, **meta):
+    """A random resnet_tiny saved as a finished train-model checkpoint (8-d embedding, 2 classes, 16 px)."""
+    m = FF.build_model("resnet_tiny", 2, 8)
+    C.save_checkpoint(path, {"kind": "model", "model_name": "resnet_tiny", "classes": 2, "embed_dim": 8,
+                             "image_size": 16, "model": m.state_dict(), "final": True, **meta})
+    return path
+
+
+@pytest.mark.parametrize("case", ["batch-size", "epochs", "mu", "points", "model", "resume", "tar", "bct", "old",
+                                  "all-bad-train", "all-bad-backfill", "other-run", "other-run-auto"])
+def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
+    folder, junk, out = _folder(tmp_path / "data", 6), _folder(tmp_path / "junk", 4, junk=True), str(tmp_path / "out")
+    empty = str(tmp_path / "empty.pt")
+    open(empty, "wb").close()
+    tm = ["train-model", "--data", folder, "--workers", "0", "--image-size", "16", "--batch-size", "2", "--out", out]
+    stages = ["--old", _stage_file(str(tmp_path / "old.pt")), "--new", _stage_file(str(tmp_path / "new.pt"))]
+    al = ["align", "--data", folder, "--workers", "0", "--batch-size", "2", "--out", out] + stages
+    bf = ["backfill", "--data", junk, "--workers", "0", "--order", "random", "--out", out] + stages
+    argv, msg = {
+        "batch-size": (tm + ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        "epochs": (tm + ["--epochs", "-5"], "--epochs -5: must be >= 0"),
+        "mu": (al + ["--mu-uncertainty", "0"], "--mu-uncertainty 0.0: must be >= 1 and > 0"),
+        "points": (bf + ["--points", "1"], "points >= 2"),
+        "model": (tm + ["--model", "resnet_huge"], "unknown model 'resnet_huge'"),
+        "resume": (tm + ["--resume", empty], f"cannot read checkpoint {empty}: empty file"),
+        "tar": (tm + ["--data", str(tmp_path / "empty.tar")], "image folder not found"),
+        "bct": (tm + ["--bct", empty], f"cannot read checkpoint {empty}: empty file"),
+        "old": (al + ["--old", empty], f"cannot read checkpoint {empty}"),
+        "all-bad-train": (tm + ["--data", junk], "no readable image in epoch 1: all 4 failed to load; reasons in the "
+                                                 "first 4 tried: OSError 2, UnidentifiedImageError 2"),
+        "all-bad-backfill": (bf, "no readable image in " + junk + ": all 4 failed to load; reasons in"),
+        "other-run": (tm + ["--resume", ""], "holds another run's checkpoints (ckpt-7.pt"),
+        "other-run-auto": (tm, "holds a finished or different run"),
+    }[case]
+    open(tmp_path / "empty.tar", "wb").close()
+    if case.startswith("other-run"):
+        C.save_checkpoint(os.path.join(out, "ckpt-7.pt"), {"step": 7})
+    with pytest.raises(SystemExit) as e:
+        FF.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert [os.path.basename(p) for p in C.checkpoints(out)] == (["ckpt-7.pt"] if "other" in case else [])
+    assert not os.path.exists(os.path.join(out, "curves.csv"))
+
+
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import common as C, fastfill as FF
+log = C.RunLog.log
+def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
+    log(self, step, **m)
+    if step == {at} and "loss" in m:
+        os.killpg(0, signal.SIGTERM)
+C.RunLog.log = log_and_signal
+FF.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path):
+    """SIGTERM to every process of the job (a DataLoader worker included) at step 4: the worker ignores it, the
+    run saves ckpt-4.pt and exits 0; the next run (--resume auto, the default) logs the losses of a run never
+    stopped, and the log marks both starts."""
+    import json
+    import subprocess
+    import sys
+    argv = ["train-model", "--data", _folder(tmp_path / "data", 16), "--image-size", "16", "--batch-size", "4",
+            "--epochs", "3", "--log-every", "2", "--warmup-epochs", "1", "--lr", "0.1", "--workers", "1"]
+    script = tmp_path / "signal_at.py"
+    script.write_text(SIGNAL_AT.format(root=ROOT, at=4))
+    stopped = str(tmp_path / "stopped")
+    r = subprocess.run([sys.executable, str(script), *argv, "--out", stopped], capture_output=True, text=True,
+                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [os.path.basename(p) for p in C.checkpoints(stopped)] == ["ckpt-4.pt"]
+    assert "stopped by a signal at step 4" in r.stdout and "Traceback" not in r.stderr
+    FF.main(argv + ["--out", stopped, "--workers", "0"])
+    FF.main(argv + ["--out", str(tmp_path / "straight"), "--workers", "0"])
+    recs = {d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("stopped", "straight")}
+    losses = {d: [(x["step"], x["loss"]) for x in rs if "loss" in x] for d, rs in recs.items()}
+    assert losses["stopped"] == losses["straight"] and len(losses["straight"]) == 6
+    assert [x["config"]["resume"] for x in recs["stopped"] if x.get("event") == "start"] == ["auto", "auto"]
