@@ -1,25 +1,22 @@
 """Knowledge Transfer from Vision Foundation Models for Efficient Training of Small Task-specific Models
 (arXiv 2311.18237, ICML 2024, Vemulapalli, Pouransari, Faghri, Mehta, Farajtabar, Rastegari, Tuzel; Apple).
 
-A large vision foundation model (VFM) knows a lot, a small deployable model little, and the target task
-has only a few labels. Task-oriented knowledge transfer: (1) fine-tune the VFM with a task head on the few
-labels, (2) distil that teacher into the small model on a large *unlabelled* transfer set (KL between the
-teacher's and the student's softmax outputs, per image or per pixel), (3) fine-tune the small model on the
-labels. Without a large in-domain unlabelled set, the transfer set is *retrieved*: the labelled images are
-queries, a web-scale pool is searched by image-embedding cosine similarity, and the union of every query's
-neighbours is the transfer set.
+A large vision foundation model (VFM) knows a lot, a small deployable model little, and the target task has only a few
+labels. Task-oriented knowledge transfer: (1) fine-tune the VFM with a task head on the few labels, (2) distil that
+teacher into the small model on a large *unlabelled* transfer set (KL between the teacher's and the student's softmax
+outputs, per image or per pixel), (3) fine-tune the small model on the labels. Without a large in-domain unlabelled
+set, the transfer set is *retrieved*: the labelled images are queries, a web-scale pool is searched by image-embedding
+cosine similarity, and the union of every query's neighbours is the transfer set.
 
-What is here: `retrieve` (exact chunked top-k over a pool of tar shards, split over ranks and workers,
-de-duplicated union written as shards; `--random-size` draws the random-subset baseline instead), `teacher`,
-`distill` and `finetune` for classification and semantic segmentation; VFMs: this repo's CLIP ViTs and
-MCi towers (mobileclip.py checkpoints), OpenAI/OpenCLIP ViT state dicts, SAM-CLIP (samclip.py checkpoints);
-small models: MCi (mci0-4, mci_tiny) and torchvision architectures with a `.features` trunk (MobileNet,
-EfficientNet, MNASNet) by name; baselines: task-agnostic feature distillation (`--kd features`: contrastive
-on the pooled embedding, plus per-patch cosine for segmentation), fine-tuning from scratch, from CLIP
-pre-training (`--init` a mobileclip.py checkpoint) or ImageNet pre-training of a torchvision student
-(`--init imagenet`: torchvision downloads its weights; `--init imagenet=FILE`: its .pth, offline).
-Not here: DINOv2 teachers (not in torch/torchvision), DeepLabV3 heads (a light FPN-style conv head stands
-in), the paper's schedules (not public), multi-crop or strong augmentation recipes.
+What is here: `retrieve` (exact chunked top-k over pool shards, split over ranks and workers, the de-duplicated union
+written as shards; `--random-size`: the random-subset baseline), `teacher`, `distill` and `finetune`, for
+classification and semantic segmentation. VFMs: this repo's CLIP ViTs and MCi towers (mobileclip.py), OpenAI/OpenCLIP
+ViT state dicts, SAM-CLIP (samclip.py); small models: MCi (mci0-4, mci_tiny) and torchvision's `.features` models
+(MobileNet, EfficientNet, MNASNet) by name; baselines: task-agnostic feature distillation (`--kd features`: contrastive
+on the pooled embedding, plus per-patch cosine for segmentation), fine-tuning from scratch, from CLIP pre-training or
+from ImageNet weights (`--init imagenet`: downloaded by torchvision; `--init imagenet=FILE`: its .pth, offline). Not
+here: DINOv2 teachers (not in torch/torchvision), DeepLabV3 heads (a light FPN-style head stands in), the paper's
+schedules (not public), multi-crop or strong augmentation.
 
 Paper -> code:
   step 1, fine-tune the VFM with a task head           -> `teacher` (linear-probe warm-up, backbone at 0.1x lr)
@@ -42,23 +39,19 @@ Commands:
       --student torchvision:mobilenet_v3_large --num-classes 10 --steps 20000 --out runs/kd
   torchrun --nproc_per_node=8 transfer.py finetune --init runs/kd --data labelled/ --test test/ \\
       --student torchvision:mobilenet_v3_large --num-classes 10 --out runs/ft
-  # segmentation: the same with --task seg (masks as {key}.seg.png, 0 = background, 1..K the classes)
 
-Data: webdataset tar shards, {key}.jpg|png + {key}.json {"label": k} (classification) or {key}.seg.png
-(segmentation); a sample of another class (label >= --num-classes) is skipped, mask values above K count
-as background.
+Data: webdataset tar shards, {key}.jpg|png + {key}.json {"label": k} (classification) or {key}.seg.png (segmentation,
+--task seg: 0 = background, 1..K the classes, above K background); a sample of another class is skipped.
 
-Result (synthetic world, README.md "Knowledge transfer"; loaded 2-core CPU): 3 of the 10 shapes, 10 labels each,
-VFM mobileclip_tiny (800 steps), student mci_tiny, 40 neighbours per query (~1,100 images; the random set of the
-same size), top-1 on the task's 299 held-out images (chance 33.3%), students before step 3. A pool of the world
-alone (10,000 images of all ten shapes): retrieval doubles the in-task share (66% vs 32%), yet KD on it is no
-better than on a random set (57.5 / 61.9 vs 55.5 / 62.9, seeds 0 / 1): off-task shapes on the task's backgrounds
-still teach. `--pool-offdomain 0.8` (the same 10,000 plus 40,000 off-domain images, the task's shapes 6% of the
-pool, as in a web-scale pool): retrieved 60% in-task vs 5-7% at random; KD on the retrieved set 59.2 / 59.9 /
-61.9 (seeds 0-2) vs 45.5 / 40.5 / 40.5 on the random one, labels only 40.1 / 45.2 / 44.1: the paper's retrieval
-gain is shown (14-21 points, beyond the ~5-point seed spread); at 0.5 (seed 0) 57.2 vs 49.5. Step 3 on the 30
-labels lowers every distilled student (retrieved 52.5 / 52.5 / 50.8, random 39.1 / 41.5 / 44.8), so the demo
-also reports the student before step 3. Feature KD + step 3: 51.5 / 45.8; CLIP pre-training + fine-tune 57.9.
+Result (synthetic world, README.md "Knowledge transfer"; loaded 2-core CPU): 3 of the 10 shapes, 10 labels each, VFM
+mobileclip_tiny (800 steps), student mci_tiny, 40 neighbours per query (~1,100 images; the random set as large), top-1
+on 299 held-out images (chance 33.3%), students before step 3. With `--pool-offdomain 0.8` (10,000 world + 40,000
+off-domain images: the task's shapes 6% of the pool, as in a web-scale pool) 60% of the retrieved set is in-task vs
+5-7% of a random one; KD on it 59.2 / 59.9 / 61.9 (seeds 0-2) vs 45.5 / 40.5 / 40.5 (random set), 40.1 / 45.2 / 44.1
+(labels only): the paper's retrieval gain, 14-21 points, beyond the ~5-point seed spread (0.5, seed 0: 57.2 vs 49.5).
+The world alone as the pool: retrieval doubles the in-task share (66% vs 32%), yet KD is no better than on a random
+set (57.5 / 61.9 vs 55.5 / 62.9, seeds 0 / 1). Step 3 lowers every distilled student (retrieved 52.5 / 52.5 / 50.8,
+random 39.1 / 41.5 / 44.8). Feature KD + step 3: 51.5 / 45.8; CLIP pre-training + fine-tune 57.9.
 """
 from __future__ import annotations
 
@@ -79,6 +72,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -87,79 +81,105 @@ import common as C
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# One dataclass per command (its --help lists its own flags only); the demo's `Config` has them all: it runs them all.
 @dataclass
-class Config:
+class Shared:
+    out: str = "runs/transfer"  # run directory: config.json, log.jsonl, checkpoints (retrieve: the shards)
+    image_size: int = 0  # data resolution; 0 = 224 (the synthetic world: 64)
+    batch_size: int = 64  # per process
+    seed: int = 0  # model init, data order, augmentation
+    workers: int = 2  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cuda | cpu
+
+
+@dataclass
+class RetrieveConfig(Shared):
+    queries: str = ""  # the labelled target images (shards): the queries
+    pool: str = ""  # the unlabelled pool (shards), e.g. DataComp
+    encoder: str = ""  # the frozen image encoder (same kinds as --foundation)
+    act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT (quick_gelu for OpenAI's weights)
+    per_query: int = 100  # neighbours per query (balanced: every query gets the same number)
+    random_size: int = 0  # instead draw this many pool images uniformly at random (the baseline)
+    chunk: int = 8192  # pool embeddings scored per matrix product
+    exclude_queries: bool = True  # skip pool samples whose key is a query's
+    shard_size: int = 5000  # samples per written shard
+
+
+@dataclass
+class TrainConfig(Shared):
     task: str = "cls"  # cls (image classification) | seg (semantic segmentation)
     num_classes: int = 10  # classes of the target task: labels 0..K-1 (seg: mask values 1..K, 0 = background)
     data: str = ""  # teacher/finetune: the labelled target shards; distill: the transfer set (labels unused)
     test: str = ""  # held-out labelled shards for top-1 / mIoU at the end; empty = no evaluation
-    out: str = "runs/transfer"  # run directory: config.json, log.jsonl, checkpoints (retrieve: the shards)
-    foundation: str = ""  # teacher, distill --kd features: the VFM (mobileclip.py / samclip.py run, OpenCLIP ViT)
-    act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
-    teacher: str = ""  # distill --kd task: the fine-tuned teacher (a `teacher` run directory or checkpoint)
-    student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
-    init: str = ""  # finetune: '' (scratch) | a distill run/ckpt | a mobileclip.py ckpt (CLIP) | imagenet[=FILE.pth]
-    kd: str = "task"  # distill: task (KL on the teacher's outputs) | features (task-agnostic, the frozen VFM)
-    temperature: float = 1.0  # KD temperature T; the loss is multiplied by T^2
-    image_size: int = 0  # data resolution; 0 = 224 (the synthetic world: 64)
     steps: int = 0  # 0 = the stage's default (the CPU demo's): teacher 150, distill 400, finetune 150
-    batch_size: int = 64  # per process
     lr: float = 0.0  # peak AdamW lr; 0 = the stage's default: teacher 1e-3, distill 2e-3, finetune 2e-3
-    backbone_lr_mult: float = 0.1  # teacher: the VFM backbone's lr relative to the head's
-    probe_steps: int = 50  # teacher: steps with the backbone frozen (linear-probe warm-up) before the full fine-tune
     weight_decay: float = 0.05  # decoupled weight decay (not on norms, biases, embeddings)
     warmup: int = 50  # linear warm-up steps, then cosine to zero
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     crop_scale: float = 0.5  # smallest area fraction of the random resized crop (teacher, student: the same view)
-    seed: int = 0  # model init, data order, augmentation
-    workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
-    device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 50  # steps between log lines
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     keep_ckpts: int = 2  # newest checkpoints kept
-    resume: str = "auto"  # 'auto' = the latest checkpoint in --out (fresh if none), '' = fresh, or a path
-    # retrieve
-    queries: str = ""  # retrieve: the labelled target images (shards): the queries
-    pool: str = ""  # retrieve: the unlabelled pool (shards), e.g. DataComp
-    encoder: str = ""  # retrieve: the frozen image encoder (same kinds as --foundation)
-    per_query: int = 100  # retrieve: neighbours per query (balanced: every query gets the same number)
-    random_size: int = 0  # retrieve: instead draw this many pool images uniformly at random (the baseline)
-    chunk: int = 8192  # retrieve: pool embeddings scored per matrix product
-    exclude_queries: bool = True  # retrieve: skip pool samples whose key is a query's
-    shard_size: int = 5000  # retrieve: samples per written shard
-    # the synthetic demo (no command)
+    resume: str = "auto"  # 'auto' = the newest readable checkpoint in --out (fresh if none), '' = fresh, or a path
+    overwrite: bool = False  # start over in an --out holding another run's checkpoints (they move to OUT/previous-N/)
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    foundation: str = ""  # the VFM to fine-tune (mobileclip.py / samclip.py run or checkpoint, OpenCLIP ViT)
+    act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
+    backbone_lr_mult: float = 0.1  # the VFM backbone's lr relative to the head's
+    probe_steps: int = 50  # steps with the backbone frozen (linear-probe warm-up) before the full fine-tune
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
+    kd: str = "task"  # task (KL on the teacher's outputs) | features (task-agnostic, the frozen VFM)
+    teacher: str = ""  # --kd task: the fine-tuned teacher (a `teacher` run directory or checkpoint)
+    temperature: float = 1.0  # KD temperature T; the loss is multiplied by T^2
+    foundation: str = ""  # --kd features: the frozen VFM whose features are distilled
+    act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
+    init: str = ""  # '' (scratch) | a distill run/ckpt | a mobileclip.py ckpt (CLIP) | imagenet[=FILE.pth]
+
+
+@dataclass
+class Config(RetrieveConfig, TeacherConfig, DistillConfig, FinetuneConfig):
+    foundation: str = ""  # the VFM (mobileclip.py / samclip.py run, OpenCLIP ViT); empty = a tiny CLIP trained first
+    init: str = ""  # a mobileclip.py mobileclip_tiny run: adds the CLIP pre-training + fine-tune arm
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
     synthetic_train: int = 40000  # synthetic training images: the pool (and the CLIP's pre-training set)
     synthetic_val: int = 1000  # synthetic held-out images: the test set
-    shots: int = 10  # demo: labelled images per class
-    demo_classes: int = 3  # demo: the task's classes (the pool holds all 10 shapes: random sets are mostly off-task)
-    pool_shards: int = 0  # demo: the first N training shards form the pool; 0 = all
-    pool_offdomain: float = 0.0  # demo: this fraction of the pool is off-domain clutter images (web-like); 0 = none
-    clip_steps: int = 800  # demo without --foundation: steps of the tiny CLIP trained as the VFM
+    shots: int = 10  # labelled images per class
+    demo_classes: int = 3  # the task's classes (the pool holds all 10 shapes: random sets are mostly off-task)
+    pool_shards: int = 0  # the first N training shards form the pool; 0 = all
+    pool_offdomain: float = 0.0  # this fraction of the pool is off-domain clutter images (web-like); 0 = none
+    clip_steps: int = 800  # without --foundation: steps of the tiny CLIP trained as the VFM
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Models: the VFM (teacher backbone), the small target models, task heads
-# ----------------------------------------------------------------------------------------------------
-# Every model takes the same uint8 view (B, 3, S, S) and normalises (and for a VFM, resizes) it itself, so
-# the teacher and the student see the same augmented pixels (spec 6) whatever their input conventions.
-# A backbone returns (pooled (B, D), [feature maps (B, C_i, h_i, w_i), finest first]).
+# ---- 1. Models: the VFM (teacher backbone), the small target models, task heads --------------------------------------
+# Every model takes the same uint8 view (B, 3, S, S) and normalises (and for a VFM, resizes) it itself, so the teacher
+# and the student see the same augmented pixels (spec 6) whatever their input conventions. A backbone returns (pooled
+# (B, D), [feature maps (B, C_i, h_i, w_i), finest first]).
 
 
 def to_input(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """uint8 (B, 3, s, s) -> float at size x size, normalised."""
-    x = x.float()
     if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
-    return C.normalize_images(x, mean, std)
+        x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).clamp(0, 255)
+    return C.normalize_images(x, mean, std)  # -> float
 
 
 class Foundation(nn.Module):
-    """A VFM image encoder. kind 'vit': common.ViT (pooled = the CLIP embedding, map = the patch grid);
-    'sam': SAM-CLIP (pooled = its CLIP head, map = the encoder tokens before the neck); 'mci': an MCi tower
-    of a MobileCLIP (pooled = its embedding, map = the last stage)."""
+    """A VFM image encoder. kind 'vit': common.ViT (pooled = the CLIP embedding, map = the patch grid); 'sam':
+    SAM-CLIP (its CLIP head, the encoder tokens before the neck); 'mci': a MobileCLIP's MCi (embedding, last stage)."""
 
     def __init__(self, encoder: nn.Module, kind: str, size: int, mean, std):
         super().__init__()
@@ -198,24 +218,28 @@ def mci_stages(mci: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return maps
 
 
-def read_checkpoint(path: str) -> dict:
-    """A checkpoint file or run directory (its latest ckpt-*.pt) -> the loaded dict."""
+def read_checkpoint(path: str, flag: str) -> dict:
+    """A checkpoint file, or a run directory's newest checkpoint that reads (common.load_checkpoint names each one
+    skipped); a missing, empty or unreadable file stops with one line naming `flag`."""
+    if not path:
+        C.fail(f"{flag} is needed (a checkpoint or run directory)")
     if os.path.isdir(path):
-        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
-    ck = C.load_checkpoint(path, "") if path else None
-    if not isinstance(ck, dict):
-        C.fail(f"{path or '(empty path)'}: not a checkpoint")
-    return ck
+        return C.load_checkpoint("auto", path) or C.fail(f"{flag} {path}: no ckpt-*.pt in that directory")
+    try:
+        return C.read_checkpoint(path)
+    except (ValueError, OSError) as e:  # a missing file: OSError
+        C.fail(f"{flag}{'' if flag.endswith('=') else ' '}{path}: " +
+               (f"cannot read it ({e})" if os.path.isfile(path) else "file not found"))
 
 
-def load_foundation(path: str, act: str = "gelu") -> Foundation:
+def load_foundation(path: str, act: str = "gelu", flag: str = "--foundation") -> Foundation:
     """A VFM from a mobileclip.py checkpoint (CLIP ViT or MobileCLIP), a samclip.py SAM-CLIP checkpoint,
     or an OpenAI/OpenCLIP ViT state dict; only its image side is kept."""
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, flag)
     sd = ck.get("model") if isinstance(ck.get("model"), dict) else ck
     if any(k.startswith("image_encoder.") for k in sd):  # SAM-CLIP
         import samclip
-        sam = samclip.load_sam(C.latest_checkpoint(path) if os.path.isdir(path) else path, with_clip_head=True)
+        sam = samclip.load_sam(path, with_clip_head=True, ck=ck)
         del sam.prompt_encoder, sam.mask_decoder, sam.image_encoder.neck  # the CLIP branch only
         norm = [m / 255 for m in samclip.SAM_MEAN], [s / 255 for s in samclip.SAM_STD]
         return Foundation(sam, "sam", sam.image_encoder.img_size, *norm)
@@ -223,15 +247,15 @@ def load_foundation(path: str, act: str = "gelu") -> Foundation:
         import mobileclip as MC
         clip = MC.build_model(MC.Config(model=ck["model_name"], act=ck.get("config", {}).get("act", "gelu")),
                               ck["vocab_size"])
-        C.load_state_dict_checked(clip, ck["model"], f"foundation {path}")
+        C.load_state_dict_checked(clip, ck["model"], f"{flag} {path}")
         spec, v = MC.model_spec(ck["model_name"]), clip.visual
         kind = "vit" if isinstance(v, C.ViT) else "mci" if isinstance(v, MC.MCi) else None
         if kind is None:
-            C.fail(f"{path}: the image tower of {ck['model_name']} is not supported as a VFM here (ViT or MCi)")
+            C.fail(f"{flag} {path}: the image tower of {ck['model_name']} is not supported as a VFM (ViT or MCi)")
         return Foundation(v, kind, spec["image_size"], spec["mean"], spec["std"])
     sd = C.unwrap_state_dict(sd)
     if not any(k.startswith("visual.") for k in sd):
-        C.fail(f"{path} is neither a mobileclip.py / samclip.py checkpoint nor an OpenAI/OpenCLIP state dict")
+        C.fail(f"{flag} {path} is neither a mobileclip.py / samclip.py checkpoint nor an OpenAI/OpenCLIP state dict")
     v = C.clip_from_openclip(sd, act=act).visual
     return Foundation(v, "vit", v.image_size, C.CLIP_MEAN, C.CLIP_STD)
 
@@ -247,8 +271,7 @@ class MCiBackbone(nn.Module):
         self.mci = MC.MCi(**MC._MCI[name], embed_dim=1)
         self.mci.head = None  # the CLIP projection is not part of a task model
         MC.init_weights(self.mci)
-        v1 = MC.MOBILECLIP_MODELS["mobileclip_s0"]  # MobileCLIP v1's input convention: no normalisation
-        self.mean, self.std = v1["mean"], v1["std"]
+        self.mean, self.std = (MC.MOBILECLIP_MODELS["mobileclip_s0"][k] for k in ("mean", "std"))  # v1's: none
 
     def forward(self, x):
         maps = mci_stages(self.mci, to_input(x, x.shape[-1], self.mean, self.std))
@@ -256,23 +279,23 @@ class MCiBackbone(nn.Module):
 
 
 class TorchvisionBackbone(nn.Module):
-    """A torchvision classifier's `.features` trunk; the maps are the last of each resolution. weights: None
-    (random init), "DEFAULT" (torchvision's ImageNet weights, downloaded once) or a torchvision state-dict file
-    of the whole classifier (e.g. mobilenet_v3_large-8738ca79.pth), loaded strictly."""
+    """A torchvision classifier's `.features` trunk; the maps are the last of each resolution. weights: None (random),
+    "DEFAULT" (torchvision's ImageNet weights) or a .pth of the whole classifier (mobilenet_v3_large-8738ca79.pth)."""
 
     def __init__(self, name: str, weights: str | None = None):
         super().__init__()
         if name not in (zoo := torchvision.models.list_models(module=torchvision.models)):  # classifiers only
             C.fail(f"torchvision has no classifier '{name}'; e.g. {', '.join(n for n in zoo if 'mobilenet' in n)}")
-        m = torchvision.models.get_model(name, weights="DEFAULT" if weights == "DEFAULT" else None)
+        try:  # "DEFAULT": torchvision's ImageNet weights, downloaded once into TORCH_HOME
+            m = torchvision.models.get_model(name, weights="DEFAULT" if weights == "DEFAULT" else None)
+        except Exception as e:  # offline, a proxy, a corrupt cached file
+            C.fail(f"--init imagenet: torchvision could not fetch the {name} weights ({type(e).__name__}: "
+                   f"{str(e)[:150]}); download them and pass --init imagenet=FILE")
         if not hasattr(m, "features"):
             C.fail(f"torchvision:{name} has no `.features` trunk; use a MobileNet, EfficientNet or MNASNet")
-        if weights not in (None, "DEFAULT"):
-            if not os.path.isfile(weights):
-                C.fail(f"--init imagenet={weights}: file not found (a torchvision .pth of {name})")
-            # strict, but BN step counters (unused) that files saved before torch 0.4.1 lack come from the model
+        if weights not in (None, "DEFAULT"):  # strict; BN step counters (unused) missing from old files: the model's
             own = {k: v for k, v in m.state_dict().items() if k.endswith("num_batches_tracked")}
-            sd = {**own, **C.unwrap_state_dict(read_checkpoint(weights))}
+            sd = {**own, **C.unwrap_state_dict(read_checkpoint(weights, "--init imagenet="))}
             C.load_state_dict_checked(m, sd, f"--init imagenet={weights} (torchvision:{name})")
         self.features, self.mean, self.std = m.features, IMAGENET_MEAN, IMAGENET_STD
 
@@ -322,8 +345,7 @@ class TaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, task: str, num_classes: int):
         super().__init__()
-        self.backbone, self.task = backbone, task
-        pooled, maps = output_dims(backbone)
+        self.backbone, self.task, (pooled, maps) = backbone, task, output_dims(backbone)
         self.head = nn.Linear(pooled, num_classes) if task == "cls" else SegHead(maps, num_classes + 1)
 
     def forward(self, x):
@@ -337,8 +359,7 @@ class FeatureDistiller(nn.Module):
 
     def __init__(self, backbone: nn.Module, vfm_dims, task: str):
         super().__init__()
-        self.backbone = backbone
-        pooled, maps = output_dims(backbone)
+        self.backbone, (pooled, maps) = backbone, output_dims(backbone)
         self.proj = nn.Linear(pooled, vfm_dims[0])
         self.proj_dense = nn.Conv2d(maps[0], vfm_dims[1][0], 1) if task == "seg" else None
 
@@ -347,19 +368,16 @@ class FeatureDistiller(nn.Module):
         return self.proj(pooled), (self.proj_dense(maps[0]) if self.proj_dense is not None else None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Losses: KD on the teacher's outputs (step 2), task-agnostic feature distillation, the task loss
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. Losses: KD on the teacher's outputs (step 2), task-agnostic feature distillation, the task loss --------------
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """KL(p_teacher || p_student) of the softmax at temperature T over dim 1, times T^2 (Hinton et al. 2015,
-    so the gradient scale does not depend on T), averaged over images, or over images and pixels for
-    (B, K, h, w) maps; the student's map is first resized (bilinear) to the teacher's grid. fp32."""
+    """KL(p_teacher || p_student) of the softmax at temperature T over dim 1, times T^2 (Hinton et al. 2015, so the
+    gradient scale does not depend on T), averaged over images, or over images and pixels for (B, K, h, w) maps; the
+    student's map is first resized (bilinear) to the teacher's grid. fp32."""
     if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
         student = F.interpolate(student.float(), size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-    log_ps = F.log_softmax(student.float() / T, dim=1)
-    log_pt = F.log_softmax(teacher.float() / T, dim=1)
+    log_ps, log_pt = F.log_softmax(student.float() / T, dim=1), F.log_softmax(teacher.float() / T, dim=1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * T * T
 
 
@@ -367,23 +385,18 @@ def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, T: float = 1
     """The same, one image (and one pixel) at a time in plain Python: sum_k p_k (log p_k - log q_k)."""
     if student.dim() == 2:
         student, teacher = student[:, :, None, None], teacher[:, :, None, None]
-    total, n = 0.0, 0
-    for b in range(student.shape[0]):
-        for i in range(student.shape[2]):
-            for j in range(student.shape[3]):
-                s = [float(v) / T for v in student[b, :, i, j]]
-                t = [float(v) / T for v in teacher[b, :, i, j]]
-                ls, lt = math.log(sum(math.exp(v) for v in s)), math.log(sum(math.exp(v) for v in t))
-                total += sum(math.exp(tk - lt) * ((tk - lt) - (sk - ls)) for sk, tk in zip(s, t))
-                n += 1
-    return total / n * T * T
+    terms = []
+    for b, i, j in itertools.product(range(student.shape[0]), range(student.shape[2]), range(student.shape[3])):
+        s, t = [float(v) / T for v in student[b, :, i, j]], [float(v) / T for v in teacher[b, :, i, j]]
+        ls, lt = math.log(sum(math.exp(v) for v in s)), math.log(sum(math.exp(v) for v in t))
+        terms.append(sum(math.exp(tk - lt) * ((tk - lt) - (sk - ls)) for sk, tk in zip(s, t)))
+    return sum(terms) / len(terms) * T * T
 
 
 def feature_kd_loss(s_pooled, t_pooled, s_map=None, t_map=None, tau: float = 0.07) -> torch.Tensor:
-    """Task-agnostic distillation of the frozen VFM (the baseline; a reviewer reports a contrastive
-    feature-matching loss): CLIP's InfoNCE between the student's projected and the VFM's pooled features
-    over the global batch (fixed temperature, a design choice), plus for segmentation 1 - cosine on every
-    position of the VFM's patch grid (the student's projected finest map resized to it)."""
+    """Task-agnostic distillation of the frozen VFM (the baseline; a reviewer reports a contrastive feature-matching
+    loss): CLIP's InfoNCE between the student's projected and the VFM's pooled features over the global batch (fixed
+    temperature, a design choice), plus for segmentation 1 - cosine on every position of the VFM's patch grid."""
     scale = torch.tensor(1.0 / tau, device=s_pooled.device)
     loss = C.contrastive_loss(F.normalize(s_pooled.float(), dim=-1), F.normalize(t_pooled.float(), dim=-1), scale)
     if s_map is not None:
@@ -399,9 +412,7 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Evaluation: top-1 and mIoU from one confusion matrix
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. Evaluation: top-1 and mIoU from one confusion matrix ---------------------------------------------------------
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
@@ -435,39 +446,36 @@ def evaluate(model: nn.Module, cfg: Config, device) -> dict:
     if dist.is_initialized():
         dist.all_reduce(conf)
     model.train(was)
-    total = int(conf.sum())
-    acc = 100 * conf.diag().sum().item() / max(1, total)
+    total, acc = int(conf.sum()), 100 * conf.diag().sum().item() / max(1, int(conf.sum()))
     return {"top1": acc, "test_images": total} if cfg.task == "cls" else {"miou": miou(conf), "pixel_acc": acc}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Data: labelled target shards, the transfer set, the same augmented view for teacher and student
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. Data: labelled target shards, the transfer set, the same augmented view for teacher and student --------------
 
 
-def shards(spec: str) -> list[str]:
+def shards(spec: str, flag: str = "--data") -> list[str]:
+    """The shards of `spec`, or one line: a missing path, or only empty (0-byte) files."""
     try:
-        return C.expand_shards(spec)
+        paths = C.expand_shards(spec)
     except FileNotFoundError as e:
-        C.fail(str(e))
-
-
-def data_size(cfg: Config) -> int:
-    return cfg.image_size or 224
+        C.fail(f"{flag}: {e}")
+    if all(os.path.isfile(p) and os.path.getsize(p) == 0 for p in paths):
+        C.fail(f"{flag} {spec}: {'its' if len(paths) == 1 else f'all {len(paths)}'} shard file(s) empty (0 bytes)")
+    return paths
 
 
 class Decode:
-    """Sample -> {"image": uint8 (3, S, S), "label": class (cls), "mask": (S, S) int64 (seg)}. Train: a
-    random resized crop and a horizontal flip seeded by (seed, epoch, key), the mask cropped alike (nearest);
-    eval: centre crop. `labels=False` (the transfer set) reads the image only. A labelled sample of another
-    class is rejected (ShardStream counts it); mask values above K become background."""
+    """Sample -> {"image": uint8 (3, S, S), "label": class (cls), "mask": (S, S) int64 (seg)}. Train: OpenCLIP's random
+    resized crop on the torchvision-decoded tensor and a horizontal flip, seeded by (seed, epoch, key), the mask alike
+    (nearest); eval: OpenCLIP's eval transform (shorter side to S, centre crop), the mask alike. `labels=False` (the
+    transfer set) reads the image only. A sample of another class raises (ShardStream counts it)."""
 
-    def __init__(self, cfg: Config, train: bool, labels: bool = True):
-        self.size, self.task, self.K, self.train, self.labels = data_size(cfg), cfg.task, cfg.num_classes, train, labels
-        self.seed, self.scale = cfg.seed, (cfg.crop_scale, 1.0)
+    def __init__(self, cfg, train: bool, labels: bool = True):
+        self.size, self.task, self.K, self.seed = cfg.image_size or 224, cfg.task, cfg.num_classes, cfg.seed
+        self.train, self.labels, self.scale = train, labels, (cfg.crop_scale, 1.0)
 
     def __call__(self, sample: dict) -> dict:
-        img, out = C.decode_image(sample), {}
+        out, S = {}, self.size
         if self.labels and "json" in sample:
             label = int(json.loads(sample["json"])["label"])
             if not 0 <= label < self.K:
@@ -475,27 +483,29 @@ class Decode:
             out["label"] = torch.tensor(label)
         elif self.labels and self.task == "cls":
             raise KeyError("no json label")
-        rng = C.sample_rng(self.seed, sample)
-        box = C.random_resized_crop_box(*img.size, rng, self.scale) if self.train else C.center_crop_box(*img.size)
-        flip = self.train and rng.random() < 0.5
-        x = C.image_to_uint8(img, self.size, box)
+        if self.train:
+            img, rng = C.decode_image_tensor(sample), C.sample_rng(self.seed, sample)
+            box = C.random_resized_crop_box(*C.image_wh(img), rng, self.scale)
+            flip, x = rng.random() < 0.5, C.image_to_uint8(img, S, box)
+        else:
+            box, flip, x = None, False, C.eval_transform(C.decode_image(sample), S)
         out["image"] = x.flip(-1) if flip else x
-        if self.labels and self.task == "seg":
-            m = Image.open(io.BytesIO(sample["seg.png"])).resize((self.size, self.size), Image.NEAREST, box=box)
+        if self.labels and self.task == "seg":  # the mask through the image's crop and resize, nearest
+            m = Image.open(io.BytesIO(sample["seg.png"]))
+            m = (m.resize((S, S), Image.NEAREST, box=box) if box else
+                 TF.center_crop(TF.resize(m, S, interpolation=TF.InterpolationMode.NEAREST), [S, S]))
             m = torch.from_numpy(np.asarray(m, dtype=np.int64).copy())
             m[m > self.K] = 0
             out["mask"] = m.flip(-1) if flip else m
         return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Retrieval of the transfer set (Sec. 5 "retrieval-augmented transfer"; spec 3)
-# ----------------------------------------------------------------------------------------------------
-# Queries (the labelled images) and the pool are embedded by the same frozen encoder and L2-normalised.
-# Each rank streams its share of the pool, keeping only a running (Q, k) top-k per query, merged chunk by
-# chunk (exact: the k best of a union are among the k best of each part). The ranks' lists are then
-# gathered and merged the same way. A pool sample is named by (shard index, position in its shard), so the
-# pool is never held in memory, not even its keys; a second pass copies the chosen samples into new shards.
+# ---- 5. Retrieval of the transfer set (Sec. 5 "retrieval-augmented transfer"; spec 3) --------------------------------
+# Queries (the labelled images) and the pool are embedded by the same frozen encoder and L2-normalised. Each rank
+# streams its share of the pool, keeping only a running (Q, k) top-k per query, merged chunk by chunk (exact: the k
+# best of a union are among the k best of each part). The ranks' lists are then gathered and merged the same way. A
+# pool sample is named by (shard index, position in its shard), so the pool is never held in memory, not even its
+# keys; a second pass copies the chosen samples into new shards.
 
 
 def merge_topk(scores, ids, new_scores, new_ids, k: int):
@@ -536,9 +546,8 @@ class PoolImages(torch.utils.data.IterableDataset):
                     continue
                 out = {"id": si << 32 | pos, "key": s["__key__"]}
                 if self.images:
-                    try:
-                        img = C.decode_image(s)
-                        out["image"] = C.image_to_uint8(img, self.size, C.center_crop_box(*img.size))
+                    try:  # OpenCLIP's eval transform
+                        out["image"] = C.eval_transform(C.decode_image(s), self.size)
                     except Exception:
                         out["image"], out["id"] = torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
                 yield out
@@ -548,9 +557,8 @@ def embed_chunks(encoder, loader, device, chunk: int, stats: dict):
     """(normalised embeddings, ids) of about `chunk` pool images at a time."""
     embs, ids, n = [], [], 0
     for batch in loader:
-        idx = batch["id"]
-        stats["unreadable"] = stats.get("unreadable", 0) + int((idx < 0).sum())
-        keep = idx >= 0
+        keep = (idx := batch["id"]) >= 0
+        stats["unreadable"] = stats.get("unreadable", 0) + int((~keep).sum())
         embs.append(F.normalize(encoder(batch["image"][keep].to(device))[0].float(), dim=-1))
         ids.append(idx[keep])
         n += int(keep.sum())
@@ -570,35 +578,46 @@ def random_chunks(loader, seed: int, chunk: int):
         yield u[:, None], idx  # (n, 1) "embeddings" against the one query [1]
 
 
-def retrieve(cfg: Config) -> dict:
-    """The transfer set: every query's `per_query` nearest pool images (cosine, the frozen --encoder), their
-    de-duplicated union written to --out as shards, with retrieval.json (counts, seconds). Under torchrun
-    every rank embeds its share of the pool; the pool should have many more shards than ranks x workers."""
+def until_stopped(items, stop: C.StopSignal, what: str):
+    """`items` until a stop signal (SIGTERM, Ctrl-C), then one line and exit 0 (a pass that keeps nothing)."""
+    for x in items:
+        if stop.requested:
+            C.print0(f"{what}: stopped by a signal; nothing is kept, run it again")
+            raise SystemExit(0)
+        yield x
+
+
+def retrieve(cfg: RetrieveConfig) -> dict:
+    """Retrieve the transfer set: the pool images nearest to the labelled queries (or a random subset).
+    Every query's `per_query` nearest pool images (cosine, the frozen --encoder), their de-duplicated union written to
+    --out as shards, with retrieval.json. Under torchrun every rank embeds its share of the pool (use many shards)."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if not cfg.pool:
-        C.fail("retrieve needs --pool (shards of unlabelled images)")
-    if not cfg.random_size and not (cfg.queries and cfg.encoder):
-        C.fail("retrieve needs --queries and --encoder (or --random-size N for a random transfer set)")
-    pool, size, q_keys, queries = shards(cfg.pool), data_size(cfg), set(), None
+    if not cfg.pool or not (cfg.random_size or cfg.queries and cfg.encoder):
+        C.fail("retrieve needs --pool (unlabelled shards) and --queries and --encoder, or --random-size N")
+    if os.path.exists(os.path.join(cfg.out, "retrieval.json")):
+        C.fail(f"{cfg.out} holds a finished transfer set (retrieval.json); choose another --out")
+    pool, size, q_keys, queries = shards(cfg.pool, "--pool"), cfg.image_size or 224, set(), None
     if cfg.queries:  # when the pool holds the labelled images too (the demo), they are not retrieved again
-        q_keys = {s["__key__"] for p in shards(cfg.queries) for s in C.iter_tar_samples(p, {})}
-    t0 = time.time()
+        q_keys = {s["__key__"] for p in shards(cfg.queries, "--queries") for s in C.iter_tar_samples(p, {})}
+        q_keys or C.fail(f"--queries {cfg.queries}: no sample in its shards")
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    t0, stop, k, stats = time.time(), C.StopSignal(), cfg.random_size or cfg.per_query, {}
+    images = PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else (), images=not cfg.random_size)
+    loader = torch.utils.data.DataLoader(images, 4096 if cfg.random_size else cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=C.ignore_stop_signals)  # workers leave signals to this process
+    batches = until_stopped(loader, stop, "retrieve")
     if cfg.random_size:
-        loader = torch.utils.data.DataLoader(PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else (),
-                                                        images=False), batch_size=4096, num_workers=cfg.workers)
-        scores, ids = nearest_neighbours(torch.ones(1, 1), random_chunks(loader, cfg.seed, cfg.chunk), cfg.random_size)
-        k, stats = cfg.random_size, {}
+        scores, ids = nearest_neighbours(torch.ones(1, 1), random_chunks(batches, cfg.seed, cfg.chunk), k)
     else:
-        encoder = load_foundation(cfg.encoder, cfg.act).to(device).eval().requires_grad_(False)
-        # the queries are few (the labelled set): every rank embeds all of them, centre crop like the pool
+        encoder = load_foundation(cfg.encoder, cfg.act, "--encoder").to(device).eval().requires_grad_(False)
+        # the queries are few (the labelled set): every rank embeds all of them, eval transform like the pool
         qs = torch.utils.data.DataLoader(PoolImages(shards(cfg.queries), size, 0, 1), batch_size=cfg.batch_size)
-        queries = torch.cat([F.normalize(encoder(b["image"].to(device))[0].float(), dim=-1) for b in qs])  # (Q, E)
-        loader = torch.utils.data.DataLoader(PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else ()),
-                                             batch_size=cfg.batch_size, num_workers=cfg.workers)
-        k, stats = cfg.per_query, {}
+        queries = torch.cat([F.normalize(encoder(b["image"][b["id"] >= 0].to(device))[0].float(), dim=-1)
+                             for b in qs])  # (Q, E)
+        len(queries) or C.fail(f"--queries {cfg.queries}: no image in its shards decodes")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores, ids = nearest_neighbours(queries, C.progress(embed_chunks(encoder, loader, device, cfg.chunk,
-                                                                              stats), "retrieve"), k)
+            chunks = embed_chunks(encoder, batches, device, cfg.chunk, stats)
+            scores, ids = nearest_neighbours(queries, C.progress(chunks, "retrieve"), k)
     # ---- merge the ranks' lists (each padded to k columns) ----------------------------------------------
     if world > 1:
         pad = k - scores.shape[1]
@@ -608,14 +627,21 @@ def retrieve(cfg: Config) -> dict:
         dist.all_gather(all_s, scores)
         dist.all_gather(all_i, ids)
         scores, ids = merge_topk(scores[:, :0], ids[:, :0], torch.cat(all_s, 1), torch.cat(all_i, 1), k)
-    # Balanced retrieval: every query contributes its k neighbours; a pool image near several queries is
-    # kept once, so the union is smaller than Q x k (the paper's de-duplication).
+    # Balanced retrieval: every query contributes its k neighbours; a pool image near several queries is kept once,
+    # so the union is smaller than Q x k (the paper's de-duplication).
     chosen = torch.unique(ids[ids >= 0].cpu())
-    # ---- second pass: copy the chosen samples (each rank the shards si = rank mod world) ---------------
+    if not len(chosen):
+        C.fail(f"--pool {cfg.pool}: no usable image in its {len(pool)} shard(s) ({stats.get('unreadable', 0)} "
+               "undecodable; an unreadable tar counts none)")
+    # ---- second pass: the chosen samples, all members, into OUT/transfer-RRR-JJJJJ.tar (rank r: si = r mod world)
     by_shard = {}
     for uid in chosen.tolist():
         by_shard.setdefault(uid >> 32, set()).add(uid & 0xFFFFFFFF)
-    written = write_transfer_set(pool, by_shard, cfg.out, rank, world, cfg.shard_size)
+    copies = (s for si in until_stopped(sorted(by_shard), stop, "retrieve") if si % world == rank
+              for pos, s in enumerate(C.iter_tar_samples(pool[si], {})) if pos in by_shard[si])
+    written, j = 0, 0
+    while part := list(itertools.islice(copies, cfg.shard_size)):
+        written, j = written + C.write_shard(os.path.join(cfg.out, f"transfer-{rank:03d}-{j:05d}.tar"), part), j + 1
     total = torch.tensor([written], device=device)
     if world > 1:
         dist.all_reduce(total)
@@ -625,36 +651,24 @@ def retrieve(cfg: Config) -> dict:
     if rank == 0:
         json.dump(info, open(os.path.join(cfg.out, "retrieval.json"), "w"))  # also marks the set finished
         C.print0(json.dumps(info))
+    C.finish_run(cfg.out, extra=f"transfer set {cfg.out}/transfer-*.tar, {cfg.out}/retrieval.json")
     C.cleanup_distributed()
     return info
 
 
-def write_transfer_set(pool, by_shard: dict, out: str, rank: int, world: int, shard_size: int) -> int:
-    """Copy the chosen (shard, position) samples, all their members, into out/transfer-RRR-JJJJJ.tar."""
-    os.makedirs(out, exist_ok=True)
-    chosen = (s for si in sorted(by_shard) if si % world == rank
-              for pos, s in enumerate(C.iter_tar_samples(pool[si], {})) if pos in by_shard[si])
-    n, j = 0, 0
-    while part := list(itertools.islice(chosen, shard_size)):
-        n, j = n + C.write_shard(os.path.join(out, f"transfer-{rank:03d}-{j:05d}.tar"), part), j + 1
-    return n
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. The three steps: fine-tune the VFM (teacher), distil (distill), fine-tune the small model (finetune)
-# ----------------------------------------------------------------------------------------------------
+# ---- 6. The three steps: fine-tune the VFM (teacher), distil (distill), fine-tune the small model (finetune) ---------
 DEFAULTS = {"teacher": (150, 1e-3), "distill": (400, 2e-3), "finetune": (150, 2e-3)}  # (steps, lr): the CPU demo's
 
 
 def load_teacher(path: str, cfg: Config) -> TaskModel:
     """The fine-tuned VFM of a `teacher` run, frozen (the architecture is rebuilt from its --foundation)."""
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, "--teacher")
     if ck.get("kind") != "teacher":
         C.fail(f"--teacher {path} is not a checkpoint of `transfer.py teacher` (kind {ck.get('kind')!r})")
     if (ck["task"], ck["num_classes"]) != (cfg.task, cfg.num_classes):
         C.fail(f"--teacher {path} is a {ck['task']} model of {ck['num_classes']} classes, not --task {cfg.task} "
                f"--num-classes {cfg.num_classes}")
-    model = TaskModel(load_foundation(ck["foundation"], ck["act"]), ck["task"], ck["num_classes"])
+    model = TaskModel(load_foundation(ck["foundation"], ck["act"], "--teacher's VFM"), ck["task"], ck["num_classes"])
     C.load_state_dict_checked(model, ck["model"], f"teacher {path}")
     return model.eval().requires_grad_(False)
 
@@ -664,7 +678,7 @@ def init_student(model: TaskModel, cfg: Config):
     checkpoint whose image tower is this MCi (CLIP pre-training). `imagenet[=FILE]`: build_backbone's."""
     if not cfg.init or imagenet_weights(cfg.init):
         return
-    ck = read_checkpoint(cfg.init)
+    ck = read_checkpoint(cfg.init, "--init")
     if ck.get("kind") == "distill":
         if ck["student"] != cfg.student:
             C.fail(f"--init {cfg.init} distilled a '{ck['student']}', not --student {cfg.student}")
@@ -678,8 +692,7 @@ def init_student(model: TaskModel, cfg: Config):
         import mobileclip as MC
         image = MC.MOBILECLIP_MODELS.get(ck["model_name"], {}).get("image")
         if image != cfg.student:
-            C.fail(f"--init {cfg.init} is a CLIP of image tower '{image or ck['model_name']}', "
-                   f"not --student {cfg.student}")
+            C.fail(f"--init {cfg.init}: its image tower is '{image or ck['model_name']}', not --student {cfg.student}")
         sd = {"mci." + k[7:]: v for k, v in ck["model"].items()
               if k.startswith("visual.") and not k.startswith("visual.head.")}  # visual.X -> mci.X, no projection
         C.load_state_dict_checked(model.backbone, sd, f"--init {cfg.init} (CLIP image tower)")
@@ -689,12 +702,8 @@ def init_student(model: TaskModel, cfg: Config):
 
 def setup_stage(cfg: Config, stage: str, device):
     """(trained module, frozen teacher or None, backbone lr multiplier, checkpoint metadata)."""
-    if cfg.task not in ("cls", "seg"):
-        C.fail(f"--task must be cls or seg, not '{cfg.task}'")
-    meta = {"kind": stage, "task": cfg.task, "num_classes": cfg.num_classes, "image_size": data_size(cfg)}
+    meta = {"kind": stage, "task": cfg.task, "num_classes": cfg.num_classes, "image_size": cfg.image_size or 224}
     if stage == "teacher":
-        if not cfg.foundation:
-            C.fail("teacher needs --foundation: the VFM to fine-tune")
         net = TaskModel(load_foundation(cfg.foundation, cfg.act), cfg.task, cfg.num_classes)
         return net, None, cfg.backbone_lr_mult, {**meta, "foundation": os.path.abspath(cfg.foundation), "act": cfg.act}
     meta.update(student=cfg.student)
@@ -703,14 +712,10 @@ def setup_stage(cfg: Config, stage: str, device):
         init_student(net, cfg)
         return net, None, 1.0, {**meta, "init": cfg.init}
     if cfg.kd == "task":
-        if not cfg.teacher:
-            C.fail("distill --kd task needs --teacher: a `transfer.py teacher` run")
         teacher = load_teacher(cfg.teacher, cfg)
         return TaskModel(build_backbone(cfg.student), cfg.task, cfg.num_classes), teacher, 1.0, {**meta, "kd": "task"}
     if cfg.kd != "features":
         C.fail(f"--kd must be task or features, not '{cfg.kd}'")
-    if not cfg.foundation:
-        C.fail("distill --kd features needs --foundation: the frozen VFM whose features are distilled")
     vfm = load_foundation(cfg.foundation, cfg.act).eval().requires_grad_(False)
     return FeatureDistiller(build_backbone(cfg.student), vfm.dims, cfg.task), vfm, 1.0, {**meta, "kd": "features"}
 
@@ -728,28 +733,32 @@ def make_optimizer(net: nn.Module, cfg: Config, backbone_mult: float):
                              lr=0.0, betas=(0.9, 0.999), fused=next(net.parameters()).is_cuda)
 
 
-def train(cfg: Config, stage: str) -> dict:
+def train(cfg: TrainConfig, stage: str) -> dict:
     """One step of the recipe: a flat loop over shards (DDP under torchrun, bf16 on GPU), resumable at any
     step with its data position, SIGTERM-safe; the final checkpoint holds the test metrics."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     if not cfg.data:
         C.fail(f"{stage} needs --data: " + ("the transfer set" if stage == "distill" else "the labelled target shards"))
+    if cfg.task not in ("cls", "seg") or cfg.num_classes < 1:
+        C.fail(f"--task must be cls or seg, not '{cfg.task}'" if cfg.num_classes > 0 else
+               f"--num-classes {cfg.num_classes}: must be >= 1")
+    data, _ = shards(cfg.data), cfg.test and shards(cfg.test, "--test")  # a bad path: one line before any work
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    ck = C.load_checkpoint(cfg.resume, cfg.out)  # weights, optimizer, RNG and the data position, loaded below
+    if ck is not None and (ck.get("kind"), ck.get("student")) != (stage, None if stage == "teacher" else cfg.student):
+        C.fail(f"{cfg.resume or cfg.out} holds a different run ({ck.get('kind')}); use a new --out or --resume ''")
     steps, peak_lr = cfg.steps or DEFAULTS[stage][0], cfg.lr or DEFAULTS[stage][1]
+    if ck is not None and ck.get("final") and ck["step"] == steps:  # finished (the demo reuses its stages)
+        C.print0(f"{stage}: {cfg.out} is finished (step {steps}); its metrics: {json.dumps(ck['metrics'])}")
+        return ck["metrics"]
     net, teacher, backbone_mult, meta = setup_stage(cfg, stage, device)
     net, teacher = net.to(device), teacher.to(device) if teacher is not None else None
     opt = make_optimizer(net, cfg, backbone_mult)
     C.print0(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M trained parameters, {steps} steps "
              f"of {cfg.batch_size * world}, peak lr {peak_lr:g}")
-    log = C.RunLog(cfg.out)
-
-    # ---- resume: weights, optimizer, RNG and the data position -------------------------------------
-    start, data_pos = 0, {}
-    ck = C.load_checkpoint(cfg.resume, cfg.out)
+    log, start, data_pos = C.RunLog(cfg.out), 0, {}
     if ck is not None:
-        if ck.get("kind") != stage or ck.get("student") != meta.get("student"):
-            C.fail(f"{cfg.resume or cfg.out} holds a different run ({ck.get('kind')}); use a new --out or --resume ''")
         C.load_state_dict_checked(net, ck["model"], f"checkpoint in {cfg.out}")
         opt.load_state_dict(ck["optimizer"])
         C.set_rng_state(ck["rng"])
@@ -757,7 +766,7 @@ def train(cfg: Config, stage: str) -> dict:
         if len(ck["data"]) == world and len(ck["data"].get(rank, {})) == max(1, cfg.workers):
             data_pos = ck["data"][rank]
         C.print0(f"resumed at step {start}")
-    stream = C.ShardStream(shards(cfg.data), Decode(cfg, train=True, labels=stage != "distill"), cfg.batch_size,
+    stream = C.ShardStream(data, Decode(cfg, train=True, labels=stage != "distill"), cfg.batch_size,
                            rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
     position = C.DataPosition()
@@ -767,8 +776,8 @@ def train(cfg: Config, stage: str) -> dict:
               find_unused_parameters=cfg.task == "seg") if world > 1 else net
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     stop, nonfinite = C.StopSignal(), torch.zeros((), dtype=torch.bool, device=device)
-    t0, seen, metrics = time.time(), 0, {}
-    for step in range(start, steps + 1):
+    t0, seen, metrics, path = time.time(), 0, {}, None
+    for step in C.progress(range(start, steps + 1), stage):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -782,12 +791,13 @@ def train(cfg: Config, stage: str) -> dict:
             state = {**meta, "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "final": last_step, "rng": C.rng_state(), "data": position.state(), "metrics": metrics,
                      "config": dataclasses.asdict(cfg)}
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            C.save_checkpoint(path := os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
         if stopping:  # SIGTERM: saved above; stop the whole program (the demo too), resume with --resume auto
-            C.print0(f"stopped at step {step}; the checkpoint in {cfg.out} resumes it")
+            C.print0(f"stopped by a signal at step {step}: {path or 'no step taken'}; --resume auto continues")
+            batches.close()  # shuts the workers down: they ignore the signal (C.ignore_stop_signals)
             C.cleanup_distributed()
-            raise SystemExit(143)
+            raise SystemExit(0)
         if last_step:
             break
 
@@ -798,8 +808,9 @@ def train(cfg: Config, stage: str) -> dict:
         lr = C.lr_at(step, peak_lr, cfg.warmup, steps)
         # Step 1 (spec 3): a linear probe first (a random head's gradients would disturb the VFM's features),
         # then the whole VFM at backbone_lr_mult x the head's lr. Steps 2 and 3 train everything at 1x.
-        for g in opt.param_groups:  # teacher: the backbone is frozen for the linear-probe warm-up
-            g["lr"] = lr * g["mult"] * (step >= cfg.probe_steps or g["mult"] == 1.0 or stage != "teacher")
+        probing = stage == "teacher" and step < cfg.probe_steps  # the backbone frozen: the linear-probe warm-up
+        for g in opt.param_groups:
+            g["lr"] = lr * g["mult"] * (g["mult"] == 1.0 or not probing)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if stage == "distill":  # step 2: no labels; the teacher's outputs on this very view are the target
                 with torch.no_grad():
@@ -825,13 +836,12 @@ def train(cfg: Config, stage: str) -> dict:
             log.log(step + 1, loss=loss.item(), lr=lr, grad_norm=gnorm.item(),
                     samples_per_s=seen * world / (time.time() - t0), skipped=sum(position.skip_totals().values()))
             t0, seen = time.time(), 0
+    C.finish_run(cfg.out, path)
     C.cleanup_distributed()
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. The no-argument run: the whole comparison on the synthetic world
-# ----------------------------------------------------------------------------------------------------
+# ---- 7. The no-argument run: the whole comparison on the synthetic world ---------------------------------------------
 
 
 def write_labelled(train_shards: str, out: str, K: int, shots: int) -> str:
@@ -854,25 +864,21 @@ def write_labelled(train_shards: str, out: str, K: int, shots: int) -> str:
 
 
 def render_offdomain(rng: np.random.Generator, size: int) -> Image.Image:
-    """One off-domain pool image (--pool-offdomain), the stand-in for a web image unrelated to the task. A web-scale
-    pool is mostly pictures of other things in other scenes that share only low-level statistics (colour, edges,
-    texture) with the task's images; so: a smooth colour field (a 4 x 4 grid of colours around one random tone,
-    upsampled bicubic; a third of the time overlaid with stripes) with 2-6 clutter objects (ellipses, thick
-    strokes, irregular polygons) in random colours, plus the world's sensor noise. Not the world's backgrounds
-    alone (the task's own scenes with the object removed: in-domain negatives, not unrelated images), nor the
-    world's shapes drawn differently (still the task's classes)."""
+    """One off-domain pool image (--pool-offdomain), the stand-in for a web image unrelated to the task: pictures of
+    other things in other scenes, sharing only low-level statistics (colour, edges, texture) with the task's. A smooth
+    colour field (a 4 x 4 grid around one random tone, upsampled bicubic; a third of the time with stripes), 2-6 clutter
+    objects (ellipses, thick strokes, irregular polygons) in random colours, the world's sensor noise. Not the world's
+    backgrounds alone (in-domain negatives), nor its shapes drawn differently (still the task's classes)."""
     low = np.clip(rng.uniform(30, 225, 3) + rng.normal(0, 45, (4, 4, 3)), 0, 255).astype(np.uint8)  # one tone +-
     img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), np.float32)
     if rng.random() < 1 / 3:
         a, yy, xx = rng.uniform(0, math.pi), *np.mgrid[0:size, 0:size] / size
         on = np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / rng.uniform(0.08, 0.3)) > 0
         img = np.where(on[..., None], 0.6 * img + 0.4 * rng.uniform(0, 255, 3), img)
-    canvas = Image.fromarray(img.astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(canvas)
+    draw = ImageDraw.Draw(canvas := Image.fromarray(img.astype(np.uint8), "RGB"))
     for _ in range(int(rng.integers(2, 7))):
         colour, (cx, cy) = tuple(int(v) for v in rng.integers(0, 256, 3)), rng.uniform(0, size, 2)
-        r = size * rng.uniform(0.06, 0.3)
-        kind = rng.integers(3)
+        r, kind = size * rng.uniform(0.06, 0.3), rng.integers(3)
         if kind == 0:  # an ellipse at least 1.6:1, so it is rarely a circle of the world
             ry = r / rng.uniform(1.6, 3.0)
             draw.ellipse([cx - r, cy - ry, cx + r, cy + ry], fill=colour)
@@ -881,17 +887,15 @@ def render_offdomain(rng: np.random.Generator, size: int) -> Image.Image:
             draw.line(pts.ravel().tolist(), fill=colour, width=int(rng.integers(2, max(3, size // 10))))
         else:  # an irregular polygon: 5-9 vertices at random radii, unlike the world's regular shapes
             n = int(rng.integers(5, 10))
-            ang = np.sort(rng.uniform(0, 2 * math.pi, n))
-            rad = r * rng.uniform(0.3, 1.0, n)
+            ang, rad = np.sort(rng.uniform(0, 2 * math.pi, n)), r * rng.uniform(0.3, 1.0, n)
             draw.polygon(np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).ravel().tolist(), fill=colour)
     img = np.asarray(canvas, np.float32) + rng.standard_normal((size, size, 3), dtype=np.float32) * 4.0
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
 def write_offdomain(out: str, n: int, size: int, shard_size: int = 5000) -> list[str]:
-    """n off-domain images as pool shards ({key}.jpg + {key}.json, label len(SYNTH_SHAPES) = "none of the
-    world's shapes", so in_task_fraction counts them off-task). Image i is seeded by i alone (not --seed): every
-    seed of the demo sees the same pool. Finished shards are kept (write_shard is atomic)."""
+    """n off-domain images as pool shards ({key}.jpg + {key}.json, label len(SYNTH_SHAPES) = "none of the world's
+    shapes": off-task). Image i is seeded by i alone: every seed sees the same pool. Finished shards are kept."""
     paths = [os.path.join(out, f"offdomain-{j:05d}.tar") for j in range(-(-n // shard_size))]
     if C.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
@@ -904,34 +908,21 @@ def write_offdomain(out: str, n: int, size: int, shard_size: int = 5000) -> list
     return paths
 
 
-def in_task_fraction(path: str, K: int) -> float:
-    """Share of a transfer set whose (hidden) label is one of the task's classes: the retrieval's precision."""
-    labels = [json.loads(s["json"])["label"] for p in shards(path) for s in C.iter_tar_samples(p, {})]
-    return 100 * sum(y < K for y in labels) / max(1, len(labels))
-
-
-def run_stage(cfg: Config, stage: str) -> dict:
-    """A stage of the demo, or the metrics of its finished run in cfg.out."""
-    ck = C.load_checkpoint(C.latest_checkpoint(cfg.out) or "", "")  # None before the first checkpoint
-    if ck and ck.get("final"):
-        return ck["metrics"]
-    C.print0(f"---- {stage} -> {cfg.out}")
-    return train(cfg, stage)
-
-
 def demo(cfg: Config):
-    """Target task: the first `demo_classes` shapes with `shots` labels each; pool: the training images of all
-    ten shapes (the first `pool_shards` shards), labels hidden, plus off-domain images making `pool_offdomain`
-    of it; VFM: --foundation, or a tiny CLIP ViT pre-trained on the world's captions; student: mci_tiny.
-    Finished stages in --out are reused, so an interrupted demo continues."""
-    if not 0 <= cfg.pool_offdomain < 1:
-        C.fail(f"--pool-offdomain must be in [0, 1), not {cfg.pool_offdomain}")
+    """The whole comparison on the synthetic world (the default command): every transfer recipe against labels only.
+    Target task: the first `demo_classes` shapes with `shots` labels each; pool: the training images of all ten shapes
+    (the first `pool_shards` shards), labels hidden, plus off-domain images making `pool_offdomain` of it; VFM:
+    --foundation, or a tiny CLIP ViT trained on the world's captions; student: mci_tiny. Finished stages are reused."""
+    if not (0 <= cfg.pool_offdomain < 1 and 1 <= cfg.demo_classes <= len(C.SYNTH_SHAPES)):
+        C.fail(f"--pool-offdomain must be in [0, 1), not {cfg.pool_offdomain}" if cfg.pool_offdomain >= 1 else
+               f"--demo-classes {cfg.demo_classes}: must be between 1 and {len(C.SYNTH_SHAPES)}")
     C.setup_distributed(cfg.device)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])  # each stage claims its own sub-directory
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size or 64)
     K, out = cfg.demo_classes, cfg.out
     base = dataclasses.replace(cfg, num_classes=K, image_size=cfg.image_size or 64, test=cfg.test or world["val"],
-                               init="")
+                               init="", resume="auto")  # a stage continues its own run in its sub-directory
     sub = lambda name, **kw: dataclasses.replace(base, out=os.path.join(out, name), **kw)
     foundation = cfg.foundation or os.path.join(out, "clip")
     if not cfg.foundation and not (C.latest_checkpoint(foundation) or "").endswith(f"ckpt-{cfg.clip_steps}.pt"):
@@ -952,9 +943,10 @@ def demo(cfg: Config):
                 random_size=sets["retrieved"]["transfer_set"] if name == "random" else 0)
         done = os.path.join(c.out, "retrieval.json")
         sets[name] = json.load(open(done)) if os.path.exists(done) else retrieve(c)
-        sets[name]["in_task_pct"] = in_task_fraction(c.out, K)
+        labels = [json.loads(s["json"])["label"] for p in shards(c.out) for s in C.iter_tar_samples(p, {})]
+        sets[name]["in_task_pct"] = 100 * sum(y < K for y in labels) / max(1, len(labels))  # the retrieval's precision
     teacher = sub("teacher", foundation=foundation, data=labelled)
-    results = {"VFM teacher (fine-tuned tiny CLIP ViT)": run_stage(teacher, "teacher")}
+    results = {"VFM teacher (fine-tuned tiny CLIP ViT)": train(teacher, "teacher")}
     arms = [("labels only (mci_tiny from scratch)", None, None),
             ("task-oriented KD, retrieved transfer set", "retrieved", "task"),
             ("task-oriented KD, random transfer set", "random", "task"),
@@ -965,33 +957,43 @@ def demo(cfg: Config):
         init = cfg.init if tset == "clip" else ""
         if tset in sets:
             init = sub(f"kd_{kd}_{tset}").out
-            m = run_stage(sub(f"kd_{kd}_{tset}", data=sub(tset).out, kd=kd, teacher=teacher.out, foundation=foundation),
+            m = train(sub(f"kd_{kd}_{tset}", data=sub(tset).out, kd=kd, teacher=teacher.out, foundation=foundation),
                           "distill")
             if kd == "task":  # the distilled student itself (steps 1-2): step 3 on the few labels can undo part of it
                 results[f"{name}, before step 3"] = m
-        results[name] = run_stage(sub(f"ft_{tset or 'scratch'}_{kd or 'none'}", data=labelled, init=init), "finetune")
+        results[name] = train(sub(f"ft_{tset or 'scratch'}_{kd or 'none'}", data=labelled, init=init), "finetune")
     summary = {"sets": sets, "results": results, "labelled": K * cfg.shots, "classes": K}
     if C.get_rank() == 0:
         json.dump(summary, open(os.path.join(out, "results.json"), "w"), indent=1)
         metric = "top1" if cfg.task == "cls" else "miou"
-        C.print0(f"\ntransfer sets: retrieved {sets['retrieved']['transfer_set']} images "
-                 f"({sets['retrieved']['in_task_pct']:.1f}% of the task's classes), random "
-                 f"{sets['random']['transfer_set']} ({sets['random']['in_task_pct']:.1f}%)")
+        C.print0("\ntransfer sets: " + ", ".join(f"{n} {s['transfer_set']} images ({s['in_task_pct']:.1f}% of the "
+                                                 "task's classes)" for n, s in sets.items()))
         for name, m in results.items():
             C.print0(f"{name:52s} {metric} {m.get(metric, float('nan')):6.1f}")
+    C.finish_run(out, extra=f"results {os.path.join(out, 'results.json')}, each stage in its sub-directory")
     C.cleanup_distributed()
     return summary
 
 
+def teacher_stage(cfg: TeacherConfig) -> dict:
+    """Step 1: fine-tune the VFM (--foundation) with a task head on the few labels (--data)."""
+    return train(cfg, "teacher")
+
+
+def distill_stage(cfg: DistillConfig) -> dict:
+    """Step 2: distil the teacher (--teacher) or the VFM's features into the small --student on the transfer set."""
+    return train(cfg, "distill")
+
+
+def finetune_stage(cfg: FinetuneConfig) -> dict:
+    """Step 3: fine-tune the small --student on the labels (--data), from --init: a distill run, CLIP or ImageNet."""
+    return train(cfg, "finetune")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"retrieve": retrieve, "teacher": lambda c: train(c, "teacher"),
-                "distill": lambda c: train(c, "distill"), "finetune": lambda c: train(c, "finetune")}
-    if argv[:1] and argv[0] in commands:
-        return commands[argv[0]](C.parse_config(Config, argv[1:]))
-    if argv[:1] and not argv[0].startswith("-"):
-        C.fail(f"unknown command '{argv[0]}'; choose retrieve, teacher, distill, finetune, or none (the demo)")
-    return demo(C.parse_config(Config, argv))
+    return C.run_command(__doc__, {"demo": (demo, Config), "retrieve": (retrieve, RetrieveConfig),
+                                   "teacher": (teacher_stage, TeacherConfig), "distill": (distill_stage, DistillConfig),
+                                   "finetune": (finetune_stage, FinetuneConfig)}, argv, default="demo")
 
 
 if __name__ == "__main__":
