@@ -39,7 +39,7 @@ Commands:
   torchrun --nproc_per_node=8 cliptex.py label --data 'cc3m/{00000..00331}.tar' --experts seg,det,depth,normals \\
       --seg-expert torchvision:deeplabv3_resnet101 --seg-weights deeplabv3_resnet101_coco-586e9e4e.pth \\
       --det-expert torchvision:fasterrcnn_resnet50_fpn --det-weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth \\
-      --depth-expert dpt_hybrid.torchscript.pt --seg-classes 21 --det-classes 91 --out cc3m_labels/
+      --depth-expert dpt_hybrid.torchscript.pt --out cc3m_labels/
   torchrun --nproc_per_node=8 cliptex.py train --init runs/b16/ckpt-100000.pt --data 'cc3m/{00000..00331}.tar' \\
       --labels cc3m_labels/ --seg-classes 21 --det-classes 91 --steps 20000 --out runs/cliptex
   torchrun --nproc_per_node=8 cliptex.py train ... --baseline --out runs/clipft      # CLIP-FT, the same data
@@ -56,8 +56,8 @@ import io
 import json
 import math
 import os
-import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,13 +72,21 @@ import common as C
 import mobileclip as M
 
 
+# One dataclass per command (its --help lists only its own flags); `compare` runs them all, its Config holds them all.
 @dataclass
-class Config:
+class Shared:
     data: str = ""  # image-text tar shards (directory, glob, brace pattern); empty = the synthetic world
-    labels: str = ""  # train: the folder `label` wrote (one label shard per data shard, same file name)
     out: str = "runs/cliptex"  # label: the label shards; train/probe/compare: the run directory
-    # ---- label: the experts
-    experts: str = "seg,det,depth,normals"  # label: tasks to pseudo-label
+    model: str = "mobileclip_tiny"  # used when --init is not a checkpoint of this repository
+    device: str = "auto"  # auto | cuda | cpu
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images
+
+
+@dataclass
+class LabelConfig(Shared):
+    experts: str = "seg,det,depth,normals"  # tasks to pseudo-label
     seg_expert: str = "synthetic"  # synthetic (the shards' seg.png) | torchvision:<name>, e.g. deeplabv3_resnet50
     seg_weights: str = ""  # torchvision segmentation weights file (.pth state dict)
     seg_threshold: float = 0.5  # pixels whose top softmax probability is below this are stored as 255 (ignore)
@@ -91,11 +99,24 @@ class Config:
     normals_weights: str = ""  # state dict for a module:Class normals expert
     min_box_area: int = 4  # synthetic detections: connected regions smaller than this (pixels) are dropped
     depth_jump: float = 0.05  # normals from depth: a depth step above this between neighbours is a discontinuity
-    # ---- train
-    init: str = ""  # the CLIP to continue: a mobileclip.py (or cliptex.py) checkpoint, or OpenAI/OpenCLIP + --bpe
-    model: str = "mobileclip_tiny"  # used when --init is not a checkpoint of this repository
+
+
+@dataclass
+class ClipConfig(Shared):  # train and probe: the CLIP and its zero-shot evaluation
+    init: str = ""  # the CLIP: a mobileclip.py (or cliptex.py) checkpoint, or OpenAI/OpenCLIP + --bpe
     bpe: str = ""  # tokenizer merges; default: bpe.txt beside the --init checkpoint (or one trained on the captions)
-    tasks: str = "seg,depth,normals,det"  # train: tasks whose pseudo-labels are used
+    seed: int = 0  # data order, crops, head init
+    workers: int = 2  # DataLoader workers per rank
+    eval: bool = True  # zero-shot evaluation (train: at the start and the end)
+    zeroshot_data: str = ""  # ImageFolder for zero-shot top-1; default: the synthetic held-out set
+    classnames: str = ""  # one class name per line, in folder order (default: the folder names)
+    templates: str = ""  # prompt templates with '{}' (default: common.DEFAULT_TEMPLATES)
+
+
+@dataclass
+class TrainConfig(ClipConfig):
+    labels: str = ""  # the folder `label` wrote (one label shard per data shard, same file name)
+    tasks: str = "seg,depth,normals,det"  # tasks whose pseudo-labels are used
     baseline: bool = False  # CLIP-FT: contrastive loss only, on the same data, crops and steps
     w_seg: float = 1.0  # weight of the segmentation loss
     w_depth: float = 1.0  # weight of the depth loss
@@ -112,31 +133,29 @@ class Config:
     warmup: int = 30  # linear warm-up steps, then cosine to zero
     beta2: float = 0.98  # AdamW beta2
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
-    seed: int = 0  # data order, crops, head init
-    workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
-    device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 autocast on GPU) | bf16 | fp32
     log_every: int = 50  # steps between log lines (the only host syncs)
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept
-    resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
-    eval: bool = True  # zero-shot evaluation at the start and the end of training
-    zeroshot_data: str = ""  # ImageFolder for zero-shot top-1; default: the synthetic held-out set
-    classnames: str = ""  # one class name per line, in folder order (default: the folder names)
-    templates: str = ""  # prompt templates with '{}' (default: common.DEFAULT_TEMPLATES)
-    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-    synthetic_train: int = 40000  # synthetic training images
-    synthetic_val: int = 1000  # synthetic held-out images
+    resume: str = ""  # 'auto' = the newest readable checkpoint in --out (fresh if none), or a checkpoint path
+    overwrite: bool = False  # start over in an --out holding another run's checkpoints (they move to OUT/previous-N/)
     max_skip_frac: float = 0.5  # stop if more than this fraction of samples is unusable
-    # ---- probe / compare
-    val_data: str = ""  # probe: held-out shards with seg.png / depth.png (default: the synthetic held-out set)
-    probe_steps: int = 300  # probe: steps of each dense.py linear probe
-    probe_batch: int = 16  # probe: batch size
-    probe_lr: float = 5e-4  # probe: backbone lr (frozen here), the head trains at 10x (dense.py's synthetic default)
-    probe_images: int = 2000  # probe: training images of each probe (0 = dense.py's default)
-    probe_val_images: int = 0  # probe: held-out images scored (0 = all)
-    base_steps: int = 800  # compare without --init: steps of the base CLIP trained first with mobileclip.py
+
+
+@dataclass
+class ProbeConfig(ClipConfig):
+    val_data: str = ""  # held-out shards with seg.png / depth.png (default: the synthetic held-out set)
+    probe_steps: int = 300  # steps of each dense.py linear probe
+    probe_batch: int = 16  # batch size
+    probe_lr: float = 5e-4  # backbone lr (frozen here), the head trains at 10x (dense.py's synthetic default)
+    probe_images: int = 2000  # training images of each probe (0 = dense.py's default)
+    probe_val_images: int = 0  # held-out images scored (0 = all)
+
+
+@dataclass
+class Config(LabelConfig, TrainConfig, ProbeConfig):
+    base_steps: int = 800  # without --init: steps of the base CLIP trained first with mobileclip.py
 
 
 IGNORE = 255  # segmentation: "the expert is unsure"
@@ -144,9 +163,7 @@ DENSE_STRIDE = 4  # the heads predict at 1/4 of the input (dense.py's finest lev
 TASKS = ("seg", "depth", "normals", "det")
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Stored pseudo-label formats (spec 4): what `label` writes beside each sample, and how it reads back
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. Stored pseudo-label formats (spec 4): what `label` writes beside each sample, and how it reads back ----------
 
 
 def encode_seg(classes: np.ndarray) -> bytes:
@@ -191,9 +208,7 @@ def encode_boxes(boxes, classes, scores, size) -> dict:
             "scores": [round(float(s), 4) for s in scores], "size": [int(size[0]), int(size[1])]}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Experts (Sec. 3): image -> hard pseudo-labels. Each expert maps (PIL image, raw sample) -> members.
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. Experts (Sec. 3): image -> hard pseudo-labels. Each expert maps (PIL image, raw sample) -> members. ----------
 
 
 def unsure_boundaries(mask: np.ndarray) -> np.ndarray:
@@ -285,10 +300,7 @@ class TorchvisionExpert:
             C.fail(f"--{task}-expert torchvision:{name} needs --{task}-weights FILE (a .pth); got '{weights}'")
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
                                              num_classes=21 if task == "seg" else 91)
-        try:
-            sd = C.unwrap_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except Exception as e:
-            C.fail(f"--{task}-weights {weights}: not a state-dict file ({type(e).__name__})")
+        sd = read_weights(weights, f"--{task}-weights")
         sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
               **{k: v for k, v in sd.items() if not k.startswith("aux_classifier.")}}
         C.load_state_dict_checked(model, sd, f"--{task}-weights {weights} (torchvision:{name})")
@@ -329,9 +341,16 @@ def load_user_expert(spec: str, weights: str, task: str, device):
         C.fail(f"--{task}-expert {spec}: cannot build it ({type(e).__name__}: {str(e)[:120]})")
     if not os.path.isfile(weights):
         C.fail(f"--{task}-expert {spec} needs --{task}-weights FILE; got '{weights}'")
-    C.load_state_dict_checked(model, C.unwrap_state_dict(torch.load(weights, map_location="cpu", weights_only=True)),
-                              f"--{task}-weights {weights}")
+    C.load_state_dict_checked(model, read_weights(weights, f"--{task}-weights"), f"--{task}-weights {weights}")
     return model.to(device).eval()
+
+
+def read_weights(path: str, flag: str) -> dict:
+    """A state-dict file (weights only: no pickled code runs), unwrapped; one line if it does not read."""
+    try:
+        return C.unwrap_state_dict(C.read_checkpoint(path))
+    except (ValueError, OSError) as e:
+        C.fail(f"{flag} {path}: not a state-dict file ({e})")
 
 
 class UserExpert:
@@ -397,47 +416,54 @@ def label_sample(sample: dict, experts: dict, cfg: Config) -> dict:
     return out
 
 
-def label(cfg: Config):
-    """The offline pass: shards split over ranks, one label shard per data shard under --out with the data
-    shard's file name, samples in the same order (a sample whose image does not decode is left out and
-    counted). A finished label shard is skipped, so the command resumes where it stopped."""
+def label(cfg: LabelConfig):
+    """Pseudo-label the data offline with the task experts (Sec. 3): one label shard per data shard.
+    Shards split over ranks, each label shard under --out with its data shard's file name, samples in the same order (a
+    sample whose image does not decode is left out and counted). Finished label shards are kept: a rerun continues."""
     rank, _, world, device = C.setup_distributed(cfg.device)
     shards = resolve_shards(cfg)
-    names = [os.path.basename(p) for p in shards]
-    if len(set(names)) != len(names):
+    if len({os.path.basename(p) for p in shards}) != len(shards):
         C.fail("two data shards share a file name; label each folder into its own --out")
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     experts = build_experts(cfg, device)
-    os.makedirs(cfg.out, exist_ok=True)
-    t0, n_done, skipped = time.time(), 0, {}
-    for path in C.progress(shards[rank::world], "label"):
-        dst = os.path.join(cfg.out, os.path.basename(path))
-        if os.path.exists(dst):
-            continue
+    t0, n_done, skipped, stop = time.time(), 0, {}, C.StopSignal()
+    todo = [p for p in shards[rank::world] if not os.path.exists(os.path.join(cfg.out, os.path.basename(p)))]
+    for path in C.progress(todo, "label"):
+        read = []  # the samples of this shard, labelled or not
 
         def labelled():
             for s in C.iter_tar_samples(path, skipped):
+                if stop.requested:  # the shard in progress stays unwritten (write_shard renames a finished file only)
+                    print(f"rank {rank}: label stopped by a signal; finished shards are kept, a rerun continues")
+                    raise SystemExit(0)
+                read.append(1)
                 try:
                     yield label_sample(s, experts, cfg)
                 except Exception as e:  # corrupt image, missing ground truth: skip and count
                     skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
                     skipped.setdefault("first", f"{type(e).__name__}: {str(e)[:150]}")
-        if (n := C.write_shard(dst, labelled())) == 0:  # nothing usable: a wrong expert or wrong data
+        n = C.write_shard(dst := os.path.join(cfg.out, os.path.basename(path)), labelled())
+        if n == 0 and read:  # samples, none usable: a wrong expert or wrong data (an unreadable shard: counted)
             os.remove(dst)
             C.fail(f"no sample of {path} could be labelled; first problem: {skipped.get('first', 'no samples')}")
         n_done += n
+    if todo and not n_done:
+        C.fail(f"no sample of --data could be labelled; skipped: {json.dumps(skipped)}")
     print(f"rank {rank}: labelled {n_done} samples with {', '.join(experts)} in {time.time() - t0:.0f} s"
           f"{'; skipped ' + json.dumps(skipped) if skipped else ''}", flush=True)
+    C.finish_run(cfg.out, extra=f"label shards {cfg.out}/*.tar")
     C.cleanup_distributed()
 
 
-def resolve_shards(cfg: Config) -> list[str]:
-    """--data's shards, or the synthetic world's training shards (generated on first use)."""
-    if cfg.data:
-        try:
-            return C.expand_shards(cfg.data)
-        except FileNotFoundError as e:
-            C.fail(str(e))
-    return C.expand_shards(synthetic(cfg)["train"])
+def resolve_shards(cfg: Shared) -> list[str]:
+    """--data's shards, or the synthetic world's (made on first use); one line if missing or all empty (0 bytes)."""
+    try:
+        shards = C.expand_shards(cfg.data or synthetic(cfg)["train"])
+    except FileNotFoundError as e:
+        C.fail(f"--data: {e}")
+    if all(os.path.isfile(p) and os.path.getsize(p) == 0 for p in shards):
+        C.fail(f"--data {cfg.data}: {'its' if len(shards) == 1 else f'all {len(shards)}'} shard file(s) empty")
+    return shards
 
 
 def synthetic(cfg: Config) -> dict:
@@ -446,9 +472,7 @@ def synthetic(cfg: Config) -> dict:
     return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, size, seed=0)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Training data: image-text samples joined with their pseudo-labels, one crop for both
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. Training data: image-text samples joined with their pseudo-labels, one crop for both -------------------------
 
 
 class LabelledShards(C.ShardStream):
@@ -536,9 +560,7 @@ def det_targets(det: dict, box, image_size, size: int, K: int) -> dict:
             "det_centre": torch.from_numpy(centre)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Light heads on the image backbone (Sec. 3, spec 2)
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. Light heads on the image backbone (Sec. 3, spec 2) -----------------------------------------------------------
 
 
 def dense_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -600,9 +622,7 @@ class CLIPTeX(nn.Module):
                 self.clip.logit_scale.exp().clamp(max=100.0), outs)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Task losses (spec 2): batched, masked sums in fp32, no host sync; a naive loop version beside each
-# ----------------------------------------------------------------------------------------------------
+# ---- 5. Task losses (spec 2): batched, masked sums in fp32, no host sync; a naive loop version beside each -----------
 
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -698,18 +718,19 @@ def task_losses(outs: dict, batch: dict) -> dict:
     return {t: fns[t](o) for t, o in outs.items()}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Training: L = L_CLIP + sum_t w_t L_t (Sec. 3), or the CLIP-FT baseline (--baseline)
-# ----------------------------------------------------------------------------------------------------
+# ---- 6. Training: L = L_CLIP + sum_t w_t L_t (Sec. 3), or the CLIP-FT baseline (--baseline) --------------------------
 
 
-def read_init(cfg: Config) -> tuple[dict | None, str]:
-    """(the --init checkpoint or None, the model name): a checkpoint of this repository names its model."""
+def read_init(cfg: ClipConfig) -> tuple[dict | None, str]:
+    """(the --init checkpoint or None, the model name); a file that does not read stops with one line."""
     if cfg.init and not os.path.isfile(cfg.init):
         C.fail(f"--init file not found: {cfg.init}")
     try:
-        ck = torch.load(cfg.init, map_location="cpu", weights_only=True) if cfg.init else None
-    except Exception:  # an OpenAI TorchScript archive: mobileclip.load_init reads it
+        ck = C.read_checkpoint(cfg.init) if cfg.init else None
+    except ValueError as e:  # OpenAI's TorchScript archive (a zip holding constants.pkl): mobileclip.load_init reads it
+        names = zipfile.ZipFile(cfg.init).namelist() if zipfile.is_zipfile(cfg.init) else []
+        if not any(n.endswith("constants.pkl") for n in names):
+            C.fail(f"--init {cfg.init}: cannot read it ({e})")
         ck = None
     ours = isinstance(ck, dict) and "model_name" in ck and "model" in ck
     return (ck, ck["model_name"]) if ours else (None, cfg.model)
@@ -753,21 +774,16 @@ def make_optimizer(model: CLIPTeX, cfg: Config) -> torch.optim.Optimizer:
                              fused=next(model.parameters()).is_cuda)
 
 
-def parse_tasks(cfg: Config) -> list[str]:
+def parse_tasks(cfg: TrainConfig) -> list[str]:
+    """--tasks, checked; a task needs --labels, a folder (its shards are checked against the data's in train)."""
     tasks = [] if cfg.baseline else [t for t in cfg.tasks.split(",") if t]
     if bad := [t for t in tasks if t not in TASKS]:
         C.fail(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
     if tasks and not cfg.labels:
         C.fail("train needs --labels (the folder `cliptex.py label` wrote), or --baseline for contrastive only")
+    if cfg.labels and not os.path.isdir(cfg.labels):
+        C.fail(f"--labels folder not found: {cfg.labels}")
     return tasks
-
-
-def check_labels(shards: list[str], label_dir: str):
-    if not os.path.isdir(label_dir):
-        C.fail(f"--labels folder not found: {label_dir}")
-    if missing := [p for p in shards if not os.path.isfile(os.path.join(label_dir, os.path.basename(p)))]:
-        C.fail(f"{len(missing)} of {len(shards)} data shards have no label shard in {label_dir}, e.g. "
-               f"{os.path.basename(missing[0])}; run `cliptex.py label` on them")
 
 
 def zeroshot(clip, tok, cfg: Config, name: str, zs_dir: str, device) -> dict:
@@ -776,18 +792,25 @@ def zeroshot(clip, tok, cfg: Config, name: str, zs_dir: str, device) -> dict:
     return M.evaluate(clip, tok, mcfg, zs_dir, "", device) if zs_dir else {}
 
 
-def train(cfg: Config):
+def train(cfg: TrainConfig):
+    """Continue a CLIP with L_CLIP + the task losses on the stored pseudo-labels (CLIPTeX), or CLIP-FT (--baseline).
+    A mobileclip.py checkpoint (the CLIP) plus the heads every --ckpt-every steps, resumable with its data position."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     tasks = parse_tasks(cfg)
     weights = {t: getattr(cfg, f"w_{t}") for t in tasks}
     ck, name = read_init(cfg)
     cfg = dataclasses.replace(cfg, model=name)
-    torch.manual_seed(cfg.seed)  # the heads' init, the same on every rank
-    C.document_run(cfg.out, cfg, [__file__, C.__file__, M.__file__])
     shards = resolve_shards(cfg)
-    if cfg.labels:
-        check_labels(shards, cfg.labels)
+    if missing := [p for p in shards if cfg.labels and not os.path.isfile(f"{cfg.labels}/{os.path.basename(p)}")]:
+        C.fail(f"{len(missing)} of {len(shards)} data shards have no label shard in {cfg.labels}, e.g. "
+               f"{os.path.basename(missing[0])}; run `cliptex.py label` on them")
+    C.document_run(cfg.out, cfg, [__file__, C.__file__, M.__file__])
+    state = C.load_checkpoint(cfg.resume, cfg.out)  # before any model is built: a file that does not read is one line
+    if state is not None and (state.get("model_name"), state.get("tasks")) != (name, tasks):
+        C.fail(f"checkpoint {cfg.resume} is of {state.get('model_name')} with tasks {state.get('tasks')}, "
+               f"not {name} with {tasks}")
     zs_dir = cfg.zeroshot_data or ("" if cfg.data else synthetic(cfg)["val_folder"])
+    torch.manual_seed(cfg.seed)  # the heads' init, the same on every rank
     clip, tok = load_clip(cfg, ck, name, shards)
     del ck
     spec = M.model_spec(name)
@@ -801,11 +824,7 @@ def train(cfg: Config):
 
     # ---- resume ------------------------------------------------------------------------------------
     start, data_pos = 0, {}
-    state = C.load_checkpoint(cfg.resume, cfg.out)
     if state is not None:
-        if state.get("model_name") != name or state.get("tasks") != tasks:
-            C.fail(f"checkpoint {cfg.resume} is of {state.get('model_name')} with tasks {state.get('tasks')}, "
-                   f"not {name} with {tasks}")
         C.load_state_dict_checked(clip, state["model"], f"checkpoint {cfg.resume}")
         C.load_state_dict_checked(model.heads, state["heads"], f"checkpoint {cfg.resume} (heads)")
         opt.load_state_dict(state["optimizer"])
@@ -832,8 +851,8 @@ def train(cfg: Config):
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     stop = C.StopSignal()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    t0, seen = time.time(), 0
-    for step in range(start, cfg.steps + 1):
+    t0, seen, path = time.time(), 0, None
+    for step in C.progress(range(start, cfg.steps + 1), "train"):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -847,12 +866,17 @@ def train(cfg: Config):
         if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
             if nonfinite.item():
                 C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), {
+            C.save_checkpoint(path := os.path.join(cfg.out, f"ckpt-{step}.pt"), {
                 "model": clip.state_dict(), "heads": model.heads.state_dict(), "tasks": tasks,
                 "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "data": position.state(),
                 "model_name": name, "config": dataclasses.asdict(cfg), "vocab_size": tok.vocab_size})
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
-        if last_step or stopping:
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
+        if stopping:  # SIGTERM: saved above; stop the whole program (compare too), continue with --resume auto
+            C.print0(f"stopped by a signal at step {step}: {path or 'no step taken'}; --resume auto continues")
+            batches.close()  # shuts the workers down: they ignore the signal (C.ignore_stop_signals)
+            C.cleanup_distributed()
+            raise SystemExit(0)
+        if last_step:
             break
 
         # ---- forward, backward, step --------------------------------------------------------------
@@ -889,24 +913,23 @@ def train(cfg: Config):
                     lr=lr, grad_norm=gnorm.item(), samples_per_s=seen * world / (time.time() - t0),
                     skipped=sum(skipped.values()))
             t0, seen = time.time(), 0
+    C.finish_run(cfg.out, path)
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. Evaluation: dense.py's frozen linear probes, and the comparison on the synthetic world
-# ----------------------------------------------------------------------------------------------------
+# ---- 7. Evaluation: dense.py's frozen linear probes, and the comparison on the synthetic world -----------------------
 
 
-def probe(cfg: Config) -> dict:
-    """Zero-shot top-1 of --init and dense.py's frozen linear probes (BN + 1x1 conv on every backbone level) on
-    its backbone: segmentation mIoU and depth RMSE / AbsRel / delta1. No --data: the synthetic world's ground
-    truth (dense.py's defaults for it: 11 classes with background, depth.png = d x 65535)."""
+def probe(cfg: ProbeConfig) -> dict:
+    """Score a CLIP (--init): zero-shot top-1 and dense.py's frozen linear probes of its backbone (seg, depth).
+    Probes: BN + 1x1 conv on every level; mIoU, depth RMSE / AbsRel / delta1. No --data: the synthetic world's truth."""
     import dense
     ck, name = read_init(cfg)
     if ck is None:
         C.fail("probe needs --init: a checkpoint of cliptex.py or mobileclip.py")
     if cfg.data and not cfg.val_data:
         C.fail("probe with --data needs --val-data (held-out shards with seg.png / depth.png)")
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     metrics = {}
     if cfg.eval:
         device = C.setup_distributed(cfg.device)[3]
@@ -922,15 +945,20 @@ def probe(cfg: Config) -> dict:
         r = dense.main(argv + [str(x) for k, v in flags.items() if v != "" for x in (k, v)])
         metrics.update({f"{task}_{k}": v for k, v in r.items() if isinstance(v, (int, float))})
     C.print0(json.dumps(metrics))
+    if C.get_rank() == 0:
+        json.dump(metrics, open(os.path.join(cfg.out, "probe.json"), "w"), indent=1)
+    C.finish_run(cfg.out, extra=f"metrics {os.path.join(cfg.out, 'probe.json')}, the probes in {cfg.out}/probe_*")
     return metrics
 
 
 def compare(cfg: Config) -> dict:
-    """The comparison on the synthetic world: a base CLIP (--init, or mobileclip.py for --base-steps), the expert
-    pass over the first training shard, CLIPTeX and CLIP-FT from the base on it, then zero-shot top-1 and dense.py's
-    linear probes (fit on the last shard, scored on the held-out set) of all three -> OUT/compare.json, a table."""
+    """The comparison on the synthetic world: a base CLIP, then CLIPTeX and CLIP-FT from it, all three probed.
+    The base: --init, or mobileclip.py for --base-steps; the expert pass over the first training shard, CLIPTeX and
+    CLIP-FT on it, zero-shot top-1 and dense.py's linear probes (fit on the last shard, scored on the held-out set)
+    -> OUT/compare.json and a table. Finished steps are reused: an interrupted compare continues."""
     if cfg.data:
         C.fail("compare runs on the synthetic world; on your data run label, train (twice) and probe")
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])  # each step claims its own sub-directory
     init = cfg.init
     if not init:
         base = os.path.join(cfg.out, "base")
@@ -959,16 +987,13 @@ def compare(cfg: Config) -> dict:
                  f"{r.get('depth_rmse', float('nan')):.4f} |")
     if C.get_rank() == 0:
         open(os.path.join(cfg.out, "compare.json"), "w").write(json.dumps(results, indent=1))
+    C.finish_run(cfg.out, extra=f"table {os.path.join(cfg.out, 'compare.json')}, each run in its sub-directory")
     return results
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"label": label, "train": train, "probe": probe, "compare": compare}
-    if not argv or argv[0] not in commands:
-        C.fail(f"usage: cliptex.py {{{','.join(commands)}}} [--flag value ...]; "
-               f"`cliptex.py train --help` lists the flags")
-    return commands[argv[0]](C.parse_config(Config, argv[1:]))
+    return C.run_command(__doc__, {"label": (label, LabelConfig), "train": (train, TrainConfig),
+                                   "probe": (probe, ProbeConfig), "compare": (compare, Config)}, argv)
 
 
 if __name__ == "__main__":
