@@ -654,7 +654,7 @@ def reinforce(cfg: ReinforceConfig):
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.variant not in VARIANTS:
         C.fail(f"--variant must be one of {', '.join(VARIANTS)}, not '{cfg.variant}'")
-    check_precision(cfg)
+    check_flags(cfg)
     C.claim_out(cfg.out)  # one run per folder (run.lock), before anything is read or written
     data = load_data(cfg)
     if cfg.topk > data.num_classes:
@@ -858,12 +858,18 @@ def val_items(cfg: TrainConfig, data: Data):
         if len(names) != data.num_classes:
             C.fail(f"--val-data has {len(names)} class folders, the training data {data.num_classes} classes")
         return items
-    return C.image_folder(synthetic(cfg)["val_folder"], data.classnames)[0] if not cfg.data else []
+    if cfg.data:
+        return []
+    items, names = C.image_folder(synthetic(cfg)["val_folder"])  # a small set may miss classes: map by name
+    return [(p, data.classnames.index(names[y])) for p, y in items]
 
 
-def check_precision(cfg: Shared):
+def check_flags(cfg: Shared):
+    """What the range checks of common.parse_config leave open, before any work."""
     if cfg.precision not in ("auto", "bf16", "fp32"):
         C.fail(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
+    if cfg.synthetic_size < 8:
+        C.fail(f"--synthetic-size {cfg.synthetic_size}: must be >= 8")
 
 
 def train(cfg: TrainConfig):
@@ -877,7 +883,7 @@ def train(cfg: TrainConfig):
         C.fail(f"--aug must be one of {', '.join(VARIANTS)}, not '{cfg.aug}'")
     if cfg.optimizer not in ("sgd", "adamw"):
         C.fail(f"--optimizer must be sgd or adamw, not '{cfg.optimizer}'")
-    check_precision(cfg)
+    check_flags(cfg)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])  # claims --out (run.lock) before anything is written
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # an unreadable --resume file: one line, before any work
     if ckpt is not None and (ckpt.get("kind") != "reinforce_classifier" or ckpt.get("model_name") != cfg.model):

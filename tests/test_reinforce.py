@@ -380,7 +380,8 @@ def _bad(path, name, data=b""):
 
 
 @pytest.mark.parametrize("case", ["batch-size", "epochs", "workers", "reinforce-p", "resume", "tar", "teacher-file",
-                                  "teacher-run", "num-samples", "all-bad-train", "all-bad-reinforce", "other-run"])
+                                  "teacher-run", "num-samples", "synthetic-size", "all-bad-train", "all-bad-reinforce",
+                                  "other-run"])
 def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
     folder, out = _colour_world(tmp_path / "data", 6, 0), str(tmp_path / "out")
     junk = str(tmp_path / "junk")
@@ -400,6 +401,7 @@ def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
         "teacher-file": (rf + ["--teachers", "resnet18=" + _bad(tmp_path, "w.pth", b"junk")], "cannot read"),
         "teacher-run": (rf + ["--teachers", _bad(tmp_path, "t.pt")], "cannot read checkpoint"),
         "num-samples": (rf + ["--num-samples", "0"], "--num-samples 0: must be >= 1"),
+        "synthetic-size": (rf + ["--synthetic-size", "4"], "--synthetic-size 4: must be >= 8"),
         "all-bad-train": (train + ["--data", junk], "no readable image in epoch 1: all 4 failed to load; reasons in"),
         "all-bad-reinforce": (rf + ["--data", junk, "--teachers", _teacher(str(tmp_path / "good.pt"), 2)],
                               "no readable image in --data: all 4 failed to load; reasons in"),
