@@ -61,7 +61,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from dataclasses import dataclass

@@ -4,6 +4,9 @@ student from an ImageNet weights file, and a tiny run of the whole comparison on
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +237,128 @@ def test_torchvision_student_from_an_imagenet_file(world, tmp_path, capsys):
         T.build_backbone("torchvision:mobilenet_v3_small", path)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit" in err[0], err
+
+
+# ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN_FLAG = {"demo": ("--pool-offdomain", "--nothing"), "retrieve": ("--per-query", "--num-classes"),
+            "teacher": ("--probe-steps", "--student"), "distill": ("--kd", "--init"), "finetune": ("--init", "--kd")}
+
+
+def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "transfer.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert all(f"  {name} " in out.stdout for name in OWN_FLAG) and "Knowledge Transfer" in out.stdout
+    for name, (own, other) in OWN_FLAG.items():
+        with pytest.raises(SystemExit) as e:
+            T.main([name, "--help"])
+        text = capsys.readouterr().out
+        assert e.value.code == 0 and own in text and other not in text, name
+        assert text.count("--batch-size") == 2  # a shared flag once (usage line and its entry)
+
+
+BAD = [(["finetune", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+       (["finetune", "--data", "{lab}", "--steps", "-5"], "--steps -5: must be >= 0"),
+       (["teacher", "--lr", "-1"], "--lr -1.0: must be >= 0"),
+       (["distill", "--workers", "-1"], "--workers -1: must be >= 0"),
+       (["demo", "--pool-offdomain", "1.5"], "--pool-offdomain 1.5: must be between 0 and 1"),
+       (["finetune", "--data", "{lab}", "--num-classes", "0"], "--num-classes 0: must be >= 1"),
+       (["finetune", "--data", "{tar}"], "empty"),
+       (["retrieve", "--pool", "{tar}", "--random-size", "5"], "--pool"),
+       (["retrieve", "--pool", "{lab}", "--queries", "{tar}", "--encoder", "{pt}"], "--queries"),
+       (["finetune", "--data", "{lab}", "--test", "{tmp}/nope"], "--test"),
+       (["finetune", "--data", "{lab}", "--resume", "{pt}"], "empty file (0 bytes)"),
+       (["finetune", "--data", "{lab}", "--init", "{pt}"], "--init {pt}: cannot read it (empty file"),
+       (["finetune", "--data", "{lab}", "--init", "imagenet={pt}", "--student", "torchvision:mobilenet_v3_small"],
+        "--init imagenet={pt}: cannot read it"),
+       (["distill", "--data", "{lab}", "--teacher", "{pt}"], "--teacher {pt}: cannot read it"),
+       (["distill", "--data", "{lab}", "--teacher", "{tmp}"], "--teacher {tmp}: no ckpt-*.pt"),
+       (["teacher", "--data", "{lab}", "--foundation", "{pt}"], "--foundation {pt}: cannot read it"),
+       (["finetune", "--data", "{bad}", "--num-classes", "3"], "no usable sample in a whole pass")]  # every image bad
+
+
+@pytest.mark.parametrize("argv,msg", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
+def test_bad_input_gets_one_line_before_any_work(argv, msg, world, tmp_path, capsys):
+    paths = dict(lab=T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 2), tar=str(tmp_path / "x.tar"),
+                 pt=str(tmp_path / "x.pt"), tmp=str(tmp_path))
+    open(paths["tar"], "wb").close()  # zero bytes
+    open(paths["pt"], "wb").close()
+    C.write_shard(paths.setdefault("bad", str(tmp_path / "bad.tar")),
+                  [{"__key__": f"k{i}", "jpg": b"not an image", "json": {"label": 0}} for i in range(5)])
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main([argv[0], "--out", out, "--image-size", "32", "--workers", "0"] + [a.format(**paths) for a in argv[1:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and msg.format(**paths) in err[0], err
+    assert not os.path.exists(out) or not C.checkpoints(out)
+
+
+def test_imagenet_download_failure_is_one_line(monkeypatch, capsys):
+    import urllib.error
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # nothing is downloaded
+    with pytest.raises(SystemExit):
+        T.build_backbone("torchvision:mobilenet_v3_small", "DEFAULT")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not fetch the mobilenet_v3_small weights" in err[0] and "imagenet=FILE" in err[0]
+
+
+def test_one_run_per_out(world, tmp_path, capsys):
+    """A live run's --out is refused naming the holder; a fresh run (--resume '') into another run's checkpoints
+    stops with one line, or with --overwrite moves them to OUT/previous-1/; the log marks each run's start."""
+    lab = T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 2)
+    out = str(tmp_path / "ft")
+    args = ["finetune", "--data", lab, "--num-classes", "3", "--image-size", "32", "--steps", "2", "--batch-size", "4",
+            "--warmup", "1", "--workers", "0", "--out", out]
+    T.main(args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        T.main(args + ["--resume", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another run's checkpoints (ckpt-2.pt" in err[0], err
+    T.main(args + ["--resume", "", "--overwrite"])
+    assert os.listdir(os.path.join(out, "previous-1")) and C.checkpoints(out) == [os.path.join(out, "ckpt-2.pt")]
+    starts = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r.get("event") == "start"]
+    assert len(starts) == 1 and starts[0]["config"]["overwrite"]
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import common; "
+                               f"common.claim_out({str(tmp_path / 'held')!r}); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit):
+            T.main(args[:-1] + [str(tmp_path / "held")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid}" in err[0] and "in use by another run" in err[0], err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(world, tmp_path):
+    """kill -TERM -PGID of a run with a DataLoader worker: the worker ignores the signal, the main process saves a
+    checkpoint at the current step and exits 0; --resume auto (the default) then logs the losses of a run never
+    stopped, step for step."""
+    lab = T.write_labelled(world["train"], str(tmp_path / "labelled"), 3, 4)
+    args = ["finetune", "--data", lab, "--num-classes", "3", "--image-size", "32", "--steps", "12", "--batch-size", "4",
+            "--warmup", "2", "--log-every", "1", "--ckpt-every", "100", "--workers", "1"]
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "transfer.py"), *args, "--out", str(tmp_path / "a")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in run.stdout:
+        if line.startswith("step 2 "):
+            os.killpg(run.pid, signal.SIGTERM)
+            break
+    out, err = run.communicate(timeout=120)
+    saved = C.checkpoints(str(tmp_path / "a"))
+    assert run.returncode == 0 and "Traceback" not in err and len(saved) == 1, err
+    stopped = torch.load(saved[0], weights_only=True)["step"]
+    assert 2 <= stopped < 12 and f"stopped by a signal at step {stopped}" in out
+    T.main(args + ["--out", str(tmp_path / "a")])  # resumes
+    T.main(args + ["--out", str(tmp_path / "b")])  # never stopped
+    loss = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if "loss" in r}
+    a, b = loss("a"), loss("b")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in b), (a, b)
