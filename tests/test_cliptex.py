@@ -5,6 +5,9 @@ tiny comparison: pseudo-supervised training gives better linear-probe features t
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -315,3 +318,104 @@ def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, world, tmp_p
     assert runs["cliptex"][1] > runs["clipft"][1]
     assert runs["cliptex"][2] < runs["clipft"][2] - 0.003
     assert runs["cliptex"][0] > runs["clipft"][0] - 1
+
+
+# ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN_FLAG = {"label": ("--experts", "--steps"), "train": ("--tasks", "--experts"), "probe": ("--probe-steps", "--tasks"),
+            "compare": ("--base-steps", "--nothing")}
+
+
+def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "cliptex.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "CLIPTeX" in out.stdout
+    assert all(f"  {name} " in out.stdout for name in OWN_FLAG)
+    for name, (own, other) in OWN_FLAG.items():
+        with pytest.raises(SystemExit) as e:
+            X.main([name, "--help"])
+        text = capsys.readouterr().out
+        assert e.value.code == 0 and own in text and other not in text, name
+        assert text.count("--device") == 2  # a shared flag once (usage line and its entry)
+    with pytest.raises(SystemExit) as e:  # no command: the list, and one line saying a command is needed
+        X.main([])
+    assert e.value.code != 0 and capsys.readouterr().err.strip().splitlines()[-1] == "error: a command is needed"
+
+
+BAD = [(["train", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+       (["train", "--steps", "-5"], "--steps -5: must be >= 0"),
+       (["train", "--lr", "-1"], "--lr -1.0: must be >= 0"),
+       (["train", "--workers", "-1"], "--workers -1: must be >= 0"),
+       (["train", "--max-skip-frac", "1.5"], "--max-skip-frac 1.5: must be between 0 and 1"),
+       (["label", "--seg-threshold", "2"], "--seg-threshold 2.0: must be between 0 and 1"),
+       (["label", "--data", "{tar}"], "--data {tar}: its shard file(s) empty"),
+       (["train", "--baseline", "--data", "{tar}"], "--data {tar}: its shard file(s) empty"),
+       (["train", "--baseline", "--data", "{shard}", "--resume", "{pt}"], "empty file (0 bytes)"),
+       (["train", "--baseline", "--data", "{shard}", "--init", "{pt}"], "--init {pt}: cannot read it (empty file"),
+       (["train", "--baseline", "--data", "{shard}", "--init", "{txt}"], "--init {txt}: cannot read it"),
+       (["probe", "--init", "{pt}"], "--init {pt}: cannot read it"),
+       (["label", "--data", "{shard}", "--experts", "depth", "--depth-expert", "torch.nn:Identity", "--depth-weights",
+         "{pt}"], "--depth-weights {pt}: not a state-dict file (empty file"),
+       (["label", "--data", "{shard}", "--experts", "seg", "--seg-expert", "torchvision:lraspp_mobilenet_v3_large",
+         "--seg-weights", "{pt}"], "--seg-weights {pt}: not a state-dict file (empty file"),
+       (["train", "--baseline", "--data", "{bad}", "--workers", "0"], "no usable sample in a whole pass"),
+       (["label", "--data", "{bad}"], "no sample of {bad} could be labelled")]  # every image bad
+
+
+@pytest.mark.parametrize("argv,msg", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
+def test_bad_input_gets_one_line_before_any_work(argv, msg, world, tmp_path, capsys):
+    paths = dict(tar=str(tmp_path / "x.tar"), pt=str(tmp_path / "x.pt"), txt=str(tmp_path / "x.txt"),
+                 shard=os.path.join(world["train"], "train-00000.tar"))
+    open(paths["tar"], "wb").close()  # zero bytes
+    open(paths["pt"], "wb").close()
+    open(paths["txt"], "w").write("not a checkpoint\n")
+    C.write_shard(paths.setdefault("bad", str(tmp_path / "bad.tar")),
+                  [{"__key__": f"k{i}", "jpg": b"not an image", "txt": "a red circle"} for i in range(5)])
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        X.main([argv[0], "--out", out, "--device", "cpu"] + [a.format(**paths) for a in argv[1:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and msg.format(**paths) in err[0], err
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith((".pt", ".tar"))]
+
+
+def baseline_args(shard, out, steps, *extra):
+    return ["train", "--baseline", "--data", shard, "--out", out, "--steps", str(steps), "--batch-size", "8",
+            "--log-every", "1", "--warmup", "2", "--no-eval", "--device", "cpu", *extra]
+
+
+def test_a_new_run_into_another_runs_checkpoints_stops(world, tmp_path, capsys):
+    shard, out = os.path.join(world["train"], "train-00000.tar"), str(tmp_path / "t")
+    X.main(baseline_args(shard, out, 2, "--workers", "0"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        X.main(baseline_args(shard, out, 2, "--workers", "0"))  # no --resume
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another run's checkpoints (ckpt-2.pt" in err[0] and "--overwrite" in err[0], err
+
+
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(world, tmp_path):
+    """kill -TERM -PGID of a run without DataLoader workers (--workers 0): it saves a checkpoint at the current step
+    and exits 0; --resume auto then logs the losses of a run never stopped, step for step."""
+    shard = os.path.join(world["train"], "train-00000.tar")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "cliptex.py"), *baseline_args(shard, a, 10, "--workers",
+                                                                                              "0")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in run.stdout:
+        if line.startswith("step 2 "):
+            os.killpg(run.pid, signal.SIGTERM)
+            break
+    out, err = run.communicate(timeout=300)
+    saved = C.checkpoints(a)
+    assert run.returncode == 0 and "Traceback" not in err and len(saved) == 1, err
+    stopped = torch.load(saved[0], weights_only=True)["step"]
+    assert 2 <= stopped < 10 and f"stopped by a signal at step {stopped}" in out
+    X.main(baseline_args(shard, a, 10, "--workers", "0", "--resume", "auto"))
+    X.main(baseline_args(shard, b, 10, "--workers", "0"))
+    loss = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if "loss" in r}
+    la, lb = loss(a), loss(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 11))
+    assert all(la[s] == pytest.approx(lb[s], rel=1e-5) for s in lb), (la, lb)
