@@ -493,26 +493,27 @@ def load_stage(path: str, kind: str, device) -> tuple[nn.Module, dict]:
 
 def check_flags(cfg: Shared):
     """What the range checks of common.parse_config leave open, one line each, before any work."""
+    bad = []  # (is it wrong, the line)
     if isinstance(cfg, Training):
-        if cfg.precision not in ("auto", "bf16", "fp32"):
-            C.fail(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
-        if cfg.weight_decay < 0:
-            C.fail(f"--weight-decay {cfg.weight_decay}: must be >= 0")
+        bad += [(cfg.precision not in ("auto", "bf16", "fp32"), f"--precision {cfg.precision}: auto, bf16 or fp32"),
+                (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay}: must be >= 0")]
     if isinstance(cfg, TrainModelConfig):
-        if cfg.model not in MODELS and not cfg.model.startswith("torchvision:"):
-            C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)} or torchvision:<name>")
-        for flag, v in (("--embed-dim", cfg.embed_dim), ("--image-size", cfg.image_size)):
-            if v < 1:
-                C.fail(f"{flag} {v}: must be >= 1")
+        bad += [(cfg.model not in MODELS and not cfg.model.startswith("torchvision:"),
+                 f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)} or torchvision:<name>"),
+                (cfg.embed_dim < 1, f"--embed-dim {cfg.embed_dim}: must be >= 1"),
+                (cfg.image_size < 1, f"--image-size {cfg.image_size}: must be >= 1")]
     if isinstance(cfg, AlignConfig):
-        if cfg.loss not in ("fastfill", "fct"):
-            C.fail(f"--loss must be fastfill or fct, not '{cfg.loss}'")
-        if cfg.inner_dim < 1 or cfg.mu_uncertainty <= 0:
-            C.fail(f"--inner-dim {cfg.inner_dim}, --mu-uncertainty {cfg.mu_uncertainty}: must be >= 1 and > 0")
+        bad += [(cfg.loss not in ("fastfill", "fct"), f"--loss must be fastfill or fct, not '{cfg.loss}'"),
+                (cfg.inner_dim < 1, f"--inner-dim {cfg.inner_dim}: must be >= 1"),
+                (cfg.mu_uncertainty <= 0, f"--mu-uncertainty {cfg.mu_uncertainty}: must be > 0")]
     if isinstance(cfg, BackfillConfig):
         orders = [o.strip() for o in cfg.order.split(",") if o.strip()]
-        if not orders or set(orders) - {"sigma", "random", "distance"} or cfg.points < 2:
-            C.fail(f"--order {cfg.order} --points {cfg.points}: orders are sigma, random, distance; points >= 2")
+        bad += [(not orders or bool(set(orders) - {"sigma", "random", "distance"}),
+                 f"--order {cfg.order}: a comma-separated list of sigma, random, distance"),
+                (cfg.points < 2, f"--points {cfg.points}: must be >= 2")]
+    for wrong, line in bad:
+        if wrong:
+            C.fail(line)
 
 
 def recipe(cfg: Training, stage: str) -> tuple[int, float]:

@@ -367,7 +367,7 @@ def _stage_file(path, **meta):
     return path
 
 
-@pytest.mark.parametrize("case", ["batch-size", "epochs", "mu", "points", "model", "resume", "tar", "bct", "old",
+@pytest.mark.parametrize("case", ["batch-size", "epochs", "mu", "points", "order", "model", "resume", "tar", "bct", "old",
                                   "all-bad-train", "all-bad-backfill", "other-run", "other-run-auto"])
 def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
     folder, junk, out = _folder(tmp_path / "data", 6), _folder(tmp_path / "junk", 4, junk=True), str(tmp_path / "out")
@@ -380,8 +380,9 @@ def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
     argv, msg = {
         "batch-size": (tm + ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
         "epochs": (tm + ["--epochs", "-5"], "--epochs -5: must be >= 0"),
-        "mu": (al + ["--mu-uncertainty", "0"], "--mu-uncertainty 0.0: must be >= 1 and > 0"),
-        "points": (bf + ["--points", "1"], "points >= 2"),
+        "mu": (al + ["--mu-uncertainty", "0"], "--mu-uncertainty 0.0: must be > 0"),
+        "points": (bf + ["--points", "1"], "--points 1: must be >= 2"),
+        "order": (bf + ["--order", "sigma,best"], "--order sigma,best: a comma-separated list of sigma, random, distance"),
         "model": (tm + ["--model", "resnet_huge"], "unknown model 'resnet_huge'"),
         "resume": (tm + ["--resume", empty], f"cannot read checkpoint {empty}: empty file"),
         "tar": (tm + ["--data", str(tmp_path / "empty.tar")], "image folder not found"),
