@@ -1,7 +1,5 @@
-"""CLIP meets Model Zoo Experts: Pseudo-Supervision for Visual Enhancement (CLIPTeX; arXiv 2310.14108,
-Salehi et al., Apple).
-
-The method: run task experts from model zoos once over an image-text set, store their hard pseudo-labels, then
+"""CLIP meets Model Zoo Experts: Pseudo-Supervision for Visual Enhancement (CLIPTeX; arXiv 2310.14108, Salehi et al.,
+Apple). The method: run task experts from model zoos once over an image-text set, store their hard pseudo-labels, then
 continue CLIP training with the contrastive loss plus task losses through light heads on the image backbone. The
 enhanced CLIP's dense features improve (segmentation, depth, ...) while its zero-shot classification is kept.
 
@@ -467,9 +465,8 @@ def resolve_shards(cfg: Shared) -> list[str]:
 
 
 def synthetic(cfg: Config) -> dict:
-    size = M.model_spec(cfg.model)["image_size"]
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
-    return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, size, seed=0)
+    return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, M.model_spec(cfg.model)["image_size"], 0)
 
 
 # ---- 3. Training data: image-text samples joined with their pseudo-labels, one crop for both -------------------------
@@ -783,6 +780,8 @@ def parse_tasks(cfg: TrainConfig) -> list[str]:
         C.fail("train needs --labels (the folder `cliptex.py label` wrote), or --baseline for contrastive only")
     if cfg.labels and not os.path.isdir(cfg.labels):
         C.fail(f"--labels folder not found: {cfg.labels}")
+    if small := [k for k in ("seg_classes", "det_classes", "head_width") if getattr(cfg, k) < 1]:
+        C.fail(f"--{small[0].replace('_', '-')} {getattr(cfg, small[0])}: must be >= 1")
     return tasks
 
 

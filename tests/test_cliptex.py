@@ -320,7 +320,7 @@ def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, world, tmp_p
     assert runs["cliptex"][0] > runs["clipft"][0] - 1
 
 
-# ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ------------------------------------------------------
+# ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ---------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN_FLAG = {"label": ("--experts", "--steps"), "train": ("--tasks", "--experts"), "probe": ("--probe-steps", "--tasks"),
@@ -348,6 +348,8 @@ BAD = [(["train", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
        (["train", "--workers", "-1"], "--workers -1: must be >= 0"),
        (["train", "--max-skip-frac", "1.5"], "--max-skip-frac 1.5: must be between 0 and 1"),
        (["label", "--seg-threshold", "2"], "--seg-threshold 2.0: must be between 0 and 1"),
+       (["train", "--seg-classes", "0", "--labels", "{tmp}"], "--seg-classes 0: must be >= 1"),
+       (["train", "--head-width", "0", "--labels", "{tmp}"], "--head-width 0: must be >= 1"),
        (["label", "--data", "{tar}"], "--data {tar}: its shard file(s) empty"),
        (["train", "--baseline", "--data", "{tar}"], "--data {tar}: its shard file(s) empty"),
        (["train", "--baseline", "--data", "{shard}", "--resume", "{pt}"], "empty file (0 bytes)"),
@@ -364,7 +366,7 @@ BAD = [(["train", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
 
 @pytest.mark.parametrize("argv,msg", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
 def test_bad_input_gets_one_line_before_any_work(argv, msg, world, tmp_path, capsys):
-    paths = dict(tar=str(tmp_path / "x.tar"), pt=str(tmp_path / "x.pt"), txt=str(tmp_path / "x.txt"),
+    paths = dict(tar=str(tmp_path / "x.tar"), pt=str(tmp_path / "x.pt"), txt=str(tmp_path / "x.txt"), tmp=str(tmp_path),
                  shard=os.path.join(world["train"], "train-00000.tar"))
     open(paths["tar"], "wb").close()  # zero bytes
     open(paths["pt"], "wb").close()

@@ -239,7 +239,7 @@ def test_torchvision_student_from_an_imagenet_file(world, tmp_path, capsys):
     assert len(err) == 1 and "does not fit" in err[0], err
 
 
-# ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ------------------------------------------------------
+# ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ---------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN_FLAG = {"demo": ("--pool-offdomain", "--nothing"), "retrieve": ("--per-query", "--num-classes"),
