@@ -4,12 +4,8 @@ checkpoints, evaluation and logging.
 
 Contract (see DESIGN.md): this module imports nothing from the scripts, runs nothing at import and reads
 no global config. Every function takes explicit arguments, so any of them can be copied out alone.
-Sections, in order:
-  1. Config and CLI           6. Losses shared by several papers
-  2. Distributed              7. Optimisation
-  3. Attention and models     8. Checkpoints
-  4. Tokenizer                9. Evaluation
-  5. Data                    10. Logging
+Sections, in order: 1. Config and CLI, 2. Distributed, 3. Attention and models, 4. Tokenizer, 5. Data,
+6. Losses shared by several papers, 7. Optimisation, 8. Checkpoints, 9. Evaluation, 10. Logging.
 """
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ import glob
 import gzip
 import heapq
 import html
-import html.entities
 import inspect
 import io
 import json
@@ -38,7 +33,6 @@ import typing
 import unicodedata
 import warnings
 import zlib
-from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -52,21 +46,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 # ==== 1. Config and CLI ===============================================================================
-
-
-def _field_help(cls) -> dict[str, str]:
-    """The trailing `# comment` of each dataclass field becomes its --help text."""
-    helps = {}
-    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
-            helps[m.group(1)] = m.group(2).strip()
-    return helps
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag's help; the description's line breaks kept."""
 
@@ -83,24 +62,21 @@ RANGES = [(r".*_(frac|prob|p)|alt_noise|pool_offdomain|(aug_|crop_)?min_scale|cr
            r"|label_smoothing|.*_threshold", 0, 1),
           (r"(.*_)?batch(_size)?(_.*)?|(log|ckpt)_every|shuffle_buffer|masks_per_image|num_(augs|captions|samples)"
            r"|topk|points|chunk|per_query|shots|(shard|part)_size|temperature", 1, None),
-          (r"(.*_)?(steps|epochs|every|workers|images|ckpts|max|warmup(_epochs)?|size|dim|classes|labels"
-           r"|synthetic_.*|mix_pool|calib_samples)|(.*_)?lr(_.*)?|grad_clip|lambda_.*|.*_lambda|.*_weight|w_.*", 0, None)]
+          (r"(.*_)?(steps|epochs|every|workers|images|ckpts|max|warmup(_epochs)?|size|dim|classes|labels|synthetic_.*"
+           r"|mix_pool|calib_samples)|(.*_)?lr(_.*)?|grad_clip|lambda_.*|.*_lambda|.*_weight|w_.*", 0, None)]
 
 
 def check_ranges(cfg) -> None:
     """One line for the first numeric field that is not finite or out of its range (RANGES)."""
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v == f.default:
             continue
-        flag = "--" + f.name.replace("_", "-")
         if not math.isfinite(v):
             fail(f"{flag} {v}: must be a finite number")
-        for pattern, lo, hi in RANGES:
-            if re.fullmatch(pattern, f.name):
-                if v < lo or (hi is not None and v > hi):
-                    fail(f"{flag} {v}: must be " + (f"between {lo} and {hi}" if hi is not None else f">= {lo}"))
-                break
+        lo, hi = next(((lo, hi) for pattern, lo, hi in RANGES if re.fullmatch(pattern, f.name)), (-math.inf, None))
+        if v < lo or (hi is not None and v > hi):
+            fail(f"{flag} {v}: must be " + (f"between {lo} and {hi}" if hi is not None else f">= {lo}"))
 
 
 def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog: str | None = None,
@@ -108,21 +84,25 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
     """Build a CLI from the dataclass `cls`: every field `foo_bar` becomes `--foo-bar` (booleans get
     `--x/--no-x`), unknown flags are rejected, numbers are range-checked (`check_ranges`), and the resolved
     config is printed on rank 0. --help: the module docstring's first paragraph (or `description`), then
-    every flag with its comment and default."""
-    hints = typing.get_type_hints(cls)
-    helps = _field_help(cls)
+    every flag with its comment and default (a field's trailing `# comment`)."""
+    hints, helps = typing.get_type_hints(cls), {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
+            helps[m.group(1)] = m.group(2).strip()
     doc = description if description is not None else first_paragraph(sys.modules[cls.__module__].__doc__)
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         typ, flag = hints[f.name], "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = helps.get(f.name, " ").replace("%", "%%")  # argparse formats help with %
-        if typ is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
-            continue
         if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
             typ = next(a for a in typing.get_args(typ) if a is not type(None))  # `str | None` -> str
-        parser.add_argument(flag, dest=f.name, type=typ, default=default, help=text)
+        kind = {"action": argparse.BooleanOptionalAction} if hints[f.name] is bool else {"type": typ}
+        parser.add_argument(flag, dest=f.name, default=default, help=text, **kind)
     cfg = cls(**vars(parser.parse_args(argv)))
     check_ranges(cfg)
     if verbose:
@@ -152,8 +132,7 @@ def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, 
             fail(f"unknown command '{argv[0]}'" if argv else "a command is needed")
         raise SystemExit(0)
     fn, cls = commands[name]
-    cfg = parse_config(cls, argv, prog=f"{script} {name}", description=first_paragraph(fn.__doc__))
-    return fn(cfg)
+    return fn(parse_config(cls, argv, prog=f"{script} {name}", description=first_paragraph(fn.__doc__)))
 
 
 def fail(msg: str):
@@ -163,8 +142,6 @@ def fail(msg: str):
 
 
 # ==== 2. Distributed ==================================================================================
-
-
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
@@ -184,15 +161,12 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     process group (NCCL on GPU, gloo on CPU) and pick the device. Returns (rank, local_rank, world, device)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
     if device == "cuda":
-        if not torch.cuda.is_available():
-            fail("--device cuda was asked for but CUDA is not available")
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if world > 1 and not dist.is_initialized():
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
@@ -220,15 +194,12 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 # ==== 3. Attention and transformer blocks, ViT, text transformer, CLIP ================================
-
-
 def attention(q, k, v, mask=None, causal: bool = False):
     """Fused path: q, k, v (B, H, N, Dh) -> (B, H, N, Dh) with torch's SDPA (flash / memory-efficient
     kernels on GPU). `mask` is boolean, True = may attend, broadcastable to (B, H, N, N)."""
     if causal and mask is not None:  # SDPA takes one or the other: fold the triangle into the mask
         n = q.shape[-2]
-        mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        causal = False
+        mask, causal = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
@@ -251,8 +222,7 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         self.heads, self.fused = heads, True  # fused=False switches to attention_reference (tests, bench)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=bias), nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x, mask=None, causal: bool = False):
         B, N, D = x.shape
@@ -284,8 +254,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+        self.attn, self.mlp = Attention(dim, heads), MLP(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x, mask=None, causal: bool = False):
         x = x + self.attn(self.norm1(x), mask, causal)
@@ -301,8 +270,8 @@ def run_blocks(blocks, x, checkpointing: bool, causal: bool = False):
 
 
 class ViT(nn.Module):
-    """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions,
-    ln_pre, blocks, ln_post on the class token, linear projection to the joint embedding."""
+    """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions, ln_pre,
+    blocks, ln_post on the class token, linear projection to the joint embedding."""
 
     def __init__(self, image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512,
                  mlp_ratio=4.0, act="gelu", grad_checkpointing=False):
@@ -314,8 +283,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(n + 1, width) * width**-0.5)
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+        self.norm, self.proj = nn.LayerNorm(width), nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 
     def forward_tokens(self, x):
         """(B, 3, H, W) -> all tokens after ln_post, (B, 1 + N, D); dense tasks use the patch tokens."""
@@ -341,12 +309,10 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+        self.norm, self.proj = nn.LayerNorm(width), nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 
     def forward(self, ids):
-        N = ids.shape[1]
-        x = self.token_embed(ids) + self.pos_embed[:N]  # (B, N, D)
+        x = self.token_embed(ids) + self.pos_embed[:ids.shape[1]]  # (B, N, D)
         x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=self.causal))
         return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.proj  # (B, E)
 
@@ -367,8 +333,7 @@ class CLIP(nn.Module):
 
     def forward(self, images, ids):
         """Normalised image and text embeddings (B, E) each, and the clamped scale exp(logit_scale) <= 100."""
-        return (self.encode_image(images, True), self.encode_text(ids, True),
-                self.logit_scale.exp().clamp(max=100.0))
+        return self.encode_image(images, True), self.encode_text(ids, True), self.logit_scale.exp().clamp(max=100.0)
 
 
 def build_clip(image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512, text_width=512,
@@ -437,8 +402,7 @@ def openclip_config(sd: dict) -> dict:
     return dict(image_size=grid * patch, patch=patch, width=width, layers=count("visual.transformer.resblocks."),
                 heads=width // _HEAD_WIDTH.get(width, 64), embed_dim=sd["visual.proj"].shape[1], text_width=text_width,
                 text_layers=count("transformer.resblocks."), text_heads=text_width // 64,
-                vocab_size=sd["token_embedding.weight"].shape[0],
-                context_length=sd["positional_embedding"].shape[0],
+                vocab_size=sd["token_embedding.weight"].shape[0], context_length=sd["positional_embedding"].shape[0],
                 mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
 
 
@@ -469,8 +433,8 @@ def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or bad:
-        detail = (f"shape of {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}" if bad else
-                  f"missing {len(missing)} keys (e.g. {missing[:2]}), unexpected {len(unexpected)} (e.g. {unexpected[:2]})")
+        detail = (f"shape of {bad[0]}: {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}" if bad else f"missing "
+                  f"{len(missing)} keys (e.g. {missing[:2]}), unexpected {len(unexpected)} (e.g. {unexpected[:2]})")
         fail(f"{what} does not fit this model: {detail}")
     model.load_state_dict(sd)
 
@@ -672,9 +636,8 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
             pair_count[p] += f
             where[p].add(i)
     # Max-heap keyed by (count, pair), ties to the smallest pair; entries with a stale count are skipped.
-    heap = [(-c, p) for p, c in pair_count.items()]
+    heap, merges = [(-c, p) for p, c in pair_count.items()], []
     heapq.heapify(heap)
-    merges = []
     while heap and len(merges) < vocab_size - 514:
         neg, pair = heapq.heappop(heap)
         if pair_count.get(pair, 0) != -neg:
@@ -722,11 +685,10 @@ def expand_shards(spec: str) -> list[str]:
     URLs and commands are brace-expanded and streamed when read, never written to disk."""
     out = []
     for part in spec.split("::"):
-        if part.startswith(("pipe:", "http://", "https://")):
-            out += _braces(part)
-            continue
         for p in _braces(part):
-            if os.path.isdir(p):
+            if part.startswith(("pipe:", "http://", "https://")):
+                out.append(p)
+            elif os.path.isdir(p):
                 out += sorted(glob.glob(os.path.join(p, "**", "*.tar"), recursive=True))
             elif any(c in p for c in "*?["):
                 out += sorted(glob.glob(p, recursive=True))
@@ -739,10 +701,6 @@ def expand_shards(spec: str) -> list[str]:
     return out
 
 
-def _count(skipped: dict, reason: str):
-    skipped[reason] = skipped.get(reason, 0) + 1
-
-
 class PipeFailed(OSError):
     """A `pipe:` shard's command exited non-zero."""
 
@@ -752,13 +710,10 @@ def open_shard(source: str):
     """A shard as a readable byte stream: a local file, an http(s) URL (urllib) or `pipe:CMD` (a shell
     command's standard output, read as it comes). A command that exits non-zero raises PipeFailed with the
     last line it wrote to stderr, once its output (read like a tar cut off) is used up."""
-    if source.startswith(("http://", "https://")):
-        import urllib.request
-        with urllib.request.urlopen(source, timeout=120) as f:
-            yield f
-        return
     if not source.startswith("pipe:"):
-        with open(source, "rb") as f:
+        import urllib.request
+        url = source.startswith(("http://", "https://"))
+        with urllib.request.urlopen(source, timeout=120) if url else open(source, "rb") as f:
             yield f
         return
     import subprocess
@@ -793,21 +748,18 @@ def iter_tar_samples(path: str, skipped: dict):
     try:
         with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streaming: never seeks
             for m in tar:
-                if not m.isfile():
-                    continue
                 d, base = os.path.split(m.name)
-                if base.startswith("."):
+                if not m.isfile() or base.startswith("."):
                     continue
                 k, _, suffix = base.partition(".")
-                k = os.path.join(d, k)
-                if k != key and sample:
+                if (k := os.path.join(d, k)) != key and sample:
                     yield sample
                     sample = {}
-                key = k
-                sample["__key__"] = k
+                key = sample["__key__"] = k
                 sample[suffix.lower()] = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # OSError: also urllib's URLError, HTTPError
-        _count(skipped, "pipe_failed" if isinstance(e, PipeFailed) else f"broken_tar:{type(e).__name__}")
+        reason = "pipe_failed" if isinstance(e, PipeFailed) else f"broken_tar:{type(e).__name__}"
+        skipped[reason] = skipped.get(reason, 0) + 1
         if path.startswith(("pipe:", "http://", "https://")):  # a remote source: say which, once
             print(f"data: skipped {path} ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
         sample = {}  # the last sample may be incomplete
@@ -843,8 +795,7 @@ def bytes_to_tensor(data: bytes) -> torch.Tensor:
 
 
 def decode_image_tensor(sample: dict) -> torch.Tensor:
-    """The sample's image as uint8 (3, H, W) (`bytes_to_tensor`), the fast training path; raises on a missing
-    or undecodable image (caller counts and skips)."""
+    """The sample's image as uint8 (3, H, W) (`bytes_to_tensor`, the fast training path); raises if missing or bad."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             return bytes_to_tensor(sample[ext])
@@ -868,8 +819,7 @@ def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0)
     cut to the nearest allowed aspect ratio, centred (torchvision's fallback)."""
     area, log_ratio = w * h, (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        target, aspect = area * rng.uniform(*scale), math.exp(rng.uniform(*log_ratio))
         cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
             top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
@@ -988,8 +938,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     = [epoch, raw samples read in that epoch]. The trainer keeps the `__pos__` of the last batch it consumed
     from each worker (`DataPosition`); given back as `start_pos` (with `start_batch`, the batches consumed),
     each worker fast-forwards to it without decoding, so a resumed run sees exactly the batches an
-    uninterrupted one would have seen, in the same order.
-    """
+    uninterrupted one would have seen, in the same order."""
 
     def __init__(self, shards: list[str], decode, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2000, start_pos: dict | None = None,
@@ -1008,18 +957,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         else:  # every consumer reads the same shard order, so "every n-th sample" partitions them
             mine, every, offset = list(self.shards), consumers, consumer
             random.Random(hash((self.seed, epoch)) & 0xFFFFFFFF).shuffle(mine)
-        buf, i = [], 0
-        for path in mine:
-            for s in self.read_shard(path, skipped):
-                i += 1
-                if (i - 1) % every != offset:
-                    continue
-                if len(buf) < self.buffer:
-                    buf.append(s)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], s = s, buf[j]
-                yield s
+        buf = []
+        for i, s in enumerate(s for path in mine for s in self.read_shard(path, skipped)):
+            if i % every != offset:
+                continue
+            if len(buf) < self.buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
         rng.shuffle(buf)
         yield from buf
 
@@ -1042,7 +989,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 try:
                     batch.append(self.decode(s))
                 except Exception as e:  # corrupt image, bad caption...: skip and count, never crash
-                    _count(skipped, type(e).__name__)
+                    skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
                     continue
                 good += 1
                 if len(batch) == self.batch_size:
@@ -1074,15 +1021,11 @@ class Loader(torch.utils.data.DataLoader):
     """A DataLoader whose DataError, raised in a worker, ends the run with its one line, not a traceback."""
 
     def __iter__(self):
-        it = super().__iter__()
-        while True:
-            try:
-                yield next(it)
-            except StopIteration:
-                return
-            except DataError as e:  # re-raised from a worker with its traceback in the text: keep the message
-                fail([line for line in str(e).strip().splitlines() if line.strip()][-1].removeprefix(
-                    f"{DataError.__module__}.DataError: "))
+        try:
+            yield from super().__iter__()
+        except DataError as e:  # re-raised from a worker with its traceback in the text: keep the message
+            fail([line for line in str(e).strip().splitlines() if line.strip()][-1].removeprefix(
+                f"{DataError.__module__}.DataError: "))
 
 
 def ignore_stop_signals(worker_id: int = 0):
@@ -1093,8 +1036,7 @@ def ignore_stop_signals(worker_id: int = 0):
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
-    """DataLoader over a ShardStream that batches itself; worker processes that leave stop signals to the
-    main process, and pinned memory."""
+    """DataLoader over a ShardStream that batches itself; workers leave stop signals to the main process."""
     return Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
@@ -1148,16 +1090,13 @@ def write_shard(path: str, samples) -> int:
     atomically (temporary name, then rename). Returns the number of samples written."""
     tmp, n = path + ".tmp", 0
     with tarfile.open(tmp, "w") as tar:
-        for s in samples:
+        for n, s in enumerate(samples, 1):
             key = s["__key__"]
             for suffix, value in s.items():
-                if suffix == "__key__":
-                    continue
-                data = encode_member(suffix, value)
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
+                if suffix != "__key__":
+                    data, info = encode_member(suffix, value), tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, path)
     return n
 
@@ -1212,10 +1151,7 @@ class ImageTextDecode:
 # 2-3 copies) and optionally 1-2 small distractor shapes of other classes. The caption always has the main
 # shape's name as a plain word, so a prompt like "a photo of a star." can match it, plus colour, size,
 # position, background and distractors so that the contrastive task is not trivial.
-
-
-SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross",
-                "heart", "ring", "diamond", "arrow", "crescent"]
+SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond", "arrow", "crescent"]
 # Colours are ordered warm -> cool: the palette prior slides along this order from early to later years.
 SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green", "cyan", "blue", "purple", "white"]
 SYNTH_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40),
@@ -1324,7 +1260,7 @@ def _place(rng, size, radius, others, tries=16):
     return best
 
 
-def render_sample(rng: np.random.Generator, size: int = 64, year: Optional[int] = None) -> dict:
+def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = None) -> dict:
     """One sample: image, caption, label, mask, depth, year (see module notes)."""
     y0, y1 = SYNTH_YEARS
     year = int(rng.integers(y0, y1 + 1)) if year is None else int(year)
@@ -1337,8 +1273,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: Optional[int] 
     bg_p = colour_p * (np.arange(len(SYNTH_COLOURS)) != SYNTH_COLOURS.index(colour))
     bg_colour = SYNTH_COLOURS[rng.choice(len(SYNTH_COLOURS), p=bg_p / bg_p.sum())]  # != colour
     texture = SYNTH_TEXTURES[rng.choice(5, p=_drift_probs(np.linspace(-1, 1, 5), u, 2.0))]
-    p_outline = 1.0 / (1.0 + math.exp(-1.2 * (year - 2019.5)))
-    outlined = shape in _OUTLINE_SHAPES and rng.random() < p_outline
+    outlined = shape in _OUTLINE_SHAPES and rng.random() < 1.0 / (1.0 + math.exp(-1.2 * (year - 2019.5)))
     count = int(rng.choice([1, 2, 3], p=[0.86, 0.09, 0.05]))
     n_distract = int(rng.choice([0, 1, 2], p=[0.75 - 0.2 * u, 0.17 + 0.1 * u, 0.08 + 0.1 * u]))
     # --- background: two close tones of its colour (texture visible but weaker than the object edges),
@@ -1403,7 +1338,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: Optional[int] 
 
 
 def synthetic_split(seed: int, n: int, size: int, split: str,
-                    years: Optional[Tuple[int, int]] = None, start: int = 0) -> Iterator[dict]:
+                    years: tuple[int, int] | None = None, start: int = 0) -> typing.Iterator[dict]:
     """Deterministic stream of n samples of one split. Sample i has its own generator seeded by
     SeedSequence((seed, split, i)): splits never share samples, any index can be regenerated alone (e.g. by a
     data-loader worker), the first m do not depend on n; `years` (inclusive) restricts the year (TiC-CLIP)."""
@@ -1416,7 +1351,6 @@ def synthetic_split(seed: int, n: int, size: int, split: str,
 def _render_shard(args) -> int:
     """Render synthetic samples [lo, hi) of `split` into one tar shard, or into an ImageFolder."""
     path, split, seed, lo, hi, size, folder = args
-
     def samples():
         for s in synthetic_split(seed, hi - lo, size, split, start=lo):  # sample i is seeded by i alone
             key = s["key"]
@@ -1433,13 +1367,11 @@ def _render_shard(args) -> int:
 
 def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
                     shard_size: int = 5000, workers: int | None = None) -> dict:
-    """Generate the built-in synthetic world once (rank 0; the other ranks wait) and return its paths:
-    train    tar shards of {jpg, txt caption, seg.png mask, depth.png, json {label, classname, year, scene}}
-             (scene: every attribute of the picture, also those the caption leaves out)
-    val      held-out shards of the same kind (retrieval, dense evaluation)
-    val_folder  the held-out images as an ImageFolder named by class (zero-shot)
-    classnames  the class names in folder order.
-    It is cached under `cache_dir` by its parameters; a finished world is marked by a DONE file."""
+    """Generate the built-in synthetic world once (rank 0; the other ranks wait), cached under `cache_dir` by its
+    parameters (a DONE file marks a finished world), and return its paths: train (tar shards of {jpg, txt caption,
+    seg.png mask, depth.png, json {label, classname, year, scene}}; scene: every attribute of the picture, also
+    those the caption leaves out), val (held-out shards of the same kind: retrieval, dense evaluation), val_folder
+    (the held-out images as an ImageFolder named by class: zero-shot) and classnames (in folder order)."""
     root = os.path.join(cache_dir, f"synthetic-{SYNTH_VERSION}-{n_train}-{n_val}-{size}px-seed{seed}")
     out = {"root": root, "train": os.path.join(root, "train"), "val": os.path.join(root, "val"),
            "val_folder": os.path.join(root, "val_folder"), "classnames": sorted(SYNTH_SHAPES)}
@@ -1462,15 +1394,11 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
 
 
 # ==== 6. Losses shared by several papers ==============================================================
-
-
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE, distributed the memory-linear way (open_clip's `local_loss` +
-    `gather_with_grad`): this rank's B rows against the W*B gathered columns, labels offset by rank.
-
-    img, txt: (B, E) L2-normalised; logit_scale: the scale itself (exp of the stored log). Logits in fp32.
-    Averaged over ranks (DDP averages the gradients) it is exactly the single-process loss on the
-    concatenated batch. No host sync: the labels are built on the device."""
+    """CLIP's symmetric InfoNCE, distributed the memory-linear way (open_clip's `local_loss` + `gather_with_grad`):
+    this rank's B rows against the W*B gathered columns, labels offset by rank. img, txt: (B, E) L2-normalised;
+    logit_scale: the scale itself (exp of the stored log). Logits in fp32. Averaged over ranks (DDP averages the
+    gradients) it is exactly the single-process loss on the concatenated batch. No host sync: labels built on device."""
     B = img.shape[0]
     all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)  # (W*B, E)
     labels = torch.arange(B, device=img.device) + get_rank() * B
@@ -1480,8 +1408,8 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
 
 
 def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """The readable full-matrix version (one process, whole batch): -mean log softmax of the diagonal,
-    over rows (image -> text) and over columns (text -> image)."""
+    """The readable full-matrix version (one process): -mean log softmax of the diagonal, by rows (image -> text)
+    and by columns (text -> image)."""
     logits = logit_scale.float() * img.float() @ txt.float().T  # (N, N), row i = image i
     diag = torch.arange(len(logits), device=logits.device)
     i2t = -logits.log_softmax(dim=1)[diag, diag].mean()
@@ -1524,17 +1452,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
 
 
 # ==== 8. Checkpoints ==================================================================================
-
-
 def save_checkpoint(path: str, state: dict):
     """Write atomically from rank 0: a temporary file, then rename, so a crash never leaves half a file.
     `state` is a plain dict of tensors and primitives (loads with weights_only=True)."""
     if get_rank() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def checkpoints(out_dir: str) -> list[str]:
@@ -1640,10 +1565,9 @@ def read_lines(path: str) -> list[str]:
 
 
 def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """torchvision's ImageFolder listing: one sub-folder per class (sorted), every image file below it,
-    nested folders included, with the extensions ImageFolder accepts, in its order. The folder name is the
-    class name ('_' read as a space) unless `classnames` (one per folder, same order) is given.
-    Returns ([(path, label)], classnames)."""
+    """torchvision's ImageFolder listing: one sub-folder per class (sorted), every image file below it, nested folders
+    included, with the extensions ImageFolder accepts, in its order. The folder name is the class name ('_' read as
+    a space) unless `classnames` (one per folder, same order) is given. Returns ([(path, label)], classnames)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     if not os.path.isdir(root):
         fail(f"image folder not found: {root}")
@@ -1661,8 +1585,7 @@ def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[t
 
 @torch.no_grad()
 def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, device, context_length: int):
-    """(E, C) classifier: per class, the mean of the normalised text embeddings of its prompts,
-    renormalised (the CLIP prompt ensemble)."""
+    """(E, C) classifier: per class, the renormalised mean of its prompts' normalised text embeddings (CLIP)."""
     weights = []
     for name in classnames:
         ids = tokenizer([t.format(name) for t in templates], context_length).to(device)
@@ -1672,8 +1595,7 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, devi
 
 
 def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Tensor:
-    """OpenCLIP's eval transform of image files (`eval_transform`, PIL decode and resize: OpenCLIP's pixels)
-    -> uint8 (N, 3, size, size)."""
+    """Image files -> uint8 (N, 3, size, size) by `eval_transform` (PIL decode and resize: OpenCLIP's pixels)."""
     return torch.stack([eval_transform(Image.open(p), size, resample) for p in paths])
 
 
@@ -1695,10 +1617,8 @@ def zeroshot_eval(model, classifier, items, image_size: int, device, batch_size:
 
 @torch.no_grad()
 def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
-    """Recall@1/5/10 (%) of image->text and text->image retrieval for paired (N, E) embeddings
-    (pair i is the match of i)."""
-    img_emb, txt_emb = F.normalize(img_emb.float(), dim=-1), F.normalize(txt_emb.float(), dim=-1)
-    sim = img_emb @ txt_emb.T  # (N, N)
+    """Recall@1/5/10 (%) of image->text and text->image retrieval for paired (N, E) embeddings (i matches i)."""
+    sim = F.normalize(img_emb.float(), dim=-1) @ F.normalize(txt_emb.float(), dim=-1).T  # (N, N)
     target = torch.arange(len(sim), device=sim.device)
     out = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
@@ -1709,8 +1629,6 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
 
 
 # ==== 10. Logging =====================================================================================
-
-
 def progress(iterable, desc: str, **kw):
     """A tqdm bar on rank 0 when stderr is a terminal or for long loops; plain iteration otherwise."""
     from tqdm import tqdm
@@ -1815,9 +1733,9 @@ def document_run(out_dir: str, cfg, scripts: list[str]):
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     for s in scripts:
         shutil.copy(s, os.path.join(out_dir, os.path.basename(s)))
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
-                "device": dev, "world": get_world_size()}
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "world": get_world_size()}
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps({"event": "start", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
                             "config": dataclasses.asdict(cfg), "versions": versions}) + "\n")
