@@ -64,7 +64,6 @@ import json
 import os
 import random
 import re
-import sys
 import time
 import unicodedata
 import urllib.parse
@@ -113,6 +112,7 @@ class Shared:
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept in --out
     resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
+    overwrite: bool = False  # start over in an --out holding another run's checkpoints (moved to OUT/previous-N/)
     classnames: str = ""  # file with one class name per line, in folder order (default: folder names)
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
     synthetic_train: int = 40000  # synthetic training images
@@ -265,8 +265,6 @@ def extract_nouns(text: str) -> list[str]:
 
 
 # ==== 2. The vocabulary V (Sec. 3.1, spec 4.2): one streaming pass over the captions ========================
-
-
 class NounCounts(torch.utils.data.IterableDataset):
     """Counts inside each DataLoader worker and hands the main process one partial Counter per `every`
     captions, so hundreds of millions of captions cost little inter-process traffic. It is also its
@@ -298,8 +296,8 @@ def _as_is(x):  # DataLoader's default_convert rebuilds a Counter with .update()
 def count_vocab(shards: list[str], caption_key: str, workers: int, rank: int = 0, world: int = 1):
     """(Counter lemma -> captions containing it, captions read, skipped by reason), merged over this
     rank's workers and then over all ranks (every rank gets the total)."""
-    loader = torch.utils.data.DataLoader(NounCounts(shards, caption_key, rank, world), batch_size=None,
-                                         num_workers=workers, collate_fn=_as_is)
+    loader = C.Loader(NounCounts(shards, caption_key, rank, world), batch_size=None, num_workers=workers,
+                      collate_fn=_as_is, worker_init_fn=C.ignore_stop_signals)  # Loader: DataError -> one line
     counts, n, skipped = collections.Counter(), 0, {}
     bar = C.progress(None, "counting nouns", unit=" captions", total=None)
     for part in loader:
@@ -385,21 +383,18 @@ def caption_labels(caption: str, vocab: Vocab, max_labels: int) -> list[int]:
     return list(dict.fromkeys(vocab.lemmas[w] for w in caption_lemmas(caption) if w in vocab.lemmas))[:max_labels]
 
 
-def vocab_main(argv=None):
-    """`catlip.py vocab`: count the noun lemmas of the captions and write the vocabulary."""
-    cfg = C.parse_config(VocabConfig, argv)
+def vocab_main(cfg: VocabConfig):
+    """Count the noun lemmas of the captions and write the vocabulary V (vocab.json)."""
     rank, _, world, _ = C.setup_distributed("cpu" if not torch.cuda.is_available() else "auto")
     shards = resolve_shards(cfg.data, cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size)
     t0 = time.time()
     vocab, _ = build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, cfg.max_size, cfg.out)
     top = ", ".join(f"{w} {c}" for w, c in list(vocab["counts"].items())[:20])
-    C.print0(f"{time.time() - t0:.0f}s; most frequent: {top}")
+    C.print0(f"{time.time() - t0:.0f}s; most frequent: {top}\nresults: vocabulary {cfg.out}")
     C.cleanup_distributed()
 
 
 # ==== 3. Model: an image-only ViT with one linear head (Sec. 3, spec 2) =====================================
-
-
 class ViTClassifier(nn.Module):
     """common.ViT without its CLIP projection, and `head`: Linear(width, |V|) on the CLS token after the
     final LayerNorm (no MLP head). Under autocast that LayerNorm runs in fp32, as the paper's
@@ -450,8 +445,6 @@ def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls
 
 
 # ==== 4. The loss: binary cross-entropy over V, summed over classes, averaged over the batch (Sec. 3.1) =====
-
-
 def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L = (1/B) sum_b sum_c BCEWithLogits(z_bc, y_bc), without building the (B, |V|) target.
 
@@ -480,8 +473,6 @@ def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 # ==== 5. Data and augmentation (spec 3.2) ===================================================================
-
-
 class CatLIPDecode:
     """Sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1}. Train: random resized
     crop (area `scale`..1, ratio 3/4..4/3, bilinear) and a horizontal flip, seeded by (seed, epoch, key);
@@ -530,8 +521,6 @@ def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
 
 
 # ==== 6. Optimiser and EMA (spec 3.2) =======================================================================
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, decay_all: bool):
     """AdamW (0.9, beta2). The released configs decay every parameter (no exclusion of norms and biases);
     --no-decay-all uses common.py's groups instead."""
@@ -558,8 +547,6 @@ class EMA:
 
 
 # ==== 7. Transfer Init (Sec. 4.2, App. B) ===================================================================
-
-
 def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
     """For each class name, the head rows whose average starts its classifier row ([] = no match):
     a WordNet id (folder n02084071) that is a label of V; else the whole name as one lemma ("hot dog" ->
@@ -590,8 +577,6 @@ def transfer_init(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, mat
 
 
 # ==== 8. Evaluation on an ImageFolder =======================================================================
-
-
 @torch.no_grad()
 def folder_logits(model: ViTClassifier, items, size: int, device, batch_size: int = 256):
     """(N, classes) logits and (N,) labels of an ImageFolder, resize + centre crop."""
@@ -618,13 +603,9 @@ def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: i
 
 
 # ==== 9. Pre-training =======================================================================================
-
-
 def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
-    """--vocab, or the vocab.json of an earlier run in --out, or one counted now from the training
+    """Without --vocab: the vocab.json of an earlier run in --out, or one counted now from the training
     captions (all ranks count their share; rank 0 writes it)."""
-    if cfg.vocab:
-        return load_vocab(cfg.vocab)
     saved = os.path.join(cfg.out, "vocab.json")
     if not os.path.exists(saved):
         build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, 0, saved)
@@ -632,8 +613,10 @@ def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
     return load_vocab(saved)
 
 
-def restore(ckpt: dict, model, ema, opt, what: str) -> int:
-    """Load weights, EMA, optimizer and RNG of a checkpoint; returns its step."""
+def restore(ckpt: dict, model, ema, opt, what: str, steps: int) -> int:
+    """Load weights, EMA, optimizer and RNG of a checkpoint; returns its step (one line if past `steps`)."""
+    if ckpt["step"] > steps:
+        C.fail(f"checkpoint {what} is at step {ckpt['step']}, past this run's {steps} steps")
     C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {what}")
     ema.module.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -650,18 +633,31 @@ def checkpoint_state(model, ema, opt, step, cfg, position, vocab: Vocab, size: i
             "lemmas": dict(vocab.lemmas), "config": dataclasses.asdict(cfg)}
 
 
-def pretrain(argv=None):
-    cfg = C.parse_config(Config, argv)
+def pretrain(cfg: Config):
+    """Pre-train an image-only ViT with the multi-label BCE on the nouns of the captions (the default command).
+
+    The vocabulary is --vocab, the vocab.json of an earlier run in --out, or counted first from the captions."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.model not in MODELS:
         C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+    if not (0 <= cfg.jitter < 1 and 0 <= cfg.noise <= 1):
+        C.fail(f"--jitter {cfg.jitter} must be in [0, 1) and --noise {cfg.noise} in [0, 1]")
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
+    given = load_vocab(cfg.vocab) if cfg.vocab else None
+    if ckpt is not None and (ckpt.get("kind") != "catlip" or ckpt.get("model_name") != cfg.model):
+        C.fail(f"checkpoint {cfg.resume} is of model '{ckpt.get('model_name')}' ({ckpt.get('kind')}), "
+               f"not a CatLIP --model {cfg.model}")
     size = cfg.image_size or MODELS[cfg.model]["image_size"]
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
+    stale = cfg.overwrite and not cfg.resume and C.checkpoints(cfg.out)  # claim_out moves them to previous-N
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    if stale and rank == 0 and os.path.exists(v := os.path.join(cfg.out, "vocab.json")):  # and their vocabulary
+        n = sum(d.startswith("previous-") for d in os.listdir(cfg.out))  # the newest previous-N is claim_out's
+        os.replace(v, os.path.join(cfg.out, f"previous-{n}", "vocab.json"))
     shards = resolve_shards(cfg.data, cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, size)
     zs_dir = cfg.zeroshot_data or ("" if cfg.data else synthetic(cfg.cache_dir, cfg.synthetic_train,
                                                                    cfg.synthetic_val, size)["val_folder"])
-    vocab = make_vocab(cfg, shards, rank, world)
+    vocab = given or make_vocab(cfg, shards, rank, world)
     model = C.set_fused(build_model(cfg.model, len(vocab.labels), size, cfg.pool, cfg.grad_checkpointing), cfg.fused)
     model = model.to(device)
     C.print0(f"model {cfg.model} at {size}px: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -672,14 +668,10 @@ def pretrain(argv=None):
 
     # ---- resume ---------------------------------------------------------------------------------
     start, data_pos = 0, {}
-    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
-        if ckpt.get("kind") != "catlip" or ckpt.get("model_name") != cfg.model:
-            C.fail(f"checkpoint {cfg.resume} is of model '{ckpt.get('model_name')}' ({ckpt.get('kind')}), "
-                   f"not a CatLIP --model {cfg.model}")
         if ckpt["labels"] != vocab.labels:
             C.fail(f"checkpoint {cfg.resume} was trained on another vocabulary ({len(ckpt['labels'])} labels)")
-        start = restore(ckpt, model, ema, opt, cfg.resume)
+        start = restore(ckpt, model, ema, opt, cfg.resume, cfg.steps)
         if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
             data_pos = ckpt["data"][rank]
         else:
@@ -704,8 +696,8 @@ def pretrain(argv=None):
     stop = C.StopSignal()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     n_pos = torch.zeros((), device=device)  # positive labels since the last log line
-    t0, t_data, seen = time.time(), 0.0, 0
-    for step in range(start, cfg.steps + 1):
+    t0, t_data, seen, stopping = time.time(), 0.0, 0, False
+    for step in C.progress(range(start, cfg.steps + 1), "train", initial=start, total=cfg.steps + 1):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -722,9 +714,9 @@ def pretrain(argv=None):
         if (last_step or stopping or (step % cfg.ckpt_every == 0 and step > start)) and step > start:
             if nonfinite.item():
                 C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
-            state = checkpoint_state(model, ema, opt, step, cfg, position, vocab, size)
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            path = os.path.join(cfg.out, f"ckpt-{step}.pt")
+            C.save_checkpoint(path, checkpoint_state(model, ema, opt, step, cfg, position, vocab, size))
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
         if last_step or stopping:
             break
 
@@ -763,12 +755,18 @@ def pretrain(argv=None):
                     data_frac=t_data / dt, skipped=sum(skipped.values()))
             t0, t_data, seen = time.time(), 0.0, 0
             n_pos.zero_()
+    finish(cfg.out, stopping and not last_step, step)
+
+
+def finish(out: str, stopped: bool, step: int):
+    """The run's last lines: where it stopped (a signal) and where its results are."""
+    if stopped:
+        C.print0(f"stopped by a signal at step {step}: --resume auto continues from {C.latest_checkpoint(out)}")
+    C.finish_run(out, C.latest_checkpoint(out))
     C.cleanup_distributed()
 
 
 # ==== 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2) ==============================
-
-
 class FolderImages(torch.utils.data.Dataset):
     """Map-style ImageFolder read by key (epoch, index): train = random resized crop + flip seeded by
     (seed, epoch, index), so the augmentation does not depend on workers or on a resume. An unreadable
@@ -835,23 +833,26 @@ def finetune_data(cfg: FinetuneConfig, size: int):
 
 
 def load_pretrained(path: str) -> dict:
-    """A CatLIP pre-training checkpoint, given as a file or as its run directory (the latest)."""
-    if os.path.isdir(path):
-        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
-    ckpt = C.load_checkpoint(path, "")
+    """A CatLIP pre-training checkpoint, given as a file or as its run directory (its newest that reads)."""
+    if not os.path.exists(path):  # before load_checkpoint, which reads "auto" as "look in the directory"
+        C.fail(f"checkpoint not found: {path}")
+    ckpt = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")
+    if ckpt is None:
+        C.fail(f"no ckpt-*.pt in {path}")
     if ckpt.get("kind") != "catlip":
         C.fail(f"--init {path} is not a CatLIP pre-training checkpoint (kind {ckpt.get('kind')!r})")
     return ckpt
 
 
-def finetune(argv=None):
-    cfg = C.parse_config(FinetuneConfig, argv)
+def finetune(cfg: FinetuneConfig):
+    """Fine-tune or linear-probe a classifier on an ImageFolder, from scratch or from CatLIP (Transfer Init)."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.init_weights not in ("ema", "model"):
         C.fail(f"--init-weights must be ema or model, not '{cfg.init_weights}'")
     if cfg.transfer_init and not cfg.init:
         C.fail("--transfer-init needs --init, a CatLIP pre-training checkpoint")
     init = load_pretrained(cfg.init) if cfg.init else None
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
     name = init["model_name"] if init else cfg.model
     if name not in MODELS:
         C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
@@ -882,24 +883,23 @@ def finetune(argv=None):
 
     # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
-    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
         if ckpt.get("kind") != "catlip_finetune" or ckpt.get("classnames") != classnames:
             C.fail(f"checkpoint {cfg.resume} is not a fine-tune on these {len(classnames)} classes")
-        start = restore(ckpt, model, ema, opt, cfg.resume)
+        start = restore(ckpt, model, ema, opt, cfg.resume, steps)
         C.print0(f"resumed from step {start} of {cfg.resume}")
     data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
     sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
-    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
-                                               pin_memory=device.type == "cuda"))
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,  # workers
+                   pin_memory=device.type == "cuda", worker_init_fn=C.ignore_stop_signals))  # ignore SIGTERM
 
     # ---- the trained part: the whole model, or the head alone on frozen features -------------------
     trained = model.head if cfg.linear_probe else model
     ddp = DDP(trained, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else trained
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     stop = C.StopSignal()
-    t0, skipped = time.time(), torch.zeros((), device=device)
-    for step in range(start, steps + 1):
+    t0, skipped, seen, stopping = time.time(), torch.zeros((), device=device), 0, False
+    for step in C.progress(range(start, steps + 1), "finetune", initial=start, total=steps + 1):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -916,8 +916,8 @@ def finetune(argv=None):
             state = {"kind": "catlip_finetune", "model": model.state_dict(), "ema": ema.module.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "classnames": classnames,
                      "model_name": name, "image_size": size, "config": dataclasses.asdict(cfg)}
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            C.save_checkpoint(path := os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
         if last_step or stopping:
             break
 
@@ -934,12 +934,14 @@ def finetune(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, step)
-        skipped += (y < 0).sum()
+        skipped, seen = skipped + (y < 0).sum(), seen + len(y)
         if (step + 1) % cfg.log_every == 0:
+            if skipped.item() == seen:  # not one image has loaded: stop instead of training on nothing
+                C.fail(f"none of the {seen} images read so far loads (first: {train_items[0][0]}); check --data")
             log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
                     skipped=int(skipped.item()), steps_per_s=cfg.log_every / (time.time() - t0))
             t0 = time.time()
-    C.cleanup_distributed()
+    finish(cfg.out, stopping and not last_step, step)
 
 
 # ==== 11. The claim on the synthetic world: pre-training + fine-tuning beats fine-tuning from scratch =======
@@ -952,32 +954,23 @@ VARIANTS = {  # name -> flags added to the fine-tune
 }
 
 
-def to_argv(cfg, **overrides) -> list[str]:
-    """The command-line flags that rebuild `cfg` (with overrides)."""
-    argv = []
-    for f in dataclasses.fields(cfg):
-        v = overrides.get(f.name, getattr(cfg, f.name))
-        flag = "--" + f.name.replace("_", "-")
-        argv += ([flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)])
-    return argv
+def compare(cfg: FinetuneConfig):
+    """Fine-tune from scratch, from the CatLIP backbone, with Transfer Init, and linear probes: a top-1 table.
 
-
-def compare(argv=None):
-    """`catlip.py compare --init RUN [fine-tune flags]`: the same fine-tune from scratch, from the CatLIP
-    backbone with a random head, and with Transfer Init, then linear probes; a table of top-1."""
-    cfg = C.parse_config(FinetuneConfig, argv)
+    Each variant runs in its own sub-directory of --out; --resume auto continues them, --overwrite redoes them."""
     if not cfg.init:
         C.fail("compare needs --init, a CatLIP pre-training checkpoint or run directory")
     init = load_pretrained(cfg.init)
-    size = cfg.image_size or init["image_size"]
-    rows = {}
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])  # the lock and start record of the comparison itself
+    size, rows = cfg.image_size or init["image_size"], {}
     for name, flags in VARIANTS.items():
         out = os.path.join(cfg.out, name)
         extra = dict(model=init["model_name"], pool=init["pool"]) if name == "scratch" else {}
         t0 = time.time()
-        finetune(to_argv(cfg, out=out, image_size=size, resume="", **flags, **extra))
+        finetune(dataclasses.replace(cfg, out=out, image_size=size, resume="auto" if cfg.resume else "", **flags,
+                                     **extra))
         with open(os.path.join(out, "log.jsonl")) as f:
-            final = [json.loads(line) for line in f][-1]
+            final = [r for r in map(json.loads, f) if "top1" in r][-1]  # the start records have no top1
         rows[name] = {"top1": final["top1"], "ema_top1": final["ema_top1"], "steps": final["step"],
                       "seconds": round(time.time() - t0, 1)}
     if C.get_rank() == 0:
@@ -986,14 +979,14 @@ def compare(argv=None):
         print("| fine-tune | top-1 | EMA top-1 | steps | seconds |\n|---|---|---|---|---|")
         for name, r in rows.items():
             print(f"| {name} | {r['top1']:.1f} | {r['ema_top1']:.1f} | {r['steps']} | {r['seconds']} |")
+    C.finish_run(cfg.out, extra=f"table {os.path.join(cfg.out, 'compare.json')}; each variant in its sub-directory")
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"vocab": vocab_main, "finetune": finetune, "compare": compare, "pretrain": pretrain}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    return pretrain(argv)
+    """`catlip.py [pretrain] [flags]`, `catlip.py vocab|finetune|compare [flags]`; COMMAND --help: its flags."""
+    return C.run_command(__doc__, {"pretrain": (pretrain, Config), "vocab": (vocab_main, VocabConfig),
+                                   "finetune": (finetune, FinetuneConfig), "compare": (compare, FinetuneConfig)},
+                         argv, default="pretrain")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ vocabulary pass, and a tiny pre-train -> fine-tune that learns on the synthetic 
 import collections
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -105,7 +104,7 @@ def test_vocab_command_merges_worker_counts(world, tmp_path):
 
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "step" in r]  # each run's start record has no step
 
 
 SYN = ["--synthetic-train", "2000", "--synthetic-val", "200", "--workers", "1"]
@@ -131,16 +130,42 @@ def test_tiny_pretrain_then_finetune_learns(world, tmp_path):
     assert log[0]["loss"] < 2.5  # about ln 10 + smoothing: the copied rows start it sensibly
 
 
-def test_resume_continues_exactly(world, tmp_path):
-    """Stop at step 4 and resume: the same weights, EMA and data position at step 8."""
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import common as C, catlip as L
+log = C.RunLog.log
+def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
+    log(self, step, **m)
+    if step == {at} and "loss" in m:
+        os.killpg(0, signal.SIGTERM)
+C.RunLog.log = log_and_signal
+L.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_saves_and_resume_continues_exactly(world, tmp_path):
+    """SIGTERM to the whole process group (the DataLoader worker included) after step 4: the worker ignores it,
+    the run saves ckpt-4.pt and exits 0; --resume auto then logs the losses of a run never stopped and ends
+    with the same weights, EMA and data position at step 8."""
+    import subprocess
+    import sys
     cache, a, b = os.path.dirname(world["root"]), str(tmp_path / "a"), str(tmp_path / "b")
-    args = ["--cache-dir", cache, "--image-size", "32", "--steps", "8", "--ckpt-every", "4", "--keep-ckpts", "5",
-            "--batch-size", "16", "--no-eval"] + SYN
-    L.main(args + ["--out", a])
-    os.makedirs(b)
-    for f in ("ckpt-4.pt", "vocab.json"):
-        shutil.copy(os.path.join(a, f), b)
-    L.main(args + ["--out", b, "--resume", "auto"])
+    args = ["--cache-dir", cache, "--image-size", "32", "--steps", "8", "--ckpt-every", "100", "--keep-ckpts", "5",
+            "--batch-size", "16", "--log-every", "2", "--no-eval"] + SYN
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "signal_at.py"
+    script.write_text(SIGNAL_AT.format(root=root, at=4))
+    r = subprocess.run([sys.executable, str(script), *args, "--out", b], capture_output=True, text=True,
+                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [os.path.basename(p) for p in C.checkpoints(b)] == ["ckpt-4.pt"]
+    assert "stopped by a signal at step 4" in r.stdout and "results: run directory" in r.stdout.splitlines()[-1]
+    L.main(args + ["--out", b, "--resume", "auto", "--workers", "0"])
+    L.main(args + ["--out", a, "--workers", "0"])
+    assert [(r["step"], r["loss"]) for r in read_log(a)] == [(r["step"], r["loss"]) for r in read_log(b)]
+    starts = [r for r in map(json.loads, open(os.path.join(b, "log.jsonl"))) if r.get("event") == "start"]
+    assert [s["config"]["resume"] for s in starts] == ["", "auto"]
     wa, wb = (torch.load(os.path.join(d, "ckpt-8.pt"), weights_only=True) for d in (a, b))
     assert wa["data"] == wb["data"]
     for part in ("model", "ema"):
@@ -148,19 +173,85 @@ def test_resume_continues_exactly(world, tmp_path):
             torch.testing.assert_close(wa[part][k], wb[part][k], rtol=0, atol=1e-6)
 
 
+def test_a_new_run_into_another_runs_checkpoints_stops_or_starts_over(world, tmp_path, capsys):
+    """Without --resume, one line; with --overwrite the earlier checkpoints, log and vocabulary move to
+    previous-1/ and the run starts clean (its own vocabulary, its own start record)."""
+    out = tmp_path / "r"
+    C.save_checkpoint(str(out / "ckpt-5.pt"), {"step": 5})
+    (out / "vocab.json").write_text('["zzz"]')
+    for cmd in ([], ["finetune"]):
+        with pytest.raises(SystemExit) as e:
+            L.main(cmd + ["--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code != 0 and len(err) == 1 and "holds another run's checkpoints (ckpt-5.pt" in err[0]
+    L.main(["--out", str(out), "--overwrite", "--steps", "0", "--no-eval", "--cache-dir",
+            os.path.dirname(world["root"]), "--image-size", "32"] + SYN[:4] + ["--workers", "0"])
+    assert sorted(os.listdir(out / "previous-1")) == ["ckpt-5.pt", "vocab.json"]
+    assert "zzz" not in L.load_vocab(str(out / "vocab.json")).labels and C.checkpoints(str(out)) == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "vit_g14"], "unknown model 'vit_g14'"),
     (["--vocab", "/nonexistent/vocab.json"], "vocabulary file not found"),
+    (["--vocab", "{empty}.json"], "cannot read vocabulary"),
     (["--data", "/nonexistent/shards"], "data path does not exist"),
+    (["--data", "{empty}.tar", "--workers", "0"], "no usable sample in a whole pass"),  # names the reasons:
+    (["--data", "{empty}.tar", "--workers", "0"], "skipped: broken_tar:ReadError 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--steps", "-5"], "--steps -5: must be >= 0"),
+    (["--lr", "-1"], "--lr -1.0: must be >= 0"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--crop-scale", "1.5"], "--crop-scale 1.5: must be between 0 and 1"),
+    (["--jitter", "1.5"], "--jitter 1.5 must be in [0, 1)"),
+    (["--resume", "{empty}.pt"], "empty file (0 bytes)"),
+    (["--resume", "{garbage}"], "cannot read checkpoint"),
     (["finetune", "--transfer-init"], "--transfer-init needs --init"),
     (["finetune", "--init", "/nonexistent/ckpt.pt"], "checkpoint not found"),
+    (["finetune", "--init", "{empty}.pt"], "empty file (0 bytes)"),
+    (["finetune", "--init", "{garbage}"], "cannot read checkpoint"),
+    (["finetune", "--resume", "{empty}.pt"], "empty file (0 bytes)"),
+    (["finetune", "--epochs", "-5"], "--epochs -5: must be >= 0"),
+    (["finetune", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["finetune", "--val-frac", "2"], "--val-frac 2.0: must be between 0 and 1"),
+    (["vocab", "--workers", "-2"], "--workers -2: must be >= 0"),
+    (["compare"], "compare needs --init"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
-    cmd = args[:1] if args[0] == "finetune" else []
-    with pytest.raises(SystemExit):
+    """Before any work (nothing in --out but what the lock leaves), one line and a non-zero exit."""
+    (tmp_path / "garbage").write_bytes(b"not a checkpoint" * 10)
+    for ext in (".json", ".tar", ".pt"):
+        (tmp_path / f"empty{ext}").write_bytes(b"")
+    args = [a.format(empty=tmp_path / "empty", garbage=tmp_path / "garbage") for a in args]
+    cmd = args[:1] if not args[0].startswith("-") else []
+    with pytest.raises(SystemExit) as e:
         L.main(cmd + ["--out", str(tmp_path / "r")] + args[len(cmd):])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and message in err[-1] and err[-1].startswith("error:")
+    assert e.value.code != 0 and err and message in err[-1] and err[-1].startswith("error:"), err
+    assert not any("Traceback" in line for line in err) and not C.checkpoints(str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("cmd,own,other", [
+    ("pretrain", "--max-labels", "--transfer-init"), ("vocab", "--max-size", "--steps"),
+    ("finetune", "--transfer-init", "--max-labels"), ("compare", "--linear-probe", "--vocab")])
+def test_help_of_each_command_shows_its_own_flags(cmd, own, other, capsys):
+    with pytest.raises(SystemExit) as e:
+        L.main([cmd, "--help"])
+    out = capsys.readouterr().out
+    fn = {"pretrain": L.pretrain, "vocab": L.vocab_main, "finetune": L.finetune, "compare": L.compare}[cmd]
+    assert e.value.code == 0 and own in out and other not in out and ("--overwrite" in out) == (cmd != "vocab")
+    assert " ".join(fn.__doc__.split("\n\n")[0].split()) in " ".join(out.split())  # the whole first paragraph
+
+
+def test_help_lists_the_commands():
+    """`python catlip.py --help` (a real process: prog name, % in help texts) lists every command in a line."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "catlip.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for name, fn in (("pretrain", L.pretrain), ("vocab", L.vocab_main), ("finetune", L.finetune),
+                     ("compare", L.compare)):
+        assert f"  {name}  " in r.stdout and fn.__doc__.splitlines()[0] in r.stdout
 
 
 def test_init_must_be_a_catlip_checkpoint(tmp_path, capsys):
