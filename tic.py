@@ -1,11 +1,10 @@
 """TiC-CLIP: Continual Training of CLIP Models (arXiv 2310.16226, Garg et al., Apple, ICLR 2024).
 
-Web data keeps arriving. TiC-CLIP asks how to keep a CLIP model current when a new time step of image-text
-data lands and the compute per step is fixed: train from scratch on everything again, or warm-start from the
-last model and replay some old data? The paper's answer: warm start + replay (Cumulative) matches retraining
-from scratch at ~2.5x less compute. This file is the benchmark protocol, on any time-stamped shards and on
-the built-in synthetic world, whose shapes, colours, textures, drawing style and caption words drift with
-the year.
+Web data keeps arriving. TiC-CLIP asks how to keep a CLIP model current when a new time step of image-text data lands
+and the compute per step is fixed: train from scratch on everything again, or warm-start from the last model and
+replay some old data? The paper's answer: warm start + replay (Cumulative) matches retraining from scratch at ~2.5x
+less compute. This file is the benchmark protocol, on any time-stamped shards and on the built-in synthetic world,
+whose shapes, colours, textures, drawing style and caption words drift with the year.
 
 What is here: splitting time-stamped shards into the benchmark's time steps (`split`: TiC-DataComp, TiC-YFCC,
 TiC-RedCaps or your own year ranges, train / val / held-out eval per step); continual training under a fixed
@@ -62,7 +61,7 @@ import json
 import math
 import os
 import re
-import sys
+import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -95,8 +94,7 @@ class SplitConfig(Config):
 
 
 @dataclass
-class Recipe(Config):
-    """Flags of `train` and `compare`: the model, the budget, the optimiser, the evaluation, the run."""
+class Recipe(Config):  # the flags of `train` and `compare`: model, budget, optimiser, evaluation, the run
     model: str = "tiny"  # a name from MODELS
     budget_steps: int = 150  # C: optimizer steps per time step, whatever the strategy (oracle: T x C)
     batch_size: int = 128  # per process (the global batch is this x world size)
@@ -224,8 +222,7 @@ def split_shards(cfg: SplitConfig):
         src = C.expand_shards(cfg.data)
     except FileNotFoundError as e:
         C.fail(str(e))
-    earlier = any(n == "steps.json" or re.fullmatch(r"step\d+", n) for n in os.listdir(cfg.out)) \
-        if os.path.isdir(cfg.out) else False
+    earlier = os.path.isdir(cfg.out) and any(re.fullmatch(r"steps\.json|step\d+", n) for n in os.listdir(cfg.out))
     take_out(cfg.out, "an earlier split (steps.json, step*/)" if earlier else None, cfg.overwrite)
     parts = ("train", "val", "eval")
     bufs = {(k, p): [] for k in range(len(ranges)) for p in parts}
@@ -264,10 +261,9 @@ def split_shards(cfg: SplitConfig):
         flush(kp, final=True)
     classnames = [names[j] for j in range(len(names))] if names and sorted(names) == list(range(len(names))) else None
     write_steps(cfg.out, ranges, counts, classnames, cfg.time_field)
-    C.print0(f"split {len(src)} shards into {len(ranges)} steps: {[counts[(k, 'train')] for k in range(len(ranges))]}"
-             f" train samples; dropped {dropped}; unreadable {skipped}")
-    C.print0(f"results: {os.path.join(cfg.out, 'steps.json')} and {os.path.join(cfg.out, 'step*')}/{{train,val,eval}}/ "
-             f"(train with: python tic.py --data {cfg.out})")
+    C.print0(f"split {len(src)} shards into {len(ranges)} steps: {[counts[(k, 'train')] for k in range(len(ranges))]} "
+             f"train samples; dropped {dropped}; unreadable {skipped}\nresults: {os.path.join(cfg.out, 'steps.json')}, "
+             f"{os.path.join(cfg.out, 'step*')}/{{train,val,eval}}/ (train with: python tic.py --data {cfg.out})")
 
 
 def write_steps(root: str, ranges, counts: dict, classnames, time_field: str):
@@ -815,9 +811,8 @@ def compute_units(stats: dict, C_samples: int) -> float:
     return (stats["train_samples"] + (stats["teacher_samples"] + stats["patch_eval_samples"]) / 3) / C_samples
 
 
-# Flags that may change between the invocations of one run (where and how it runs, not what it computes).
-RUN_FLAGS = ("out", "overwrite", "workers", "device", "precision", "compile", "fused", "log_every", "ckpt_every",
-             "cache_dir", "strategies")
+RUN_FLAGS = ("out", "overwrite", "workers", "device", "precision", "compile", "fused", "log_every",  # flags that
+             "ckpt_every", "cache_dir", "strategies")  # may change between the invocations of one run (not the results)
 
 
 def earlier_run(cfg: Config) -> str | None:
@@ -870,9 +865,8 @@ def check_flags(cfg: Recipe, strategies: list[str]):
     """The checks of this script's own flags (common.check_ranges did the generic ones): one line, no work done."""
     if cfg.model not in MODELS:
         C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
-    for s in strategies:
-        if s not in STRATEGIES:
-            C.fail(f"unknown strategy '{s}'; choose one of {', '.join(STRATEGIES)}")
+    if set(strategies) - set(STRATEGIES):
+        C.fail(f"unknown strategy '{min(set(strategies) - set(STRATEGIES))}'; choose one of {', '.join(STRATEGIES)}")
     parse_alphas(cfg.patch_alphas)
     for flag, path in (("bpe", cfg.bpe), ("classnames", cfg.classnames), ("static-data", cfg.static_data)):
         if path and not os.path.exists(path):  # read late in the run: their absence now, before any work
@@ -992,7 +986,13 @@ def compare(cfg: CompareConfig):
 
 def main(argv=None):
     commands = {"train": (run, TrainConfig), "split": (split_shards, SplitConfig), "compare": (compare, CompareConfig)}
-    C.run_command(__doc__, commands, argv, default="train")
+    try:
+        C.run_command(__doc__, commands, argv, default="train")
+    except SystemExit:  # a one-line stop from inside common.Loader leaves its workers (they ignore SIGTERM) alive,
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # and the exit would wait for them for ever: end them quietly
+        for p in torch.multiprocessing.active_children():
+            p.kill()
+        raise
     C.cleanup_distributed()
 
 

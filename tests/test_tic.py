@@ -406,6 +406,26 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, argv, message):
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("out/**/*.pt"))  # nothing generated or trained
 
 
+def test_shards_without_a_usable_sample_stop_a_run_with_a_worker_in_one_line(tmp_path):
+    """A split folder whose shards are all broken, through the command line with a DataLoader worker: one line
+    naming the skip counts, exit 2, and the process ends (its worker, which ignores SIGTERM, does not hold it)."""
+    import subprocess
+    import sys
+    for part in ("train", "eval"):
+        os.makedirs(tmp_path / "split" / "step0" / part)
+        open(tmp_path / "split" / "step0" / part / f"{part}-00000.tar", "wb").close()
+    tic.write_steps(str(tmp_path / "split"), [(2014, 2015)], {(0, p): 10 for p in ("train", "val", "eval")}, None, "y")
+    C.Tokenizer(merges=[]).save(str(tmp_path / "bpe.txt"))
+    done = subprocess.run([sys.executable, "tic.py", "--data", str(tmp_path / "split"), "--bpe", str(tmp_path / "bpe.txt"),
+                           "--workers", "1", "--out", str(tmp_path / "run")], timeout=120, capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(tic.__file__)),
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    shard = tmp_path / "split" / "step0" / "train" / "train-00000.tar"
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: no usable sample in a whole pass of data consumer 1 of 1 over 1 shard(s) ({shard}); "
+        "skipped: broken_tar:ReadError 1"], done.stderr
+
+
 def test_a_second_run_into_an_out_holding_another_run_stops_or_starts_over(sequential_run, tmp_path, capsys):
     """Other settings into the fixture's --out: one line naming them, nothing touched; with --overwrite the earlier
     files move to OUT/previous-1/ and the new run starts clean."""
