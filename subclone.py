@@ -67,7 +67,7 @@ import dataclasses
 import json
 import math
 import os
-import sys
+import signal
 import time
 from dataclasses import dataclass
 
@@ -82,15 +82,19 @@ import common as C
 @dataclass
 class Config:
     data: str = ""  # tar shards (image + caption); empty = the built-in synthetic world
-    val_data: str = ""  # held-out shards: retrieval + contrastive loss (CLIP) or perplexity (GPT); default: synthetic
-    zeroshot_data: str = ""  # ImageFolder for zero-shot top-1 (CLIP); default: the synthetic held-out set
     out: str = "runs/subclone"  # clone: the output file; train / compare: the run directory
     init: str = ""  # clone: the parent; train: a subcloned checkpoint (empty = random init of --model)
     model: str = ""  # a name from MODELS: train's random-init shape, clone's destination shape
-    kind: str = "clip"  # compare: clip (ViT + text CLIP) | gpt (causal LM on the captions)
     bpe: str = ""  # CLIP merges file; default: the one stored in --init, or bpe.txt beside it
     act: str = "gelu"  # activation of an OpenCLIP parent (quick_gelu for OpenAI's own weights)
-    # ---- clone: the destination shape (0 = keep the parent's; heads = width / the parent's head width)
+    device: str = "auto"  # auto | cuda | cpu
+    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images
+
+
+@dataclass
+class CloneConfig(Config):  # the destination shape (0 = keep the parent's; heads = width / the parent's head width)
     depth: int = 0  # blocks of the ViT / GPT (removed from the middle)
     width: int = 0  # residual width of the ViT / GPT
     heads: int = 0  # attention heads; must equal width / the parent's head width (heads are kept whole)
@@ -100,7 +104,12 @@ class Config:
     calib_samples: int = 1024  # samples that rank the neurons (the paper: 0.5 percent of ImageNet)
     scale: bool = True  # multiply weight matrices by sqrt(fan-in parent / fan-in child) (Sec. 4.1)
     reorder: bool = True  # rank neurons before slicing; --no-reorder slices the first ones (Fig. 14)
-    # ---- train
+
+
+@dataclass
+class TrainConfig(Config):
+    val_data: str = ""  # held-out shards: retrieval + contrastive loss (CLIP) or perplexity (GPT); default: synthetic
+    zeroshot_data: str = ""  # ImageFolder for zero-shot top-1 (CLIP); default: the synthetic held-out set
     steps: int = 400  # optimizer steps
     batch_size: int = 128  # per process
     lr: float = 0.0  # peak learning rate; 0 = Table 1 (subcloned or random, by --init)
@@ -111,7 +120,6 @@ class Config:
     seed: int = 0  # model init, data order, augmentation
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
-    device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 50  # steps between log lines
     eval_every: int = 50  # steps between evaluations (and at the end); 0 = at the end only
@@ -119,14 +127,16 @@ class Config:
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept
     resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
-    # ---- compare
-    parent_model: str = ""  # compare: the parent's MODELS name (default: parent / gpt_parent)
-    parent_steps: int = 600  # compare: steps of parent training
-    parent_lr: float = 0.0  # compare: the parent's peak LR; 0 = --lr, else Table 1 for random init
-    random_lr: float = 0.0  # compare: also train the random init at this LR (a tuned baseline); 0 = skip
-    cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
-    synthetic_train: int = 40000  # synthetic training images
-    synthetic_val: int = 1000  # synthetic held-out images
+    overwrite: bool = False  # start over in an --out that holds another run's checkpoints (moved to OUT/previous-N/)
+
+
+@dataclass
+class CompareConfig(TrainConfig, CloneConfig):  # compare trains (train's flags) and clones (clone's flags)
+    kind: str = "clip"  # clip (ViT + text CLIP) | gpt (causal LM on the captions)
+    parent_model: str = ""  # the parent's MODELS name (default: parent / gpt_parent)
+    parent_steps: int = 600  # steps of parent training
+    parent_lr: float = 0.0  # the parent's peak LR; 0 = --lr, else Table 1 for random init
+    random_lr: float = 0.0  # also train the random init at this LR (a tuned baseline); 0 = skip
 
 
 # Named shapes. `small_parent` -> `small` is the CPU comparison (the ViT experiment: half width, same depth,
@@ -359,7 +369,7 @@ def tower_shape(tower: nn.Module) -> dict:
             "depth": len(tower.blocks)}
 
 
-def destination(model: nn.Module, kind: str, arch: dict, cfg: Config) -> tuple[dict, dict]:
+def destination(model: nn.Module, kind: str, arch: dict, cfg: CloneConfig) -> tuple[dict, dict]:
     """The destination's architecture (build kwargs) and each tower's target shape, from --depth/--width/...
     (0 = the parent's). Heads keep their full width (Sec. 4.1), so heads = width / parent head width."""
     shapes, new = {}, dict(arch)
@@ -395,7 +405,7 @@ def destination(model: nn.Module, kind: str, arch: dict, cfg: Config) -> tuple[d
 
 
 @torch.no_grad()
-def subclone(model: nn.Module, kind: str, arch: dict, scores: dict, cfg: Config) -> tuple[nn.Module, dict, dict]:
+def subclone(model: nn.Module, kind: str, arch: dict, scores: dict, cfg: CloneConfig) -> tuple[nn.Module, dict, dict]:
     """Parent + its importance scores (by tower prefix) -> (destination model, its arch, the index sets)."""
     new_arch, shapes = destination(model, kind, arch, cfg)
     sd, out, chosen = model.state_dict(), {}, {}
@@ -424,15 +434,27 @@ def model_spec(name: str) -> tuple[str, dict]:
 
 
 def read_file(path: str):
+    """A checkpoint or state dict (weights_only), or the weights of a TorchScript archive (OpenAI's files)."""
     if not os.path.isfile(path):
         C.fail(f"--init file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return C.read_checkpoint(path)
+    except (ValueError, OSError) as e:
+        if not is_torchscript(path):
+            C.fail(f"cannot read --init {path}: {e}")
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
     except Exception as e:
-        try:  # OpenAI distributes TorchScript archives
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception:
-            C.fail(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        C.fail(f"cannot read --init {path} (a TorchScript archive): {type(e).__name__}: {str(e).strip()[:200]}")
+
+
+def is_torchscript(path: str) -> bool:
+    """A zip archive with TorchScript's code/constants records (torch.jit.save), not a plain torch.save file."""
+    import zipfile
+    try:
+        return any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def load_model(path: str, act: str = "gelu") -> tuple[nn.Module, str, dict, list | None]:
@@ -490,6 +512,9 @@ def make_tokenizer(cfg: Config, merges, shards: str, init: str = "") -> C.Tokeni
                     pass
             if len(captions) >= 50000:
                 break
+        if not captions:
+            C.fail(f"no readable caption in --data {shards} to train a BPE on (skipped: {skipped or 'no .txt'}); "
+                   f"pass --bpe or check the data")
         os.makedirs(cfg.out, exist_ok=True)
         C.Tokenizer(merges=C.train_bpe(captions, 2048)).save(saved)
     C.barrier()
@@ -497,16 +522,21 @@ def make_tokenizer(cfg: Config, merges, shards: str, init: str = "") -> C.Tokeni
 
 
 def resolve_data(cfg: Config, image_size: int) -> tuple[str, str, str]:
-    """(train shards, held-out shards, zero-shot ImageFolder): --data, or the synthetic world's."""
-    if cfg.data:
+    """(train shards, held-out shards, zero-shot ImageFolder): --data, or the synthetic world's (clone has no
+    held-out flags: the first is the calibration sample)."""
+    val, zs = getattr(cfg, "val_data", ""), getattr(cfg, "zeroshot_data", "")
+    for spec in (cfg.data, val):
         try:
-            C.expand_shards(cfg.data)
+            C.expand_shards(spec) if spec else None
         except FileNotFoundError as e:
             C.fail(str(e))
-        return cfg.data, cfg.val_data, cfg.zeroshot_data
+    if zs and not os.path.isdir(zs):
+        C.fail(f"--zeroshot-data {zs}: not a folder")
+    if cfg.data:
+        return cfg.data, val, zs
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     w = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, image_size, seed=0)
-    return w["train"], cfg.val_data or w["val"], cfg.zeroshot_data or w["val_folder"]
+    return w["train"], val or w["val"], zs or w["val_folder"]
 
 
 class TextDecode:
@@ -527,13 +557,16 @@ def decoder(kind: str, arch: dict, tok, train: bool, seed: int = 0):
 
 def held_out(shards: str, decode, limit: int, batch: int = 250):
     """The first `limit` samples of `shards`, in order, in batches."""
-    n = 0
-    for b in C.ShardStream(C.expand_shards(shards), decode, min(batch, limit), shuffle_buffer=1, epochs=1,
-                           drop_last=False):
-        yield b
-        n += len(b["ids"])
-        if n >= limit:
-            break
+    n, stream = 0, C.ShardStream(C.expand_shards(shards), decode, min(batch, limit), shuffle_buffer=1, epochs=1,
+                                 drop_last=False)
+    try:
+        for b in stream:
+            yield b
+            n += len(b["ids"])
+            if n >= limit:
+                break
+    except C.DataError as e:  # not one usable sample in the shards
+        C.fail(str(e))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,9 +582,17 @@ def run_fns(model: nn.Module, kind: str, device) -> dict:
     return {"": lambda b: model(b["ids"].to(device))}
 
 
-def clone(cfg: Config):
+def clone(cfg: CloneConfig):
+    """Subclone a parent into a smaller destination: rank its neurons on a data sample, slice, rescale, save.
+
+    Writes one checkpoint (--out FILE.pt, or OUT/subclone.pt) that `train --init` and mobileclip.py read."""
     if not cfg.init:
         C.fail("clone needs --init PARENT (a checkpoint of this script or mobileclip.py, or an OpenCLIP file)")
+    for f in ("depth", "width", "heads", "mlp", "text_depth", "text_width"):
+        if getattr(cfg, f) < 0:
+            C.fail(f"--{f.replace('_', '-')} {getattr(cfg, f)}: must be >= 0 (0 = the parent's)")
+    if cfg.calib_samples < 1:
+        C.fail(f"--calib-samples {cfg.calib_samples}: must be >= 1")
     _, _, _, device = C.setup_distributed(cfg.device)
     model, kind, arch, merges = load_model(cfg.init, cfg.act)
     if cfg.model:  # a named destination shape sets every flag not given
@@ -600,7 +641,7 @@ def clone(cfg: Config):
 # ----------------------------------------------------------------------------------------------------
 
 
-def hyper(cfg: Config, kind: str, subcloned: bool) -> tuple[float, float]:
+def hyper(cfg: TrainConfig, kind: str, subcloned: bool) -> tuple[float, float]:
     """--lr / --weight-decay, or Table 1's values for this kind and init."""
     lr, wd = TABLE1[(kind, subcloned)]
     return cfg.lr or lr, wd if cfg.weight_decay < 0 else cfg.weight_decay
@@ -640,8 +681,16 @@ def evaluate(model, kind: str, arch: dict, tok, val: str, zs_dir: str, limit: in
     return metrics
 
 
-def train(cfg: Config):
+def train(cfg: TrainConfig, stop: C.StopSignal | None = None) -> str | None:
+    """Train a subcloned (--init) or randomly initialised (--model) destination, CLIP or the language model.
+
+    Table 1's learning rate and weight decay for the init unless given; held-out metrics at step 0 and every
+    --eval-every steps in log.jsonl; SIGTERM saves a checkpoint, --resume auto continues."""
+    stop = stop or C.StopSignal()  # from here on SIGTERM / SIGINT save at the current step and exit 0
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    for flag in ("steps", "eval_max"):
+        if getattr(cfg, flag) < 1:
+            C.fail(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be >= 1")
     torch.manual_seed(cfg.seed)  # the same random init on every rank and in every run
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     log = C.RunLog(cfg.out)
@@ -650,6 +699,8 @@ def train(cfg: Config):
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)
     merges, init = None, cfg.init
     if ckpt is not None:
+        if not {"kind", "arch", "bpe_merges", "subcloned", "optimizer", "step"} <= set(ckpt):
+            C.fail(f"--resume {cfg.resume}: not a checkpoint of `subclone.py train` (keys {sorted(ckpt)[:6]})")
         kind, arch, merges, subcloned = ckpt["kind"], ckpt["arch"], ckpt["bpe_merges"], ckpt["subcloned"]
         model = build(kind, arch)
         C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
@@ -679,6 +730,8 @@ def train(cfg: Config):
         if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
             data_pos = ckpt["data"][rank]
         C.print0(f"resumed from step {start} of {cfg.resume}")
+        if start > cfg.steps:
+            C.fail(f"the checkpoint is at step {start}, past --steps {cfg.steps}")
 
     # ---- data -----------------------------------------------------------------------------------
     stream = C.ShardStream(C.expand_shards(shards), decoder(kind, arch, tok, True, cfg.seed), cfg.batch_size,
@@ -689,9 +742,9 @@ def train(cfg: Config):
 
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop, t0, seen = C.StopSignal(), time.time(), 0
+    t0, seen = time.time(), 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    for step in range(start, cfg.steps + 1):
+    for step in C.progress(range(start, cfg.steps + 1), "train"):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -709,7 +762,7 @@ def train(cfg: Config):
                 "model": model.state_dict(), "layout": "ours", "kind": kind, "arch": arch, "subcloned": subcloned,
                 "bpe_merges": [list(m) for m in tok.merges], "optimizer": opt.state_dict(), "step": step,
                 "rng": C.rng_state(), "data": position.state(), "config": dataclasses.asdict(cfg)})
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=os.path.join(cfg.out, f"ckpt-{step}.pt"))
         if last_step or stopping:
             break
 
@@ -739,6 +792,13 @@ def train(cfg: Config):
                     samples_per_s=seen * world / (time.time() - t0))
             t0, seen = time.time(), 0
     C.cleanup_distributed()
+    final = os.path.join(cfg.out, f"ckpt-{step}.pt")
+    if not last_step:
+        C.print0(f"stopped at step {step}" + (f", checkpoint {final}" if step > start else "")
+                 + "; run again with --resume auto to continue")
+        return None
+    C.finish_run(cfg.out, final)
+    return final
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -747,8 +807,9 @@ def train(cfg: Config):
 
 
 def read_log(out: str) -> list[dict]:
+    """The step records of OUT/log.jsonl (each invocation's start record has no step)."""
     with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "step" in r]
 
 
 def speedup(sub: list[dict], rnd: list[dict], metric: str, higher: bool = True) -> dict:
@@ -762,9 +823,17 @@ def speedup(sub: list[dict], rnd: list[dict], metric: str, higher: bool = True) 
             "speedup": (r_steps / reach if reach else float("inf")) if reach is not None else None}
 
 
-def compare(cfg: Config):
-    """Sec. 5 on the synthetic world: parent (random init, Table 1) -> clone -> destination trained from the
-    subclone and from random init, each with its Table 1 lr / wd; all stages resume (re-run to continue)."""
+def compare(cfg: CompareConfig):
+    """Sec. 5: train a parent, subclone it, train the destination from the subclone and from random init.
+
+    Each training with its Table 1 lr / wd, in OUT/parent, OUT/subcloned, OUT/random; every stage resumes (run the
+    same command again to continue); the curves side by side and the speed-ups in OUT/compare.json."""
+    stop = C.StopSignal()  # one for every stage: a signal in any of them stops the comparison
+    if cfg.kind not in ("clip", "gpt"):
+        C.fail(f"--kind {cfg.kind}: must be clip or gpt")
+    if cfg.parent_steps < 1:
+        C.fail(f"--parent-steps {cfg.parent_steps}: must be >= 1")
+    C.claim_out(cfg.out, resume="auto")  # the stages claim their own sub-folders
     clip = cfg.kind == "clip"
     child = cfg.model or ("small" if clip else "gpt_tiny")
     dkind, spec = model_spec(child)
@@ -773,8 +842,8 @@ def compare(cfg: Config):
     run = lambda name, **kw: dataclasses.replace(cfg, out=os.path.join(cfg.out, name), resume="auto", **kw)
     parent = run("parent", model=cfg.parent_model or ("small_parent" if clip else "gpt_parent"), init="",
                  steps=cfg.parent_steps, lr=cfg.parent_lr or cfg.lr)
-    if not os.path.exists(os.path.join(parent.out, f"ckpt-{parent.steps}.pt")):
-        train(parent)
+    if not os.path.exists(os.path.join(parent.out, f"ckpt-{parent.steps}.pt")) and train(parent, stop) is None:
+        return None
     small = clone(dataclasses.replace(cfg, init=os.path.join(parent.out, f"ckpt-{parent.steps}.pt"), model=child,
                                       out=os.path.join(cfg.out, "subclone.pt")))
     bpe = os.path.join(parent.out, "bpe.txt")  # every destination reads text the parent's way
@@ -785,7 +854,8 @@ def compare(cfg: Config):
                                                      lr=cfg.random_lr)
     for stage in stages.values():
         if not os.path.exists(os.path.join(stage.out, f"ckpt-{stage.steps}.pt")):  # done in an earlier call
-            train(stage)
+            if train(stage, stop) is None:
+                return None
     logs = {name: read_log(st.out) for name, st in stages.items()}
     metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r10", "retrieval_t2i_r10",
                 "val_loss"] if clip else ["val_ppl"])
@@ -803,15 +873,20 @@ def compare(cfg: Config):
                  f"subcloned at step {s['subcloned_steps']} ({x})")
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump(result, f, indent=1)
+    C.print0(f"results: {os.path.join(cfg.out, 'compare.json')} | runs {cfg.out}/{{parent,{','.join(stages)}}} "
+             f"(log.jsonl, checkpoints) | subclone {small}")
     return result
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"clone": clone, "train": train, "compare": compare}
-    if not argv or argv[0] not in commands:
-        C.fail(f"usage: python subclone.py {{{','.join(commands)}}} [--flags] (--help after the command lists them)")
-    return commands[argv[0]](C.parse_config(Config, argv[1:]))
+    commands = {"clone": (clone, CloneConfig), "train": (train, TrainConfig), "compare": (compare, CompareConfig)}
+    try:
+        return C.run_command(__doc__, commands, argv)
+    except SystemExit:  # a one-line stop from inside common.Loader leaves its workers (they ignore SIGTERM) alive,
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # and the exit would wait for them for ever: end them quietly
+        for p in torch.multiprocessing.active_children():
+            p.kill()
+        raise
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_same_shape_is_the_same_function(kind):
     """Width and depth unchanged: subcloning only permutes neurons and heads, so the outputs are equal."""
     m = parent(kind)
     arch = CLIP_ARCH if kind == "clip" else GPT_ARCH
-    child, new_arch, idx = S.subclone(m, kind, arch, scores_of(m, kind), S.Config())
+    child, new_arch, idx = S.subclone(m, kind, arch, scores_of(m, kind), S.CloneConfig())
     for ix in idx.values():  # a real permutation, not the identity
         assert not torch.equal(ix["residual"], torch.arange(len(ix["residual"])))
         assert any(not torch.equal(f, torch.arange(len(f))) for f in ix["ffn"])
@@ -70,7 +70,7 @@ def test_width_reduction_keeps_top_neurons_and_scales():
     the parent's slice times sqrt(fan-in ratio), and the output norm is preserved (0.71 without scaling)."""
     m = parent("clip")
     scores = scores_of(m, "clip")
-    child, arch, idx = S.subclone(m, "clip", CLIP_ARCH, scores, S.Config(width=32, text_width=32))
+    child, arch, idx = S.subclone(m, "clip", CLIP_ARCH, scores, S.CloneConfig(width=32, text_width=32))
     assert (arch["width"], arch["heads"], arch["layers"], arch["text_heads"]) == (32, 2, 4, 1)
     s = scores["visual."]
     res = idx["visual."]["residual"]
@@ -90,7 +90,7 @@ def test_width_reduction_keeps_top_neurons_and_scales():
     with torch.no_grad():
         ratio = [a.norm(dim=-1).mean() / b.norm(dim=-1).mean() for a, b in zip(outputs(child.eval(), "clip"),
                                                                                 outputs(m, "clip"))]
-        unscaled, _, _ = S.subclone(m, "clip", CLIP_ARCH, scores, S.Config(width=32, text_width=32, scale=False))
+        unscaled, _, _ = S.subclone(m, "clip", CLIP_ARCH, scores, S.CloneConfig(width=32, text_width=32, scale=False))
         ratio_u = [a.norm(dim=-1).mean() / b.norm(dim=-1).mean() for a, b in zip(outputs(unscaled.eval(), "clip"),
                                                                                   outputs(m, "clip"))]
     for r, u in zip(ratio, ratio_u):  # measured: image 0.96 / 0.70, text 1.12 / 0.83
@@ -103,7 +103,7 @@ def test_depth_reduction_removes_middle_blocks():
     assert S.keep_blocks(36, 24) == list(range(12)) + list(range(24, 36))
     assert S.keep_blocks(4, 3) == [0, 1, 3]
     m = parent("gpt")
-    child, arch, idx = S.subclone(m, "gpt", GPT_ARCH, scores_of(m, "gpt"), S.Config(depth=2))
+    child, arch, idx = S.subclone(m, "gpt", GPT_ARCH, scores_of(m, "gpt"), S.CloneConfig(depth=2))
     assert arch["layers"] == 2 and idx[""]["blocks"] == [0, 3]
     res = idx[""]["residual"]
     torch.testing.assert_close(child.blocks[1].norm2.bias, m.blocks[3].norm2.bias[res])
@@ -204,7 +204,7 @@ def test_clone_on_gpu_is_clone_on_cpu(world, tmp_path):
     (["clone", "--out", "x.pt"], "clone needs --init"),
     (["clone", "--init", "/nonexistent.pt"], "--init file not found"),
     (["train", "--model", "vit_huge", "--out", "{tmp}"], "unknown model 'vit_huge'"),
-    (["fly"], "usage: python subclone.py"),
+    (["fly"], "unknown command 'fly'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
@@ -216,7 +216,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
 def test_width_that_splits_a_head_is_refused(capsys):
     m = parent("gpt")
     with pytest.raises(SystemExit):
-        S.subclone(m, "gpt", GPT_ARCH, scores_of(m, "gpt"), S.Config(width=40))
+        S.subclone(m, "gpt", GPT_ARCH, scores_of(m, "gpt"), S.CloneConfig(width=40))
     assert "multiple of the parent's head width 16" in capsys.readouterr().err
 
 
@@ -296,12 +296,6 @@ def test_train_resumes_exactly(world, tmp_path, tiny_shapes):
     assert not torch.equal(w6["model"]["head.weight"], wa["model"]["head.weight"])
 
 
-def test_help_lists_the_flags(capsys):
-    with pytest.raises(SystemExit) as e:
-        S.main(["clone", "--help"])
-    assert e.value.code == 0 and "--calib-samples" in capsys.readouterr().out
-
-
 def test_mobileclip_checkpoint_is_a_parent(world, tmp_path):
     """A mobileclip.py training checkpoint (ViT `tiny`) with its run's bpe.txt beside it subclones."""
     bpe, vocab = tiny_bpe(tmp_path)  # written to tmp_path/bpe.txt, where mobileclip.py keeps it
@@ -316,24 +310,124 @@ def test_mobileclip_checkpoint_is_a_parent(world, tmp_path):
     assert merges == [list(m) for m in C.Tokenizer(bpe).merges]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(world, tmp_path):
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(world, tmp_path, tiny_shapes):
+    """kill -TERM -PGID (the main process and its DataLoader worker): the worker ignores it, the main process
+    saves a checkpoint at the current step, shuts the worker down and exits 0; --resume auto then logs the
+    losses of a run that never stopped, step for step."""
     import signal
     import subprocess
     import sys
     import time
-    out = str(tmp_path / "r")
     bpe, _ = tiny_bpe(tmp_path)  # no BPE training in the child process
-    proc = subprocess.Popen([sys.executable, "subclone.py", "train", "--model", "gpt_tiny", "--steps", "100000",
-                             "--log-every", "1", "--eval-every", "0", "--bpe", bpe] + small_run(world, out)[2:],
-                            cwd=os.path.dirname(os.path.abspath(S.__file__)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    args = ["train", "--model", "gpt_tiny", "--steps", "40", "--eval-every", "0", "--bpe", bpe, "--lr", "1e-3",
+            "--ckpt-every", "1000"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "r")
+    S.main(args + small_run(world, ref) + ["--log-every", "1"])
+    cmd = [sys.executable, "subclone.py"] + args + small_run(world, out) + ["--log-every", "1"]
+    env, cwd = dict(os.environ, OMP_NUM_THREADS="1"), os.path.dirname(os.path.abspath(S.__file__))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(os.path.join(out, "log.jsonl"))
-                                          and len(S.read_log(out)) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    while time.time() < deadline and not (os.path.exists(os.path.join(out, "log.jsonl")) and len(S.read_log(out)) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == 0 and "stopped at step" in output and "Traceback" not in output, output
+    with pytest.raises(ProcessLookupError):  # the worker is gone too
+        os.killpg(proc.pid, 0)
     step = S.read_log(out)[-1]["step"]
     ckpts = [f for f in os.listdir(out) if f.startswith("ckpt-")]
-    assert len(ckpts) == 1 and int(ckpts[0][5:-3]) >= step, (ckpts, step)
+    assert len(ckpts) == 1 and step <= int(ckpts[0][5:-3]) < 40, (ckpts, step, output)
+    done = subprocess.run(cmd + ["--resume", "auto"], cwd=cwd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and f"final checkpoint {out}/ckpt-40.pt" in done.stdout, done.stdout + done.stderr
+    losses = lambda d: {r["step"]: r["loss"] for r in S.read_log(d) if "loss" in r}
+    assert losses(out) == losses(ref) and len(losses(ref)) == 40
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert sum('"event": "start"' in line for line in f) == 2  # each invocation marks its start
+
+
+@pytest.mark.parametrize("argv,own,other", [(["--help"], "  compare ", None),
+                                            (["clone", "--help"], "--calib-samples", "--steps"),
+                                            (["train", "--help"], "--resume", "--calib-samples"),
+                                            (["compare", "--help"], "--parent-steps", None)])
+def test_help_lists_commands_and_each_commands_own_flags(argv, own, other, capsys):
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and own in out and (other is None or other not in out) and "Traceback" not in out
+    if argv[0] == "train":  # train's help does not offer compare's flags, and shows train's docstring
+        assert "--parent-steps" not in out and S.train.__doc__.split("\n")[0] in out
+
+
+def _ckpt_files(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    for f in ("empty.pt", "empty.tar"):
+        open(tmp_path / f, "wb").close()  # zero bytes
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["train", "--steps", "-5"], "--steps -5: must be >= 0"),
+    (["train", "--steps", "0"], "--steps 0: must be >= 1"),
+    (["train", "--lr", "-1"], "--lr -1.0: must be >= 0"),
+    (["train", "--workers", "-1"], "--workers -1: must be >= 0"),
+    (["train", "--eval-max", "0"], "--eval-max 0: must be >= 1"),
+    (["train", "--resume", "{tmp}/empty.pt"], "cannot read checkpoint {tmp}/empty.pt: empty file (0 bytes)"),
+    (["train", "--resume", "{tmp}/dict.pt"], "not a checkpoint of `subclone.py train`"),
+    (["train", "--init", "{tmp}/empty.pt"], "cannot read --init {tmp}/empty.pt: empty file (0 bytes)"),
+    (["train", "--init", "{tmp}/garbage.pt"], "cannot read --init {tmp}/garbage.pt: UnpicklingError"),
+    (["train", "--init", "{tmp}/tensor.pt"], "holds a Tensor, not a checkpoint dict"),
+    (["train", "--init", "{tmp}/dict.pt"], "not an OpenAI/OpenCLIP ViT CLIP state dict"),
+    (["train", "--data", "{tmp}/empty.tar", "--model", "gpt_tiny"], "no readable caption in --data {tmp}/empty.tar"),
+    (["train", "--data", "{tmp}/empty.tar", "--val-data", "{tmp}/nowhere"], "data path does not exist: {tmp}/nowhere"),
+    (["train", "--model", "gpt_tiny", "--data", "{tmp}/empty.tar", "--bpe", "{tmp}/bpe.txt", "--workers", "0"],
+     "no usable sample in a whole pass of data consumer 1 of 1 over 1 shard(s) ({tmp}/empty.tar); skipped: "
+     "broken_tar:ReadError 1"),
+    (["clone", "--init", "{tmp}/empty.pt"], "cannot read --init {tmp}/empty.pt: empty file (0 bytes)"),
+    (["clone", "--init", "{tmp}/dict.pt", "--calib-samples", "0"], "--calib-samples 0: must be >= 1"),
+    (["clone", "--init", "{tmp}/dict.pt", "--width", "-4"], "--width -4: must be >= 0"),
+    (["compare", "--kind", "vit"], "--kind vit: must be clip or gpt"),
+    (["compare", "--parent-steps", "0"], "--parent-steps 0: must be >= 1"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, argv, message):
+    _ckpt_files(tmp_path)
+    tiny_bpe(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        S.main([a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message.format(tmp=tmp_path) in err[0]
+    assert not list(tmp_path.glob("out/ckpt-*.pt")) and not (tmp_path / "out.pt").exists()
+
+
+def test_data_without_a_usable_sample_stops_a_run_with_workers_in_one_line(tmp_path):
+    """The same through the command line with 2 DataLoader workers: one line, exit 2, and the process ends."""
+    import subprocess
+    import sys
+    _ckpt_files(tmp_path)
+    bpe, _ = tiny_bpe(tmp_path)
+    done = subprocess.run([sys.executable, "subclone.py", "train", "--model", "gpt_tiny", "--data", str(tmp_path /
+                           "empty.tar"), "--bpe", bpe, "--workers", "2", "--out", str(tmp_path / "out")], timeout=120,
+                          cwd=os.path.dirname(os.path.abspath(S.__file__)), capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: no usable sample in a whole pass of data consumer 1 of 2 over 1 shard(s) ({tmp_path}/empty.tar); "
+        "skipped: broken_tar:ReadError 1"], done.stderr
+
+
+def test_a_new_run_into_another_runs_checkpoints_stops_or_starts_over(world, tmp_path, tiny_shapes, capsys):
+    bpe, _ = tiny_bpe(tmp_path)
+    args = ["train", "--model", "t_parent", "--steps", "2", "--eval-every", "0", "--bpe", bpe]
+    out = str(tmp_path / "r")
+    S.main(args + small_run(world, out))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # no --resume: the earlier run's checkpoint is not this run's to prune
+        S.main(args + small_run(world, out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and f"{out} holds another run's checkpoints (ckpt-2.pt" in err[0]
+    assert sorted(os.listdir(out)) == sorted(["ckpt-2.pt", "config.json", "log.jsonl", "subclone.py", "common.py",
+                                              "run.lock"])
+    S.main(args + small_run(world, out) + ["--overwrite"])
+    assert sorted(os.listdir(os.path.join(out, "previous-1"))) == ["ckpt-2.pt", "config.json", "log.jsonl"]
+    assert os.path.exists(os.path.join(out, "ckpt-2.pt")) and len(S.read_log(out)) == 1
