@@ -49,11 +49,9 @@ from torchvision.transforms import InterpolationMode
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag's help; the description's line breaks kept."""
 
-
 def first_paragraph(doc: str | None) -> str:
     """A docstring's first paragraph (up to the first blank line), for --help."""
     return (doc or "").strip().split("\n\n")[0].strip()
-
 
 # Range checks by field name, for every Config: (pattern, low, high), the first pattern that matches applies. A
 # value out of range stops the run with one line before any work; a field's own default always passes (some
@@ -64,7 +62,6 @@ RANGES = [(r".*_(frac|prob|p)|alt_noise|pool_offdomain|(aug_|crop_)?min_scale|cr
            r"|topk|points|chunk|per_query|shots|(shard|part)_size|temperature", 1, None),
           (r"(.*_)?(steps|epochs|every|workers|images|ckpts|max|warmup(_epochs)?|size|dim|classes|labels|synthetic_.*"
            r"|mix_pool|calib_samples)|(.*_)?lr(_.*)?|grad_clip|lambda_.*|.*_lambda|.*_weight|w_.*", 0, None)]
-
 
 def check_ranges(cfg) -> None:
     """One line for the first numeric field that is not finite or out of its range (RANGES)."""
@@ -77,7 +74,6 @@ def check_ranges(cfg) -> None:
         lo, hi = next(((lo, hi) for pattern, lo, hi in RANGES if re.fullmatch(pattern, f.name)), (-math.inf, None))
         if v < lo or (hi is not None and v > hi):
             fail(f"{flag} {v}: must be " + (f"between {lo} and {hi}" if hi is not None else f">= {lo}"))
-
 
 def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog: str | None = None,
                  description: str | None = None):
@@ -109,7 +105,6 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
         print0(json.dumps(dataclasses.asdict(cfg)))
     return cfg
 
-
 def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, default: str | None = None):
     """`python SCRIPT COMMAND [flags]`: commands = {name: (function, ConfigClass)}; the function gets the
     parsed config. `SCRIPT --help` lists the commands with the first line of each function's docstring;
@@ -134,7 +129,6 @@ def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, 
     fn, cls = commands[name]
     return fn(parse_config(cls, argv, prog=f"{script} {name}", description=first_paragraph(fn.__doc__)))
 
-
 def fail(msg: str):
     """Stop with one clear line instead of a traceback from deep inside (bad path, unknown model, ...)."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -145,16 +139,13 @@ def fail(msg: str):
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
-
 def get_world_size() -> int:
     initialized = dist.is_available() and dist.is_initialized()
     return dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", 1))
 
-
 def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
-
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device]:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun; defaults for a plain `python x.py`), start the
@@ -172,17 +163,14 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
     return rank, local_rank, world, dev
 
-
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
-
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) from every rank into (W*B, ...), rank order, with gradients flowing back
@@ -202,7 +190,6 @@ def attention(q, k, v, mask=None, causal: bool = False):
         mask, causal = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
-
 def attention_reference(q, k, v, mask=None, causal: bool = False):
     """Readable path, the oracle for `attention`: softmax(q k^T / sqrt(Dh)) v with the scores in fp32."""
     Dh, n = q.shape[-1], q.shape[-2]
@@ -212,7 +199,6 @@ def attention_reference(q, k, v, mask=None, causal: bool = False):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
-
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection. `qkv.weight` rows are [q; k; v], each
@@ -230,13 +216,11 @@ class Attention(nn.Module):
         o = (attention if self.fused else attention_reference)(q, k, v, mask, causal)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
-
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation the OpenAI CLIP weights were trained with."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
-
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "gelu"):
@@ -246,7 +230,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
@@ -260,14 +243,12 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), mask, causal)
         return x + self.mlp(self.norm2(x))
 
-
 def run_blocks(blocks, x, checkpointing: bool, causal: bool = False):
     """x through the blocks; with `checkpointing` each block's activations are recomputed in backward."""
     for blk in blocks:
         x = torch.utils.checkpoint.checkpoint(blk, x, None, causal, use_reentrant=False) if checkpointing \
             else blk(x, None, causal)
     return x
-
 
 class ViT(nn.Module):
     """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions, ln_pre,
@@ -295,7 +276,6 @@ class ViT(nn.Module):
     def forward(self, x):
         return self.forward_tokens(x)[:, 0] @ self.proj  # (B, E)
 
-
 class TextTransformer(nn.Module):
     """CLIP text tower: token + learned position embeddings, causal blocks, ln_final, the feature at the
     end-of-text token (the largest id, so `argmax(ids)`), linear projection. `causal=False` gives the
@@ -316,7 +296,6 @@ class TextTransformer(nn.Module):
         x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=self.causal))
         return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.proj  # (B, E)
 
-
 class CLIP(nn.Module):
     """Two towers and a learned temperature; `logit_scale` is stored as log(1/tau) (init 1/0.07)."""
 
@@ -335,7 +314,6 @@ class CLIP(nn.Module):
         """Normalised image and text embeddings (B, E) each, and the clamped scale exp(logit_scale) <= 100."""
         return self.encode_image(images, True), self.encode_text(ids, True), self.logit_scale.exp().clamp(max=100.0)
 
-
 def build_clip(image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512, text_width=512,
                text_layers=12, text_heads=8, vocab_size=49408, context_length=77, mlp_ratio=4.0,
                act="gelu", causal=True, grad_checkpointing=False) -> CLIP:
@@ -344,14 +322,12 @@ def build_clip(image_size=224, patch=16, width=768, layers=12, heads=12, embed_d
                            mlp_ratio, act, causal, grad_checkpointing)
     return CLIP(vision, text)
 
-
 def set_fused(model: nn.Module, fused: bool) -> nn.Module:
     """Switch every Attention of `model` between the fused SDPA path and the explicit reference."""
     for m in model.modules():
         if isinstance(m, Attention):
             m.fused = fused
     return model
-
 
 # OpenAI/OpenCLIP names -> ours: whole-key prefixes (the first that matches applies), then infixes
 # inside the blocks. Swapping each pair gives the inverse, for export.
@@ -365,7 +341,6 @@ _OPENCLIP_INFIXES = [(".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".attn.in_pr
                      (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
                      (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
 
-
 def _rename(key: str, inverse: bool = False) -> str:
     flip = (lambda p: p[::-1]) if inverse else (lambda p: p)
     for old, new in map(flip, _OPENCLIP_PREFIXES):
@@ -376,7 +351,6 @@ def _rename(key: str, inverse: bool = False) -> str:
         key = key.replace(old, new)
     return key
 
-
 def unwrap_state_dict(sd: dict) -> dict:
     """The tensors of a saved file: under "state_dict"/"model" if nested, without DDP/compile prefixes."""
     for k in ("state_dict", "model"):
@@ -384,11 +358,9 @@ def unwrap_state_dict(sd: dict) -> dict:
             sd = sd[k]
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
 
-
 # The state dict does not store head counts. OpenCLIP's towers use 64-wide heads except these vision widths
 # (ViT-H/14, ViT-g/14, ViT-bigG/14: 16 heads of 80, 88 and 104).
 _HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
-
 
 def openclip_config(sd: dict) -> dict:
     """Infer the build_clip arguments of an OpenAI/OpenCLIP ViT CLIP from its state-dict shapes."""
@@ -405,17 +377,14 @@ def openclip_config(sd: dict) -> dict:
                 vocab_size=sd["token_embedding.weight"].shape[0], context_length=sd["positional_embedding"].shape[0],
                 mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
 
-
 def openclip_to_ours(sd: dict) -> dict:
     """Rename an OpenAI/OpenCLIP state dict to this repository's names (tensors untouched)."""
     return {_rename(k): v for k, v in unwrap_state_dict(sd).items()
             if not k.endswith("attn_mask") and k not in ("input_resolution", "context_length", "vocab_size")}
 
-
 def ours_to_openclip(sd: dict) -> dict:
     """The inverse, to export a model trained here to the OpenAI/OpenCLIP layout."""
     return {_rename(k, inverse=True): v for k, v in sd.items()}
-
 
 def clip_from_openclip(sd: dict, act: str = "quick_gelu", **overrides) -> CLIP:
     """A CLIP built from an OpenAI-CLIP/OpenCLIP ViT state dict (B/32, B/16, L/14, any size inferred from
@@ -425,7 +394,6 @@ def clip_from_openclip(sd: dict, act: str = "quick_gelu", **overrides) -> CLIP:
     model = build_clip(**{**openclip_config(sd), **overrides}, act=act)  # e.g. heads=... for unusual widths
     load_state_dict_checked(model, openclip_to_ours(sd), "OpenCLIP state dict")
     return model
-
 
 def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
     """Strict load that fails with one line naming the first mismatch (a checkpoint of another model)."""
@@ -454,7 +422,6 @@ def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
 SOT, EOT, EOW = "<start_of_text>", "<end_of_text>", "</w>"
 CLIP_NUM_MERGES = 49152 - 256 - 2   # merges used from the standard vocab file
 
-
 @functools.lru_cache(maxsize=None)
 def _byte_table():
     """byte -> printable char, in the order of the 256 base tokens of the vocab."""
@@ -462,7 +429,6 @@ def _byte_table():
     # Visible bytes stand for themselves; the rest (controls, space, soft hyphen) move to U+0100 up.
     rest = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
-
 
 @functools.lru_cache(maxsize=None)
 def _fix_table():
@@ -480,7 +446,6 @@ def _fix_table():
     t.update({ord(q): r for q, r in quotes.items()})    # then chain, e.g. C1 0x92 -> U+2019 -> "'"
     return {cp: r and "".join(quotes.get(c, c) for c in r) for cp, r in t.items()}
 
-
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def clean_text(text):
     """Normalise text the way CLIP does before pre-tokenisation (see header note)."""
@@ -488,7 +453,6 @@ def clean_text(text):
     text = _ANSI_ESCAPE.sub("", text).translate(_fix_table())
     text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
-
 
 @functools.lru_cache(maxsize=None)
 def _word_pattern():
@@ -508,21 +472,17 @@ def _word_pattern():
     return re.compile(rf"{SOT}|{EOT}|(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[{lb}]+|{astral}[{la}])+"
                       rf"|[{nb}]|{astral}[{na}]|(?:{other})+")
 
-
 # The same rule restricted to ASCII text (already lower-cased): the common case.
 _ASCII_WORD = re.compile(rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
-
 
 def _words(text):
     """Cleaned, pre-tokenised words of `text` (before the byte mapping)."""
     return (_ASCII_WORD if (text := clean_text(text)).isascii() else _word_pattern()).findall(text)
 
-
 def _symbols(word):
     """Initial BPE symbols of a word: its mapped bytes, the last one marked with '</w>'."""
     chars = "".join(map(_byte_table().__getitem__, word.encode("utf-8")))
     return list(chars[:-1]) + [chars[-1] + EOW]
-
 
 def _merge(symbols, a, b):
     """Replace each adjacent (a, b), scanning left to right without overlap, by a+b."""
@@ -532,7 +492,6 @@ def _merge(symbols, a, b):
         out.append(a + b if pair else symbols[i])
         i += 1 + pair
     return out
-
 
 def _read_merges(path):
     """Parse a merges file (gzip or plain): one header line, then 'a b' lines."""
@@ -557,7 +516,6 @@ def _read_merges(path):
         if len(line.split()) != 2:
             raise ValueError(f"malformed BPE merges file {path}: line {n} is not 'a b': {line!r}")
     return [tuple(line.split()) for line in body]
-
 
 class Tokenizer:
     """CLIP byte-level BPE: 256 byte tokens, 256 byte+'</w>' tokens, one token per merge, then
@@ -622,7 +580,6 @@ class Tokenizer:
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"#merges: {len(self.merges)}\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
-
 def train_bpe(texts, vocab_size=4096, min_frequency=2):
     """Learn up to vocab_size - 514 merges on `texts` with the tokenizer's own cleaning, pre-tokenisation and
     byte mapping (so Tokenizer(merges=...) has vocab_size = 512 + len(merges) + 2); stops early when no
@@ -667,7 +624,6 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-
 def _braces(spec: str) -> list[str]:
     """Expand `{00..99}` (zero-padded to the first bound's width) and `{a,b}` patterns, left to right."""
     if m := re.search(r"\{(\d+)\.\.(\d+)\}", spec):
@@ -676,7 +632,6 @@ def _braces(spec: str) -> list[str]:
     if m := re.search(r"\{([^{}]*,[^{}]*)\}", spec):
         return [x for s in m.group(1).split(",") for x in _braces(spec[:m.start()] + s + spec[m.end():])]
     return [spec]
-
 
 def expand_shards(spec: str) -> list[str]:
     """Shard sources, as webdataset and OpenCLIP users write them, several joined by `::`: a directory (its
@@ -700,10 +655,8 @@ def expand_shards(spec: str) -> list[str]:
         raise FileNotFoundError(f"no .tar shards found at {spec}")
     return out
 
-
 class PipeFailed(OSError):
     """A `pipe:` shard's command exited non-zero."""
-
 
 @contextlib.contextmanager
 def open_shard(source: str):
@@ -739,7 +692,6 @@ def open_shard(source: str):
                 last = (err.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1][:200]
                 raise PipeFailed(f"exit status {proc.returncode}: {last}")
 
-
 def iter_tar_samples(path: str, skipped: dict):
     """Group the members of one tar into samples {"__key__": key, suffix: bytes} the webdataset way:
     key = member path up to the first '.' of its basename, suffix = the rest ("jpg", "seg.png"). Members of
@@ -766,7 +718,6 @@ def iter_tar_samples(path: str, skipped: dict):
     if sample:
         yield sample
 
-
 def decode_image(sample: dict) -> Image.Image:
     """The sample's image as an RGB PIL image; raises on a missing or undecodable image (caller counts and
     skips). For the paths that must match PIL-based official code (stored-augmentation replay)."""
@@ -776,7 +727,6 @@ def decode_image(sample: dict) -> Image.Image:
             img.load()  # force the full decode here, so a truncated file fails now, not in the crop
             return img.convert("RGB")
     raise KeyError("no image")
-
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 (3, H, W): JPEG through torchvision's `decode_jpeg` (straight to a tensor,
@@ -793,14 +743,12 @@ def bytes_to_tensor(data: bytes) -> torch.Tensor:
     img.load()
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
 
-
 def decode_image_tensor(sample: dict) -> torch.Tensor:
     """The sample's image as uint8 (3, H, W) (`bytes_to_tensor`, the fast training path); raises if missing or bad."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             return bytes_to_tensor(sample[ext])
     raise KeyError("no image")
-
 
 def decode_caption(sample: dict, key: str = "txt") -> str:
     """The caption as text; raises on a missing, empty or non-UTF-8 caption."""
@@ -810,7 +758,6 @@ def decode_caption(sample: dict, key: str = "txt") -> str:
     if not text:
         raise ValueError("empty caption")
     return text
-
 
 def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng` instead of torch's
@@ -833,21 +780,17 @@ def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0)
     left, top = (w - cw) // 2, (h - ch) // 2
     return left, top, left + cw, top + ch
 
-
 def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
     """The largest centred square (for labels that must stay aligned with a square crop of the image)."""
     s = min(w, h)
     return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
 
-
 def image_wh(img) -> tuple[int, int]:
     """(width, height) of a PIL image or a (C, H, W) tensor."""
     return (img.shape[-1], img.shape[-2]) if torch.is_tensor(img) else img.size
 
-
 _MODES = {Image.NEAREST: InterpolationMode.NEAREST, Image.BILINEAR: InterpolationMode.BILINEAR,
           Image.BICUBIC: InterpolationMode.BICUBIC}
-
 
 def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
     """Crop `box` (left, top, right, bottom), resize to size x size -> uint8 (3, size, size). A uint8
@@ -861,7 +804,6 @@ def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
     img = img.resize((size, size), resample, box=box)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
-
 def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
     """OpenCLIP's eval transform (`image_transform(size, is_train=False)`): resize the shorter side to `size`,
     centre crop size x size -> uint8 (3, size, size). A PIL image is resized by PIL, as OpenCLIP does, so the
@@ -871,13 +813,11 @@ def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
     x = TF.center_crop(TF.resize(img, size, interpolation=_MODES[resample], antialias=True), [size, size])
     return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-
 def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """uint8 (B, 3, H, W) on any device -> float, (x/255 - mean) / std."""
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
     return (x.float() - m) / s
-
 
 # RandAugment (Cubuk et al. 2020) with its random draws kept as compact parameters, so that an augmentation
 # can be stored and replayed exactly (MobileCLIP's DataCompDR, dataset reinforcement). The op table (names,
@@ -887,7 +827,6 @@ def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Ten
 RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
                     "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 
-
 @functools.lru_cache(maxsize=64)
 def _rand_augment_space(bins: int, size: int) -> dict:
     """torchvision's table {op: (magnitudes of the `bins` bins, signed)} for a size x size image."""
@@ -896,14 +835,12 @@ def _rand_augment_space(bins: int, size: int) -> dict:
     assert tuple(space) == RAND_AUGMENT_OPS, "torchvision's RandAugment ops changed order"
     return {k: (m.tolist() if m.ndim else None, signed) for k, (m, signed) in space.items()}
 
-
 def rand_augment_magnitude(k: int, negative: bool, size: int, magnitude: int = 9, bins: int = 31) -> float:
     """The value of op k at `magnitude` (of `bins`), negated if `negative` and the op is signed: what
     torchvision's RandAugment would apply (Posterize: bits kept; Solarize: threshold; 0 for unparametrised ops)."""
     grid, signed = _rand_augment_space(bins, size)[RAND_AUGMENT_OPS[k]]
     m = float(grid[magnitude]) if grid is not None else 0.0
     return -m if signed and negative else m
-
 
 def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitude: int = 9, bins: int = 31):
     """num_ops [op_index, signed magnitude] pairs drawn as torchvision's RandAugment draws them: an op
@@ -915,7 +852,6 @@ def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitu
         ops.append([k, rand_augment_magnitude(k, negative, size, magnitude, bins)])
     return ops
 
-
 def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
     """Apply stored [op_index, magnitude] pairs to a PIL image with torchvision's own op implementation
     (nearest resampling, black fill), as torchvision's RandAugment and the official DataCompDR replay do."""
@@ -923,7 +859,6 @@ def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
     for k, m in ops:
         img = _apply_op(img, RAND_AUGMENT_OPS[int(k)], float(m), InterpolationMode.NEAREST, None)
     return img
-
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers.
@@ -1004,7 +939,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         if batch and not self.drop_last:
             yield collate(batch, wid, skipped, [epoch, 0])
 
-
 def collate(items: list[dict], worker: int = 0, skipped: dict | None = None, pos=None) -> dict:
     """Stack tensors, keep everything else as lists."""
     out = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
@@ -1012,10 +946,8 @@ def collate(items: list[dict], worker: int = 0, skipped: dict | None = None, pos
     out["__worker__"], out["__skipped__"], out["__pos__"] = worker, dict(skipped or {}), pos
     return out
 
-
 class DataError(RuntimeError):
     """Data that cannot feed a run (every sample of a pass bad, every shard unreadable)."""
-
 
 class Loader(torch.utils.data.DataLoader):
     """A DataLoader whose DataError, raised in a worker, ends the run with its one line, not a traceback."""
@@ -1027,19 +959,16 @@ class Loader(torch.utils.data.DataLoader):
             fail([line for line in str(e).strip().splitlines() if line.strip()][-1].removeprefix(
                 f"{DataError.__module__}.DataError: "))
 
-
 def ignore_stop_signals(worker_id: int = 0):
     """DataLoader `worker_init_fn`: a worker ignores SIGTERM and SIGINT, which schedulers and Ctrl-C send to the
     whole process group; the main process saves a checkpoint (StopSignal) and then shuts its workers down."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
     """DataLoader over a ShardStream that batches itself; workers leave stop signals to the main process."""
     return Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
-
 
 class StepBatches(torch.utils.data.Sampler):
     """Batch sampler for a map-style dataset read by key (epoch, index): this rank's share of each global batch
@@ -1060,7 +989,6 @@ class StepBatches(torch.utils.data.Sampler):
             if perm is None or j == 0:  # the first step, or a new epoch
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             yield [(epoch, int(i)) for i in perm[j * self.gb:(j + 1) * self.gb][self.rank::self.world]]
-
 
 class DataPosition:
     """What the trainer consumed from each worker: the position to resume from and the skip counts."""
@@ -1084,7 +1012,6 @@ class DataPosition:
             return {r: p for r, p in enumerate(every)}
         return {0: mine}
 
-
 def write_shard(path: str, samples) -> int:
     """Write samples {"__key__": key, suffix: bytes | str | dict | PIL.Image | np.ndarray} to a tar,
     atomically (temporary name, then rename). Returns the number of samples written."""
@@ -1100,7 +1027,6 @@ def write_shard(path: str, samples) -> int:
     os.replace(tmp, path)
     return n
 
-
 def encode_member(suffix: str, value) -> bytes:
     """bytes as they are, str as UTF-8, a PIL image in the format its suffix names, an array as .npy, else JSON."""
     if isinstance(value, (bytes, str)):
@@ -1115,12 +1041,10 @@ def encode_member(suffix: str, value) -> bytes:
         return json.dumps(value).encode("utf-8")  # dict / list / number -> .json
     return buf.getvalue()
 
-
 def sample_rng(seed: int, sample: dict) -> random.Random:
     """Augmentation randomness fixed by (seed, epoch, key): the same whatever the worker layout, so a
     resumed or re-sharded run draws the same crops."""
     return random.Random(zlib.crc32(f"{seed}/{sample.get('__epoch__', 0)}/{sample['__key__']}".encode()))
-
 
 class ImageTextDecode:
     """Sample -> {"image": uint8 (3, S, S), "ids": (L,) token ids, "caption": str}. Train: OpenCLIP's train
@@ -1142,7 +1066,6 @@ class ImageTextDecode:
         else:
             image = eval_transform(decode_image(sample), self.size, self.resample)
         return {"image": image, "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
-
 
 # The built-in synthetic world: with no --data, training scripts draw samples from this deterministic
 # procedural world (no download). It serves all papers: captions (CLIP, CatLIP), per-pixel masks and depth
@@ -1179,7 +1102,6 @@ _TEMPLATES = ((2014, "{obj}{pos}{extra}{bg}"), (2014, "a photo of {obj}{pos}{ext
 _DROP = (0.5, 0.65, 0.5, 0.7)
 _SS = 4  # supersampling factor for anti-aliased shape edges
 
-
 @functools.lru_cache(maxsize=None)
 def _shape_geometry(name: str, outlined: bool) -> tuple:
     """Polygons of a shape in unit coordinates (radius ~1, y pointing down): ((points (N, 2), fill), ...);
@@ -1207,12 +1129,10 @@ def _shape_geometry(name: str, outlined: bool) -> tuple:
         ops.append((ops[0][0] * 0.58, 0))
     return tuple((np.asarray(p, np.float64), f) for p, f in ops)
 
-
 def _drift_probs(trend: np.ndarray, u: float, strength: float) -> np.ndarray:
     """Categorical prior that tilts smoothly with u = year position in [0, 1]."""
     w = np.exp(strength * (u - 0.5) * np.asarray(trend, np.float64))
     return w / w.sum()
-
 
 def _coverage(ops, centre, radius, angle, size):
     """Anti-aliased coverage in [0, 1] at final resolution (size, size): drawn at _SS x resolution and
@@ -1225,7 +1145,6 @@ def _coverage(ops, centre, radius, angle, size):
     for pts, fill in ops:
         ImageDraw.Draw(canvas).polygon((pts @ rot.T + offset).ravel().tolist(), fill=255 * fill)
     return np.asarray(canvas.reduce(_SS), dtype=np.float32) / 255.0
-
 
 def _background(rng, size, texture, dark, light, xx, yy):
     """Texture field f in [0, 1] mixing two tones of the background colour."""
@@ -1245,7 +1164,6 @@ def _background(rng, size, texture, dark, light, xx, yy):
         f = np.asarray(low.resize((size, size), Image.BILINEAR), np.float32)
     return dark + f[..., None] * (light - dark)
 
-
 def _place(rng, size, radius, others, tries=16):
     """Centre inside the image; of a few candidates keep the one whose worst overlap with `others`
     (centre distance / sum of radii) is smallest."""
@@ -1258,7 +1176,6 @@ def _place(rng, size, radius, others, tries=16):
         if score > 0.9:  # good enough
             break
     return best
-
 
 def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = None) -> dict:
     """One sample: image, caption, label, mask, depth, year (see module notes)."""
@@ -1336,7 +1253,6 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
     return {"image": image, "caption": caption, "label": label, "mask": mask, "scene": scene,
             "depth": np.clip(depth, 0, 1).astype(np.float32), "year": year}
 
-
 def synthetic_split(seed: int, n: int, size: int, split: str,
                     years: tuple[int, int] | None = None, start: int = 0) -> typing.Iterator[dict]:
     """Deterministic stream of n samples of one split. Sample i has its own generator seeded by
@@ -1346,7 +1262,6 @@ def synthetic_split(seed: int, n: int, size: int, split: str,
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
         year = None if years is None else int(rng.integers(years[0], years[1] + 1))
         yield {**render_sample(rng, size, year), "key": f"{split}{i:07d}"}
-
 
 def _render_shard(args) -> int:
     """Render synthetic samples [lo, hi) of `split` into one tar shard, or into an ImageFolder."""
@@ -1363,7 +1278,6 @@ def _render_shard(args) -> int:
                    "depth.png": depth16, "json": {"label": int(s["label"]), "classname": SYNTH_SHAPES[s["label"]],
                                                   "year": int(s["year"]), "scene": s["scene"]}}
     return write_shard(path, samples())
-
 
 def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
                     shard_size: int = 5000, workers: int | None = None) -> dict:
@@ -1406,7 +1320,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     logits_t2i = logit_scale.float() * txt.float() @ all_img.float().T  # (B, W*B)
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
-
 def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """The readable full-matrix version (one process): -mean log softmax of the diagonal, by rows (image -> text)
     and by columns (text -> image)."""
@@ -1420,7 +1333,6 @@ def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale
 # ==== 7. Optimisation =================================================================================
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "token_embed", "logit_scale", "class_embedding", "positional_embedding")
 
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and conv kernels only: not on norms, biases, embeddings, logit scale."""
     decay, no_decay = [], []
@@ -1431,12 +1343,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-
 def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6):
     """AdamW over param_groups, the fused CUDA kernel when the parameters are on a GPU."""
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
-
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.0) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio * base_lr` at `total`."""
@@ -1444,7 +1354,6 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
         return base_lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
     for g in optimizer.param_groups:
@@ -1461,17 +1370,14 @@ def save_checkpoint(path: str, state: dict):
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-
 def checkpoints(out_dir: str) -> list[str]:
     """The `ckpt-<step>.pt` files of `out_dir`, oldest step first."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt-*.pt"))
              if (m := re.search(r"ckpt-(\d+)\.pt$", p))]
     return [p for _, p in sorted(found)]
 
-
 def latest_checkpoint(out_dir: str) -> str | None:
     return (checkpoints(out_dir) or [None])[-1]
-
 
 def read_checkpoint(path: str) -> dict:
     """A checkpoint file as a dict (weights_only: no pickled code runs); raises ValueError saying why not."""
@@ -1484,7 +1390,6 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a checkpoint dict")
     return state
-
 
 def load_checkpoint(path: str, out_dir: str) -> dict | None:
     """`path` = "" (start fresh), "auto" (the newest checkpoint in out_dir that reads, or fresh if there is
@@ -1508,7 +1413,6 @@ def load_checkpoint(path: str, out_dir: str) -> dict | None:
     except (ValueError, OSError) as e:
         fail(f"cannot read checkpoint {path}: {e}")
 
-
 def prune_checkpoints(out_dir: str, keep: int, written: str | None = None):
     """Delete all but the `keep` newest checkpoints (rank 0); never `written`, the one just saved."""
     if get_rank() == 0 and keep > 0:
@@ -1516,18 +1420,15 @@ def prune_checkpoints(out_dir: str, keep: int, written: str | None = None):
             if not (written and os.path.samefile(p, written)):
                 os.remove(p)
 
-
 def rng_state() -> dict:
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), **cuda}
-
 
 def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     random.setstate((3, tuple(s["python"]), None))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
-
 
 class StopSignal:
     """Turns SIGTERM/SIGINT (the scheduler's pre-emption notice, Ctrl-C) into a flag the loop checks, so
@@ -1556,13 +1457,11 @@ class StopSignal:
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} in a photo.",
                      "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}.")
 
-
 def read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         fail(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
-
 
 def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """torchvision's ImageFolder listing: one sub-folder per class (sorted), every image file below it, nested folders
@@ -1582,7 +1481,6 @@ def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[t
         fail(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {root}")
     return items, classnames or [d.replace("_", " ") for d in folders]
 
-
 @torch.no_grad()
 def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, device, context_length: int):
     """(E, C) classifier: per class, the renormalised mean of its prompts' normalised text embeddings (CLIP)."""
@@ -1593,11 +1491,9 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, devi
         weights.append(F.normalize(z, dim=0))
     return torch.stack(weights, dim=1)
 
-
 def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Tensor:
     """Image files -> uint8 (N, 3, size, size) by `eval_transform` (PIL decode and resize: OpenCLIP's pixels)."""
     return torch.stack([eval_transform(Image.open(p), size, resample) for p in paths])
-
 
 @torch.no_grad()
 def zeroshot_eval(model, classifier, items, image_size: int, device, batch_size: int = 256,
@@ -1613,7 +1509,6 @@ def zeroshot_eval(model, classifier, items, image_size: int, device, batch_size:
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
     return {"zeroshot_top1": 100 * correct1 / len(items), "zeroshot_top5": 100 * correct5 / len(items)}
-
 
 @torch.no_grad()
 def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
@@ -1634,7 +1529,6 @@ def progress(iterable, desc: str, **kw):
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, disable=get_rank() != 0 or not sys.stderr.isatty(), leave=False, **kw)
 
-
 class RunLog:
     """One plain console line per call on rank 0, and the same as one JSON object per line in
     OUT/log.jsonl (`step` first, then every metric by name)."""
@@ -1652,12 +1546,10 @@ class RunLog:
             f.write(json.dumps(rec) + "\n")
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
 
-
 def finish_run(out_dir: str, checkpoint: str | None = None, extra: str = ""):
     """Rank 0: the run's last line says where its results are."""
     where = [f"run directory {out_dir}"] + ([f"final checkpoint {checkpoint}"] if checkpoint else [])
     print0("results: " + " | ".join(where + [f"log {os.path.join(out_dir, 'log.jsonl')}"] + ([extra] if extra else [])))
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -1667,7 +1559,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         pass
     return True
-
 
 def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
     """One run per run directory (rank 0). OUT/run.lock names the holder (pid, host, start): a live holder
@@ -1713,14 +1604,12 @@ def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
             os.replace(p, os.path.join(keep, os.path.basename(p)))
         print0(f"--overwrite: the earlier run's checkpoints and log moved to {keep}")
 
-
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
-
 
 def document_run(out_dir: str, cfg, scripts: list[str]):
     """Rank 0: claims the run directory (`claim_out`), writes config.json, copies the script and common.py,
