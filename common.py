@@ -49,9 +49,15 @@ from torchvision.transforms import InterpolationMode
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag's help; the description's line breaks kept."""
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the error and where to look), not usage + error."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
+
 def first_paragraph(doc: str | None) -> str:
     """A docstring's first paragraph (up to the first blank line), for --help."""
-    return (doc or "").strip().split("\n\n")[0].strip()
+    return inspect.cleandoc(doc or "").split("\n\n")[0].strip()
 
 # Range checks by field name, for every Config: (pattern, low, high), the first pattern that matches applies. A
 # value out of range stops the run with one line before any work; a field's own default always passes (some
@@ -59,7 +65,8 @@ def first_paragraph(doc: str | None) -> str:
 RANGES = [(r".*_(frac|prob|p)|alt_noise|pool_offdomain|(aug_|crop_)?min_scale|crop_scale|(ema_)?momentum|beta2"
            r"|label_smoothing|.*_threshold", 0, 1),
           (r"(.*_)?batch(_size)?(_.*)?|(log|ckpt)_every|shuffle_buffer|masks_per_image|num_(augs|captions|samples)"
-           r"|topk|points|chunk|per_query|shots|(shard|part)_size|temperature", 1, None),
+           r"|topk|points|chunk|per_query|shots|(shard|part)_size", 1, None),
+          (r"temperature", 1e-6, None),
           (r"(.*_)?(steps|epochs|every|workers|images|ckpts|max|warmup(_epochs)?|size|dim|classes|labels|synthetic_.*"
            r"|mix_pool|calib_samples)|(.*_)?lr(_.*)?|grad_clip|lambda_.*|.*_lambda|.*_weight|w_.*", 0, None)]
 
@@ -90,7 +97,7 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
         for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
             helps[m.group(1)] = m.group(2).strip()
     doc = description if description is not None else first_paragraph(sys.modules[cls.__module__].__doc__)
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=_HelpFormatter)
+    parser = _Parser(prog=prog, description=doc, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         typ, flag = hints[f.name], "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -157,7 +164,10 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
         fail("--device cuda was asked for but CUDA is not available")
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    try:
+        dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device}: not a device torch knows (auto, cpu, cuda, mps, ...)")
     if world > 1 and not dist.is_initialized():
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
@@ -953,11 +963,22 @@ class Loader(torch.utils.data.DataLoader):
     """A DataLoader whose DataError, raised in a worker, ends the run with its one line, not a traceback."""
 
     def __iter__(self):
+        it = super().__iter__()
         try:
-            yield from super().__iter__()
+            yield from it
         except DataError as e:  # re-raised from a worker with its traceback in the text: keep the message
+            getattr(it, "_shutdown_workers", lambda: None)()
             fail([line for line in str(e).strip().splitlines() if line.strip()][-1].removeprefix(
                 f"{DataError.__module__}.DataError: "))
+
+@functools.cache
+def kill_workers_at_exit():
+    """Workers ignore SIGTERM (`ignore_stop_signals`), which is also how multiprocessing ends daemon processes at
+    exit: so at exit (after a `fail`, say) the main process SIGKILLs the DataLoader workers still alive first
+    (atexit runs last-registered first, before multiprocessing's own handler)."""
+    import atexit
+    import multiprocessing
+    atexit.register(lambda: [p.kill() for p in multiprocessing.active_children() if p.daemon])
 
 def ignore_stop_signals(worker_id: int = 0):
     """DataLoader `worker_init_fn`: a worker ignores SIGTERM and SIGINT, which schedulers and Ctrl-C send to the
@@ -967,6 +988,7 @@ def ignore_stop_signals(worker_id: int = 0):
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
     """DataLoader over a ShardStream that batches itself; workers leave stop signals to the main process."""
+    kill_workers_at_exit()
     return Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
@@ -1436,12 +1458,13 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        kill_workers_at_exit()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.requested = True
-        print(f"rank {get_rank()}: got signal {signum}, will save and stop", file=sys.stderr, flush=True)
+        print(f"rank {get_rank()}: got signal {signum}, stopping at the next step", file=sys.stderr, flush=True)
 
     def agreed(self, device) -> bool:
         """True on every rank if any rank was signalled (a collective: call on all ranks at once)."""

@@ -164,7 +164,7 @@ def test_decode_image_tensor_matches_pil_and_falls_back():
     jpg = buf.getvalue()
     ours, pil = C.decode_image_tensor({"jpg": jpg}), C.decode_image({"jpg": jpg})
     assert ours.shape == (3, 384, 512) and ours.dtype == torch.uint8
-    assert (ours.int() - torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).int()).abs().float().mean() < 1.0
+    assert (ours.int() - torch.from_numpy(np.array(pil)).permute(2, 0, 1).int()).abs().float().mean() < 1.0
     png = io.BytesIO()
     Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 12), "L").save(png, format="PNG")  # grey PNG: PIL
     x = C.decode_image_tensor({"png": png.getvalue()})
@@ -248,3 +248,18 @@ def test_image_folder_is_torchvisions(tmp_path):
     ref = ImageFolder(str(tmp_path))
     assert items == ref.samples and len(items) == 7
     assert names == ["a cls", "b cls", "c cls"] and [n.replace(" ", "_") for n in names[:2]] == ref.classes[:2]
+
+
+def test_a_data_stop_with_live_workers_exits(tmp_path):
+    """Workers ignore SIGTERM, which is also how multiprocessing ends daemon processes at exit: a run that stops
+    with one line while two workers are alive must still exit (it hung before common.kill_workers_at_exit)."""
+    import subprocess
+    import sys
+    make_shards(str(tmp_path), 2, 3)
+    code = ("import sys; import common as C\n"
+            "def bad(s): raise ValueError('bad')\n"
+            "for b in C.make_loader(C.ShardStream(sys.argv[1:], bad, 2), 2, False): pass\n")
+    shards = [str(p) for p in sorted(tmp_path.glob("*.tar"))]
+    r = subprocess.run([sys.executable, "-c", code, *shards], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no usable sample") and "ValueError 3" in r.stderr
