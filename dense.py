@@ -6,15 +6,14 @@ instrument that measures it: it fine-tunes any image backbone the repository wri
 reports single-scale mIoU (segmentation) or RMSE / AbsRel / delta<1.25 (depth). The pre-training itself is
 mobileclip.py with `--caption-source synthetic|mix` (README, "CLIP with quality captions").
 
-What is here: backbones from CLIP runs of mobileclip.py and OpenAI/OpenCLIP files (plain ViTs), MobileCLIP's MCi
-(this repository's runs and the released ml-mobileclip / OpenCLIP files), CatLIP runs, SAM / SAM-CLIP encoders
-(samclip.py) and MAE / timm ViTs through a key map; the standard ViT adapter (four blocks -> strides 4/8/16/32
-by deconvolution and pooling, as BEiT/MAE's ViT-UperNet) and the stage outputs of hierarchical MCi; an UperNet
-head (PPM + FPN) for segmentation, the deconvolution depth head of MIM-style depth evaluations with the
-scale-invariant log loss; sliding-window single-scale evaluation; ADE20K and NYUv2 folder layouts and tar shards
-with seg.png / depth.png members (the synthetic world's); `compare`, which runs the paper's comparison on the
-synthetic world end to end. Left out: multi-scale / flip test-time augmentation, EMA of the weights, the
-photometric distortion of mmseg's ADE20K pipeline, NYUv2's Eigen crop in evaluation, MobileCLIP-B's conv-stem ViT.
+What is here: the backbones below (plain ViTs, MobileCLIP's MCi, SAM / SAM-CLIP encoders, MAE / timm ViTs through a
+key map) as feature pyramids: the standard ViT adapter (four blocks -> strides 4/8/16/32 by deconvolution and pooling,
+as BEiT/MAE's ViT-UperNet) and the stage outputs of hierarchical MCi; an UperNet head (PPM + FPN) for segmentation,
+the deconvolution depth head of MIM-style depth evaluations with the scale-invariant log loss; sliding-window
+single-scale evaluation; ADE20K and NYUv2 folder layouts and tar shards with seg.png / depth.png members (the
+synthetic world's); `compare`, which runs the paper's comparison on the synthetic world end to end. Left out:
+multi-scale / flip test-time augmentation, EMA of the weights, the photometric distortion of mmseg's ADE20K pipeline,
+NYUv2's Eigen crop in evaluation, MobileCLIP-B's conv-stem ViT.
 
 Design choices where the spec is silent or unverified (spec 3.2, 7):
   segmentation  UperNet (channels 512), 512 crops, random short-side scale 0.5-2.0 x crop and flip, AdamW
@@ -34,8 +33,7 @@ Paper -> code:
   quality-caption pre-training (Sec. 3, spec 3.1)     -> mobileclip.py --caption-source (CaptionSource)
   ViT multi-scale adapter, MCi stages (spec 6)        -> ViTPyramid, MCiPyramid, build_backbone, load_backbone
   segmentation head, loss, mIoU (spec 3.2, 5)         -> UperNet, F.cross_entropy, confusion_matrix, miou
-  depth head, loss, RMSE (spec 3.2, 5)                -> DeconvDepthHead, silog_loss (reference beside it),
-                                                         depth_errors
+  depth head, loss, RMSE (spec 3.2, 5)                -> DeconvDepthHead, silog_loss (+ reference), depth_errors
   frozen-feature probes                               -> LinearHead (--head linear --freeze-backbone)
   the claim on the synthetic world                    -> compare
 
@@ -76,7 +74,7 @@ import json
 import math
 import os
 import random
-import sys
+import signal
 import tarfile
 import time
 import zlib
@@ -114,10 +112,6 @@ class Config:
     warmup: int = 500  # linear warm-up steps (at most a fifth of the run)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     layer_decay: float = 1.0  # lr x decay^(L - i) for backbone layer i of L (BEiT/MAE use 0.65); 1 = off
-    reduce_zero_label: str = "auto"  # seg: on = label 0 ignored, 1..K -> 0..K-1 (auto: on for folders, off for shards)
-    classes: int = 0  # seg: classes after the shift (0 = 150 for folders; 11 for the synthetic world's shards)
-    depth_scale: float = 0.0  # depth: PNG value / scale = depth (0 = 1000 for folders, NYUv2 mm; 65535 for shards)
-    max_depth: float = 0.0  # depth: the head's output range (0 = 10 for folders, NYUv2 metres; 1 for shards)
     train_images: int = 0  # use only the first N training images (0 = all)
     val_images: int = 0  # evaluate on the first N held-out images (0 = all)
     seed: int = 0  # model init, data order, augmentation
@@ -129,16 +123,26 @@ class Config:
     ckpt_every: int = 1000  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept in --out
     resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
+    overwrite: bool = False  # start over in an --out that holds another run's checkpoints (moved to OUT/previous-N/)
     eval_only: bool = False  # evaluate --resume (a fine-tuned checkpoint) and exit
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
 
 
-TASK_DEFAULTS = {  # spec 3.2 and the design choices of the module docstring (real data: folders)
-    "seg": dict(crop=512, epochs=50, lr=3e-5, weight_decay=0.1, scale=(0.5, 2.0)),
-    "depth": dict(crop=480, epochs=25, lr=1e-4, weight_decay=0.01, scale=(1.0, 1.0)),
-}
-# The synthetic world (no --data): its 64-px images, a few thousand of them, and a shorter, hotter schedule that a
-# CPU finishes in minutes (design choice, README).
+@dataclass
+class SegConfig(Config):
+    reduce_zero_label: str = "auto"  # on = label 0 ignored, 1..K -> 0..K-1 (auto: on for folders, off for shards)
+    classes: int = 0  # classes after the shift (0 = 150 for folders; 11 for the synthetic world's shards)
+
+
+@dataclass
+class DepthConfig(Config):
+    depth_scale: float = 0.0  # PNG value / scale = depth (0 = 1000 for folders, NYUv2 mm; 65535 for shards)
+    max_depth: float = 0.0  # the head's output range (0 = 10 for folders, NYUv2 metres; 1 for shards)
+
+
+TASK_DEFAULTS = {"seg": dict(crop=512, epochs=50, lr=3e-5, weight_decay=0.1, scale=(0.5, 2.0)),  # folders: spec 3.2 and
+                 "depth": dict(crop=480, epochs=25, lr=1e-4, weight_decay=0.01, scale=(1.0, 1.0))}  # the docstring
+# The synthetic world (no --data): 64-px images, a few thousand, a shorter and hotter schedule (a CPU run; README).
 WORLD_DEFAULTS = dict(train_images=2400, epochs=2, lr=5e-4, weight_decay=0.05)
 
 # Plain ViTs (common.ViT). `image_size` is the size the positions were trained at; other sizes interpolate them.
@@ -324,12 +328,11 @@ def read_init(path: str) -> dict:
     if not os.path.isfile(path):
         C.fail(f"--init file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # OpenAI distributes TorchScript archives
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception as e:
-            C.fail(f"cannot read --init {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return C.read_checkpoint(path)
+    except (ValueError, OSError) as e:
+        if "TorchScript" not in str(e):  # torch.load names a TorchScript archive as such
+            C.fail(f"cannot read --init {path}: {e}")
+    return torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI distributes TorchScript archives
 
 
 def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
@@ -366,8 +369,7 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
     if has("image_encoder.pos_embed") or "image_encoder.pos_embed" in sd:  # official SAM files
         import samclip as S
         enc = S.load_sam(init).image_encoder
-        return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN,
-                                      std=IMAGENET_STD), "sam"
+        return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD), "sam"
     if has("image_encoder.model.") or has("visual.trunk."):  # ml-mobileclip / OpenCLIP MobileCLIP
         if name not in M.MOBILECLIP_MODELS:
             C.fail(f"{what} is a released MobileCLIP file: name it with --model (mobileclip_s2, mobileclip2_s0, ...)")
@@ -546,8 +548,7 @@ def depth_errors(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Te
     valid pixels (target > 0) of each image; pred and target (B, H, W) or (B, 1, H, W)."""
     pred, target = pred.float().flatten(1), target.float().flatten(1)  # (B, P)
     valid = (target > 0).float()
-    n = valid.sum(1).clamp_min(1)
-    p, t = pred.clamp_min(1e-6), target.clamp_min(1e-6)
+    n, p, t = valid.sum(1).clamp_min(1), pred.clamp_min(1e-6), target.clamp_min(1e-6)
     rmse = (((p - t) ** 2 * valid).sum(1) / n).sqrt()
     absrel = ((p - t).abs() / t * valid).sum(1) / n
     delta1 = ((torch.maximum(p / t, t / p) < 1.25).float() * valid).sum(1) / n
@@ -585,23 +586,26 @@ def index_shards(spec: str, task: str) -> list[tuple]:
         paths = C.expand_shards(spec)
     except FileNotFoundError as e:
         C.fail(str(e))
-    items = []
+    items, broken = [], 0
     for path in paths:
         if not path.endswith(".tar"):
             C.fail(f"{path}: dense.py reads uncompressed .tar shards (members are read by their offsets)")
         samples = {}
-        with tarfile.open(path, "r") as tar:
-            for m in tar:
-                d, base = os.path.split(m.name)
-                key, _, suffix = base.partition(".")
-                if m.isfile():
-                    samples.setdefault(os.path.join(d, key), {})[suffix.lower()] = (m.offset_data, m.size)
+        try:
+            with tarfile.open(path, "r") as tar:
+                for m in tar:
+                    d, base = os.path.split(m.name)
+                    key, _, suffix = base.partition(".")
+                    if m.isfile():
+                        samples.setdefault(os.path.join(d, key), {})[suffix.lower()] = (m.offset_data, m.size)
+        except (tarfile.TarError, OSError):  # empty, cut off or damaged: the samples read before it count
+            broken += 1
         for s in samples.values():
             img = next((s[e] for e in C.IMAGE_EXTS if e in s), None)
             if img and TARGET_SUFFIX[task] in s:
                 items.append(("tar", path, img, s[TARGET_SUFFIX[task]]))
     if not items:
-        C.fail(f"no sample with an image and a {TARGET_SUFFIX[task]} in {spec}")
+        C.fail(f"no sample with an image and a {TARGET_SUFFIX[task]} in {spec} ({broken} of {len(paths)} unreadable)")
     return items
 
 
@@ -639,7 +643,10 @@ class DenseData(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        img, tgt = read_item(self.items[i])
+        try:
+            img, tgt = read_item(self.items[i])
+        except Exception as e:  # a corrupt image or target: one line naming it (common.Loader), no worker traceback
+            raise C.DataError(f"cannot read sample {i} of {self.items[i][1]}: {type(e).__name__}: {e}") from None
         w, h = img.size
         if not self.train:
             r = self.crop / min(w, h)
@@ -665,13 +672,9 @@ def resolve_data(cfg: Config, task: str, image_size: int) -> dict:
     """Train and held-out items and the defaults that depend on the data: folders are real datasets (ADE20K:
     label 0 = 'other', ignored; NYUv2: millimetres, 10 m), tar shards the synthetic world's kind (label 0 =
     background, a real class; depth 1.0 = 65535)."""
-    world = not cfg.data
-    if world:
-        cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
-        w = C.synthetic_world(cache, 40000, 1000, 64)  # mobileclip.py's world: one cache for both
-        train_spec, val_spec = w["train"], cfg.val_data or w["val"]
-    else:
-        train_spec, val_spec = cfg.data, cfg.val_data
+    world, cache = not cfg.data, cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
+    w = C.synthetic_world(cache, 40000, 1000, 64) if world else {}  # mobileclip.py's world: one cache for both
+    train_spec, val_spec = cfg.data or w["train"], cfg.val_data or w.get("val", "")
     folder = os.path.isdir(os.path.join(train_spec, "images"))
     train = index_folder(train_spec, task, "train") if folder else index_shards(train_spec, task)
     if not val_spec and not folder:
@@ -696,11 +699,8 @@ def param_groups(model: DenseModel, lr: float, head_lr: float, weight_decay: flo
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in pretrained:
-            layer, layers = model.backbone.layer_id(name[len("backbone."):])
-            peak = lr * layer_decay ** (layers - layer)
-        else:
-            peak = head_lr
+        layer, layers = model.backbone.layer_id(name[len("backbone."):]) if id(p) in pretrained else (0, 0)
+        peak = lr * layer_decay ** (layers - layer) if id(p) in pretrained else head_lr
         wd = 0.0 if p.ndim < 2 or any(n in name for n in C.NO_DECAY_NAMES) else weight_decay
         groups.setdefault((peak, wd), []).append(p)
     return [{"params": ps, "peak_lr": peak, "weight_decay": wd} for (peak, wd), ps in groups.items()]
@@ -730,13 +730,12 @@ def evaluate(model: DenseModel, items, task: str, cfg: Config, s: dict, device) 
     rank, world = C.get_rank(), C.get_world_size()
     data = DenseData(items[rank::world], task, s["crop"], False, 0, (1, 1), s["reduce_zero_label"], s["depth_scale"])
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2),
-                                         collate_fn=list)
+                                         collate_fn=list, worker_init_fn=C.ignore_stop_signals)
     was_training = model.training
     model.eval()
     K = s["classes"] if task == "seg" else 1
     conf = torch.zeros(K, K, dtype=torch.long, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # rmse, absrel, delta1, images
-    bf16 = s["bf16"]
     for batch in C.progress(loader, f"eval {task}"):
         by_size = {}
         for it in batch:  # real images differ in size: one forward per size
@@ -744,7 +743,7 @@ def evaluate(model: DenseModel, items, task: str, cfg: Config, s: dict, device) 
         for group in by_size.values():
             x = preprocess(torch.stack([it["image"] for it in group]).to(device), s)
             y = torch.stack([it["target"] for it in group]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
                 out = upsample(slide_predict(model, x, s["crop"], K), y.shape[-2:])  # (B, K, H, W) at the label
             if task == "seg":
                 conf += confusion_matrix(out.argmax(1), y, K)
@@ -757,8 +756,7 @@ def evaluate(model: DenseModel, items, task: str, cfg: Config, s: dict, device) 
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     if task == "seg":
-        m, _ = miou(conf)
-        return {"miou": m, "pixel_acc": 100 * conf.diag().sum().item() / max(1, conf.sum().item())}
+        return {"miou": miou(conf)[0], "pixel_acc": 100 * conf.diag().sum().item() / max(1, conf.sum().item())}
     n = max(1.0, sums[3].item())
     return {"rmse": sums[0].item() / n, "absrel": sums[1].item() / n, "delta1": sums[2].item() / n}
 
@@ -770,49 +768,49 @@ def preprocess(images: torch.Tensor, s: dict) -> torch.Tensor:
 
 def settings(cfg: Config, task: str, info: dict, data: dict, width: int) -> dict:
     """Every default that depends on the task, the data and the backbone, resolved once (logged)."""
-    folder, world = data["folder"], data["world"]
-    d = TASK_DEFAULTS[task]
+    folder, world, d = data["folder"], data["world"], TASK_DEFAULTS[task]
     norm = {"clip": (C.CLIP_MEAN, C.CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
             "none": ((0.0,) * 3, (1.0,) * 3), "auto": (info["mean"], info["std"])}
-    if cfg.normalize not in norm:
-        C.fail(f"--normalize must be auto, clip, imagenet or none, not '{cfg.normalize}'")
-    if cfg.reduce_zero_label not in ("auto", "on", "off"):
-        C.fail(f"--reduce-zero-label must be auto, on or off, not '{cfg.reduce_zero_label}'")
+    rz = getattr(cfg, "reduce_zero_label", "auto")  # seg's and depth's own flags: defaults for the other task
     head = cfg.head if cfg.head != "auto" else "upernet" if task == "seg" else "deconv"
-    if head not in HEADS:
-        C.fail(f"--head must be auto, {', '.join(HEADS)}, not '{cfg.head}'")
     lr = cfg.lr or (WORLD_DEFAULTS["lr"] if world else d["lr"])
     small = width <= 256
-    return dict(
-        head=head, crop=cfg.crop or (d["crop"] if folder else info["image_size"]),
+    return dict(head=head, crop=cfg.crop or (d["crop"] if folder else info["image_size"]),
         channels=cfg.channels or ((64 if small else 512) if head == "upernet" else (32 if small else 256)),
         lr=lr, head_lr=cfg.head_lr or 10 * lr,
         weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else WORLD_DEFAULTS["weight_decay"] if world
         else d["weight_decay"],
         epochs=cfg.epochs or (WORLD_DEFAULTS["epochs"] if world else d["epochs"]), scale=d["scale"],
-        reduce_zero_label=cfg.reduce_zero_label == "on" or (cfg.reduce_zero_label == "auto" and folder),
-        classes=cfg.classes or (150 if folder else 1 + len(C.SYNTH_SHAPES)),
-        depth_scale=cfg.depth_scale or (1000.0 if folder else 65535.0),
-        max_depth=(cfg.max_depth or (10.0 if folder else 1.0)) if task == "depth" else 0.0,
+        reduce_zero_label=rz == "on" or (rz == "auto" and folder),
+        classes=getattr(cfg, "classes", 0) or (150 if folder else 1 + len(C.SYNTH_SHAPES)),
+        depth_scale=getattr(cfg, "depth_scale", 0) or (1000.0 if folder else 65535.0),
+        max_depth=(getattr(cfg, "max_depth", 0) or (10.0 if folder else 1.0)) if task == "depth" else 0.0,
         mean=norm[cfg.normalize][0], std=norm[cfg.normalize][1])
 
 
-def finetune(task: str, cfg: Config) -> dict:
+def finetune(cfg: SegConfig | DepthConfig) -> dict:
+    """Fine-tune a backbone with a dense head; held-out mIoU (seg) or RMSE / AbsRel / delta1 (depth) at the end.
+
+    Returns the final metrics (also in OUT/log.jsonl), {} if a signal stopped it (saved; --resume auto continues)."""
+    task, stop = "seg" if isinstance(cfg, SegConfig) else "depth", C.StopSignal()  # SIGTERM, SIGINT: save, exit 0
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    for flag, lo, hi in (("min_lr_ratio", 0, 1), ("layer_decay", 1e-9, 1), ("crop", 0, None), ("channels", 0, None)):
+        if getattr(cfg, flag) < lo or (hi is not None and getattr(cfg, flag) > hi):
+            C.fail(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be in [{lo}, {hi or 'inf'}]")
+    for flag, ok in (("normalize", ("auto", "clip", "imagenet", "none")), ("head", ("auto", *HEADS)),
+                     ("reduce_zero_label", ("auto", "on", "off"))):
+        if getattr(cfg, flag, "auto") not in ok:
+            C.fail(f"--{flag.replace('_', '-')} must be {', '.join(ok)}, not '{getattr(cfg, flag)}'")
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts it)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
-    if cfg.init:
-        backbone, info, name = load_backbone(cfg.model, cfg.init)
-    else:  # no pre-training: the from-scratch baseline
-        name = cfg.model or "mobileclip_tiny"
-        backbone, info = build_backbone(name)
+    name = cfg.model or "mobileclip_tiny"  # without --init: the from-scratch baseline (no pre-training)
+    backbone, info, name = load_backbone(cfg.model, cfg.init) if cfg.init else (*build_backbone(name), name)
     data = resolve_data(cfg, task, info["image_size"])
     s = settings(cfg, task, info, data, max(backbone.channels))
     s["bf16"] = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    out_ch = s["classes"] if task == "seg" else 1
     if s["head"] == "linear" and isinstance(backbone, ViTPyramid):
         backbone.drop_adapter()
-    head = HEADS[s["head"]](backbone.channels, s["channels"], out_ch)
+    head = HEADS[s["head"]](backbone.channels, s["channels"], s["classes"] if task == "seg" else 1)
     model = DenseModel(backbone, head, s["max_depth"], cfg.freeze_backbone).to(device)
     n_train = len(data["train"])
     steps = cfg.steps or max(1, round(s["epochs"] * n_train / (cfg.batch_size * world)))
@@ -826,8 +824,7 @@ def finetune(task: str, cfg: Config) -> dict:
     log = C.RunLog(cfg.out)
 
     # ---- resume ---------------------------------------------------------------------------------
-    start = 0
-    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    start, ckpt = 0, C.load_checkpoint(cfg.resume, cfg.out)
     if ckpt is not None:
         if ckpt.get("kind") != "dense" or ckpt.get("task") != task or ckpt.get("model_name") != name:
             C.fail(f"checkpoint {cfg.resume} is a {ckpt.get('kind')} {ckpt.get('task')} run of "
@@ -841,6 +838,7 @@ def finetune(task: str, cfg: Config) -> dict:
         metrics = evaluate(model, data["val"], task, cfg, s, device)
         log.log(ckpt["step"] if ckpt else 0, **metrics)
         C.cleanup_distributed()
+        C.finish_run(cfg.out)
         return metrics
 
     # ---- data: step-indexed, so resuming at step s replays what an uninterrupted run saw ------------
@@ -848,15 +846,14 @@ def finetune(task: str, cfg: Config) -> dict:
                            s["depth_scale"])
     sampler = C.StepBatches(n_train, cfg.batch_size * world, start, steps, cfg.seed, rank, world)
     batches = iter(torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.workers,
-                                               pin_memory=device.type == "cuda"))
+                                               pin_memory=device.type == "cuda", worker_init_fn=C.ignore_stop_signals))
     if ckpt is not None:  # after the DataLoader, whose iterator draws its base seed from the global RNG
         C.set_rng_state(ckpt["rng"])
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     model.train()
-    stop = C.StopSignal()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     metrics, t0, seen = {}, time.time(), 0
-    for step in range(start, steps + 1):
+    for step in C.progress(range(start, steps + 1), task):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -872,7 +869,7 @@ def finetune(task: str, cfg: Config) -> dict:
             C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), {
                 "kind": "dense", "task": task, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "rng": C.rng_state(), "model_name": name, "config": dataclasses.asdict(cfg)})
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=os.path.join(cfg.out, f"ckpt-{step}.pt"))
         if last_step or stopping:
             break
 
@@ -901,6 +898,10 @@ def finetune(task: str, cfg: Config) -> dict:
                     images_per_s=seen * world / (time.time() - t0))
             t0, seen = time.time(), 0
     C.cleanup_distributed()
+    if not last_step:
+        C.print0(f"stopped at step {step}; run again with --resume auto to continue")
+        return {}
+    C.finish_run(cfg.out, os.path.join(cfg.out, f"ckpt-{step}.pt"))
     return metrics
 
 
@@ -933,10 +934,14 @@ class CompareConfig:
 
 
 def compare(cfg: CompareConfig) -> dict:
-    """Pre-train the same tiny CLIP on the world's alt-text and on its accurate captions (mobileclip.py
-    --caption-source alt | synthetic; same model, steps, batch, seed), fine-tune each backbone for segmentation
-    and depth with the same recipe, and report mIoU and RMSE side by side (README: the four figures)."""
+    """The paper's claim: the same tiny CLIP pre-trained on alt-text and on quality captions, fine-tuned for both tasks.
+
+    mobileclip.py --caption-source alt | synthetic (same model, steps, batch, seed), each backbone fine-tuned for seg
+    and depth with the same recipe; mIoU and RMSE side by side (README: the four figures). Every stage resumes."""
     import mobileclip as M
+    if cfg.pretrain_steps < 1:
+        C.fail(f"--pretrain-steps {cfg.pretrain_steps}: must be >= 1")
+    C.claim_out(cfg.out, resume="auto")  # each stage claims its own sub-directory
     inits = {"alt": cfg.init_alt, "synthetic": cfg.init_synthetic}
     for source in inits:
         if not inits[source]:
@@ -949,8 +954,9 @@ def compare(cfg: CompareConfig) -> dict:
                        + (["--cache-dir", cfg.cache_dir] if cfg.cache_dir else [])
                        + (["--data", cfg.data, "--no-eval"] if cfg.data else []))
             inits[source] = os.path.join(run, f"ckpt-{cfg.pretrain_steps}.pt")
-    if cfg.scratch:
-        inits["scratch"] = ""
+            if not os.path.exists(inits[source]):  # stopped by a signal: the same command continues
+                return {}
+    inits.update({"scratch": ""} if cfg.scratch else {})  # --scratch: also the no-pre-training reference
     common = ["--batch-size", str(cfg.batch_size), "--head", cfg.head, "--workers", str(cfg.workers),
               "--seed", str(cfg.seed), "--resume", "auto", "--log-every", "25"]
     for flag in ("data", "val_data", "steps", "train_images", "val_images", "lr", "cache_dir"):
@@ -964,24 +970,30 @@ def compare(cfg: CompareConfig) -> dict:
             out = os.path.join(cfg.out, f"{task}_{source}")
             C.print0(f"---- {task} from the {source} backbone -> {out}")
             init_args = ["--init", init] if init else ["--model", cfg.model]
-            results[source].update(main([task, *init_args, "--out", out, *common]))
+            results[source].update(r := main([task, *init_args, "--out", out, *common]))
+            if not r:  # stopped by a signal
+                return {}
     log = C.RunLog(cfg.out)
     C.print0(f"\n{'pre-training':14s} {'mIoU (%)':>9s} {'RMSE':>8s} {'AbsRel':>8s} {'delta1':>8s}")
     for source, r in results.items():
         C.print0(f"{source:14s} {r['miou']:9.2f} {r['rmse']:8.4f} {r['absrel']:8.4f} {r['delta1']:8.4f}")
         log.log(0, source=source, **r)
+    C.finish_run(cfg.out, extra=f"the runs {cfg.out}/{{pre,seg,depth}}_<source>/")
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """`seg` / `depth`: fine-tune and return the final held-out metrics ({"miou", "pixel_acc"} or {"rmse",
-    "absrel", "delta1"}, also in OUT/log.jsonl); `compare`: the synthetic-world claim, per pre-training."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["compare"]:
-        return compare(C.parse_config(CompareConfig, argv[1:]))
-    if argv[:1] not in (["seg"], ["depth"]):
-        C.fail("usage: dense.py seg|depth|compare [flags] (each command has --help)")
-    return finetune(argv[0], C.parse_config(Config, argv[1:]))
+    """`seg` / `depth`: the final held-out metrics ({} if stopped by a signal); `compare`: them per pre-training."""
+    commands = {"seg": (finetune, SegConfig), "depth": (finetune, DepthConfig), "compare": (compare, CompareConfig)}
+    try:
+        return C.run_command(__doc__, commands, argv)
+    except (SystemExit, C.DataError) as e:  # a stop with DataLoader workers alive: they ignore SIGTERM, so the
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # exit would wait for them for ever; end them quietly
+        for p in torch.multiprocessing.active_children():
+            p.kill()
+        if isinstance(e, C.DataError):  # an unreadable sample (from a worker: its traceback in the text)
+            C.fail(str(e).strip().splitlines()[-1].removeprefix("common.DataError: "))
+        raise
 
 
 if __name__ == "__main__":

@@ -267,6 +267,117 @@ def test_bad_input_is_one_line(tmp_path):
         D.main(["seg", "--init", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize("argv,own,other", [(["--help"], "  compare ", None), (["seg", "--help"], "--classes", "--max-depth"),
+                                            (["depth", "--help"], "--max-depth", "--reduce-zero-label"),
+                                            (["compare", "--help"], "--pretrain-steps", "--resume")])
+def test_help_lists_commands_and_each_commands_own_flags(argv, own, other, capsys):
+    with pytest.raises(SystemExit) as e:
+        D.main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and own in out and (other is None or other not in out) and "Traceback" not in out
+    if argv == ["--help"]:
+        assert "  seg      Fine-tune a backbone" in out and "  depth    Fine-tune a backbone" in out
+
+
+def _bad_files(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    for f in ("empty.pt", "empty.tar"):
+        open(tmp_path / f, "wb").close()  # zero bytes
+    C.write_shard(str(tmp_path / "bad.tar"), ({"__key__": f"k{i}", "jpg": b"not a jpeg", "seg.png": b"no",
+                                               "depth.png": b"no"} for i in range(8)))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["seg", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["seg", "--steps", "-5"], "--steps -5: must be >= 0"),
+    (["depth", "--epochs", "-1"], "--epochs -1.0: must be >= 0"),
+    (["seg", "--lr", "-1"], "--lr -1.0: must be >= 0"),
+    (["seg", "--workers", "-1"], "--workers -1: must be >= 0"),
+    (["seg", "--min-lr-ratio", "2"], "--min-lr-ratio 2.0: must be in [0, 1]"),
+    (["seg", "--crop", "-3"], "--crop -3: must be in [0, inf]"),
+    (["depth", "--head", "foo"], "--head must be auto, upernet, deconv, linear, not 'foo'"),
+    (["seg", "--reduce-zero-label", "maybe"], "--reduce-zero-label must be auto, on, off, not 'maybe'"),
+    (["seg", "--resume", "{tmp}/empty.pt", *"--model tiny --data {w}/train --val-data {w}/val".split()],
+     "cannot read checkpoint {tmp}/empty.pt: empty file (0 bytes)"),
+    (["seg", "--init", "{tmp}/empty.pt"], "cannot read --init {tmp}/empty.pt: empty file (0 bytes)"),
+    (["seg", "--init", "{tmp}/garbage.pt"], "cannot read --init {tmp}/garbage.pt: UnpicklingError"),
+    (["seg", "--init", "{tmp}/tensor.pt"], "cannot read --init {tmp}/tensor.pt: holds a Tensor, not a checkpoint dict"),
+    (["seg", "--init", "{tmp}/dict.pt"], "--init {tmp}/dict.pt: not a checkpoint this script knows"),
+    (["seg", "--data", "{tmp}/empty.tar", "--val-data", "{w}/val"],
+     "no sample with an image and a seg.png in {tmp}/empty.tar (1 of 1 unreadable)"),
+    (["depth", *"--model tiny --crop 32 --steps 3 --workers 0 --data {tmp}/bad.tar --val-data {w}/val".split()],
+     "cannot read sample "),
+    (["compare", "--pretrain-steps", "0"], "--pretrain-steps 0: must be >= 1"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_world, capsys, argv, message):
+    _bad_files(tmp_path)
+    w = os.path.dirname(tiny_world["train"])
+    with pytest.raises(SystemExit) as e:
+        D.main([a.format(tmp=tmp_path, w=w) for a in argv] + ["--out", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "warn" not in line.lower()]
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ")
+    assert message.format(tmp=tmp_path, w=w) in err[0] and not list(tmp_path.glob("out/ckpt-*.pt"))
+
+
+def test_unreadable_images_stop_a_run_with_workers_in_one_line(tmp_path, tiny_world):
+    """A shard whose every image is bad, through the command line with 2 DataLoader workers: one line naming a
+    sample, exit 2, and the process ends (its workers, which ignore SIGTERM, do not hold it)."""
+    import subprocess
+    import sys
+    _bad_files(tmp_path)
+    done = subprocess.run([sys.executable, "dense.py", "seg", "--model", "tiny", "--crop", "32", "--steps", "3",
+                           "--workers", "2", "--data", str(tmp_path / "bad.tar"), "--val-data", tiny_world["val"],
+                           "--out", str(tmp_path / "out")], timeout=120, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(D.__file__)), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith(f"error: cannot read sample ") and f"of {tmp_path}/bad.tar: UnidentifiedImageError" in err[0]
+
+
+def test_a_new_run_into_another_runs_checkpoints_stops_or_starts_over(tmp_path, tiny_world, capsys):
+    extra = ["--model", "tiny", "--steps", "2", "--val-images", "2"]
+    D.main(_args("seg", tiny_world, tmp_path / "a", *extra))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # no --resume: the earlier run's checkpoints are not this run's
+        D.main(_args("seg", tiny_world, tmp_path / "a", *extra, "--lr", "1e-3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "holds another run's checkpoints (ckpt-2.pt" in err[0]
+    D.main(_args("seg", tiny_world, tmp_path / "a", *extra, "--lr", "1e-3", "--overwrite"))
+    assert sorted(os.listdir(tmp_path / "a" / "previous-1")) == ["ckpt-2.pt", "config.json", "log.jsonl"]
+    assert json.load(open(tmp_path / "a" / "config.json"))["lr"] == 1e-3
+
+
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path, tiny_world):
+    """kill -TERM -PGID with a DataLoader worker: the worker ignores it, the main process saves a checkpoint at
+    the current step and exits 0; --resume auto then logs the losses of a run that never stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    extra = ["--model", "tiny", "--steps", "30", "--val-images", "2", "--log-every", "1", "--ckpt-every", "1000"]
+    D.main(_args("seg", tiny_world, tmp_path / "ref", *extra))
+    cmd = [sys.executable, "dense.py"] + _args("seg", tiny_world, tmp_path / "r", *extra, "--workers", "1")
+    env, cwd = dict(os.environ, OMP_NUM_THREADS="1"), os.path.dirname(os.path.abspath(D.__file__))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    log, deadline = tmp_path / "r" / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"loss"') >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped at step" in output and "Traceback" not in output, output
+    with pytest.raises(ProcessLookupError):  # the worker is gone too
+        os.killpg(proc.pid, 0)
+    ckpts = [p.name for p in (tmp_path / "r").glob("ckpt-*.pt")]
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0][5:-3]) < 30, (ckpts, output)
+    done = subprocess.run(cmd + ["--resume", "auto"], cwd=cwd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "final checkpoint" in done.stdout, done.stdout + done.stderr
+    losses = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / "log.jsonl")) if "loss" in r}
+    assert losses(tmp_path / "r") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 30
+
+
 def test_caption_source_replaces_alt_text():
     """mobileclip.py --caption-source: `synthetic` always takes a quality caption (syn.json's, or the world's
     accurate captioner from the json scene), `mix` with probability p, the same draw for the same (seed, epoch,
