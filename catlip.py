@@ -298,6 +298,7 @@ def count_vocab(shards: list[str], caption_key: str, workers: int, rank: int = 0
     rank's workers and then over all ranks (every rank gets the total)."""
     loader = C.Loader(NounCounts(shards, caption_key, rank, world), batch_size=None, num_workers=workers,
                       collate_fn=_as_is, worker_init_fn=C.ignore_stop_signals)  # Loader: DataError -> one line
+    C.kill_workers_at_exit()  # they ignore SIGTERM/SIGINT: an exit while they run must not wait for them
     counts, n, skipped = collections.Counter(), 0, {}
     bar = C.progress(None, "counting nouns", unit=" captions", total=None)
     for part in loader:

@@ -197,6 +197,7 @@ def test_a_new_run_into_another_runs_checkpoints_stops_or_starts_over(world, tmp
     (["--data", "/nonexistent/shards"], "data path does not exist"),
     (["--data", "{empty}.tar", "--workers", "0"], "no usable sample in a whole pass"),  # names the reasons:
     (["--data", "{empty}.tar", "--workers", "0"], "skipped: broken_tar:ReadError 1"),
+    (["--data", "{empty}.tar", "--workers", "1"], "skipped: broken_tar:ReadError 1"),  # from a worker
     (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (["--steps", "-5"], "--steps -5: must be >= 0"),
     (["--lr", "-1"], "--lr -1.0: must be >= 0"),
