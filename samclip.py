@@ -65,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -96,6 +97,7 @@ class TrainShared(Shared):
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept
     resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
+    overwrite: bool = False  # start over in an --out holding another run's checkpoints (moved to OUT/previous-N/)
 
 
 @dataclass
@@ -138,28 +140,44 @@ class SamTrainConfig(TrainShared):
 
 
 @dataclass
-class InferConfig(Shared):
-    init: str = ""  # predict: SAM weights (.pth, or any checkpoint of this script); segment/eval: a SAM-CLIP run
+class PredictConfig(Shared):
+    init: str = ""  # SAM weights: the official .pth, or any checkpoint or run directory of this script
     image: str = ""  # input image
-    point: str = ""  # predict: 'x,y[;x,y...]' foreground points in pixels of the original image
-    neg_point: str = ""  # predict: background points, same format
-    box: str = ""  # predict: 'x0,y0,x1,y1'
-    mask_input: str = ""  # predict: low-res logits of an earlier predict (its _logits.pt) as the mask prompt
-    multimask: bool = True  # predict: three candidate masks, keep the best by predicted IoU
-    classes: str = ""  # segment: comma-separated class names
-    out: str = "out.png"  # predict: the mask PNG; segment: the label-map PNG (+ .json legend)
-    teacher_clip: str = ""  # segment/eval: the CLIP teacher for the text side; default: the run's
+    point: str = ""  # 'x,y[;x,y...]' foreground points in pixels of the original image
+    neg_point: str = ""  # background points, same format
+    box: str = ""  # 'x0,y0,x1,y1'
+    mask_input: str = ""  # low-res logits of an earlier predict (its _logits.pt) as the mask prompt
+    multimask: bool = True  # three candidate masks, keep the best by predicted IoU
+    out: str = "out.png"  # the mask PNG (and its low-res logits, _logits.pt)
+
+
+@dataclass
+class SegShared(Shared):
+    """The flags of segment and eval."""
+    init: str = ""  # a SAM-CLIP run (stage 1 or 2) or its checkpoint
+    teacher_clip: str = ""  # the CLIP teacher for the text side; default: the run's
     bpe: str = ""  # CLIP merges for an OpenCLIP teacher
-    size: int = 0  # segment/eval: CLIP-head resolution (paper: 448); 0 = the run's first CLIP size
-    refine: bool = False  # segment/eval: refine with the SAM head (App. C): mask prompt + points per class
+    size: int = 0  # CLIP-head resolution (paper: 448); 0 = the run's first CLIP size
+    refine: bool = False  # refine with the SAM head (App. C): mask prompt + points per class
     refine_threshold: float = 0.5  # probability above which refinement points are drawn (paper: 0.5 for VOC)
-    bg_threshold: float = -1.0  # segment/eval: background where the best cosine is below this; -1 = calibrated
+    bg_threshold: float = -1.0  # background where the best cosine is below this; -1 = calibrated
     # (segment: at the end of the run; eval: on 100 training images); 0 = the --background text class
-    background: str = "background"  # segment/eval with --bg-threshold 0: a background text class ('' = none)
-    voc: str = ""  # eval: a Pascal VOC folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)
-    split: str = "val"  # eval: the VOC image list
-    classnames: str = ""  # eval: file of class names, one a line, in label order (default: VOC's 21)
-    eval_max: int = 0  # eval: images evaluated (0 = all)
+    background: str = "background"  # with --bg-threshold 0: a background text class ('' = none)
+
+
+@dataclass
+class SegmentConfig(SegShared):
+    image: str = ""  # input image
+    classes: str = ""  # comma-separated class names
+    out: str = "out.png"  # the label-map PNG (+ .json legend)
+
+
+@dataclass
+class EvalConfig(SegShared):
+    voc: str = ""  # a Pascal VOC folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)
+    split: str = "val"  # the VOC image list
+    classnames: str = ""  # file of class names, one a line, in label order (default: VOC's 21)
+    eval_max: int = 0  # images evaluated (0 = all)
 
 
 # SAM sizes (build_sam.py constants); `tiny` is a CPU model for the synthetic world: 64 px, 8 x 8 tokens;
@@ -176,9 +194,8 @@ MODELS = {
                   prompt_dim=32, decoder_mlp=64, decoder_heads=2, mask_in=8, iou_hidden=32),
 }
 SAM_MEAN, SAM_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # 0-255 scale
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor"]
+VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+               "person pottedplant sheep sofa train tvmonitor").split()
 
 # ==== 1. SAM image encoder: ViT with windowed / global attention and decomposed relative positions ===========
 # Tokens stay channels-last (B, H, W, C) throughout. Most blocks attend inside w x w windows (the grid is
@@ -187,18 +204,10 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 # learned table per axis of 2S - 1 rows; at another grid size the table is linearly resampled.
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of an NCHW map, per pixel (SAM's neck, prompt and decoder convs)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x):
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        return self.weight[:, None, None] * (x - u) / torch.sqrt(s + self.eps) + self.bias[:, None, None]
+def LayerNorm2d(channels: int) -> nn.Module:
+    """LayerNorm over the channels of an NCHW map, per pixel, eps 1e-6 (SAM's neck, prompt and decoder convs):
+    torchvision's (ConvNeXt's), whose `weight` and `bias` are SAM's parameter names."""
+    return torchvision.models.convnext.LayerNorm2d(channels, eps=1e-6)
 
 
 class MLPBlock(nn.Module):
@@ -296,15 +305,6 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, patch, patch)
-
-    def forward(self, x):
-        return self.proj(x).permute(0, 2, 3, 1)  # (B, h, w, C)
-
-
 class ImageEncoderViT(nn.Module):
     """Patchify, + absolute positions (1, g, g, C), blocks, then the neck to (B, out, g, g).
     `forward_tokens` stops before the neck: the branch point of the CLIP head (spec 2.2)."""
@@ -313,7 +313,7 @@ class ImageEncoderViT(nn.Module):
         super().__init__()
         self.img_size = image_size
         g = image_size // patch
-        self.patch_embed = PatchEmbed(patch, width)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, width, patch, patch)})  # the checkpoint's names
         self.pos_embed = nn.Parameter(torch.zeros(1, g, g, width))
         self.blocks = nn.ModuleList(EncoderBlock(width, heads, 0 if i in global_blocks else window, g)
                                     for i in range(depth))
@@ -321,7 +321,7 @@ class ImageEncoderViT(nn.Module):
                                   nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
 
     def forward_tokens(self, x):
-        x = self.patch_embed(x)  # (B, h, w, C)
+        x = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, h, w, C)
         pos = self.pos_embed
         if pos.shape[1:3] != x.shape[1:3]:  # other resolutions: bicubic resize of the grid (spec 6, design choice)
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
@@ -336,8 +336,6 @@ class ImageEncoderViT(nn.Module):
 
 
 # ==== 2. Prompt encoder: random Fourier positions for points and boxes, a conv stack for mask prompts ========
-
-
 class PositionEmbeddingRandom(nn.Module):
     """[sin, cos](2 pi (2c - 1) G) for coordinates c in [0, 1]^2 and a fixed Gaussian G (2, D/2), which is
     a persistent buffer: it is in the checkpoint."""
@@ -407,8 +405,6 @@ class PromptEncoder(nn.Module):
 
 
 # ==== 3. Mask decoder: a two-way transformer between prompt tokens and image tokens, hypernetwork masks ======
-
-
 class DecoderAttention(nn.Module):
     """Attention with separate q/k/v/out projections; cross-attentions work at dim / downsample."""
 
@@ -464,8 +460,7 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image, image_pe, tokens):
         """image, image_pe (N, D, g, g), tokens (N, T, D) -> tokens (N, T, D), image tokens (N, g*g, D)."""
-        keys, key_pe = image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)  # (N, g*g, D)
-        queries = tokens
+        queries, keys, key_pe = tokens, image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
         for layer in self.layers:
             queries, keys = layer(queries, keys, tokens, key_pe)
         q, k = queries + tokens, keys + key_pe
@@ -522,8 +517,6 @@ class MaskDecoder(nn.Module):
 
 
 # ==== 4. SAM, its pre- and post-processing, and the CLIP head that turns it into SAM-CLIP ====================
-
-
 class Sam(nn.Module):
     """image_encoder + prompt_encoder + mask_decoder, named as the official checkpoint. The pixel mean and
     std are non-persistent buffers, so the state dict is exactly the official one."""
@@ -630,12 +623,11 @@ def build_sam(name: str) -> SamClip:
 
 
 def read_weights(path: str) -> dict:
-    """A checkpoint file or run directory (its latest ckpt-*.pt) -> the loaded dict."""
-    if os.path.isdir(path):
-        path = C.latest_checkpoint(path) or C.fail(f"no ckpt-*.pt in {path}")
-    if not os.path.isfile(path):  # before load_checkpoint, which reads "" and "auto" as "start fresh"
+    """A checkpoint file or run directory (its newest ckpt-*.pt that reads) -> the loaded dict, or one line."""
+    if not os.path.exists(path):  # before load_checkpoint, which reads "" and "auto" as "start fresh"
         C.fail(f"checkpoint not found: {path}")
-    return C.load_checkpoint(path, "")
+    ck = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")
+    return ck or C.fail(f"no ckpt-*.pt in {path}")
 
 
 def load_sam(path: str, with_clip_head: bool = False, ck: dict | None = None) -> SamClip:
@@ -706,21 +698,15 @@ def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None
 
 
 # ==== 5. Losses: L_CLIP (cosine distillation) and L_SAM (focal + dice against the frozen SAM's masks) ========
-
-
 def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Eq. 1: mean over images of 1 - cos(student, teacher), both (B, E), in fp32."""
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
 def focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss (Lin et al. 2017) of (..., H, W) logits against targets in [0, 1], the mean over
-    pixels -> (...). alpha 0.25, gamma 2: the usual defaults (SAM's own values are not published)."""
-    x, t = logits.float(), target.float()
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t, a_t = p * t + (1 - p) * (1 - t), alpha * t + (1 - alpha) * (1 - t)
-    return (a_t * ce * (1 - p_t) ** gamma).flatten(-2).mean(-1)
+    """Sigmoid focal loss (Lin et al. 2017; torchvision's) of (..., H, W) logits against targets in [0, 1], the
+    mean over pixels -> (...). alpha 0.25, gamma 2: the usual defaults (SAM's own values are not published)."""
+    return torchvision.ops.sigmoid_focal_loss(logits.float(), target.float(), alpha, gamma).flatten(-2).mean(-1)
 
 
 def dice_loss(logits, target, eps: float = 1.0) -> torch.Tensor:
@@ -873,7 +859,10 @@ def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, 
     {rank: {worker: [epoch, n]}} of the checkpoint resumed from, `start` its step."""
     mine, position = pos.get(rank, {}), C.DataPosition()
     position.pos = {int(w): p for w, p in mine.items()}
-    s = C.ShardStream(C.expand_shards(shards), decode, batch, rank, world, seed, 500, mine, start)
+    try:
+        s = C.ShardStream(C.expand_shards(shards), decode, batch, rank, world, seed, 500, mine, start)
+    except FileNotFoundError as e:  # a missing --data path: one line
+        C.fail(str(e))
     return iter(C.make_loader(s, workers, torch.cuda.is_available())), position
 
 
@@ -888,8 +877,6 @@ def sam_batch(batch: dict, sam: Sam, device, low: int):
 
 
 # ==== 7. train-sam: a small SAM on the synthetic world's masks (the SAM teacher of the tiny pipeline) ========
-
-
 def sam_train_loss(masks, iou, gt, labels, focal_weight: float):
     """SAM's training loss on ground truth, per prompt: a point is ambiguous, so the best of the three
     multimask outputs is trained (the minimum loss); a box trains the single-mask output. Plus the MSE of
@@ -905,17 +892,17 @@ def save_run(out, step, model, opt, cfg, kind, positions, extra=None):
     state = {"kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "rng": C.rng_state(), "data": positions, "model_name": model.model_name,
              "config": dataclasses.asdict(cfg), **(extra or {})}
-    C.save_checkpoint(os.path.join(out, f"ckpt-{step}.pt"), state)
-    C.prune_checkpoints(out, cfg.keep_ckpts)
+    C.save_checkpoint(path := os.path.join(out, f"ckpt-{step}.pt"), state)
+    C.prune_checkpoints(out, cfg.keep_ckpts, written=path)
 
 
-def resume_run(cfg, model, opt, kind: str):
-    """(start step, {stream: data position}) from --resume, after restoring weights, optimizer and RNG."""
-    ck = C.load_checkpoint(cfg.resume, cfg.out)
+def resume_run(cfg, ck, model, opt, kind: str):
+    """(start step, {stream: data position}) of `ck` (--resume, read before any work), restoring model, opt, RNG."""
     if ck is None:
         return 0, {}
-    if ck.get("kind") != kind or ck.get("model_name") != model.model_name:
-        C.fail(f"checkpoint {cfg.resume} is a '{ck.get('kind')}' of '{ck.get('model_name')}', not a {kind} run")
+    if ck.get("kind") != kind or ck.get("model_name") != model.model_name or ck["step"] > cfg.steps:
+        C.fail(f"checkpoint {cfg.resume} is a '{ck.get('kind')}' of '{ck.get('model_name')}' at step {ck['step']}, "
+               f"not a {kind} run of '{model.model_name}' within --steps {cfg.steps}")
     C.load_state_dict_checked(model, ck["model"], f"checkpoint {cfg.resume}")
     opt.load_state_dict(ck["optimizer"])
     C.set_rng_state(ck["rng"])
@@ -923,9 +910,10 @@ def resume_run(cfg, model, opt, kind: str):
     return ck["step"], ck["data"]
 
 
-def train_sam(argv=None):
-    cfg = C.parse_config(SamTrainConfig, argv)
+def train_sam(cfg: SamTrainConfig):
+    """Train a small SAM on the synthetic world's masks (or SA-1B shards): the SAM teacher of the tiny pipeline."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    ck = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     model = build_sam(cfg.model).to(device).train()
@@ -933,14 +921,15 @@ def train_sam(argv=None):
     low = 4 * model.prompt_encoder.image_embedding_size[0]
     shards = cfg.data or synthetic(cfg)["train"]
     opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
-    start, pos = resume_run(cfg, model, opt, "sam")
+    start, pos = resume_run(cfg, ck, model, opt, "sam")
     batches, position = stream(shards, SamDecode(S, cfg.masks_per_image, cfg.seed, cfg.box_prob), cfg.batch_size,
                                cfg.seed, cfg.workers, rank, world, pos, start)
     log, stop = C.RunLog(cfg.out), C.StopSignal()
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    t0 = time.time()
-    for step in range(start, cfg.steps + 1):
-        last_step, stopping = step == cfg.steps, stop.requested
+    t0, stopping = time.time(), False
+    for step in C.progress(range(start, cfg.steps + 1), "train-sam", initial=start, total=cfg.steps + 1):
+        last_step = step == cfg.steps
+        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
         if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
             save_run(cfg.out, step, model, opt, cfg, "sam", position.state())
         if last_step or stopping:
@@ -960,17 +949,17 @@ def train_sam(argv=None):
             log.log(step + 1, loss=loss.item(), mask_iou=best.mean().item(), lr=opt.param_groups[0]["lr"],
                     grad_norm=gnorm.item(), steps_per_s=cfg.log_every / (time.time() - t0))
             t0 = time.time()
+    C.finish_run(cfg.out, C.latest_checkpoint(cfg.out), f"stopped by a signal at step {step}: --resume auto "
+                 "continues from its checkpoint" if stopping and not last_step else "")
     C.cleanup_distributed()
 
 
 # ==== 8. Merging: stage I (CLIP-head probing) and stage II (multi-task distillation), Sec. 3.2 and 4.1 =======
-
-
 def load_clip_teacher(path: str, bpe: str, device):
     """The CLIP teacher (frozen): a mobileclip.py checkpoint with bpe.txt beside it, or an OpenAI/OpenCLIP
     state dict with --bpe (OpenCLIP ViT-L/14 DataComp-1B in the paper). -> (model, tokenizer, spec)."""
     import mobileclip  # only for its teacher loader (MobileCLIP and ViT CLIPs, OpenCLIP weights)
-    model, tok, spec = mobileclip.load_teacher(path or C.fail(
+    model, tok, spec = mobileclip.load_teacher(path or C.fail(  # an unreadable file: its one line
         "--teacher-clip is required: a mobileclip.py checkpoint or an OpenCLIP state dict (with --bpe)"), bpe, device)
     return model.requires_grad_(False), tok, spec
 
@@ -1015,11 +1004,12 @@ def build_student(cfg: Config, embed_dim: int, device):
     return model, sam_teacher.eval(), torch.optim.AdamW(groups, lr=cfg.lr or 4e-5, betas=(0.9, 0.999))
 
 
-def merge(argv=None):
-    cfg = C.parse_config(Config, argv)
+def merge(cfg: Config):
+    """Merge SAM and CLIP: stage I trains a CLIP head on the frozen SAM, stage II both heads (the default command)."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.stage not in (1, 2):
         C.fail(f"--stage must be 1 or 2, not {cfg.stage}")
+    ck = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     teacher, tok, spec = load_clip_teacher(cfg.teacher_clip, cfg.bpe, device)
@@ -1031,7 +1021,7 @@ def merge(argv=None):
     low = 4 * model.prompt_encoder.image_embedding_size[0]
     C.print0(f"stage {cfg.stage}: {model.model_name}, CLIP head {sum(p.numel() for p in model.clip_head.parameters()):,}"
              f" params ({E}-d teacher), trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-    start, pos = resume_run(cfg, model, opt, "samclip")
+    start, pos = resume_run(cfg, ck, model, opt, "samclip")
     world_data = None if cfg.data_clip and (cfg.data_sam or cfg.stage == 1) else synthetic(cfg)
     streams, positions = {}, {}
     streams["clip"], positions["clip"] = stream(cfg.data_clip or world_data["train"], ClipDecode(
@@ -1049,9 +1039,9 @@ def merge(argv=None):
             m.fused = cfg.fused
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     log, stop, t0 = C.RunLog(cfg.out), C.StopSignal(), time.time()
-    extra = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
-             "clip_sizes": sizes, "embed_dim": E}
-    for step in range(start, cfg.steps + 1):
+    extra, stopping = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
+                       "clip_sizes": sizes, "embed_dim": E}, False
+    for step in C.progress(range(start, cfg.steps + 1), f"stage {cfg.stage}", initial=start, total=cfg.steps + 1):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -1107,6 +1097,8 @@ def merge(argv=None):
             log.log(step + 1, loss=(l_clip + cfg.lambda_sam * l_sam).item(), l_clip=l_clip.item(),
                     l_sam=l_sam.item(), lr=lr, grad_norm=gnorm.item(), steps_per_s=cfg.log_every / (time.time() - t0))
             t0 = time.time()
+    C.finish_run(cfg.out, C.latest_checkpoint(cfg.out), f"stopped by a signal at step {step}: --resume auto "
+                 "continues from its checkpoint" if stopping and not last_step else "")
     C.cleanup_distributed()
 
 
@@ -1182,8 +1174,7 @@ def confusion(pred: torch.Tensor, label: torch.Tensor, K: int) -> torch.Tensor:
 def miou(conf: torch.Tensor) -> float:
     """Mean IoU (%) over the classes that occur in the ground truth."""
     tp, gt, pr = conf.diag().double(), conf.sum(1).double(), conf.sum(0).double()
-    iou = tp / (gt + pr - tp).clamp(min=1)
-    return 100 * iou[gt > 0].mean().item()
+    return 100 * (tp / (gt + pr - tp).clamp(min=1))[gt > 0].mean().item()  # IoU per class
 
 
 @torch.no_grad()
@@ -1199,7 +1190,7 @@ def seg_eval(model, pairs, classnames, clip_teacher, size, device, background=""
     K, g = len(classnames) + bg, size // model.image_encoder.patch_embed.proj.stride[0]  # g: the token grid
     conf, chance, majority = (torch.zeros(K, K, dtype=torch.long) for _ in range(3))
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    for img, label in pairs:
+    for img, label in C.progress(pairs, "segmentation eval"):
         y = torch.from_numpy(np.asarray(label, np.int64)).to(device)
         y = y if bg else torch.where((y == 0) | (y > K), -1, y - 1)
         conf += confusion(segment_image(model, img, size, classifier, bg_text, bg_threshold, refine, threshold, rng),
@@ -1217,7 +1208,7 @@ def calibrate_bg_threshold(model, pairs, classnames, clip_teacher, size, device)
     training images): a search over quantiles of the best-class cosine."""
     classifier = text_classifier(clip_teacher, classnames, device)
     best, cls, ys = [], [], []
-    for img, label in pairs:
+    for img, label in C.progress(pairs, "background calibration"):
         b = dense_logits(model, img, size, classifier).max(0)
         best.append(b.values.flatten().cpu())
         cls.append(b.indices.flatten().cpu() + 1)
@@ -1283,8 +1274,6 @@ def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None
 
 
 # ==== 10. Commands: predict, segment, eval, train-sam, and the merge (default) ===============================
-
-
 def parse_points(text: str) -> list:
     try:
         return [[float(v) for v in p.split(",")] for p in text.split(";") if p.strip()]
@@ -1293,22 +1282,27 @@ def parse_points(text: str) -> list:
 
 
 def open_image(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        C.fail(f"image not found: {path}")
-    return Image.open(path).convert("RGB")
+    try:
+        return Image.open(path).convert("RGB") if os.path.isfile(path) else C.fail(f"image not found: {path}")
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        C.fail(f"cannot read image {path}: {e}")
 
 
-def predict_main(cfg: InferConfig, device):
-    """`samclip.py predict --init sam.pth --image x.jpg --point 320,240 [--box ...] --out mask.png`."""
-    sam = load_sam(cfg.init or C.fail("predict needs --init, SAM weights")).to(device)
-    img = open_image(cfg.image)
+def predict_main(cfg: PredictConfig):
+    """SAM from prompts (points, a box, an earlier mask): `predict --init sam.pth --image x.jpg --point 320,240`."""
+    device = C.setup_distributed(cfg.device)[3]
+    img = open_image(cfg.image)  # the inputs first, the model after them
     pos, neg = parse_points(cfg.point), parse_points(cfg.neg_point)
     box = parse_points(cfg.box)[0] if cfg.box else None
     if box is not None and len(box) != 4:
         C.fail("--box needs x0,y0,x1,y1")
     if not (pos or neg or box or cfg.mask_input):
         C.fail("give a prompt: --point, --neg-point, --box or --mask-input")
-    mask_in = torch.load(cfg.mask_input, weights_only=True).to(device) if cfg.mask_input else None
+    try:
+        mask_in = torch.load(cfg.mask_input, weights_only=True).to(device) if cfg.mask_input else None
+    except Exception as e:  # missing, empty, not a tensor: one line
+        C.fail(f"cannot read --mask-input {cfg.mask_input}: {type(e).__name__}: {str(e).strip()[:200]}")
+    sam = load_sam(cfg.init or C.fail("predict needs --init, SAM weights")).to(device)
     masks, iou, low = predict_masks(sam, img, pos + neg or None, [1] * len(pos) + [0] * len(neg) if pos + neg else None,
                                     box, mask_in, cfg.multimask)
     best = int(iou.argmax())
@@ -1317,27 +1311,27 @@ def predict_main(cfg: InferConfig, device):
     print(f"{cfg.out}: mask {best} of {len(iou)}, predicted IoU {iou[best]:.3f}, area {masks[best].float().mean():.1%}")
 
 
-def load_samclip_run(cfg: InferConfig, device):
-    """The SAM-CLIP model of --init, its CLIP teacher (the text side), CLIP-head size and checkpoint."""
+def load_samclip_run(cfg: SegShared):
+    """The SAM-CLIP model of --init, its CLIP teacher (the text side), CLIP-head size, checkpoint and device."""
+    device = C.setup_distributed(cfg.device)[3]
     model, ck = load_samclip(cfg.init, "--init")
     teacher = load_clip_teacher(cfg.teacher_clip or ck["teacher_clip"], cfg.bpe or ck.get("bpe", ""), device)
-    return model.to(device), teacher, cfg.size or ck["clip_sizes"][0], ck
+    return model.to(device), teacher, cfg.size or ck["clip_sizes"][0], ck, device
 
 
 def palette_png(labels: np.ndarray) -> Image.Image:
     img = Image.fromarray(labels.astype(np.uint8), "P")
-    rng = np.random.default_rng(0)
-    img.putpalette([0, 0, 0] + rng.integers(40, 256, 3 * 255).tolist())
+    img.putpalette([0, 0, 0] + np.random.default_rng(0).integers(40, 256, 3 * 255).tolist())
     return img
 
 
-def segment_main(cfg: InferConfig, device):
-    """`samclip.py segment --init RUN --image x.jpg --classes "cat,dog,grass" --out seg.png`."""
+def segment_main(cfg: SegmentConfig):
+    """Zero-shot semantic segmentation of an image into --classes: a label-map PNG and a .json legend."""
     classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
     if not classes:
         C.fail("segment needs --classes 'a,b,c'")
-    model, teacher, size, ck = load_samclip_run(cfg, device)
     img = open_image(cfg.image)
+    model, teacher, size, ck, device = load_samclip_run(cfg)
     if cfg.bg_threshold < 0:  # the one calibrated at the end of the run, else the text class
         cfg.bg_threshold = ck.get("bg_threshold", 0.0)
     bg_text = bool(cfg.background) and not cfg.bg_threshold
@@ -1363,10 +1357,10 @@ def voc_pairs(root: str, split: str, n: int = 0):
                np.asarray(Image.open(os.path.join(root, "SegmentationClass", f"{i}.png"))))
 
 
-def eval_main(cfg: InferConfig, device):
-    """`samclip.py eval --init RUN [--voc DIR --size 448]`: mIoU on a VOC folder, or on the synthetic
-    held-out set (with classification top-1 and the SAM head's IoU)."""
-    model, teacher, size, _ = load_samclip_run(cfg, device)
+def eval_main(cfg: EvalConfig):
+    """Zero-shot segmentation mIoU on a Pascal VOC folder (--voc) or on the synthetic held-out set (with
+    classification top-1 and the SAM head's IoU there)."""
+    model, teacher, size, _, device = load_samclip_run(cfg)
     t0 = time.time()
     if cfg.voc:
         names = C.read_lines(cfg.classnames) if cfg.classnames else VOC_CLASSES[1:]
@@ -1385,13 +1379,10 @@ def eval_main(cfg: InferConfig, device):
 
 
 def main(argv=None):
-    import sys
-    argv = list(sys.argv[1:] if argv is None else argv)
-    infer = {"predict": predict_main, "segment": segment_main, "eval": eval_main}
-    if argv and argv[0] in infer:  # the inference commands share InferConfig
-        cfg = C.parse_config(InferConfig, argv[1:])
-        return infer[argv[0]](cfg, C.setup_distributed(cfg.device)[3])
-    return train_sam(argv[1:]) if argv[:1] == ["train-sam"] else merge(argv)
+    """`samclip.py [merge] [flags]`, `samclip.py train-sam|predict|segment|eval [flags]`; COMMAND --help: its flags."""
+    return C.run_command(__doc__, {"merge": (merge, Config), "train-sam": (train_sam, SamTrainConfig),
+                                   "predict": (predict_main, PredictConfig), "segment": (segment_main, SegmentConfig),
+                                   "eval": (eval_main, EvalConfig)}, argv, default="merge")
 
 
 if __name__ == "__main__":

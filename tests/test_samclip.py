@@ -259,7 +259,7 @@ def test_sam_distill_loss_is_zero_only_for_the_teacher():
 
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "step" in r]  # each run's start record has no step
 
 
 @pytest.fixture(scope="module")
@@ -328,14 +328,125 @@ def test_stage1_stage2_pipeline(world, tiny_sam, clip_teacher, tmp_path, capsys)
 @pytest.mark.parametrize("args,message", [
     (["--stage", "3"], "--stage must be 1 or 2"),
     (["--stage", "1", "--teacher-clip", "/nonexistent.pt"], "teacher checkpoint not found"),
-    (["predict", "--init", "/nonexistent.pth", "--image", "x.jpg"], "checkpoint not found"),
-    (["segment", "--classes", "cat", "--init", ""], "needs --init"),
+    (["--stage", "1", "--teacher-clip", "{empty}"], "empty file (0 bytes)"),  # mobileclip.load_teacher's line
+    (["--stage", "1", "--teacher-clip", "{teacher}", "--init-sam", "{empty}"], "empty file (0 bytes)"),
+    (["--stage", "1", "--teacher-clip", "{teacher}", "--init-sam", "{garbage}"], "cannot read checkpoint"),
+    (["--stage", "2", "--teacher-clip", "{teacher}", "--init-sam", "{sam}", "--init", "{garbage}"],
+     "cannot read checkpoint"),
+    (["--resume", "{empty}"], "empty file (0 bytes)"),
+    (["--batch-clip", "0"], "--batch-clip 0: must be >= 1"),
+    (["--steps", "-5"], "--steps -5: must be >= 0"),
+    (["--lr", "-1"], "--lr -1.0: must be >= 0"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--crop-scale", "1.5"], "--crop-scale 1.5: must be between 0 and 1"),
+    (["train-sam", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["train-sam", "--steps", "-5"], "--steps -5: must be >= 0"),
+    (["train-sam", "--box-prob", "2"], "--box-prob 2.0: must be between 0 and 1"),
+    (["train-sam", "--resume", "{empty}"], "empty file (0 bytes)"),
+    (["train-sam", "--data", "/nonexistent/shards"], "data path does not exist"),
+    (["train-sam", "--data", "{empty}.tar", "--model", "micro", "--workers", "0"],
+     "no usable sample in a whole pass of data consumer 1 of 1 over 1 shard(s)"),
+    (["train-sam", "--data", "{empty}.tar", "--model", "micro", "--workers", "0"], "skipped: broken_tar:ReadError 1"),
+    (["train-sam", "--data", "{empty}.tar", "--model", "micro", "--workers", "1"], "skipped: broken_tar:ReadError 1"),
+    (["predict", "--init", "/nonexistent.pth", "--image", "{image}", "--point", "1,1"], "checkpoint not found"),
+    (["predict", "--init", "{empty}", "--image", "{image}", "--point", "1,1"], "empty file (0 bytes)"),
+    (["predict", "--init", "{sam}", "--image", "{garbage}", "--point", "1,1"], "cannot read image"),
+    (["predict", "--init", "{sam}", "--image", "{image}", "--mask-input", "{empty}"], "cannot read --mask-input"),
+    (["segment", "--classes", "cat", "--init", "", "--image", "{image}"], "needs --init"),
+    (["segment", "--classes", "cat", "--init", "{empty}", "--image", "{image}"], "empty file (0 bytes)"),
+    (["segment", "--classes", "cat", "--init", "{sam}", "--image", "{image}", "--refine-threshold", "2"],
+     "--refine-threshold 2.0: must be between 0 and 1"),
+    (["eval", "--init", "{garbage}"], "cannot read checkpoint"),
+    (["eval", "--init", "{sam}", "--size", "-1"], "--size -1: must be >= 0"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit):
-        S.main(args + (["--out", str(tmp_path / "r")] if args[0].startswith("--") else []))
+def test_bad_input_is_one_clear_line(tmp_path, capsys, clip_teacher, args, message):
+    """Before any work, one line and a non-zero exit: no traceback, no checkpoint in --out."""
+    (tmp_path / "garbage").write_bytes(b"not a checkpoint" * 10)
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "empty.tar").write_bytes(b"")
+    torch.save(S.build_sam("micro").state_dict(), tmp_path / "sam.pth")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    args = [a.format(empty=tmp_path / "empty", garbage=tmp_path / "garbage", sam=tmp_path / "sam.pth",
+                     image=tmp_path / "x.png", teacher=clip_teacher) for a in args]
+    with pytest.raises(SystemExit) as e:
+        S.main(args + (["--out", str(tmp_path / "r")] if args[0] == "train-sam" or args[0].startswith("-") else []))
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and message in err[-1] and err[-1].startswith("error:")
+    assert e.value.code != 0 and err and message in err[-1] and err[-1].startswith("error:"), err
+    assert not any("Traceback" in line for line in err) and not C.checkpoints(str(tmp_path / "r"))
+
+
+def test_a_new_run_into_another_runs_checkpoints_stops_with_one_line(tmp_path, capsys):
+    C.save_checkpoint(str(tmp_path / "ckpt-5.pt"), {"step": 5})
+    for cmd in ([], ["train-sam"]):
+        with pytest.raises(SystemExit) as e:
+            S.main(cmd + ["--out", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code != 0 and len(err) == 1 and "holds another run's checkpoints (ckpt-5.pt" in err[0]
+
+
+COMMANDS = {"merge": ("--lambda-sam", "--batch-size"), "train-sam": ("--batch-size", "--lambda-sam"),
+            "predict": ("--neg-point", "--classes"), "segment": ("--classes", "--voc"), "eval": ("--voc", "--neg-point")}
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_of_each_command_shows_its_own_flags(cmd, capsys):
+    own, other = COMMANDS[cmd]
+    with pytest.raises(SystemExit) as e:
+        S.main([cmd, "--help"])
+    out = capsys.readouterr().out
+    fn = {"merge": S.merge, "train-sam": S.train_sam, "predict": S.predict_main, "segment": S.segment_main,
+          "eval": S.eval_main}[cmd]
+    assert e.value.code == 0 and own in out and other not in out and ("--overwrite" in out) == (cmd in ("merge",
+                                                                                                    "train-sam"))
+    assert " ".join(fn.__doc__.split("\n\n")[0].split()) in " ".join(out.split())  # the whole first paragraph
+
+
+def test_help_lists_the_commands():
+    """`python samclip.py --help` (a real process) exits 0 and lists every command with its line."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "samclip.py", "--help"], cwd=os.path.dirname(os.path.abspath(S.__file__)),
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for name in COMMANDS:
+        assert f"  {name}  " in r.stdout
+    assert S.predict_main.__doc__.splitlines()[0] in r.stdout
+
+
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import common as C, samclip as S
+log = C.RunLog.log
+def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
+    log(self, step, **m)
+    if step == {at} and "loss" in m:
+        os.killpg(0, signal.SIGTERM)
+C.RunLog.log = log_and_signal
+S.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_saves_and_resume_logs_the_same_losses(world, tmp_path):
+    """train-sam with a DataLoader worker, SIGTERM to the whole process group after step 4: the worker ignores
+    it, the run saves ckpt-4.pt and exits 0; --resume auto then logs the losses of a run never stopped."""
+    import subprocess
+    import sys
+    args = ["train-sam", "--model", "micro", "--steps", "8", "--batch-size", "4", "--log-every", "2", "--warmup", "2",
+            "--ckpt-every", "100"] + world_args(world)[:-2]
+    root = os.path.dirname(os.path.abspath(S.__file__))
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT.format(root=root, at=4))
+    stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
+    r = subprocess.run([sys.executable, str(tmp_path / "signal_at.py"), *args, "--workers", "1", "--out", stopped],
+                       capture_output=True, text=True, start_new_session=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [os.path.basename(p) for p in C.checkpoints(stopped)] == ["ckpt-4.pt"]
+    assert "stopped by a signal at step 4" in r.stdout.splitlines()[-1]
+    S.main(args + ["--workers", "0", "--out", stopped, "--resume", "auto"])
+    S.main(args + ["--workers", "0", "--out", straight])
+    assert [(r["step"], r["loss"]) for r in read_log(stopped)] == [(r["step"], r["loss"]) for r in read_log(straight)]
+    assert len(read_log(straight)) == 4
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("segment_anything"),
