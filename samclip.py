@@ -1301,7 +1301,7 @@ def predict_main(cfg: PredictConfig):
     try:
         mask_in = torch.load(cfg.mask_input, weights_only=True).to(device) if cfg.mask_input else None
     except Exception as e:  # missing, empty, not a tensor: one line
-        C.fail(f"cannot read --mask-input {cfg.mask_input}: {type(e).__name__}: {str(e).strip()[:200]}")
+        C.fail(f"cannot read --mask-input {cfg.mask_input}: {type(e).__name__}: {str(e).strip()[:200] or 'no data'}")
     sam = load_sam(cfg.init or C.fail("predict needs --init, SAM weights")).to(device)
     masks, iou, low = predict_masks(sam, img, pos + neg or None, [1] * len(pos) + [0] * len(neg) if pos + neg else None,
                                     box, mask_in, cfg.multimask)
