@@ -68,7 +68,8 @@ RANGES = [(r".*_(frac|prob|p)|alt_noise|pool_offdomain|(aug_|crop_)?min_scale|cr
            r"|topk|points|chunk|per_query|shots|(shard|part)_size", 1, None),
           (r"temperature", 1e-6, None),
           (r"(.*_)?(steps|epochs|every|workers|images|ckpts|max|warmup(_epochs)?|size|dim|classes|labels|synthetic_.*"
-           r"|mix_pool|calib_samples)|(.*_)?lr(_.*)?|grad_clip|lambda_.*|.*_lambda|.*_weight|w_.*", 0, None)]
+           r"|mix_pool|calib_samples)|(.*_)?lr(_.*)?|grad_clip|lambda_.*|.*_lambda|.*_weight|w_.*|weight_decay"
+           r"|.*_hidden|min_count", 0, None)]
 
 def check_ranges(cfg) -> None:
     """One line for the first numeric field that is not finite or out of its range (RANGES)."""
