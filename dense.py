@@ -74,7 +74,6 @@ import json
 import math
 import os
 import random
-import signal
 import tarfile
 import time
 import zlib
@@ -210,7 +209,7 @@ class ViTPyramid(nn.Module):
                 if i in self.taps:
                     outs[i] = x[:, 1:].transpose(1, 2).reshape(B, D, h, w)
             return [outs[i] for i in self.taps]
-        x = enc.patch_embed(x)  # SAM: (B, h, w, D), positions resized by the encoder's own rule
+        x = enc.patch_embed.proj(x).permute(0, 2, 3, 1)  # SAM: (B, h, w, D); positions resized by its own rule
         pos = enc.pos_embed
         if pos.shape[1:3] != x.shape[1:3]:
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
@@ -729,8 +728,8 @@ def evaluate(model: DenseModel, items, task: str, cfg: Config, s: dict, device) 
     confusion matrix of the whole set (seg), or the per-image depth errors averaged over images (depth)."""
     rank, world = C.get_rank(), C.get_world_size()
     data = DenseData(items[rank::world], task, s["crop"], False, 0, (1, 1), s["reduce_zero_label"], s["depth_scale"])
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2),
-                                         collate_fn=list, worker_init_fn=C.ignore_stop_signals)
+    loader = C.Loader(data, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2), collate_fn=list,
+                      worker_init_fn=C.ignore_stop_signals)  # an unreadable sample: one line
     was_training = model.training
     model.eval()
     K = s["classes"] if task == "seg" else 1
@@ -874,7 +873,11 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
             break
 
         # ---- forward, backward, step --------------------------------------------------------------
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except C.DataError as e:  # an unreadable sample: the workers shut down, then one line (no worker traceback)
+            getattr(batches, "_shutdown_workers", lambda: None)()
+            C.fail(str(e).strip().splitlines()[-1].removeprefix(f"{C.DataError.__module__}.DataError: "))
         x = preprocess(batch["image"].to(device, non_blocking=True), s)  # (B, 3, crop, crop)
         y = batch["target"].to(device, non_blocking=True)  # (B, crop, crop): labels or depth
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
@@ -985,15 +988,7 @@ def compare(cfg: CompareConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """`seg` / `depth`: the final held-out metrics ({} if stopped by a signal); `compare`: them per pre-training."""
     commands = {"seg": (finetune, SegConfig), "depth": (finetune, DepthConfig), "compare": (compare, CompareConfig)}
-    try:
-        return C.run_command(__doc__, commands, argv)
-    except (SystemExit, C.DataError) as e:  # a stop with DataLoader workers alive: they ignore SIGTERM, so the
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # exit would wait for them for ever; end them quietly
-        for p in torch.multiprocessing.active_children():
-            p.kill()
-        if isinstance(e, C.DataError):  # an unreadable sample (from a worker: its traceback in the text)
-            C.fail(str(e).strip().splitlines()[-1].removeprefix("common.DataError: "))
-        raise
+    return C.run_command(__doc__, commands, argv)
 
 
 if __name__ == "__main__":

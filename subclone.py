@@ -67,7 +67,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -880,13 +879,7 @@ def compare(cfg: CompareConfig):
 
 def main(argv=None):
     commands = {"clone": (clone, CloneConfig), "train": (train, TrainConfig), "compare": (compare, CompareConfig)}
-    try:
-        return C.run_command(__doc__, commands, argv)
-    except SystemExit:  # a one-line stop from inside common.Loader leaves its workers (they ignore SIGTERM) alive,
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # and the exit would wait for them for ever: end them quietly
-        for p in torch.multiprocessing.active_children():
-            p.kill()
-        raise
+    return C.run_command(__doc__, commands, argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ import json
 import math
 import os
 import re
-import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -986,13 +985,7 @@ def compare(cfg: CompareConfig):
 
 def main(argv=None):
     commands = {"train": (run, TrainConfig), "split": (split_shards, SplitConfig), "compare": (compare, CompareConfig)}
-    try:
-        C.run_command(__doc__, commands, argv, default="train")
-    except SystemExit:  # a one-line stop from inside common.Loader leaves its workers (they ignore SIGTERM) alive,
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # and the exit would wait for them for ever: end them quietly
-        for p in torch.multiprocessing.active_children():
-            p.kill()
-        raise
+    C.run_command(__doc__, commands, argv, default="train")
     C.cleanup_distributed()
 
 
