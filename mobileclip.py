@@ -13,7 +13,7 @@ Paper -> code (spec: shared/papers/mobileclip.md):
   MCt hybrid text encoder (spec 2.5); base text        -> TextEncoder(mct=True), TextRepMixerBlock; TextEncoder
   MobileCLIP-B: ViT-B/16 with a conv stem (spec 2.4)   -> ConvStemViT
   structural reparameterisation (spec 2.2)             -> reparameterize
-  released checkpoints (spec 2.6)                      -> create_model(pretrained=), layout_name, export_state_dict
+  released checkpoints (spec 2.6)                      -> create_model(pretrained=), layout_name, export (command)
   L_CLIP, symmetric InfoNCE over the global batch      -> common.contrastive_loss
   L_Distill, teacher-ensemble KD over the global batch -> distill_loss (reference: distill_loss_reference)
   L = (1 - lambda) L_CLIP + lambda L_Distill, GT + syn -> reinforced_loss (--lambda-kd, --teacher-scales)
@@ -33,11 +33,13 @@ Commands:
       --bpe bpe_simple_vocab_16e6.txt.gz --captions captions.jsonl --num-augs 10 --out shards_dr/
   python mobileclip.py --eval-only --resume runs/b16/ckpt-100000.pt --zeroshot-data imagenet/val \\
       --classnames imagenet_classes.txt --bpe bpe_simple_vocab_16e6.txt.gz
+  python mobileclip.py export --ckpt runs/s0/ckpt-30000.pt --layout apple --out mobileclip_s0.pt  # or openclip
 
 Result (the no-argument run, and reinforced against plain training): README.md, "Results".
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import gzip
@@ -45,9 +47,10 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
-import sys
+import signal
 import time
 import zlib
 from collections import OrderedDict
@@ -64,23 +67,31 @@ from PIL import Image
 
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
-
 @dataclass
-class Config:
+class Shared:  # the flags of `train` and `reinforce`
     data: str = ""  # tar shards: a directory, a glob or 'shards/{00000..00099}.tar'; empty = the synthetic world
     model: str = "mobileclip_tiny"  # a name from MODELS or MOBILECLIP_MODELS
-    out: str = "runs/mobileclip"  # run directory: config.json, log.jsonl, checkpoints, copies of the code
-    steps: int = 800  # optimizer steps
+    out: str = "runs/mobileclip"  # run directory: config.json, log.jsonl, checkpoints (reinforce: the shards)
     batch_size: int = 128  # per process (the global batch is this x world size)
+    seed: int = 0  # seeds the model init, data order and augmentation
+    workers: int = 2  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cuda | cpu
+    bpe: str = ""  # CLIP merges file (bpe_simple_vocab_16e6.txt.gz); empty = train a BPE on the captions
+    bpe_vocab: int = 2048  # vocabulary size of a BPE trained here
+    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
+    synthetic_train: int = 40000  # synthetic training images
+    synthetic_val: int = 1000  # synthetic held-out images (zero-shot and retrieval)
+    alt_noise: float = 0.0  # synthetic world: this fraction of the samples (fixed by key) gets an unrelated alt-text
+
+@dataclass
+class Config(Shared):
+    steps: int = 800  # optimizer steps
     lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.1  # decoupled weight decay, on matrices only
     warmup: int = 100  # linear warm-up steps, then cosine to zero
     beta2: float = 0.98  # AdamW beta2 (CLIP uses 0.98)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
-    seed: int = 0  # seeds the model init, data order and augmentation
-    workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
-    device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the model
     fused: bool = True  # fused attention (SDPA); --no-fused runs the explicit-softmax reference
@@ -90,8 +101,9 @@ class Config:
     eval_every: int = 0  # steps between evaluations; 0 = at the end only
     ckpt_every: int = 500  # steps between checkpoints
     keep_ckpts: int = 2  # newest checkpoints kept in --out
-    resume: str = ""  # 'auto' = the latest checkpoint in --out (fresh if none), or a checkpoint path
-    init: str = ""  # OpenAI/OpenCLIP ViT state dict to start from (needs --bpe and the matching --model)
+    resume: str = ""  # 'auto' = the newest checkpoint in --out that reads (fresh if none), or a checkpoint path
+    overwrite: bool = False  # start over in an --out holding another run's checkpoints (they move to OUT/previous-N/)
+    init: str = ""  # OpenAI/OpenCLIP ViT or MobileCLIP file to start from (needs --bpe and the matching --model)
     act: str = "gelu"  # MLP activation: gelu | quick_gelu (what OpenAI's own CLIP weights were trained with)
     eval_only: bool = False  # evaluate --resume / --init and exit
     zeroshot_data: str = ""  # ImageFolder for zero-shot top-1/top-5; default: the synthetic held-out set
@@ -99,28 +111,28 @@ class Config:
     templates: str = ""  # file of prompt templates with '{}' (default: common.DEFAULT_TEMPLATES)
     retrieval_data: str = ""  # tar shards of image-caption pairs for retrieval recall@1/5/10
     retrieval_max: int = 5000  # pairs used for retrieval
-    bpe: str = ""  # CLIP merges file (bpe_simple_vocab_16e6.txt.gz); empty = train a BPE on the captions
-    bpe_vocab: int = 2048  # vocabulary size of a BPE trained here
-    cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-    synthetic_train: int = 40000  # synthetic training images
-    synthetic_val: int = 1000  # synthetic held-out images (zero-shot and retrieval)
     max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
-    # multi-modal reinforced training (DataCompDR shards) and `reinforce` (making them)
     reinforced: bool = False  # --data is DataCompDR-layout: replay stored augmentations, distil stored teachers
     lambda_kd: float = 1.0  # L = (1 - lambda) L_CLIP + lambda L_Distill per caption (1: DataCompDR-12M recipe)
     teacher_scales: str = "100,100"  # logit scale 1/tau_k of each teacher (v1: 100,100; MobileCLIP2: 70,60)
     syn_key: str = "^syn_text.*$"  # regex of the syn.json keys synthetic captions are drawn from
     caption_source: str = "alt"  # plain training: alt (the .txt) | synthetic (syn.json) | mix (synthetic w.p. p)
     synthetic_prob: float = 0.5  # --caption-source mix: probability of replacing the alt-text
-    alt_noise: float = 0.0  # synthetic world: this fraction of the samples (fixed by key) has an unrelated alt-text
-    #                         (plain training reads it; `reinforce` stores it as the samples' ground-truth caption)
-    teachers: str = ""  # reinforce: teacher CLIP checkpoints, comma-separated (this repo's or OpenCLIP)
-    num_augs: int = 10  # reinforce: stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
-    captions: str = ""  # reinforce: JSON lines {"key", "captions"}; default: the synthetic world's captioner
-    num_captions: int = 5  # reinforce: synthetic captions per image from the world's captioner
-    aug_size: int = 0  # reinforce: crop size RandAugment translations are drawn for (published: 224; 0 = --model's)
-    aug_min_scale: float = 0.08  # reinforce: RandomResizedCrop minimum area fraction (torchvision: 0.08)
 
+@dataclass
+class ReinforceConfig(Shared):
+    teachers: str = ""  # teacher CLIP checkpoints, comma-separated (this repo's or OpenCLIP)
+    num_augs: int = 10  # stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
+    captions: str = ""  # JSON lines {"key", "captions"}; default: the synthetic world's captioner
+    num_captions: int = 5  # synthetic captions per image from the world's captioner
+    aug_size: int = 0  # crop size RandAugment translations are drawn for (published: 224; 0 = --model's)
+    aug_min_scale: float = 0.08  # RandomResizedCrop minimum area fraction (torchvision: 0.08)
+
+@dataclass
+class ExportConfig:
+    ckpt: str = ""  # a checkpoint of `train` (OUT/ckpt-N.pt)
+    layout: str = "openclip"  # openclip (open_clip.create_model(NAME, pretrained=FILE)) | apple (ml-mobileclip)
+    out: str = ""  # the file to write
 
 # Named sizes. vit_b32/b16/l14 are the OpenAI CLIP shapes (text context 77); the BPE vocabulary sets
 # vocab_size. `tiny` is the CPU model of the smoke run.
@@ -139,12 +151,9 @@ MODELS = {
 # Module and attribute names are apple/ml-mobileclip's, so its v1 `.pt` files load strictly into the unfused
 # modules after renaming `image_encoder.model.` -> `visual.`, `text_encoder.` -> `text.` and `qkv_proj`/`out_proj`
 # -> `qkv`/`proj` (common.Attention). OpenCLIP files (timm trunks) are mapped name by name by `layout_name`.
-
-
 def named(**modules):
     """nn.Sequential whose children carry the checkpoints' names (`.conv`/`.bn`, `.block`, `.pos_embed`)."""
     return nn.Sequential(OrderedDict(modules))
-
 
 def conv_bn(cin, cout, k, stride=1, groups=1):
     """Conv (no bias) + BatchNorm: one branch of a train-time block."""
@@ -152,12 +161,10 @@ def conv_bn(cin, cout, k, stride=1, groups=1):
     conv = nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, bias=False)
     return named(conv=conv, bn=nn.BatchNorm2d(cout))
 
-
 def fold_bn(w, bn):
     """RepVGG (2101.03697) Sec. 3.3: BN(W * x) = (W t) * x + (beta - mu t), t = gamma / sqrt(var + eps)."""
     t = bn.weight / (bn.running_var + bn.eps).sqrt()
     return w * t.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * t
-
 
 def identity_kernel(channels, groups, k, like):
     """The kernel of the identity map for a grouped conv: a 1 at the centre tap where output channel i
@@ -167,19 +174,16 @@ def identity_kernel(channels, groups, k, like):
     w[i, i % (channels // groups), k[0] // 2, k[1] // 2] = 1
     return w
 
-
 def pad_to(w, k):
     """Zero-pad a smaller centred kernel (1x1, 3x3) to k: the same map as a k-conv with padding k // 2."""
     dh, dw = (k[0] - w.shape[2]) // 2, (k[1] - w.shape[3]) // 2
     return F.pad(w, [dw, dw, dh, dh])
-
 
 def folded_conv(cin, cout, k, stride, groups, w, b):
     """The one inference-time conv (with bias) that carries a folded kernel."""
     conv = nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, device=w.device, dtype=w.dtype)
     conv.weight, conv.bias = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
     return conv
-
 
 class SqueezeExcite(nn.Module):
     """Squeeze-excitation (1709.01507): global mean -> 1x1 conv down to `hidden` -> ReLU -> 1x1 conv up ->
@@ -189,13 +193,12 @@ class SqueezeExcite(nn.Module):
     def __init__(self, dim, hidden, names=("fc1", "fc2")):
         super().__init__()
         self.names = names
-        self.add_module(names[0], nn.Conv2d(dim, hidden, 1))
-        self.add_module(names[1], nn.Conv2d(hidden, dim, 1))
+        for name, conv in zip(names, (nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1))):
+            self.add_module(name, conv)
 
     def forward(self, x):
         down, up = (getattr(self, n) for n in self.names)
         return x * torch.sigmoid(up(F.relu(down(x.mean((2, 3), keepdim=True)))))
-
 
 class MobileOneBlock(nn.Module):
     """MobileOne block (2206.04040), train-time: act(se(sum of branches)). Branches: `rbr_conv[i]` (kxk
@@ -209,8 +212,7 @@ class MobileOneBlock(nn.Module):
         self.se = SqueezeExcite(cout, int(cout * 0.0625), ("reduce", "expand")) if se else nn.Identity()
         self.activation = nn.GELU() if act else nn.Identity()
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
-        convs = [conv_bn(cin, cout, self.k, stride, groups) for _ in range(n_conv)]
-        self.rbr_conv = nn.ModuleList(convs) if n_conv else None
+        self.rbr_conv = nn.ModuleList(conv_bn(cin, cout, self.k, stride, groups) for _ in range(n_conv)) or None
         self.rbr_scale = conv_bn(cin, cout, 1, stride, groups) if self.k[0] > 1 and scale_branch else None
         self.reparam_conv = None
 
@@ -233,7 +235,6 @@ class MobileOneBlock(nn.Module):
         self.reparam_conv = folded_conv(self.cin, self.cout, self.k, self.stride, self.groups, w, b)
         self.rbr_skip = self.rbr_conv = self.rbr_scale = None
 
-
 class ReparamLargeKernelConv(nn.Module):
     """RepLKNet-style (2203.06717) downsampling conv: a 7x7/2 conv+BN with a parallel 3x3/2 conv+BN, one
     group per input channel (C -> C', 2 outputs per group), then SE (optional) and GELU (timm's
@@ -245,8 +246,7 @@ class ReparamLargeKernelConv(nn.Module):
         self.lkb_origin = conv_bn(cin, cout, k, stride, cin)
         self.small_conv = conv_bn(cin, cout, small, stride, cin)
         self.se = SqueezeExcite(cout, max(8, int(cout / 4 + 4) // 8 * 8)) if se else nn.Identity()
-        self.activation = nn.GELU()
-        self.lkb_reparam = None
+        self.activation, self.lkb_reparam = nn.GELU(), None
 
     def forward(self, x):
         out = self.lkb_reparam(x) if self.lkb_reparam is not None else self.lkb_origin(x) + self.small_conv(x)
@@ -258,7 +258,6 @@ class ReparamLargeKernelConv(nn.Module):
         self.lkb_reparam = folded_conv(self.cin, self.cout, self.k, self.stride, self.cin, w1 + w2, b1 + b2)
         self.lkb_origin = self.small_conv = None
 
-
 class RepMixer(nn.Module):
     """FastViT's token mixer (2303.14189, Eq. 2): x + gamma * (mixer(x) - norm(x)), `mixer` a depthwise
     MobileOneBlock without activation (kxk conv+BN, 1x1 scale branch, BN skip), `norm` a BN skip alone.
@@ -269,13 +268,11 @@ class RepMixer(nn.Module):
         self.dim, self.k = dim, (k, k) if isinstance(k, int) else tuple(k)
         self.norm = MobileOneBlock(dim, dim, k, groups=dim, act=False, scale_branch=False, n_conv=0)
         self.mixer = MobileOneBlock(dim, dim, k, groups=dim, act=False)
-        self.layer_scale = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
-        self.reparam_conv = None
+        self.layer_scale, self.reparam_conv = nn.Parameter(1e-5 * torch.ones(dim, 1, 1)), None
 
     def forward(self, x):
-        if self.reparam_conv is not None:
-            return self.reparam_conv(x)
-        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+        folded = self.reparam_conv
+        return folded(x) if folded is not None else x + self.layer_scale * (self.mixer(x) - self.norm(x))
 
     def reparameterize(self):
         (wm, bm), (wn, bn) = self.mixer.fused(), self.norm.fused()
@@ -284,7 +281,6 @@ class RepMixer(nn.Module):
         self.reparam_conv = folded_conv(self.dim, self.dim, self.k, 1, self.dim, w, g.flatten() * (bm - bn))
         self.mixer = self.norm = None
         del self.layer_scale
-
 
 class ConvFFN(nn.Module):
     """FastViT ConvFFN: depthwise kxk conv + BN (local mixing), then a 1x1 MLP C -> hidden -> C with GELU."""
@@ -297,7 +293,6 @@ class ConvFFN(nn.Module):
     def forward(self, x):
         return self.fc2(self.act(self.fc1(self.conv(x))))
 
-
 class RepCPE(nn.Module):
     """Conditional positional encoding (2102.10882) as a residual depthwise 7x7 conv, x + pe(x); folded,
     the residual is a 1 added to each channel's centre tap."""
@@ -305,8 +300,7 @@ class RepCPE(nn.Module):
     def __init__(self, dim, k=7):
         super().__init__()
         self.dim, self.k = dim, (k, k)
-        self.pe = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim)
-        self.reparam_conv = None
+        self.pe, self.reparam_conv = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim), None
 
     def forward(self, x):
         return self.reparam_conv(x) if self.reparam_conv is not None else x + self.pe(x)
@@ -315,7 +309,6 @@ class RepCPE(nn.Module):
         w = self.pe.weight + identity_kernel(self.dim, self.dim, self.k, self.pe.weight)
         self.reparam_conv = folded_conv(self.dim, self.dim, self.k, 1, self.dim, w, self.pe.bias)
         self.pe = None
-
 
 class RepMixerBlock(nn.Module):
     """MetaFormer block with RepMixer: x = RepMixer(x); x = x + gamma * ConvFFN(x) (gamma init 1e-5)."""
@@ -330,14 +323,12 @@ class RepMixerBlock(nn.Module):
         x = self.token_mixer(x)
         return x + self.layer_scale * self.convffn(x)
 
-
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map: the attention-block norm of MCi3/MCi4."""
 
     def forward(self, x):
         x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
-
 
 class AttentionBlock(nn.Module):
     """MetaFormer block with self-attention over the H*W tokens of the last stage(s):
@@ -358,7 +349,6 @@ class AttentionBlock(nn.Module):
         x = x + self.layer_scale_1 * t.transpose(1, 2).reshape(B, D, H, W)
         return x + self.layer_scale_2 * self.convffn(x)
 
-
 class PatchEmbed(nn.Module):
     """Downsampling between stages: ReparamLargeKernelConv (7x7/2, C -> C') then a 1x1 MobileOneBlock."""
 
@@ -368,7 +358,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x)
-
 
 class ProjectionHead(nn.Module):
     """Map to the joint space, x @ proj (Apple's GlobalPool2D / SimpleImageProjectionHead); a feature map
@@ -383,12 +372,10 @@ class ProjectionHead(nn.Module):
         x = (x.mean((2, 3)) if x.dim() == 4 else x) @ self.proj  # (B, E)
         return x if self.bias is None else x + self.bias
 
-
 # timm's fastvit names for Apple's (the inverse of timm's `checkpoint_filter_fn`), one name part at a time.
 _TIMM_PARTS = {"patch_embed": "stem", "rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "identity",
                "conv_exp": "final_conv", "lkb_origin": "large_conv", "lkb_reparam": "reparam_conv",
                "convffn": "mlp", "pe": "pos_enc", "reduce": "fc1", "expand": "fc2"}
-
 
 class MCi(nn.Module):
     """MCi image encoder (spec 2.2, 2.3): FastViT with a MobileOne stem (3x3/2, depthwise 3x3/2, 1x1:
@@ -429,7 +416,6 @@ class MCi(nn.Module):
         p = [_TIMM_PARTS.get(s, s) for s in p]
         return ".".join(p + ["gamma"] if p[-1].startswith("layer_scale") else p)
 
-
 # Sizes (spec 2.2, 2.3). MCi3/4: 5 stages (stride 64, two attention stages), no SE in the downsamples,
 # MLP ratio 4, LayerNorm before attention, no scale branch in the stem.
 _MCI = {
@@ -443,16 +429,12 @@ _MCI = {
     "mci_tiny": dict(depths=(1, 1, 2, 1), widths=(32, 64, 128, 256), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
 }
 
-
 # ---- text encoders and the ViT-B/16 image encoder (Apple's ml-cvnets transformer) ----------------------
-
-
 class LayerNormFP32(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back (Apple's `layer_norm_fp32`)."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
-
 
 class LearnedPositions(nn.Module):
     """Learned positions (1, 1, N, D); another length is resized bilinearly as a 1-D sequence. Apple wraps
@@ -464,10 +446,8 @@ class LearnedPositions(nn.Module):
 
     def forward(self, n):
         pe = self.pos_embed
-        if n != pe.shape[2]:
-            pe = F.interpolate(pe, size=(n, pe.shape[3]), mode="bilinear")
+        pe = pe if n == pe.shape[2] else F.interpolate(pe, size=(n, pe.shape[3]), mode="bilinear")
         return pe.reshape(1, n, -1)  # (1, N, D)
-
 
 class TransformerEncoder(nn.Module):
     """Pre-norm layer: x += MHA(LN(x)); x += FFN(LN(x)). The Identity slots stand for Apple's zero-rate
@@ -483,7 +463,6 @@ class TransformerEncoder(nn.Module):
         x = x + self.pre_norm_mha[1](self.pre_norm_mha[0](x), causal=causal)
         return x + self.pre_norm_ffn(x)
 
-
 class TextRepMixerBlock(RepMixerBlock):
     """MCt's convolutional block (spec 2.5): a RepMixerBlock on the sequence seen as a 1 x L image with
     kernels (1, 11), no 1x1 branch. Non-causal, and its BatchNorms normalise over the positions."""
@@ -495,7 +474,6 @@ class TextRepMixerBlock(RepMixerBlock):
         x = x.transpose(1, 2).unsqueeze(2)  # (B, L, D) -> (B, D, 1, L)
         return super().forward(x).squeeze(2).transpose(1, 2)
 
-
 class TextEncoder(nn.Module):
     """Text tower (spec 2.5): token + learned positions, `transformer` layers (MCt: RepMixerBlock, 4
     transformer layers, RepMixerBlock; base: 12 layers), final LN, the feature at the EOT token (the
@@ -506,8 +484,7 @@ class TextEncoder(nn.Module):
                  mct=False, causal=False):
         super().__init__()
         ffn = int(math.ceil(width * 4 / 16) * 16)  # hidden size rounded up to a multiple of 16
-        self.causal = causal
-        self.embedding_layer = nn.Embedding(vocab_size, width)
+        self.causal, self.embedding_layer = causal, nn.Embedding(vocab_size, width)
         self.positional_embedding = named(pos_embed=LearnedPositions(context_length, width))
         blocks = [TransformerEncoder(width, heads, ffn) for _ in range(layers)]
         if mct:  # a RepMixerBlock at each end: convolutional token mixing, cheaper than attention
@@ -524,13 +501,11 @@ class TextEncoder(nn.Module):
         x = self.final_layer_norm(x)
         return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.projection_layer
 
-
 def conv_norm_act(cin, cout, k, pad, norm_act=True):
     """conv (k x k, stride k) [+ BN + GELU], Apple's names `.block.{conv,norm,act}`."""
     conv = nn.Conv2d(cin, cout, k, k, pad, bias=not norm_act)
     block = named(conv=conv, norm=nn.BatchNorm2d(cout), act=nn.GELU()) if norm_act else named(conv=conv)
     return named(block=block)
-
 
 class ConvStemViT(nn.Module):
     """MobileCLIP-B's ViT-B/16 (spec 2.4): patchify in three convs (4x4/4 + BN + GELU, 2x2/2 + BN + GELU,
@@ -561,14 +536,12 @@ class ConvStemViT(nn.Module):
             key = key.replace(a, b)
         return key
 
-
 # timm's `vit_base_mci_224` names for ours (the inverse of timm's `_convert_mobileclip`).
 _TIMM_VIT_B = [("patch_emb.", "patch_embed.backbone."), (".block.conv", ".conv"), (".block.norm", ".bn"),
                ("transformer.", "blocks."), ("pre_norm_mha.0", "norm1"), ("pre_norm_mha.1", "attn"),
                ("pre_norm_ffn.0", "norm2"), ("pre_norm_ffn.1", "mlp.fc1"), ("pre_norm_ffn.4", "mlp.fc2"),
                ("post_transformer_norm", "norm"), ("pos_embed.pos_embed.pos_embed", "pos_embed"),
                ("classifier.proj", "head.weight"), ("classifier.bias", "head.bias")]
-
 
 class ClipViT(C.ViT):
     """MobileCLIP2-L/14's tower, timm's `vit_large_patch14_clip_224`: common.ViT plus the bias of timm's
@@ -585,13 +558,11 @@ class ClipViT(C.ViT):
         renamed = {"patch_embed.weight": "patch_embed.proj.weight", "proj": "head.weight", "proj_bias": "head.bias"}
         return renamed.get(key, key)  # blocks, norms, cls_token, pos_embed: common.ViT already uses timm's names
 
-
 # ---- the model zoo ---------------------------------------------------------------------------------
-# image: tower; mean/std: input normalisation (v1: none, the [0,1] RGB of ToTensor; MobileCLIP2-S0/S2/B
-# also none, S3/S4/L-14 OpenAI CLIP mean/std, per OpenCLIP's pretrained configs and timm's cfgs);
-# timm_tower: the image tower was trained as a timm model in OpenCLIP (head bias, ViT-B quirks above);
-# layout: the layout of the released file. MobileCLIP-S3/S4/L-14 reuse the MobileCLIP2 configs (their
-# normalisation is assumed, not confirmed).
+# image: tower; mean/std: input normalisation (v1: none, the [0,1] RGB of ToTensor; MobileCLIP2-S0/S2/B also none,
+# S3/S4/L-14 OpenAI CLIP mean/std, per OpenCLIP's pretrained configs and timm's cfgs); timm_tower: the image tower
+# was trained as a timm model in OpenCLIP (head bias, ViT-B quirks above); layout: the layout of the released file.
+# MobileCLIP-S3/S4/L-14 reuse the MobileCLIP2 configs (their normalisation is assumed, not confirmed).
 _V1 = dict(image_size=256, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", embed_dim=512,
            text="base", text_width=512, text_heads=8, text_layers=12, context_length=77, causal=False,
            timm_tower=False, layout="apple")
@@ -616,7 +587,6 @@ MOBILECLIP_MODELS = {
                             text_heads=4, text_layers=1, context_length=32),
 }
 
-
 def init_weights(model):
     """Apple's / timm's initialisation where it differs from torch's defaults: linear layers and the ConvFFN
     convs trunc-normal(0.02) with zero bias, token embeddings normal(0.02)."""
@@ -628,7 +598,6 @@ def init_weights(model):
         if isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-
 def create_model(name, pretrained=None, vocab_size=49408):
     """A MobileCLIP model (common.CLIP: `.visual`, `.text`, `logit_scale`) in its unfused train-time form;
     `pretrained`: an ml-mobileclip `.pt` or an OpenCLIP file of the same model."""
@@ -636,12 +605,9 @@ def create_model(name, pretrained=None, vocab_size=49408):
         C.fail(f"unknown MobileCLIP model '{name}'; choose one of {', '.join(MOBILECLIP_MODELS)}")
     cfg = MOBILECLIP_MODELS[name]
     E, image = cfg["embed_dim"], cfg["image"]
-    if image in _MCI:
-        visual = MCi(**_MCI[image], embed_dim=E, head_bias=cfg["timm_tower"])
-    elif image == "vit_b16":
-        visual = ConvStemViT(embed_dim=E, timm_tower=cfg["timm_tower"])
-    else:
-        visual = ClipViT(embed_dim=E, image_size=224, patch=14, width=1024, layers=24, heads=16)
+    visual = (MCi(**_MCI[image], embed_dim=E, head_bias=cfg["timm_tower"]) if image in _MCI else
+              ConvStemViT(embed_dim=E, timm_tower=cfg["timm_tower"]) if image == "vit_b16" else
+              ClipViT(embed_dim=E, image_size=224, patch=14, width=1024, layers=24, heads=16))
     text = TextEncoder(vocab_size, cfg["context_length"], cfg["text_width"], cfg["text_heads"], cfg["text_layers"],
                        E, cfg["text"] == "mct", cfg["causal"])
     for tower in (visual, text) if image != "vit_l14" else (text,):  # common.ViT has its own
@@ -650,7 +616,6 @@ def create_model(name, pretrained=None, vocab_size=49408):
     if pretrained:
         load_pretrained(model, pretrained, name)
     return model
-
 
 def reparameterize(model):
     """A deep copy with every train-time branch folded (MobileOneBlock, RepMixer, ReparamLargeKernelConv,
@@ -668,10 +633,8 @@ def reparameterize(model):
         fold(model)
     return model.eval()
 
-
 # ---- checkpoint layouts ------------------------------------------------------------------------------
-_APPLE_INFIX = [("pre_norm_mha.1.qkv.", "pre_norm_mha.1.qkv_proj."),
-                ("pre_norm_mha.1.proj.", "pre_norm_mha.1.out_proj.")]
+_APPLE_INFIX = [("mha.1.qkv.", "mha.1.qkv_proj."), ("mha.1.proj.", "mha.1.out_proj.")]  # pre_norm_mha.1: Apple's MHA
 # OpenCLIP's text names for ours (the inverse of OpenCLIP's `convert_mobile_clip_state_dict`).
 _OPENCLIP_TEXT = [("embedding_layer", "token_embedding"), ("transformer.", "transformer.resblocks."),
                   ("positional_embedding.pos_embed.pos_embed", "positional_embedding"), ("pre_norm_mha.0", "ln_1"),
@@ -680,7 +643,6 @@ _OPENCLIP_TEXT = [("embedding_layer", "token_embedding"), ("transformer.", "tran
                   ("pre_norm_ffn.0", "ln_2"), ("pre_norm_ffn.1", "mlp.c_fc"), ("pre_norm_ffn.4", "mlp.c_proj"),
                   ("final_layer_norm", "ln_final"), ("projection_layer", "text_projection")]
 _TRANSPOSED = ("visual.head.proj", "visual.classifier.proj", "visual.proj")  # (C, E) here; timm's Linear: (E, C)
-
 
 def layout_name(model, key, layout):
     """Our state-dict key -> its name in a released file: `apple` (ml-mobileclip .pt: image_encoder.model.*,
@@ -694,7 +656,6 @@ def layout_name(model, key, layout):
         rest = rest.replace(a, b)
     prefix = "text." if layout == "openclip" else "image_encoder.model." if tower == "visual" else "text_encoder."
     return prefix + rest
-
 
 def export_state_dict(model, layout):
     """Our state dict in a released layout, names and shapes as the official code saves them (to use the
@@ -711,19 +672,37 @@ def export_state_dict(model, layout):
         elif layout == "openclip" and name == "text.positional_embedding":
             v = v.reshape(-1, v.shape[-1])  # OpenCLIP's (N, D)
         out[name] = v
+    if layout == "apple" and any(k.endswith(("head.bias", "classifier.bias")) for k in out):
+        C.fail("this image head has a bias (a timm tower), which ml-mobileclip's has not: use --layout openclip")
     head_bias = "visual.trunk.head.fc.bias" if isinstance(model.visual, MCi) else "visual.trunk.head.bias"
     if layout == "openclip" and head_bias not in out:  # timm's conversion of a v1 file adds a zero bias
         out[head_bias] = torch.zeros_like(out[head_bias.replace("bias", "weight")][:, 0])
     return out
 
-
-def load_pretrained(model, path, name=""):
-    """Load an ml-mobileclip `.pt` (strict) or an OpenCLIP MobileCLIP file into the unfused `model`."""
+def read_weights(path: str, what: str) -> dict:
+    """A user's weights file as a dict, or one line saying why not (missing, empty, unreadable, not a dict);
+    OpenAI's TorchScript archives are read with torch.jit.load."""
+    if not os.path.isfile(path):
+        C.fail(f"{what} not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, not a torch file
-        C.fail(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
-    sd = C.unwrap_state_dict(sd) if isinstance(sd, dict) else {}  # nested, DDP- or compile-wrapped saves
+        return C.read_checkpoint(path)
+    except ValueError as e:
+        if "TorchScript" not in str(e):
+            C.fail(f"cannot read {what} {path}: {e}")
+    return torch.jit.load(path, map_location="cpu").state_dict()
+
+def fit_head_bias(model, sd: dict):
+    """A v1 MCi / ViT-B tower trained as a timm model in OpenCLIP learns a bias in its head, which Apple's head has
+    not: when `sd` holds a non-zero one, the head gets a bias parameter (x @ proj + b), so the file loads strictly."""
+    head = getattr(model.visual, "head", getattr(model.visual, "classifier", None))  # MCi, ConvStemViT; not ClipViT
+    bias = [v for k, v in sd.items() if k.endswith(("head.fc.bias", "head.bias", "classifier.bias"))]
+    if isinstance(head, ProjectionHead) and head.bias is None and bias and bias[0].any():
+        head.bias = nn.Parameter(torch.zeros_like(head.proj[0]))
+
+def load_pretrained(model, path, name="", sd=None):
+    """Load an ml-mobileclip `.pt` or an OpenCLIP MobileCLIP file (`sd`: already read) strictly into the `model`."""
+    sd = C.unwrap_state_dict(read_weights(path, "checkpoint") if sd is None else sd)  # DDP-/compile-wrapped saves
+    fit_head_bias(model, sd)
     has = lambda prefix: any(k.startswith(prefix) for k in sd)
     layout = ("apple" if has("image_encoder.") else "openclip" if has("visual.trunk.") else
               "ours" if has("visual.") else None)
@@ -743,15 +722,33 @@ def load_pretrained(model, path, name=""):
         out[k] = v.to(own[k].dtype) if k in own else v
     C.load_state_dict_checked(model, out, f"{path} ({layout} layout) for {name or 'this model'}")
 
+def export(cfg: ExportConfig):
+    """Write a trained model's weights in OpenCLIP's or ml-mobileclip's layout.
+
+    The file loads strictly with open_clip.create_model(NAME, pretrained=FILE) (MobileCLIP2, v1 but S0, the ViT CLIPs
+    of MODELS), into ml-mobileclip's v1 models, and back here (--init, create_model(pretrained=FILE))."""
+    if not cfg.ckpt or not cfg.out or cfg.layout not in ("openclip", "apple"):
+        C.fail("export needs --ckpt CKPT, --layout openclip|apple and --out FILE")
+    ckpt = C.load_checkpoint(cfg.ckpt, "")
+    name = ckpt.get("model_name")
+    if "model" not in ckpt or name not in MOBILECLIP_MODELS and not (name in MODELS and cfg.layout == "openclip"):
+        C.fail(f"{cfg.ckpt} is not a checkpoint of `train`" if name not in MODELS else
+               f"{cfg.ckpt} is a ViT CLIP ({name}): it exports to --layout openclip only")
+    if name in MODELS:  # a plain ViT CLIP: OpenAI/OpenCLIP names
+        sd = C.ours_to_openclip(ckpt["model"])
+    else:
+        model = create_model(name, vocab_size=ckpt.get("vocab_size", 49408))
+        fit_head_bias(model, ckpt["model"])
+        C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.ckpt}")
+        sd = export_state_dict(model, cfg.layout)
+    C.save_checkpoint(cfg.out, sd)  # a temporary file, then renamed
+    C.print0(f"results: {name} in the {cfg.layout} layout ({len(sd)} tensors): {cfg.out}")
+
 
 # ==== Data and tokenizer =============================================================================================
-
-
 def resolve_data(cfg: Config) -> tuple[str, str, str]:
     """(train shards, zero-shot ImageFolder, retrieval shards): the user's, or the synthetic world's."""
-    zs, ret = cfg.zeroshot_data, cfg.retrieval_data
-    if not 0 <= cfg.alt_noise <= 1:  # read by plain training (CaptionSource) and by `reinforce`
-        C.fail(f"--alt-noise must be in [0, 1], not {cfg.alt_noise}")
+    zs, ret = getattr(cfg, "zeroshot_data", ""), getattr(cfg, "retrieval_data", "")  # train's; reinforce: the world's
     if cfg.data:
         if cfg.alt_noise:
             C.fail("--alt-noise needs the synthetic world (no --data): it writes its captions from random scenes")
@@ -764,13 +761,12 @@ def resolve_data(cfg: Config) -> tuple[str, str, str]:
             d = json.load(open(defaults))
             zs, ret = zs or d["zeroshot_data"], ret or d["retrieval_data"]
         return cfg.data, zs, ret
-    if cfg.reinforced:
+    if getattr(cfg, "reinforced", False):
         C.fail("--reinforced needs --data: DataCompDR shards, or those `python mobileclip.py reinforce` wrote")
     size = model_spec(cfg.model)["image_size"]
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, size, seed=0)
     return world["train"], zs or world["val_folder"], ret or world["val"]
-
 
 def make_tokenizer(cfg: Config, shards: str):
     """The CLIP BPE from --bpe, the one saved in --out by an earlier run, or one trained on the first
@@ -787,16 +783,16 @@ def make_tokenizer(cfg: Config, shards: str):
             for s in C.iter_tar_samples(path, skipped):
                 try:
                     captions.append(C.decode_caption(s))
-                except Exception:
-                    pass
+                except Exception as e:
+                    skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
             if len(captions) >= 50000:
                 break
+        if not captions:
+            C.fail(f"no caption in --data to train a BPE on (skipped: {skipped or 'no samples'}); check --data")
         C.print0(f"training a {cfg.bpe_vocab}-token BPE on {len(captions)} captions -> {saved}")
-        os.makedirs(cfg.out, exist_ok=True)
         C.Tokenizer(merges=C.train_bpe(captions, cfg.bpe_vocab)).save(saved)
     C.barrier()
     return C.Tokenizer(saved)
-
 
 def model_spec(name: str) -> dict:
     """Image size, text context, input normalisation and resize filter of a named model."""
@@ -806,7 +802,6 @@ def model_spec(name: str) -> dict:
         return dict(MODELS[name], mean=C.CLIP_MEAN, std=C.CLIP_STD, interpolation="bicubic")
     C.fail(f"unknown model '{name}'; choose one of {', '.join([*MODELS, *MOBILECLIP_MODELS])}")
 
-
 def build_model(cfg: Config, vocab_size: int) -> C.CLIP:
     if cfg.model in MOBILECLIP_MODELS:  # convolutional towers run in channels_last
         m = create_model(cfg.model, vocab_size=vocab_size).to(memory_format=torch.channels_last)
@@ -815,22 +810,18 @@ def build_model(cfg: Config, vocab_size: int) -> C.CLIP:
                          grad_checkpointing=cfg.grad_checkpointing)
     return C.set_fused(m, cfg.fused)
 
-
 def preprocess(images: torch.Tensor, spec: dict) -> torch.Tensor:
     """uint8 batch on the device -> the model's input: its normalisation (none for MobileCLIP v1), and
     channels_last, which the convolutional towers prefer and a ViT's patchify conv does not mind."""
     return C.normalize_images(images, spec["mean"], spec["std"]).contiguous(memory_format=torch.channels_last)
 
-
-def load_init(model: C.CLIP, cfg: Config):
-    """--init: OpenAI/OpenCLIP weights (a state dict, or OpenAI's TorchScript archive) into `model`."""
-    if not os.path.isfile(cfg.init):
-        C.fail(f"--init file not found: {cfg.init}")
+def load_init(model: C.CLIP, cfg: Config, sd=None):
+    """--init: OpenAI/OpenCLIP weights (a state dict, or OpenAI's TorchScript archive; `sd`, if already read)."""
+    sd = read_weights(cfg.init, "--init") if sd is None else sd
     try:
-        sd = torch.load(cfg.init, map_location="cpu", weights_only=True)
-    except Exception:  # OpenAI distributes TorchScript archives
-        sd = torch.jit.load(cfg.init, map_location="cpu").state_dict()
-    shape = C.openclip_config(sd)
+        shape = C.openclip_config(sd)
+    except ValueError as e:
+        C.fail(f"--init {cfg.init}: {e}")
     fits = [n for n, s in MODELS.items() if all(shape[k] == v for k, v in s.items() if "heads" not in k)]
     if cfg.model not in fits:
         C.fail(f"--init {cfg.init} is patch {shape['patch']}, width {shape['width']}: use --model "
@@ -839,15 +830,12 @@ def load_init(model: C.CLIP, cfg: Config):
 
 
 # ==== Multi-modal reinforced training (paper Sec. 3; spec 3.1 and 4) =================================================
-
-
 def draw_augmentation(rng, width: int, height: int, size: int, min_scale: float) -> list:
     """One stored augmentation in DataCompDR's compressed form [[i, j, h, w], [[op, m], [op, m]]]: a
     RandomResizedCrop box in original-image pixels (top, left, height, width) and two RandAugment ops at
     magnitude 9 of 31, translations in pixels of a `size` crop (224 for the published data)."""
     left, top, right, bottom = C.random_resized_crop_box(width, height, rng, (min_scale, 1.0))
     return [[top, left, bottom - top, right - left], C.rand_augment_params(rng, size)]
-
 
 def replay_augmentation(img: Image.Image, param: list, size: int, resample=Image.BICUBIC) -> torch.Tensor:
     """Replay a stored augmentation on the original image -> uint8 (3, size, size): crop the box, resize it
@@ -860,7 +848,6 @@ def replay_augmentation(img: Image.Image, param: list, size: int, resample=Image
         img = C.apply_rand_augment(img, ops)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
-
 def read_embeddings(sample: dict) -> dict:
     """The teachers' embeddings of a sample: `npz` (float32) or `pth.gz` (bf16 torch.save) -> float32 arrays."""
     if "npz" in sample:
@@ -870,7 +857,6 @@ def read_embeddings(sample: dict) -> dict:
         d = torch.load(io.BytesIO(gzip.decompress(sample["pth.gz"])), map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in d.items()}
     raise KeyError("no npz or pth.gz embeddings")
-
 
 class DRDecode:
     """A joined DataCompDR sample (image, txt, syn.json, paug.json, npz | pth.gz) -> the student's inputs
@@ -902,7 +888,6 @@ class DRDecode:
                 "ids": ids[0], "syn_ids": ids[1], "img_emb": torch.from_numpy(emb["image_emb"][a]),
                 "txt_emb": torch.from_numpy(text_emb[0]), "syn_emb": torch.from_numpy(syn_emb)}
 
-
 def distill_loss(img, txt, t_img, t_txt, logit_scale, teacher_scales) -> torch.Tensor:
     """L_Distill (spec 3.1), distributed like common.contrastive_loss: this rank's B rows against the W*B
     gathered columns. Teacher k's target is the softmax of its own similarities over the global batch,
@@ -921,7 +906,6 @@ def distill_loss(img, txt, t_img, t_txt, logit_scale, teacher_scales) -> torch.T
         p_t2i = sum((s * b[:, k] @ all_a[:, k].T).softmax(dim=1) for k, s in enumerate(teacher_scales)) / K
     return -((p_i2t * log_q_i2t).sum(dim=1).mean() + (p_t2i * log_q_t2i).sum(dim=1).mean()) / 2
 
-
 def distill_loss_reference(img, txt, t_img, t_txt, logit_scale, teacher_scales) -> torch.Tensor:
     """The readable version on one process and the whole batch: full similarity matrices, explicit softmax
     and log, one KL-style cross-entropy per teacher and direction (rows: image -> text; columns: text -> image)."""
@@ -936,13 +920,11 @@ def distill_loss_reference(img, txt, t_img, t_txt, logit_scale, teacher_scales) 
             loss = loss - (p * log_q).sum(dim=dim).mean() / (2 * K)
     return loss
 
-
 def reinforced_loss(img, txt, syn, batch, logit_scale, lambda_: float, teacher_scales) -> torch.Tensor:
     """The MobileCLIP loss (spec 3.1): for the ground-truth and the synthetic caption,
     (1 - lambda) L_CLIP + lambda L_Distill, summed over the two pairs. lambda = 1 (the DataCompDR-12M
     recipe) leaves the ground-truth pairing out of the loss: all signal comes from the teachers."""
-    t_img = batch["img_emb"]
-    loss = 0.0
+    t_img, loss = batch["img_emb"], 0.0
     for t, t_txt in ((txt, batch["txt_emb"]), (syn, batch["syn_emb"])):
         if lambda_ < 1:
             loss = loss + (1 - lambda_) * C.contrastive_loss(img, t, logit_scale)
@@ -950,36 +932,27 @@ def reinforced_loss(img, txt, syn, batch, logit_scale, lambda_: float, teacher_s
             loss = loss + lambda_ * distill_loss(img, t, t_img, t_txt, logit_scale, teacher_scales)
     return loss
 
-
 # ---- making reinforced data: python mobileclip.py reinforce ----------------------------------------------
-
-
 def caption_scene(scene: dict, rng) -> str:
     """The synthetic world's accurate captioner (the stand-in for the paper's CoCa): every attribute of the
     picture (from the sample's json "scene"), in one of a few phrasings, where the alt-text keeps only some."""
     style = "outlined " if scene["outlined"] else ""
-    if scene["count"] == 1:
-        obj = f"a {scene['size']} {scene['colour']} {style}{scene['shape']} {scene['position']}"
-    else:
-        obj = f"{('two', 'three')[scene['count'] - 2]} {scene['colour']} {style}{scene['shape']}s"
+    obj = (f"a {scene['size']} {scene['colour']} {style}{scene['shape']} {scene['position']}" if scene["count"] == 1
+           else f"{('two', 'three')[scene['count'] - 2]} {scene['colour']} {style}{scene['shape']}s")
     bg = f"a {scene['texture']} {scene['background']} background"
     extra = "".join(f" and a small {c} {s}" for c, s in scene["distractors"])
     return rng.choice(("{o}{e} on {b}", "a photo of {o}{e} on {b}", "an image showing {o}{e}, on {b}",
                        "{b} with {o}{e}")).format(o=obj, e=extra, b=bg)
 
-
 class CaptionSource:
-    """Plain CLIP on quality captions (arXiv 2405.08911; spec dense.md 3.1 (b), "mix synthetic" of Apple's
-    OpenCLIP patch): each sample's alt-text is replaced by one of its synthetic captions, always
-    (`synthetic`) or with probability p (`mix`), and one contrastive loss is used. The captions are a
-    syn.json's (keys matching --syn-key), or, in the synthetic world, its accurate captioner's (from the json
-    "scene"). Option (a), the sum of the alt-text and synthetic-caption losses, is `--reinforced
-    --lambda-kd 0` on reinforced shards. A sample with no synthetic caption raises (counted, skipped).
-    --alt-noise q makes the world's alt-text web-like (`unrelated_alt_text`); a replaced caption stays correct."""
+    """Plain CLIP on quality captions (arXiv 2405.08911; spec dense.md 3.1 (b), "mix synthetic" of Apple's OpenCLIP
+    patch): each alt-text is replaced by one of the sample's synthetic captions, always (`synthetic`) or with
+    probability p (`mix`), under one contrastive loss. The captions: a syn.json's (keys matching --syn-key), or the
+    synthetic world's accurate captioner's (json "scene"); none raises (counted, skipped). Option (a), the sum of the
+    alt-text and synthetic-caption losses, is `--reinforced --lambda-kd 0` on reinforced shards. --alt-noise q makes
+    the world's alt-text web-like (`unrelated_alt_text`); a replaced caption stays correct."""
 
     def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int, noise: float = 0.0):
-        if source not in ("alt", "synthetic", "mix") or not 0 <= noise <= 1:
-            C.fail(f"--caption-source must be alt, synthetic or mix (not '{source}'), --alt-noise in [0, 1]")
         self.decode, self.prob, self.noise = decode, {"alt": 0.0, "synthetic": 1.0}.get(source, prob), noise
         self.syn_key, self.seed = re.compile(syn_key), seed + 1  # an RNG stream apart from the crop's
 
@@ -994,7 +967,6 @@ class CaptionSource:
         else:
             caption = unrelated_alt_text(sample, self.noise)
         return self.decode({**sample, "txt": caption.encode()} if caption else sample)
-
 
 def unrelated_alt_text(sample: dict, q: float):
     """--alt-noise: for a fraction q of the synthetic world's samples, drawn from the key alone (the same samples
@@ -1011,30 +983,30 @@ def unrelated_alt_text(sample: dict, q: float):
         pass
     return caption
 
-
 def load_teacher(path: str, bpe: str, device):
     """A teacher: this repo's checkpoint (its tokenizer is the bpe.txt beside it, or --bpe) or an
     OpenAI/OpenCLIP state dict (--bpe, the CLIP merges). Returns (model, tokenizer, spec), in eval mode."""
-    if not os.path.isfile(path):
-        C.fail(f"teacher checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_weights(path, "teacher checkpoint")
     beside = os.path.join(os.path.dirname(path), "bpe.txt")
-    merges = beside if isinstance(ckpt, dict) and "model_name" in ckpt and os.path.isfile(beside) else bpe
+    merges = beside if "model_name" in ckpt and os.path.isfile(beside) else bpe
     if not merges:
         C.fail(f"teacher {path}: no tokenizer (no bpe.txt beside it); give --bpe")
     tok = C.Tokenizer(merges)
-    if isinstance(ckpt, dict) and "model_name" in ckpt:  # a checkpoint of this script
+    if "model_name" in ckpt:  # a checkpoint of this script
         cfg = Config(model=ckpt["model_name"], act=ckpt.get("config", {}).get("act", "gelu"))
         model, spec = build_model(cfg, ckpt["vocab_size"]), model_spec(cfg.model)
+        fit_head_bias(model, ckpt["model"])
         C.load_state_dict_checked(model, ckpt["model"], f"teacher {path}")
         if cfg.model in MOBILECLIP_MODELS:  # a teacher only infers: fold the train-time branches
             model = reparameterize(model)
     else:
-        model = C.clip_from_openclip(C.unwrap_state_dict(ckpt))
+        try:
+            model = C.clip_from_openclip(C.unwrap_state_dict(ckpt))
+        except ValueError as e:
+            C.fail(f"teacher {path}: {e}")
         spec = dict(image_size=model.visual.image_size, context_length=model.text.context_length,
                     mean=C.CLIP_MEAN, std=C.CLIP_STD, interpolation="bicubic")
     return model.to(device).eval(), tok, spec
-
 
 def embed_views(teachers, views: list, texts: list, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every teacher's normalised embeddings, side by side: views = [(image, param)] -> (len(views), K*D),
@@ -1053,7 +1025,6 @@ def embed_views(teachers, views: list, texts: list, batch: int) -> tuple[torch.T
         img_out.append(torch.cat(zi))
         txt_out.append(torch.cat(zt))
     return torch.cat(img_out, dim=1).cpu(), torch.cat(txt_out, dim=1).cpu()
-
 
 def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: dict):
     """Yield the DataCompDR-layout samples of one input shard (spec 4.3): the original members (the joined
@@ -1097,46 +1068,49 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
     if chunk:
         yield from flush(chunk)
 
-
 @torch.no_grad()
-def reinforce(cfg: Config):
-    """python mobileclip.py reinforce: write DataCompDR-layout shards for --data with the teacher ensemble
-    --teachers, --num-augs stored augmentations per image and synthetic captions from --captions (JSON lines
-    {"key", "captions"}) or, in the synthetic world, its accurate captioner. Input shards are split over the
-    ranks; a finished output shard is never redone, so an interrupted run resumes by running it again."""
+def reinforce(cfg: ReinforceConfig):
+    """Write DataCompDR-layout shards: teacher embeddings, stored augmentations, synthetic captions.
+
+    --data through the teacher ensemble --teachers, --num-augs augmentations per image, captions from --captions
+    or the synthetic world's captioner. Shards are split over the ranks; a finished output shard is never redone,
+    so an interrupted run resumes by running it again."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if not cfg.teachers:
         C.fail("reinforce needs --teachers a.pt[,b.pt...]: CLIP checkpoints (this repo's or OpenCLIP)")
+    try:  # JSON lines {"key", "captions"}
+        captions = {str(d["key"]): list(d["captions"]) for d in map(json.loads, C.read_lines(cfg.captions))
+                    } if cfg.captions else {}
+    except (ValueError, KeyError, TypeError) as e:
+        C.fail(f"--captions {cfg.captions}: not JSON lines of {{\"key\", \"captions\"}} ({type(e).__name__}: {e})")
+    teachers = [load_teacher(p, cfg.bpe, device) for p in cfg.teachers.split(",")]
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     data, zs, ret = resolve_data(cfg)
     shards = C.expand_shards(data)
     if not cfg.data and rank == 0:  # the synthetic world: training on the output evaluates on its held-out set
-        os.makedirs(cfg.out, exist_ok=True)
         json.dump({"zeroshot_data": zs, "retrieval_data": ret}, open(os.path.join(cfg.out, "eval.json"), "w"))
-    teachers = [load_teacher(p, cfg.bpe, device) for p in cfg.teachers.split(",")]
     scales = ",".join(f"{m.logit_scale.exp().clamp(max=100).item():.1f}" for m, _, _ in teachers)
     C.print0(f"teachers: {len(teachers)}; their learned logit scales: {scales} (--teacher-scales to train with)")
-    rows = [json.loads(line) for line in C.read_lines(cfg.captions)] if cfg.captions else []
-    captions = {str(d["key"]): list(d["captions"]) for d in rows}  # JSON lines {"key", "captions"}
     root = os.path.commonpath([os.path.dirname(p) for p in shards])
-    done = skipped_total = 0
+    done, skipped = 0, {}  # skipped samples by reason, over this rank's shards
     for path in C.progress(shards[rank::world], f"reinforce (rank {rank})"):
         out = os.path.join(cfg.out, os.path.relpath(path, root))
         if os.path.exists(out):
             continue
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        skipped = {}
-        done += C.write_shard(out, reinforce_shard(path, teachers, captions, cfg, skipped))
-        skipped_total += sum(skipped.values())
-        if skipped:
-            print(f"{path}: skipped {skipped}", flush=True)
-    print(f"rank {rank}: wrote {done} samples ({skipped_total} skipped) to {cfg.out}", flush=True)
+        n = C.write_shard(out, reinforce_shard(path, teachers, captions, cfg, skipped))
+        if not n:  # nothing usable: no empty shard left behind to pass for a finished one
+            os.remove(out)
+        done += n
+    if not done and skipped:
+        C.fail(f"rank {rank}: no usable sample in its shards of --data; skipped: {skipped}")
+    print(f"rank {rank}: wrote {done} samples to {cfg.out}; skipped: {skipped or 'none'}", flush=True)
     C.barrier()
+    C.finish_run(cfg.out, extra=f"shards {cfg.out}/**/*.tar")
     C.cleanup_distributed()
 
 
 # ==== Evaluation =====================================================================================================
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device) -> dict:
     """Zero-shot top-1/top-5 on an ImageFolder and retrieval recall@1/5/10 on caption shards."""
@@ -1153,11 +1127,10 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
                                    resample=RESAMPLE[spec["interpolation"]])
         stream = C.ShardStream(C.expand_shards(ret_shards), decode, 256, shuffle_buffer=1, epochs=1, drop_last=False)
         img, txt, n = [], [], 0
-        for b in C.progress(stream, "retrieval"):
+        for b in C.progress(C.make_loader(stream, 0, False), "retrieval"):  # no usable sample: one line
             img.append(model.encode_image(preprocess(b["image"].to(device), spec)).float())
             txt.append(model.encode_text(b["ids"].to(device)).float())
-            n += len(b["ids"])
-            if n >= cfg.retrieval_max:
+            if (n := n + len(b["ids"])) >= cfg.retrieval_max:
                 break
         metrics.update(C.retrieval_eval(torch.cat(img)[:cfg.retrieval_max], torch.cat(txt)[:cfg.retrieval_max]))
     model.train()
@@ -1165,52 +1138,71 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
 
 
 # ==== Training =======================================================================================================
+def check_inputs(cfg: Config) -> list[float]:
+    """Before any work, one line for a flag that cannot work or a missing file (the teacher scales if all is well)."""
+    try:
+        scales = [float(s) for s in cfg.teacher_scales.split(",")]
+    except ValueError:
+        scales = [0.0]
+    evals = (("--zeroshot-data", cfg.zeroshot_data), ("--classnames", cfg.classnames), ("--templates", cfg.templates))
+    for bad, msg in [(not all(0 < s < math.inf for s in scales), f"--teacher-scales {cfg.teacher_scales}: "
+                      "comma-separated numbers > 0 (1/tau of each teacher)"),
+                     (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay}: must be >= 0"),
+                     (cfg.lambda_kd > 1, f"--lambda-kd {cfg.lambda_kd}: must be between 0 and 1"),
+                     (cfg.caption_source not in ("alt", "synthetic", "mix"), "--caption-source: alt, synthetic or mix"),
+                     (cfg.init and not cfg.bpe, "--init needs --bpe bpe_simple_vocab_16e6.txt.gz, its tokenizer")
+                     ] + [(path and not os.path.exists(path), f"{flag} not found: {path}") for flag, path in evals]:
+        if bad:
+            C.fail(msg)
+    return scales
 
+def train(cfg: Config):
+    """Train a CLIP: plain, on quality captions, or multi-modal reinforced (the default command).
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["reinforce"]:
-        return reinforce(C.parse_config(Config, argv[1:]))
-    cfg = C.parse_config(Config, argv)
+    SIGTERM/SIGINT (also to the whole process group) save a checkpoint and exit 0; --resume auto continues exactly."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    spec = model_spec(cfg.model)
+    spec, scales = model_spec(cfg.model), check_inputs(cfg)
+    ckpt = C.load_checkpoint(cfg.resume, cfg.out) if cfg.resume != "auto" else None  # a bad file: one line, now
+    sd = read_weights(cfg.init, "--init") if cfg.init else None  # the --init weights
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])  # claims --out (one run at a time), start record
+    ckpt = C.load_checkpoint("auto", cfg.out) if cfg.resume == "auto" else ckpt
+    if ckpt is not None and ckpt.get("model_name") != cfg.model:
+        C.fail(f"checkpoint {cfg.resume} is of model '{ckpt.get('model_name')}', not --model {cfg.model}")
+    keys = {"model"} if cfg.eval_only else {"model", "optimizer", "step", "rng", "data"}
+    if ckpt is not None and (missing := keys - ckpt.keys()):
+        C.fail(f"checkpoint {cfg.resume} is not a training checkpoint of this script (no {', '.join(sorted(missing))})")
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
-    C.document_run(cfg.out, cfg, [__file__, C.__file__])
     shards, zs_dir, ret_shards = resolve_data(cfg)
     tokenizer = make_tokenizer(cfg, shards)
     model = build_model(cfg, tokenizer.vocab_size).to(device)
     C.print0(f"model {cfg.model}: image {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f}M"
              f" + text {sum(p.numel() for p in model.text.parameters()) / 1e6:.2f}M parameters")
-    opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2))
     log = C.RunLog(cfg.out)
 
-    # ---- start: fresh, from public weights, or resumed -------------------------------------------
+    # ---- start: fresh, from public weights, or resumed (the model complete before the optimizer sees it) ----
     start, data_pos = 0, {}
-    if cfg.init:
-        if not cfg.bpe:
-            C.fail("--init needs --bpe bpe_simple_vocab_16e6.txt.gz, the tokenizer the weights were trained with")
-        load_pretrained(model, cfg.init, cfg.model) if cfg.model in MOBILECLIP_MODELS else load_init(model, cfg)
-    ckpt = C.load_checkpoint(cfg.resume, cfg.out)
+    if sd is not None:
+        load_pretrained(model, cfg.init, cfg.model, sd) if cfg.model in MOBILECLIP_MODELS else load_init(model, cfg, sd)
     if ckpt is not None:
-        if ckpt.get("model_name") != cfg.model:
-            C.fail(f"checkpoint {cfg.resume} is of model '{ckpt.get('model_name')}', not --model {cfg.model}")
+        fit_head_bias(model, ckpt["model"])
         C.load_state_dict_checked(model, ckpt["model"], f"checkpoint {cfg.resume}")
-        if not cfg.eval_only:
-            opt.load_state_dict(ckpt["optimizer"])
-            C.set_rng_state(ckpt["rng"])
-            start = ckpt["step"]
-            if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
-                data_pos = ckpt["data"][rank]
-            else:
-                C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
-        C.print0(f"resumed from step {ckpt['step']} of {cfg.resume}")
+        C.print0(f"resumed from step {ckpt.get('step', 0)} of {cfg.resume}")
     if cfg.eval_only:
-        log.log(ckpt["step"] if ckpt else 0, **evaluate(model, tokenizer, cfg, zs_dir, ret_shards, device))
+        log.log(ckpt.get("step", 0) if ckpt else 0, **evaluate(model, tokenizer, cfg, zs_dir, ret_shards, device))
+        C.finish_run(cfg.out)
         return C.cleanup_distributed()
+    opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2))
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        C.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
+            data_pos = ckpt["data"][rank]
+        else:
+            C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
 
     # ---- data -----------------------------------------------------------------------------------
     if cfg.reinforced:  # one stored augmentation replayed, GT + synthetic caption, teacher embeddings
-        scales = [float(s) for s in cfg.teacher_scales.split(",")]
         decode = DRDecode(tokenizer, spec["image_size"], spec["context_length"], cfg.seed,
                           RESAMPLE[spec["interpolation"]], cfg.syn_key, len(scales))
     else:
@@ -1222,18 +1214,21 @@ def main(argv=None):
     stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
                            cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
+    # Until common.Loader ends its workers on every exit: they ignore SIGTERM, so after an exception (a one-line error
+    # too) multiprocessing's exit hook (terminate, then join) would wait forever; this one runs first (LIFO).
+    atexit.register(lambda: [signal.signal(signal.SIGCHLD, signal.SIG_DFL)] + [  # else torch reports a failed worker
+        (p.kill(), p.join()) for p in multiprocessing.active_children() if p.daemon])
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}  # workers with no new batch keep their place
 
     # ---- wrap: DDP, compile, precision --------------------------------------------------------------
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop = C.StopSignal()
+    stop = C.StopSignal()  # the loader's workers ignore SIGTERM/SIGINT: a signal to the group reaches only us
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any NaN/inf loss since the last check
-    t0, t_data, seen = time.time(), 0.0, 0
-    for step in range(start, cfg.steps + 1):
+    t0, t_data, seen, saved = time.time(), 0.0, 0, None
+    for step in C.progress(range(start, cfg.steps + 1), "train"):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
 
@@ -1250,8 +1245,8 @@ def main(argv=None):
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "rng": C.rng_state(), "data": position.state(), "model_name": cfg.model,
                      "config": dataclasses.asdict(cfg), "vocab_size": tokenizer.vocab_size}
-            C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts)
+            C.save_checkpoint(saved := os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=saved)
         if last_step or stopping:
             break
 
@@ -1292,8 +1287,13 @@ def main(argv=None):
                     logit_scale=scale.item(), samples_per_s=seen * world / dt, data_frac=t_data / dt,
                     skipped=sum(skipped.values()))
             t0, t_data, seen = time.time(), 0.0, 0
+    batches.close()  # shuts the loader's workers down (they ignore the stop signals, so nothing else will)
+    C.finish_run(cfg.out, saved)
     C.cleanup_distributed()
 
+def main(argv=None):
+    return C.run_command(__doc__, {"train": (train, Config), "reinforce": (reinforce, ReinforceConfig),
+                                   "export": (export, ExportConfig)}, argv, default="train")
 
 if __name__ == "__main__":
     main()

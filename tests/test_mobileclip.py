@@ -2,6 +2,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch
 import common as C
 import mobileclip
 
+ROOT = os.path.dirname(os.path.abspath(mobileclip.__file__))
 SMALL = ["--synthetic-train", "4000", "--synthetic-val", "300", "--workers", "2", "--log-every", "10",
          "--retrieval-max", "300", "--model", "tiny"]
 
@@ -65,12 +70,80 @@ def test_resume_continues_exactly(cache, tmp_path):
     (["--model", "vit_huge"], "unknown model 'vit_huge'"),
     (["--data", "/nonexistent/shards"], "data path does not exist"),
     (["--bpe", "/nonexistent/bpe.txt.gz"], "/nonexistent/bpe.txt.gz"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--steps", "-5"], "--steps -5: must be >= 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--synthetic-prob", "1.5"], "--synthetic-prob 1.5: must be between 0 and 1"),
+    (["--lambda-kd", "2"], "--lambda-kd 2.0: must be between 0 and 1"),
+    (["--teacher-scales", "100,x"], "--teacher-scales 100,x: comma-separated numbers > 0"),
+    (["--resume", "EMPTY"], "cannot read checkpoint EMPTY: empty file (0 bytes)"),
+    (["--resume", "JUNK"], "cannot read checkpoint JUNK: "),
+    (["--data", "EMPTY.tar"], "no caption in --data to train a BPE on (skipped: {'broken_tar:ReadError': 1})"),
+    (["--data", "EMPTY.tar", "--bpe", "BPE", "--workers", "2"], "no usable sample in a whole pass"),
+    (["--init", "EMPTY", "--bpe", "BPE"], "cannot read --init EMPTY: empty file (0 bytes)"),
+    (["--init", "JUNK", "--bpe", "BPE", "--model", "mobileclip_tiny"], "cannot read --init JUNK: "),
+    (["--init", "BPE", "--bpe", "BPE"], "cannot read --init BPE: "),  # a text file, not TorchScript
+    (["reinforce", "--teachers", "EMPTY"], "cannot read teacher checkpoint EMPTY: empty file (0 bytes)"),
+    (["reinforce", "--teachers", "JUNK", "--num-augs", "0"], "--num-augs 0: must be >= 1"),
+    (["export", "--ckpt", "EMPTY", "--out", "x.pt"], "cannot read checkpoint EMPTY: empty file (0 bytes)"),
+    (["export", "--ckpt", "JUNK", "--layout", "onnx", "--out", "x.pt"], "--layout openclip|apple"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit):
-        mobileclip.main(["--out", str(tmp_path / "r"), "--steps", "1"] + args)
+    """Each bad input: one line, a non-zero exit, no traceback, and no work done (no checkpoint, no step)."""
+    files = {"EMPTY": tmp_path / "empty.pt", "JUNK": tmp_path / "junk.pt", "EMPTY.tar": tmp_path / "empty.tar",
+             "BPE": tmp_path / "bpe.txt", "x.pt": tmp_path / "x.pt"}
+    files["EMPTY"].write_bytes(b"")
+    files["EMPTY.tar"].write_bytes(b"")
+    files["JUNK"].write_bytes(b"not a checkpoint\n" * 10)
+    C.Tokenizer(merges=C.train_bpe(["a photo of a red circle"] * 20, 600)).save(str(files["BPE"]))
+    args = [str(files.get(a, a)) for a in args]
+    for name in files:  # the placeholders in the message are followed by ':'
+        message = message.replace(f" {name}:", f" {files[name]}:")
+    out = str(tmp_path / "r")
+    command = {"reinforce": ["reinforce", "--out", out], "export": ["export"]}.get(args[0], ["--out", out, "--steps", "1"])
+    with pytest.raises(SystemExit) as e:
+        mobileclip.main(command + args[1 if args[0] in ("reinforce", "export") else 0:])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and message in err[-1] and err[-1].startswith("error:")
+    assert e.value.code != 0 and err and err[-1].startswith("error:") and "Traceback" not in "\n".join(err)
+    assert message in err[-1], err[-1]
+    assert not C.checkpoints(out) and steps_logged(out) == {}
+
+
+@pytest.mark.parametrize("command,own,other", [([], "--teachers", "--layout"), (["train"], "--lambda-kd", "--teachers"),
+                                               (["reinforce"], "--num-augs", "--steps"), (["export"], "--layout", "--data")])
+def test_help_lists_commands_and_each_commands_own_flags(capsys, command, own, other):
+    """`--help`: the commands, one line each; `COMMAND --help`: its own flags only, shared ones once."""
+    with pytest.raises(SystemExit) as e:
+        mobileclip.main(command + ["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "Traceback" not in out
+    if not command:
+        assert [line.split()[0] for line in out.split("commands:")[1].strip().splitlines()] == ["train", "reinforce",
+                                                                                                  "export"]
+        assert "MobileCLIP2 models (arXiv 2508.20691)." in out  # the docstring's whole first paragraph
+        return
+    flags = [line.split()[0] for line in out.split("options:")[1].splitlines() if line.startswith("  --")]
+    assert own in flags and other not in flags and flags.count("--out") == 1 and len(flags) == len(set(flags))
+    assert C.first_paragraph(getattr(mobileclip, command[0]).__doc__) in out
+
+
+def test_a_second_run_into_a_used_out_stops(tmp_path, capsys):
+    """A fresh run into an --out that holds another run's checkpoints stops with one line (--overwrite starts over,
+    the earlier files moved aside); each run marks its start in log.jsonl."""
+    shard, bpe, out = str(tmp_path / "data.tar"), str(tmp_path / "bpe.txt"), str(tmp_path / "r")
+    C.write_shard(shard, [{"__key__": "a", "txt": "a red circle", "png": C.Image.new("RGB", (8, 8))}])
+    C.Tokenizer(merges=C.train_bpe(["a photo of a red circle"] * 20, 600)).save(bpe)
+    args = ["--out", out, "--data", shard, "--bpe", bpe, "--model", "tiny", "--steps", "0", "--no-eval"]
+    os.makedirs(out)
+    torch.save({"step": 5}, os.path.join(out, "ckpt-5.pt"))
+    with pytest.raises(SystemExit) as e:
+        mobileclip.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "holds another run's checkpoints (ckpt-5.pt" in err[0]
+    mobileclip.main(args + ["--overwrite"])
+    assert os.listdir(os.path.join(out, "previous-1")) == ["ckpt-5.pt"] and not C.checkpoints(out)
+    assert [r.get("event") for r in read_log(out)] == ["start"]
 
 
 def test_checkpoint_of_another_model_is_refused(cache, tmp_path, capsys):
@@ -82,26 +155,37 @@ def test_checkpoint_of_another_model_is_refused(cache, tmp_path, capsys):
     assert "is of model 'vit_b16', not --model tiny" in capsys.readouterr().err
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    out = str(tmp_path / "r")
-    proc = subprocess.Popen([sys.executable, "mobileclip.py", "--cache-dir", cache, "--out", out, "--steps", "100000",
-                             "--batch-size", "8", "--log-every", "1", "--no-eval"] + SMALL,
-                            cwd=os.path.dirname(os.path.abspath(mobileclip.__file__)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def steps_logged(out):
+    """{step: loss} of the training records in OUT/log.jsonl (start records and evaluations have no loss)."""
+    if not os.path.exists(os.path.join(out, "log.jsonl")):
+        return {}
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_stop_signal_to_the_group_saves_and_resume_matches(tmp_path, workers):
+    """A scheduler's SIGTERM to the whole process group (DataLoader workers included): the run saves a checkpoint
+    at the step it reached and exits 0; --resume auto then logs the losses of a run that never stopped."""
+    bpe = str(tmp_path / "bpe.txt")
+    C.Tokenizer(merges=C.train_bpe(["a photo of a red circle", "a blue star on a plain background"] * 20, 600)).save(bpe)
+    args = [sys.executable, "mobileclip.py", "--cache-dir", str(tmp_path / "cache"), "--steps", "60", "--batch-size",
+            "8", "--ckpt-every", "1000", "--bpe", bpe, "--no-eval", "--synthetic-train", "300", "--synthetic-val", "60",
+            "--workers", str(workers), "--log-every", "1", "--model", "tiny", "--shuffle-buffer", "100"]
+    run = lambda out, *more, **kw: subprocess.Popen(args + ["--out", out, *more], cwd=ROOT, stdout=open(
+        out + ".txt", "a"), stderr=subprocess.STDOUT, **kw)
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert run(ref).wait(timeout=600) == 0, open(ref + ".txt").read()
+    proc = run(out, start_new_session=True)  # its own process group, as a scheduler's job
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(os.path.join(out, "log.jsonl"))
-                                          and len(read_log(out)) >= 3):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
-    step = read_log(out)[-1]["step"]
-    ckpts = [f for f in os.listdir(out) if f.startswith("ckpt-")]
-    assert len(ckpts) == 1 and int(ckpts[0][5:-3]) >= step, (ckpts, step)
+    while time.time() < deadline and len(steps_logged(out)) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, open(out + ".txt").read()
+    stopped = max(steps_logged(out))
+    assert C.checkpoints(out) == [os.path.join(out, f"ckpt-{stopped}.pt")] and stopped < 60  # the step it reached
+    assert run(out, "--resume", "auto").wait(timeout=600) == 0, open(out + ".txt").read()
+    got, expect = steps_logged(out), steps_logged(ref)
+    assert sorted(got) == list(range(1, 61)) and got == expect, (stopped, got, expect)
 
 
 def test_init_from_openclip_layout_and_eval_only(cache, tmp_path):

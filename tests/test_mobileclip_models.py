@@ -6,6 +6,7 @@ The literals below were computed from the official implementations (apple/ml-mob
 open_clip 3.3.0 + timm 1.0.31 for the OpenCLIP layouts) with random weights; outputs of our models matched
 those implementations to < 1.3e-6 relative error (see the report of the drafts/mci task)."""
 import hashlib
+import os
 import math
 
 import pytest
@@ -333,3 +334,74 @@ def test_matches_official_outputs():
             y = module(x)
         got = torch.tensor([r[:4].tolist() + [r.norm().item()] for r in y])
         assert rel(got, torch.tensor(GOLDEN[name])) < 1e-4, name
+
+
+def v1_openclip_model(monkeypatch, name="tiny_v1_base"):
+    """A tiny v1 model that OpenCLIP can hold (base text tower; OpenCLIP has no MCt) and its name in the zoo."""
+    monkeypatch.setitem(M.MOBILECLIP_MODELS, name, dict(M.MOBILECLIP_MODELS["mobileclip_tiny"], text="base",
+                                                        text_layers=2))
+    return randomise_(M.create_model(name, vocab_size=2048)), name
+
+
+@pytest.mark.parametrize("layout", ["apple", "openclip"])
+def test_export_command_round_trip(layout, tmp_path, monkeypatch, capsys):
+    """`mobileclip.py export` writes a checkpoint of `train` in a released layout (atomically); loaded back strictly
+    (create_model(pretrained=)), the model computes the same embeddings."""
+    model, name = v1_openclip_model(monkeypatch) if layout == "openclip" else (
+        randomise_(M.create_model("mobileclip_tiny", vocab_size=2048)), "mobileclip_tiny")
+    ckpt, out = str(tmp_path / "ckpt-7.pt"), str(tmp_path / "exported.pt")
+    torch.save({"model": model.state_dict(), "model_name": name, "vocab_size": 2048, "step": 7}, ckpt)
+    M.main(["export", "--ckpt", ckpt, "--layout", layout, "--out", out])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(out) and not os.path.exists(out + ".tmp")
+    prefixes = ("image_encoder.", "text_encoder.") if layout == "apple" else ("visual.trunk.", "text.")
+    assert all(k.startswith(prefixes) for k in torch.load(out, weights_only=True) if k != "logit_scale")
+    loaded = M.create_model(name, pretrained=out, vocab_size=2048).eval()
+    images, ids = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(loaded.encode_text(ids), model.encode_text(ids))
+
+
+def test_export_loads_in_open_clip(tmp_path):
+    """A MobileCLIP-S1 with random weights, exported, loads strictly into open_clip's MobileCLIP-S1 and computes the
+    same embeddings (open_clip has no config for the toy shapes above; skipped where it is not installed, as here)."""
+    open_clip = pytest.importorskip("open_clip")
+    model = randomise_(M.create_model("mobileclip_s1"))
+    ckpt, out = str(tmp_path / "ckpt-1.pt"), str(tmp_path / "s1.pt")
+    torch.save({"model": model.state_dict(), "model_name": "mobileclip_s1", "vocab_size": 49408, "step": 1}, ckpt)
+    M.main(["export", "--ckpt", ckpt, "--layout", "openclip", "--out", out])
+    theirs = open_clip.create_model("MobileCLIP-S1", pretrained=out).eval()
+    images, ids = tiny_inputs(size=256, L=77, vocab=49408, B=2)
+    with torch.no_grad():
+        assert rel(theirs.encode_image(images), model.encode_image(images)) < 1e-4
+        assert rel(theirs.encode_text(ids), model.encode_text(ids)) < 1e-4
+
+
+def test_openclip_v1_head_with_a_learned_bias_loads(tmp_path, monkeypatch, capsys):
+    """A v1 MCi trained in OpenCLIP (timm's head.fc has a bias) whose bias is not zero: the file loads strictly, the
+    head keeps the bias (x @ proj + b, equal to the reference), and the model saves, resumes and exports with it
+    (openclip layout; ml-mobileclip's layout cannot hold it: one line)."""
+    model, name = v1_openclip_model(monkeypatch)
+    sd = M.export_state_dict(model, "openclip")
+    bias = torch.randn(sd["visual.trunk.head.fc.bias"].shape, generator=torch.Generator().manual_seed(3))
+    sd["visual.trunk.head.fc.bias"] = bias
+    path = str(tmp_path / "openclip_v1.pt")
+    torch.save(sd, path)
+    loaded = M.create_model(name, pretrained=path, vocab_size=2048).eval()
+    images, ids = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images) + bias)
+        assert torch.equal(loaded.encode_text(ids), model.encode_text(ids))
+    ckpt = str(tmp_path / "ckpt-1.pt")  # a checkpoint of `train` started from it: exported and read again
+    torch.save({"model": loaded.state_dict(), "model_name": name, "vocab_size": 2048, "step": 1}, ckpt)
+    M.main(["export", "--ckpt", ckpt, "--layout", "openclip", "--out", str(tmp_path / "again.pt")])
+    assert torch.equal(torch.load(tmp_path / "again.pt", weights_only=True)["visual.trunk.head.fc.bias"], bias)
+    again = M.create_model(name, pretrained=str(tmp_path / "again.pt"), vocab_size=2048).eval()
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(images), loaded.encode_image(images))
+    with pytest.raises(SystemExit):
+        M.main(["export", "--ckpt", ckpt, "--layout", "apple", "--out", str(tmp_path / "apple.pt")])
+    assert "use --layout openclip" in capsys.readouterr().err
+    sd["visual.trunk.head.fc.bias"] = torch.zeros_like(bias)  # the zero bias of timm's conversion: no parameter
+    torch.save(sd, path)
+    assert M.create_model(name, pretrained=path, vocab_size=2048).visual.head.bias is None

@@ -60,7 +60,7 @@ class RefCLIP(nn.Module):
         self.ln_final = nn.LayerNorm(td)
         self.text_projection = nn.Parameter(torch.randn(td, embed))
         self.logit_scale = nn.Parameter(torch.tensor(4.6))
-        self.register_buffer("attn_mask", torch.full((ctx, ctx), float("-inf")).triu(1), persistent=True)
+        self.register_buffer("attn_mask", torch.full((ctx, ctx), float("-inf")).triu(1), persistent=False)  # OpenCLIP's
 
     def encode_image(self, x):
         return self.visual(x)
@@ -118,3 +118,25 @@ def test_wrong_state_dict_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         C.load_state_dict_checked(model, sd, "checkpoint x.pt")
     assert "does not fit this model" in capsys.readouterr().err
+
+
+def test_export_of_a_trained_vit_clip_loads_strictly_in_the_original_layout(tmp_path, monkeypatch):
+    """`mobileclip.py export --layout openclip` of a ViT CLIP checkpoint of `train`: the file loads strictly into the
+    original-layout reference (OpenCLIP's names and shapes), which computes the same embeddings."""
+    import mobileclip
+    shape = dict(image_size=32, patch=8, width=64, layers=2, heads=1, embed_dim=32, text_width=64, text_layers=2,
+                 text_heads=1, context_length=16)
+    monkeypatch.setitem(mobileclip.MODELS, "ref", shape)
+    ours = randomised(C.build_clip(**shape, vocab_size=300, act="quick_gelu"))
+    ckpt, out = str(tmp_path / "ckpt-3.pt"), str(tmp_path / "openclip.pt")
+    torch.save({"model": ours.state_dict(), "model_name": "ref", "vocab_size": 300, "step": 3}, ckpt)
+    mobileclip.main(["export", "--ckpt", ckpt, "--layout", "openclip", "--out", out])
+    ref = RefCLIP()
+    ref.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x, ids = torch.randn(3, 3, 32, 32), torch.randint(1, 299, (3, 16))
+    ids[:, 5] = 299  # the end-of-text token is the largest id
+    with torch.no_grad():
+        for a, b in ((ours.encode_image(x), ref.eval().encode_image(x)), (ours.encode_text(ids), ref.encode_text(ids))):
+            assert (a - b).norm() / b.norm() < 1e-5
+    with pytest.raises(SystemExit):  # ml-mobileclip's layout is for MobileCLIP models
+        mobileclip.main(["export", "--ckpt", ckpt, "--layout", "apple", "--out", out])
