@@ -979,7 +979,12 @@ def kill_workers_at_exit():
     (atexit runs last-registered first, before multiprocessing's own handler)."""
     import atexit
     import multiprocessing
-    atexit.register(lambda: [p.kill() for p in multiprocessing.active_children() if p.daemon])
+    def kill():  # torch's SIGCHLD handler would report each killed worker as an error: restore the default first
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for p in multiprocessing.active_children():
+            if p.daemon:
+                p.kill()
+    atexit.register(kill)
 
 def ignore_stop_signals(worker_id: int = 0):
     """DataLoader `worker_init_fn`: a worker ignores SIGTERM and SIGINT, which schedulers and Ctrl-C send to the
