@@ -130,21 +130,7 @@ def test_tiny_pretrain_then_finetune_learns(world, tmp_path):
     assert log[0]["loss"] < 2.5  # about ln 10 + smoothing: the copied rows start it sensibly
 
 
-SIGNAL_AT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import common as C, catlip as L
-log = C.RunLog.log
-def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
-    log(self, step, **m)
-    if step == {at} and "loss" in m:
-        os.killpg(0, signal.SIGTERM)
-C.RunLog.log = log_and_signal
-L.main(sys.argv[1:])
-"""
-
-
-def test_sigterm_saves_and_resume_continues_exactly(world, tmp_path):
+def test_sigterm_saves_and_resume_continues_exactly(world, tmp_path, signal_script):
     """SIGTERM to the whole process group (the DataLoader worker included) after step 4: the worker ignores it,
     the run saves ckpt-4.pt and exits 0; --resume auto then logs the losses of a run never stopped and ends
     with the same weights, EMA and data position at step 8."""
@@ -153,10 +139,7 @@ def test_sigterm_saves_and_resume_continues_exactly(world, tmp_path):
     cache, a, b = os.path.dirname(world["root"]), str(tmp_path / "a"), str(tmp_path / "b")
     args = ["--cache-dir", cache, "--image-size", "32", "--steps", "8", "--ckpt-every", "100", "--keep-ckpts", "5",
             "--batch-size", "16", "--log-every", "2", "--no-eval"] + SYN
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "signal_at.py"
-    script.write_text(SIGNAL_AT.format(root=root, at=4))
-    r = subprocess.run([sys.executable, str(script), *args, "--out", b], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, signal_script("catlip", 4), *args, "--out", b], capture_output=True, text=True,
                        start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [os.path.basename(p) for p in C.checkpoints(b)] == ["ckpt-4.pt"]

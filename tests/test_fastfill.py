@@ -405,21 +405,7 @@ def test_bad_input_gets_one_line_before_any_work(case, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "curves.csv"))
 
 
-SIGNAL_AT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import common as C, fastfill as FF
-log = C.RunLog.log
-def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
-    log(self, step, **m)
-    if step == {at} and "loss" in m:
-        os.killpg(0, signal.SIGTERM)
-C.RunLog.log = log_and_signal
-FF.main(sys.argv[1:])
-"""
-
-
-def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path):
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path, signal_script):
     """SIGTERM to every process of the job (a DataLoader worker included) at step 4: the worker ignores it, the
     run saves ckpt-4.pt and exits 0; the next run (--resume auto, the default) logs the losses of a run never
     stopped, and the log marks both starts."""
@@ -428,10 +414,8 @@ def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_
     import sys
     argv = ["train-model", "--data", _folder(tmp_path / "data", 16), "--image-size", "16", "--batch-size", "4",
             "--epochs", "3", "--log-every", "2", "--warmup-epochs", "1", "--lr", "0.1", "--workers", "1"]
-    script = tmp_path / "signal_at.py"
-    script.write_text(SIGNAL_AT.format(root=ROOT, at=4))
     stopped = str(tmp_path / "stopped")
-    r = subprocess.run([sys.executable, str(script), *argv, "--out", stopped], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, signal_script("fastfill", 4), *argv, "--out", stopped], capture_output=True, text=True,
                        start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert [os.path.basename(p) for p in C.checkpoints(stopped)] == ["ckpt-4.pt"]

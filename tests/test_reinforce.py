@@ -429,32 +429,15 @@ def test_a_cut_off_shard_keeps_its_whole_samples(tmp_path, capsys):
     assert 0 < len(data) < 6 and all(data.load(i).size == (20, 20) for i in range(len(data)))
 
 
-SIGNAL_AT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import common as C, reinforce as R
-log = C.RunLog.log
-def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
-    log(self, step, **m)
-    if step == {at} and "loss" in m:
-        os.killpg(0, signal.SIGTERM)
-C.RunLog.log = log_and_signal
-R.main(sys.argv[1:])
-"""
-
-
-def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path):
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path, signal_script):
     """SIGTERM to every process of the job (a DataLoader worker included) at step 6: the worker ignores it, the
     run saves ckpt-6.pt and exits 0; --resume auto then logs the losses of a run never stopped."""
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = ["train", "--data", _colour_world(tmp_path / "data", 24, 0), "--image-size", "16", "--batch-size", "4",
             "--epochs", "3", "--log-every", "2", "--workers", "1"]
-    script = tmp_path / "signal_at.py"
-    script.write_text(SIGNAL_AT.format(root=root, at=6))
     stopped = str(tmp_path / "stopped")
-    r = subprocess.run([sys.executable, str(script), *argv, "--out", stopped], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, signal_script("reinforce", 6), *argv, "--out", stopped], capture_output=True, text=True,
                        start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert [os.path.basename(p) for p in C.checkpoints(stopped)] == ["ckpt-6.pt"]

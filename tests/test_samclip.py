@@ -413,31 +413,15 @@ def test_help_lists_the_commands():
     assert S.predict_main.__doc__.splitlines()[0] in r.stdout
 
 
-SIGNAL_AT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import common as C, samclip as S
-log = C.RunLog.log
-def log_and_signal(self, step, **m):  # the scheduler's SIGTERM to the whole process group, at step {at}
-    log(self, step, **m)
-    if step == {at} and "loss" in m:
-        os.killpg(0, signal.SIGTERM)
-C.RunLog.log = log_and_signal
-S.main(sys.argv[1:])
-"""
-
-
-def test_sigterm_saves_and_resume_logs_the_same_losses(world, tmp_path):
+def test_sigterm_saves_and_resume_logs_the_same_losses(world, tmp_path, signal_script):
     """train-sam with a DataLoader worker, SIGTERM to the whole process group after step 4: the worker ignores
     it, the run saves ckpt-4.pt and exits 0; --resume auto then logs the losses of a run never stopped."""
     import subprocess
     import sys
     args = ["train-sam", "--model", "micro", "--steps", "8", "--batch-size", "4", "--log-every", "2", "--warmup", "2",
             "--ckpt-every", "100"] + world_args(world)[:-2]
-    root = os.path.dirname(os.path.abspath(S.__file__))
-    (tmp_path / "signal_at.py").write_text(SIGNAL_AT.format(root=root, at=4))
     stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
-    r = subprocess.run([sys.executable, str(tmp_path / "signal_at.py"), *args, "--workers", "1", "--out", stopped],
+    r = subprocess.run([sys.executable, signal_script("samclip", 4), *args, "--workers", "1", "--out", stopped],
                        capture_output=True, text=True, start_new_session=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
