@@ -950,6 +950,8 @@ class CaptionSource:
     the world's alt-text web-like (`unrelated_alt_text`); a replaced caption stays correct."""
 
     def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int, noise: float = 0.0):
+        if source not in ("alt", "synthetic", "mix") or not 0 <= noise <= 1:
+            C.fail(f"--caption-source must be alt, synthetic or mix (not '{source}'), --alt-noise in [0, 1]")
         self.decode, self.prob, self.noise = decode, {"alt": 0.0, "synthetic": 1.0}.get(source, prob), noise
         self.syn_key, self.seed = re.compile(syn_key), seed + 1  # an RNG stream apart from the crop's
 
