@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -1419,6 +1420,43 @@ def read_checkpoint(path: str) -> dict:
         raise ValueError(f"holds a {type(state).__name__}, not a checkpoint dict")
     return state
 
+_SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex",
+                                              "slice", "range")} | {("collections", "OrderedDict"),
+                                                                     ("collections", "Counter"), ("_codecs", "encode")}
+_NUMPY_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Admits built-in containers, strings, bytes and numbers (and numpy arrays when asked); any other global, the
+    only way a pickle runs code, is refused before it is imported."""
+    allowed = _SAFE_GLOBALS
+
+    def find_class(self, module, name):
+        module = {"__builtin__": "builtins"}.get(module, module)  # protocol <= 2 names Python 2's module
+        if (module, name) in self.allowed or (module.startswith("numpy") and name.endswith("DType")
+                                              and _NUMPY_GLOBALS <= self.allowed):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: only containers, strings and numbers load")
+
+def safe_unpickle(source, numpy: bool = False):
+    """A pickle (path, bytes or binary file; gzip is detected) read without executing its code: the restricted
+    unpickler above. Raises ValueError with one line saying why it does not read (a refused global included)."""
+    what = source if isinstance(source, str) else "pickle"
+    try:
+        if isinstance(source, str):
+            with open(source, "rb") as f:
+                data = f.read()
+        else:
+            data = source if isinstance(source, (bytes, bytearray)) else source.read()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        u = _SafeUnpickler(io.BytesIO(data))
+        if numpy:
+            u.allowed = _SAFE_GLOBALS | _NUMPY_GLOBALS
+        return u.load()
+    except Exception as e:
+        raise ValueError(f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
+
 def load_checkpoint(path: str, out_dir: str) -> dict | None:
     """`path` = "" (start fresh), "auto" (the newest checkpoint in out_dir that reads, or fresh if there is
     none; each one skipped is named in a line, and none is ever deleted) or a file (one line if unreadable)."""
@@ -1486,6 +1524,42 @@ class StopSignal:
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} in a photo.",
                      "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}.")
 
+# The 80 prompts of OpenAI's ImageNet prompt-engineering notebook, in its order: what OpenCLIP's and ml-mobileclip's
+# zero-shot ImageNet evaluation averages over (the class name fills "{}"). `--templates openai` selects them.
+OPENAI_IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+def templates_arg(spec: str) -> tuple[str, ...]:
+    """--templates value -> prompt templates: "openai" (the 80 above), "default" (the 7 above) or a file with one
+    template per line, each holding one "{}"."""
+    if spec in ("openai", "default"):
+        return OPENAI_IMAGENET_TEMPLATES if spec == "openai" else DEFAULT_TEMPLATES
+    found = read_lines(spec)
+    bad = [t for t in found if t.count("{}") != 1]
+    if bad:
+        fail(f"{spec}: every template needs exactly one '{{}}' for the class name; not {bad[0]!r}")
+    return tuple(found)
+
 def read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         fail(f"file not found: {path}")
@@ -1550,6 +1624,34 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
         for k in (1, 5, 10):
             out[f"retrieval_{name}_r{k}"] = 100 * (rank < k).float().mean().item()
     return out
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                     reduce_zero_label: bool = False) -> torch.Tensor:
+    """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction, of integer maps of one shape.
+    Pixels whose label is `ignore_index` (or outside 0..K-1) are not counted. `reduce_zero_label` is ADE20K's
+    convention as mmsegmentation applies it: label 0 ("other") becomes ignored and every other label drops by one,
+    so the K classes are labels 1..K of the file. Add the matrices of all images, then call `miou` once."""
+    label = label.long()
+    if reduce_zero_label:
+        label = torch.where(label == 0, ignore_index, label - 1)
+        label = torch.where(label == ignore_index - 1, ignore_index, label)
+    keep = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    pred = pred.long()[keep].clamp(0, num_classes - 1)
+    idx = label[keep] * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
+
+def miou(conf: torch.Tensor, per_class: bool = False):
+    """Mean IoU (%) of a confusion matrix summed over the whole evaluation set, mmsegmentation's IoUMetric: per class
+    intersection / union of its totals, averaged over the classes whose union is non-zero (a class absent from
+    ground truth but predicted scores 0; one neither present nor predicted is left out). per_class=True also
+    returns the (K,) IoUs in percent, NaN for the classes left out."""
+    conf = conf.double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan"))) * 100
+    m = iou.nanmean().item() if (union > 0).any() else float("nan")
+    return (m, iou) if per_class else m
 
 
 # ==== 10. Logging =====================================================================================
