@@ -65,6 +65,7 @@ import random
 import sys
 import tarfile
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.models.resnet import BasicBlock, ResNet
@@ -122,14 +124,16 @@ class TrainConfig(Shared):
     out: str = "runs/reinforce_train"  # run directory: config.json, log.jsonl, checkpoints, code copies
     epochs: int = 20  # passes over the data (paper: 150-1000)
     batch_size: int = 128  # per process (paper: 1024 over 8 GPUs)
-    optimizer: str = "sgd"  # sgd (the paper's ResNet recipe) | adamw (ViTs)
-    lr: float = 0.2  # peak learning rate (paper: 0.4 at batch 1024, SGD)
+    optimizer: str = "sgd"  # sgd (ml-dr's recipe) | adamw (ViTs)
+    lr: float = 0.2  # peak learning rate (ml-dr ImageNet: 0.4 at batch 1024)
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-5  # weight decay (paper: 1e-4 ImageNet, 5e-4 CIFAR)
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0 per step (paper: 5 epochs)
+    nesterov: bool = True  # Nesterov momentum (ml-dr train.py's default, its ImageNet configs; CIFAR-100: off)
+    weight_decay: float = 1e-4  # (configs/imagenet/erm.yaml and plus.yaml; CIFAR-100: 5e-4)
+    decay_all: bool = True  # decay on every parameter, as ml-dr's configs; --no-decay-all: none on 1-D ones (biases, norms)
+    warmup_epochs: float = 5.0  # linear warm-up, then cosine to 0 per step (configs/imagenet: 5; CIFAR-100: 0)
     label_smoothing: float = 0.1  # plain training only (paper ERM: 0.1; the reinforced loss ignores it)
-    reinforce_p: float = 0.99  # probability of a stored sample; else the original image + ERM augmentation, one-hot
-    aug: str = "randaug"  # plain training's augmentation, a variant name (mixing variants mix the labels)
+    reinforce_p: float = 0.99  # probability of a stored sample; else the original image + --aug (no batch mixing), one-hot
+    aug: str = "erm"  # plain training's augmentation: erm (ml-dr's erm.yaml) or a variant (mixing ones mix the labels)
     min_scale: float = 0.08  # smallest area fraction of the crop in plain training
     grad_clip: float = 0.0  # global gradient-norm clip; 0 = off
     eval_every: int = 0  # epochs between evaluations; 0 = at the end only
@@ -331,8 +335,10 @@ def load_data(cfg: Shared) -> Data:
 # All four variants use RandomResizedCrop + horizontal flip (p = 1/2); "randaug" adds RandAugment (2 ops,
 # magnitude 9 of 31 bins, p = 1) and RandomErasing (p = 0.25, black); "mixing" adds MixUp (alpha 1, lambda
 # halved, p = 1/2) then CutMix (alpha 1, p = 1/2) with a partner image, each with its own coin, so both can hit.
+# "erm" is plain training's ml-dr ERM (configs/imagenet/erm.yaml): randaug's view without the flip (the config
+# has none), and per batch one of MixUp (alpha 0.2) or CutMix (alpha 1), batch_mix. Not a reinforcement variant.
 VARIANTS = {"cropflip": (False, False), "mixing": (False, True), "randaug": (True, False),
-            "randaug_mixing": (True, True)}  # name -> (RandAugment + erasing, MixUp + CutMix)
+            "randaug_mixing": (True, True), "erm": (True, False)}  # name -> (RandAugment + erasing, MixUp + CutMix)
 RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 31
 ERASE_P, MIXUP_P, CUTMIX_P = 0.25, 0.5, 0.5
 MIX_GRID = 510  # MixUp's lambda / 2 in [0, 1/2] is stored as a byte: lambda / 2 = q / 510
@@ -350,21 +356,22 @@ def erase_box(rng: random.Random, size: int, scale=(0.02, 0.33), ratio=(0.3, 3.3
     return None
 
 
-def cutmix_box(rng: random.Random, size: int):
-    """CutMix (Yun et al. 2019): lambda ~ Beta(1, 1), a box of side size * sqrt(1 - lambda) around a uniform
-    centre, clipped to the view: (top, left, h, w)."""
-    cut = int(size * math.sqrt(1 - rng.betavariate(1.0, 1.0)))
+def cutmix_box(rng: random.Random, size: int, alpha: float = 1.0):
+    """CutMix (Yun et al. 2019): lambda ~ Beta(alpha, alpha), a box of side size * sqrt(1 - lambda) around a
+    uniform centre, clipped to the view (ml-dr's rand_bbox): (top, left, h, w)."""
+    cut = int(size * math.sqrt(1 - rng.betavariate(alpha, alpha)))
     cy, cx = rng.randrange(size), rng.randrange(size)
     y1, y2 = max(cy - cut // 2, 0), min(cy + cut // 2, size)
     x1, x2 = max(cx - cut // 2, 0), min(cx + cut // 2, size)
     return y1, x1, y2 - y1, x2 - x1
 
 
-def draw_view(rng: random.Random, w: int, h: int, size: int, randaug: bool, min_scale: float) -> dict:
-    """The single-image ops: crop box (top, left, h, w) in original pixels, flip, RandAugment [(op, negative)],
-    erase box or None."""
+def draw_view(rng: random.Random, w: int, h: int, size: int, randaug: bool, min_scale: float, flip=True) -> dict:
+    """The single-image ops: crop box (top, left, h, w) in original pixels, flip (never without `flip`),
+    RandAugment [(op, negative)], erase box or None."""
     left, top, right, bottom = C.random_resized_crop_box(w, h, rng, (min_scale, 1.0))
-    view = {"box": (top, left, bottom - top, right - left), "flip": rng.random() < 0.5, "ra": None, "erase": None}
+    view = {"box": (top, left, bottom - top, right - left), "flip": flip and rng.random() < 0.5, "ra": None,
+            "erase": None}
     if randaug:
         view["ra"] = [(k, m < 0) for k, m in C.rand_augment_params(rng, size, RA_OPS, RA_MAGNITUDE, RA_BINS)]
         view["erase"] = erase_box(rng, size) if rng.random() < ERASE_P else None
@@ -375,7 +382,7 @@ def draw_sample(rng: random.Random, wh, size: int, variant: str, min_scale: floa
     """One augmentation of an image of size `wh`: its view, and with mixing a partner drawn from `pool`
     [(index, (w, h))] with the partner's own view, the MixUp weight code and the CutMix box."""
     randaug, mixing = VARIANTS[variant]
-    s = {"view": draw_view(rng, *wh, size, randaug, min_scale), "id2": -1, "view2": None, "mixup": None,
+    s = {"view": draw_view(rng, *wh, size, randaug, min_scale, variant != "erm"), "id2": -1, "view2": None, "mixup": None,
          "cutmix": None}
     if mixing and pool:
         mixup = round(rng.betavariate(1.0, 1.0) / 2 * MIX_GRID) if rng.random() < MIXUP_P else None
@@ -384,6 +391,23 @@ def draw_sample(rng: random.Random, wh, size: int, variant: str, min_scale: floa
             j, (w2, h2) = pool[rng.randrange(len(pool))]
             s.update(id2=j, view2=draw_view(rng, w2, h2, size, randaug, min_scale), mixup=mixup, cutmix=cutmix)
     return s
+
+
+def batch_mix(x: torch.Tensor, t: torch.Tensor, rng: random.Random, mixup_alpha=0.2, cutmix_alpha=1.0):
+    """ml-dr's ERM (erm.yaml, its MixingTransforms): per batch, MixUp (Zhang et al. 2018, lambda ~ Beta(0.2,
+    0.2), p = 1) or CutMix (lambda ~ Beta(1, 1), p = 1), chosen uniformly, the partners a random permutation of
+    the batch; the targets mix as the pixels do (CutMix by the box's area). x (B, 3, S, S), t (B, C). ml-dr's
+    CutMix slices a batch as x[:, y1:y2, x1:x2], which on (B, C, H, W) cuts channels and rows, not a box; here
+    the box is spatial, as in the CutMix paper and ml-dr's own single-image replay (design choice)."""
+    perm = torch.tensor(rng.sample(range(len(x)), len(x)), device=x.device)
+    if rng.random() < 0.5:
+        lam = rng.betavariate(mixup_alpha, mixup_alpha)
+        return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
+    i, j, h, w = cutmix_box(rng, x.shape[-1], cutmix_alpha)
+    x = x.clone()
+    x[..., i:i + h, j:j + w] = x[perm][..., i:i + h, j:j + w]
+    a = h * w / x.shape[-1] ** 2
+    return x, (1 - a) * t + a * t[perm]
 
 
 def apply_view(img: Image.Image, view: dict, size: int) -> torch.Tensor:
@@ -652,8 +676,8 @@ def reinforce(cfg: ReinforceConfig):
     Resumable by part: a rerun of the same command writes only the missing part-NNNNN.npy files; SIGTERM
     stops after the parts in flight are written. Under torchrun the parts are shared out over the ranks."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if cfg.variant not in VARIANTS:
-        C.fail(f"--variant must be one of {', '.join(VARIANTS)}, not '{cfg.variant}'")
+    if cfg.variant not in VARIANTS or cfg.variant == "erm":
+        C.fail(f"--variant must be one of {', '.join(list(VARIANTS)[:4])}, not '{cfg.variant}'")
     check_flags(cfg)
     C.claim_out(cfg.out)  # one run per folder (run.lock), before anything is read or written
     data = load_data(cfg)
@@ -755,21 +779,165 @@ class Reinforced:
     def record(self, i: int, j: int):
         return self.parts[i // self.meta["part_size"]][i % self.meta["part_size"], j]
 
+    def replay(self, data: Data, i: int, j: int):
+        """Sample j of image i -> (uint8 view (3, S, S), densified target)."""
+        rec = self.record(i, j)
+        if rec["flags"] & BAD:
+            raise BadRecord("unreadable at reinforcement")
+        s = decode_sample(rec)
+        partner = data.load(s["id2"]) if s["id2"] >= 0 else None
+        return apply_sample(data.load(i), s, self.size, partner), densify(rec["prob"], rec["cls"], data.num_classes)
 
-def one_hot(y: int, num_classes: int) -> torch.Tensor:
-    t = torch.zeros(num_classes)
-    t[y] = 1.0
-    return t
+
+class BadRecord(ValueError):
+    """A stored record that does not read or replay: counted and skipped."""
+
+
+# ml-dr's released layout (ImageNet+, CIFAR-100+, Flowers-102+, Food-101+; spec 4.1, 4.4): dr/transforms.py's ops
+# in its fixed order, whatever order the config lists; the four without parameters have no record entry.
+MLDR_OPS = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
+            "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
+MLDR_FIXED = ("uint8", "center_crop", "to_tensor", "normalize")
+
+
+def read_pth(path: str):
+    """A torch.save file (its zip's data.pkl; a plain pickle also reads) through common's restricted unpickler:
+    containers, strings, numbers and numpy scalars (ml-dr stores MixUp/CutMix draws as numpy), never code.
+    torch.load(weights_only=True) refuses the numpy scalars, so it cannot read the mixing records."""
+    if not zipfile.is_zipfile(path):
+        return C.safe_unpickle(path, numpy=True)
+    with zipfile.ZipFile(path) as z:
+        return C.safe_unpickle(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))), numpy=True)
+
+
+def pair(s):
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+class MLDRStore:
+    """ml-dr's layout read as it is: config.pth.tar (the reinforcement config: its image_augmentation, num_samples)
+    and {index}.pth.tar = (index, [{"params": compressed parameters, "prob": (top-k probabilities, classes)}] * NS),
+    index = the image's position in --data. replay() follows dr/data.py's ReinforcedDataset and dr/transforms.py's
+    Compose.decompress + reapply on the PIL image, op by op with the same torchvision calls, so the view is ml-dr's
+    own training view, bit for bit: a normalised float (3, S, S), not uint8 (MixUp mixes normalised floats)."""
+
+    def __init__(self, root: str, data: Data):
+        self.root = root
+        try:
+            cfg = read_pth(os.path.join(root, "config.pth.tar"))
+            ops = {k: dict(v) for k, v in cfg["reinforce"]["image_augmentation"].items()}
+            self.ns = int(cfg["reinforce"]["num_samples"])
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+            C.fail(f"--reinforced {root}: config.pth.tar is not an ml-dr reinforcement config ({type(e).__name__}: {e})")
+        ops = {k: v for k, v in ops.items() if v.pop("enable", True)}  # ml-dr's clean_config
+        if set(ops) - set(MLDR_OPS) or not {"random_resized_crop", "random_crop", "center_crop"} & set(ops):
+            C.fail(f"--reinforced {root}: ops {sorted(ops)} are not ml-dr's replayable ones with a crop ({', '.join(MLDR_OPS)})")
+        self.ops = [(n, ops[n]) for n in MLDR_OPS if n in ops]
+        self.mixing = "mixup" in ops or "cutmix" in ops
+        crop = next(ops[n] for n in ("random_resized_crop", "random_crop", "center_crop") if n in ops)
+        self.size = pair(crop["size"])[0]
+        norm = ops.get("normalize", {"mean": (0.0,) * 3, "std": (1.0,) * 3})
+        self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
+        if int(cfg.get("num_classes", data.num_classes)) != data.num_classes:
+            C.fail(f"--reinforced {root} is for {cfg['num_classes']} classes, --data has {data.num_classes}")
+        self.num_classes = data.num_classes
+        n = len(data)
+        if not os.path.exists(self.file(n - 1)) or os.path.exists(self.file(n)):
+            C.fail(f"--reinforced {root}: its records do not end at index {n - 1}, the last of --data's {n} images "
+                   f"(ml-dr indices are positions in the torchvision dataset: same images, same order)")
+        self.meta = {"variant": "ml-dr " + "+".join(n for n, _ in self.ops if n not in MLDR_FIXED), "topk": "stored"}
+
+    def file(self, i: int) -> str:
+        return os.path.join(self.root, f"{i}.pth.tar")
+
+    def decompress(self, rec):
+        """Compose.decompress: [id2 or None (only with mixing)] + one entry per op with parameters, None = not
+        applied -> (id2, {op: (image's params, partner's or None)}). A mixed record stores each view op as a pair."""
+        rec, id2 = (rec[1:], rec[0]) if self.mixing else (rec, None)
+        params = {}
+        for (name, _), p in zip([o for o in self.ops if o[0] not in MLDR_FIXED], rec, strict=True):
+            if p is not None:
+                params[name] = p if name in ("mixup", "cutmix") else (p[0], p[1]) if id2 is not None and len(p) > 1 \
+                    else (p, None)
+        return id2, params
+
+    def view(self, img: Image.Image, params: dict, side: int) -> torch.Tensor:
+        """Compose.reapply's single-image ops on a PIL image; `side` 0 = the image, 1 = the mixing partner."""
+        for name, kw in self.ops:
+            p = params[name][side] if name in params and name not in ("mixup", "cutmix") else None
+            if name == "center_crop":
+                img = TF.center_crop(img, kw["size"])
+            elif name == "to_tensor":
+                img = TF.to_tensor(img)  # uint8 / 255 (the "uint8" op leaves a PIL image as it is)
+            elif name == "normalize":
+                img = TF.normalize(img, kw["mean"], kw["std"])
+            elif p is None or name == "uint8":
+                continue
+            elif name == "resize":  # deterministic: ml-dr's Resize applies its configured size, not the stored one
+                img = TF.resize(img, kw["size"])
+            elif name == "random_crop":  # torchvision RandomCrop's padding, then the stored (top, left)
+                img = TF.pad(img, kw["padding"], kw.get("fill", 0), kw.get("padding_mode", "constant")) \
+                    if kw.get("padding") is not None else img
+                (h, w), pad = pair(kw["size"]), (kw.get("fill", 0), kw.get("padding_mode", "constant"))
+                if kw.get("pad_if_needed") and TF.get_dimensions(img)[2] < w:
+                    img = TF.pad(img, [w - TF.get_dimensions(img)[2], 0], *pad)
+                if kw.get("pad_if_needed") and TF.get_dimensions(img)[1] < h:
+                    img = TF.pad(img, [0, h - TF.get_dimensions(img)[1]], *pad)
+                img = TF.crop(img, int(p[0]), int(p[1]), h, w)
+            elif name == "random_resized_crop":  # (top, left, h, w) in original pixels, bilinear, antialiased
+                img = TF.resized_crop(img, *(int(v) for v in p), list(pair(kw["size"])), antialias=True)
+            elif name == "random_horizontal_flip":
+                img = TF.hflip(img) if p else img
+            elif name == "rand_augment":  # [(op index, signed magnitude)], torchvision's ops, nearest, no fill
+                img = C.apply_rand_augment(img, p)
+            elif name == "random_erase" and p[0] != -1:  # (top, left, h, w) set to 0 before Normalize
+                img[:, p[0]:p[0] + p[2], p[1]:p[1] + p[3]] = 0
+        return img
+
+    def replay(self, data: Data, i: int, j: int):
+        """Sample j (modulo the file's count) of image i -> (normalised float view, densified target)."""
+        try:
+            index, samples = read_pth(self.file(i))
+            s = samples[j % len(samples)]
+            id2, params = self.decompress(s["params"])
+            target = densify(*s["prob"], self.num_classes)
+            if index != i:
+                raise ValueError(f"holds index {index}")
+        except Exception as e:
+            raise BadRecord(f"{self.file(i)}: {type(e).__name__}: {e}") from None
+        img, partner = data.load(i), data.load(int(id2)) if id2 is not None else None
+        try:
+            x = self.view(img, params, 0)
+            if partner is not None:  # MixUp (lambda already divided by div_by) then CutMix [lambda, box along H, W]
+                x2 = self.view(partner, params, 1)
+                if "mixup" in params:
+                    lam = float(params["mixup"])
+                    x = lam * x + (1 - lam) * x2
+                if "cutmix" in params:
+                    y1, x1, y2, x2_ = (int(v) for v in params["cutmix"][1:])
+                    x = x.clone()
+                    x[:, y1:y2, x1:x2_] = x2[:, y1:y2, x1:x2_]
+        except Exception as e:
+            raise BadRecord(f"{self.file(i)}: {type(e).__name__}: {e}") from None
+        return x, target
+
+
+def open_store(root: str, data: Data):
+    """--reinforced: ml-dr's layout (config.pth.tar) or this script's (meta.json + part-*.npy)."""
+    return MLDRStore(root, data) if os.path.isfile(os.path.join(root, "config.pth.tar")) else Reinforced(root, data)
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Map-style dataset read by key (epoch, index) -> (uint8 (3, S, S), target distribution (C,)). With a
-    reinforcement: with probability p one of the NS stored samples, uniformly, replayed exactly, target = its
-    densified teacher probabilities; otherwise (and in plain training) a fresh ERM augmentation with one-hot
-    labels (mixed by area / weight when it mixes). Draws are seeded by (seed, epoch, index)."""
+    """Map-style dataset read by key (epoch, index) -> (view (3, S, S), target distribution (C,), status: 0 ok, 1 an
+    unreadable image, 2 a stored record that does not read or replay; both skipped with a zero target, which adds
+    nothing to the loss). Views are uint8, or with an ml-dr store normalised floats (its replay's output; the
+    others are normalised alike). With a reinforcement: with probability p one of the NS stored samples,
+    uniformly, replayed exactly, target = its densified teacher probabilities; otherwise (and in plain training)
+    a fresh --aug augmentation with one-hot labels (mixed by area / weight when it mixes). Draws are seeded by
+    (seed, epoch, index)."""
 
-    def __init__(self, data: Data, size: int, seed: int, store: Reinforced | None, p: float, aug: str,
-                 min_scale: float, smoothing: float):
+    def __init__(self, data: Data, size: int, seed: int, store, p: float, aug: str, min_scale: float,
+                 smoothing: float):
         self.data, self.size, self.seed, self.store, self.p = data, size, seed, store, p
         self.aug, self.min_scale, self.smoothing = aug, min_scale, smoothing
 
@@ -778,36 +946,32 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        rng = random.Random(zlib.crc32(f"train/{self.seed}/{epoch}/{i}".encode()))
+        rng, status = random.Random(zlib.crc32(f"train/{self.seed}/{epoch}/{i}".encode())), 0
         try:
             if self.store is not None and rng.random() < self.p:
-                x, t = self.replay(i, rng.randrange(self.store.ns))
+                x, t = self.store.replay(self.data, i, rng.randrange(self.store.ns))
             else:
                 x, t = self.standard(i, rng)
-        except Exception:  # an unreadable image: a zero target, which adds nothing to the loss
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.zeros(self.data.num_classes)
+        except Exception as e:
+            status = 2 if isinstance(e, BadRecord) else 1
+            x, t = torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.zeros(self.data.num_classes)
+        mldr = isinstance(self.store, MLDRStore)
+        if mldr and x.dtype == torch.uint8:  # as ml-dr's to_tensor + normalize
+            x = TF.normalize(x.float().div(255), self.store.mean, self.store.std)
         if x.shape[-1] != self.size:  # a student at another resolution than the stored views
             x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-        return x, t
-
-    def replay(self, i: int, j: int):
-        rec = self.store.record(i, j)
-        if rec["flags"] & BAD:
-            raise ValueError("unreadable at reinforcement")
-        s = decode_sample(rec)
-        partner = self.data.load(s["id2"]) if s["id2"] >= 0 else None
-        x = apply_sample(self.data.load(i), s, self.store.size, partner)
-        return x, densify(rec["prob"], rec["cls"], self.data.num_classes)
+                              align_corners=False)[0]
+            x = x if mldr else x.round().clamp(0, 255).to(torch.uint8)
+        return x, t, status
 
     def standard(self, i: int, rng: random.Random):
         img, n = self.data.load(i), self.data.num_classes
         j = rng.randrange(len(self.data))
         partner = self.data.load(j) if VARIANTS[self.aug][1] else None
         s = draw_sample(rng, img.size, self.size, self.aug, self.min_scale, [(j, partner.size)] if partner is not None else ())
-        x, t = apply_sample(img, s, self.size, partner), one_hot(self.data.labels[i], n)
+        x, t = apply_sample(img, s, self.size, partner), F.one_hot(torch.tensor(self.data.labels[i]), n).float()
         if s["id2"] >= 0:  # the label of a mixed image, mixed as the pixels were
-            t2 = one_hot(self.data.labels[j], n)
+            t2 = F.one_hot(torch.tensor(self.data.labels[j]), n).float()
             if s["mixup"] is not None:
                 t = (s["mixup"] / MIX_GRID) * t + (1 - s["mixup"] / MIX_GRID) * t2
             if s["cutmix"] is not None:
@@ -828,28 +992,29 @@ def kl_loss_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, items, size: int, device, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, items, size: int, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size=256) -> float:
     """Top-1 (%) on [(path, label)]: resize the shorter side, centre crop (the paper: 256 -> 224 crop)."""
     model.eval()
     correct = 0
     for i in C.progress(range(0, len(items), batch_size), "eval"):
         chunk = items[i:i + batch_size]
-        x = C.normalize_images(C.eval_images([p for p, _ in chunk], size, Image.BILINEAR).to(device),
-                               IMAGENET_MEAN, IMAGENET_STD)
+        x = C.normalize_images(C.eval_images([p for p, _ in chunk], size, Image.BILINEAR).to(device), mean, std)
         y = torch.tensor([y for _, y in chunk], device=device)
         correct += (model(x).argmax(1) == y).sum().item()
     model.train()
     return 100 * correct / max(1, len(items))
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
-    """SGD with momentum (the paper's ResNet recipe) or AdamW; no decay on norms and biases either way."""
-    groups = C.param_groups(model, weight_decay)
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
+                   nesterov: bool = True, decay_all: bool = True):
+    """ml-dr's train.get_optimizer: SGD with (Nesterov) momentum or AdamW, weight decay on every parameter;
+    without `decay_all`, 1-D parameters (biases, norm weights) get none, its no_decay_bn_filter_bias rule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if decay_all or p.ndim > 1], "weight_decay": weight_decay}]
+    groups += [] if decay_all else [{"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda)
-    C.fail(f"--optimizer must be sgd or adamw, not '{name}'")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda)
 
 
 def val_items(cfg: TrainConfig, data: Data):
@@ -894,12 +1059,13 @@ def train(cfg: TrainConfig):
             C.fail(f"--num-classes {cfg.num_classes} is less than the data's {data.num_classes} classes")
         data.classnames = data.classnames + [str(c) for c in range(len(data.classnames), cfg.num_classes)]
         data.num_classes = cfg.num_classes
-    store = Reinforced(cfg.reinforced, data) if cfg.reinforced else None
+    store = open_store(cfg.reinforced, data) if cfg.reinforced else None
+    norm = (store.mean, store.std) if isinstance(store, MLDRStore) else (IMAGENET_MEAN, IMAGENET_STD)
     size = cfg.image_size or (store.size if store else cfg.synthetic_size if not cfg.data else
                               MODELS.get(cfg.model, {}).get("image_size", 224))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, size).to(device)
-    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.decay_all)
     gb = cfg.batch_size * world
     per_epoch = max(1, len(data) // gb)
     steps, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
@@ -927,7 +1093,7 @@ def train(cfg: TrainConfig):
         num_workers=cfg.workers, pin_memory=device.type == "cuda", worker_init_fn=C.ignore_stop_signals))
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop, t0, skipped = C.StopSignal(), time.time(), torch.zeros((), device=device)
+    stop, t0, skipped, bad = C.StopSignal(), time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
     seen, epoch_start = 0, (0, 0)  # images read by this rank; (seen, skipped) when the epoch began
     path, stopping, last_step = None, False, False
     for step in C.progress(range(start, steps + 1), "train", initial=start, total=steps + 1):
@@ -938,7 +1104,7 @@ def train(cfg: TrainConfig):
         epoch_end = cfg.eval_every and step % (cfg.eval_every * per_epoch) == 0 and step > start
         if evals and (last_step or epoch_end):
             if rank == 0:
-                log.log(step, top1=evaluate(model, evals, size, device), epoch=step / per_epoch)
+                log.log(step, top1=evaluate(model, evals, size, device, *norm), epoch=step / per_epoch)
             C.barrier()
 
         # ---- checkpoint (these are also the teachers of `reinforce`) --------------------------------
@@ -953,9 +1119,13 @@ def train(cfg: TrainConfig):
             break
 
         # ---- forward, backward, step ---------------------------------------------------------------
-        x, target = next(batches)
-        x = C.normalize_images(x.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, S, S)
-        target = target.to(device, non_blocking=True)  # (B, C) distributions (zero rows: unreadable images)
+        x, target, status = next(batches)
+        x = x.to(device, non_blocking=True)  # (B, 3, S, S): uint8, or ml-dr replay's normalised floats
+        x = C.normalize_images(x, *norm) if x.dtype == torch.uint8 else x
+        target, status = target.to(device, non_blocking=True), status.to(device, non_blocking=True)  # (B, C), (B,)
+        skipped, bad = skipped + (status > 0).sum(), bad + (status == 2).sum()  # zero targets: add no loss
+        if store is None and cfg.aug == "erm":  # ml-dr's ERM: MixUp or CutMix per batch, drawn by (seed, step, rank)
+            x, target = batch_mix(x, target, random.Random(zlib.crc32(f"mix/{cfg.seed}/{step}/{rank}".encode())))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = ddp(x)
         loss = kl_loss(logits, target)
@@ -965,7 +1135,6 @@ def train(cfg: TrainConfig):
         C.set_lr(opt, C.lr_at(step, cfg.lr, warmup, steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        skipped += (target.sum(dim=1) == 0).sum()
         seen += len(target)
         if (step + 1) % per_epoch == 0:  # an epoch without one readable image: stop (one sync per epoch)
             counts = torch.tensor([seen - epoch_start[0], skipped.item() - epoch_start[1]], device=device)
@@ -979,10 +1148,16 @@ def train(cfg: TrainConfig):
             if not math.isfinite(loss.item()):  # the last checkpoint stays the last good one
                 C.fail(f"loss is {loss.item()} at step {step + 1}; stopping (resume from a checkpoint, lower --lr)")
             log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], skipped=int(skipped.item()),
-                    images_per_s=cfg.log_every * gb / (time.time() - t0))
+                    bad_records=int(bad.item()), images_per_s=cfg.log_every * gb / (time.time() - t0))
             t0 = time.time()
     if stopping and not last_step:
         C.print0(f"stopped by a signal at step {step}: --resume auto continues from {path}")
+    if store is not None:  # one line with the counts, over all ranks
+        counts = torch.stack([torch.tensor(float(seen), device=device), bad, skipped - bad])
+        if world > 1:
+            torch.distributed.all_reduce(counts)
+        C.print0(f"of {int(counts[0])} samples read, {int(counts[1])} had a stored record that failed to read or "
+                 f"replay and {int(counts[2])} an unreadable image: skipped (zero targets)")
     C.finish_run(cfg.out, path)
     C.cleanup_distributed()
 

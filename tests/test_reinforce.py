@@ -115,7 +115,7 @@ def test_rand_augment_values_are_common_draws():
 def test_record_size_per_augmentation():
     """Bytes per stored augmentation at k = 10, 224 px (paper, gzip'd pickles: RRC 65, +M* 90, +RA/RE 73,
     +M*+R* 104)."""
-    sizes = {v: R.record_dtype(v, 10, 224, 1000).itemsize for v in R.VARIANTS}
+    sizes = {v: R.record_dtype(v, 10, 224, 1000).itemsize for v in R.VARIANTS if v != "erm"}
     assert sizes == {"cropflip": 49, "mixing": 67, "randaug": 55, "randaug_mixing": 79}
     assert R.record_dtype("randaug", 10, 384, 1000).itemsize == 59  # erase box in int16 above 255 px
     assert R.record_dtype("randaug", 5, 224, 1000).itemsize == 35  # ImageNet+ "Small": k = 5
@@ -167,7 +167,7 @@ def test_replay_from_disk_is_bit_exact_for_every_op(tmp_path):
     seen = set()
     for g in range(len(data)):
         _, idx, recs, views, owner = R.ReinforceViews(data, [(0, [g])], cfg, 24, dt)[0]  # the generator's views
-        replayed = torch.stack([train.replay(g, n)[0] for _, n in owner])
+        replayed = torch.stack([store.replay(data, g, n)[0] for _, n in owner])
         assert torch.equal(replayed, views)
         probs = R.teacher_probs(teachers, replayed, 1.0, False)
         stored = torch.from_numpy(np.stack([store.record(g, n)["prob"] for _, n in owner]).astype(np.float32))
@@ -268,16 +268,17 @@ def _patch_world(root, n, seed):
     return str(root)
 
 
-def _reinforced_vs_erm(root, seed):
-    """Teacher on 1,000 images, reinforcement of 80 others, student and ERM on those 80: logs by run."""
-    teach, train = _patch_world(root / "teach", 1000, 3 * seed + 1), _patch_world(root / "train", 80, 3 * seed + 2)
-    common = ["--val-data", _patch_world(root / "val", 500, 3 * seed + 3), "--workers", "0", "--image-size", "16",
-              "--batch-size", "16", "--lr", "0.05", "--aug", "cropflip", "--seed", str(seed)]
-    R.main(["train"] + common + ["--data", teach, "--epochs", "10", "--out", str(root / "teacher")])
+def _reinforced_vs_erm(root, seed, variant="randaug", epochs=90, n_val=500, n_teach=1000):
+    """Teacher on 1,000 images, reinforcement of 80 others, student and ERM (ml-dr's erm.yaml) on those 80: logs
+    by run."""
+    teach, train = _patch_world(root / "teach", n_teach, 3 * seed + 1), _patch_world(root / "train", 80, 3 * seed + 2)
+    common = ["--val-data", _patch_world(root / "val", n_val, 3 * seed + 3), "--workers", "0", "--image-size", "16",
+              "--batch-size", "16", "--lr", "0.05", "--warmup-epochs", "1", "--seed", str(seed)]
+    R.main(["train"] + common + ["--data", teach, "--epochs", "10", "--aug", "cropflip", "--out", str(root / "teacher")])
     R.main(["reinforce", "--data", train, "--workers", "0", "--teachers", str(root / "teacher"), "--num-samples", "60",
-            "--topk", "3", "--variant", "cropflip", "--seed", str(seed), "--out", str(root / "rf")])
+            "--topk", "3", "--variant", variant, "--seed", str(seed), "--out", str(root / "rf")])
     for run, extra in (("student", ["--reinforced", str(root / "rf")]), ("erm", [])):
-        R.main(["train"] + common + ["--data", train, "--epochs", "90", "--out", str(root / run)] + extra)
+        R.main(["train"] + common + ["--data", train, "--epochs", str(epochs), "--out", str(root / run)] + extra)
     return {run: [json.loads(line) for line in open(root / run / "log.jsonl")] for run in ("teacher", "student", "erm")}
 
 
@@ -328,7 +329,7 @@ def test_training_resumes_exactly(tmp_path):
     """Stopping after step 4 and resuming from its checkpoint ends with the weights of a run that never stopped."""
     data = _colour_world(tmp_path / "train", 48, 0)
     argv = ["--data", data, "--workers", "0", "--image-size", "16", "--batch-size", "8", "--epochs", "2",
-            "--ckpt-every", "4", "--keep-ckpts", "5", "--aug", "randaug_mixing"]
+            "--ckpt-every", "4", "--keep-ckpts", "5"]  # --aug erm: MixUp or CutMix per batch, drawn by step
     R.main(["train"] + argv + ["--out", str(tmp_path / "a")])
     R.main(["train"] + argv + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "ckpt-4.pt")])
     a, b = (torch.load(tmp_path / d / "ckpt-12.pt", weights_only=True)["model"] for d in "ab")
@@ -449,3 +450,260 @@ def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_
     assert losses["stopped"] == losses["straight"] and len(losses["straight"]) == 9
     starts = [rec for rec in map(json.loads, open(tmp_path / "stopped" / "log.jsonl")) if rec.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["config"]["resume"] == "auto"
+
+
+# ---- ml-dr's released layout, its recipe and its ERM baseline (issue 24) ------------------------------------
+
+
+class _MLDRReplay:
+    """A transcription of apple/ml-dr's replay for the test: dr/transforms.py's Compose.decompress and
+    Compose.reapply with its ops (torchvision's transforms, the stored parameters fed to their get_params as
+    ml-dr's subclasses do), in TRANSFORMATION_TO_NAME's order, and dr/data.py's partner loading."""
+    ORDER = ["uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
+             "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix"]
+    NO_PARAM = ["uint8", "center_crop", "to_tensor", "normalize"]
+
+    def __init__(self, config):
+        import torchvision.transforms as T
+        cfg = {k: {a: b for a, b in v.items() if a != "enable"} for k, v in config.items() if v.get("enable", True)}
+        self.names = [n for n in self.ORDER if n in cfg]
+        self.t = {"resize": T.Resize(**cfg.get("resize", {"size": 1})), "center_crop": T.CenterCrop(**cfg.get("center_crop", {"size": 1})),
+                  "random_crop": T.RandomCrop(**cfg.get("random_crop", {"size": 1})),
+                  "random_resized_crop": T.RandomResizedCrop(**cfg.get("random_resized_crop", {"size": 1})),
+                  "rand_augment": T.RandAugment(), "normalize": T.Normalize(**cfg.get("normalize", {"mean": 0, "std": 1}))}
+
+    def decompress(self, pc):
+        params = {}
+        no_pair = None
+        if "mixup" in self.names or "cutmix" in self.names:
+            no_pair = pc[0]
+            if no_pair is not None:
+                params["id2"] = no_pair
+            pc = pc[1:]
+        for p, name in zip(pc, [n for n in self.names if n not in self.NO_PARAM]):
+            if p is None:
+                pass
+            elif name == "mixup":
+                params[name] = p
+            elif name == "cutmix":
+                params[name] = (p[0], tuple(p[1:]))
+            elif no_pair is not None and len(p) > 1:
+                params[name] = (p[0], p[1])
+            else:
+                params[name] = (p,)
+        for name in self.names:
+            if name in self.NO_PARAM:
+                params[name] = ((), ())
+        return params
+
+    def op(self, name, img, p):
+        from torchvision.transforms import functional as TF
+        from torchvision.transforms.autoaugment import _apply_op
+        t = self.t.get(name)
+        if name in ("random_crop", "random_resized_crop"):
+            stored = (p[0], p[1], *t.size) if name == "random_crop" else p
+            t.get_params = lambda *a, **k: stored
+            return t(img)
+        if name in ("resize", "center_crop", "normalize"):
+            return t(img)
+        if name == "random_horizontal_flip":
+            return TF.hflip(img) if p else img
+        if name == "rand_augment":
+            for op_index, magnitude in p:
+                img = _apply_op(img, C.RAND_AUGMENT_OPS[op_index], magnitude, interpolation=t.interpolation, fill=t.fill)
+            return img
+        if name == "to_tensor":
+            return TF.to_tensor(img) if not isinstance(img, torch.Tensor) else img
+        if name == "random_erase":
+            x, y, h, w = p
+            if x != -1:
+                img[:, x:x + h, y:y + w] = 0
+            return img
+        return img  # uint8 on a PIL image
+
+    def reapply(self, img, params, img2=None):
+        for name in self.names:
+            if name not in params:
+                continue
+            if name == "mixup":
+                lam = params[name]
+                img = lam * img + (1 - lam) * img2
+            elif name == "cutmix":
+                (x1, y1, x2, y2) = params[name][1]
+                img = img.detach().clone()
+                img[:, x1:x2, y1:y2] = img2[:, x1:x2, y1:y2]
+            else:
+                if params[name][0] is not None:
+                    img = self.op(name, img, params[name][0])
+                if img2 is not None and params[name][1] is not None:
+                    img2 = self.op(name, img2, params[name][1])
+        return img
+
+
+def _mldr_records(images, config, ns, rng):
+    """ml-dr records as its reinforce.py compresses them (dr/transforms.Compose.compress): torchvision's own
+    get_params draws, RandAugment (op index, signed magnitude) pairs covering every op, MixUp's lambda and
+    CutMix's box as numpy scalars, the top-k as Python lists."""
+    import torchvision.transforms as T
+    names, out = [n for n in _MLDRReplay.ORDER if n in config], []
+    size = (config.get("random_resized_crop") or config["random_crop"])["size"]
+    space = T.RandAugment()._augmentation_space(31, (size, size))
+    for i, img in enumerate(images):
+        samples = []
+        for n in range(ns):
+            mixed = "mixup" in names and n % 4 != 0
+            j = int(rng.integers(len(images))) if mixed else None
+
+            def view(im, n):
+                p = {"resize": config.get("resize", {}).get("size"), "random_horizontal_flip": bool(rng.integers(2)),
+                     "random_erase": [int(v) for v in T.RandomErasing.get_params(torch.zeros(3, size, size), (0.02, 0.33), (0.3, 3.3))[:4]] if rng.random() < 0.4 else None}
+                if "random_resized_crop" in names:
+                    p["random_resized_crop"] = T.RandomResizedCrop.get_params(im, [0.08, 1.0], [3 / 4, 4 / 3])
+                if "random_crop" in names:
+                    pad = 2 * config["random_crop"]["padding"]
+                    p["random_crop"] = (int(rng.integers(size + pad - size + 1)), int(rng.integers(pad + 1)))
+                ops = [(n * 2 + k) % 14 for k in range(2)]  # every op index over the samples
+                p["rand_augment"] = [(k, float(space[C.RAND_AUGMENT_OPS[k]][0][9]) * (-1.0 if rng.random() < 0.5 and space[C.RAND_AUGMENT_OPS[k]][1] else 1.0) if space[C.RAND_AUGMENT_OPS[k]][0].ndim else 0.0) for k in ops] if rng.random() < 0.9 else None
+                return p
+
+            p1, p2 = view(img, n), view(images[j], n) if mixed else None
+            mixup = np.random.default_rng(n).beta(1.0, 1.0) / 2.0 if mixed and n % 4 != 3 else None
+            cutmix = None
+            if mixed and n % 4 != 2:
+                cut = int(size * np.sqrt(1 - np.random.default_rng(n).beta(1.0, 1.0)))
+                cx, cy = np.int64(rng.integers(size)), np.int64(rng.integers(size))
+                cutmix = [np.float64(0.3), np.clip(cx - cut // 2, 0, size), np.clip(cy - cut // 2, 0, size),
+                          np.clip(cx + cut // 2, 0, size), np.clip(cy + cut // 2, 0, size)]
+            rec = [j if mixed else None] if "mixup" in names else []
+            for name in names:
+                if name in _MLDRReplay.NO_PARAM or name in ("mixup", "cutmix"):
+                    continue
+                rec.append([p1[name], p2[name]] if mixed else p1[name])
+            rec += [mixup, cutmix] if "mixup" in names else []
+            prob = np.float32(np.random.default_rng(n).uniform(0.5, 1.0))  # top-1 of 2 classes
+            samples.append({"params": rec, "prob": ([float(prob)], [n % 2])})
+        out.append((i, samples))
+    return out
+
+
+MLDR_IMAGENET = {"uint8": {"enable": True}, "random_resized_crop": {"enable": True, "size": 24},
+                 "random_horizontal_flip": {"enable": True, "p": 0.5}, "rand_augment": {"enable": True, "p": 1.0},
+                 "to_tensor": {"enable": True}, "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                 "random_erase": {"enable": True, "p": 0.25}, "mixup": {"enable": True, "alpha": 1.0, "div_by": 2.0, "p": 0.5},
+                 "cutmix": {"enable": True, "alpha": 1.0, "p": 0.5}, "auto_augment": {"enable": False}}
+MLDR_CIFAR = {"uint8": {"enable": True}, "resize": {"size": 20}, "random_crop": {"size": 20, "padding": 3},
+              "random_horizontal_flip": {"enable": True, "p": 0.5}, "rand_augment": {"enable": True, "p": 1.0},
+              "to_tensor": {"enable": True}, "normalize": {"mean": [0.507, 0.487, 0.441], "std": [0.267, 0.256, 0.276]},
+              "random_erase": {"enable": True, "p": 0.25}}
+
+
+def _write_mldr(root, config, records):
+    os.makedirs(root, exist_ok=True)
+    torch.save({"num_classes": 2, "reinforce": {"num_samples": len(records[0][1]), "topk": 2,
+                                                "image_augmentation": config}}, os.path.join(root, "config.pth.tar"))
+    for i, rec in records:
+        torch.save((i, rec), os.path.join(root, f"{i}.pth.tar"), pickle_protocol=4)
+    return str(root)
+
+
+@pytest.mark.parametrize("config", ["imagenet", "cifar"])
+def test_mldr_records_replay_bit_identically_to_ml_drs_own_replay(config, tmp_path):
+    """Records written in ml-dr's released layout (config.pth.tar, {index}.pth.tar by torch.save, numpy scalars
+    for the mixing draws) read without torch's pickle and replay, op by op, to the very tensor ml-dr's replay
+    (transcribed above) gives on the same image and parameters: RandomResizedCrop or Resize + padded
+    RandomCrop, flip, every RandAugment op, erasing, Normalize, MixUp, CutMix, both on one sample."""
+    config = {"imagenet": MLDR_IMAGENET, "cifar": MLDR_CIFAR}[config]
+    root = _folder(tmp_path / "imgs")
+    data = R.load_data(C.parse_config(R.TrainConfig, ["--data", root], verbose=False))
+    images = [data.load(i) for i in range(len(data))]
+    records = _mldr_records(images, config, 16, np.random.default_rng(0))
+    store = R.MLDRStore(_write_mldr(tmp_path / "rf", config, records), data)
+    ref = _MLDRReplay(config)
+    assert store.ns == 16 and store.size == (24 if config is MLDR_IMAGENET else 20)
+    seen = set()
+    for i, samples in records:
+        for n, s in enumerate(samples):
+            params = ref.decompress(s["params"])
+            img2 = images[params["id2"]] if "mixup" in params or "cutmix" in params else None
+            want = ref.reapply(images[i], params, img2)
+            x, t = store.replay(data, i, n)
+            assert x.dtype == torch.float32 and torch.equal(x, want), (i, n)
+            torch.testing.assert_close(t[s["prob"][1]], torch.tensor(s["prob"][0]))
+            seen |= {k for k in ("mixup", "cutmix") if k in params} | {k for k, _ in params.get("rand_augment", ((),))[0] or ()}
+            seen |= {"erase"} if params.get("random_erase", (None,))[0] is not None else set()
+    assert seen >= set(range(14)) | {"erase"} | ({"mixup", "cutmix"} if config is MLDR_IMAGENET else set()), seen
+
+
+def test_mldr_layout_trains_and_counts_bad_records(tmp_path, capsys):
+    """`train --reinforced` reads ml-dr's layout directly; a record that does not read (junk bytes) and one whose
+    pickle would run code (refused, the code never runs) are counted and skipped, with one line of counts."""
+    root = _folder(tmp_path / "imgs")
+    data = R.load_data(C.parse_config(R.TrainConfig, ["--data", root], verbose=False))
+    rf = _write_mldr(tmp_path / "rf", MLDR_IMAGENET, _mldr_records([data.load(i) for i in range(len(data))],
+                                                                  MLDR_IMAGENET, 4, np.random.default_rng(1)))
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save((1, [{"params": Evil(), "prob": ([1.0], [0])}]), os.path.join(rf, "1.pth.tar"))
+    open(os.path.join(rf, "4.pth.tar"), "wb").write(b"junk")
+    out = str(tmp_path / "run")
+    R.main(["train", "--data", root, "--reinforced", rf, "--reinforce-p", "1", "--epochs", "2", "--batch-size", "3",
+            "--workers", "0", "--log-every", "1", "--out", out, "--val-data", root])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert not marker.exists()
+    assert [r["bad_records"] for r in log if "loss" in r][-1] == 4  # images 1 and 4, both epochs
+    assert "of 12 samples read, 4 had a stored record that failed to read or replay and 0 an unreadable image" \
+        in capsys.readouterr().out
+    assert "top1" in log[-1]
+    with pytest.raises(SystemExit):  # records for other images than --data's: one line
+        R.MLDRStore(rf, R.Data(data.items[:4], data.labels[:4], data.classnames))
+
+
+def test_optimizer_is_ml_drs_sgd_nesterov_with_decay_on_every_parameter():
+    """ml-dr's train.get_optimizer with its ImageNet configs: SGD, Nesterov, one group with weight decay on every
+    parameter (no_decay_bn_filter_bias off); --no-decay-all: 1-D parameters (biases, norms) in a group without."""
+    m = R.build_model("resnet_tiny", 3)
+    opt = R.make_optimizer(m, "sgd", 0.4, 1e-4, 0.9)
+    (g,) = opt.param_groups
+    assert g["nesterov"] and g["momentum"] == 0.9 and g["weight_decay"] == 1e-4
+    assert len(g["params"]) == len(list(m.parameters()))
+    decay, rest = R.make_optimizer(m, "sgd", 0.4, 1e-4, 0.9, nesterov=False, decay_all=False).param_groups
+    assert {id(p) for p in rest["params"]} == {id(p) for n, p in m.named_parameters() if p.ndim == 1}
+    assert rest["weight_decay"] == 0 and not decay["nesterov"] and len(decay["params"]) + len(rest["params"]) == len(g["params"])
+    cfg = C.parse_config(R.TrainConfig, [], verbose=False)
+    assert (cfg.nesterov, cfg.decay_all, cfg.weight_decay, cfg.warmup_epochs, cfg.aug) == (True, True, 1e-4, 5.0, "erm")
+
+
+def test_erm_mixes_each_batch_with_mixup_or_cutmix_and_never_flips():
+    """ml-dr's erm.yaml: per batch one of MixUp (lambda ~ Beta(0.2, 0.2)) or CutMix (Beta(1, 1), a spatial box),
+    each half the time, partners a permutation of the batch, targets mixed as the pixels; the view has no flip."""
+    B, n = 6, 6
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 8, 8)  # image b is all b
+    t = torch.eye(n)[:B]
+    kinds, lams = [], []
+    for seed in range(300):
+        xm, tm = R.batch_mix(x, t, random.Random(seed))
+        torch.testing.assert_close(tm.sum(1), torch.ones(B))
+        torch.testing.assert_close(xm.mean((1, 2, 3)), tm @ torch.arange(n, dtype=torch.float32))  # pixels = labels
+        partner = tm.clone()
+        partner[range(B), range(B)] = 0
+        perm = torch.where(partner.sum(1) > 0, partner.argmax(1), torch.arange(B))
+        assert sorted(perm.tolist()) == list(range(B))  # the partners are a permutation of the batch
+        values = [torch.unique(xm[b]).numel() for b in range(B)]
+        if all(v == 1 for v in values) and not torch.equal(xm, x):
+            kinds.append("mixup")
+            lams.append(tm[0, 0].item())
+        else:
+            kinds.append("cutmix")
+            b = int((partner.sum(1) > 0).nonzero()[0]) if partner.sum() else 0
+            rows, cols = (xm[b, 0] != b).any(1), (xm[b, 0] != b).any(0)
+            assert (xm[b, 0][rows][:, cols] != b).all()  # one rectangle
+    assert 120 < kinds.count("mixup") < 180
+    lams = np.array([max(v, 1 - v) for v in lams])
+    assert (lams > 0.9).mean() > 0.4  # Beta(0.2, 0.2) is U-shaped (Beta(1, 1) would give 0.2)
+    rng = random.Random(0)
+    assert not any(R.draw_sample(rng, (40, 30), 16, "erm", 0.08)["view"]["flip"] for _ in range(100))
+    assert any(R.draw_sample(rng, (40, 30), 16, "randaug", 0.08)["view"]["flip"] for _ in range(100))
