@@ -3,31 +3,29 @@
 
 SAM-CLIP turns SAM's ViT-B image encoder into one backbone with two heads: SAM's mask decoder (promptable
 segmentation, kept by self-distillation from a frozen SAM) and a new CLIP head (zero-shot classification and
-segmentation, distilled from a CLIP teacher). Stage I trains the CLIP head alone on the frozen backbone; stage II
-trains all but the prompt encoder on L_CLIP + lambda L_SAM, backbone and SAM head at a tenth of the head's lr.
+segmentation, distilled from a CLIP teacher). Stage I trains the CLIP head on the frozen backbone; stage II all but
+the prompt encoder on L_CLIP + lambda L_SAM (backbone and SAM head at 0.1x lr); stage III the CLIP head alone again
+at 224/448/1024, so one 1024-px backbone pass feeds both heads (App. C).
 
 What is here: Segment Anything with the official parameter names (sam_vit_{b,l,h} load strictly), point, box and
-mask prompts with SAM's pre/post-processing (`predict`); the CLIP head; stages I and II with the paper's losses,
-learning rates, batch mix (a CLIP and a SAM micro-batch, one optimizer step) and resolutions (CLIP at a cycle of
-224/448, SAM at 1024); an SA-1B shard reader (COCO RLE masks decoded in numpy); zero-shot semantic segmentation
-(`segment`) and its mIoU on a Pascal VOC folder or the synthetic world (`eval`), optionally refined by the SAM
-head (App. C). The tiny pipeline's SAM teacher is a tiny SAM trained here on the world's masks (`train-sam`).
-Left out: iterative prompt simulation (one point or box per mask), stage III (= stage I at other sizes), the
-CVNets variable-batch sampler (the CLIP size cycles per step), the Table 3-4 evaluations, cached teacher outputs.
+mask prompts with SAM's pre/post-processing (`predict`); the CLIP head; stages I-III with the paper's losses, lrs,
+batch mix (a CLIP and a SAM micro-batch, one optimizer step) and resolutions; an SA-1B shard reader (COCO RLE in
+numpy); `segment` and `eval`: zero-shot semantic segmentation (Table 2's protocol) on Pascal VOC, Pascal Context,
+ADE20K, COCO-Stuff folders or the synthetic world, optionally refined by the SAM head (App. C); zero-shot
+classification on an ImageFolder; box-prompted mask mIoU on a COCO instances JSON (SAM's retained skill). The tiny
+pipeline's SAM teacher is a tiny SAM trained here (`train-sam`). Left out: iterative prompt simulation (one point
+or box per mask), the CVNets variable-batch sampler (the CLIP size cycles per step), Table 3-4 probing, cached
+teacher outputs, ViTDet boxes (COCO's ground-truth boxes prompt instead).
 
 Paper -> code:
-  SAM ViT-B image encoder, neck (SAM paper, spec 2.1)      -> ImageEncoderViT, EncoderBlock, EncoderAttention
-  decomposed relative position bias (MViTv2)              -> rel_pos_lookup, rel_pos_bias
-  prompt encoder, random Fourier PE                        -> PromptEncoder, PositionEmbeddingRandom
-  two-way transformer mask decoder                         -> MaskDecoder, TwoWayTransformer, TwoWayBlock
-  CLIP head: 3 blocks from SAM's last, max-pool, LN, MLP   -> CLIPHead (order: see it), SamClip.add_clip_head
-  L_CLIP, cosine distillation (Eq. 1)                      -> cosine_distill_loss
-  L_SAM = focal + dice against the frozen SAM (Eq. 2)      -> focal_loss, dice_loss, sam_distill_loss
-  L_CLIP + lambda L_SAM, lambda = 10 (Eq. 3)               -> merge (stage 2), Config.lambda_sam
-  stage I / II schedule (Sec. 4.1, spec 3.2)               -> merge, param_groups_stage2
-  zero-shot semantic segmentation (Sec. 4.3, Table 2)      -> dense_logits, segment_main, eval_main
-  CLIP + SAM head composition (Table 5, App. C)            -> refine_with_sam
-  SA-1B reader (COCO RLE)                                  -> rle_decode, rle_counts, SamDecode
+  SAM ViT-B image encoder, neck (spec 2.1); MViTv2 rel. pos.  -> ImageEncoderViT, EncoderBlock, rel_pos_bias
+  prompt encoder, two-way mask decoder                       -> PromptEncoder, MaskDecoder, TwoWayTransformer
+  CLIP head: 3 blocks from SAM's last, max-pool, LN, MLP     -> CLIPHead, SamClip.add_clip_head
+  L_CLIP (Eq. 1), L_SAM = focal + dice vs frozen SAM (Eq. 2) -> cosine_distill_loss, sam_distill_loss
+  L_CLIP + 10 L_SAM (Eq. 3); stages I-III (Sec. 4.1)         -> merge, build_student, param_groups_stage2
+  zero-shot segmentation (Sec. 4.3, Table 2)                 -> dense_logits, segment_image, seg_eval
+  CLIP + SAM head from one pass (Table 5, App. C)            -> refine_with_sam
+  benchmarks' readers; SA-1B / COCO masks (RLE, polygons)    -> seg_pairs, DATASETS; rle_decode, coco_mask
 
 Commands (real data, the paper's batch mix over 8 GPUs; the teacher is this repo's checkpoint or an OpenCLIP
 state dict with --bpe):
@@ -39,8 +37,12 @@ state dict with --bpe):
       --teacher-clip clip_l14.pt --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' \\
       --data-sam 'sa1b/sa_{000000..000063}.tar' --clip-sizes 224,448 --batch-clip 256 --batch-sam 4 \\
       --masks-per-image 32 --sam-size 1024 --steps 320000 --warmup 2000 --out runs/s2
-  python samclip.py segment --init runs/s2 --image x.jpg --classes "cat,dog,grass" --out seg.png
-  python samclip.py eval --init runs/s2 --voc VOCdevkit/VOC2012 --size 448 [--refine]
+  torchrun --nproc_per_node=8 samclip.py --stage 3 --init runs/s2 --teacher-clip clip_l14.pt \\
+      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --batch-clip 256 --steps 60000 --out runs/s3
+  python samclip.py segment --init runs/s3 --image x.jpg --classes "cat,dog,grass" --out seg.png [--refine]
+  python samclip.py eval --init runs/s3 --dataset voc --data VOCdevkit/VOC2012 [--refine]
+  python samclip.py eval --init runs/s3 --zeroshot-data imagenet/val --zeroshot-classnames names.txt
+  python samclip.py eval --init runs/s3 --coco-instances instances_val2017.json --coco-images val2017
 Tiny pipeline on the synthetic world (CPU):
   python samclip.py train-sam --out runs/sam_tiny
   python samclip.py --stage 1 --init-sam runs/sam_tiny --teacher-clip /path/mobileclip_run/ckpt-800.pt --out runs/s1
@@ -66,11 +68,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
-
 
 @dataclass
 class Shared:
@@ -81,7 +82,6 @@ class Shared:
     synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images (the evaluation set)
     synthetic_size: int = 64  # synthetic image size
-
 
 @dataclass
 class TrainShared(Shared):
@@ -99,12 +99,11 @@ class TrainShared(Shared):
     resume: str = ""  # 'auto' = the latest checkpoint in --out, or a path
     overwrite: bool = False  # start over in an --out holding another run's checkpoints (moved to OUT/previous-N/)
 
-
 @dataclass
 class Config(TrainShared):
-    stage: int = 1  # 1: CLIP-head probing on the frozen backbone; 2: multi-task distillation (CLIP + SAM)
-    init_sam: str = ""  # SAM weights, also the frozen SAM teacher: official .pth, or a train-sam run/checkpoint
-    init: str = ""  # stage 2: the stage-1 checkpoint or run directory (CLIP head + backbone)
+    stage: int = 1  # 1: CLIP-head probing (frozen backbone); 2: multi-task distillation; 3: resolution adaptation
+    init_sam: str = ""  # stages 1-2: SAM weights, also the frozen SAM teacher: official .pth, or a train-sam run
+    init: str = ""  # stages 2-3: the previous stage's checkpoint or run directory
     teacher_clip: str = ""  # CLIP teacher: a mobileclip.py checkpoint (bpe.txt beside it) or an OpenCLIP state dict
     bpe: str = ""  # CLIP merges file for an OpenCLIP teacher
     data_clip: str = ""  # tar shards of images for L_CLIP; empty = the synthetic world
@@ -113,19 +112,20 @@ class Config(TrainShared):
     steps: int = 300  # optimizer steps (paper: 20 epochs of 40.6M images at 2048 a step in stage I)
     batch_clip: int = 64  # CLIP images per step and process (paper: 2048 global)
     batch_sam: int = 8  # SA-1B images per step and process (paper: 32 global)
-    clip_sizes: str = ""  # CLIP-side resolutions, cycled per step (paper: 224,448); empty = the model's size
+    clip_sizes: str = ""  # CLIP-side sizes, cycled per step (paper: 224,448; stage 3: + 1024); empty = the model's
+    # size (stage 3: --init's sizes + the model's)
     sam_size: int = 0  # SAM-side resolution (paper: 1024); 0 = the model's
-    lr: float = 0.0  # CLIP-head learning rate; 0 = the paper's (stage 1: 8e-4, stage 2: 4e-5)
+    lr: float = 0.0  # CLIP-head learning rate; 0 = the paper's (stages 1 and 3: 8e-4, stage 2: 4e-5)
     backbone_lr_mult: float = 0.1  # stage 2: backbone and SAM head at this fraction of --lr (paper: 0.1)
     lambda_sam: float = 10.0  # weight of L_SAM in stage 2 (paper: 10)
-    pool_first: bool = False  # the paper's head order: max-pool, LN, MLP (default: LN, MLP, max-pool; CLIPHead)
+    pool_first: bool = True  # the paper's head order: max-pool, LN, MLP; --no-pool-first: LN, MLP, max-pool
     head_hidden: int = 0  # hidden width of the CLIP head's MLP; 0 = the backbone width (the paper leaves it open)
     crop_scale: float = 0.5  # smallest area fraction of the CLIP images' random resized crop
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     fused: bool = True  # fused attention (SDPA); --no-fused runs the explicit-softmax reference
     eval: bool = True  # at the end: zero-shot segmentation mIoU and SAM-head IoU on the synthetic held-out set
     eval_max: int = 500  # held-out images evaluated
-
+    templates: str = "openai"  # prompt templates of the evaluation: openai (80) | default (7) | a file, one a line
 
 @dataclass
 class SamTrainConfig(TrainShared):
@@ -138,7 +138,6 @@ class SamTrainConfig(TrainShared):
     lr: float = 2e-3  # peak learning rate (SAM: 8e-4 at batch 256)
     warmup: int = 30  # linear warm-up steps
 
-
 @dataclass
 class PredictConfig(Shared):
     init: str = ""  # SAM weights: the official .pth, or any checkpoint or run directory of this script
@@ -150,20 +149,19 @@ class PredictConfig(Shared):
     multimask: bool = True  # three candidate masks, keep the best by predicted IoU
     out: str = "out.png"  # the mask PNG (and its low-res logits, _logits.pt)
 
-
 @dataclass
 class SegShared(Shared):
     """The flags of segment and eval."""
     init: str = ""  # a SAM-CLIP run (stage 1 or 2) or its checkpoint
     teacher_clip: str = ""  # the CLIP teacher for the text side; default: the run's
     bpe: str = ""  # CLIP merges for an OpenCLIP teacher
-    size: int = 0  # CLIP-head resolution (paper: 448); 0 = the run's first CLIP size
-    refine: bool = False  # refine with the SAM head (App. C): mask prompt + points per class
+    templates: str = "openai"  # prompt templates: openai (the 80 of the paper) | default (7) | a file, one a line
+    size: int = 0  # CLIP-head resolution; 0 = 448 (paper) for vit_b/l/h, the run's first CLIP size for tiny models
+    refine: bool = False  # CLIP + SAM head from one pass at SAM's size (App. C): mask prompt + points per class
     refine_threshold: float = 0.5  # probability above which refinement points are drawn (paper: 0.5 for VOC)
-    bg_threshold: float = -1.0  # background where the best cosine is below this; -1 = calibrated
-    # (segment: at the end of the run; eval: on 100 training images); 0 = the --background text class
-    background: str = "background"  # with --bg-threshold 0: a background text class ('' = none)
-
+    bg_threshold: float = 0.95  # background where the best class probability is below this (GroupViT: 0.95 VOC,
+    # 0.35 Pascal Context); -1 = calibrated (eval: on 100 labelled training images; segment: the run's); 0 = none
+    background: str = ""  # a background text class instead of the threshold (e.g. 'background')
 
 @dataclass
 class SegmentConfig(SegShared):
@@ -171,14 +169,17 @@ class SegmentConfig(SegShared):
     classes: str = ""  # comma-separated class names
     out: str = "out.png"  # the label-map PNG (+ .json legend)
 
-
 @dataclass
 class EvalConfig(SegShared):
-    voc: str = ""  # a Pascal VOC folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)
-    split: str = "val"  # the VOC image list
-    classnames: str = ""  # file of class names, one a line, in label order (default: VOC's 21)
-    eval_max: int = 0  # images evaluated (0 = all)
-
+    dataset: str = ""  # voc | context | context59 | ade | cocostuff (DATASETS; needs --data); empty = synthetic
+    data: str = ""  # the dataset's folder as mmsegmentation prepares it (VOCdevkit/VOC2012, ADEChallengeData2016, ...)
+    split: str = ""  # its image list / folder; empty = the validation split
+    classnames: str = ""  # file of class names, one a line, in label order (VOC's 21 built in)
+    zeroshot_data: str = ""  # an ImageFolder for zero-shot classification (at the run's first CLIP size)
+    zeroshot_classnames: str = ""  # its class names, one per folder in sorted order; default: the folder names
+    coco_instances: str = ""  # a COCO instances JSON: mask mIoU of SAM-head masks from its boxes
+    coco_images: str = ""  # the folder of its images
+    eval_max: int = 0  # images evaluated per benchmark (0 = all)
 
 # SAM sizes (build_sam.py constants); `tiny` is a CPU model for the synthetic world: 64 px, 8 x 8 tokens;
 # `micro` is the tests' (32 px).
@@ -203,12 +204,10 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 # attention adds a relative position term q . R[h - h'] + q . R[w - w'] (MViTv2's decomposition), with a
 # learned table per axis of 2S - 1 rows; at another grid size the table is linearly resampled.
 
-
 def LayerNorm2d(channels: int) -> nn.Module:
     """LayerNorm over the channels of an NCHW map, per pixel, eps 1e-6 (SAM's neck, prompt and decoder convs):
     torchvision's (ConvNeXt's), whose `weight` and `bias` are SAM's parameter names."""
     return torchvision.models.convnext.LayerNorm2d(channels, eps=1e-6)
-
 
 class MLPBlock(nn.Module):
     """lin1 -> act -> lin2 (names as in the checkpoint)."""
@@ -220,7 +219,6 @@ class MLPBlock(nn.Module):
     def forward(self, x):
         return self.lin2(self.act(self.lin1(x)))
 
-
 def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
     """(q_size, k_size, Dh): the table row of every (query, key) offset along one axis. A table of another
     length than 2 max(q, k) - 1 is resampled linearly first (other resolutions in global blocks)."""
@@ -231,7 +229,6 @@ def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tenso
     k = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
     return table[(q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
 
-
 def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
     """Decomposed relative position term for self-attention on an (h, w) grid: q (B, h, w, Dh), unscaled,
     -> (B, h*w, h*w) bias = q . Rh[h - h'] + q . Rw[w - w'] added to the attention logits."""
@@ -239,7 +236,6 @@ def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> t
     bias_h = torch.einsum("bhwc,hkc->bhwk", q, rel_pos_lookup(h, h, rel_h).to(q.dtype))  # (B, h, w, h')
     bias_w = torch.einsum("bhwc,wkc->bhwk", q, rel_pos_lookup(w, w, rel_w).to(q.dtype))  # (B, h, w, w')
     return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, h * w, h * w)
-
 
 class EncoderAttention(nn.Module):
     """Self-attention on a (B, h, w, C) grid with one fused qkv projection and the relative position bias.
@@ -265,7 +261,6 @@ class EncoderAttention(nn.Module):
             o = (scores.softmax(-1) @ v.to(acc)).to(q.dtype)
         return self.proj(o.transpose(1, 2).reshape(B, h, w, D))
 
-
 def window_partition(x: torch.Tensor, w: int):
     """(B, H, W, C) -> (B * nW, w, w, C), zero-padding H and W bottom/right to multiples of w."""
     B, H, W, D = x.shape
@@ -275,14 +270,12 @@ def window_partition(x: torch.Tensor, w: int):
     x = x.view(B, Hp // w, w, Wp // w, w, D).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, w, w, C)
     return x.reshape(-1, w, w, D), (Hp, Wp)
 
-
 def window_unpartition(x: torch.Tensor, w: int, padded: tuple, hw: tuple) -> torch.Tensor:
     """Inverse of window_partition: (B * nW, w, w, C) -> (B, H, W, C) with the padding cropped."""
     (Hp, Wp), (H, W) = padded, hw
     B = x.shape[0] // ((Hp // w) * (Wp // w))
     x = x.view(B, Hp // w, Wp // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
     return x[:, :H, :W].contiguous()
-
 
 class EncoderBlock(nn.Module):
     """Pre-norm block; `window` > 0 attends within windows, 0 globally (then rel_size = the token grid)."""
@@ -303,7 +296,6 @@ class EncoderBlock(nn.Module):
             y = self.attn(y)
         x = x + y
         return x + self.mlp(self.norm2(x))
-
 
 class ImageEncoderViT(nn.Module):
     """Patchify, + absolute positions (1, g, g, C), blocks, then the neck to (B, out, g, g).
@@ -354,7 +346,6 @@ class PositionEmbeddingRandom(nn.Module):
         y, x = torch.meshgrid((torch.arange(h, device=dev) + 0.5) / h, (torch.arange(w, device=dev) + 0.5) / w,
                               indexing="ij")
         return self.encode(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
-
 
 class PromptEncoder(nn.Module):
     """Sparse tokens for points and box corners, a dense map for a mask prompt (or `no_mask_embed`).
@@ -422,7 +413,6 @@ class DecoderAttention(nn.Module):
                                                                   split(self.v_proj(v)))
         return self.out_proj(o.transpose(1, 2).flatten(2))
 
-
 class TwoWayBlock(nn.Module):
     """Tokens attend to themselves, tokens -> image, token MLP, image -> tokens; post-norm each time.
     Positional encodings are re-added to queries and keys at every attention (not to values)."""
@@ -450,7 +440,6 @@ class TwoWayBlock(nn.Module):
         keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
         return queries, keys
 
-
 class TwoWayTransformer(nn.Module):
     def __init__(self, depth: int, dim: int, heads: int, mlp: int):
         super().__init__()
@@ -466,7 +455,6 @@ class TwoWayTransformer(nn.Module):
         q, k = queries + tokens, keys + key_pe
         return self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys)), keys
 
-
 class MLPHead(nn.Module):
     """`layers` Linear layers with ReLU between (the decoder's hypernetworks and IoU head)."""
 
@@ -479,7 +467,6 @@ class MLPHead(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
-
 
 class MaskDecoder(nn.Module):
     """Output tokens [iou, mask x 4] + prompt tokens through the two-way transformer; the image tokens are
@@ -530,7 +517,7 @@ class Sam(nn.Module):
         self.mask_decoder = MaskDecoder(prompt_dim, decoder_heads, decoder_mlp, iou_hidden)
         self.register_buffer("pixel_mean", torch.tensor(SAM_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_STD).view(-1, 1, 1), persistent=False)
-        self.mask_threshold, self.image_format = 0.0, "RGB"
+        self.mask_threshold, self.image_format, self.patch = 0.0, "RGB", patch
 
     def preprocess(self, x: torch.Tensor, hw=None) -> torch.Tensor:
         """(B, 3, h, w) in 0-255, resized already -> normalised, zero-padded bottom/right to the encoder's
@@ -555,17 +542,15 @@ class Sam(nn.Module):
         masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)[..., :input_hw[0], :input_hw[1]]
         return F.interpolate(masks, original_hw, mode="bilinear", align_corners=False)
 
-
 class CLIPHead(nn.Module):
-    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), then max-pooling
-    over the patch tokens, a LayerNorm and an MLP with two hidden layers into the teacher's embedding space.
-    `dense` gives per-patch embeddings (Fig. 2's segmentation logits): LayerNorm + MLP on every token.
-    pool_first=True is the paper's order (pool, LN, MLP). Its per-token LN + MLP sees vectors unlike the
-    pooled one it was trained on, and on the synthetic world gave chance-level dense outputs (README), so the
-    default pools last (LN, MLP, max over tokens): the per-patch embeddings are then the vectors whose
-    maximum is distilled (a design choice; CLIPpy, whose protocol the paper follows, also pools last)."""
+    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), max-pooling over the
+    patch tokens, a LayerNorm and an MLP with two hidden layers into the teacher's embedding space. `dense`:
+    per-patch embeddings (Fig. 2's segmentation logits), LayerNorm + MLP on every token (design choice).
+    pool_first=False (--no-pool-first, the ablation) pools last instead (LN, MLP, max over tokens), so the
+    per-patch embeddings are the vectors whose maximum is distilled, as CLIPpy does (README: on the synthetic
+    world the paper's order gave chance-level dense outputs)."""
 
-    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int, pool_first: bool = False):
+    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int, pool_first: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(width)
@@ -587,11 +572,10 @@ class CLIPHead(nn.Module):
     def dense(self, x):
         return self.mlp(self.norm(self.tokens(x)))  # (B, h, w, E)
 
-
 class SamClip(Sam):
     """SAM plus `clip_head`, which branches off the encoder's last block, before the neck (spec 2.2)."""
 
-    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = False):
+    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = True):
         last = self.image_encoder.blocks[-1]
         width = last.norm1.normalized_shape[0]
         self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width,
@@ -612,7 +596,6 @@ class SamClip(Sam):
             return self.encode_image(x)
         return self.decode(self.image_encoder(x)[idx], coords, labels, all_masks=True, pad=False)
 
-
 def build_sam(name: str) -> SamClip:
     """An untrained SAM of MODELS[name] (`add_clip_head` makes it a SAM-CLIP)."""
     if name not in MODELS:
@@ -621,14 +604,12 @@ def build_sam(name: str) -> SamClip:
     model.model_name = name
     return model
 
-
 def read_weights(path: str) -> dict:
     """A checkpoint file or run directory (its newest ckpt-*.pt that reads) -> the loaded dict, or one line."""
     if not os.path.exists(path):  # before load_checkpoint, which reads "" and "auto" as "start fresh"
         C.fail(f"checkpoint not found: {path}")
     ck = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")
     return ck or C.fail(f"no ckpt-*.pt in {path}")
-
 
 def load_sam(path: str, with_clip_head: bool = False, ck: dict | None = None) -> SamClip:
     """SAM (or SAM-CLIP) from the official sam_vit_{b,l,h}_*.pth (a flat state dict, loaded strictly) or
@@ -657,7 +638,6 @@ def load_sam(path: str, with_clip_head: bool = False, ck: dict | None = None) ->
     C.load_state_dict_checked(model, sd, f"SAM weights {path}")
     return model.eval()
 
-
 def load_samclip(path: str, flag: str) -> tuple[SamClip, dict]:
     """A SAM-CLIP (stage 1 or 2) checkpoint or run of this script -> (model, the checkpoint's dict)."""
     ck = read_weights(path) if path else C.fail(f"needs {flag}, a SAM-CLIP (stage 1 or 2) run or checkpoint")
@@ -665,21 +645,19 @@ def load_samclip(path: str, flag: str) -> tuple[SamClip, dict]:
         C.fail(f"{flag} {path} is not a SAM-CLIP checkpoint of this script")
     return load_sam(path, True, ck), ck
 
-
 def resize_longest(img: Image.Image, size: int) -> Image.Image:
     """SAM's ResizeLongestSide: the longer side becomes `size`, rounding the other (bilinear)."""
     w, h = img.size
     s = size / max(w, h)
     return img.resize((int(w * s + 0.5), int(h * s + 0.5)), Image.BILINEAR)
 
-
 def embed_image(sam: Sam, img: Image.Image):
     """SAM's image path: img (PIL RGB) -> longest side to the encoder's size, normalised, padded -> (image
-    embedding (1, D, g, g), the resized (h, w))."""
+    embedding (1, D, g, g), the resized (h, w), the last block's tokens (1, g, g, C) for the CLIP head)."""
     small = resize_longest(img, sam.image_encoder.img_size)
     x = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)[None].to(sam.pixel_mean.device)
-    return sam.image_encoder(sam.preprocess(x)), (small.size[1], small.size[0])
-
+    t = sam.image_encoder.forward_tokens(sam.preprocess(x))
+    return sam.image_encoder.neck(t.permute(0, 3, 1, 2)), (small.size[1], small.size[0]), t
 
 @torch.no_grad()
 def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None, mask_input=None,
@@ -687,7 +665,7 @@ def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None
     """SamPredictor in one call: img (PIL RGB), points [(x, y)] with labels [1/0], box (x0, y0, x1, y1) in
     original pixels, mask_input (1, 1, 4g, 4g) logits -> (masks (K, H, W) bool, iou (K,), low-res logits)."""
     dev = sam.pixel_mean.device
-    emb, (h, w) = embed_image(sam, img)
+    emb, (h, w), _ = embed_image(sam, img)
     scale = torch.tensor([w / img.size[0], h / img.size[1]], device=dev)  # prompts move with the resize
     coords = None if points is None else torch.tensor(points, dtype=torch.float32, device=dev)[None] * scale
     lab = None if labels is None else torch.tensor(labels, device=dev)[None]
@@ -702,36 +680,19 @@ def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     """Eq. 1: mean over images of 1 - cos(student, teacher), both (B, E), in fp32."""
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
-
 def focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al. 2017; torchvision's) of (..., H, W) logits against targets in [0, 1], the
     mean over pixels -> (...). alpha 0.25, gamma 2: the usual defaults (SAM's own values are not published)."""
     return torchvision.ops.sigmoid_focal_loss(logits.float(), target.float(), alpha, gamma).flatten(-2).mean(-1)
-
 
 def dice_loss(logits, target, eps: float = 1.0) -> torch.Tensor:
     """1 - (2 |P . T| + 1) / (|P| + |T| + 1) per mask, P = sigmoid(logits): (..., H, W) -> (...)."""
     p, t = torch.sigmoid(logits.float()).flatten(-2), target.float().flatten(-2)
     return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
 
-
-def focal_dice_reference(logits, target, alpha=0.25, gamma=2.0, eps=1.0):
-    """focal_loss and dice_loss pixel by pixel in float64 Python arithmetic, for the tests: (N, H, W) ->
-    (focal (N,), dice (N,))."""
-    focal, dice = [], []
-    for x_map, t_map in zip(logits.double().tolist(), target.double().tolist()):
-        ps, ts = [1 / (1 + math.exp(-x)) for x in sum(x_map, [])], sum(t_map, [])
-        terms = [(alpha * t + (1 - alpha) * (1 - t)) * -(t * math.log(p) + (1 - t) * math.log(1 - p))  # a_t * CE
-                 * (1 - (p * t + (1 - p) * (1 - t))) ** gamma for p, t in zip(ps, ts)]  # * (1 - p_t)^gamma
-        focal.append(sum(terms) / len(terms))
-        dice.append(1 - (2 * sum(p * t for p, t in zip(ps, ts)) + eps) / (sum(ps) + sum(ts) + eps))
-    return torch.tensor(focal, dtype=torch.float64), torch.tensor(dice, dtype=torch.float64)
-
-
 def mask_loss(logits, target, focal_weight: float = 20.0) -> torch.Tensor:
     """L_FD per mask: focal_weight * focal + dice (SAM's 20 : 1), (..., H, W) -> (...)."""
     return focal_weight * focal_loss(logits, target) + dice_loss(logits, target)
-
 
 def sam_distill_loss(masks, iou, t_masks, t_iou, focal_weight: float = 20.0) -> torch.Tensor:
     """Eq. 2, L_SAM: the student's four outputs (N, 4, h, w) against the frozen SAM's for the same prompt,
@@ -739,7 +700,6 @@ def sam_distill_loss(masks, iou, t_masks, t_iou, focal_weight: float = 20.0) -> 
     teacher's logits binarised at 0 as the target; plus an MSE keeping the IoU head on the teacher's."""
     target = (t_masks > 0).float()
     return mask_loss(masks, target, focal_weight).mean() + F.mse_loss(iou.float(), t_iou.float())
-
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of boolean masks (..., H, W) -> (...); 1 where both are empty."""
@@ -752,7 +712,6 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # starting with 0s. Each run length is written as 5-bit groups, low first, as characters chr(48 + g) with
 # bit 0x20 meaning "more groups follow" and bit 0x10 of the last group the sign; from the third run on, the
 # value stored is the difference to the run two before.
-
 
 def rle_counts(s: str) -> list[int]:
     """COCO compressed counts string -> run lengths."""
@@ -768,7 +727,6 @@ def rle_counts(s: str) -> list[int]:
         counts.append(x + (counts[-2] if len(counts) > 2 else 0))
     return counts
 
-
 def rle_decode(rle: dict) -> np.ndarray:
     """{"size": [h, w], "counts": str or list} -> (h, w) uint8 mask, in numpy (no pycocotools)."""
     h, w = rle["size"]
@@ -778,6 +736,15 @@ def rle_decode(rle: dict) -> np.ndarray:
         raise ValueError(f"RLE covers {flat.size} pixels, not {h}x{w}")
     return flat.reshape(w, h).T
 
+def coco_mask(segmentation, h: int, w: int) -> np.ndarray:
+    """A COCO annotation's mask -> (h, w) bool: RLE (compressed string or uncompressed counts) by rle_decode, or
+    polygons [[x0, y0, x1, y1, ...], ...] filled by PIL (edge pixels may differ from pycocotools' by one)."""
+    if isinstance(segmentation, dict):
+        return rle_decode(segmentation).astype(bool)
+    canvas = Image.new("L", (w, h))
+    for poly in segmentation:
+        ImageDraw.Draw(canvas).polygon([float(v) for v in poly], fill=1)
+    return np.asarray(canvas, bool)
 
 def sample_masks(sample: dict):
     """The masks of a sample, as a list of zero-argument decoders (so only the chosen ones are decoded):
@@ -787,7 +754,6 @@ def sample_masks(sample: dict):
         return [(lambda i=i: seg == i) for i in np.unique(seg) if i > 0]
     meta = json.loads(sample["json"])
     return [(lambda a=a: rle_decode(a["segmentation"]).astype(bool)) for a in meta.get("annotations", [])]
-
 
 def prompt_for(mask: np.ndarray, rng: random.Random, box_prob: float, noise_cap: float):
     """SAM's prompt simulation, first iteration only: a point uniform in the mask (label 1, plus a padding
@@ -801,7 +767,6 @@ def prompt_for(mask: np.ndarray, rng: random.Random, box_prob: float, noise_cap:
         return torch.tensor(box, dtype=torch.float32).view(2, 2), torch.tensor([2, 3])
     j = rng.randrange(len(xs))
     return torch.tensor([[xs[j], ys[j]], [0, 0]], dtype=torch.float32), torch.tensor([1, -1])
-
 
 class SamDecode:
     """Sample -> {"image": uint8 (3, S, S) (longest side S, zero-padded), "hw": (2,) valid size, "coords":
@@ -835,7 +800,6 @@ class SamDecode:
         return {"image": image, "hw": torch.tensor([h, w]), "coords": torch.stack(coords),
                 "labels": torch.stack(labels), "masks": masks}
 
-
 class ClipDecode:
     """Sample -> {"image": uint8 (3, S, S)}: a random resized crop; the student and the teacher see the same
     view, each at its own resolution and normalisation (spec 6). Captions are not used (spec 4)."""
@@ -848,11 +812,9 @@ class ClipDecode:
         box = C.random_resized_crop_box(*C.image_wh(img), C.sample_rng(self.seed, sample), (self.scale, 1.0))
         return {"image": C.image_to_uint8(img, self.size, box)}
 
-
 def synthetic(cfg) -> dict:
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, seed=0)
-
 
 def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, world: int, pos: dict, start: int):
     """A resumable batch iterator over tar shards, and the DataPosition to record what it gave out; `pos` =
@@ -864,7 +826,6 @@ def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, 
     except FileNotFoundError as e:  # a missing --data path: one line
         C.fail(str(e))
     return iter(C.make_loader(s, workers, torch.cuda.is_available())), position
-
 
 def sam_batch(batch: dict, sam: Sam, device, low: int):
     """A SamDecode batch on the device: normalised padded images (B, 3, S, S), the image index of each of
@@ -887,14 +848,12 @@ def sam_train_loss(masks, iou, gt, labels, focal_weight: float):
     actual = mask_iou(masks > 0, gt[:, None].expand_as(masks)).detach()
     return loss + F.mse_loss(iou.float(), actual)
 
-
 def save_run(out, step, model, opt, cfg, kind, positions, extra=None):
     state = {"kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "rng": C.rng_state(), "data": positions, "model_name": model.model_name,
              "config": dataclasses.asdict(cfg), **(extra or {})}
     C.save_checkpoint(path := os.path.join(out, f"ckpt-{step}.pt"), state)
     C.prune_checkpoints(out, cfg.keep_ckpts, written=path)
-
 
 def resume_run(cfg, ck, model, opt, kind: str):
     """(start step, {stream: data position}) of `ck` (--resume, read before any work), restoring model, opt, RNG."""
@@ -908,7 +867,6 @@ def resume_run(cfg, ck, model, opt, kind: str):
     C.set_rng_state(ck["rng"])
     C.print0(f"resumed from step {ck['step']}")
     return ck["step"], ck["data"]
-
 
 def train_sam(cfg: SamTrainConfig):
     """Train a small SAM on the synthetic world's masks (or SA-1B shards): the SAM teacher of the tiny pipeline."""
@@ -954,7 +912,7 @@ def train_sam(cfg: SamTrainConfig):
     C.cleanup_distributed()
 
 
-# ==== 8. Merging: stage I (CLIP-head probing) and stage II (multi-task distillation), Sec. 3.2 and 4.1 =======
+# ==== 8. Merging: stage I (head probing), II (multi-task distillation), III (resolution adaptation), Sec. 4.1 ===
 def load_clip_teacher(path: str, bpe: str, device):
     """The CLIP teacher (frozen): a mobileclip.py checkpoint with bpe.txt beside it, or an OpenAI/OpenCLIP
     state dict with --bpe (OpenCLIP ViT-L/14 DataComp-1B in the paper). -> (model, tokenizer, spec)."""
@@ -963,12 +921,10 @@ def load_clip_teacher(path: str, bpe: str, device):
         "--teacher-clip is required: a mobileclip.py checkpoint or an OpenCLIP state dict (with --bpe)"), bpe, device)
     return model.requires_grad_(False), tok, spec
 
-
 def teacher_embed(teacher, spec: dict, x: torch.Tensor) -> torch.Tensor:
     """The teacher's normalised embedding of a uint8 (B, 3, S, S) view, at its own size and normalisation."""
     x = F.interpolate(x.float(), size=spec["image_size"], mode="bicubic", antialias=True, align_corners=False)
     return teacher.encode_image(C.normalize_images(x.clamp(0, 255), spec["mean"], spec["std"]), normalize=True)
-
 
 def sam_normalize(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, 3, s, s) -> the CLIP branch's input: resized to size x size, SAM's mean/std, no padding."""
@@ -977,7 +933,6 @@ def sam_normalize(x: torch.Tensor, size: int) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
     return C.normalize_images(x, [m / 255 for m in SAM_MEAN], [s / 255 for s in SAM_STD])
 
-
 def param_groups_stage2(model: SamClip, mult: float, weight_decay: float) -> list[dict]:
     """Stage II: the CLIP head at the base learning rate, the backbone and the SAM head at mult x base
     (paper: 4e-5 and 4e-6). The prompt encoder stays frozen."""
@@ -985,44 +940,48 @@ def param_groups_stage2(model: SamClip, mult: float, weight_decay: float) -> lis
     body = C.param_groups(nn.ModuleList([model.image_encoder, model.mask_decoder]), weight_decay)
     return [dict(g, lr_mult=m) for gs, m in ((head, 1.0), (body, mult)) for g in gs if g["params"]]
 
-
 def build_student(cfg: Config, embed_dim: int, device):
-    """Stage 1: SAM from --init-sam plus a new CLIP head (copies of the last block); stage 2: the stage-1
-    checkpoint. Also returns the frozen SAM teacher (stage 2) and the optimizer."""
-    sam_teacher = load_sam(cfg.init_sam or C.fail("--init-sam is required: sam_vit_b_01ec64.pth or a train-sam run"
-                                                   " (also the frozen SAM teacher)")).to(device).requires_grad_(False)
-    if cfg.stage == 1:
-        model = copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden, 3, cfg.pool_first).to(device)
+    """Stage 1: SAM from --init-sam plus a new CLIP head (copies of the last block); stages 2 and 3: the previous
+    stage's checkpoint. -> (model, the frozen SAM teacher (stage 2), the optimizer, --init's sizes)."""
+    sam_teacher = None if cfg.stage == 3 else load_sam(cfg.init_sam or C.fail(
+        "--init-sam is required: sam_vit_b_01ec64.pth or a train-sam run (also the frozen SAM teacher)"))
+    model, ck = (copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden, 3, cfg.pool_first), {}) \
+        if cfg.stage == 1 else load_samclip(cfg.init, f"--stage {cfg.stage} --init")
+    model.to(device).train()
+    if cfg.stage != 2:  # stages I and III (Sec. 4.1, spec 3.2): the CLIP head alone, at 8e-4
         model.requires_grad_(False).clip_head.requires_grad_(True)
         opt = C.make_adamw(model.clip_head, cfg.lr or 8e-4, cfg.weight_decay, betas=(0.9, 0.999))
-        return model, None, opt
-    model = load_samclip(cfg.init, "--stage 2 --init")[0].to(device).train()
+        return model, None, opt, ck.get("clip_sizes", [])
     if model.model_name != sam_teacher.model_name:
         C.fail(f"--init is a {model.model_name}, --init-sam a {sam_teacher.model_name}")
     model.requires_grad_(True).prompt_encoder.requires_grad_(False)
     groups = param_groups_stage2(model, cfg.backbone_lr_mult, cfg.weight_decay)
-    return model, sam_teacher.eval(), torch.optim.AdamW(groups, lr=cfg.lr or 4e-5, betas=(0.9, 0.999))
-
+    opt = torch.optim.AdamW(groups, lr=cfg.lr or 4e-5, betas=(0.9, 0.999))
+    return model, sam_teacher.to(device).requires_grad_(False).eval(), opt, ck["clip_sizes"]
 
 def merge(cfg: Config):
-    """Merge SAM and CLIP: stage I trains a CLIP head on the frozen SAM, stage II both heads (the default command)."""
+    """Merge SAM and CLIP: stage I trains a CLIP head on the frozen SAM, stage II both heads, stage III the CLIP
+    head at SAM's resolution too (the default command)."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if cfg.stage not in (1, 2):
-        C.fail(f"--stage must be 1 or 2, not {cfg.stage}")
+    if cfg.stage not in (1, 2, 3):
+        C.fail(f"--stage must be 1, 2 or 3, not {cfg.stage}")
+    templates = C.templates_arg(cfg.templates)
     ck = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     teacher, tok, spec = load_clip_teacher(cfg.teacher_clip, cfg.bpe, device)
     E = teacher_embed(teacher, spec, torch.zeros(1, 3, 8, 8, device=device)).shape[-1]
-    model, sam_teacher, opt = build_student(cfg, E, device)
-    base_lr = cfg.lr or (8e-4 if cfg.stage == 1 else 4e-5)
+    model, sam_teacher, opt, init_sizes = build_student(cfg, E, device)
+    base_lr = cfg.lr or (4e-5 if cfg.stage == 2 else 8e-4)
     S_sam = cfg.sam_size or model.image_encoder.img_size
     sizes = [int(s) for s in cfg.clip_sizes.split(",")] if cfg.clip_sizes else [model.image_encoder.img_size]
+    if cfg.stage == 3 and not cfg.clip_sizes:  # the earlier stages' sizes and SAM's (paper: 224, 448, 1024)
+        sizes = list(dict.fromkeys(init_sizes + [model.image_encoder.img_size]))
     low = 4 * model.prompt_encoder.image_embedding_size[0]
     C.print0(f"stage {cfg.stage}: {model.model_name}, CLIP head {sum(p.numel() for p in model.clip_head.parameters()):,}"
              f" params ({E}-d teacher), trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     start, pos = resume_run(cfg, ck, model, opt, "samclip")
-    world_data = None if cfg.data_clip and (cfg.data_sam or cfg.stage == 1) else synthetic(cfg)
+    world_data = None if cfg.data_clip and (cfg.data_sam or cfg.stage != 2) else synthetic(cfg)
     streams, positions = {}, {}
     streams["clip"], positions["clip"] = stream(cfg.data_clip or world_data["train"], ClipDecode(
         max(sizes), cfg.seed, cfg.crop_scale), cfg.batch_clip, cfg.seed, cfg.workers, rank, world, pos.get("clip", {}),
@@ -1031,7 +990,7 @@ def merge(cfg: Config):
         streams["sam"], positions["sam"] = stream(cfg.data_sam or world_data["train"], SamDecode(
             S_sam, cfg.masks_per_image, cfg.seed + 1, cfg.box_prob), cfg.batch_sam, cfg.seed + 1, cfg.workers, rank,
             world, pos.get("sam", {}), start)
-    # DDP all-reduces only what trains: the CLIP head in stage I, all but the prompt encoder in stage II
+    # DDP all-reduces only what trains: the CLIP head in stages I and III, all but the prompt encoder in stage II
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
               find_unused_parameters=cfg.stage == 2) if world > 1 else model
     for m in model.modules():
@@ -1047,7 +1006,8 @@ def merge(cfg: Config):
 
         # ---- checkpoint and final evaluation --------------------------------------------------------
         if last_step and cfg.eval and rank == 0 and world_data is not None:
-            res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher)
+            res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher,
+                                 cfg.stage == 3, templates)
             log.log(step, **res)
             extra["bg_threshold"] = res["bg_threshold"]  # `segment` uses it by default
         if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
@@ -1102,45 +1062,59 @@ def merge(cfg: Config):
     C.cleanup_distributed()
 
 
-# ==== 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2) and the SAM-head refinement (Table 5, App. C) ====
-# Patch-level procedure (CLIPpy's, which the paper follows): resize the image to size x size (448 in the
-# paper, a 28 x 28 token grid), per-patch embeddings from the CLIP head, cosine similarity with each class's
-# text embedding (prompt ensemble), bilinear upsampling of the logits to the image, argmax per pixel.
-# Background, which the paper leaves open, by one of three rules: a threshold on the best class's cosine
-# (GroupViT's and TCL's way; --bg-threshold, -1 = calibrated on labelled training images), one more text
-# class (--background NAME), or none (background pixels ignored, only object classes scored).
+# ==== 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2), the SAM-head refinement (App. C), benchmarks ====
+# Table 2's protocol (CLIPpy's, which the paper follows): resize the image to 448 x 448 (a 28 x 28 token grid),
+# per-patch embeddings from the CLIP head, cosine similarity with each class's text embedding averaged over
+# OpenAI's 80 ImageNet templates, bilinear upsampling of the logits to the image, argmax per pixel. Background,
+# which the paper leaves open, as GroupViT (which Table 2 compares with) does: softmax over the classes of
+# 100 x cosine (CLIP's logit scale), background where the best probability is below --bg-threshold (or below
+# the image's highest, so some pixel stays an object). Options: a threshold calibrated on labelled training
+# images (-1), a background text class (--background NAME), or none (background pixels not scored).
+# Benchmarks as mmsegmentation prepares them: (image dir, label dir, image list ('' = every .jpg), label
+# suffix, reduce_zero_label, label 0 is background, (eval split, calibration split)).
+DATASETS = {
+    "voc": ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/{}.txt", ".png", False, True, ("val", "train")),
+    "context": ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/{}.txt", ".png", False, True,
+                ("val", "train")),  # Pascal Context 60 (with background), as GroupViT's 22.4
+    "context59": ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/{}.txt", ".png", True,
+                  False, ("val", "train")),
+    "ade": ("images/{}", "annotations/{}", "", ".png", True, False, ("validation", "training")),  # ADE20K, 150
+    "cocostuff": ("images/{}", "annotations/{}", "", "_labelTrainIds.png", False, False, ("val2017", "train2017")),
+}
 
-
-def text_classifier(clip_teacher, classnames: list[str], device) -> torch.Tensor:
-    """(E, K) normalised text embeddings of the class names from the teacher's frozen text encoder."""
+def text_classifier(clip_teacher, classnames: list[str], device, templates=C.OPENAI_IMAGENET_TEMPLATES):
+    """(E, K) normalised text embeddings of the class names, averaged over the templates (frozen text encoder)."""
     model, tok, spec = clip_teacher
-    return C.zeroshot_classifier(model, tok, classnames, C.DEFAULT_TEMPLATES, device, spec["context_length"])
-
+    return C.zeroshot_classifier(model, tok, classnames, templates, device, spec["context_length"])
 
 @torch.no_grad()
 def dense_logits(model: SamClip, img: Image.Image, size: int, classifier: torch.Tensor) -> torch.Tensor:
-    """(K, H, W) cosine logits for every class, at the image's size: the image is resized to size x size,
-    the per-patch logits (K, h, w) upsampled bilinearly."""
+    """(K, H, W) cosine logits at the image's size: the image resized to size x size, the per-patch logits
+    (K, h, w) upsampled bilinearly."""
     x = C.image_to_uint8(img, size, (0, 0, *img.size))[None].to(classifier.device)
     z = model.encode_image(sam_normalize(x, size), normalize=True, dense=True)  # (1, h, w, E)
     logits = (z @ classifier).permute(0, 3, 1, 2)  # (1, K, h, w)
     return F.interpolate(logits, (img.size[1], img.size[0]), mode="bilinear", align_corners=False)[0]
 
-
 @torch.no_grad()
-def refine_with_sam(model: SamClip, img: Image.Image, logits: torch.Tensor, threshold: float,
-                    rng: random.Random) -> torch.Tensor:
-    """App. C: for each class whose probability passes `threshold` somewhere, prompt the SAM head with that
-    class's probability map (as logits at the mask-prompt size) and 1-3 points drawn where it passes.
-    logits (K, H, W) -> (K, H, W) SAM logits at image size, -inf for the classes not prompted."""
-    S, low = model.image_encoder.img_size, model.prompt_encoder.mask_input_size[0]
-    emb, (h, w) = embed_image(model, img)  # one backbone pass at SAM's size
-    probs = (100 * logits).softmax(0)  # CLIP's logit scale
-    frame = F.pad(F.interpolate(probs[None], (h, w), mode="bilinear")[0], (0, S - w, 0, S - h))  # SAM's padded frame
+def refine_with_sam(model: SamClip, img: Image.Image, classifier: torch.Tensor, threshold: float,
+                    rng: random.Random, drop_first: bool = False) -> torch.Tensor:
+    """App. C, both heads from one backbone pass at SAM's size (what stage III trains the CLIP head for): the
+    CLIP head's per-patch logits on the valid part of SAM's padded frame; for each class whose probability
+    passes `threshold` somewhere, the SAM head prompted with that probability map (as logits at the
+    mask-prompt size) and 1-3 points drawn where it passes. -> (K, H, W) SAM logits at image size, -inf for
+    the classes not prompted (and without the first, background text class if drop_first)."""
+    S, low, p = model.image_encoder.img_size, model.prompt_encoder.mask_input_size[0], model.patch
+    emb, (h, w), tokens = embed_image(model, img)  # the one backbone pass
+    gh, gw = math.ceil(h / p), math.ceil(w / p)  # the token grid that covers the image
+    z = F.normalize(model.clip_head.dense(tokens)[:, :gh, :gw], dim=-1) @ classifier  # (1, gh, gw, K)
+    logits = F.interpolate(z.permute(0, 3, 1, 2), (gh * p, gw * p), mode="bilinear")[0, int(drop_first):, :h, :w]
+    probs = (100 * logits).softmax(0)  # CLIP's logit scale; (K, h, w) on the resized image
+    frame = F.pad(probs, (0, S - w, 0, S - h))  # SAM's padded frame
     prompts = torch.logit(F.interpolate(frame[None], (low, low), mode="bilinear")[0], eps=1e-4)  # (K, low, low)
-    scores = torch.full_like(logits, -float("inf"))
-    for k in range(len(logits)):
-        ys, xs = torch.nonzero(frame[k] > threshold, as_tuple=True)
+    scores = torch.full((len(probs), img.size[1], img.size[0]), -float("inf"), device=probs.device)
+    for k in range(len(probs)):
+        ys, xs = torch.nonzero(probs[k] > threshold, as_tuple=True)
         if len(ys) == 0:
             continue
         pick = rng.sample(range(len(ys)), min(len(ys), rng.randint(1, 3)))
@@ -1150,74 +1124,69 @@ def refine_with_sam(model: SamClip, img: Image.Image, logits: torch.Tensor, thre
         scores[k] = model.postprocess_masks(low_logits, (h, w), (img.size[1], img.size[0]))[0, 0]
     return scores
 
-
 def segment_image(model, img, size, classifier, bg_text=False, bg_threshold=0.0, refine=False, threshold=0.5,
                   rng=None) -> torch.Tensor:
     """(H, W) labels: with a background rule 0 = background and 1 + k = class k, without one k. With
     bg_text, the classifier's first column is the background class."""
-    logits = dense_logits(model, img, size, classifier)
     if refine:  # a pixel no class's SAM mask claims (all logits < 0) is background
-        best = refine_with_sam(model, img, logits[1:] if bg_text else logits, threshold, rng or random.Random(0)).max(0)
+        best = refine_with_sam(model, img, classifier, threshold, rng or random.Random(0), bg_text).max(0)
         return torch.where(best.values > 0, best.indices + 1, 0) if bg_text or bg_threshold else best.indices
-    if bg_threshold:
-        best = logits.max(0)
-        return torch.where(best.values < bg_threshold, 0, best.indices + 1)
+    logits = dense_logits(model, img, size, classifier)
+    if bg_threshold and not bg_text:
+        best = (100 * logits).softmax(0).max(0)
+        return torch.where(best.values < min(bg_threshold, best.values.max().item()), 0, best.indices + 1)
     return logits.argmax(0)
 
-
-def confusion(pred: torch.Tensor, label: torch.Tensor, K: int) -> torch.Tensor:
-    """(K, K) counts [true, predicted]; labels outside 0..K-1 (VOC's 255 border) are ignored."""
-    ok = (label >= 0) & (label < K)
-    return torch.bincount(label[ok] * K + pred[ok], minlength=K * K).view(K, K).cpu()
-
-
-def miou(conf: torch.Tensor) -> float:
-    """Mean IoU (%) over the classes that occur in the ground truth."""
-    tp, gt, pr = conf.diag().double(), conf.sum(1).double(), conf.sum(0).double()
-    return 100 * (tp / (gt + pr - tp).clamp(min=1))[gt > 0].mean().item()  # IoU per class
-
-
 @torch.no_grad()
-def seg_eval(model, pairs, classnames, clip_teacher, size, device, background="", bg_threshold=0.0, refine=False,
-             threshold=0.5) -> dict:
-    """mIoU (%) of zero-shot segmentation over (PIL image, label map) pairs, label 0 = background, 1 + k =
-    classnames[k], 255 = ignored; of chance, a uniformly random class per patch upsampled the same way; and
-    of the majority guess (all background).
-    With no background rule, background pixels are ignored and only the objects are scored."""
-    bg_text = bool(background) and not bg_threshold
-    bg = bg_text or bool(bg_threshold)
-    classifier = text_classifier(clip_teacher, ([background] if bg_text else []) + classnames, device)
-    K, g = len(classnames) + bg, size // model.image_encoder.patch_embed.proj.stride[0]  # g: the token grid
+def seg_eval(model, pairs, classnames, classifier, size, device, has_bg=True, bg_text=False, bg_threshold=0.0,
+             refine=False, threshold=0.5, reduce_zero_label=False) -> dict:
+    """mIoU (%) of zero-shot segmentation (C.miou over the summed confusion matrix) over (PIL image, label
+    map) pairs, 255 ignored; has_bg: label 0 is background and 1 + k classnames[k] (without a background
+    rule, background pixels are not scored); also chance (a random class per patch, upsampled the same way)
+    and majority (all background or the first class)."""
+    bg = has_bg and (bg_text or bool(bg_threshold))
+    reduce = reduce_zero_label or (has_bg and not bg)
+    K, g = len(classnames) + bg, size // model.patch  # g: the token grid
     conf, chance, majority = (torch.zeros(K, K, dtype=torch.long) for _ in range(3))
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
     for img, label in C.progress(pairs, "segmentation eval"):
-        y = torch.from_numpy(np.asarray(label, np.int64)).to(device)
-        y = y if bg else torch.where((y == 0) | (y > K), -1, y - 1)
-        conf += confusion(segment_image(model, img, size, classifier, bg_text, bg_threshold, refine, threshold, rng),
-                          y, K)
+        y = torch.from_numpy(np.asarray(label, np.int64))
+        pred = segment_image(model, img, size, classifier, bg_text, bg_threshold, refine, threshold, rng)
         rand = F.interpolate(torch.rand(1, K, g, g, generator=gen), y.shape, mode="bilinear")[0].argmax(0)
-        chance += confusion(rand.to(device), y, K)
-        majority += confusion(torch.zeros_like(y), y, K)  # everything background (or the first class)
-    return {"miou": miou(conf), "chance_miou": miou(chance), "majority_miou": miou(majority),
-            "pixel_acc": 100 * conf.diag().sum().item() / conf.sum().item()}
-
+        for c, p in ((conf, pred.cpu()), (chance, rand), (majority, torch.zeros_like(y))):
+            c += C.confusion_matrix(p, y, K, reduce_zero_label=reduce)
+    return {"miou": C.miou(conf), "chance_miou": C.miou(chance), "majority_miou": C.miou(majority),
+            "pixel_acc": 100 * conf.diag().sum().item() / max(1, conf.sum().item())}
 
 @torch.no_grad()
-def calibrate_bg_threshold(model, pairs, classnames, clip_teacher, size, device) -> float:
-    """The background threshold with the best mIoU on labelled images (the only use of labels; pass
-    training images): a search over quantiles of the best-class cosine."""
-    classifier = text_classifier(clip_teacher, classnames, device)
-    best, cls, ys = [], [], []
+def calibrate_bg_threshold(model, pairs, classnames, classifier, size) -> float:
+    """The background probability threshold with the best mIoU on labelled images (the only use of labels;
+    pass training images): a search over quantiles of the best class probability."""
+    best, cls, top, ys = [], [], [], []
     for img, label in C.progress(pairs, "background calibration"):
-        b = dense_logits(model, img, size, classifier).max(0)
+        b = (100 * dense_logits(model, img, size, classifier)).softmax(0).max(0)
         best.append(b.values.flatten().cpu())
         cls.append(b.indices.flatten().cpu() + 1)
+        top.append(torch.full_like(best[-1], best[-1].max().item()))  # segment_image keeps the image's top pixel
         ys.append(torch.from_numpy(np.asarray(label, np.int64)).flatten())
-    best, cls, ys = torch.cat(best), torch.cat(cls), torch.cat(ys)
+    best, cls, top, ys = map(torch.cat, (best, cls, top, ys))
     taus = torch.quantile(best[::max(1, len(best) // 20000)], torch.linspace(0.02, 0.98, 49))
     K = len(classnames) + 1
-    return max(taus.tolist(), key=lambda t: miou(confusion(torch.where(best < t, 0, cls), ys, K)))
+    return max(taus.tolist(), key=lambda t: C.miou(C.confusion_matrix(torch.where((best < t) & (best < top), 0, cls),
+                                                                      ys, K)))
 
+def seg_pairs(name: str, root: str, split: str, n: int = 0):
+    """(image, label map) of a DATASETS benchmark folder, read lazily: a palette PNG's indices or a grey PNG's
+    values are the labels (255 ignored)."""
+    img_dir, ann_dir, lst, suffix = DATASETS[name][:4]
+    img_dir, ann_dir = (os.path.join(root, d.format(split)) for d in (img_dir, ann_dir))
+    listing = os.path.join(root, lst.format(split)) if lst else img_dir
+    if not os.path.exists(listing):
+        C.fail(f"not a {name} folder as mmsegmentation prepares it: {listing} not found")
+    ids = C.read_lines(listing) if lst else sorted(f[:-4] for f in os.listdir(img_dir) if f.endswith(".jpg"))
+    for i in ids[: n or None]:
+        yield (open_image(os.path.join(img_dir, f"{i}.jpg")),
+               np.asarray(Image.open(os.path.join(ann_dir, i + suffix))))
 
 def synthetic_pairs(world: dict, n: int, split: str = "val"):
     """(image, mask, label, sample) of the synthetic world; mask 0 = background, 1 + k = SYNTH_SHAPES[k]."""
@@ -1229,7 +1198,6 @@ def synthetic_pairs(world: dict, n: int, split: str = "val"):
             out.append((C.decode_image(s), np.asarray(Image.open(io.BytesIO(s["seg.png"]))),
                         json.loads(s["json"])["label"], s))
     return out
-
 
 @torch.no_grad()
 def sam_head_iou(model: Sam, samples, device) -> float:
@@ -1246,22 +1214,48 @@ def sam_head_iou(model: Sam, samples, device) -> float:
         ious.append(mask_iou(best > 0, gt))
     return 100 * torch.cat(ious).mean().item()
 
+@torch.no_grad()
+def coco_box_miou(sam: Sam, ann_file: str, image_dir: str, n: int = 0) -> float:
+    """SAM's retained skill (Table 1's COCO column, SAM's protocol with ground-truth boxes in place of ViTDet's):
+    mean IoU (%) over the non-crowd instances of a COCO instances JSON of the single-mask output prompted by
+    each instance's box, against its mask (polygons or RLE, decoded by coco_mask)."""
+    try:
+        with open(ann_file) as f:
+            coco = json.load(f)
+        anns = {}
+        for a in coco["annotations"]:
+            if not a.get("iscrowd"):
+                anns.setdefault(a["image_id"], []).append(a)
+        images = [im for im in coco["images"] if im["id"] in anns][: n or None]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        C.fail(f"cannot read COCO instances {ann_file}: {type(e).__name__}: {e}")
+    ious = []
+    for im in C.progress(images, "box-prompted masks"):
+        img, a = open_image(os.path.join(image_dir, im["file_name"])), anns[im["id"]]
+        emb, (h, w), _ = embed_image(sam, img)
+        W, H = img.size
+        boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (b["bbox"] for b in a)]).float()
+        low, _ = sam.decode(emb, boxes=(boxes * torch.tensor([w / W, h / H] * 2)).to(emb.device), multimask=False)
+        pred = sam.postprocess_masks(low, (h, w), (H, W))[:, 0].cpu() > sam.mask_threshold  # (N, H, W)
+        ious.append(mask_iou(pred, torch.from_numpy(np.stack([coco_mask(b["segmentation"], H, W) for b in a]))))
+    return 100 * torch.cat(ious).mean().item() if ious else float("nan")
 
 @torch.no_grad()
-def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None, refine=False) -> dict:
-    """On the synthetic held-out set: zero-shot segmentation mIoU and chance, background by a threshold
-    calibrated on min(n, 100) training images (seg_*), by a text class (seg_text_*) or ignored (seg_objects_*);
-    zero-shot classification by the pooled embedding; the SAM head's IoU (and the frozen SAM's)."""
+def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None, refine=False,
+                   templates=C.OPENAI_IMAGENET_TEMPLATES) -> dict:
+    """On the synthetic held-out set: zero-shot segmentation mIoU and chance, background by the probability
+    threshold 0.95 (seg_*), by one calibrated on min(n, 100) training images (seg_calibrated_*) or not scored
+    (seg_objects_*); classification top-1 of the pooled embedding; the SAM head's IoU (and the frozen SAM's)."""
     model.eval()
     data, names = synthetic_pairs(world, n), list(C.SYNTH_SHAPES)
     pairs = [(a, b) for a, b, _, _ in data]
+    classifier = text_classifier(clip_teacher, names, device, templates)
     tau = calibrate_bg_threshold(model, [(a, b) for a, b, _, _ in synthetic_pairs(world, min(n, 100), "train")],
-                                 names, clip_teacher, size, device)
+                                 names, classifier, size)
     out = {"bg_threshold": tau}
-    for tag, kw in (("seg", dict(bg_threshold=tau)), ("seg_text", dict(background="background")),
-                    ("seg_objects", {})) + ((("seg_refined", dict(bg_threshold=tau, refine=True)),) if refine else ()):
-        out.update({f"{tag}_{k}": v for k, v in seg_eval(model, pairs, names, clip_teacher, size, device, **kw).items()})
-    classifier = text_classifier(clip_teacher, names, device)
+    for tag, kw in (("seg", dict(bg_threshold=0.95)), ("seg_calibrated", dict(bg_threshold=tau)),
+                    ("seg_objects", {})) + ((("seg_refined", dict(bg_threshold=0.95, refine=True)),) if refine else ()):
+        out.update({f"{tag}_{k}": v for k, v in seg_eval(model, pairs, names, classifier, size, device, **kw).items()})
     x = torch.stack([C.image_to_uint8(a, size, (0, 0, *a.size)) for a, _, _, _ in data]).to(device)
     z = torch.cat([model.encode_image(sam_normalize(x[i:i + 128], size), normalize=True) for i in range(0, len(x), 128)])
     y = torch.tensor([c for _, _, c, _ in data])
@@ -1280,13 +1274,11 @@ def parse_points(text: str) -> list:
     except ValueError:
         C.fail(f"cannot read points '{text}': use x,y;x,y")
 
-
 def open_image(path: str) -> Image.Image:
     try:
         return Image.open(path).convert("RGB") if os.path.isfile(path) else C.fail(f"image not found: {path}")
     except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         C.fail(f"cannot read image {path}: {e}")
-
 
 def predict_main(cfg: PredictConfig):
     """SAM from prompts (points, a box, an earlier mask): `predict --init sam.pth --image x.jpg --point 320,240`."""
@@ -1310,80 +1302,83 @@ def predict_main(cfg: PredictConfig):
     torch.save(low[:, best:best + 1].cpu(), os.path.splitext(cfg.out)[0] + "_logits.pt")  # for --mask-input
     print(f"{cfg.out}: mask {best} of {len(iou)}, predicted IoU {iou[best]:.3f}, area {masks[best].float().mean():.1%}")
 
-
 def load_samclip_run(cfg: SegShared):
     """The SAM-CLIP model of --init, its CLIP teacher (the text side), CLIP-head size, checkpoint and device."""
     device = C.setup_distributed(cfg.device)[3]
     model, ck = load_samclip(cfg.init, "--init")
     teacher = load_clip_teacher(cfg.teacher_clip or ck["teacher_clip"], cfg.bpe or ck.get("bpe", ""), device)
-    return model.to(device), teacher, cfg.size or ck["clip_sizes"][0], ck, device
-
+    size = cfg.size or (448 if model.model_name.startswith("vit_") else ck["clip_sizes"][0])
+    return model.to(device), teacher, size, ck, device
 
 def palette_png(labels: np.ndarray) -> Image.Image:
     img = Image.fromarray(labels.astype(np.uint8), "P")
     img.putpalette([0, 0, 0] + np.random.default_rng(0).integers(40, 256, 3 * 255).tolist())
     return img
 
-
 def segment_main(cfg: SegmentConfig):
     """Zero-shot semantic segmentation of an image into --classes: a label-map PNG and a .json legend."""
     classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
     if not classes:
         C.fail("segment needs --classes 'a,b,c'")
-    img = open_image(cfg.image)
+    img, templates = open_image(cfg.image), C.templates_arg(cfg.templates)
     model, teacher, size, ck, device = load_samclip_run(cfg)
-    if cfg.bg_threshold < 0:  # the one calibrated at the end of the run, else the text class
-        cfg.bg_threshold = ck.get("bg_threshold", 0.0)
-    bg_text = bool(cfg.background) and not cfg.bg_threshold
-    classifier = text_classifier(teacher, ([cfg.background] if bg_text else []) + classes, device)
-    pred = segment_image(model, img, size, classifier, bg_text, cfg.bg_threshold, cfg.refine, cfg.refine_threshold,
+    tau = ck.get("bg_threshold", 0.95) if cfg.bg_threshold < 0 else cfg.bg_threshold  # -1: the run's calibrated
+    bg_text = bool(cfg.background)
+    classifier = text_classifier(teacher, ([cfg.background] if bg_text else []) + classes, device, templates)
+    pred = segment_image(model, img, size, classifier, bg_text, tau, cfg.refine, cfg.refine_threshold,
                          random.Random(cfg.seed)).cpu().numpy()
-    names = (["background"] if bg_text or cfg.bg_threshold else []) + classes
+    names = (["background"] if bg_text or tau else []) + classes
     palette_png(pred).save(cfg.out)
     area = {n: round(float((pred == i).mean()), 4) for i, n in enumerate(names)}
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump({"classes": names, "area": area}, f, indent=1)
     print(f"{cfg.out}: " + ", ".join(f"{n} {a:.1%}" for n, a in area.items()))
 
-
-def voc_pairs(root: str, split: str, n: int = 0):
-    """(image, label map) of a Pascal VOC folder's segmentation split: JPEGImages/ID.jpg and the palette PNG
-    SegmentationClass/ID.png (its indices are the labels, 255 the ignored border), read lazily."""
-    lst = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-    if not os.path.isfile(lst):
-        C.fail(f"not a Pascal VOC folder: {lst} not found")
-    for i in C.read_lines(lst)[: n or None]:
-        yield (open_image(os.path.join(root, "JPEGImages", f"{i}.jpg")),
-               np.asarray(Image.open(os.path.join(root, "SegmentationClass", f"{i}.png"))))
-
-
 def eval_main(cfg: EvalConfig):
-    """Zero-shot segmentation mIoU on a Pascal VOC folder (--voc) or on the synthetic held-out set (with
-    classification top-1 and the SAM head's IoU there)."""
-    model, teacher, size, _, device = load_samclip_run(cfg)
-    t0 = time.time()
-    if cfg.voc:
-        names = C.read_lines(cfg.classnames) if cfg.classnames else VOC_CLASSES[1:]
-        tau = cfg.bg_threshold
+    """Zero-shot segmentation mIoU on a benchmark folder (--dataset, --data), zero-shot classification on an
+    ImageFolder (--zeroshot-data), box-prompted mask mIoU on COCO (--coco-instances); with none of them, the
+    synthetic held-out set (segmentation, classification top-1 and the SAM head's IoU)."""
+    if cfg.dataset and (cfg.dataset not in DATASETS or not cfg.data):
+        C.fail(f"--dataset is one of {', '.join(DATASETS)}, with --data its folder")
+    if cfg.dataset and cfg.dataset != "voc" and not cfg.classnames:
+        C.fail(f"--dataset {cfg.dataset} needs --classnames, a file of its class names in label order")
+    templates = C.templates_arg(cfg.templates)
+    model, teacher, size, ck, device = load_samclip_run(cfg)
+    res, t0 = {}, time.time()
+    if cfg.dataset:
+        _, _, _, _, reduce, has_bg, (val, train) = DATASETS[cfg.dataset]
+        names = C.read_lines(cfg.classnames) if cfg.classnames else VOC_CLASSES
+        names = names[1:] if has_bg else names  # the text classes; label 0 is background
+        bg_text = has_bg and bool(cfg.background)
+        classifier = text_classifier(teacher, ([cfg.background] if bg_text else []) + names, device, templates)
+        tau = cfg.bg_threshold if has_bg else 0.0
         if tau < 0:  # calibrated on 100 images of the training split
-            tau = calibrate_bg_threshold(model, list(voc_pairs(cfg.voc, "train", 100)), names, teacher, size, device)
-        res = seg_eval(model, voc_pairs(cfg.voc, cfg.split, cfg.eval_max), names, teacher, size, device,
-                       cfg.background, tau, cfg.refine, cfg.refine_threshold)
+            tau = calibrate_bg_threshold(model, list(seg_pairs(cfg.dataset, cfg.data, train, 100)), names,
+                                         classifier, size)
+        res = seg_eval(model, seg_pairs(cfg.dataset, cfg.data, cfg.split or val, cfg.eval_max), names, classifier,
+                       size, device, has_bg, bg_text, tau, cfg.refine, cfg.refine_threshold, reduce)
         res["bg_threshold"] = tau
-    else:
+    if cfg.zeroshot_data:
+        items, names = C.image_folder(cfg.zeroshot_data, C.read_lines(cfg.zeroshot_classnames)
+                                      if cfg.zeroshot_classnames else None)
+        items = items[: cfg.eval_max or None]
+        mean_std = [m / 255 for m in SAM_MEAN], [s / 255 for s in SAM_STD]
+        res.update(C.zeroshot_eval(model, text_classifier(teacher, names, device, templates), items,
+                                   ck["clip_sizes"][0], device, 64, *mean_std))
+    if cfg.coco_instances:
+        res["coco_box_miou"] = coco_box_miou(model, cfg.coco_instances, cfg.coco_images, cfg.eval_max)
+    if not res:
         res = synthetic_eval(model, teacher, synthetic(cfg), size, cfg.eval_max or cfg.synthetic_val, device,
-                             refine=cfg.refine)
+                             refine=cfg.refine, templates=templates)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
     return res
-
 
 def main(argv=None):
     """`samclip.py [merge] [flags]`, `samclip.py train-sam|predict|segment|eval [flags]`; COMMAND --help: its flags."""
     return C.run_command(__doc__, {"merge": (merge, Config), "train-sam": (train_sam, SamTrainConfig),
                                    "predict": (predict_main, PredictConfig), "segment": (segment_main, SegmentConfig),
                                    "eval": (eval_main, EvalConfig)}, argv, default="merge")
-
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ fused attention against its reference, the RLE decoder against hand-made masks, 
 naive versions, prompts and pre/post-processing, and a tiny SAM -> stage I -> stage II pipeline that learns."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -231,11 +232,23 @@ def test_sa1b_layout_reader(tmp_path):
 # ---- losses ----------------------------------------------------------------------------------------------
 
 
+def focal_dice_reference(logits, target, alpha=0.25, gamma=2.0, eps=1.0):
+    """focal_loss and dice_loss pixel by pixel in float64 Python arithmetic: (N, H, W) -> (focal (N,), dice (N,))."""
+    focal, dice = [], []
+    for x_map, t_map in zip(logits.double().tolist(), target.double().tolist()):
+        ps, ts = [1 / (1 + math.exp(-x)) for x in sum(x_map, [])], sum(t_map, [])
+        terms = [(alpha * t + (1 - alpha) * (1 - t)) * -(t * math.log(p) + (1 - t) * math.log(1 - p))  # a_t * CE
+                 * (1 - (p * t + (1 - p) * (1 - t))) ** gamma for p, t in zip(ps, ts)]  # * (1 - p_t)^gamma
+        focal.append(sum(terms) / len(terms))
+        dice.append(1 - (2 * sum(p * t for p, t in zip(ps, ts)) + eps) / (sum(ps) + sum(ts) + eps))
+    return torch.tensor(focal, dtype=torch.float64), torch.tensor(dice, dtype=torch.float64)
+
+
 def test_focal_and_dice_match_naive_versions():
     torch.manual_seed(0)
     logits = torch.randn(5, 6, 7, dtype=torch.float64) * 3
     for target in ((torch.rand(5, 6, 7) > 0.6).double(), torch.rand(5, 6, 7, dtype=torch.float64)):  # hard, soft
-        focal, dice = S.focal_dice_reference(logits, target)
+        focal, dice = focal_dice_reference(logits, target)
         torch.testing.assert_close(S.focal_loss(logits, target).double(), focal)
         torch.testing.assert_close(S.dice_loss(logits, target).double(), dice)
     # a confident, correct prediction costs almost nothing; the focal term down-weights it further than BCE
@@ -297,11 +310,11 @@ def test_train_sam_learns(tiny_sam):
     assert log[0]["mask_iou"] < 0.2 and log[-1]["mask_iou"] > 0.3 and log[-1]["loss"] < 0.8 * log[0]["loss"], log
 
 
-def test_stage1_stage2_pipeline(world, tiny_sam, clip_teacher, tmp_path, capsys):
+def test_stage1_stage2_stage3_pipeline(world, tiny_sam, clip_teacher, tmp_path, monkeypatch):
     """Stage I moves the pooled CLIP head towards the teacher with the backbone untouched; stage II trains
-    both losses from it, keeps the SAM head near the frozen SAM's, and the run's eval and segment commands
-    work on its checkpoint."""
-    s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+    both losses from it and keeps the SAM head near the frozen SAM's; stage III trains the CLIP head alone;
+    `eval` reads every benchmark layout and `segment --refine` runs both heads from one backbone pass."""
+    s1, s2, s3 = str(tmp_path / "s1"), str(tmp_path / "s2"), str(tmp_path / "s3")
     common = ["--teacher-clip", clip_teacher, "--init-sam", tiny_sam, "--clip-sizes", "32", "--batch-clip", "16",
               "--log-every", "5", "--eval-max", "20", "--warmup", "3"] + world_args(world)
     S.main(["--stage", "1", "--out", s1, "--steps", "20", "--lr", "3e-3", "--no-eval"] + common)
@@ -316,17 +329,37 @@ def test_stage1_stage2_pipeline(world, tiny_sam, clip_teacher, tmp_path, capsys)
     assert all(np.isfinite(r["l_sam"]) for r in log if "l_sam" in r)
     final = log[-1]
     assert abs(final["sam_head_iou"] - final["sam_teacher_iou"]) < 10 and 0 <= final["seg_miou"] <= 100
-    res = S.main(["eval", "--init", s2, "--eval-max", "10"] + world_args(world)[:-2])
-    assert 0 <= res["seg_miou"] <= 100 and res["seg_chance_miou"] < 20
-    img = str(tmp_path / "x.png")
+    assert final["seg_chance_miou"] < 20
+    assert 0 <= final["seg_calibrated_miou"] <= 100 and 0 <= final["seg_objects_miou"] <= 100
+    # stage III: the CLIP head alone from stage II, at --init's sizes and SAM's; backbone and SAM head frozen
+    S.main(["--stage", "3", "--init", s2, "--out", s3, "--steps", "3", "--no-eval"] + common[:2] + common[6:])
+    ck2, ck3 = (torch.load(C.latest_checkpoint(d), weights_only=True) for d in (s2, s3))
+    assert ck3["stage"] == 3 and ck3["clip_sizes"] == [32]
+    changed = {k for k, v in ck3["model"].items() if not torch.equal(v, ck2["model"][k])}
+    assert changed and all(k.startswith("clip_head.") for k in changed)
+    # the benchmarks' readers end to end: an ADE20K-layout folder, an ImageFolder, a COCO instances JSON
+    root = write_seg_folder(tmp_path / "ade", "ade", n=2)
+    (tmp_path / "names.txt").write_text("circle\nstar\nsquare\n")
+    res = S.main(["eval", "--init", s3, "--dataset", "ade", "--data", str(root), "--classnames", str(tmp_path / "names.txt"),
+                  "--zeroshot-data", str(write_image_folder(tmp_path / "zs")), "--coco-instances",
+                  str(write_coco(tmp_path / "coco")), "--coco-images", str(tmp_path / "coco"), "--templates", "default"])
+    assert 0 <= res["miou"] <= 100 and 0 <= res["zeroshot_top1"] <= 100 and 0 <= res["coco_box_miou"] <= 100, res
+    # App. C from one backbone pass, the 80 OpenAI templates by default
+    img, calls, n_templates = str(tmp_path / "x.png"), [], []
     Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(img)
-    S.main(["segment", "--init", s2, "--image", img, "--classes", "circle,star", "--out", str(tmp_path / "seg.png")])
+    forward_tokens, classifier = S.ImageEncoderViT.forward_tokens, C.zeroshot_classifier
+    monkeypatch.setattr(S.ImageEncoderViT, "forward_tokens", lambda self, x: calls.append(x.shape) or forward_tokens(self, x))
+    monkeypatch.setattr(C, "zeroshot_classifier", lambda *a: n_templates.append(len(a[3])) or classifier(*a))
+    S.main(["segment", "--init", s3, "--image", img, "--classes", "circle,star", "--out", str(tmp_path / "seg.png"),
+            "--refine"])
+    assert calls == [(1, 3, 32, 32)] and n_templates == [80]
     assert Image.open(tmp_path / "seg.png").size == (40, 32)
     assert set(json.load(open(tmp_path / "seg.json"))["classes"]) == {"background", "circle", "star"}
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--stage", "3"], "--stage must be 1 or 2"),
+    (["--stage", "4"], "--stage must be 1, 2 or 3"),
+    (["--templates", "{garbage}"], "every template needs exactly one '{}'"),
     (["--stage", "1", "--teacher-clip", "/nonexistent.pt"], "teacher checkpoint not found"),
     (["--stage", "1", "--teacher-clip", "{empty}"], "empty file (0 bytes)"),  # mobileclip.load_teacher's line
     (["--stage", "1", "--teacher-clip", "{teacher}", "--init-sam", "{empty}"], "empty file (0 bytes)"),
@@ -358,6 +391,8 @@ def test_stage1_stage2_pipeline(world, tiny_sam, clip_teacher, tmp_path, capsys)
      "--refine-threshold 2.0: must be between 0 and 1"),
     (["eval", "--init", "{garbage}"], "cannot read checkpoint"),
     (["eval", "--init", "{sam}", "--size", "-1"], "--size -1: must be >= 0"),
+    (["eval", "--init", "{sam}", "--dataset", "kitti", "--data", "x"], "--dataset is one of voc, context"),
+    (["eval", "--init", "{sam}", "--dataset", "ade", "--data", "x"], "--dataset ade needs --classnames"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, clip_teacher, args, message):
     """Before any work, one line and a non-zero exit: no traceback, no checkpoint in --out."""
@@ -385,7 +420,7 @@ def test_a_new_run_into_another_runs_checkpoints_stops_with_one_line(tmp_path, c
 
 
 COMMANDS = {"merge": ("--lambda-sam", "--batch-size"), "train-sam": ("--batch-size", "--lambda-sam"),
-            "predict": ("--neg-point", "--classes"), "segment": ("--classes", "--voc"), "eval": ("--voc", "--neg-point")}
+            "predict": ("--neg-point", "--classes"), "segment": ("--classes", "--dataset"), "eval": ("--dataset", "--neg-point")}
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -470,21 +505,127 @@ def test_predict_command_and_mask_prompt_round_trip(tmp_path, capsys):
     assert "mask 0 of 1" in capsys.readouterr().out
 
 
-def test_voc_layout_evaluation_ignores_the_border(tmp_path):
-    """A Pascal VOC folder: the palette PNG's indices are the labels and 255 is ignored; a perfect
-    prediction scores 100 whatever the border holds."""
-    root = tmp_path / "VOC"
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True)
-    label = np.zeros((8, 8), np.uint8)
-    label[2:6, 2:6], label[0] = 2, 255
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "JPEGImages" / "a.jpg")
-    png = Image.fromarray(label, "P")
-    png.putpalette([0, 0, 0] * 256)
-    png.save(root / "SegmentationClass" / "a.png")
-    (root / "ImageSets/Segmentation/val.txt").write_text("a\n")
-    (img, y), = list(S.voc_pairs(str(root), "val"))
-    assert img.size == (8, 8) and (y == label).all()
-    pred = torch.from_numpy(np.where(label == 255, 1, label).astype(np.int64))
-    conf = S.confusion(pred, torch.from_numpy(y.astype(np.int64)), 3)
-    assert conf.sum() == 56 and S.miou(conf) == 100.0  # classes 0 and 2 present, 255 left out
+# ---- the benchmarks' layouts, written by the tests ---------------------------------------------------------
+
+def write_seg_folder(root, name, n=1, label=None):
+    """A DATASETS folder with n 8 x 8 images and their label PNGs (palette for VOC/Context, grey otherwise)."""
+    img_dir, ann_dir, lst, suffix = S.DATASETS[name][:4]
+    split = S.DATASETS[name][6][0]
+    for d in (img_dir, ann_dir):
+        (root / d.format(split)).mkdir(parents=True, exist_ok=True)
+    label = np.arange(64, dtype=np.uint8).reshape(8, 8) % 3 if label is None else label
+    ids = [f"im{i}" for i in range(n)]
+    for i in ids:
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / img_dir.format(split) / f"{i}.jpg")
+        png = Image.fromarray(label, "P" if name.startswith(("voc", "context")) else "L")
+        if png.mode == "P":
+            png.putpalette([0, 0, 0] * 256)
+        png.save(root / ann_dir.format(split) / (i + suffix))
+    if lst:
+        (root / lst.format(split)).parent.mkdir(parents=True, exist_ok=True)
+        (root / lst.format(split)).write_text("\n".join(ids) + "\n")
+    return root
+
+
+def write_image_folder(root):
+    for k, c in enumerate(("circle", "star")):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.full((20, 24, 3), 60 * k, np.uint8)).save(root / c / "a.png")
+    return root
+
+
+def uncompressed_rle(m):
+    """COCO's uncompressed RLE counts (iscrowd annotations): column-major runs, starting with 0s."""
+    flat = np.r_[-1, m.T.reshape(-1).astype(int), -1]
+    return [int(c) for c in np.diff(np.flatnonzero(np.diff(flat)))]
+
+
+def write_coco(root):
+    """A COCO instances JSON over one 30 x 40 image: a polygon, an uncompressed RLE, a compressed RLE, a crowd."""
+    root.mkdir(parents=True)
+    Image.fromarray(np.full((30, 40, 3), 128, np.uint8)).save(root / "a.jpg")
+    m = np.zeros((30, 40), np.uint8)
+    m[5:15, 20:35] = 1
+    segs = ([[2, 3, 12, 3, 12, 15, 2, 15]], {"size": [30, 40], "counts": uncompressed_rle(m)}, rle_encode(m), rle_encode(m))
+    anns = [{"id": i, "image_id": 7, "iscrowd": int(i == 3), "bbox": [2, 3, 10, 12] if i == 0 else [20, 5, 15, 10],
+             "segmentation": s} for i, s in enumerate(segs)]
+    with open(root / "instances.json", "w") as f:
+        json.dump({"images": [{"id": 7, "file_name": "a.jpg", "height": 30, "width": 40}], "annotations": anns}, f)
+    return root / "instances.json"
+
+
+@pytest.mark.parametrize("name", S.DATASETS)
+def test_benchmark_readers_and_scoring(tmp_path, name):
+    """Each layout as mmsegmentation prepares it reads back its label map; a perfect prediction scores 100
+    through C.confusion_matrix / C.miou with the dataset's reduce_zero_label, whatever 255 holds."""
+    label = (np.arange(64, dtype=np.uint8).reshape(8, 8) % 3)
+    label[0] = 255
+    root = write_seg_folder(tmp_path, name, 2, label)
+    pairs = list(S.seg_pairs(name, str(root), S.DATASETS[name][6][0]))
+    assert len(pairs) == 2 and pairs[0][0].size == (8, 8) and (pairs[0][1] == label).all()
+    reduce = S.DATASETS[name][4]
+    y = torch.from_numpy(label.astype(np.int64))
+    pred = torch.where(y == 255, 1, y - 1 if reduce else y)
+    conf = C.confusion_matrix(pred, y, 3, reduce_zero_label=reduce)
+    assert conf.sum() == ((y != 255) & ((y != 0) | (not reduce))).sum() and C.miou(conf) == 100.0
+    with pytest.raises(SystemExit):
+        list(S.seg_pairs(name, str(tmp_path / "missing"), "val"))
+
+
+def test_seg_eval_scores_with_the_shared_miou(monkeypatch):
+    """seg_eval's mIoU is C.miou of the summed C.confusion_matrix of the same predictions (issue 26: one
+    mIoU in every script), with background scored, or not scored (reduce-zero-label) without a rule."""
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 4, (6, 7)).astype(np.uint8) for _ in range(3)]
+    labels[0][0, :3] = 255
+    preds = [torch.from_numpy(rng.integers(0, 4, (6, 7))) for _ in range(3)]
+    model = type("M", (), {"patch": 4})()
+    for bg_threshold, reduce in ((0.5, False), (0.0, True)):
+        it = iter(preds)
+        monkeypatch.setattr(S, "segment_image", lambda *a, **k: next(it))
+        res = S.seg_eval(model, [(None, y) for y in labels], ["a", "b", "c"], None, 8, "cpu", True,
+                         bg_threshold=bg_threshold)
+        K = 4 if not reduce else 3
+        ref = sum(C.confusion_matrix(p, torch.from_numpy(y.astype(np.int64)), K, reduce_zero_label=reduce)
+                  for p, y in zip(preds, labels))
+        assert res["miou"] == C.miou(ref)
+
+
+def test_background_rule_is_groupvits_threshold(monkeypatch):
+    """Background where the best softmax probability (100 x cosine) is below the threshold, but never at the
+    image's most confident pixel; without a rule, plain argmax over the classes."""
+    logits = torch.tensor([[[0.30, 0.30, 0.25]], [[0.29, 0.27, 0.24]]])  # (K=2, 1, 3)
+    monkeypatch.setattr(S, "dense_logits", lambda *a: logits)
+    p = (100 * logits).softmax(0).max(0).values  # 0.73, 0.95, 0.73
+    assert S.segment_image(None, None, 8, None, bg_threshold=0.9).tolist() == [[0, 1, 0]]
+    assert S.segment_image(None, None, 8, None, bg_threshold=0.5).tolist() == [[1, 1, 1]] and p.min() > 0.5
+    assert S.segment_image(None, None, 8, None, bg_threshold=1.5).tolist() == [[0, 1, 0]]  # the top pixel stays
+    assert S.segment_image(None, None, 8, None).tolist() == [[0, 0, 0]]
+
+
+def test_coco_masks_polygon_and_rle():
+    """COCO's three mask encodings decode in numpy / PIL: a polygon fills its box, the uncompressed and the
+    compressed RLE of one mask agree with it."""
+    m = np.zeros((30, 40), np.uint8)
+    m[5:15, 20:35] = 1
+    runs = uncompressed_rle(m)
+    assert (S.coco_mask({"size": [30, 40], "counts": runs}, 30, 40) == m).all()
+    assert (S.coco_mask(rle_encode(m), 30, 40) == m).all()
+    poly = S.coco_mask([[20, 5, 34, 5, 34, 14, 20, 14]], 30, 40)
+    assert (poly == m.astype(bool)).all()
+
+
+def test_clip_head_order_and_flag(tmp_path):
+    """The paper's order by default (blocks, max-pool, LN, MLP); --no-pool-first pools after the MLP; the
+    order is saved with the weights and restored on load."""
+    torch.manual_seed(0)
+    assert S.Config().pool_first and not C.parse_config(S.Config, ["--no-pool-first"], verbose=False).pool_first
+    x = torch.randn(2, 3, 3, 64)
+    m = S.build_sam("micro").add_clip_head(16)
+    h = m.clip_head
+    torch.testing.assert_close(h(x), h.mlp(h.norm(h.tokens(x).amax(dim=(1, 2)))))
+    assert not torch.allclose(h(x), h.dense(x).amax(dim=(1, 2)))
+    last = S.build_sam("micro").add_clip_head(16, pool_first=False)
+    torch.testing.assert_close(last.clip_head(x), last.clip_head.dense(x).amax(dim=(1, 2)))
+    C.save_checkpoint(str(tmp_path / "ckpt-1.pt"), {"kind": "samclip", "model": last.state_dict(), "model_name": "micro"})
+    assert not S.load_sam(str(tmp_path / "ckpt-1.pt"), True).clip_head.pool_first_
