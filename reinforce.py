@@ -3,45 +3,38 @@
 
 A dataset is reinforced once, offline: for every training image, NS random augmentations are drawn, a strong
 teacher ensemble classifies each augmented view, and only the augmentation parameters and the teacher's top-k
-class probabilities are stored. Any student then trains with no teacher at all: it reloads the image, replays
-one stored augmentation exactly and regresses onto the stored soft label with a KL divergence, so a step
-costs what an ordinary (ERM) step costs.
+class probabilities are stored. A student then trains with no teacher: it reloads the image, replays one stored
+augmentation exactly and regresses onto the stored soft label (KL), so a step costs what an ERM step costs.
 
-What is here: `reinforce` (the paper's four augmentation variants: RandomResizedCrop + flip, RandAugment 2
-ops at magnitude 9 + RandomErasing, MixUp/CutMix with a partner image; the ensemble mean of softmax; a
-fixed-size binary record per augmentation; work split over ranks, resumable by output part), `train` (one
-stored sample per image and epoch, exact replay, "smooth" densification of the top-k, KL loss, a fraction
-1 - p of plain ERM samples; without --reinforced the same command is the ERM baseline and trains teachers),
-and the classifiers: torchvision's ResNets (resnet18/34/50/101 with zero-initialised residual BNs; its weights
-load as they are), resnet_tiny/resnet_small (torchvision's ResNet with a 32 px stem and narrow stages),
-common.ViT with a linear head, and any other torchvision classifier by name. Left out: timm's IG-ResNeXt
-teachers (spec 2.1; use any ensemble you have), the CVNets recipes, the spec's "zeros" densification quirk,
-and several reinforcement folders at once.
-
-Storage (spec 4.3/4.4). The official sets pickle Python lists per image and gzip them (~73 B per augmentation
-for +RA/RE at k = 10). Here each part is one .npy structured array (images, NS) of fixed-size records:
-RRC box uint16 x4 (original pixels), a flag byte, RandAugment op+sign uint8 x2, erase box uint8 x4 (output
-pixels; int16 above 255 px), top-k probabilities float16 x k, class ids int16 x k: 55 B for +RA/RE at k = 10,
-79 B with mixing (partner index, its own view, the MixUp weight on a 1/510 grid, the CutMix box). Generation
-applies the *decoded* record, so replay is bit-exact by construction (spec 6: same image type both times).
+What is here: `reinforce` (the paper's four variants; the ensemble mean of softmax; one .npy structured array
+(images, NS) of fixed-size records per part: 55 B per +RA/RE augmentation at k = 10, ml-dr's gzip'd pickles ~73;
+ranks share the parts, resumable by part; generation applies the decoded record, so replay is exact) and `train`
+(on a reinforcement in this layout or in ml-dr's released one, ImageNet+/CIFAR-100+/Flowers-102+/Food-101+,
+replayed bit-identically to ml-dr's dr/transforms.py; without --reinforced, ml-dr's ERM baseline, and teachers),
+with ml-dr's recipe. Classifiers: torchvision's ResNets (zero-initialised residual BNs; its weights load),
+resnet_tiny/small (a 32 px stem), common.ViT + a linear head, any torchvision classifier. Left out: timm's
+IG-ResNeXt teachers (spec 2.1), the CVNets recipes, the "zeros" densification, several reinforcements at once.
+CIFAR-100+, Food-101+, Flowers-102+: write torchvision's train split, in its order, to tar shards (an image and
+`cls` per sample, common.write_shard; Food-101's original JPEG bytes) and pass them as --data.
 
 Paper -> code:
-  augmentation variants RRC / +M* / +RA/RE / +M*+R* (spec 3.1)  -> VARIANTS, draw_view, draw_sample
-  replayable ops, fixed pipeline order (spec 4.4)               -> apply_view, apply_sample
+  variants RRC / +M* / +RA/RE / +M*+R* (spec 3.1); replay (4.4)  -> VARIANTS, draw_sample; apply_sample, MLDRStore
   compressed record (spec 4.4)                                   -> record_dtype, encode_sample, decode_sample
   teacher ensemble, mean of softmax(z / T), T = 1 (spec 2.1)      -> load_teachers, teacher_probs
-  top-k storage, index = dataset position (spec 4.1)             -> reinforce, Data
-  "smooth" densification (spec 4.2)                              -> densify
-  KL(student || teacher), batchmean (spec 3.2)                   -> kl_loss (fast), kl_loss_reference
+  top-k storage, index = dataset position (spec 4.1)             -> reinforce, Data; ml-dr's files: read_pth
+  "smooth" densification (spec 4.2); KL, batchmean (spec 3.2)    -> densify; kl_loss (fast), kl_loss_reference
   p = 0.99 reinforced, else ERM + one-hot (spec 3.2)             -> TrainImages
-  ERM baseline: CE + label smoothing 0.1 (spec 3.3)              -> TrainImages.standard, one_hot
-  SGD 0.9, warm-up + cosine per iteration (spec 3.3)             -> make_optimizer, common.lr_at
+  ERM baseline: erm.yaml, CE + label smoothing 0.1 (spec 3.3)    -> TrainImages.standard, batch_mix
+  SGD + Nesterov, decay on all, warm-up + cosine (spec 3.3)      -> make_optimizer, common.lr_at
 
 Commands:
   torchrun --nproc_per_node=8 reinforce.py reinforce --data imagenet/train --image-size 224 \\
       --teachers resnet50=resnet50-11ad3fa6.pth,runs/my_teacher --num-samples 400 --topk 10 --out imagenet_plus
-  torchrun --nproc_per_node=8 reinforce.py train --data imagenet/train --val-data imagenet/val \\
-      --reinforced imagenet_plus --model resnet50 --image-size 224 --epochs 150 --batch-size 128 --lr 0.4
+  # ImageNet, every flag of ml-dr's configs/imagenet plus.yaml (batch 1024 = 8 x 128; resnet50 for timm's resnet50d)
+  # on ml-dr's ImageNet+ (its reinforced_data/ folder) or this script's --out; without --reinforced: erm.yaml
+  torchrun --nproc_per_node=8 reinforce.py train --data imagenet/train --val-data imagenet/val --model resnet50 \\
+      --image-size 224 --epochs 150 --batch-size 128 --lr 0.4 --momentum 0.9 --nesterov --weight-decay 1e-4 \\
+      --decay-all --warmup-epochs 5 --label-smoothing 0.1 --aug erm --reinforce-p 0.99 --reinforced reinforced_data
   # CPU, the synthetic world (4000 images, 32 px): a teacher, its reinforcement, student vs ERM baseline
   python reinforce.py train --synthetic-train 12000 --epochs 15 --out runs/rf_teacher  # sees 3x the data
   python reinforce.py reinforce --teachers runs/rf_teacher --num-samples 20 --variant cropflip --out runs/rf_data
@@ -49,9 +42,9 @@ Commands:
   python reinforce.py train --aug cropflip --epochs 20 --out runs/rf_erm
 
 Result (2-core CPU shared with other jobs, resnet_tiny 0.31M parameters, 20 epochs, top-1 on 500 held-out
-images, teacher 92.0%): crop + flip, ERM with label smoothing 67.0%, reinforced 81.0%; + RandAugment and
-erasing (the default variant), ERM 35.8%, reinforced 55.2%. 55 bytes per stored +RA/RE augmentation at k = 10
-(paper: ~73), 49 for crop + flip. The README has the commands and the curves.
+images, teacher 92.0%; measured before issue 24's recipe: decay 5e-5, 1 warm-up epoch, no Nesterov): crop + flip,
+ERM with label smoothing 67.0%, reinforced 81.0%; + RandAugment and erasing, ERM 35.8%, reinforced 55.2%.
+PAYOFF_LINE
 """
 from __future__ import annotations
 
@@ -83,7 +76,6 @@ import common as C
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-
 @dataclass
 class Shared:
     """Flags of both commands: the data, the synthetic world and the machine."""
@@ -97,7 +89,6 @@ class Shared:
     synthetic_train: int = 4000  # synthetic training images
     synthetic_val: int = 500  # synthetic held-out images (the evaluation ImageFolder)
     synthetic_size: int = 32  # synthetic image size in pixels
-
 
 @dataclass
 class ReinforceConfig(Shared):
@@ -113,10 +104,9 @@ class ReinforceConfig(Shared):
     part_size: int = 1000  # images per output file (the unit of resume and of rank splitting)
     temperature: float = 1.0  # the ensemble averages softmax(logits / T) (paper: 1)
 
-
 @dataclass
 class TrainConfig(Shared):
-    reinforced: str = ""  # folder written by `reinforce`; empty = plain ERM training (the baseline, or a teacher)
+    reinforced: str = ""  # `reinforce`'s --out, or ml-dr's reinforced_data/ (config.pth.tar, {i}.pth.tar); empty = ERM
     val_data: str = ""  # ImageFolder for top-1; empty = the synthetic held-out set (none with --data: no eval)
     model: str = "resnet_tiny"  # a name from MODELS or any torchvision classification model
     num_classes: int = 0  # 0 = from the data
@@ -143,16 +133,12 @@ class TrainConfig(Shared):
     overwrite: bool = False  # start over in an --out that holds another run's checkpoints (they move to OUT/previous-N/)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
 
-
 # Torchvision's ResNets, the last BN of each residual block starting at zero (zero_init_residual, Goyal et al.
 # 2017): every block begins as the identity, which helps short runs from scratch. `widths` entries are
 # torchvision's ResNet with BasicBlocks at those widths and a 3x3 stride-1 stem without max-pool, so that 32 px
 # images do not shrink to 1x1. ViTs: common.ViT plus a linear head. Any other name: a torchvision classifier.
 MODELS = {
-    "resnet18": dict(torchvision=dict(zero_init_residual=True), image_size=224),
-    "resnet34": dict(torchvision=dict(zero_init_residual=True), image_size=224),
-    "resnet50": dict(torchvision=dict(zero_init_residual=True), image_size=224),
-    "resnet101": dict(torchvision=dict(zero_init_residual=True), image_size=224),
+    **{f"resnet{d}": dict(torchvision=dict(zero_init_residual=True), image_size=224) for d in (18, 34, 50, 101)},
     "resnet_tiny": dict(layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), image_size=32),
     "resnet_small": dict(layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), image_size=32),
     "vit_tiny": dict(vit=True, image_size=224, patch=16, width=192, layers=12, heads=3),  # DeiT-Ti
@@ -161,11 +147,7 @@ MODELS = {
     "vit_cpu": dict(vit=True, image_size=32, patch=4, width=128, layers=4, heads=4),
 }
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Models: torchvision's ResNets (and a small-image variant), ViT classifier, torchvision by name
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 1. Models: torchvision's ResNets (and a small-image variant), ViT classifier, torchvision by name ======
 def small_resnet(layers, widths, num_classes: int) -> nn.Module:
     """torchvision's ResNet (He et al. 2016) with BasicBlocks of `widths` channels and a 3x3 stride-1 stem
     without max-pool: torchvision's module names and forward, its initialisation redone for the new modules."""
@@ -182,7 +164,6 @@ def small_resnet(layers, widths, num_classes: int) -> nn.Module:
             nn.init.zeros_(mod.bn2.weight)
     return m
 
-
 class ViTClassifier(nn.Module):
     """common.ViT without its CLIP projection, a linear head on the class token."""
 
@@ -194,7 +175,6 @@ class ViTClassifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.visual.forward_tokens(x)[:, 0])  # (B, classes)
-
 
 def build_model(name: str, num_classes: int, image_size: int = 0) -> nn.Module:
     """A classifier by name: a MODELS entry, else any torchvision classification model."""
@@ -211,11 +191,7 @@ def build_model(name: str, num_classes: int, image_size: int = 0) -> nn.Module:
     return torchvision.models.get_model(name, num_classes=num_classes, **spec.get("torchvision", {}))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Data: an image per index, in the order the reinforcement is stored (spec 4.1)
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 2. Data: an image per index, in the order the reinforcement is stored (spec 4.1) =======================
 class Data:
     """Images addressed by their position: an ImageFolder in sorted class and file order (torchvision's
     ImageFolder order, that of the published sets), or the samples of tar shards in shard order, read by seek.
@@ -237,9 +213,7 @@ class Data:
             return Image.open(src).convert("RGB")
         with open(src[0], "rb") as f:  # (shard, offset, size): one seek, one read
             f.seek(src[1])
-            img = Image.open(io.BytesIO(f.read(src[2])))
-            return img.convert("RGB")
-
+            return Image.open(io.BytesIO(f.read(src[2]))).convert("RGB")
 
 def tar_labels(path: str, skipped: dict) -> tuple[list, list]:
     """[(path, offset, size)] of the image member of each sample, and its label: the `cls` member (int), else
@@ -251,11 +225,8 @@ def tar_labels(path: str, skipped: dict) -> tuple[list, list]:
     def flush():
         img = next((sample[e] for e in C.IMAGE_EXTS if e in sample), None)
         try:
-            if "cls" in sample:
-                y = int(sample["cls"].decode().strip())
-            else:
-                meta = json.loads(sample["json"])
-                y = str(meta["classname"]) if "classname" in meta else int(meta["label"])
+            meta = {"label": sample["cls"].decode().strip()} if "cls" in sample else json.loads(sample["json"])
+            y = str(meta["classname"]) if "classname" in meta else int(meta["label"])
         except (KeyError, ValueError):
             return
         if img is not None:
@@ -289,11 +260,9 @@ def tar_labels(path: str, skipped: dict) -> tuple[list, list]:
         flush()
     return items, labels
 
-
 def synthetic(cfg: Shared) -> dict:
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, seed=0)
-
 
 def load_data(cfg: Shared) -> Data:
     """--data as an ImageFolder or tar shards; without it the synthetic world's training shards."""
@@ -329,9 +298,7 @@ def load_data(cfg: Shared) -> Data:
     return Data(items, labels, words + [str(c) for c in range(len(words), n)])
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Replayable augmentations (spec 3.1 and 4.4)
-# ----------------------------------------------------------------------------------------------------
+# ==== 3. Replayable augmentations (spec 3.1 and 4.4) =========================================================
 # All four variants use RandomResizedCrop + horizontal flip (p = 1/2); "randaug" adds RandAugment (2 ops,
 # magnitude 9 of 31 bins, p = 1) and RandomErasing (p = 0.25, black); "mixing" adds MixUp (alpha 1, lambda
 # halved, p = 1/2) then CutMix (alpha 1, p = 1/2) with a partner image, each with its own coin, so both can hit.
@@ -342,7 +309,6 @@ VARIANTS = {"cropflip": (False, False), "mixing": (False, True), "randaug": (Tru
 RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 31
 ERASE_P, MIXUP_P, CUTMIX_P = 0.25, 0.5, 0.5
 MIX_GRID = 510  # MixUp's lambda / 2 in [0, 1/2] is stored as a byte: lambda / 2 = q / 510
-
 
 def erase_box(rng: random.Random, size: int, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
     """RandomErasing's region (top, left, h, w) in a size x size view, torchvision's defaults; None if none of
@@ -355,7 +321,6 @@ def erase_box(rng: random.Random, size: int, scale=(0.02, 0.33), ratio=(0.3, 3.3
             return rng.randint(0, size - h), rng.randint(0, size - w), h, w
     return None
 
-
 def cutmix_box(rng: random.Random, size: int, alpha: float = 1.0):
     """CutMix (Yun et al. 2019): lambda ~ Beta(alpha, alpha), a box of side size * sqrt(1 - lambda) around a
     uniform centre, clipped to the view (ml-dr's rand_bbox): (top, left, h, w)."""
@@ -365,25 +330,22 @@ def cutmix_box(rng: random.Random, size: int, alpha: float = 1.0):
     x1, x2 = max(cx - cut // 2, 0), min(cx + cut // 2, size)
     return y1, x1, y2 - y1, x2 - x1
 
-
 def draw_view(rng: random.Random, w: int, h: int, size: int, randaug: bool, min_scale: float, flip=True) -> dict:
     """The single-image ops: crop box (top, left, h, w) in original pixels, flip (never without `flip`),
     RandAugment [(op, negative)], erase box or None."""
     left, top, right, bottom = C.random_resized_crop_box(w, h, rng, (min_scale, 1.0))
-    view = {"box": (top, left, bottom - top, right - left), "flip": flip and rng.random() < 0.5, "ra": None,
-            "erase": None}
+    view = dict(box=(top, left, bottom - top, right - left), flip=flip and rng.random() < 0.5, ra=None, erase=None)
     if randaug:
         view["ra"] = [(k, m < 0) for k, m in C.rand_augment_params(rng, size, RA_OPS, RA_MAGNITUDE, RA_BINS)]
         view["erase"] = erase_box(rng, size) if rng.random() < ERASE_P else None
     return view
 
-
 def draw_sample(rng: random.Random, wh, size: int, variant: str, min_scale: float, pool=()) -> dict:
     """One augmentation of an image of size `wh`: its view, and with mixing a partner drawn from `pool`
     [(index, (w, h))] with the partner's own view, the MixUp weight code and the CutMix box."""
     randaug, mixing = VARIANTS[variant]
-    s = {"view": draw_view(rng, *wh, size, randaug, min_scale, variant != "erm"), "id2": -1, "view2": None, "mixup": None,
-         "cutmix": None}
+    s = dict(view=draw_view(rng, *wh, size, randaug, min_scale, flip=variant != "erm"), id2=-1, view2=None,
+             mixup=None, cutmix=None)
     if mixing and pool:
         mixup = round(rng.betavariate(1.0, 1.0) / 2 * MIX_GRID) if rng.random() < MIXUP_P else None
         cutmix = cutmix_box(rng, size) if rng.random() < CUTMIX_P else None
@@ -391,7 +353,6 @@ def draw_sample(rng: random.Random, wh, size: int, variant: str, min_scale: floa
             j, (w2, h2) = pool[rng.randrange(len(pool))]
             s.update(id2=j, view2=draw_view(rng, w2, h2, size, randaug, min_scale), mixup=mixup, cutmix=cutmix)
     return s
-
 
 def batch_mix(x: torch.Tensor, t: torch.Tensor, rng: random.Random, mixup_alpha=0.2, cutmix_alpha=1.0):
     """ml-dr's ERM (erm.yaml, its MixingTransforms): per batch, MixUp (Zhang et al. 2018, lambda ~ Beta(0.2,
@@ -404,11 +365,9 @@ def batch_mix(x: torch.Tensor, t: torch.Tensor, rng: random.Random, mixup_alpha=
         lam = rng.betavariate(mixup_alpha, mixup_alpha)
         return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
     i, j, h, w = cutmix_box(rng, x.shape[-1], cutmix_alpha)
-    x = x.clone()
+    x, a = x.clone(), h * w / x.shape[-1] ** 2
     x[..., i:i + h, j:j + w] = x[perm][..., i:i + h, j:j + w]
-    a = h * w / x.shape[-1] ** 2
     return x, (1 - a) * t + a * t[perm]
-
 
 def apply_view(img: Image.Image, view: dict, size: int) -> torch.Tensor:
     """Spec 4.4's fixed order on a PIL image: crop + bilinear resize, flip, RandAugment; then uint8 and
@@ -425,7 +384,6 @@ def apply_view(img: Image.Image, view: dict, size: int) -> torch.Tensor:
         i, j, eh, ew = view["erase"]
         x[:, i:i + eh, j:j + ew] = 0
     return x
-
 
 def apply_sample(img: Image.Image, s: dict, size: int, partner: Image.Image | None = None) -> torch.Tensor:
     """The view, then MixUp and CutMix with the partner's own view. MixUp weighs the image by lambda/2 <= 1/2,
@@ -444,11 +402,8 @@ def apply_sample(img: Image.Image, s: dict, size: int, partner: Image.Image | No
     return x
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. The stored record: fixed-size binary, one per augmentation (spec 4.3 and 4.4)
-# ----------------------------------------------------------------------------------------------------
+# ==== 4. The stored record: fixed-size binary, one per augmentation (spec 4.3 and 4.4) =======================
 FLIP, ERASE, MIXUP, CUTMIX, BAD = 1, 2, 4, 8, 128  # bits of `flags` (`flags2`: the partner's FLIP, ERASE)
-
 
 def record_dtype(variant: str, k: int, size: int, num_classes: int) -> np.dtype:
     """Packed numpy record. Crop boxes in original pixels (uint16), boxes in the view in uint8 up to 255 px,
@@ -463,7 +418,6 @@ def record_dtype(variant: str, k: int, size: int, num_classes: int) -> np.dtype:
     fields += [("prob", np.float16, (k,)), ("cls", np.int16 if num_classes <= 2**15 else np.int32, (k,))]
     return np.dtype(fields)  # packed: itemsize is the sum of the fields
 
-
 def encode_view(rec, view: dict, suffix: str = ""):
     rec["box" + suffix] = view["box"]
     flags = FLIP * view["flip"] + ERASE * (view["erase"] is not None)
@@ -472,13 +426,11 @@ def encode_view(rec, view: dict, suffix: str = ""):
         rec["erase" + suffix] = view["erase"] or (0, 0, 0, 0)
     return flags
 
-
 def decode_view(rec, flags: int, suffix: str = "") -> dict:
     has_ra = "ra" + suffix in rec.dtype.names
     return {"box": tuple(int(v) for v in rec["box" + suffix]), "flip": bool(flags & FLIP),
             "ra": [(int(b) & 127, bool(b >> 7)) for b in rec["ra" + suffix]] if has_ra else None,
             "erase": tuple(int(v) for v in rec["erase" + suffix]) if flags & ERASE else None}
-
 
 def encode_sample(s: dict, dtype: np.dtype) -> np.ndarray:
     """A sample dict (draw_sample) -> one record (labels left empty)."""
@@ -488,12 +440,10 @@ def encode_sample(s: dict, dtype: np.dtype) -> np.ndarray:
         rec["id2"] = s["id2"]
         if s["id2"] >= 0:
             rec["flags2"] = encode_view(rec, s["view2"], "2")
-            rec["mix"] = s["mixup"] or 0
-            rec["cut"] = s["cutmix"] or (0, 0, 0, 0)
+            rec["mix"], rec["cut"] = s["mixup"] or 0, s["cutmix"] or (0, 0, 0, 0)
             flags += MIXUP * (s["mixup"] is not None) + CUTMIX * (s["cutmix"] is not None)
     rec["flags"] = flags
     return rec
-
 
 def decode_sample(rec) -> dict:
     """One record -> the sample dict that generated it (exactly: every field is an integer)."""
@@ -505,35 +455,19 @@ def decode_sample(rec) -> dict:
                  cutmix=tuple(int(v) for v in rec["cut"]) if flags & CUTMIX else None)
     return s
 
-
 def densify(prob, cls, num_classes: int) -> torch.Tensor:
     """Spec 4.2 "smooth": the stored top-k probabilities at their classes, the leftover mass 1 - sum(top-k)
     spread uniformly over the other C - k classes. Each of those had at most the smallest kept probability, so
     their average does too: the top-k stay the top-k. fp16 rounding can push the sum past 1; the leftover
     is then 0 and the k values are renormalised (a design choice; the official code falls back to "zeros")."""
-    p = torch.as_tensor(np.asarray(prob, dtype=np.float32))
-    c = torch.as_tensor(np.asarray(cls, dtype=np.int64))
+    p, c = torch.as_tensor(np.asarray(prob, dtype=np.float32)), torch.as_tensor(np.asarray(cls, dtype=np.int64))
     rest = (1 - p.sum()).clamp(min=0) / max(1, num_classes - len(p))
     t = torch.full((num_classes,), float(rest))
     t[c] = p
     return t / t.sum()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Reinforcement: teachers, the views of a group of images, the output parts
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_trained(path: str) -> dict:
-    """A checkpoint of `reinforce.py train` (a file, or its run directory: the newest that reads)."""
-    ckpt = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")
-    if ckpt is None:
-        C.fail(f"no ckpt-*.pt in {path}")
-    if ckpt.get("kind") != "reinforce_classifier":
-        C.fail(f"{path} is not a checkpoint of `reinforce.py train` (kind {ckpt.get('kind')!r})")
-    return ckpt
-
-
+# ==== 5. Reinforcement: teachers, the views of a group of images, the output parts ===========================
 def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, int]]:
     """[(model in eval mode, its training size, or 0: any)] from --teachers: this repo's checkpoints (views are
     resized to the size they were trained at), or ARCH=WEIGHTS with a torchvision state dict (ARCH=DEFAULT:
@@ -557,7 +491,9 @@ def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, 
                     C.fail(f"teacher {item}: no file {weights} and no torchvision weights of that name ({e})")
             size = 0
         else:
-            ckpt = load_trained(item)
+            ckpt = C.load_checkpoint("auto", item) if os.path.isdir(item) else C.load_checkpoint(item, "")
+            if ckpt is None or ckpt.get("kind") != "reinforce_classifier":  # a run directory: its newest that reads
+                C.fail(f"{item} is not a checkpoint of `reinforce.py train` or a run directory with one")
             model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["image_size"])
             C.load_state_dict_checked(model, ckpt["model"], f"teacher {item}")
             size = ckpt["image_size"]
@@ -565,7 +501,6 @@ def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, 
     if not teachers:
         C.fail("--teachers is empty; train one first: python reinforce.py train --model resnet_small --out runs/t")
     return teachers
-
 
 @torch.no_grad()
 def teacher_probs(teachers, x: torch.Tensor, temperature: float, bf16: bool) -> torch.Tensor:
@@ -579,12 +514,6 @@ def teacher_probs(teachers, x: torch.Tensor, temperature: float, bf16: bool) -> 
             logits = model(xt)
         probs = probs + F.softmax(logits.float() / temperature, dim=-1)
     return probs / len(teachers)
-
-
-def image_rng(seed: int, i: int) -> random.Random:
-    """The draws of image i depend on (seed, i) alone: not on ranks, workers, part size or a resume."""
-    return random.Random(zlib.crc32(f"reinforce/{seed}/{i}".encode()))
-
 
 class ReinforceViews(torch.utils.data.Dataset):
     """Loader item = a group of images of one part: their NS records (labels empty) and the rendered views
@@ -600,7 +529,7 @@ class ReinforceViews(torch.utils.data.Dataset):
         part, idx = self.groups[g]
         cfg, recs, views, owner = self.cfg, np.zeros((len(idx), self.cfg.num_samples), self.dtype), [], []
         for r, i in enumerate(idx):
-            rng = image_rng(cfg.seed, i)
+            rng = random.Random(zlib.crc32(f"reinforce/{cfg.seed}/{i}".encode()))  # not ranks, workers, parts, resume
             try:
                 img = self.data.load(i)
             except Exception:  # unreadable: its records are flagged, training skips them
@@ -623,14 +552,8 @@ class ReinforceViews(torch.utils.data.Dataset):
         x = torch.stack(views) if views else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
         return part, idx, recs, x, owner
 
-
-def _as_is(x):
-    return x  # the loader must not turn the structured records into tensors
-
-
 def part_path(out: str, p: int) -> str:
     return os.path.join(out, f"part-{p:05d}.npy")
-
 
 def write_meta(out: str, meta: dict, check_only: bool = False):
     """Rank 0 writes meta.json; a later run into the same folder must agree on everything that shapes it."""
@@ -646,7 +569,6 @@ def write_meta(out: str, meta: dict, check_only: bool = False):
             json.dump(meta, f, indent=1)
         os.replace(path + ".tmp", path)
 
-
 def read_meta(path: str, what: str) -> dict:
     try:
         with open(path) as f:
@@ -656,7 +578,6 @@ def read_meta(path: str, what: str) -> dict:
     if not isinstance(meta, dict) or "fingerprint" not in meta:
         C.fail(f"{what}: {path} is not a reinforcement's meta.json ({meta if isinstance(meta, str) else 'no fingerprint'})")
     return meta
-
 
 def unreadable(data: Data, n: int = 100) -> str:
     """Why the first `n` images do not load, by reason ("UnidentifiedImageError 6"): for the one line of a
@@ -669,15 +590,12 @@ def unreadable(data: Data, n: int = 100) -> str:
             why[type(e).__name__] = why.get(type(e).__name__, 0) + 1
     return f"reasons in the first {min(n, len(data))} tried: " + ", ".join(f"{k} {v}" for k, v in sorted(why.items()))
 
-
 def reinforce(cfg: ReinforceConfig):
     """Reinforce a dataset: NS stored augmentations per image, each with the teacher ensemble's top-k.
 
     Resumable by part: a rerun of the same command writes only the missing part-NNNNN.npy files; SIGTERM
     stops after the parts in flight are written. Under torchrun the parts are shared out over the ranks."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if cfg.variant not in VARIANTS or cfg.variant == "erm":
-        C.fail(f"--variant must be one of {', '.join(list(VARIANTS)[:4])}, not '{cfg.variant}'")
     check_flags(cfg)
     C.claim_out(cfg.out)  # one run per folder (run.lock), before anything is read or written
     data = load_data(cfg)
@@ -707,8 +625,7 @@ def reinforce(cfg: ReinforceConfig):
     C.print0(f"{len(data)} images, {data.num_classes} classes, {n_parts} parts ({done} done), {len(teachers)} "
              f"teacher(s), {dtype.itemsize} bytes per augmentation record")
     loader = torch.utils.data.DataLoader(ReinforceViews(data, groups, cfg, size, dtype), batch_size=None,
-                                         collate_fn=_as_is, num_workers=cfg.workers,
-                                         prefetch_factor=2 if cfg.workers else None,
+                                         collate_fn=tuple, num_workers=cfg.workers,  # tuple: records stay numpy
                                          worker_init_fn=C.ignore_stop_signals)
     pending, t0, stop = {}, time.time(), C.StopSignal()  # workers ignore SIGTERM: this process stops them
     for part, idx, recs, x, owner in C.progress(loader, "reinforce", total=len(groups)):
@@ -749,31 +666,21 @@ def reinforce(cfg: ReinforceConfig):
     C.cleanup_distributed()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Training on the reinforced dataset (spec 3.2), or plain ERM training (the baseline, the teachers)
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 6. Training on the reinforced dataset (spec 3.2), or plain ERM training (the baseline, the teachers) ===
 class Reinforced:
     """A reinforcement folder, memory-mapped: record(i, j) = sample j of image i."""
 
     def __init__(self, root: str, data: Data):
-        path = os.path.join(root, "meta.json")
-        if not os.path.isfile(path):
-            C.fail(f"--reinforced {root} has no meta.json (not written by `reinforce.py reinforce`)")
-        self.meta = meta = read_meta(path, f"--reinforced {root}")
+        self.meta = meta = read_meta(os.path.join(root, "meta.json"), f"--reinforced {root}")
         if meta["fingerprint"] != data.fingerprint:
             C.fail(f"--reinforced {root} was made from other data ({meta['num_images']} images, fingerprint "
                    f"{meta['fingerprint']}; --data has {len(data)}, {data.fingerprint}): indices would not match")
-        n_parts = math.ceil(meta["num_images"] / meta["part_size"])
-        missing = [p for p in range(n_parts) if not os.path.exists(part_path(root, p))]
-        if missing:
-            C.fail(f"--reinforced {root} misses {len(missing)} of {n_parts} parts (rerun `reinforce` to finish it)")
         try:
+            n_parts = math.ceil(len(data) / meta["part_size"])
             self.parts = [np.load(part_path(root, p), mmap_mode="r") for p in range(n_parts)]
-        except (OSError, ValueError) as e:
-            C.fail(f"--reinforced {root}: a part does not read ({type(e).__name__}: {e}); rerun `reinforce` after "
-                   f"deleting it")
+        except (OSError, ValueError) as e:  # missing (an unfinished run) or unreadable
+            C.fail(f"--reinforced {root}: a part is missing or does not read ({type(e).__name__}: {e}); rerun "
+                   f"`reinforce` (after deleting an unreadable part) to finish it")
         self.ns, self.size, self.num_classes = meta["num_samples"], meta["image_size"], meta["num_classes"]
 
     def record(self, i: int, j: int):
@@ -788,109 +695,81 @@ class Reinforced:
         partner = data.load(s["id2"]) if s["id2"] >= 0 else None
         return apply_sample(data.load(i), s, self.size, partner), densify(rec["prob"], rec["cls"], data.num_classes)
 
-
 class BadRecord(ValueError):
     """A stored record that does not read or replay: counted and skipped."""
-
 
 # ml-dr's released layout (ImageNet+, CIFAR-100+, Flowers-102+, Food-101+; spec 4.1, 4.4): dr/transforms.py's ops
 # in its fixed order, whatever order the config lists; the four without parameters have no record entry.
 MLDR_OPS = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
             "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
-MLDR_FIXED = ("uint8", "center_crop", "to_tensor", "normalize")
-
+MLDR_FIXED, MLDR_CROPS = ("uint8", "center_crop", "to_tensor", "normalize"), ("random_resized_crop", "random_crop",
+                                                                             "center_crop")
 
 def read_pth(path: str):
-    """A torch.save file (its zip's data.pkl; a plain pickle also reads) through common's restricted unpickler:
-    containers, strings, numbers and numpy scalars (ml-dr stores MixUp/CutMix draws as numpy), never code.
-    torch.load(weights_only=True) refuses the numpy scalars, so it cannot read the mixing records."""
+    """A torch.save file (its zip's data.pkl, or a plain pickle) through common's restricted unpickler: containers,
+    strings, numbers, numpy scalars (ml-dr's mixing draws, which torch.load(weights_only=True) refuses), no code."""
     if not zipfile.is_zipfile(path):
         return C.safe_unpickle(path, numpy=True)
     with zipfile.ZipFile(path) as z:
         return C.safe_unpickle(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))), numpy=True)
 
-
-def pair(s):
-    return (s, s) if isinstance(s, int) else tuple(s)
-
-
 class MLDRStore:
-    """ml-dr's layout read as it is: config.pth.tar (the reinforcement config: its image_augmentation, num_samples)
-    and {index}.pth.tar = (index, [{"params": compressed parameters, "prob": (top-k probabilities, classes)}] * NS),
+    """ml-dr's layout as it is: config.pth.tar (the reinforcement config: image_augmentation, num_samples) and
+    {index}.pth.tar = (index, [{"params": compressed parameters, "prob": (top-k probabilities, classes)}] * NS),
     index = the image's position in --data. replay() follows dr/data.py's ReinforcedDataset and dr/transforms.py's
-    Compose.decompress + reapply on the PIL image, op by op with the same torchvision calls, so the view is ml-dr's
-    own training view, bit for bit: a normalised float (3, S, S), not uint8 (MixUp mixes normalised floats)."""
+    Compose.decompress + reapply on the PIL image, op by op with the same torchvision calls: ml-dr's training view
+    bit for bit, a normalised float (3, S, S) (MixUp mixes normalised floats)."""
 
     def __init__(self, root: str, data: Data):
-        self.root = root
+        self.root, n = root, len(data)
         try:
             cfg = read_pth(os.path.join(root, "config.pth.tar"))
             ops = {k: dict(v) for k, v in cfg["reinforce"]["image_augmentation"].items()}
-            self.ns = int(cfg["reinforce"]["num_samples"])
+            self.ns, classes = int(cfg["reinforce"]["num_samples"]), int(cfg.get("num_classes", data.num_classes))
         except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
-            C.fail(f"--reinforced {root}: config.pth.tar is not an ml-dr reinforcement config ({type(e).__name__}: {e})")
+            C.fail(f"--reinforced {root}: config.pth.tar is not ml-dr's reinforcement config ({type(e).__name__}: {e})")
         ops = {k: v for k, v in ops.items() if v.pop("enable", True)}  # ml-dr's clean_config
-        if set(ops) - set(MLDR_OPS) or not {"random_resized_crop", "random_crop", "center_crop"} & set(ops):
-            C.fail(f"--reinforced {root}: ops {sorted(ops)} are not ml-dr's replayable ones with a crop ({', '.join(MLDR_OPS)})")
-        self.ops = [(n, ops[n]) for n in MLDR_OPS if n in ops]
-        self.mixing = "mixup" in ops or "cutmix" in ops
-        crop = next(ops[n] for n in ("random_resized_crop", "random_crop", "center_crop") if n in ops)
-        self.size = pair(crop["size"])[0]
+        if set(ops) - set(MLDR_OPS) or not set(MLDR_CROPS) & set(ops) or ops.get("random_crop", {}).get("pad_if_needed"):
+            C.fail(f"--reinforced {root}: ops {sorted(ops)} are not ml-dr's replayable ones with a crop "
+                   f"({', '.join(MLDR_OPS)}; no pad_if_needed)")
+        if classes != data.num_classes or not os.path.exists(self.file(n - 1)) or os.path.exists(self.file(n)):
+            C.fail(f"--reinforced {root} is not for --data ({classes} classes, its records must end at index {n - 1}; "
+                   f"--data has {data.num_classes} classes, {n} images): ml-dr's indices are positions in the dataset")
+        self.ops, self.mixing = [(k, ops[k]) for k in MLDR_OPS if k in ops], "mixup" in ops or "cutmix" in ops
+        size = next(ops[k]["size"] for k in MLDR_CROPS if k in ops)
+        self.size, self.num_classes = size if isinstance(size, int) else size[0], data.num_classes
         norm = ops.get("normalize", {"mean": (0.0,) * 3, "std": (1.0,) * 3})
         self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
-        if int(cfg.get("num_classes", data.num_classes)) != data.num_classes:
-            C.fail(f"--reinforced {root} is for {cfg['num_classes']} classes, --data has {data.num_classes}")
-        self.num_classes = data.num_classes
-        n = len(data)
-        if not os.path.exists(self.file(n - 1)) or os.path.exists(self.file(n)):
-            C.fail(f"--reinforced {root}: its records do not end at index {n - 1}, the last of --data's {n} images "
-                   f"(ml-dr indices are positions in the torchvision dataset: same images, same order)")
-        self.meta = {"variant": "ml-dr " + "+".join(n for n, _ in self.ops if n not in MLDR_FIXED), "topk": "stored"}
+        self.meta = {"variant": "ml-dr " + "+".join(k for k, _ in self.ops if k not in MLDR_FIXED), "topk": "stored"}
 
     def file(self, i: int) -> str:
         return os.path.join(self.root, f"{i}.pth.tar")
 
-    def decompress(self, rec):
-        """Compose.decompress: [id2 or None (only with mixing)] + one entry per op with parameters, None = not
-        applied -> (id2, {op: (image's params, partner's or None)}). A mixed record stores each view op as a pair."""
-        rec, id2 = (rec[1:], rec[0]) if self.mixing else (rec, None)
-        params = {}
-        for (name, _), p in zip([o for o in self.ops if o[0] not in MLDR_FIXED], rec, strict=True):
-            if p is not None:
-                params[name] = p if name in ("mixup", "cutmix") else (p[0], p[1]) if id2 is not None and len(p) > 1 \
-                    else (p, None)
-        return id2, params
-
     def view(self, img: Image.Image, params: dict, side: int) -> torch.Tensor:
         """Compose.reapply's single-image ops on a PIL image; `side` 0 = the image, 1 = the mixing partner."""
-        for name, kw in self.ops:
-            p = params[name][side] if name in params and name not in ("mixup", "cutmix") else None
-            if name == "center_crop":
+        for k, kw in self.ops:
+            p = params[k][side] if k in params and k not in ("mixup", "cutmix") else None
+            pad = (kw.get("fill", 0), kw.get("padding_mode", "constant"))  # torchvision RandomCrop's defaults
+            if k == "center_crop":
                 img = TF.center_crop(img, kw["size"])
-            elif name == "to_tensor":
-                img = TF.to_tensor(img)  # uint8 / 255 (the "uint8" op leaves a PIL image as it is)
-            elif name == "normalize":
-                img = TF.normalize(img, kw["mean"], kw["std"])
-            elif p is None or name == "uint8":
+            elif k in ("to_tensor", "normalize"):  # uint8 / 255 (the "uint8" op leaves a PIL image as it is)
+                img = TF.to_tensor(img) if k == "to_tensor" else TF.normalize(img, kw["mean"], kw["std"])
+            elif p is None or k == "uint8":
                 continue
-            elif name == "resize":  # deterministic: ml-dr's Resize applies its configured size, not the stored one
+            elif k == "resize":  # ml-dr's Resize applies its configured size, whatever was stored
                 img = TF.resize(img, kw["size"])
-            elif name == "random_crop":  # torchvision RandomCrop's padding, then the stored (top, left)
-                img = TF.pad(img, kw["padding"], kw.get("fill", 0), kw.get("padding_mode", "constant")) \
-                    if kw.get("padding") is not None else img
-                (h, w), pad = pair(kw["size"]), (kw.get("fill", 0), kw.get("padding_mode", "constant"))
-                if kw.get("pad_if_needed") and TF.get_dimensions(img)[2] < w:
-                    img = TF.pad(img, [w - TF.get_dimensions(img)[2], 0], *pad)
-                if kw.get("pad_if_needed") and TF.get_dimensions(img)[1] < h:
-                    img = TF.pad(img, [0, h - TF.get_dimensions(img)[1]], *pad)
+            elif k == "random_crop":  # RandomCrop.forward: its padding, then the stored (top, left)
+                h, w = (kw["size"],) * 2 if isinstance(kw["size"], int) else kw["size"]
+                img = TF.pad(img, kw["padding"], *pad) if kw.get("padding") is not None else img
                 img = TF.crop(img, int(p[0]), int(p[1]), h, w)
-            elif name == "random_resized_crop":  # (top, left, h, w) in original pixels, bilinear, antialiased
-                img = TF.resized_crop(img, *(int(v) for v in p), list(pair(kw["size"])), antialias=True)
-            elif name == "random_horizontal_flip":
+            elif k == "random_resized_crop":  # (top, left, h, w) in original pixels, bilinear, antialiased
+                img = TF.resized_crop(img, *(int(v) for v in p), [self.size] * 2 if isinstance(kw["size"], int)
+                                      else list(kw["size"]), antialias=True)
+            elif k == "random_horizontal_flip":
                 img = TF.hflip(img) if p else img
-            elif name == "rand_augment":  # [(op index, signed magnitude)], torchvision's ops, nearest, no fill
+            elif k == "rand_augment":  # [(op index, signed magnitude)], torchvision's ops, nearest, no fill
                 img = C.apply_rand_augment(img, p)
-            elif name == "random_erase" and p[0] != -1:  # (top, left, h, w) set to 0 before Normalize
+            elif k == "random_erase" and p[0] != -1:  # (top, left, h, w) set to 0 before Normalize
                 img[:, p[0]:p[0] + p[2], p[1]:p[1] + p[3]] = 0
         return img
 
@@ -899,42 +778,36 @@ class MLDRStore:
         try:
             index, samples = read_pth(self.file(i))
             s = samples[j % len(samples)]
-            id2, params = self.decompress(s["params"])
-            target = densify(*s["prob"], self.num_classes)
             if index != i:
                 raise ValueError(f"holds index {index}")
+            # Compose.decompress: [id2 or None (only with mixing)] + one entry per op with parameters (None: not
+            # applied) -> {op: (image's params, partner's)}; a mixed record stores each view op as a pair
+            rec, id2 = (s["params"][1:], s["params"][0]) if self.mixing else (s["params"], None)
+            names = [k for k, _ in self.ops if k not in MLDR_FIXED]
+            params = {k: p if k in ("mixup", "cutmix") else (p[0], p[1]) if id2 is not None and len(p) > 1
+                      else (p, None) for k, p in zip(names, rec, strict=True) if p is not None}
+            target = densify(*s["prob"], self.num_classes)
         except Exception as e:
             raise BadRecord(f"{self.file(i)}: {type(e).__name__}: {e}") from None
         img, partner = data.load(i), data.load(int(id2)) if id2 is not None else None
         try:
             x = self.view(img, params, 0)
-            if partner is not None:  # MixUp (lambda already divided by div_by) then CutMix [lambda, box along H, W]
-                x2 = self.view(partner, params, 1)
-                if "mixup" in params:
-                    lam = float(params["mixup"])
-                    x = lam * x + (1 - lam) * x2
-                if "cutmix" in params:
-                    y1, x1, y2, x2_ = (int(v) for v in params["cutmix"][1:])
-                    x = x.clone()
-                    x[:, y1:y2, x1:x2_] = x2[:, y1:y2, x1:x2_]
+            x2 = self.view(partner, params, 1) if partner is not None else None
+            if "mixup" in params:  # lambda already divided by div_by
+                x = float(params["mixup"]) * x + (1 - float(params["mixup"])) * x2
+            if "cutmix" in params:  # [lambda, y1, x1, y2, x2]: the box along H, then W
+                y1, x1, y2, x2_ = (int(v) for v in params["cutmix"][1:])
+                x = x.clone()
+                x[:, y1:y2, x1:x2_] = x2[:, y1:y2, x1:x2_]
         except Exception as e:
             raise BadRecord(f"{self.file(i)}: {type(e).__name__}: {e}") from None
         return x, target
 
-
-def open_store(root: str, data: Data):
-    """--reinforced: ml-dr's layout (config.pth.tar) or this script's (meta.json + part-*.npy)."""
-    return MLDRStore(root, data) if os.path.isfile(os.path.join(root, "config.pth.tar")) else Reinforced(root, data)
-
-
 class TrainImages(torch.utils.data.Dataset):
-    """Map-style dataset read by key (epoch, index) -> (view (3, S, S), target distribution (C,), status: 0 ok, 1 an
-    unreadable image, 2 a stored record that does not read or replay; both skipped with a zero target, which adds
-    nothing to the loss). Views are uint8, or with an ml-dr store normalised floats (its replay's output; the
-    others are normalised alike). With a reinforcement: with probability p one of the NS stored samples,
-    uniformly, replayed exactly, target = its densified teacher probabilities; otherwise (and in plain training)
-    a fresh --aug augmentation with one-hot labels (mixed by area / weight when it mixes). Draws are seeded by
-    (seed, epoch, index)."""
+    """(epoch, index) -> (view (3, S, S): uint8, or ml-dr's normalised float; target (C,); status: 0, 1 an unreadable
+    image, 2 a record that fails, both with a zero target: no loss). With probability p (with a reinforcement) one
+    of the NS stored samples, uniformly, replayed exactly, target its densified teacher probabilities; otherwise
+    a fresh --aug augmentation, one-hot labels (mixed as the pixels are). Draws seeded by (seed, epoch, index)."""
 
     def __init__(self, data: Data, size: int, seed: int, store, p: float, aug: str, min_scale: float,
                  smoothing: float):
@@ -968,7 +841,7 @@ class TrainImages(torch.utils.data.Dataset):
         img, n = self.data.load(i), self.data.num_classes
         j = rng.randrange(len(self.data))
         partner = self.data.load(j) if VARIANTS[self.aug][1] else None
-        s = draw_sample(rng, img.size, self.size, self.aug, self.min_scale, [(j, partner.size)] if partner is not None else ())
+        s = draw_sample(rng, img.size, self.size, self.aug, self.min_scale, [(j, partner.size)] if partner else ())
         x, t = apply_sample(img, s, self.size, partner), F.one_hot(torch.tensor(self.data.labels[i]), n).float()
         if s["id2"] >= 0:  # the label of a mixed image, mixed as the pixels were
             t2 = F.one_hot(torch.tensor(self.data.labels[j]), n).float()
@@ -979,17 +852,14 @@ class TrainImages(torch.utils.data.Dataset):
                 t = (1 - a) * t + a * t2
         return x, (1 - self.smoothing) * t + self.smoothing / n
 
-
 def kl_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(logits)) summed over classes, averaged over the batch ("batchmean", T = 1;
     spec 3.2). With a one-hot target it is the cross-entropy. fp32; 0 log 0 = 0 via xlogy."""
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, C)
     return (torch.xlogy(target, target) - target * logp).sum() / logits.shape[0]
 
-
 def kl_loss_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits.float(), dim=-1), target, reduction="batchmean")
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, items, size: int, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size=256) -> float:
@@ -1004,7 +874,6 @@ def evaluate(model: nn.Module, items, size: int, device, mean=IMAGENET_MEAN, std
     model.train()
     return 100 * correct / max(1, len(items))
 
-
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
                    nesterov: bool = True, decay_all: bool = True):
     """ml-dr's train.get_optimizer: SGD with (Nesterov) momentum or AdamW, weight decay on every parameter;
@@ -1015,7 +884,6 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, 
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda)
-
 
 def val_items(cfg: TrainConfig, data: Data):
     if cfg.val_data:
@@ -1028,14 +896,14 @@ def val_items(cfg: TrainConfig, data: Data):
     items, names = C.image_folder(synthetic(cfg)["val_folder"])  # a small set may miss classes: map by name
     return [(p, data.classnames.index(names[y])) for p, y in items]
 
-
 def check_flags(cfg: Shared):
-    """What the range checks of common.parse_config leave open, before any work."""
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        C.fail(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
+    """What the range checks of common.parse_config leave open, before any work ("erm" is no reinforcement)."""
+    for k, ok in (("precision", ("auto", "bf16", "fp32")), ("aug", list(VARIANTS)), ("variant", list(VARIANTS)[:4]),
+                  ("optimizer", ("sgd", "adamw"))):
+        if getattr(cfg, k, ok[0]) not in ok:
+            C.fail(f"--{k} must be one of {', '.join(ok)}, not '{getattr(cfg, k)}'")
     if cfg.synthetic_size < 8:
         C.fail(f"--synthetic-size {cfg.synthetic_size}: must be >= 8")
-
 
 def train(cfg: TrainConfig):
     """Train a classifier: on a reinforced dataset (--reinforced), or plain ERM (the baseline, or a teacher).
@@ -1044,10 +912,6 @@ def train(cfg: TrainConfig):
     SIGTERM-safe (a checkpoint at the current step, exit 0), DDP under torchrun, bf16 on GPU. Its checkpoints
     are the teachers that `reinforce` reads."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if cfg.aug not in VARIANTS:
-        C.fail(f"--aug must be one of {', '.join(VARIANTS)}, not '{cfg.aug}'")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        C.fail(f"--optimizer must be sgd or adamw, not '{cfg.optimizer}'")
     check_flags(cfg)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])  # claims --out (run.lock) before anything is written
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # an unreadable --resume file: one line, before any work
@@ -1059,7 +923,8 @@ def train(cfg: TrainConfig):
             C.fail(f"--num-classes {cfg.num_classes} is less than the data's {data.num_classes} classes")
         data.classnames = data.classnames + [str(c) for c in range(len(data.classnames), cfg.num_classes)]
         data.num_classes = cfg.num_classes
-    store = open_store(cfg.reinforced, data) if cfg.reinforced else None
+    mldr = cfg.reinforced and os.path.isfile(os.path.join(cfg.reinforced, "config.pth.tar"))  # ml-dr's layout
+    store = (MLDRStore if mldr else Reinforced)(cfg.reinforced, data) if cfg.reinforced else None
     norm = (store.mean, store.std) if isinstance(store, MLDRStore) else (IMAGENET_MEAN, IMAGENET_STD)
     size = cfg.image_size or (store.size if store else cfg.synthetic_size if not cfg.data else
                               MODELS.get(cfg.model, {}).get("image_size", 224))
@@ -1152,20 +1017,16 @@ def train(cfg: TrainConfig):
             t0 = time.time()
     if stopping and not last_step:
         C.print0(f"stopped by a signal at step {step}: --resume auto continues from {path}")
-    if store is not None:  # one line with the counts, over all ranks
-        counts = torch.stack([torch.tensor(float(seen), device=device), bad, skipped - bad])
-        if world > 1:
-            torch.distributed.all_reduce(counts)
-        C.print0(f"of {int(counts[0])} samples read, {int(counts[1])} had a stored record that failed to read or "
-                 f"replay and {int(counts[2])} an unreadable image: skipped (zero targets)")
-    C.finish_run(cfg.out, path)
+    counts = torch.stack([bad, skipped - bad])  # the results line has the counts, over all ranks
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    C.finish_run(cfg.out, path, f"skipped {int(counts[0])} stored records that failed to read or replay and "
+                                f"{int(counts[1])} unreadable images")
     C.cleanup_distributed()
-
 
 def main(argv=None):
     """`reinforce.py reinforce|train [flags]`; `reinforce.py COMMAND --help` lists that command's flags."""
     return C.run_command(__doc__, {"reinforce": (reinforce, ReinforceConfig), "train": (train, TrainConfig)}, argv)
-
 
 if __name__ == "__main__":
     main()

@@ -655,7 +655,7 @@ def test_mldr_layout_trains_and_counts_bad_records(tmp_path, capsys):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert not marker.exists()
     assert [r["bad_records"] for r in log if "loss" in r][-1] == 4  # images 1 and 4, both epochs
-    assert "of 12 samples read, 4 had a stored record that failed to read or replay and 0 an unreadable image" \
+    assert "skipped 4 stored records that failed to read or replay and 0 unreadable images" \
         in capsys.readouterr().out
     assert "top1" in log[-1]
     with pytest.raises(SystemExit):  # records for other images than --data's: one line
