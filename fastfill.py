@@ -7,20 +7,21 @@ alignment + the new classifier's cross-entropy under a learned per-item uncertai
 the gallery item by item in order of decreasing sigma, so retrieval recovers fast at small backfilled
 fractions. The figure of merit is the area under the backfilling curve (CMC top-1/top-5, mAP).
 
-What is here: the embedding backbones (torchvision's ResNet-18/50 with apple/ml-fct's two changes: a 128-d
-ReLU'd embedding out of the last block and a bias-free 1x1-conv classifier; or any torchvision classifier by
-name with a projection to the embedding), their training (SGD, cosine with warm-up, label smoothing;
-optionally BCT's influence loss), the transformation with the uncertainty head and its training recipe
-(Adam, cosine, BN frozen for the second half), backfilling with the three orderings, the retrieval metrics
-with self-matches excluded, the curve as log.jsonl, CSV and PNG, and a no-argument run that does all of it
-on the synthetic world. Not here: side information (the released FastFill configs do not use it: the old
-feature feeds both branches, as there), the biased-model experiment and the RBT baseline (undefined in the
-public sources).
+What is here: the embedding backbones (torchvision's ResNet-18/50 in apple/ml-fct's layout, whose checkpoints
+load strictly: a 128-d ReLU'd embedding out of the last block and a bias-free 1x1-conv classifier; or any
+torchvision classifier by name with a projection to the embedding), their training (SGD, cosine with warm-up,
+label smoothing; optionally BCT's influence loss), the transformation with the uncertainty head, optionally fed by
+a side-information model (FCT's psi; without one the old feature feeds both branches, as in the released FastFill
+configs), and its recipe (Adam, cosine, BN frozen for the second half), backfilling with the three orderings, the
+retrieval metrics with self-matches excluded (ml-fct's eval transform), the curve as log.jsonl, CSV and PNG, and a
+no-argument run that does all of it on the synthetic world. Not here: the biased-model experiment and the RBT
+baseline (undefined in the public sources).
 
 Paper -> code:
   phi_old, phi_new: ResNet-50, 128-d embedding (FCT)   -> ResNet (embedding_block), build_model, train
   BCT influence loss (baseline new model)              -> train (train-model --bct OLD), bct_loss
   h: two-branch MLP + BN, sigma head (Sec. 3)          -> Transformation
+  side-information h(phi_old, psi) (FCT)               -> align --side-info PSI
   L = mean(0.5 exp(-s) (MSE + CE_ls) + 0.5 s) (Eq. 5)  -> fastfill_loss (reference: fastfill_loss_reference)
   FCT: the same h, MSE only                            -> --loss fct
   backfilling orderings: sigma, random, distance       -> backfill_order
@@ -53,9 +54,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import common as C
 
@@ -108,6 +110,7 @@ class TrainModelConfig(Training):
 class AlignConfig(Training):
     old: str = ""  # the old model (checkpoint or its run directory)
     new: str = ""  # the new model
+    side_info: str = ""  # side-information model (a train-model run, ml-fct's imagenet_500_simclr.pt); '' = the old
     loss: str = "fastfill"  # fastfill (MSE + CE under sigma) | fct (MSE only, no sigma head)
     inner_dim: int = 2048  # width of the mixer MLP (paper: 2048)
     mu_uncertainty: float = 0.5  # the 0.5 of 0.5 exp(-s) L + 0.5 s
@@ -127,29 +130,23 @@ class Config(TrainModelConfig, AlignConfig, BackfillConfig):
     """Every flag: the no-command run (the whole pipeline) passes them on to its stages."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Embedding models: ResNet with a D-dim embedding and a bias-free 1x1-conv classifier (FCT layout)
-# ----------------------------------------------------------------------------------------------------
-# apple/ml-fct's ResNet is torchvision's with two changes: the last block of layer4 outputs `embed_dim`
-# channels (its last conv/bn and a 1x1 projection shortcut are that wide), with a ReLU after it
-# (`last_nonlin`), and the classifier `fc` is a 1x1 conv without bias on the pooled (B, D, 1, 1) feature.
-# (ml-fct's BasicBlock also widens its first conv to `embed_dim`; here only the last conv changes, for both
-# block types.) Everything else is torchvision's own ResNet, BasicBlock and Bottleneck, so the names (conv1,
-# bn1, layer1.0.downsample.0, ...) are torchvision's and its checkpoints load by name, all but the changed
-# tensors.
+# ---- 1. Embedding models: ResNet with a D-dim embedding and a bias-free 1x1-conv classifier (FCT layout) ------------
+# apple/ml-fct's ResNet (models/resnet.py) is torchvision's with two changes: the last block of layer4 outputs
+# `embed_dim` channels with a ReLU after it (`last_nonlin`), through a 1x1 conv + BN projection shortcut, and the
+# classifier `fc` is a bias-free 1x1 conv on the pooled (B, D, 1, 1) feature. Its BasicBlock takes planes =
+# embed_dim (both 3x3 convs that wide), its Bottleneck widens only the last 1x1 conv. The names are torchvision's
+# (conv1, bn1, layer1.0.downsample.0, ...), so ml-fct's checkpoints load strictly (`fct_checkpoint`).
 
 
 def embedding_block(block: nn.Module, embed_dim: int) -> nn.Module:
-    """The same torchvision block (BasicBlock or Bottleneck, same input, planes and stride) with its last
-    conv/bn `embed_dim` wide, and a 1x1 conv + BN projection shortcut where the input width or stride differ."""
+    """The same torchvision block (input, planes, stride) in ml-fct's embedding layout (see above)."""
     cin, planes, stride = block.conv1.in_channels, block.conv1.out_channels, block.stride
     down = (nn.Sequential(conv1x1(cin, embed_dim, stride), nn.BatchNorm2d(embed_dim))
             if stride != 1 or cin != embed_dim else None)
-    new = type(block)(cin, planes, stride, down)
-    if isinstance(new, Bottleneck):  # 1x1, 3x3, 1x1: the last 1x1 maps planes -> embed_dim (not 4 planes)
-        new.conv3, new.bn3 = conv1x1(planes, embed_dim), nn.BatchNorm2d(embed_dim)
-    else:  # two 3x3 convs: the second maps planes -> embed_dim
-        new.conv2, new.bn2 = conv3x3(planes, embed_dim), nn.BatchNorm2d(embed_dim)
+    if isinstance(block, BasicBlock):
+        return BasicBlock(cin, embed_dim, stride, down)
+    new = Bottleneck(cin, planes, stride, down)  # 1x1, 3x3, 1x1: the last maps planes -> embed_dim (not 4 planes)
+    new.conv3, new.bn3 = conv1x1(planes, embed_dim), nn.BatchNorm2d(embed_dim)
     return new
 
 
@@ -237,9 +234,7 @@ def build_model(name: str, classes: int, embed_dim: int) -> nn.Module:
     return ResNet(layers, classes, embed_dim, width, bottleneck, small)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. The transformation h and its loss (Sec. 3; spec 2.1 and 3.2)
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. The transformation h and its loss (Sec. 3; spec 2.1 and 3.2) ------------------------------------------------
 
 
 class ConvBlock(nn.Module):
@@ -300,12 +295,8 @@ def fastfill_loss_reference(h, s, target, logits, labels, mu_uncertainty=0.5, sm
         mse = sum((float(a) - float(b)) ** 2 for a, b in zip(h[i], target[i])) / h.shape[1]
         logp = [v - math.log(sum(math.exp(u) for u in logits[i].tolist())) for v in logits[i].tolist()]
         ce = -(1 - smoothing) * logp[int(labels[i])] - smoothing / len(logp) * sum(logp)
-        L = mse + mu_disc * ce
-        if s is None:
-            total += L
-        else:
-            si = float(s[i].float().mean())
-            total += mu_uncertainty * math.exp(-si) * L + mu_uncertainty * si
+        L, si = mse + mu_disc * ce, None if s is None else float(s[i].float().mean())
+        total += L if si is None else mu_uncertainty * math.exp(-si) * L + mu_uncertainty * si
     return total / len(h)
 
 
@@ -319,9 +310,7 @@ def bct_loss(old_classifier: nn.Module, feature, labels, old_classes: int):
     return F.cross_entropy(logits.float(), labels[seen])
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Retrieval metrics and backfilling (Sec. 4; spec 5.1)
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. Retrieval metrics and backfilling (Sec. 4; spec 5.1) --------------------------------------------------------
 
 
 @torch.no_grad()
@@ -409,15 +398,13 @@ def plot_curves(curves: dict, metric: str, path: str, size=(640, 420)):
     img.save(path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Data: ImageFolders (or the synthetic world written as ImageFolders)
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. Data: ImageFolders (or the synthetic world written as ImageFolders) -----------------------------------------
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Map-style ImageFolder read by key (epoch, index). Train: random resized crop + flip seeded by (seed,
-    epoch, index), independent of workers and resumes; eval (epoch < 0): resize + centre crop. An
-    unreadable image becomes label -1 (ignored by the losses, counted) instead of a crash."""
+    """Map-style ImageFolder read by key (epoch, index). Train: random resized crop + flip seeded by (seed, epoch,
+    index), independent of workers and resumes; eval (epoch < 0): ml-fct's Resize(256) + CenterCrop(224) (scaled
+    to the size). An unreadable image becomes label -1 (ignored by the losses, counted) instead of a crash."""
 
     def __init__(self, items, size: int, seed: int = 0, scale: float = 0.08):
         self.items, self.size, self.seed, self.scale = items, size, seed, scale
@@ -433,8 +420,8 @@ class FolderImages(torch.utils.data.Dataset):
                 img = C.bytes_to_tensor(f.read())  # uint8 (3, H, W)
         except Exception:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
-        if epoch < 0:  # eval: resize the shorter side, centre crop
-            return C.eval_transform(img, self.size, Image.BILINEAR), label
+        if epoch < 0:  # eval, ml-fct's ImageNet one: shorter side to 256/224 of the size (bilinear), centre crop
+            return TF.center_crop(TF.resize(img, round(self.size * 256 / 224), antialias=True), [self.size] * 2), label
         rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
                              Image.BILINEAR)
@@ -470,25 +457,52 @@ def to_input(x: torch.Tensor, device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Checkpoints of the three stages
-# ----------------------------------------------------------------------------------------------------
+# ---- 5. Checkpoints of the three stages -----------------------------------------------------------------------------
 
 
 def load_stage(path: str, kind: str, device) -> tuple[nn.Module, dict]:
-    """A finished model/transformation from its checkpoint or run directory (the newest checkpoint that
-    reads), frozen, in eval mode."""
-    ck = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")  # one line if unreadable
-    if ck is None:
-        C.fail(f"no ckpt-*.pt in {path}")
+    """A finished model/transformation from its checkpoint or run directory (the newest checkpoint that reads), or
+    an apple/ml-fct backbone file (`fct_checkpoint`), frozen, in eval mode."""
+    if os.path.isdir(path):
+        ck = C.load_checkpoint("auto", path) or C.fail(f"no ckpt-*.pt in {path}")
+    elif kind == "model" and is_torchscript(path):  # ml-fct exports TorchScript; its weights are all we read
+        ck = {"model": torch.jit.load(path, map_location="cpu").state_dict()}
+    else:
+        ck = C.load_checkpoint(path, "")  # one line if unreadable
+    if kind == "model" and "kind" not in ck:
+        ck = fct_checkpoint(ck, path)
     if ck.get("kind") != kind:
         C.fail(f"{path} is not a {kind} checkpoint (kind {ck.get('kind')!r})")
     if kind == "model":
         m = build_model(ck["model_name"], ck["classes"], ck["embed_dim"])
     else:
-        m = Transformation(ck["d_old"], ck["d_new"], inner=ck["inner_dim"], sigma_dim=ck["sigma_dim"])
+        m = Transformation(ck["d_old"], ck["d_new"], ck.get("d_side"), ck["inner_dim"], ck["sigma_dim"])
     C.load_state_dict_checked(m, ck["model"], path)
     return m.to(device).eval().requires_grad_(False), ck
+
+
+def is_torchscript(path: str) -> bool:
+    """A zip archive with TorchScript's records (torch.jit.save), not a plain torch.save file."""
+    import zipfile
+    try:
+        return any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def fct_checkpoint(sd: dict, path: str) -> dict:
+    """An apple/ml-fct ResNet-18/50 (its backbones and side-information models, e.g. imagenet_500_simclr.pt) as a
+    train-model checkpoint: the weights (its TorchScript FeatureExtractor's under `model.`), the layout read from
+    them, 224 px (ml-fct's ImageNet transform)."""
+    sd = {k.removeprefix("model."): v for k, v in C.unwrap_state_dict(sd).items()}
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}.")), default=-1)
+                   for i in range(1, 5))
+    name = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), True): "resnet50"}.get(
+        (blocks, "layer1.0.conv3.weight" in sd))
+    if name is None or getattr(sd.get("fc.weight"), "ndim", 0) != 4:
+        C.fail(f"{path} is neither a fastfill.py checkpoint nor an ml-fct ResNet-18/50 (blocks {blocks})")
+    classes, dim = sd["fc.weight"].shape[:2]
+    return {"kind": "model", "model_name": name, "classes": classes, "embed_dim": dim, "image_size": 224, "model": sd}
 
 
 def check_flags(cfg: Shared):
@@ -525,9 +539,7 @@ def recipe(cfg: Training, stage: str) -> tuple[int, float]:
     return cfg.epochs or 80, cfg.lr or 5e-4
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Training: the backbones (train-model) and the transformation (align)
-# ----------------------------------------------------------------------------------------------------
+# ---- 6. Training: the backbones (train-model) and the transformation (align) ----------------------------------------
 
 
 def classify(model: nn.Module, feature: torch.Tensor) -> torch.Tensor:
@@ -546,14 +558,16 @@ def setup_stage(cfg: Training, stage: str, classes: int, classnames: list, devic
                 "classnames": classnames[:classes]}
         return model, opt, helpers, meta
     old, new = load_stage(cfg.old, "model", device), load_stage(cfg.new, "model", device)
+    side = load_stage(cfg.side_info, "model", device) if cfg.side_info else None  # FCT's side-info model psi
     if new[1]["classes"] != classes:
         C.fail(f"the new model has {new[1]['classes']} classes, --data {classes}: align on the new model's data")
-    sigma_dim = 1 if cfg.loss == "fastfill" else 0
-    model = Transformation(old[1]["embed_dim"], new[1]["embed_dim"], inner=cfg.inner_dim, sigma_dim=sigma_dim)
+    sigma_dim, dims = 1 if cfg.loss == "fastfill" else 0, (old[1]["embed_dim"], new[1]["embed_dim"])
+    model = Transformation(*dims, side and side[1]["embed_dim"], cfg.inner_dim, sigma_dim)
     opt = torch.optim.Adam(model.to(device).parameters(), lr=0.0, weight_decay=cfg.weight_decay)
-    meta = {"kind": "align", "loss": cfg.loss, "d_old": old[1]["embed_dim"], "d_new": new[1]["embed_dim"],
-            "inner_dim": cfg.inner_dim, "sigma_dim": sigma_dim}
-    return model, opt, {"old": old, "new": new}, meta
+    meta = {"kind": "align", "loss": cfg.loss, "d_old": dims[0], "d_new": dims[1], "inner_dim": cfg.inner_dim,
+            "sigma_dim": sigma_dim, "d_side": side and side[1]["embed_dim"],
+            "side_info": os.path.abspath(cfg.side_info) if side else ""}
+    return model, opt, {"old": old, "new": new, "side": side}, meta
 
 
 def unreadable(items, n: int = 100) -> str:
@@ -651,10 +665,11 @@ def train(cfg: Training, stage: str):
                     old, old_ck = helpers["old"]
                     loss = loss + cfg.bct_weight * bct_loss(old.fc, feature[ok], y[ok], old_ck["classes"])
             else:
-                (old, _), (new, _) = helpers["old"], helpers["new"]
-                with torch.no_grad():
-                    f_old, f_new = old(x)[1][ok], new(x)[1][ok]  # (B, D) each, frozen
-                h, s = ddp(f_old)
+                (old, _), (new, _), side = helpers["old"], helpers["new"], helpers["side"]
+                with torch.no_grad():  # (B, D) each, frozen; no side-info model: the old feature feeds both branches
+                    f_old, f_new = old(x)[1][ok], new(x)[1][ok]
+                    f_side = side[0](x)[1][ok] if side else None
+                h, s = ddp(f_old, f_side)
                 loss = fastfill_loss(h, s, f_new, classify(new, h), y[ok], cfg.mu_uncertainty,
                                      cfg.label_smoothing, mu_disc=1.0 if cfg.loss == "fastfill" else 0.0)
         opt.zero_grad(set_to_none=True)
@@ -707,9 +722,7 @@ def extract(model: nn.Module, items, size: int, device, batch: int = 256, worker
     return (feats, labels, torch.cat(outs)) if logits else (feats, labels)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. Backfilling and its evaluation (spec 5.1)
-# ----------------------------------------------------------------------------------------------------
+# ---- 7. Backfilling and its evaluation (spec 5.1) -------------------------------------------------------------------
 
 
 def gallery_features(cfg: BackfillConfig, device) -> dict:
@@ -728,10 +741,12 @@ def gallery_features(cfg: BackfillConfig, device) -> dict:
                f"load; {unreadable(items)}")
     f_new, _ = extract(new, items, new_ck["image_size"], device, workers=cfg.workers)
     h, sigma, name = f_old, None, "no transformation"
-    if align is not None:
+    if align is not None:  # h(old, side): the side-information model's features, or the old ones again
+        side, side_ck = load_stage(a_ck["side_info"], "model", device) if a_ck.get("side_info") else (None, {})
+        f_side = extract(side, items, side_ck["image_size"], device, workers=cfg.workers)[0] if side else f_old
         with torch.no_grad():
-            h, sigma = (torch.cat(t) if t[0] is not None else None
-                        for t in zip(*(align(c.to(device)) for c in f_old.split(1024))))
+            h, sigma = (torch.cat(t) if t[0] is not None else None for t in zip(
+                *(align(c.to(device), d.to(device)) for c, d in zip(f_old.split(1024), f_side.split(1024)))))
         h, sigma = h.cpu(), sigma.cpu() if sigma is not None else None
         name = "FastFill" if a_ck["loss"] == "fastfill" else "FCT"
     return {"old": f_old, "new": f_new, "h": h, "sigma": sigma, "labels": labels, "name": name}
@@ -789,9 +804,7 @@ def write_curves(curves: dict, refs: dict, out: str, log):
         C.print0(f"{name:28s} {a['auc_top1']:6.1f} {a['auc_top5']:6.1f} {a['auc_mAP']:6.1f}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. The no-argument run: the whole comparison on the synthetic world
-# ----------------------------------------------------------------------------------------------------
+# ---- 8. The no-argument run: the whole comparison on the synthetic world --------------------------------------------
 
 
 def demo(cfg: Config):

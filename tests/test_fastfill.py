@@ -128,20 +128,75 @@ def test_resnet50_layout():
 
 
 def test_model_sizes_and_layouts_are_pinned():
-    """The parameter counts of the three named backbones at D = 128, as they were when the ResNet was written
-    out by hand (before torchvision built it), and the CPU model's stem and stage widths."""
+    """The parameter counts of the three named backbones at D = 128 (ResNet-50 as when the ResNet was written out by
+    hand, before torchvision built it; ResNet-18 in ml-fct's layout), and the CPU model's stem and stage widths."""
     counts = {n: sum(p.numel() for p in FF.build_model(n, 10, 128).parameters()) for n in FF.MODELS}
-    assert counts == {"resnet50": 22_784_832, "resnet18": 9_473_344, "resnet_tiny": 308_816}
-    sd = FF.build_model("resnet18", 10, 128).state_dict()
-    assert sd["layer4.1.conv1.weight"].shape == (512, 512, 3, 3)  # only the last conv of the block narrows
-    assert sd["layer4.1.conv2.weight"].shape == (128, 512, 3, 3)
-    assert sd["layer4.1.downsample.0.weight"].shape == (128, 512, 1, 1)
+    assert counts == {"resnet50": 22_784_832, "resnet18": 7_260_736, "resnet_tiny": 308_816}
     tiny = FF.build_model("resnet_tiny", 10, 128)
     sd = tiny.state_dict()
     assert sd["conv1.weight"].shape == (16, 3, 3, 3) and isinstance(tiny.maxpool, torch.nn.Identity)
     assert [sd[f"layer{i}.0.conv1.weight"].shape[0] for i in range(1, 5)] == [16, 32, 64, 128]
     assert "layer1.0.downsample.0.weight" not in sd and sd["layer4.0.downsample.0.weight"].shape == (128, 64, 1, 1)
     assert tiny.eval()(torch.randn(2, 3, 32, 32))[1].shape == (2, 128)
+
+
+# apple/ml-fct models/resnet.py, ResNet18(num_classes=1000, embedding_dim=128), in its module order: each conv's weight
+# shape; a conv is followed by its BatchNorm over its output channels (convN -> bnN, downsample.0 -> downsample.1).
+FCT_RESNET18 = """conv1 64 3 7 7
+layer1.0.conv1 64 64 3 3, layer1.0.conv2 64 64 3 3, layer1.1.conv1 64 64 3 3, layer1.1.conv2 64 64 3 3
+layer2.0.conv1 128 64 3 3, layer2.0.conv2 128 128 3 3, layer2.0.downsample.0 128 64 1 1
+layer2.1.conv1 128 128 3 3, layer2.1.conv2 128 128 3 3
+layer3.0.conv1 256 128 3 3, layer3.0.conv2 256 256 3 3, layer3.0.downsample.0 256 128 1 1
+layer3.1.conv1 256 256 3 3, layer3.1.conv2 256 256 3 3
+layer4.0.conv1 512 256 3 3, layer4.0.conv2 512 512 3 3, layer4.0.downsample.0 512 256 1 1
+layer4.1.conv1 128 512 3 3, layer4.1.conv2 128 128 3 3, layer4.1.downsample.0 128 512 1 1
+fc 1000 128 1 1"""
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated; ml-fct's files are TorchScript
+def test_resnet18_keys_and_shapes_are_ml_fcts(tmp_path):
+    """ResNet-18 at D = 128 has ml-fct's keys and shapes in its order (its BasicBlock is planes = embedding_dim wide in
+    the last block), so an ml-fct export loads strictly: a TorchScript FeatureExtractor (weights under `model.`, as
+    ml-fct's backbone_to_torchscript writes) is read as a train-model checkpoint and gives the same features."""
+    want = []
+    for conv in FCT_RESNET18.replace("\n", ", ").split(", "):
+        name, *shape = conv.split()
+        want.append((f"{name}.weight", tuple(map(int, shape))))
+        if name != "fc":
+            bn = name[:-1] + "1" if name.endswith("downsample.0") else name.replace("conv", "bn")
+            want += [(f"{bn}.{k}", (int(shape[0]),)) for k in ("weight", "bias", "running_mean", "running_var")]
+            want.append((f"{bn}.num_batches_tracked", ()))
+    m = FF.build_model("resnet18", 1000, 128).eval()
+    assert [(k, tuple(v.shape)) for k, v in m.state_dict().items()] == want
+
+    class FeatureExtractor(torch.nn.Module):  # ml-fct's export wrapper: the feature only
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)[1]
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.jit.save(torch.jit.trace(FeatureExtractor(m), x), str(tmp_path / "imagenet_old.pt"))
+    loaded, ck = FF.load_stage(str(tmp_path / "imagenet_old.pt"), "model", "cpu")
+    assert (ck["model_name"], ck["classes"], ck["embed_dim"], ck["image_size"]) == ("resnet18", 1000, 128, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[1], m(x)[1])
+
+
+def test_eval_transform_is_ml_fcts(tmp_path):
+    """FolderImages at evaluation is ml-fct's ImageNet eval transform, Resize(256) + CenterCrop(224) (torchvision's PIL
+    path there; the tensor path here, within a grey level on a smooth image)."""
+    import numpy as np
+    import torchvision.transforms as TV
+    from PIL import Image, ImageFilter
+    g = np.random.default_rng(0)
+    img = Image.fromarray(g.integers(0, 256, (300, 410, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(4))
+    img.save(tmp_path / "x.png")
+    got, label = FF.FolderImages([(str(tmp_path / "x.png"), 3)], 224)[(-1, 0)]
+    want = torch.from_numpy(np.array(TV.Compose([TV.Resize(256), TV.CenterCrop(224)])(img))).permute(2, 0, 1)
+    assert label == 3 and got.shape == want.shape and (got.int() - want.int()).abs().float().mean() < 1.0
 
 
 def test_forward_is_torchvision_and_init_is_pytorch_default():
@@ -359,10 +414,10 @@ def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
     assert "Evaluate backfilling: a retrieval curve per ordering" in out and "Reference points" not in out
 
 
-def _stage_file(path, **meta):
+def _stage_file(path, dim=8, **meta):
     """A random resnet_tiny saved as a finished train-model checkpoint (8-d embedding, 2 classes, 16 px)."""
-    m = FF.build_model("resnet_tiny", 2, 8)
-    C.save_checkpoint(path, {"kind": "model", "model_name": "resnet_tiny", "classes": 2, "embed_dim": 8,
+    m = FF.build_model("resnet_tiny", 2, dim)
+    C.save_checkpoint(path, {"kind": "model", "model_name": "resnet_tiny", "classes": 2, "embed_dim": dim,
                              "image_size": 16, "model": m.state_dict(), "final": True, **meta})
     return path
 
@@ -426,3 +481,21 @@ def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_
     losses = {d: [(x["step"], x["loss"]) for x in rs if "loss" in x] for d, rs in recs.items()}
     assert losses["stopped"] == losses["straight"] and len(losses["straight"]) == 6
     assert [x["config"]["resume"] for x in recs["stopped"] if x.get("event") == "start"] == ["auto", "auto"]
+
+
+def test_side_information_feeds_the_second_branch(tmp_path):
+    """align --side-info: a third frozen model (here 4-d) feeds the transformation's p2 branch (FCT's side-information
+    model); backfill finds it through the transformation's checkpoint and computes h(old, side)."""
+    folder = _folder(tmp_path / "data", 8)
+    old, new = _stage_file(str(tmp_path / "old.pt")), _stage_file(str(tmp_path / "new.pt"))
+    side = _stage_file(str(tmp_path / "side.pt"), dim=4)
+    FF.main(["align", "--data", folder, "--workers", "0", "--batch-size", "4", "--epochs", "2", "--inner-dim", "16",
+             "--old", old, "--new", new, "--side-info", side, "--out", str(tmp_path / "al")])
+    ck = torch.load(C.latest_checkpoint(str(tmp_path / "al")), weights_only=True)
+    assert ck["d_side"] == 4 and ck["side_info"] == side and ck["model"]["p2.0.conv.weight"].shape == (8, 4, 1, 1)
+    g = FF.gallery_features(C.parse_config(FF.Config, ["--data", folder, "--workers", "0", "--old", old, "--new", new,
+                                                       "--align", str(tmp_path / "al"), "--order", "sigma"]), "cpu")
+    h = FF.load_stage(str(tmp_path / "al"), "align", "cpu")[0]
+    f_side = FF.extract(FF.load_stage(side, "model", "cpu")[0], C.image_folder(folder)[0], 16, "cpu", workers=0)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(g["h"], h(g["old"], f_side)[0])
