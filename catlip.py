@@ -7,36 +7,38 @@ binary cross-entropy on the multi-hot targets. No text tower, no contrastive los
 Transfer Init starts a downstream classifier from the head rows of its label words.
 
 What is here: the caption -> noun-lemma pipeline and the vocabulary (one streaming pass, counts merged across
-DataLoader workers and ranks), pre-training with the paper's BCE and recipe (AdamW (0.9, 0.999), wd 0.2 on every
-parameter, warm-up + cosine to lr/100, EMA 0.0005, random resized crop + flip), fine-tuning and linear probing on an
-ImageFolder with or without Transfer Init, and a comparison on the synthetic world. Left out: the multi-scale
-variable-batch sampler (one fixed resolution here), RangeAugment's *learned* augmentation (a fixed
-brightness/contrast/noise jitter stands in, as the spec allows), high-resolution fine-tuning and the
-detection/segmentation transfers. The training-step timing against CLIP is in bench.py.
+workers and ranks), pre-training with the paper's BCE and the released configs' recipe (AdamW (0.9, 0.999), wd 0.2
+except on 1-D parameters, warm-up from 1e-6 + cosine to lr/100, EMA 0.0005 without warm-up, random resized crop +
+flip), fine-tuning and linear probing on an ImageFolder with or without Transfer Init, a comparison on the synthetic
+world, and CoreNet's ViT (models *_corenet): the released checkpoints (vit_base.pt, vit_large.pt, vit_huge.pt and the
+ImageNet fine-tuned ones) load strictly by path, with RangeAugment (learned ranges, PSNR loss) and, in fine-tuning,
+the variable-batch sampler (128-320 px). Stand-ins: the plain ViT (`tiny`, vit_b16, ...) keeps a fixed
+brightness/contrast/noise jitter instead of RangeAugment and one resolution (its positions do not resize);
+pre-training keeps one resolution (the streaming loader has fixed batches). Left out: high-resolution fine-tuning and
+the detection/segmentation transfers. The training-step timing against CLIP is in bench.py.
 
 Noun extraction without NLTK/WordNet (spec 6). The released code lemmatises every token with WordNet and keeps a lemma
-iff it heads its own first noun synset; it ignores the POS tags. Here: URL-unquote, strip HTML tags, NFKD without
-accents, lower-case, [a-z]+ tokens, a stop list of ~300 function words, common verbs and adjectives, numbers and web
-junk, tokens of length <= 2 dropped, and rule-based singularisation with a table of irregular plurals. What this loses
-against WordNet synsets: (1) the label space of Apple's vocabulary (keys are WordNet offsets), unless you pass a lemma
--> synset table with --vocab (below); (2) WordNet's validity filter -- adjectives and verbs outside the stop list and
-misspellings enter V if frequent enough; (3) exact lemmatisation -- the rules make a few errors ("niches" -> "nich",
-"axes" -> "ax"); (4) path- similarity matching of class names in Transfer Init (only exact lemma matches remain); (5)
-multi-word synsets never match in either. Synonym merging is not lost: the original keeps only self-headed lemmas.
+iff it heads its own first noun synset, ignoring POS tags. Here: URL-unquote, strip HTML tags, NFKD without accents,
+lower-case, [a-z]+ tokens, a stop list of ~300 function words, common verbs and adjectives, numbers and web junk,
+tokens of length <= 2 dropped, rule-based singularisation with a table of irregular plurals. Lost against WordNet:
+(1) Apple's label space (synset offsets), unless --vocab is a lemma -> synset table (below); (2) WordNet's validity
+filter (frequent adjectives, verbs and misspellings outside the stop list enter V); (3) exact lemmatisation ("niches"
+-> "nich"); (4) path-similarity matching in Transfer Init (exact lemmas only); (5) multi-word synsets (in both).
 
-Using the published synset vocabulary: give --vocab a tab-separated file, one label per line, `label<TAB>
-lemma[,lemma...]`, e.g. `n2084071<TAB>dog`. With NLTK elsewhere it is written from datacomp_1_2B_vocab.pkl as
-    for k in list(vocab)[:24320]: print(k, wn.synset_from_pos_and_offset("n", int(k[1:])).name()[:-5], sep="\\t")
-ImageNet class folders named by wnid (n02084071) then match their labels directly in Transfer Init.
+The published vocabulary: datacomp_1_2B_vocab.pkl is read without running pickle code (common.safe_unpickle), its
+first keys being the head rows; it carries no lemmas, so for pre-training give --vocab a table `label<TAB>lemma[,...]`
+(`n2084071<TAB>dog`), written elsewhere with NLTK as
+    for k in list(vocab)[:24320]: print(k, wn.synset_from_pos_and_offset("n", int(k[1:])).name()[:-5], sep="\t")
+ImageNet class folders named by wnid (n02084071) match those labels directly in Transfer Init.
 
 Paper -> code:
   Eq. 1, nouns of a caption (POS tag + WordNet lemma)   -> extract_nouns (stop list + singularize)
   vocabulary V, synsets with count > V_tau (Sec. 3.1)   -> count_vocab, save_vocab / load_vocab
   multi-hot targets, empty targets kept (spec 4.1)      -> CatLIPDecode (label ids), multi_hot
   BCE summed over classes / batch size (Sec. 3.1)       -> multilabel_bce (fast), multilabel_bce_reference
-  ViT-B/L/H/16, linear head on the CLS token (Sec. 3)  -> ViTClassifier over common.ViT, MODELS
-  recipe (Table 6, spec 3.2): AdamW, cosine, EMA        -> make_optimizer, common.lr_at, EMA
-  RangeAugment (code)                                   -> jitter (a fixed stand-in)
+  ViT-B/L/H/16, linear head on the CLS token (Sec. 3)  -> CoreNetViT (released layout), ViTClassifier, MODELS
+  recipe (Table 6, configs): AdamW, cosine, EMA         -> make_optimizer, lr_at, EMA
+  RangeAugment, multi-scale sampler (configs)           -> RangeAugment, image_batch_pairs, VariableBatches
   Transfer Init (Sec. 4.2, App. B)                      -> match_classes, transfer_init
   linear probe / full fine-tune (Table 7)               -> finetune (--linear-probe)
 
@@ -46,6 +48,8 @@ Commands:
       --batch-size 1024 --steps 200000 --warmup 10000 --lr 1e-3 --min-lr 1e-5 --image-size 224 --out runs/catlip
   torchrun --nproc_per_node=8 catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val \\
       --transfer-init --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500 --weight-decay 0.05 --batch-size 64
+  torchrun --nproc_per_node=8 catlip.py finetune --init vit_base.pt --vocab datacomp_1_2B_vocab.pkl --transfer-init \\
+      --multi-scale --data imagenet/train --val-data imagenet/val --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500
   python catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val --linear-probe \\
       --transfer-init --epochs 30 --lr 3e-5 --min-lr 1e-6 --weight-decay 0 --label-smoothing 0
   python catlip.py --crop-scale 0.9                  # tiny pre-training on the synthetic world, CPU
@@ -61,6 +65,7 @@ import collections
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -70,6 +75,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,7 +83,6 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
-
 
 @dataclass
 class VocabConfig:
@@ -92,7 +97,6 @@ class VocabConfig:
     synthetic_val: int = 1000  # synthetic held-out images
     image_size: int = 64  # image size of the synthetic world
 
-
 @dataclass
 class Shared:
     """The flags of pre-training and fine-tuning alike."""
@@ -101,7 +105,10 @@ class Shared:
     pool: str = "cls"  # cls | mean: the feature the head reads (the paper: the CLS token)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     ema_momentum: float = 0.0005  # EMA of the weights: ema += m * (w - ema) (paper: 0.0005)
-    ema_warmup: bool = True  # m_t = max(m, (1 + t)^-0.75) so that short runs get a useful EMA (timm's warm-up)
+    ema_warmup: bool = False  # m_t = max(m, (1 + t)^-0.75) for short runs (timm's); off as CoreNet's EMA (configs)
+    decay_all: bool = False  # decay biases and norms too; off: the configs' no_decay_bn_filter_bias (1-D params)
+    warmup_init_lr: float = 1e-6  # the linear warm-up starts here (configs: warmup_init_lr 1e-6)
+    range_augment: bool = True  # CoreNet models: RangeAugment + its PSNR loss, as every CatLIP config
     crop_scale: float = 0.08  # smallest area fraction of the random resized crop (torchvision's default)
     flip: bool = True  # random horizontal flip
     seed: int = 0  # model init, data order, augmentation
@@ -118,7 +125,6 @@ class Shared:
     synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images (the evaluation set)
 
-
 @dataclass
 class Config(Shared):
     data: str = ""  # tar shards of image + caption; empty = the synthetic world
@@ -130,7 +136,6 @@ class Config(Shared):
     lr: float = 2e-3  # peak learning rate (paper: 1e-3 B/16, 6e-4 L/16, 4e-4 H/16)
     min_lr: float = 2e-5  # the cosine ends here (paper: peak / 100)
     weight_decay: float = 0.2  # AdamW decoupled weight decay (paper: 0.2)
-    decay_all: bool = True  # decay norms and biases too, as the released configs do
     warmup: int = 100  # linear warm-up steps (paper: 10k)
     beta2: float = 0.999  # AdamW beta2 (paper: 0.999; CLIP uses 0.98)
     jitter: float = 0.2  # brightness and contrast factors in 1 +- jitter (stand-in for RangeAugment)
@@ -145,7 +150,6 @@ class Config(Shared):
     zeroshot_data: str = ""  # ImageFolder for that evaluation; default: the synthetic held-out set
     caption_key: str = "txt"  # suffix of the caption member in the shards
     max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
-
 
 @dataclass
 class FinetuneConfig(Shared):
@@ -166,7 +170,8 @@ class FinetuneConfig(Shared):
     label_smoothing: float = 0.1  # cross-entropy label smoothing (paper: 0.1)
     log_every: int = 20  # steps between log lines
     synthetic_labelled: int = 500  # labelled synthetic training images: the low-data regime of Fig. 5/7
-
+    vocab: str = ""  # --init a CoreNet checkpoint: its synset pickle (datacomp_1_2B_vocab.pkl), for Transfer Init
+    multi_scale: bool = False  # CoreNet models: the configs' variable-batch sampler, 128-320 px (image_batch_pairs)
 
 # ViT-B/L/H/16 as in the paper (Table 2); `tiny` is the CPU model of the smoke runs.
 MODELS = {
@@ -174,6 +179,11 @@ MODELS = {
     "vit_b16": dict(image_size=224, patch=16, width=768, layers=12, heads=12),
     "vit_l16": dict(image_size=224, patch=16, width=1024, layers=24, heads=16),
     "vit_h16": dict(image_size=224, patch=16, width=1280, layers=32, heads=20),
+    # CoreNet's ViT (conv stem, stride 16, CoreNet's names): the layout of the released CatLIP checkpoints
+    "tiny_corenet": dict(arch="corenet", image_size=64, patch=16, width=128, layers=2, heads=2),
+    "vit_b16_corenet": dict(arch="corenet", image_size=224, patch=16, width=768, layers=12, heads=12),
+    "vit_l16_corenet": dict(arch="corenet", image_size=224, patch=16, width=1024, layers=24, heads=16),
+    "vit_h16_corenet": dict(arch="corenet", image_size=224, patch=16, width=1280, layers=32, heads=20),
 }
 
 # ==== 1. Captions -> noun lemmas (Eq. 1; spec 4.1 and 6) ====================================================
@@ -221,14 +231,12 @@ _TAG = re.compile(r"<.*?>")
 _CLITIC = re.compile(r"'(s|re|ll|ve|d|m)\b|n't\b")
 _WORD = re.compile(r"[a-z]+")
 
-
 def clean_caption(text: str) -> str:
     """The released code's caption_preprocessing, minus ftfy: URL-unquote ('+' -> space), strip HTML
     tags (non-greedy <.*?>), NFKD with accents dropped (cafe for café), lower-case, clitics removed."""
     text = _TAG.sub(" ", urllib.parse.unquote_plus(text))
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return _CLITIC.sub(" ", text.lower().replace("\u2019", "'"))
-
 
 def singularize(word: str) -> str:
     """Rule-based stand-in for WordNetLemmatizer().lemmatize(word) (noun): irregulars from the table,
@@ -246,11 +254,9 @@ def singularize(word: str) -> str:
         return word
     return word[:-1]
 
-
 def caption_lemmas(text: str) -> list[str]:
     """Every token of a caption, singularised, in order (no filter: a given vocabulary is the filter)."""
     return [singularize(w) for w in _WORD.findall(clean_caption(text))]
-
 
 def extract_nouns(text: str) -> list[str]:
     """The noun proxy of Eq. 1: distinct lemmas of length > 2 that are not stop words, in caption order."""
@@ -263,20 +269,16 @@ def extract_nouns(text: str) -> list[str]:
             out.append(w)
     return out
 
-
 # ==== 2. The vocabulary V (Sec. 3.1, spec 4.2): one streaming pass over the captions ========================
 class NounCounts(torch.utils.data.IterableDataset):
     """Counts inside each DataLoader worker and hands the main process one partial Counter per `every`
     captions, so hundreds of millions of captions cost little inter-process traffic. It is also its
     stream's decode: only the caption is read, never the image."""
-
     def __init__(self, shards, caption_key: str, rank: int, world: int, every: int = 20000):
         self.caption_key, self.every = caption_key, every
         self.stream = C.ShardStream(shards, self, 512, rank, world, shuffle_buffer=1, epochs=1, drop_last=False)
-
     def __call__(self, sample: dict) -> dict:
         return {"nouns": extract_nouns(C.decode_caption(sample, self.caption_key))}
-
     def __iter__(self):
         counts, n, skipped, worker = collections.Counter(), 0, {}, 0
         for batch in self.stream:
@@ -288,10 +290,8 @@ class NounCounts(torch.utils.data.IterableDataset):
                 counts, n = collections.Counter(), 0
         yield {"counts": counts, "n": n, "skipped": skipped, "worker": worker}
 
-
 def _as_is(x):  # DataLoader's default_convert rebuilds a Counter with .update(), doubling every count
     return x
-
 
 def count_vocab(shards: list[str], caption_key: str, workers: int, rank: int = 0, world: int = 1):
     """(Counter lemma -> captions containing it, captions read, skipped by reason), merged over this
@@ -318,7 +318,6 @@ def count_vocab(shards: list[str], caption_key: str, workers: int, rank: int = 0
             skipped.update(s)
     return counts, n, dict(skipped)
 
-
 def select_vocab(counts: collections.Counter, captions: int, min_count: int = 0, max_size: int = 0) -> dict:
     """Lemmas seen at least `min_count` times, most frequent first (ties alphabetical). min_count 0 is
     the spec's small-data rule V_tau = 100 * N / 3M (the paper's 100 on CC3M), at least 5."""
@@ -326,7 +325,6 @@ def select_vocab(counts: collections.Counter, captions: int, min_count: int = 0,
     keep = sorted((w for w, c in counts.items() if c >= tau), key=lambda w: (-counts[w], w))
     keep = keep[:max_size] if max_size else keep
     return {"min_count": tau, "captions": captions, "counts": {w: counts[w] for w in keep}}
-
 
 def build_vocab(shards: str, caption_key: str, workers: int, rank: int, world: int, min_count: int,
                 max_size: int, out: str) -> tuple[dict, int]:
@@ -341,48 +339,52 @@ def build_vocab(shards: str, caption_key: str, workers: int, rank: int, world: i
              f"{len(vocab['counts'])} seen >= {vocab['min_count']} times -> {out}")
     return vocab, len(counts)
 
-
 def save_vocab(path: str, vocab: dict):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(vocab, f, indent=0)
     os.replace(path + ".tmp", path)
 
-
 @dataclass
 class Vocab:
     labels: list  # label names, in head-row order (a lemma, or e.g. a WordNet id 'n2084071')
     lemmas: dict  # lemma -> row
 
-
-def load_vocab(path: str) -> Vocab:
-    """vocab.json of `catlip.py vocab` ({"counts": {lemma: count}}), a JSON list or dict of lemmas, or a
-    text file with one label per line: `lemma`, or `label<TAB>lemma[,lemma...]` (several lemmas, one row)."""
+def load_vocab(path: str, size: int = 0) -> Vocab:
+    """vocab.json of `catlip.py vocab` ({"counts": {lemma: count}}), a JSON list or dict of lemmas, a text file
+    with one label per line (`lemma`, or `label<TAB>lemma[,lemma...]`: several lemmas, one row), or the released
+    synset pickle (datacomp_1_2B_vocab.pkl: {"n<offset>": count}, most frequent first; its first `size` keys are
+    the head rows, as CoreNet's vocab_size). The pickle is read by common.safe_unpickle: no pickled code runs,
+    anything but containers, strings and numbers is one line. It has no lemmas: captions match none of it."""
     if not os.path.isfile(path):
         C.fail(f"vocabulary file not found: {path}")
     try:
-        if path.endswith(".json"):
+        if path.endswith(".pkl"):
+            obj = C.safe_unpickle(path)
+            if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+                raise ValueError(f"holds a {type(obj).__name__}, not a dict of synset ids")
+            labels, lemmas = list(obj)[:size or None], {}
+        elif path.endswith(".json"):
             with open(path) as f:
                 obj = json.load(f)
             words = list(obj.get("counts", obj)) if isinstance(obj, dict) else list(obj)
             return Vocab(words, {w: i for i, w in enumerate(words)})
-        labels, lemmas = [], {}
-        for line in C.read_lines(path):
-            label, _, rest = line.partition("\t")
-            for lemma in (rest.split(",") if rest else [label]):
-                lemmas.setdefault(lemma.strip().lower().replace(" ", "_"), len(labels))
-            labels.append(label.strip())
+        else:
+            labels, lemmas = [], {}
+            for line in C.read_lines(path):
+                label, _, rest = line.partition("\t")
+                for lemma in (rest.split(",") if rest else [label]):
+                    lemmas.setdefault(lemma.strip().lower().replace(" ", "_"), len(labels))
+                labels.append(label.strip())
     except (ValueError, UnicodeDecodeError) as e:
         C.fail(f"cannot read vocabulary {path}: {type(e).__name__}: {e}")
     if not labels:
         C.fail(f"vocabulary {path} is empty")
     return Vocab(labels, lemmas)
 
-
 def caption_labels(caption: str, vocab: Vocab, max_labels: int) -> list[int]:
     """The head rows a caption switches on: its lemmas found in V, each once, at most max_labels."""
     return list(dict.fromkeys(vocab.lemmas[w] for w in caption_lemmas(caption) if w in vocab.lemmas))[:max_labels]
-
 
 def vocab_main(cfg: VocabConfig):
     """Count the noun lemmas of the captions and write the vocabulary V (vocab.json)."""
@@ -394,13 +396,11 @@ def vocab_main(cfg: VocabConfig):
     C.print0(f"{time.time() - t0:.0f}s; most frequent: {top}\nresults: vocabulary {cfg.out}")
     C.cleanup_distributed()
 
-
 # ==== 3. Model: an image-only ViT with one linear head (Sec. 3, spec 2) =====================================
 class ViTClassifier(nn.Module):
     """common.ViT without its CLIP projection, and `head`: Linear(width, |V|) on the CLS token after the
     final LayerNorm (no MLP head). Under autocast that LayerNorm runs in fp32, as the paper's
     `layer_norm_fp32`. pool='mean' averages the patch tokens instead (the code's `no_cls_token`)."""
-
     def __init__(self, n_classes: int, image_size: int, patch: int, width: int, layers: int, heads: int,
                  pool: str = "cls", grad_checkpointing: bool = False):
         super().__init__()
@@ -410,14 +410,11 @@ class ViTClassifier(nn.Module):
         self.visual.proj = None  # CatLIP has no joint embedding: the head reads the CLS feature itself
         self.head = nn.Linear(width, n_classes)
         init_weights(self)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.visual.forward_tokens(x)  # (B, 1 + N, D)
         return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, D)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, n_classes) logits
-
 
 def init_weights(model: nn.Module):
     """Spec 2: linear layers trunc-normal std 0.02 (zero bias), the patch conv Kaiming normal, the CLS token
@@ -429,12 +426,15 @@ def init_weights(model: nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, C.ViT):
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (C.ViT, CoreNetViT)) and m.cls_token is not None:
             nn.init.trunc_normal_(m.cls_token, std=0.02)
-
+    if isinstance(model, CoreNetViT):  # positions trunc-normal, std D^-1/2 (CoreNet's LearnablePositionalEmbedding)
+        nn.init.trunc_normal_(pos := model.pos_embed["pos_embed"]["pos_embed"], std=pos.shape[-1] ** -0.5)
 
 def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls",
-                grad_checkpointing: bool = False) -> ViTClassifier:
+                grad_checkpointing: bool = False) -> nn.Module:
     if name not in MODELS:
         C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if pool not in ("cls", "mean"):
@@ -442,8 +442,148 @@ def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls
     spec = dict(MODELS[name], image_size=image_size or MODELS[name]["image_size"])
     if spec["image_size"] % spec["patch"]:
         C.fail(f"--image-size {spec['image_size']} is not a multiple of the patch size {spec['patch']}")
+    if spec.pop("arch", "clip") == "corenet":
+        return CoreNetViT(n_classes, spec["width"], spec["layers"], spec["heads"], pool, grad_checkpointing)
     return ViTClassifier(n_classes, **spec, pool=pool, grad_checkpointing=grad_checkpointing)
 
+# ==== 3b. CoreNet's ViT: the backbone of the released CatLIP checkpoints (vit_base.pt, ...) ===================
+# Checked against apple/corenet: modeling/models/classification/vit.py (stem, positions, CLS token, head, eps
+# update), config/vit.py (B/L/H sizes), modules/flash_transformer.py and layers/flash_multi_head_attention.py
+# (the blocks of `use_flash_attention: true`, every CatLIP config), layers/conv_layer.py (padding (k-1)//2, the
+# block.conv/norm/act names), layers/positional_embedding.py (the 1-D resize), layers/normalization/layer_norm.py
+# (layer_norm_fp32), neural_augmentor/ (RangeAugment's parameters, which the checkpoints hold).
+class LayerNormFP32(nn.LayerNorm):
+    """CoreNet's layer_norm_fp32 with the eps 1e-6 its ViT sets on every LayerNorm. (CoreNet's LayerNorm also
+    treats a (B, N, D) input with N == D as channel-first; no CatLIP model meets that case, so it is left out.)"""
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=1e-6)
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+class CoreNetAttention(C.Attention):
+    """FlashMultiHeadSelfAttention: common.Attention's computation and QKV layout (B, N, 3, H, Dh), other names."""
+    qkv = property(lambda self: self.qkv_proj)
+    proj = property(lambda self: self.out_proj_attn)
+    def __init__(self, dim: int, heads: int):
+        nn.Module.__init__(self)
+        self.heads, self.fused = heads, True
+        self.qkv_proj, self.out_proj_attn = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+class CoreNetBlock(nn.Module):
+    """FlashTransformerEncoder: pre-norm attention and GELU MLP (4x), indices as CoreNet's nn.Sequentials."""
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.pre_norm_mha = nn.Sequential(LayerNormFP32(dim), CoreNetAttention(dim, heads), nn.Dropout(0.0))
+        self.pre_norm_ffn = nn.Sequential(LayerNormFP32(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.0),
+                                          nn.Linear(4 * dim, dim), nn.Dropout(0.0))
+    def forward(self, x, mask=None, causal: bool = False):  # common.run_blocks' signature
+        x = x + self.pre_norm_mha(x)
+        return x + self.pre_norm_ffn(x)
+
+def conv_layer(cin: int, cout: int, k: int, norm_act: bool) -> nn.Sequential:
+    """CoreNet's ConvLayer2d: block.conv (kernel = stride = k, padding (k-1)//2), then BatchNorm + GELU or a bias."""
+    layers = [("conv", nn.Conv2d(cin, cout, k, k, padding=(k - 1) // 2, bias=not norm_act))]
+    layers += [("norm", nn.BatchNorm2d(cout)), ("act", nn.GELU())] if norm_act else []
+    return nn.Sequential(collections.OrderedDict(block=nn.Sequential(collections.OrderedDict(layers))))
+
+# RangeAugment (CoreNet's DistributionNeuralAugmentor): name -> (raw low, raw high, low bounds, high bounds);
+# a magnitude is drawn uniformly between sigmoid-bounded low and high (neural_aug_utils.UniformSampler, Clip).
+RANGES = {"brightness": (0.5, 1.5, (0.1, 0.9), (1.1, 10.0)), "contrast": (0.5, 1.5, (0.1, 0.9), (1.1, 10.0)),
+          "noise": (0.0, 0.1, (0.0, 5e-5), (1e-4, 1.0))}
+
+class RangeAugment(nn.Module):
+    """Learned brightness, contrast and noise ranges on [0, 1] images: each op, in random order, on a random half
+    of the batch, then a clip to [0, 1]. The ranges learn from the task loss and `range_augment_loss`."""
+    def __init__(self):
+        super().__init__()
+        for name, (lo, hi, _, _) in RANGES.items():
+            setattr(self, name, nn.ParameterDict({"_low": nn.Parameter(torch.tensor(lo)),
+                                                  "_high": nn.Parameter(torch.tensor(hi))}))
+    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        B, dev = x.shape[0], x.device
+        for k in torch.randperm(3, generator=gen, device=dev).tolist():
+            name, p = list(RANGES)[k], getattr(self, list(RANGES)[k])
+            (a, b), (c, d) = RANGES[name][2:]
+            lo, hi = torch.sigmoid(p["_low"]) * (b - a) + a, torch.sigmoid(p["_high"]) * (d - c) + c
+            ids = torch.randperm(B, generator=gen, device=dev)[:max(1, B // 2)]
+            m, xa = lo + torch.rand(len(ids), 1, 1, 1, generator=gen, device=dev) * (hi - lo), x[ids]  # m (b,1,1,1)
+            xa = (xa + torch.randn(xa.shape, generator=gen, device=dev) * m if name == "noise" else  # contrast: blend
+                  xa * m + (1 - m) * xa.mean(dim=(2, 3), keepdim=True) if name == "contrast" else xa * m)  # with mean
+            x = x.index_copy(0, ids, xa.to(x.dtype))
+        return x.clamp(0, 1)
+
+def range_augment_loss(x: torch.Tensor, xa: torch.Tensor, step: int, total: int, db=(40.0, 20.0), alpha=100.0):
+    """RangeAugment's PSNR loss (loss_fn/neural_augmentation.py): smooth-L1 between each image's MSE (0-255 scale)
+    and a target MSE that follows a cosine from 40 dB to 20 dB over the run, times alpha / 255^2."""
+    start, end = (10 ** ((20 * math.log10(255) - d) / 10) for d in db)
+    target = end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / (total + 1)))
+    mse = (((xa.float() - x.float()) * 255) ** 2).mean(dim=(1, 2, 3))  # (B,)
+    return F.smooth_l1_loss(mse, torch.full_like(mse, target)) * alpha / 65025
+
+class CoreNetViT(nn.Module):
+    """CoreNet's ViT: a 3-conv stem (stride 4, 2, 2; BatchNorm + GELU), learned positions for 14x14 patches resized
+    to any grid, a CLS token without position, pre-norm blocks with no norm before them, a final fp32 LayerNorm,
+    `classifier` on the CLS token (pool 'mean': no CLS token, the mean of all tokens). Input: RGB in [0, 1], no
+    mean/std. forward(x, gen) in training also applies RangeAugment and returns (logits, augmented x)."""
+    def __init__(self, n_classes: int, width: int, layers: int, heads: int, pool: str = "cls",
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.grad_checkpointing, stem = grad_checkpointing, max(32, width // 4)
+        self.neural_augmentor = RangeAugment()
+        self.patch_emb = nn.Sequential(conv_layer(3, stem, 4, True), conv_layer(stem, stem, 2, True),
+                                       conv_layer(stem, width, 2, False))
+        self.transformer = nn.Sequential(*(CoreNetBlock(width, heads) for _ in range(layers)))
+        self.post_transformer_norm = LayerNormFP32(width)
+        self.classifier = nn.Linear(width, n_classes)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
+        table = nn.Parameter(torch.zeros(1, 1, (224 // 16) ** 2, width))  # (1, 1, 196, D) whatever the image size
+        self.pos_embed = nn.ModuleDict({"pos_embed": nn.ParameterDict({"pos_embed": table})})
+        init_weights(self)
+
+    head = property(lambda self: self.classifier)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_emb(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        pos = self.pos_embed["pos_embed"]["pos_embed"]  # (1, 1, 196, D)
+        if x.shape[1] != pos.shape[2]:  # resized as a 1-D sequence (bilinear over (N, D)), not as a 2-D grid
+            pos = F.interpolate(pos, size=(x.shape[1], pos.shape[3]), mode="bilinear")
+        x = x + pos.reshape(1, x.shape[1], -1).to(x.dtype)
+        if self.cls_token is not None:  # the class token gets no position (DeiT III)
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = self.post_transformer_norm(C.run_blocks(self.transformer, x, self.grad_checkpointing and self.training))
+        return x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
+    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None):
+        if gen is None or not self.training:
+            return self.classifier(self.features(x))  # (B, n_classes)
+        xa = self.neural_augmentor(x, gen)
+        return self.classifier(self.features(xa)), xa
+
+def model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 255] -> what the model reads: [0, 1] for CoreNet's ViT, CLIP mean/std for the other."""
+    return x.float() / 255 if isinstance(model, CoreNetViT) else C.normalize_images(x)
+
+def load_backbone(model: nn.Module, sd: dict, what: str):
+    """Strict load of all but the head, which keeps its own weights (CoreNet's resume_exclude_scopes)."""
+    head = "classifier." if isinstance(model, CoreNetViT) else "head."
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(head)}
+    C.load_state_dict_checked(model, {**{k: v for k, v in sd.items() if not k.startswith(head)}, **own}, what)
+
+def corenet_checkpoint(sd: dict, what: str) -> tuple[str, str]:
+    """(model name, pool) of a CoreNet ViT state dict (a released file such as vit_base.pt), from its shapes."""
+    width = sd["classifier.weight"].shape[1]
+    layers = len({k.split(".")[1] for k in sd if k.startswith("transformer.")})
+    for name, spec in MODELS.items():
+        if spec.get("arch") == "corenet" and (spec["width"], spec["layers"]) == (width, layers):
+            return name, "cls" if "cls_token" in sd else "mean"
+    C.fail(f"{what}: a CoreNet ViT of width {width} and {layers} layers is none of {', '.join(MODELS)}")
+
+def load_corenet(path: str) -> CoreNetViT:
+    """A CoreNet ViT checkpoint (pre-trained or fine-tuned, any head) by path, loaded strictly."""
+    init = load_pretrained(path)
+    if init.get("kind_of_file") != "corenet":
+        C.fail(f"{path} is not a CoreNet ViT state dict (no classifier.weight)")
+    model = build_model(init["model_name"], init["model"]["classifier.weight"].shape[0], pool=init["pool"])
+    C.load_state_dict_checked(model, init["model"], path)
+    return model.eval()
 
 # ==== 4. The loss: binary cross-entropy over V, summed over classes, averaged over the batch (Sec. 3.1) =====
 def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -459,12 +599,10 @@ def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     pos = z.gather(1, labels.clamp(min=0)) * (labels >= 0)  # (B, K): z at the positives, 0 at padding
     return (F.softplus(z).sum() - pos.sum()) / z.shape[0]
 
-
 def multi_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, K) padded ids -> (B, C) float 0/1; padding goes to an extra column that is cut off."""
     y = torch.zeros(labels.shape[0], n_classes + 1, device=labels.device)  # (B, C + 1)
     return y.scatter_(1, labels.masked_fill(labels < 0, n_classes), 1.0)[:, :n_classes]
-
 
 def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The textbook formula on the dense multi-hot target, the oracle for `multilabel_bce`:
@@ -472,18 +610,15 @@ def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> tor
     p = torch.sigmoid(logits)
     return -(targets * torch.log(p) + (1 - targets) * torch.log(1 - p)).sum() / logits.shape[0]
 
-
 # ==== 5. Data and augmentation (spec 3.2) ===================================================================
 class CatLIPDecode:
     """Sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1}. Train: random resized
     crop (area `scale`..1, ratio 3/4..4/3, bilinear) and a horizontal flip, seeded by (seed, epoch, key);
     eval: resize the shorter side, centre crop. Labels come from the caption on the fly, as in the released code."""
-
     def __init__(self, vocab: Vocab, image_size: int, max_labels: int, train: bool = True, seed: int = 0,
                  scale: float = 0.08, flip: bool = True, caption_key: str = "txt"):
         self.vocab, self.size, self.max_labels, self.train = vocab, image_size, max_labels, train
         self.seed, self.scale, self.flip, self.caption_key = seed, scale, flip, caption_key
-
     def __call__(self, sample: dict) -> dict:
         rows = caption_labels(C.decode_caption(sample, self.caption_key), self.vocab, self.max_labels)
         img, rng = C.decode_image_tensor(sample), C.sample_rng(self.seed, sample)
@@ -496,7 +631,6 @@ class CatLIPDecode:
         labels[:len(rows)] = torch.tensor(rows, dtype=torch.long)
         return {"image": x, "labels": labels}
 
-
 def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator) -> torch.Tensor:
     """Stand-in for RangeAugment (a design choice, spec 3.1): per image, contrast and brightness factors
     in 1 +- strength and Gaussian noise of std up to noise * 255, on the device, on float (B, 3, H, W) in
@@ -508,7 +642,6 @@ def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator)
     x = x + torch.randn(x.shape, device=x.device, generator=gen) * (noise * 255 * u[2])
     return x.clamp(0, 255)
 
-
 def resolve_shards(data: str, cache_dir: str, n_train: int, n_val: int, size: int) -> str:
     """--data, checked (a missing path is one line), or the synthetic world's training shards."""
     try:
@@ -516,36 +649,44 @@ def resolve_shards(data: str, cache_dir: str, n_train: int, n_val: int, size: in
     except FileNotFoundError as e:
         C.fail(str(e))
 
-
 def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
     return C.synthetic_world(cache_dir or os.path.expanduser("~/.cache/effclip"), n_train, n_val, size, seed=0)
 
-
 # ==== 6. Optimiser and EMA (spec 3.2) =======================================================================
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, decay_all: bool):
-    """AdamW (0.9, beta2). The released configs decay every parameter (no exclusion of norms and biases);
-    --no-decay-all uses common.py's groups instead."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, decay_all: bool = False):
+    """AdamW (0.9, beta2, eps 1e-8). As every CatLIP config (`no_decay_bn_filter_bias: true`, CoreNet's
+    misc/common.py parameter_list): 1-D parameters (biases, norm weights) are not decayed, all others are (the
+    CLS token and positions included). decay_all: every parameter, the code's default without that option."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = params[0].is_cuda
-    if decay_all:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=fused)
-    return C.make_adamw(model, lr, weight_decay, betas=(0.9, beta2), eps=1e-8)
+    groups = [{"params": [p for p in params if decay_all or p.ndim != 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if not decay_all and p.ndim == 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, beta2), eps=1e-8,
+                             fused=params[0].is_cuda)
 
+def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float, warmup_init: float) -> float:
+    """CoreNet's iteration-based cosine (optims/scheduler/cosine.py): linear from `warmup_init` (the configs'
+    warmup_init_lr) to lr over `warmup` steps, then min_lr + (lr - min_lr)(1 + cos(pi t / (total - warmup + 1)))/2."""
+    if step < warmup:
+        return warmup_init + step * (lr - warmup_init) / warmup
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup + 1)))
 
 class EMA:
-    """Exponential moving average of the weights, ema <- ema + m (w - ema), with the paper's m = 0.0005.
-    With warm-up (a heuristic borrowed from timm's ModelEmaV3) m_t = max(m, (1 + t)^-0.75): early on the
-    EMA follows the weights closely, so an 800-step CPU run still gets a meaningful average."""
-
-    def __init__(self, model: nn.Module, momentum: float, warmup: bool = True):
+    """Exponential moving average, ema <- ema + m (w - ema), of the whole state dict as CoreNet's EMA
+    (misc/averaging_utils.py: weights and BatchNorm statistics; integer buffers are copied), with the paper's
+    m = 0.0005 and, as CoreNet, no warm-up. warmup=True (a heuristic borrowed from timm's ModelEmaV3):
+    m_t = max(m, (1 + t)^-0.75), so that a few hundred CPU steps get a useful average."""
+    def __init__(self, model: nn.Module, momentum: float, warmup: bool = False):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.momentum, self.warmup = momentum, warmup
-
     @torch.no_grad()
     def update(self, model: nn.Module, step: int):
         m = max(self.momentum, (1 + step) ** -0.75) if self.warmup else self.momentum
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], m)
-
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        torch._foreach_lerp_([e for e, w in pairs if e.is_floating_point()],
+                             [w for e, w in pairs if e.is_floating_point()], m)
+        for e, w in pairs:
+            if not e.is_floating_point():
+                e.copy_(w)
 
 # ==== 7. Transfer Init (Sec. 4.2, App. B) ===================================================================
 def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
@@ -565,7 +706,6 @@ def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
                    list(dict.fromkeys(vocab.lemmas[w] for w in caption_lemmas(key) if w in vocab.lemmas)))
     return out
 
-
 @torch.no_grad()
 def transfer_init(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, matches: list[list[int]]) -> int:
     """Copy (or average) the pre-trained head rows into the new head, weight and bias; classes with no
@@ -576,7 +716,6 @@ def transfer_init(head: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, mat
             head.bias[k] = bias[rows].mean().to(head.bias)
     return sum(bool(r) for r in matches)
 
-
 # ==== 8. Evaluation on an ImageFolder =======================================================================
 @torch.no_grad()
 def folder_logits(model: ViTClassifier, items, size: int, device, batch_size: int = 256):
@@ -585,12 +724,11 @@ def folder_logits(model: ViTClassifier, items, size: int, device, batch_size: in
     out, ys = [], []
     for i in C.progress(range(0, len(items), batch_size), "eval"):
         chunk = items[i:i + batch_size]
-        x = C.normalize_images(C.eval_images([p for p, _ in chunk], size, Image.BILINEAR).to(device))
+        x = model_input(model, C.eval_images([p for p, _ in chunk], size, Image.BILINEAR).to(device))
         out.append(model(x).float())
         ys += [y for _, y in chunk]
     model.train()
     return torch.cat(out), torch.tensor(ys, device=device)
-
 
 def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: int, device) -> dict:
     """Pre-training's own check, no training: classify an ImageFolder with the head rows that Transfer
@@ -602,7 +740,6 @@ def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: i
     return {"head_top1": 100 * (scores.argmax(1) == y).float().mean().item(),
             "classes_matched": sum(bool(r) for r in matches)}
 
-
 # ==== 9. Pre-training =======================================================================================
 def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
     """Without --vocab: the vocab.json of an earlier run in --out, or one counted now from the training
@@ -612,7 +749,6 @@ def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
         build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, 0, saved)
     C.barrier()
     return load_vocab(saved)
-
 
 def restore(ckpt: dict, model, ema, opt, what: str, steps: int) -> int:
     """Load weights, EMA, optimizer and RNG of a checkpoint; returns its step (one line if past `steps`)."""
@@ -624,7 +760,6 @@ def restore(ckpt: dict, model, ema, opt, what: str, steps: int) -> int:
     C.set_rng_state(ckpt["rng"])
     return ckpt["step"]
 
-
 def checkpoint_state(model, ema, opt, step, cfg, position, vocab: Vocab, size: int) -> dict:
     """A plain dict (loads with weights_only=True): weights, EMA, optimizer, step, RNG, data position, and
     what a fine-tune needs to rebuild the model and map class names (model name, size, vocabulary)."""
@@ -632,7 +767,6 @@ def checkpoint_state(model, ema, opt, step, cfg, position, vocab: Vocab, size: i
             "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "data": position.state(),
             "model_name": cfg.model, "image_size": size, "pool": cfg.pool, "labels": list(vocab.labels),
             "lemmas": dict(vocab.lemmas), "config": dataclasses.asdict(cfg)}
-
 
 def pretrain(cfg: Config):
     """Pre-train an image-only ViT with the multi-label BCE on the nouns of the captions (the default command).
@@ -659,6 +793,8 @@ def pretrain(cfg: Config):
     zs_dir = cfg.zeroshot_data or ("" if cfg.data else synthetic(cfg.cache_dir, cfg.synthetic_train,
                                                                    cfg.synthetic_val, size)["val_folder"])
     vocab = given or make_vocab(cfg, shards, rank, world)
+    if not vocab.lemmas:
+        C.fail(f"--vocab {cfg.vocab} has no lemmas, so no caption has labels: give a label<TAB>lemmas table")
     model = C.set_fused(build_model(cfg.model, len(vocab.labels), size, cfg.pool, cfg.grad_checkpointing), cfg.fused)
     model = model.to(device)
     C.print0(f"model {cfg.model} at {size}px: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -694,6 +830,7 @@ def pretrain(cfg: Config):
         train_model = torch.compile(train_model)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     gen = torch.Generator(device)  # augmentation noise, re-seeded by step so that a resume redraws it
+    range_aug = cfg.range_augment and isinstance(model, CoreNetViT)  # else the fixed jitter stands in
     stop = C.StopSignal()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     n_pos = torch.zeros((), device=device)  # positive labels since the last log line
@@ -729,13 +866,16 @@ def pretrain(cfg: Config):
         labels = batch["labels"].to(device, non_blocking=True)  # (B, K) head rows, -1 padded
         x = batch["image"].to(device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255]
         gen.manual_seed(cfg.seed * 1_000_003 + step)
-        x = C.normalize_images(jitter(x, cfg.jitter, cfg.noise, gen))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = train_model(x)  # (B, |V|)
-        loss = multilabel_bce(logits, labels)
+            if range_aug:  # inside the model's forward (CoreNet's neural_augmentor), so that DDP syncs its ranges
+                logits, xa = train_model(x / 255, gen)  # (B, |V|), (B, 3, S, S)
+            else:  # (B, |V|)
+                logits = train_model(C.normalize_images(jitter(x, cfg.jitter, cfg.noise, gen)))
+        loss = multilabel_bce(logits, labels)  # + RangeAugment's loss: the configs' composite_loss, weights 1 and 1
+        loss = loss + range_augment_loss(x / 255, xa, step, cfg.steps) if range_aug else loss
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr / cfg.lr))
+        C.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr, cfg.warmup_init_lr))
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, step)
@@ -758,7 +898,6 @@ def pretrain(cfg: Config):
             n_pos.zero_()
     finish(cfg.out, stopping and not last_step, step)
 
-
 def finish(out: str, stopped: bool, step: int):
     """The run's last lines: where it stopped (a signal) and where its results are."""
     if stopped:
@@ -766,32 +905,62 @@ def finish(out: str, stopped: bool, step: int):
     C.finish_run(out, C.latest_checkpoint(out))
     C.cleanup_distributed()
 
-
 # ==== 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2) ==============================
 class FolderImages(torch.utils.data.Dataset):
     """Map-style ImageFolder read by key (epoch, index): train = random resized crop + flip seeded by
     (seed, epoch, index), so the augmentation does not depend on workers or on a resume. An unreadable
     image becomes label -1, which the loss ignores, instead of a crash."""
-
     def __init__(self, items, size: int, seed: int, scale: float, flip: bool):
         self.items, self.size, self.seed, self.scale, self.flip = items, size, seed, scale, flip
-
     def __len__(self):
         return len(self.items)
-
-    def __getitem__(self, key):
-        epoch, i = key
+    def __getitem__(self, key):  # (epoch, index) or (epoch, index, size): the variable-batch sampler's
+        epoch, i, size = (*key, self.size)[:3]
         path, label = self.items[i]
         rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         try:
             with open(path, "rb") as f:
                 img = C.bytes_to_tensor(f.read())
         except Exception:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
-        x = C.image_to_uint8(img, self.size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
+            return torch.zeros(3, size, size, dtype=torch.uint8), -1
+        x = C.image_to_uint8(img, size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
                              Image.BILINEAR)
         return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
 
+def image_batch_pairs(size: int, batch: int, lo: int = 128, hi: int = 320, n: int = 25, div: int = 32) -> list:
+    """CoreNet's variable-batch pairs (data/sampler/utils.py, square crops; the fine-tune configs' vbs values):
+    n sizes linspace(lo, hi) and the base size, each made divisible by `div` (math_utils.make_divisible), with the
+    batch that keeps size^2 * batch pixels per step: sorted distinct (size, batch)."""
+    def divisible(v):  # the nearest multiple of div, >= div, never more than 10% below v
+        r = max(div, int(v + div / 2) // div * div)
+        return r + div if r < 0.9 * v else r
+    sizes = {divisible(v) for v in [*np.linspace(lo, hi, n), size]}
+    return sorted({(s, max(1, int(round(size * size * batch / (s * s), 2)))) for s in sizes})
+
+class VariableBatches(torch.utils.data.Sampler):
+    """CoreNet's variable_batch_sampler for keys (epoch, index, size): each step draws one (size, batch) pair
+    uniformly (seeded, so that a resume replays it) and takes the next batch * world items of a stream of
+    per-epoch permutations, rank r every world-th. `steps`: until `samples` items (the epochs) are used."""
+    def __init__(self, n: int, pairs: list, samples: int, start: int, seed: int, rank: int, world: int):
+        self.n, self.start, self.seed, self.rank, self.world, self.draws = n, start, seed, rank, world, []
+        rng, used = random.Random(seed), 0
+        while used < samples:  # (size, global batch, items before this step)
+            size, b = rng.choice(pairs)
+            self.draws.append((size, b * world, used))
+            used += b * world
+        self.steps = len(self.draws)
+    def __len__(self):
+        return self.steps - self.start
+    def __iter__(self):
+        epoch, perm = -1, None
+        for size, count, first in self.draws[self.start:]:
+            keys = []
+            for j in range(first, first + count):
+                if j // self.n != epoch:  # a new epoch: its permutation, seeded by (seed, epoch)
+                    epoch = j // self.n
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                keys.append((epoch, int(perm[j % self.n]), size))
+            yield keys[self.rank::self.world]
 
 def labelled_synthetic_folder(world: dict, n: int) -> str:
     """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it
@@ -813,7 +982,6 @@ def labelled_synthetic_folder(world: dict, n: int) -> str:
     C.barrier()
     return root
 
-
 def finetune_data(cfg: FinetuneConfig, size: int):
     """(train items, val items, class names) from --data/--val-data, or the synthetic world."""
     names = C.read_lines(cfg.classnames) if cfg.classnames else None
@@ -832,18 +1000,25 @@ def finetune_data(cfg: FinetuneConfig, size: int):
     cut = int(round(cfg.val_frac * len(train)))
     return [train[i] for i in sorted(order[cut:])], [train[i] for i in sorted(order[:cut])], classnames
 
-
-def load_pretrained(path: str) -> dict:
-    """A CatLIP pre-training checkpoint, given as a file or as its run directory (its newest that reads)."""
+def load_pretrained(path: str, vocab: str = "") -> dict:
+    """A CatLIP pre-training checkpoint: a run's (a file, or its run directory: the newest that reads), or a
+    CoreNet ViT state dict (the released vit_base.pt, ...), whose head rows are the first keys of `vocab`."""
     if not os.path.exists(path):  # before load_checkpoint, which reads "auto" as "look in the directory"
         C.fail(f"checkpoint not found: {path}")
     ckpt = C.load_checkpoint("auto", path) if os.path.isdir(path) else C.load_checkpoint(path, "")
     if ckpt is None:
         C.fail(f"no ckpt-*.pt in {path}")
+    if "classifier.weight" in ckpt and "kind" not in ckpt:  # CoreNet's layout: a bare state dict (EMA weights)
+        name, pool = corenet_checkpoint(ckpt, path)
+        rows = ckpt["classifier.weight"].shape[0]
+        labels = load_vocab(vocab, rows).labels if vocab else []
+        if vocab and len(labels) != rows:
+            C.fail(f"--vocab {vocab} has {len(labels)} labels, the head of {path} {rows} rows")
+        return {"kind": "catlip", "kind_of_file": "corenet", "model_name": name, "pool": pool, "image_size": 224,
+                "labels": labels, "lemmas": {}, "ema": ckpt, "model": ckpt}
     if ckpt.get("kind") != "catlip":
         C.fail(f"--init {path} is not a CatLIP pre-training checkpoint (kind {ckpt.get('kind')!r})")
     return ckpt
-
 
 def finetune(cfg: FinetuneConfig):
     """Fine-tune or linear-probe a classifier on an ImageFolder, from scratch or from CatLIP (Transfer Init)."""
@@ -852,7 +1027,9 @@ def finetune(cfg: FinetuneConfig):
         C.fail(f"--init-weights must be ema or model, not '{cfg.init_weights}'")
     if cfg.transfer_init and not cfg.init:
         C.fail("--transfer-init needs --init, a CatLIP pre-training checkpoint")
-    init = load_pretrained(cfg.init) if cfg.init else None
+    init = load_pretrained(cfg.init, cfg.vocab) if cfg.init else None
+    if cfg.transfer_init and not init["labels"]:
+        C.fail(f"--transfer-init from the CoreNet checkpoint {cfg.init} needs --vocab, its synset pickle")
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
     name = init["model_name"] if init else cfg.model
     if name not in MODELS:
@@ -864,23 +1041,29 @@ def finetune(cfg: FinetuneConfig):
     model = build_model(name, len(classnames), size, init["pool"] if init else cfg.pool).to(device)
     if init:  # the backbone from the pre-training; the head is new (random, or Transfer Init)
         sd, note = init[cfg.init_weights], f"backbone from {cfg.init} ({cfg.init_weights} weights), random head"
-        C.load_state_dict_checked(model.visual, {k[7:]: v for k, v in sd.items() if k.startswith("visual.")},
-                                  f"--init {cfg.init}")
+        load_backbone(model, sd, f"--init {cfg.init}")
         if cfg.transfer_init:
             matches = match_classes(classnames, Vocab(init["labels"], init["lemmas"]))
-            hit = transfer_init(model.head, sd["head.weight"], sd["head.bias"], matches)
+            head = "classifier." if "classifier.weight" in sd else "head."
+            hit = transfer_init(model.head, sd[head + "weight"], sd[head + "bias"], matches)
             note = note.replace("random head", f"Transfer Init of {hit}/{len(classnames)} classes: ") + ", ".join(
                 f"{c}<-{'+'.join(init['labels'][i] for i in r) or 'random'}" for c, r in zip(classnames[:12], matches))
     C.print0(note if init else "from scratch")
     if cfg.linear_probe:
-        model.visual.requires_grad_(False)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, 0.999, decay_all=True)
+        model.requires_grad_(False).head.requires_grad_(True)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, 0.999, cfg.decay_all)
     ema = EMA(model, cfg.ema_momentum, cfg.ema_warmup)
     log = C.RunLog(cfg.out)
-    gb = cfg.batch_size * world
+    gb, corenet = cfg.batch_size * world, isinstance(model, CoreNetViT)
     steps = cfg.epochs * max(1, len(train_items) // gb)
+    if cfg.multi_scale and not corenet:
+        C.fail(f"--multi-scale needs a CoreNet model (its positions resize), not '{name}'")
+    if cfg.multi_scale:
+        sampler = VariableBatches(len(train_items), image_batch_pairs(size, cfg.batch_size),
+                                  cfg.epochs * len(train_items), 0, cfg.seed, rank, world)
+        steps = sampler.steps
     C.print0(f"{len(train_items)} training images, {len(val_items)} held out, {len(classnames)} classes, "
-             f"{steps} steps of {min(gb, len(train_items))}")
+             f"{steps} steps of {min(gb, len(train_items))}" + (" pixels' worth (multi-scale)" * cfg.multi_scale))
 
     # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
@@ -890,7 +1073,10 @@ def finetune(cfg: FinetuneConfig):
         start = restore(ckpt, model, ema, opt, cfg.resume, steps)
         C.print0(f"resumed from step {start} of {cfg.resume}")
     data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
-    sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
+    if cfg.multi_scale:
+        sampler.start = start
+    else:
+        sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,  # workers
                    pin_memory=device.type == "cuda", worker_init_fn=C.ignore_stop_signals))  # ignore SIGTERM
 
@@ -898,7 +1084,7 @@ def finetune(cfg: FinetuneConfig):
     trained = model.head if cfg.linear_probe else model
     ddp = DDP(trained, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else trained
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    stop = C.StopSignal()
+    gen, stop = torch.Generator(device), C.StopSignal()  # gen: RangeAugment's draws, re-seeded by step
     t0, skipped, seen, stopping = time.time(), torch.zeros((), device=device), 0, False
     for step in C.progress(range(start, steps + 1), "finetune", initial=start, total=steps + 1):
         last_step = step == steps
@@ -924,14 +1110,18 @@ def finetune(cfg: FinetuneConfig):
 
         # ---- forward, backward, step ---------------------------------------------------------------
         x, y = next(batches)
-        x = C.normalize_images(x.to(device, non_blocking=True))  # (B, 3, S, S)
+        x = model_input(model, x.to(device, non_blocking=True))  # (B, 3, S, S)
         y = y.to(device, non_blocking=True)  # (B,), -1 = unreadable image
+        augment = cfg.range_augment and corenet and not cfg.linear_probe
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # probe: head on frozen (B, D)
-            logits = ddp(model.features(x).detach()) if cfg.linear_probe else ddp(x)
+            logits = ddp(model.features(x).detach()) if cfg.linear_probe else ddp(x, gen) if augment else ddp(x)
+        logits, xa = logits if augment else (logits, None)
         loss = F.cross_entropy(logits.float(), y, ignore_index=-1, label_smoothing=cfg.label_smoothing)
+        loss = loss + range_augment_loss(x, xa, step, steps) if augment else loss
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip or float("inf"))
-        C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, steps, cfg.min_lr / cfg.lr))
+        C.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, steps, cfg.min_lr, cfg.warmup_init_lr))
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, step)
@@ -944,7 +1134,6 @@ def finetune(cfg: FinetuneConfig):
             t0 = time.time()
     finish(cfg.out, stopping and not last_step, step)
 
-
 # ==== 11. The claim on the synthetic world: pre-training + fine-tuning beats fine-tuning from scratch =======
 VARIANTS = {  # name -> flags added to the fine-tune
     "scratch": dict(init="", transfer_init=False, linear_probe=False),
@@ -953,7 +1142,6 @@ VARIANTS = {  # name -> flags added to the fine-tune
     "lp_random_head": dict(transfer_init=False, linear_probe=True),
     "lp_transfer_init": dict(transfer_init=True, linear_probe=True),
 }
-
 
 def compare(cfg: FinetuneConfig):
     """Fine-tune from scratch, from the CatLIP backbone, with Transfer Init, and linear probes: a top-1 table.
@@ -982,13 +1170,11 @@ def compare(cfg: FinetuneConfig):
             print(f"| {name} | {r['top1']:.1f} | {r['ema_top1']:.1f} | {r['steps']} | {r['seconds']} |")
     C.finish_run(cfg.out, extra=f"table {os.path.join(cfg.out, 'compare.json')}; each variant in its sub-directory")
 
-
 def main(argv=None):
     """`catlip.py [pretrain] [flags]`, `catlip.py vocab|finetune|compare [flags]`; COMMAND --help: its flags."""
     return C.run_command(__doc__, {"pretrain": (pretrain, Config), "vocab": (vocab_main, VocabConfig),
                                    "finetune": (finetune, FinetuneConfig), "compare": (compare, FinetuneConfig)},
                          argv, default="pretrain")
-
 
 if __name__ == "__main__":
     main()

@@ -216,7 +216,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize("cmd,own,other", [
     ("pretrain", "--max-labels", "--transfer-init"), ("vocab", "--max-size", "--steps"),
-    ("finetune", "--transfer-init", "--max-labels"), ("compare", "--linear-probe", "--vocab")])
+    ("finetune", "--transfer-init", "--max-labels"), ("compare", "--linear-probe", "--max-labels")])
 def test_help_of_each_command_shows_its_own_flags(cmd, own, other, capsys):
     with pytest.raises(SystemExit) as e:
         L.main([cmd, "--help"])
@@ -243,3 +243,208 @@ def test_init_must_be_a_catlip_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         L.main(["finetune", "--init", str(tmp_path), "--out", str(tmp_path / "r")])
     assert "is not a CatLIP pre-training checkpoint" in capsys.readouterr().err
+
+
+# ---- CoreNet's ViT: the layout of the released CatLIP checkpoints ------------------------------------------
+def corenet_state_dict(width=64, layers=2, classes=7, stem=32, seed=0):
+    """Random weights under CoreNet's names and shapes, written from its vit.py / flash_transformer.py /
+    conv_layer.py / positional_embedding.py / neural_aug.py (not from catlip.py's modules)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=0.2: torch.randn(*s, generator=g) * scale  # noqa: E731
+    sd = {"cls_token": r(1, 1, width), "pos_embed.pos_embed.pos_embed": r(1, 1, 196, width),
+          "post_transformer_norm.weight": 1 + r(width), "post_transformer_norm.bias": r(width),
+          "classifier.weight": r(classes, width), "classifier.bias": r(classes)}
+    for i, (cin, cout, k) in enumerate([(3, stem, 4), (stem, stem, 2), (stem, width, 2)]):
+        p = f"patch_emb.{i}.block."
+        sd[p + "conv.weight"] = r(cout, cin, k, k, scale=0.5)
+        if i < 2:
+            sd.update({p + "norm.weight": 1 + r(cout), p + "norm.bias": r(cout), p + "norm.running_mean": r(cout),
+                       p + "norm.running_var": 0.5 + torch.rand(cout, generator=g),
+                       p + "norm.num_batches_tracked": torch.tensor(7)})
+        else:
+            sd[p + "conv.bias"] = r(cout)
+    for i in range(layers):
+        p = f"transformer.{i}."
+        for n in ("pre_norm_mha.0", "pre_norm_ffn.0"):
+            sd[f"{p}{n}.weight"], sd[f"{p}{n}.bias"] = 1 + r(width), r(width)
+        for n, (o, c) in {"pre_norm_mha.1.qkv_proj": (3 * width, width), "pre_norm_mha.1.out_proj_attn": (width, width),
+                          "pre_norm_ffn.1": (4 * width, width), "pre_norm_ffn.4": (width, 4 * width)}.items():
+            sd[f"{p}{n}.weight"], sd[f"{p}{n}.bias"] = r(o, c, scale=c ** -0.5), r(o)
+    for n, (lo, hi) in {"brightness": (0.5, 1.5), "contrast": (0.5, 1.5), "noise": (0.0, 0.1)}.items():
+        sd[f"neural_augmentor.{n}._low"], sd[f"neural_augmentor.{n}._high"] = torch.tensor(lo), torch.tensor(hi)
+    return sd
+
+
+def corenet_forward(sd, x, heads):
+    """A plain transcription of CoreNet's VisionTransformer.forward in eval mode (neural augmentor off) on a
+    state dict: conv stem, 1-D bilinear resize of the 196 positions, CLS token without position, pre-norm
+    flash blocks (LayerNorm eps 1e-6), final norm, classifier on the CLS token."""
+    for i, k in enumerate((4, 2, 2)):
+        p = f"patch_emb.{i}.block."
+        x = F.conv2d(x, sd[p + "conv.weight"], sd.get(p + "conv.bias"), stride=k, padding=int((k - 1) / 2))
+        if i < 2:
+            x = F.gelu(F.batch_norm(x, sd[p + "norm.running_mean"], sd[p + "norm.running_var"],
+                                    sd[p + "norm.weight"], sd[p + "norm.bias"], False, 0.1, 1e-5))
+    B, D = x.shape[:2]
+    x = x.flatten(2).transpose(1, 2)
+    n, pos = x.shape[1], sd["pos_embed.pos_embed.pos_embed"]
+    if n != pos.shape[2]:
+        pos = F.interpolate(pos, size=(n, D), mode="bilinear")
+    x = torch.cat([sd["cls_token"].expand(B, -1, -1), x + pos.reshape(1, n, D)], dim=1)
+    ln = lambda t, p: F.layer_norm(t, (D,), sd[p + ".weight"], sd[p + ".bias"], 1e-6)  # noqa: E731
+    lin = lambda t, p: F.linear(t, sd[p + ".weight"], sd[p + ".bias"])  # noqa: E731
+    i = 0
+    while f"transformer.{i}.pre_norm_mha.0.weight" in sd:
+        p, N = f"transformer.{i}.", x.shape[1]
+        qkv = lin(ln(x, p + "pre_norm_mha.0"), p + "pre_norm_mha.1.qkv_proj").reshape(B, N, 3, heads, D // heads)
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # (B, H, N, Dh) each
+        a = ((q @ k.transpose(-2, -1)) / (D // heads) ** 0.5).softmax(-1) @ v
+        x = x + lin(a.transpose(1, 2).reshape(B, N, D), p + "pre_norm_mha.1.out_proj_attn")
+        x = x + lin(F.gelu(lin(ln(x, p + "pre_norm_ffn.0"), p + "pre_norm_ffn.1")), p + "pre_norm_ffn.4")
+        i += 1
+    return lin(ln(x, "post_transformer_norm")[:, 0], "classifier")
+
+
+@pytest.fixture(scope="module")
+def corenet_ckpt(tmp_path_factory):
+    sd = corenet_state_dict(width=128, layers=2, classes=6)  # the shapes of MODELS["tiny_corenet"]
+    path = tmp_path_factory.mktemp("corenet") / "vit_tiny.pt"
+    torch.save(sd, path)
+    return sd, str(path)
+
+
+def test_corenet_vit_loads_strictly_and_matches_the_transcription(corenet_ckpt, tmp_path, capsys):
+    sd, path = corenet_ckpt
+    model = L.load_corenet(path)  # strict: every key, shape and buffer of CoreNet's layout, nothing else
+    assert isinstance(model, L.CoreNetViT) and set(model.state_dict()) == set(sd)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for S in (64, 48):  # 4x4 patches (the 196 positions resized), and 3x3
+            x = torch.rand(2, 3, S, S)
+            ref = corenet_forward(sd, x, heads=2)
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            torch.testing.assert_close(C.set_fused(model, False)(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            C.set_fused(model, True)
+    bad = {k: v for k, v in sd.items() if k != "cls_token"}  # a mean-pool model is another layout: not this one
+    torch.save({**bad, "transformer.0.pre_norm_mha.1.out_proj.weight": sd["classifier.weight"]}, tmp_path / "x.pt")
+    with pytest.raises(SystemExit):
+        L.load_corenet(str(tmp_path / "x.pt"))
+    assert "does not fit this model" in capsys.readouterr().err
+
+
+def corenet_params(D, layers, classes):
+    """CoreNet ViT parameters by formula: stem (two bias-free convs with BatchNorm, one with bias), 196
+    positions + CLS, blocks (2 LN, qkv, out, 4x MLP), final LN, classifier, RangeAugment's 6 scalars."""
+    s = max(32, D // 4)
+    stem = 3 * s * 16 + 2 * s + s * s * 4 + 2 * s + s * D * 4 + D
+    block = 4 * D + (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D)
+    return stem + 197 * D + layers * block + 2 * D + D * classes + classes + 6
+
+
+def test_corenet_parameter_counts_are_the_published_ones():
+    """The paper's Table 2 (with the 24,320-way head): 105M, 329M, 663M; built on the meta device."""
+    for name, (D, layers, published) in {"vit_b16_corenet": (768, 12, 105), "vit_l16_corenet": (1024, 24, 329),
+                                         "vit_h16_corenet": (1280, 32, 663)}.items():
+        with torch.device("meta"):
+            n = sum(p.numel() for p in L.build_model(name, 24320).parameters())
+        assert n == corenet_params(D, layers, 24320) and round(n / 1e6) == published, (name, n)
+
+
+def test_released_vocabulary_pickle_loads_and_code_is_refused(tmp_path, capsys):
+    import pickle
+    vocab = {"n5928118": 52418327, "n13333833": 46393897, "n2084071": 700, "n9999": 3}  # most frequent first
+    (tmp_path / "vocab.pkl").write_bytes(pickle.dumps(vocab, protocol=4))
+    v = L.load_vocab(str(tmp_path / "vocab.pkl"), 3)
+    assert v.labels == ["n5928118", "n13333833", "n2084071"] and v.lemmas == {}
+    assert L.match_classes(["n02084071", "dog"], v) == [[2], []]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"n1": Evil()}))
+    with pytest.raises(SystemExit) as e:
+        L.load_vocab(str(tmp_path / "evil.pkl"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "refused global" in err[0] and "system" in err[0], err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_optimizer_groups_lr_and_ema_follow_the_configs():
+    torch.manual_seed(0)
+    model = L.build_model("tiny_corenet", 5)
+    opt = L.make_optimizer(model, 1e-3, 0.2, 0.999)  # no_decay_bn_filter_bias: true
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+    assert decay == {n for n, p in model.named_parameters() if p.ndim != 1}  # matrices, CLS, positions, aug scalars
+    assert {"cls_token", "pos_embed.pos_embed.pos_embed", "neural_augmentor.noise._high",
+            "transformer.0.pre_norm_mha.1.qkv_proj.weight", "patch_emb.0.block.conv.weight"} <= decay
+    assert {"classifier.bias", "post_transformer_norm.weight", "patch_emb.0.block.norm.weight",
+            "transformer.1.pre_norm_ffn.0.bias", "patch_emb.2.block.conv.bias"} <= no_decay
+    assert len(decay | no_decay) == len(names) and not decay & no_decay
+    assert len(L.make_optimizer(model, 1e-3, 0.2, 0.999, decay_all=True).param_groups) == 1
+    # warm-up from warmup_init_lr, CoreNet's cosine (period total - warmup + 1)
+    assert L.lr_at(0, 1e-3, 10, 100, 1e-5, 1e-6) == 1e-6
+    assert abs(L.lr_at(5, 1e-3, 10, 100, 1e-5, 1e-6) - 5.005e-4) < 1e-12
+    import math
+    end = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 90 / 91))  # never quite min_lr, as CoreNet's
+    assert L.lr_at(10, 1e-3, 10, 100, 1e-5, 1e-6) == 1e-3 and L.lr_at(100, 1e-3, 10, 100, 1e-5, 1e-6) == end
+    # EMA: no warm-up, the whole state dict (BatchNorm statistics too)
+    ema = L.EMA(model, 0.0005)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.add_(1)
+    ema.update(model, 0)
+    for k, v in ema.module.state_dict().items():
+        expect = before[k] + 1 if not v.is_floating_point() else before[k] + 0.0005
+        torch.testing.assert_close(v, expect.to(v.dtype))
+
+
+def test_variable_batch_pairs_and_sampler_are_corenets():
+    """image_batch_pairs against a transcription of corenet/data/sampler/utils.py (fine-tune config: 224 px,
+    batch 512, 25 scales in 128-320, check_scale 32); the sampler covers each item once per epoch."""
+    import numpy as np
+
+    def make_divisible(v, d):
+        new = max(d, int(v + d / 2) // d * d)
+        return new + d if new < 0.9 * v else new
+    vals = set(np.linspace(128, 320, 25))
+    vals.add(224)
+    dims = sorted(make_divisible(v, 32) for v in vals)
+    expect = sorted({(h, max(1, int(round(224 * 224 * 512 / (h * h), 2)))) for h in dims})
+    assert L.image_batch_pairs(224, 512) == expect and [s for s, _ in expect] == list(range(128, 321, 32))
+    assert (224, 512) in expect and (128, 1568) in expect
+    pairs = L.image_batch_pairs(32, 8, lo=16, hi=48, n=5, div=16)  # (16, 32), (32, 8), (48, 3)
+    a = L.VariableBatches(50, pairs, 100, 0, seed=1, rank=0, world=1)
+    batches = list(a)
+    assert len(batches) == a.steps and all(len({s for _, _, s in b}) == 1 for b in batches)
+    assert all(len(b) == dict(pairs)[b[0][2]] for b in batches) and len({b[0][2] for b in batches}) == 3
+    flat = [(e, i) for b in batches for e, i, _ in b]
+    assert sorted(i for e, i in flat if e == 0) == list(range(50))  # epoch 0: every item once
+    assert list(L.VariableBatches(50, pairs, 100, 3, seed=1, rank=0, world=1)) == batches[3:]  # a resume
+    two = [list(L.VariableBatches(50, pairs, 100, 0, seed=1, rank=r, world=2)) for r in (0, 1)]
+    assert [len(x) + len(y) for x, y in zip(*two)] == [2 * dict(pairs)[b[0][2]] for b in two[0]]
+
+
+def test_finetune_from_a_corenet_checkpoint_with_transfer_init(corenet_ckpt, tmp_path, capsys):
+    """`finetune --init vit_base.pt --vocab datacomp_1_2B_vocab.pkl --transfer-init` on a CoreNet-layout
+    checkpoint: wnid class folders take their head rows; multi-scale batches, RangeAugment; the EMA
+    checkpoint keeps CoreNet's layout."""
+    import pickle
+    from PIL import Image
+    sd, path = corenet_ckpt
+    (tmp_path / "v.pkl").write_bytes(pickle.dumps({f"n{i}": 100 - i for i in (7, 2084071, 5, 3, 1, 9, 11)}))
+    for c, wnid in enumerate(("n02084071", "n00000003", "n00000042")):  # rows 1, 3, none
+        os.makedirs(tmp_path / "data" / wnid)
+        for j in range(4):
+            Image.new("RGB", (40, 32), (60 * c, 40 * j, 90)).save(tmp_path / "data" / wnid / f"{j}.png")
+    L.main(["finetune", "--init", path, "--vocab", str(tmp_path / "v.pkl"), "--transfer-init", "--multi-scale",
+            "--data", str(tmp_path / "data"), "--val-frac", "0.25", "--image-size", "64", "--epochs", "1",
+            "--batch-size", "4", "--workers", "0", "--log-every", "1", "--out", str(tmp_path / "ft")])
+    out = capsys.readouterr().out
+    assert "Transfer Init of 2/3 classes" in out and "n02084071<-n2084071" in out and "n00000042<-random" in out
+    ck = torch.load(C.latest_checkpoint(str(tmp_path / "ft")), weights_only=True)
+    assert set(ck["ema"]) == set(sd) and ck["model_name"] == "tiny_corenet" and ck["step"] >= 1
+    log = read_log(str(tmp_path / "ft"))
+    assert 0 <= log[-1]["top1"] <= 100 and all(r["loss"] == r["loss"] for r in log if "loss" in r)
