@@ -8,15 +8,14 @@ outputs, per image or per pixel), (3) fine-tune the small model on the labels. W
 set, the transfer set is *retrieved*: the labelled images are queries, a web-scale pool is searched by image-embedding
 cosine similarity, and the union of every query's neighbours is the transfer set.
 
-What is here: `retrieve` (exact chunked top-k over pool shards, split over ranks and workers, the de-duplicated union
-written as shards; `--random-size`: the random-subset baseline), `teacher`, `distill` and `finetune`, for
-classification and semantic segmentation. VFMs: this repo's CLIP ViTs and MCi towers (mobileclip.py), OpenAI/OpenCLIP
-ViT state dicts, SAM-CLIP (samclip.py); small models: MCi (mci0-4, mci_tiny) and torchvision's `.features` models
-(MobileNet, EfficientNet, MNASNet) by name; baselines: task-agnostic feature distillation (`--kd features`: contrastive
-on the pooled embedding, plus per-patch cosine for segmentation), fine-tuning from scratch, from CLIP pre-training or
-from ImageNet weights (`--init imagenet`: downloaded by torchvision; `--init imagenet=FILE`: its .pth, offline). Not
-here: DINOv2 teachers (not in torch/torchvision), DeepLabV3 heads (a light FPN-style head stands in), the paper's
-schedules (not public), multi-crop or strong augmentation.
+What is here: `retrieve` (exact chunked top-k over the pool, split over ranks and workers, written as shards: the
+de-duplicated union, or the paper's size rule `--transfer-size`; `--random-size`: the random-subset baseline),
+`teacher`, `distill` and `finetune` for classification and semantic segmentation (mIoU on whole images), on shards or
+apple/ml-vfm-kt's split and retrieved-image lists (read_list). VFMs: this repo's CLIP ViTs and MCi towers, OpenAI /
+OpenCLIP ViT state dicts, SAM-CLIP; small models: MCi (mci0-4, mci_tiny), torchvision's `.features` models by name;
+baselines: task-agnostic feature distillation (`--kd features`: contrastive on the pooled embedding, per-patch cosine
+for segmentation), fine-tuning from scratch, CLIP pre-training or ImageNet weights (`--init imagenet[=FILE.pth]`). Not
+here: DINOv2 (not in torch/torchvision), DeepLabV3 heads (a light FPN-style head), the paper's schedules (not public).
 
 Paper -> code:
   step 1, fine-tune the VFM with a task head           -> `teacher` (linear-probe warm-up, backbone at 0.1x lr)
@@ -26,7 +25,7 @@ Paper -> code:
   retrieval-augmented transfer set (Sec. 5)            -> `retrieve`, nearest_neighbours, merge_topk
   task-agnostic VFM distillation (baseline)            -> `distill --kd features`, feature_kd_loss
   ImageNet / CLIP pre-training baselines               -> `finetune --init imagenet[=FILE] | clip.pt`
-  top-1 / mIoU                                         -> evaluate, confusion_matrix, miou
+  top-1 / mIoU (whole images, sliding windows)         -> evaluate, slide_logits (common.confusion_matrix, miou)
 
 Commands:
   python transfer.py --foundation runs/mobileclip --pool-shards 2 --pool-offdomain 0.8 --per-query 40 \\
@@ -37,25 +36,23 @@ Commands:
       --num-classes 10 --out runs/teacher
   torchrun --nproc_per_node=8 transfer.py distill --teacher runs/teacher --data transfer_set/ \\
       --student torchvision:mobilenet_v3_large --num-classes 10 --steps 20000 --out runs/kd
+  # ADE20K from ml-vfm-kt's lists (D=ml-vfm-kt/datasplits/ADE20K, A=ADEChallengeData2016): teacher --task seg
+  #   --num-classes 150 --reduce-zero-label --data $D/train_1200img.txt@$A --test $D/test.txt@$A, then distill
+  #   --data $D/yfcc_retrieved_images_with_1200query.txt@yfcc15m/ and finetune as below
   torchrun --nproc_per_node=8 transfer.py finetune --init runs/kd --data labelled/ --test test/ \\
       --student torchvision:mobilenet_v3_large --num-classes 10 --out runs/ft
 
-Data: webdataset tar shards, {key}.jpg|png + {key}.json {"label": k} (classification) or {key}.seg.png (segmentation,
---task seg: 0 = background, 1..K the classes, above K background); a sample of another class is skipped.
+Data: tar shards, {key}.jpg|png + {key}.json {"label": k} or {key}.seg.png (--task seg: 0 = background, 1..K the
+classes, 255 ignored, other values background); or an apple/ml-vfm-kt list, LIST.txt@IMAGE_ROOT (read_list).
 
-Result (synthetic world, README.md "Knowledge transfer"; loaded 2-core CPU): 3 of the 10 shapes, 10 labels each, VFM
-mobileclip_tiny (800 steps), student mci_tiny, 40 neighbours per query (~1,100 images; the random set as large), top-1
-on 299 held-out images (chance 33.3%), students before step 3. With `--pool-offdomain 0.8` (10,000 world + 40,000
-off-domain images: the task's shapes 6% of the pool, as in a web-scale pool) 60% of the retrieved set is in-task vs
-5-7% of a random one; KD on it 59.2 / 59.9 / 61.9 (seeds 0-2) vs 45.5 / 40.5 / 40.5 (random set), 40.1 / 45.2 / 44.1
-(labels only): the paper's retrieval gain, 14-21 points, beyond the ~5-point seed spread (0.5, seed 0: 57.2 vs 49.5).
-The world alone as the pool: retrieval doubles the in-task share (66% vs 32%), yet KD is no better than on a random
-set (57.5 / 61.9 vs 55.5 / 62.9, seeds 0 / 1). Step 3 lowers every distilled student (retrieved 52.5 / 52.5 / 50.8,
-random 39.1 / 41.5 / 44.8). Feature KD + step 3: 51.5 / 45.8; CLIP pre-training + fine-tune 57.9.
+Result (README.md "Knowledge transfer", loaded 2-core CPU; 3 of the 10 shapes, 10 labels each, chance 33.3%): on a
+pool 80% off-domain, KD on the retrieved set (60% in-task) 59.2 / 59.9 / 61.9 top-1 (seeds 0-2) vs 45.5 / 40.5 / 40.5 on
+a random set as large and 40.1 / 45.2 / 44.1 with the labels only: the paper's retrieval gain, beyond the seed spread.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -80,9 +77,8 @@ import common as C
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# One dataclass per command (its --help lists its own flags only); the demo's `Config` has them all: it runs them all.
 @dataclass
-class Shared:
+class Shared:  # one dataclass per command (its --help lists its own flags only); the demo's Config has them all
     out: str = "runs/transfer"  # run directory: config.json, log.jsonl, checkpoints (retrieve: the shards)
     image_size: int = 0  # data resolution; 0 = 224 (the synthetic world: 64)
     batch_size: int = 64  # per process
@@ -90,19 +86,16 @@ class Shared:
     workers: int = 2  # DataLoader worker processes per rank
     device: str = "auto"  # auto | cuda | cpu
 
-
 @dataclass
 class RetrieveConfig(Shared):
     queries: str = ""  # the labelled target images (shards): the queries
     pool: str = ""  # the unlabelled pool (shards), e.g. DataComp
     encoder: str = ""  # the frozen image encoder (same kinds as --foundation)
     act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT (quick_gelu for OpenAI's weights)
-    per_query: int = 100  # neighbours per query (balanced: every query gets the same number)
+    per_query: int = 100  # neighbours per query (balanced: every query gets the same number), their union kept
+    transfer_size: int = 0  # instead the paper's size rule: k = N // Q per query, duplicates kept (Q x k samples)
     random_size: int = 0  # instead draw this many pool images uniformly at random (the baseline)
-    chunk: int = 8192  # pool embeddings scored per matrix product
-    exclude_queries: bool = True  # skip pool samples whose key is a query's
     shard_size: int = 5000  # samples per written shard
-
 
 @dataclass
 class TrainConfig(Shared):
@@ -123,7 +116,7 @@ class TrainConfig(Shared):
     keep_ckpts: int = 2  # newest checkpoints kept
     resume: str = "auto"  # 'auto' = the newest readable checkpoint in --out (fresh if none), '' = fresh, or a path
     overwrite: bool = False  # start over in an --out holding another run's checkpoints (they move to OUT/previous-N/)
-
+    reduce_zero_label: bool = False  # seg: mask value 0 is "other", ignored (ADE20K as mmsegmentation prepares it)
 
 @dataclass
 class TeacherConfig(TrainConfig):
@@ -131,7 +124,6 @@ class TeacherConfig(TrainConfig):
     act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
     backbone_lr_mult: float = 0.1  # the VFM backbone's lr relative to the head's
     probe_steps: int = 50  # steps with the backbone frozen (linear-probe warm-up) before the full fine-tune
-
 
 @dataclass
 class DistillConfig(TrainConfig):
@@ -142,12 +134,10 @@ class DistillConfig(TrainConfig):
     foundation: str = ""  # --kd features: the frozen VFM whose features are distilled
     act: str = "gelu"  # MLP activation of an OpenAI/OpenCLIP ViT foundation (quick_gelu for OpenAI's weights)
 
-
 @dataclass
 class FinetuneConfig(TrainConfig):
     student: str = "mci_tiny"  # small model: mci0..mci4 | mci_tiny | torchvision:<name> (e.g. mobilenet_v3_large)
     init: str = ""  # '' (scratch) | a distill run/ckpt | a mobileclip.py ckpt (CLIP) | imagenet[=FILE.pth]
-
 
 @dataclass
 class Config(RetrieveConfig, TeacherConfig, DistillConfig, FinetuneConfig):
@@ -164,17 +154,14 @@ class Config(RetrieveConfig, TeacherConfig, DistillConfig, FinetuneConfig):
 
 
 # ---- 1. Models: the VFM (teacher backbone), the small target models, task heads --------------------------------------
-# Every model takes the same uint8 view (B, 3, S, S) and normalises (and for a VFM, resizes) it itself, so the teacher
-# and the student see the same augmented pixels (spec 6) whatever their input conventions. A backbone returns (pooled
-# (B, D), [feature maps (B, C_i, h_i, w_i), finest first]).
-
+# Every model normalises (a VFM: and resizes) the same uint8 view (B, 3, S, S) itself, so teacher and student see the
+# same augmented pixels (spec 6). A backbone returns (pooled (B, D), [maps (B, C_i, h_i, w_i), finest first]).
 
 def to_input(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """uint8 (B, 3, s, s) -> float at size x size, normalised."""
     if x.shape[-1] != size:
         x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).clamp(0, 255)
     return C.normalize_images(x, mean, std)  # -> float
-
 
 class Foundation(nn.Module):
     """A VFM image encoder. kind 'vit': common.ViT (pooled = the CLIP embedding, map = the patch grid); 'sam':
@@ -197,7 +184,6 @@ class Foundation(nn.Module):
         maps = mci_stages(e, x)
         return e.head(e.conv_exp(maps[-1])), maps[-1:]
 
-
 @torch.no_grad()
 def output_dims(backbone: nn.Module, size: int = 64) -> tuple[int, list[int]]:
     """(pooled width, [channels of each map]) from one dummy image, in eval mode (BN statistics untouched)."""
@@ -205,7 +191,6 @@ def output_dims(backbone: nn.Module, size: int = 64) -> tuple[int, list[int]]:
     pooled, maps = backbone.eval()(torch.zeros(1, 3, size, size, dtype=torch.uint8))
     backbone.train(was)
     return pooled.shape[1], [m.shape[1] for m in maps]
-
 
 def mci_stages(mci: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The output of every stage of an MCi tower: strides 4, 8, 16, 32 (MCi3/4: and 64)."""
@@ -216,10 +201,8 @@ def mci_stages(mci: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
             maps.append(x)
     return maps
 
-
 def read_checkpoint(path: str, flag: str) -> dict:
-    """A checkpoint file, or a run directory's newest checkpoint that reads (common.load_checkpoint names each one
-    skipped); a missing, empty or unreadable file stops with one line naming `flag`."""
+    """A checkpoint file, or a run directory's newest checkpoint that reads; else one line naming `flag`."""
     if not path:
         C.fail(f"{flag} is needed (a checkpoint or run directory)")
     if os.path.isdir(path):
@@ -229,7 +212,6 @@ def read_checkpoint(path: str, flag: str) -> dict:
     except (ValueError, OSError) as e:  # a missing file: OSError
         C.fail(f"{flag}{'' if flag.endswith('=') else ' '}{path}: " +
                (f"cannot read it ({e})" if os.path.isfile(path) else "file not found"))
-
 
 def load_foundation(path: str, act: str = "gelu", flag: str = "--foundation") -> Foundation:
     """A VFM from a mobileclip.py checkpoint (CLIP ViT or MobileCLIP), a samclip.py SAM-CLIP checkpoint,
@@ -258,7 +240,6 @@ def load_foundation(path: str, act: str = "gelu", flag: str = "--foundation") ->
     v = C.clip_from_openclip(sd, act=act).visual
     return Foundation(v, "vit", v.image_size, C.CLIP_MEAN, C.CLIP_STD)
 
-
 class MCiBackbone(nn.Module):
     """An MCi image tower without its projection head: pooled = mean of `conv_exp` (B, 2 C_last)."""
 
@@ -275,7 +256,6 @@ class MCiBackbone(nn.Module):
     def forward(self, x):
         maps = mci_stages(self.mci, to_input(x, x.shape[-1], self.mean, self.std))
         return self.mci.conv_exp(maps[-1]).mean((2, 3)), maps[1:]  # (B, 2C), the maps at strides 8, 16, 32
-
 
 class TorchvisionBackbone(nn.Module):
     """A torchvision classifier's `.features` trunk; the maps are the last of each resolution. weights: None (random),
@@ -308,11 +288,9 @@ class TorchvisionBackbone(nn.Module):
                 maps.append(x)
         return x.mean((2, 3)), maps[-2:]  # (B, C), the stride-16 and stride-32 maps
 
-
 def imagenet_weights(init: str) -> str | None:
     """--init imagenet -> "DEFAULT" (downloaded by torchvision), imagenet=FILE -> FILE, anything else -> None."""
     return "DEFAULT" if init == "imagenet" else init.split("=", 1)[1] if init.startswith("imagenet=") else None
-
 
 def build_backbone(name: str, weights: str | None = None) -> nn.Module:
     if name.startswith("torchvision:"):
@@ -320,7 +298,6 @@ def build_backbone(name: str, weights: str | None = None) -> nn.Module:
     if weights:
         C.fail(f"no ImageNet weights for '{name}' here; use --student torchvision:<name> --init imagenet[=FILE]")
     return MCiBackbone(name)
-
 
 class SegHead(nn.Module):
     """A light FPN-style head (design choice; the paper's is DeepLabV3-like): 1x1 lateral convs to `width`,
@@ -338,7 +315,6 @@ class SegHead(nn.Module):
                 for l, m in zip(self.lateral, maps))
         return self.classifier(self.fuse(x))
 
-
 class TaskModel(nn.Module):
     """backbone + task head: (B, K) logits (a linear head on the pooled feature) or (B, K + 1, h, w)."""
 
@@ -351,10 +327,8 @@ class TaskModel(nn.Module):
         pooled, maps = self.backbone(x)
         return self.head(pooled if self.task == "cls" else maps)
 
-
 class FeatureDistiller(nn.Module):
-    """Task-agnostic transfer (the baseline): the student backbone and linear maps of its pooled feature
-    (and, for segmentation, of its finest map) into the VFM's feature spaces."""
+    """Task-agnostic transfer: the student and linear maps of its pooled feature (seg: and finest map) to the VFM's."""
 
     def __init__(self, backbone: nn.Module, vfm_dims, task: str):
         super().__init__()
@@ -369,16 +343,13 @@ class FeatureDistiller(nn.Module):
 
 # ---- 2. Losses: KD on the teacher's outputs (step 2), task-agnostic feature distillation, the task loss --------------
 
-
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """KL(p_teacher || p_student) of the softmax at temperature T over dim 1, times T^2 (Hinton et al. 2015, so the
-    gradient scale does not depend on T), averaged over images, or over images and pixels for (B, K, h, w) maps; the
-    student's map is first resized (bilinear) to the teacher's grid. fp32."""
+    """KL(p_teacher || p_student) of the softmax at temperature T over dim 1, times T^2 (Hinton et al. 2015), averaged
+    over images (and pixels of (B, K, h, w) maps, the student's resized to the teacher's grid first). fp32."""
     if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
         student = F.interpolate(student.float(), size=teacher.shape[-2:], mode="bilinear", align_corners=False)
     log_ps, log_pt = F.log_softmax(student.float() / T, dim=1), F.log_softmax(teacher.float() / T, dim=1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * T * T
-
 
 def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> float:
     """The same, one image (and one pixel) at a time in plain Python: sum_k p_k (log p_k - log q_k)."""
@@ -391,11 +362,9 @@ def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, T: float = 1
         terms.append(sum(math.exp(tk - lt) * ((tk - lt) - (sk - ls)) for sk, tk in zip(s, t)))
     return sum(terms) / len(terms) * T * T
 
-
 def feature_kd_loss(s_pooled, t_pooled, s_map=None, t_map=None, tau: float = 0.07) -> torch.Tensor:
-    """Task-agnostic distillation of the frozen VFM (the baseline; a reviewer reports a contrastive feature-matching
-    loss): CLIP's InfoNCE between the student's projected and the VFM's pooled features over the global batch (fixed
-    temperature, a design choice), plus for segmentation 1 - cosine on every position of the VFM's patch grid."""
+    """Task-agnostic distillation (a reviewer reports a contrastive loss): CLIP's InfoNCE, fixed temperature (a design
+    choice), of projected student and VFM pooled features over the global batch; seg: + 1 - cosine per VFM patch."""
     scale = torch.tensor(1.0 / tau, device=s_pooled.device)
     loss = C.contrastive_loss(F.normalize(s_pooled.float(), dim=-1), F.normalize(t_pooled.float(), dim=-1), scale)
     if s_map is not None:
@@ -403,57 +372,80 @@ def feature_kd_loss(s_pooled, t_pooled, s_map=None, t_map=None, tau: float = 0.0
         loss = loss + (1 - F.cosine_similarity(s_map, t_map.float(), dim=1)).mean()
     return loss
 
-
 def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on labels (B,), or per pixel on masks (B, H, W) with the logits upsampled to them."""
+    """Cross-entropy on labels (B,), or per pixel on masks (B, H, W) with the logits upsampled to them; IGNORE pixels
+    count for nothing (a batch of only those: 0, not NaN)."""
     if logits.dim() == 4 and logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits.float(), target)
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+    return loss / (target != IGNORE).sum().clamp(min=1)
 
 
-# ---- 3. Evaluation: top-1 and mIoU from one confusion matrix ---------------------------------------------------------
+# ---- 3. Evaluation: top-1, and mIoU on whole images (common.confusion_matrix and common.miou) ----------------------
+IGNORE = 255  # a label-map value never trained on nor scored (mmsegmentation's ignore index)
 
+def read_mask(sample: dict, K: int, reduce_zero_label: bool = False, size: int = 0, box=None) -> torch.Tensor:
+    """The sample's label map (with `box`: that crop resized to size x size, nearest) as targets (H, W): 0 background,
+    1..K the classes, IGNORE kept, others (classes outside the task) background. reduce_zero_label (ADE20K): 0 ("other")
+    and others IGNORE, the background channel never a target nor predicted (evaluate), mIoU over the K classes."""
+    m = Image.open(io.BytesIO(sample["seg.png"]))
+    m = torch.from_numpy(np.asarray(m.resize((size, size), Image.NEAREST, box=box) if box else m, np.int64).copy())
+    other = (m > K) & (m != IGNORE)
+    return m.masked_fill(other | (m == 0), IGNORE) if reduce_zero_label else m.masked_fill(other, 0)
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, n) counts, rows = target, columns = prediction; targets outside [0, n) are ignored."""
-    ok = (target >= 0) & (target < n)
-    return torch.bincount(target[ok] * n + pred[ok], minlength=n * n).reshape(n, n)
-
-
-def miou(conf: torch.Tensor) -> float:
-    """Mean over classes present (in target or prediction) of TP / (TP + FP + FN), in %."""
-    conf = conf.double()
-    tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    return 100 * (tp[union > 0] / union[union > 0]).mean().item()
-
+@torch.no_grad()
+def slide_logits(model: nn.Module, x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """mmsegmentation's sliding-window inference: uint8 (1, 3, H, W), H, W >= size -> (1, C, H, W), the logits of size x
+    size windows every `stride` px (the last flush with the edge) upsampled to the window, averaged where they meet."""
+    H, W = x.shape[-2:]
+    starts = lambda n: sorted({*range(0, n - size, stride), n - size})
+    boxes = [(i, j) for i in starts(H) for j in starts(W)]
+    logits = model(torch.stack([x[0, :, i:i + size, j:j + size] for i, j in boxes]))  # (n, C, h, w)
+    logits = F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+    total, count = logits.new_zeros(1, logits.shape[1], H, W), logits.new_zeros(1, 1, H, W)
+    for (i, j), window in zip(boxes, logits):
+        total[0, :, i:i + size, j:j + size] += window
+        count[..., i:i + size, j:j + size] += 1
+    return total / count
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, device) -> dict:
-    """Top-1 (classification) or mIoU and pixel accuracy (segmentation) on --test, split over ranks."""
-    was = model.training
+    """One confusion matrix over --test (ranks split it): top-1 on the eval crop, or mIoU and pixel accuracy on whole
+    images as mmsegmentation (shorter side to the crop, windows every 2/3 crop, logits at the label map's size)."""
+    was, rank, world = model.training, C.get_rank(), C.get_world_size()
     model.eval()
-    n = cfg.num_classes + (cfg.task == "seg")
-    conf = torch.zeros(n, n, dtype=torch.long, device=device)
-    stream = C.ShardStream(shards(cfg.test), Decode(cfg, train=False), cfg.batch_size, C.get_rank(),
-                           C.get_world_size(), cfg.seed, 1, epochs=1, drop_last=False)
-    for batch in C.progress(C.make_loader(stream, cfg.workers, False), "eval"):
-        logits = model(batch["image"].to(device))
-        target = (batch["label"] if cfg.task == "cls" else batch["mask"]).to(device)
-        if logits.dim() == 4:
-            logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1).flatten(), target.flatten(), n)
+    n, S = cfg.num_classes + (cfg.task == "seg"), cfg.image_size or 224
+    conf = torch.zeros(n, n, dtype=torch.long)
+    if cfg.task == "cls":
+        stream = Stream(shards(cfg.test, "--test"), Decode(cfg, train=False), cfg.batch_size, rank, world, cfg.seed,
+                        1, epochs=1, drop_last=False)
+        for batch in C.progress(C.make_loader(stream, cfg.workers, False), "eval"):
+            conf += C.confusion_matrix(model(batch["image"].to(device)).argmax(1), batch["label"].to(device), n)
+    samples = itertools.islice(read_samples(cfg.test), rank, None, world) if cfg.task == "seg" else ()
+    for s in C.progress(samples, "eval"):  # segmentation: whole images, one at a time
+        try:  # an undecodable sample is skipped, as in training
+            x, mask = TF.resize(C.decode_image_tensor(s), S, antialias=True), read_mask(s, n - 1, cfg.reduce_zero_label)
+        except Exception:
+            continue
+        logits = F.interpolate(slide_logits(model, x[None].to(device), S, max(1, 2 * S // 3)), size=mask.shape,
+                               mode="bilinear", align_corners=False)[0]  # (K + 1, H, W) at the label map's size
+        pred = logits[1:].argmax(0) + 1 if cfg.reduce_zero_label else logits.argmax(0)
+        conf += C.confusion_matrix(pred, mask.to(device), n)
     if dist.is_initialized():
-        dist.all_reduce(conf)
+        dist.all_reduce(conf := conf.to(device))
     model.train(was)
     total, acc = int(conf.sum()), 100 * conf.diag().sum().item() / max(1, int(conf.sum()))
-    return {"top1": acc, "test_images": total} if cfg.task == "cls" else {"miou": miou(conf), "pixel_acc": acc}
+    return ({"top1": acc, "test_images": total} if cfg.task == "cls" else
+            {"miou": C.miou(conf.cpu()), "pixel_acc": acc, "test_pixels": total})
 
 
-# ---- 4. Data: labelled target shards, the transfer set, the same augmented view for teacher and student --------------
-
+# ---- 4. Data: shards or apple/ml-vfm-kt lists; the same augmented view for teacher and student ----------------------
 
 def shards(spec: str, flag: str = "--data") -> list[str]:
-    """The shards of `spec`, or one line: a missing path, or only empty (0-byte) files."""
+    """The shards of `spec` (a list: runs of 1,000 lines, "LIST.txt@ROOT#first"), or one line: a missing path, only
+    empty (0-byte) files, a list none of whose images is found."""
+    if is_list(spec):
+        return [f"{spec}#{lo}" for lo in range(0, len(read_list(spec)[0]), 1000)]
     try:
         paths = C.expand_shards(spec)
     except FileNotFoundError as e:
@@ -462,26 +454,81 @@ def shards(spec: str, flag: str = "--data") -> list[str]:
         C.fail(f"{flag} {spec}: {'its' if len(paths) == 1 else f'all {len(paths)}'} shard file(s) empty (0 bytes)")
     return paths
 
+def is_list(spec: str) -> bool:
+    return spec.partition("@")[0].endswith(".txt")
+
+@functools.lru_cache(maxsize=8)
+def read_list(spec: str) -> tuple[list, list]:
+    """An apple/ml-vfm-kt list, `LIST.txt[@ROOT]` -> ([(image, label or -1, label map or None)], classes). A split file
+    names an image a line (ADE20K), `name,class` for EuroSAT, HAM10K, ImageNet, Places365 (labels: the classes sorted);
+    a retrieved-image list (yfcc_retrieved_images_with_1200query.txt: not public, read alike, a name as often as it was
+    retrieved) is a transfer set. A name is ROOT/name, else the file of that name below ROOT (default: the list's
+    folder), in a folder ending with its class if several (Places365); its label map the .png of its path with /images/
+    read as /annotations/ (mmsegmentation's ADE20K). Names not found are dropped."""
+    path, _, root = spec.partition("@")
+    lines, root, index = [line.split(",", 1) for line in C.read_lines(path)], root or os.path.dirname(path) or ".", None
+    classes, entries = sorted({line[1] for line in lines if len(line) > 1}), []
+    label = {c: i for i, c in enumerate(classes)}
+    for name, *cls in lines:
+        hits = [os.path.join(root, name)]
+        if not os.path.isfile(hits[0]):
+            if index is None:  # one walk of ROOT, the first time a name is not a path below it: {file name: [paths]}
+                found = sorted((f, os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+                index = {f: [p for _, p in group] for f, group in itertools.groupby(found, key=lambda t: t[0])}
+            hits = index.get(os.path.basename(name), [])
+            if len(hits) > 1 and cls:  # Places365: one file name in several class folders
+                hits = [h for h in hits if os.path.dirname(h).replace(os.sep, "_").endswith(cls[0])]
+        if len(hits) == 1:
+            mask = os.path.splitext(hits[0].replace(f"{os.sep}images{os.sep}", f"{os.sep}annotations{os.sep}"))[0]
+            mask = mask + ".png" if os.path.isfile(mask + ".png") else None
+            entries.append((hits[0], label[cls[0]] if cls else -1, mask))
+    if len(entries) < len(lines):
+        (C.print0 if entries else C.fail)(f"{spec}: {len(lines) - len(entries)} of its {len(lines)} images not found "
+                                          f"(or ambiguous) under {root}")
+    return entries, classes
+
+class Stream(C.ShardStream):
+    """C.ShardStream whose shards may be runs of a list (`shards`), read as samples (an unreadable file counted)."""
+
+    @staticmethod
+    def read_shard(path: str, skipped: dict):
+        spec, _, lo = path.rpartition("#")
+        if not is_list(spec):
+            yield from C.iter_tar_samples(path, skipped)
+            return
+        for i, (image, label, mask) in enumerate(read_list(spec)[0][int(lo):int(lo) + 1000], int(lo)):
+            try:
+                s = {"__key__": f"{os.path.splitext(os.path.basename(image))[0]}-{i}", "jpg": open(image, "rb").read(),
+                     **({"seg.png": open(mask, "rb").read()} if mask else {})}
+            except OSError:
+                skipped["unreadable_file"] = skipped.get("unreadable_file", 0) + 1
+                continue
+            yield {**s, "json": json.dumps({"label": label})} if label >= 0 else s
+
+def read_samples(spec: str, flag: str = "--data"):
+    """Every sample of shards or a list, in order."""
+    return (s for p in shards(spec, flag) for s in Stream.read_shard(p, {}))
+
+def check_data(cfg: TrainConfig):
+    """--data and --test before any work, one line if unusable: shards, or lists of --num-classes classes (or none)."""
+    for spec, flag in ((cfg.data, "--data"), (cfg.test, "--test")):
+        if spec and shards(spec, flag) and is_list(spec) and len(read_list(spec)[1]) not in (0, cfg.num_classes):
+            C.fail(f"{flag} {spec} names {len(read_list(spec)[1])} classes, not the --num-classes {cfg.num_classes}")
 
 class Decode:
-    """Sample -> {"image": uint8 (3, S, S), "label": class (cls), "mask": (S, S) int64 (seg)}. Train: OpenCLIP's random
-    resized crop on the torchvision-decoded tensor and a horizontal flip, seeded by (seed, epoch, key), the mask alike
-    (nearest); eval: OpenCLIP's eval transform (shorter side to S, centre crop), the mask alike. `labels=False` (the
-    transfer set) reads the image only. A sample of another class raises (ShardStream counts it)."""
+    """Sample -> {"image": uint8 (3, S, S), "label" (cls), "mask" (S, S) (seg)}. Train: OpenCLIP's random resized crop
+    and flip seeded by (seed, epoch, key), the mask alike; eval: OpenCLIP's; labels=False: the image only."""
 
     def __init__(self, cfg, train: bool, labels: bool = True):
         self.size, self.task, self.K, self.seed = cfg.image_size or 224, cfg.task, cfg.num_classes, cfg.seed
-        self.train, self.labels, self.scale = train, labels, (cfg.crop_scale, 1.0)
+        self.train, self.labels, self.scale, self.reduce = train, labels, (cfg.crop_scale, 1.0), cfg.reduce_zero_label
 
     def __call__(self, sample: dict) -> dict:
         out, S = {}, self.size
-        if self.labels and "json" in sample:
-            label = int(json.loads(sample["json"])["label"])
-            if not 0 <= label < self.K:
+        if self.labels and (self.task == "cls" or "json" in sample):  # no label for classification: KeyError
+            if not 0 <= (label := int(json.loads(sample["json"])["label"])) < self.K:
                 raise ValueError("a class outside the task")
             out["label"] = torch.tensor(label)
-        elif self.labels and self.task == "cls":
-            raise KeyError("no json label")
         if self.train:
             img, rng = C.decode_image_tensor(sample), C.sample_rng(self.seed, sample)
             box = C.random_resized_crop_box(*C.image_wh(img), rng, self.scale)
@@ -489,30 +536,23 @@ class Decode:
         else:
             box, flip, x = None, False, C.eval_transform(C.decode_image(sample), S)
         out["image"] = x.flip(-1) if flip else x
-        if self.labels and self.task == "seg":  # the mask through the image's crop and resize, nearest
-            m = Image.open(io.BytesIO(sample["seg.png"]))
-            m = (m.resize((S, S), Image.NEAREST, box=box) if box else
-                 TF.center_crop(TF.resize(m, S, interpolation=TF.InterpolationMode.NEAREST), [S, S]))
-            m = torch.from_numpy(np.asarray(m, dtype=np.int64).copy())
-            m[m > self.K] = 0
+        if self.labels and self.task == "seg" and self.train:  # the mask through the image's crop and resize, nearest
+            m = read_mask(sample, self.K, self.reduce, S, box)
             out["mask"] = m.flip(-1) if flip else m
         return out
 
 
 # ---- 5. Retrieval of the transfer set (Sec. 5 "retrieval-augmented transfer"; spec 3) --------------------------------
 # Queries (the labelled images) and the pool are embedded by the same frozen encoder and L2-normalised. Each rank
-# streams its share of the pool, keeping only a running (Q, k) top-k per query, merged chunk by chunk (exact: the k
-# best of a union are among the k best of each part). The ranks' lists are then gathered and merged the same way. A
-# pool sample is named by (shard index, position in its shard), so the pool is never held in memory, not even its
-# keys; a second pass copies the chosen samples into new shards.
-
+# streams its share of the pool, keeping a running (Q, k) top-k per query, merged batch by batch (exact: the k best of
+# a union are among the k best of each part), then the ranks' lists alike. A pool sample is named by (shard, position),
+# so the pool is never held in memory; a second pass copies the chosen samples into new shards.
 
 def merge_topk(scores, ids, new_scores, new_ids, k: int):
     """The k largest of [scores | new_scores] per row, with their ids. (Q, a), (Q, b) -> (Q, min(k, a + b))."""
     s, i = torch.cat([scores, new_scores], dim=1), torch.cat([ids, new_ids], dim=1)
     top = s.topk(min(k, s.shape[1]), dim=1)
     return top.values, i.gather(1, top.indices)
-
 
 @torch.no_grad()
 def nearest_neighbours(queries: torch.Tensor, chunks, k: int):
@@ -525,7 +565,6 @@ def nearest_neighbours(queries: torch.Tensor, chunks, k: int):
         sim = queries @ emb.to(queries.dtype).T  # (Q, n)
         scores, ids = merge_topk(scores, ids, sim, idx.to(ids.device).expand(Q, -1), k)
     return scores, ids
-
 
 class PoolImages(torch.utils.data.IterableDataset):
     """This (rank, worker)'s shards of the pool, in order: {"image" (or nothing), "id": shard << 32 | pos,
@@ -540,7 +579,7 @@ class PoolImages(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         consumer, consumers = self.rank * nw + wid, self.world * nw
         for si in range(consumer, len(self.paths), consumers):
-            for pos, s in enumerate(C.iter_tar_samples(self.paths[si], {})):
+            for pos, s in enumerate(Stream.read_shard(self.paths[si], {})):
                 if s["__key__"] in self.exclude:
                     continue
                 out = {"id": si << 32 | pos, "key": s["__key__"]}
@@ -551,31 +590,19 @@ class PoolImages(torch.utils.data.IterableDataset):
                         out["image"], out["id"] = torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
                 yield out
 
-
-def embed_chunks(encoder, loader, device, chunk: int, stats: dict):
-    """(normalised embeddings, ids) of about `chunk` pool images at a time."""
-    embs, ids, n = [], [], 0
+def embed_chunks(encoder, loader, device, stats: dict):
+    """(normalised embeddings, ids) of the pool a batch at a time; undecodable images counted in stats."""
     for batch in loader:
         keep = (idx := batch["id"]) >= 0
         stats["unreadable"] = stats.get("unreadable", 0) + int((~keep).sum())
-        embs.append(F.normalize(encoder(batch["image"][keep].to(device))[0].float(), dim=-1))
-        ids.append(idx[keep])
-        n += int(keep.sum())
-        if n >= chunk:
-            yield torch.cat(embs), torch.cat(ids)
-            embs, ids, n = [], [], 0
-    if n:
-        yield torch.cat(embs), torch.cat(ids)
+        if keep.any():
+            yield F.normalize(encoder(batch["image"][keep].to(device))[0].float(), dim=-1), idx[keep]
 
-
-def random_chunks(loader, seed: int, chunk: int):
-    """The random-subset baseline as a top-k: every pool image gets a score hashed from (seed, id), so the
-    `random_size` highest form a uniform random subset, drawn in one streaming pass like the retrieval."""
+def random_chunks(loader, seed: int):
+    """The random-subset baseline as a top-k: scores hashed from (seed, id), the `random_size` highest uniform."""
     for batch in loader:
-        idx = batch["id"]
-        u = torch.tensor([zlib.crc32(f"{seed}/{int(i)}".encode()) / 2**32 for i in idx])
-        yield u[:, None], idx  # (n, 1) "embeddings" against the one query [1]
-
+        u = torch.tensor([zlib.crc32(f"{seed}/{int(i)}".encode()) / 2**32 for i in batch["id"]])
+        yield u[:, None], batch["id"]  # (n, 1) "embeddings" against the one query [1]
 
 def until_stopped(items, stop: C.StopSignal, what: str):
     """`items` until a stop signal (SIGTERM, Ctrl-C), then one line and exit 0 (a pass that keeps nothing)."""
@@ -585,11 +612,9 @@ def until_stopped(items, stop: C.StopSignal, what: str):
             raise SystemExit(0)
         yield x
 
-
 def retrieve(cfg: RetrieveConfig) -> dict:
     """Retrieve the transfer set: the pool images nearest to the labelled queries (or a random subset).
-    Every query's `per_query` nearest pool images (cosine, the frozen --encoder), their de-duplicated union written to
-    --out as shards, with retrieval.json. Under torchrun every rank embeds its share of the pool (use many shards)."""
+    Each query's `per_query` nearest (cosine, --encoder), their union as shards; --transfer-size N: N // Q, repeated."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if not cfg.pool or not (cfg.random_size or cfg.queries and cfg.encoder):
         C.fail("retrieve needs --pool (unlabelled shards) and --queries and --encoder, or --random-size N")
@@ -597,16 +622,16 @@ def retrieve(cfg: RetrieveConfig) -> dict:
         C.fail(f"{cfg.out} holds a finished transfer set (retrieval.json); choose another --out")
     pool, size, q_keys, queries = shards(cfg.pool, "--pool"), cfg.image_size or 224, set(), None
     if cfg.queries:  # when the pool holds the labelled images too (the demo), they are not retrieved again
-        q_keys = {s["__key__"] for p in shards(cfg.queries, "--queries") for s in C.iter_tar_samples(p, {})}
+        q_keys = {s["__key__"] for s in read_samples(cfg.queries, "--queries")}
         q_keys or C.fail(f"--queries {cfg.queries}: no sample in its shards")
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     t0, stop, k, stats = time.time(), C.StopSignal(), cfg.random_size or cfg.per_query, {}
-    images = PoolImages(pool, size, rank, world, q_keys if cfg.exclude_queries else (), images=not cfg.random_size)
+    images = PoolImages(pool, size, rank, world, q_keys, images=not cfg.random_size)
     loader = torch.utils.data.DataLoader(images, 4096 if cfg.random_size else cfg.batch_size, num_workers=cfg.workers,
                                          worker_init_fn=C.ignore_stop_signals)  # workers leave signals to this process
     batches = until_stopped(loader, stop, "retrieve")
     if cfg.random_size:
-        scores, ids = nearest_neighbours(torch.ones(1, 1), random_chunks(batches, cfg.seed, cfg.chunk), k)
+        scores, ids = nearest_neighbours(torch.ones(1, 1), random_chunks(batches, cfg.seed), k)
     else:
         encoder = load_foundation(cfg.encoder, cfg.act, "--encoder").to(device).eval().requires_grad_(False)
         # the queries are few (the labelled set): every rank embeds all of them, eval transform like the pool
@@ -614,8 +639,9 @@ def retrieve(cfg: RetrieveConfig) -> dict:
         queries = torch.cat([F.normalize(encoder(b["image"][b["id"] >= 0].to(device))[0].float(), dim=-1)
                              for b in qs])  # (Q, E)
         len(queries) or C.fail(f"--queries {cfg.queries}: no image in its shards decodes")
+        k = max(1, cfg.transfer_size // len(queries)) if cfg.transfer_size else k
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            chunks = embed_chunks(encoder, batches, device, cfg.chunk, stats)
+            chunks = embed_chunks(encoder, batches, device, stats)
             scores, ids = nearest_neighbours(queries, C.progress(chunks, "retrieve"), k)
     # ---- merge the ranks' lists (each padded to k columns) ----------------------------------------------
     if world > 1:
@@ -626,18 +652,21 @@ def retrieve(cfg: RetrieveConfig) -> dict:
         dist.all_gather(all_s, scores)
         dist.all_gather(all_i, ids)
         scores, ids = merge_topk(scores[:, :0], ids[:, :0], torch.cat(all_s, 1), torch.cat(all_i, 1), k)
-    # Balanced retrieval: every query contributes its k neighbours; a pool image near several queries is kept once,
-    # so the union is smaller than Q x k (the paper's de-duplication).
-    chosen = torch.unique(ids[ids >= 0].cpu())
+    # Balanced retrieval: every query contributes its k neighbours. The union keeps an image near several queries once
+    # (smaller than Q x k); the size rule keeps it as often as retrieved, as the released lists do: their lengths are
+    # Q x k with k = 152,400 // Q (ADE20K: 1,200 x 127, 2,401 x 63, 4,802 x 31, 9,605 x 15, 19,210 x 7 images).
+    chosen, counts = torch.unique(ids[ids >= 0].cpu(), return_counts=True)
     if not len(chosen):
         C.fail(f"--pool {cfg.pool}: no usable image in its {len(pool)} shard(s) ({stats.get('unreadable', 0)} "
                "undecodable; an unreadable tar counts none)")
     # ---- second pass: the chosen samples, all members, into OUT/transfer-RRR-JJJJJ.tar (rank r: si = r mod world)
     by_shard = {}
-    for uid in chosen.tolist():
-        by_shard.setdefault(uid >> 32, set()).add(uid & 0xFFFFFFFF)
-    copies = (s for si in until_stopped(sorted(by_shard), stop, "retrieve") if si % world == rank
-              for pos, s in enumerate(C.iter_tar_samples(pool[si], {})) if pos in by_shard[si])
+    for uid, n in zip(chosen.tolist(), counts.tolist()):
+        by_shard.setdefault(uid >> 32, {})[uid & 0xFFFFFFFF] = n if cfg.transfer_size else 1
+    copies = ({**s, "__key__": f"{s['__key__']}_{c}" if c else s["__key__"]}  # a repeat: key_1, key_2, ...
+              for si in until_stopped(sorted(by_shard), stop, "retrieve") if si % world == rank
+              for pos, s in enumerate(Stream.read_shard(pool[si], {})) if pos in by_shard[si]
+              for c in range(by_shard[si][pos]))
     written, j = 0, 0
     while part := list(itertools.islice(copies, cfg.shard_size)):
         written, j = written + C.write_shard(os.path.join(cfg.out, f"transfer-{rank:03d}-{j:05d}.tar"), part), j + 1
@@ -658,7 +687,6 @@ def retrieve(cfg: RetrieveConfig) -> dict:
 # ---- 6. The three steps: fine-tune the VFM (teacher), distil (distill), fine-tune the small model (finetune) ---------
 DEFAULTS = {"teacher": (150, 1e-3), "distill": (400, 2e-3), "finetune": (150, 2e-3)}  # (steps, lr): the CPU demo's
 
-
 def load_teacher(path: str, cfg: Config) -> TaskModel:
     """The fine-tuned VFM of a `teacher` run, frozen (the architecture is rebuilt from its --foundation)."""
     ck = read_checkpoint(path, "--teacher")
@@ -671,7 +699,6 @@ def load_teacher(path: str, cfg: Config) -> TaskModel:
     C.load_state_dict_checked(model, ck["model"], f"teacher {path}")
     return model.eval().requires_grad_(False)
 
-
 def init_student(model: TaskModel, cfg: Config):
     """--init for finetune: a distill run (the backbone; the head too after task KD), or a mobileclip.py
     checkpoint whose image tower is this MCi (CLIP pre-training). `imagenet[=FILE]`: build_backbone's."""
@@ -681,12 +708,9 @@ def init_student(model: TaskModel, cfg: Config):
     if ck.get("kind") == "distill":
         if ck["student"] != cfg.student:
             C.fail(f"--init {cfg.init} distilled a '{ck['student']}', not --student {cfg.student}")
-        sd = ck["model"]
-        C.load_state_dict_checked(model.backbone, {k[9:]: v for k, v in sd.items() if k.startswith("backbone.")},
-                                  f"--init {cfg.init}")
-        if ck["kd"] == "task":  # step 3 fine-tunes the distilled model, head included
-            C.load_state_dict_checked(model.head, {k[5:]: v for k, v in sd.items() if k.startswith("head.")},
-                                      f"--init {cfg.init} (head)")
+        task = ck["kd"] == "task"  # step 3 fine-tunes the distilled model, head included; else the backbone
+        C.load_state_dict_checked(model if task else model.backbone, {k[0 if task else 9:]: v for k, v in
+                                  ck["model"].items() if task or k.startswith("backbone.")}, f"--init {cfg.init}")
     elif "model_name" in ck and "vocab_size" in ck:  # CLIP pre-training of the same MCi (mobileclip.py)
         import mobileclip as MC
         image = MC.MOBILECLIP_MODELS.get(ck["model_name"], {}).get("image")
@@ -697,7 +721,6 @@ def init_student(model: TaskModel, cfg: Config):
         C.load_state_dict_checked(model.backbone, sd, f"--init {cfg.init} (CLIP image tower)")
     else:
         C.fail(f"--init {cfg.init}: not a distill run, a mobileclip.py checkpoint or imagenet[=FILE]")
-
 
 def setup_stage(cfg: Config, stage: str, device):
     """(trained module, frozen teacher or None, backbone lr multiplier, checkpoint metadata)."""
@@ -718,7 +741,6 @@ def setup_stage(cfg: Config, stage: str, device):
     vfm = load_foundation(cfg.foundation, cfg.act).eval().requires_grad_(False)
     return FeatureDistiller(build_backbone(cfg.student), vfm.dims, cfg.task), vfm, 1.0, {**meta, "kd": "features"}
 
-
 def make_optimizer(net: nn.Module, cfg: Config, backbone_mult: float):
     """AdamW with groups by (lr multiplier, decay): the backbone at `backbone_mult`, the rest at 1; no decay
     on norms, biases and embeddings. Each group's lr = lr_at(step) x its "mult"."""
@@ -731,7 +753,6 @@ def make_optimizer(net: nn.Module, cfg: Config, backbone_mult: float):
     return torch.optim.AdamW([{"params": ps, "mult": m, "weight_decay": d} for (m, d), ps in groups.items()],
                              lr=0.0, betas=(0.9, 0.999), fused=next(net.parameters()).is_cuda)
 
-
 def train(cfg: TrainConfig, stage: str) -> dict:
     """One step of the recipe: a flat loop over shards (DDP under torchrun, bf16 on GPU), resumable at any
     step with its data position, SIGTERM-safe; the final checkpoint holds the test metrics."""
@@ -742,7 +763,7 @@ def train(cfg: TrainConfig, stage: str) -> dict:
     if cfg.task not in ("cls", "seg") or cfg.num_classes < 1:
         C.fail(f"--task must be cls or seg, not '{cfg.task}'" if cfg.num_classes > 0 else
                f"--num-classes {cfg.num_classes}: must be >= 1")
-    data, _ = shards(cfg.data), cfg.test and shards(cfg.test, "--test")  # a bad path: one line before any work
+    check_data(cfg)  # a bad path: one line before any work
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     ck = C.load_checkpoint(cfg.resume, cfg.out)  # weights, optimizer, RNG and the data position, loaded below
     if ck is not None and (ck.get("kind"), ck.get("student")) != (stage, None if stage == "teacher" else cfg.student):
@@ -765,8 +786,8 @@ def train(cfg: TrainConfig, stage: str) -> dict:
         if len(ck["data"]) == world and len(ck["data"].get(rank, {})) == max(1, cfg.workers):
             data_pos = ck["data"][rank]
         C.print0(f"resumed at step {start}")
-    stream = C.ShardStream(data, Decode(cfg, train=True, labels=stage != "distill"), cfg.batch_size,
-                           rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
+    stream = Stream(shards(cfg.data), Decode(cfg, train=True, labels=stage != "distill"), cfg.batch_size,
+                    rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}
@@ -779,7 +800,6 @@ def train(cfg: TrainConfig, stage: str) -> dict:
     for step in C.progress(range(start, steps + 1), stage):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
-
         # ---- evaluate, checkpoint -----------------------------------------------------------------
         if last_step and cfg.test and isinstance(net, TaskModel):  # a distilled student: before step 3
             metrics = evaluate(net, cfg, device)
@@ -799,7 +819,6 @@ def train(cfg: TrainConfig, stage: str) -> dict:
             raise SystemExit(0)
         if last_step:
             break
-
         # ---- one step: the same augmented view for teacher and student --------------------------------
         batch = next(batches)
         position.update(batch)
@@ -827,7 +846,6 @@ def train(cfg: TrainConfig, stage: str) -> dict:
         opt.zero_grad(set_to_none=True)
         nonfinite |= ~torch.isfinite(loss.detach())
         seen += len(x)
-
         # ---- log (the only host sync) -------------------------------------------------------------------
         if (step + 1) % cfg.log_every == 0:
             if nonfinite.item():
@@ -842,32 +860,26 @@ def train(cfg: TrainConfig, stage: str) -> dict:
 
 # ---- 7. The no-argument run: the whole comparison on the synthetic world ---------------------------------------------
 
-
 def write_labelled(train_shards: str, out: str, K: int, shots: int) -> str:
     """The first `shots` training images of each of the classes 0..K-1 (shard order), as one shard."""
     path = os.path.join(out, "labelled-00000.tar")
     if C.get_rank() == 0 and not os.path.exists(path):
         os.makedirs(out, exist_ok=True)
         got, picked = {}, []
-        for p in shards(train_shards):
-            for s in C.iter_tar_samples(p, {}):
-                y = json.loads(s["json"])["label"]
-                if y < K and got.get(y, 0) < shots:
-                    got[y] = got.get(y, 0) + 1
-                    picked.append(s)
+        for s in read_samples(train_shards):
+            if (y := json.loads(s["json"])["label"]) < K and got.get(y, 0) < shots:
+                got[y] = got.get(y, 0) + 1
+                picked.append(s)
             if len(picked) == K * shots:
                 break
         C.write_shard(path, picked)
     C.barrier()
     return out
 
-
 def render_offdomain(rng: np.random.Generator, size: int) -> Image.Image:
-    """One off-domain pool image (--pool-offdomain), the stand-in for a web image unrelated to the task: pictures of
-    other things in other scenes, sharing only low-level statistics (colour, edges, texture) with the task's. A smooth
-    colour field (a 4 x 4 grid around one random tone, upsampled bicubic; a third of the time with stripes), 2-6 clutter
-    objects (ellipses, thick strokes, irregular polygons) in random colours, the world's sensor noise. Not the world's
-    backgrounds alone (in-domain negatives), nor its shapes drawn differently (still the task's classes)."""
+    """One off-domain pool image (--pool-offdomain), a web image unrelated to the task sharing only low-level statistics
+    with it: a smooth colour field (a 4 x 4 grid around one tone, bicubic; a third with stripes), 2-6 clutter objects
+    (ellipses, strokes, irregular polygons), the world's sensor noise. Neither its backgrounds alone nor its shapes."""
     low = np.clip(rng.uniform(30, 225, 3) + rng.normal(0, 45, (4, 4, 3)), 0, 255).astype(np.uint8)  # one tone +-
     img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), np.float32)
     if rng.random() < 1 / 3:
@@ -891,10 +903,8 @@ def render_offdomain(rng: np.random.Generator, size: int) -> Image.Image:
     img = np.asarray(canvas, np.float32) + rng.standard_normal((size, size, 3), dtype=np.float32) * 4.0
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
-
 def write_offdomain(out: str, n: int, size: int, shard_size: int = 5000) -> list[str]:
-    """n off-domain images as pool shards ({key}.jpg + {key}.json, label len(SYNTH_SHAPES) = "none of the world's
-    shapes": off-task). Image i is seeded by i alone: every seed sees the same pool. Finished shards are kept."""
+    """n off-domain images as pool shards (label len(SYNTH_SHAPES): off-task), image i seeded by i alone; kept once."""
     paths = [os.path.join(out, f"offdomain-{j:05d}.tar") for j in range(-(-n // shard_size))]
     if C.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
@@ -906,12 +916,9 @@ def write_offdomain(out: str, n: int, size: int, shard_size: int = 5000) -> list
     C.barrier()
     return paths
 
-
 def demo(cfg: Config):
     """The whole comparison on the synthetic world (the default command): every transfer recipe against labels only.
-    Target task: the first `demo_classes` shapes with `shots` labels each; pool: the training images of all ten shapes
-    (the first `pool_shards` shards), labels hidden, plus off-domain images making `pool_offdomain` of it; VFM:
-    --foundation, or a tiny CLIP ViT trained on the world's captions; student: mci_tiny. Finished stages are reused."""
+    Task: `demo_classes` shapes, `shots` labels each; pool: `pool_shards` shards + off-domain images; stages reused."""
     if not (0 <= cfg.pool_offdomain < 1 and 1 <= cfg.demo_classes <= len(C.SYNTH_SHAPES)):
         C.fail(f"--pool-offdomain must be in [0, 1), not {cfg.pool_offdomain}" if cfg.pool_offdomain >= 1 else
                f"--demo-classes {cfg.demo_classes}: must be between 1 and {len(C.SYNTH_SHAPES)}")
@@ -932,7 +939,7 @@ def demo(cfg: Config):
     labelled = write_labelled(world["train"], os.path.join(out, "labelled"), K, cfg.shots)
     pool = shards(world["train"])[:cfg.pool_shards or None]
     if cfg.pool_offdomain:  # the task's domain a minority of the pool, as in a web-scale pool (see the docstring)
-        n_world = sum(1 for p in pool for _ in C.iter_tar_samples(p, {}))
+        n_world = sum(1 for _ in read_samples("::".join(pool)))
         n_off = round(n_world * cfg.pool_offdomain / (1 - cfg.pool_offdomain))
         pool += write_offdomain(os.path.join(out, f"offdomain-{n_off}"), n_off, base.image_size)
     pool = "::".join(pool)
@@ -942,7 +949,7 @@ def demo(cfg: Config):
                 random_size=sets["retrieved"]["transfer_set"] if name == "random" else 0)
         done = os.path.join(c.out, "retrieval.json")
         sets[name] = json.load(open(done)) if os.path.exists(done) else retrieve(c)
-        labels = [json.loads(s["json"])["label"] for p in shards(c.out) for s in C.iter_tar_samples(p, {})]
+        labels = [json.loads(s["json"])["label"] for s in read_samples(c.out)]
         sets[name]["in_task_pct"] = 100 * sum(y < K for y in labels) / max(1, len(labels))  # the retrieval's precision
     teacher = sub("teacher", foundation=foundation, data=labelled)
     results = {"VFM teacher (fine-tuned tiny CLIP ViT)": train(teacher, "teacher")}
@@ -953,9 +960,8 @@ def demo(cfg: Config):
     if cfg.init:  # a mobileclip.py mobileclip_tiny run: the CLIP pre-training baseline
         arms.append(("CLIP pre-training (mobileclip_tiny) + fine-tune", "clip", None))
     for name, tset, kd in arms:
-        init = cfg.init if tset == "clip" else ""
+        init = sub(f"kd_{kd}_{tset}").out if tset in sets else cfg.init if tset == "clip" else ""
         if tset in sets:
-            init = sub(f"kd_{kd}_{tset}").out
             m = train(sub(f"kd_{kd}_{tset}", data=sub(tset).out, kd=kd, teacher=teacher.out, foundation=foundation),
                           "distill")
             if kd == "task":  # the distilled student itself (steps 1-2): step 3 on the few labels can undo part of it
@@ -973,27 +979,22 @@ def demo(cfg: Config):
     C.cleanup_distributed()
     return summary
 
-
 def teacher_stage(cfg: TeacherConfig) -> dict:
     """Step 1: fine-tune the VFM (--foundation) with a task head on the few labels (--data)."""
     return train(cfg, "teacher")
-
 
 def distill_stage(cfg: DistillConfig) -> dict:
     """Step 2: distil the teacher (--teacher) or the VFM's features into the small --student on the transfer set."""
     return train(cfg, "distill")
 
-
 def finetune_stage(cfg: FinetuneConfig) -> dict:
     """Step 3: fine-tune the small --student on the labels (--data), from --init: a distill run, CLIP or ImageNet."""
     return train(cfg, "finetune")
-
 
 def main(argv=None):
     return C.run_command(__doc__, {"demo": (demo, Config), "retrieve": (retrieve, RetrieveConfig),
                                    "teacher": (teacher_stage, TeacherConfig), "distill": (distill_stage, DistillConfig),
                                    "finetune": (finetune_stage, FinetuneConfig)}, argv, default="demo")
-
 
 if __name__ == "__main__":
     main()
