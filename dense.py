@@ -2,69 +2,67 @@
 
 The paper's claim: the same CLIP recipe trained on well-aligned (captioner-written) captions gives a better backbone
 for semantic segmentation and depth estimation than alt-text, and beats MAE-style pre-training. This script is the
-instrument that measures it: it fine-tunes any image backbone the repository writes or loads with a dense head and
-reports single-scale mIoU (segmentation) or RMSE / AbsRel / delta<1.25 (depth). The pre-training itself is
-mobileclip.py with `--caption-source synthetic|mix` (README, "CLIP with quality captions").
+instrument: it fine-tunes any image backbone the repository writes or loads with a dense head and reports
+single-scale mIoU (segmentation) or RMSE / AbsRel / delta<1.25 (depth). The pre-training itself is mobileclip.py with
+`--caption-source synthetic|mix` (README, "CLIP with quality captions").
 
-What is here: the backbones below (plain ViTs, MobileCLIP's MCi, SAM / SAM-CLIP encoders, MAE / timm ViTs through a
-key map) as feature pyramids: the standard ViT adapter (four blocks -> strides 4/8/16/32 by deconvolution and pooling,
-as BEiT/MAE's ViT-UperNet) and the stage outputs of hierarchical MCi; an UperNet head (PPM + FPN) for segmentation,
-the deconvolution depth head of MIM-style depth evaluations with the scale-invariant log loss; sliding-window
-single-scale evaluation; ADE20K and NYUv2 folder layouts and tar shards with seg.png / depth.png members (the
-synthetic world's); `compare`, which runs the paper's comparison on the synthetic world end to end. Left out:
-multi-scale / flip test-time augmentation, EMA of the weights, the photometric distortion of mmseg's ADE20K pipeline,
-NYUv2's Eigen crop in evaluation, MobileCLIP-B's conv-stem ViT.
+What is here: backbones (plain ViTs, MCi, SAM / SAM-CLIP encoders, MAE / timm ViTs) as feature pyramids (BEiT/MAE's
+ViT-UperNet adapter: four blocks -> strides 4/8/16/32 by deconvolution and pooling; MCi's stage outputs); UperNet (PPM
++ FPN) with mmseg's auxiliary FCN head; the deconvolution depth head with the scale-invariant log loss; sliding-window
+evaluation; ADE20K and NYUv2 folders and tar shards with seg.png / depth.png (the synthetic world's); protocol
+presets; `compare`, the paper's comparison on the synthetic world. Left out: multi-scale / flip testing, EMA, mmseg's
+photometric distortion, drop path and layer scale (the MAE config's 0.1, 1.0), NYUv2's Eigen crop, MobileCLIP-B.
 
-Design choices where the spec is silent or unverified (spec 3.2, 7):
-  segmentation  UperNet (channels 512), 512 crops, random short-side scale 0.5-2.0 x crop and flip, AdamW
-                lr 3e-5 cosine to 3e-6, wd 0.1, 500 warm-up steps, 50 epochs of batch 4 x 8 GPUs (CoreNet's
-                CatLIP ADE20K recipe, with UperNet as the spec's head for hierarchical backbones and ViT adapters)
-  depth         deconvolution head (3 x [deconv 4x4/2, BN, ReLU], 3x3 conv, sigmoid x max depth) on the
-                deepest feature, SILog loss (lambda 0.85, x10), AdamW lr 1e-4 cosine, wd 0.01, 480 crops,
-                25 epochs of batch 4 x 8 GPUs; metrics per image over valid pixels (depth > 0), then averaged
-  new layers    the head and the ViT adapter at 10 x the backbone's lr (mmseg's decode-head lr_mult = 10)
-  the world     2,400 images, 2 epochs of batch 16 (300 steps), lr 5e-4, wd 0.05, 64-px crops: a CPU run
-  evaluation    resize so the short side is the crop, slide crop windows at stride 2/3 crop averaging the
-                outputs, resize the output to the label's size; mIoU over the whole set (classes absent from
-                prediction and label excluded), ignore index 255
-  layer decay   --layer-decay d scales the backbone's lr by d^(depth - i) for its i-th block (off: 1.0)
+Defaults where the spec is silent or unverified (spec 3.2, 7):
+  segmentation  UperNet 512 wide, 512 crops, random short-side scale 0.5-2.0 x crop and flip, AdamW lr 3e-5 cosine
+                to 3e-6, wd 0.1, 500 warm-up steps, 50 epochs of 4 x 8 GPUs (CoreNet's CatLIP ADE20K recipe, with the
+                spec's UperNet head)
+  depth         deconvolution head (3 x [deconv 4x4/2, BN, ReLU], 3x3 conv, sigmoid x max depth) on the deepest
+                feature, SILog loss (lambda 0.85, x10), AdamW lr 1e-4 cosine, wd 0.01, 480 crops, 25 epochs of 4 x 8
+                GPUs; metrics per image over valid pixels (depth > 0), then averaged
+  new layers    head and ViT adapter at 10 x the backbone's lr (mmseg's decode-head lr_mult = 10)
+  the world     2,400 images, 2 epochs of batch 16 (300 steps), lr 5e-4, wd 0.05, 64-px crops (a CPU run)
+  evaluation    short side resized to the crop, crop windows slid at stride 2/3 crop (outputs averaged), resized to
+                the label; common.miou of the whole set's confusion matrix (mmseg's IoUMetric), ignore index 255,
+                ADE20K's reduce-zero-label on folders
+  bad images    a training image that does not read is replaced by a random other one (counted), an evaluation
+                image is left out (counted); more than --max-skip-frac of them stops the run with one line
+Presets (--preset NAME: every field still at its default takes the preset's value; the run prints what it set):
+  mae    mmseg's MAE-B UperNet ADE20K 512x512 160k config (48.1 mIoU, the MAE result the paper compares with):
+         blocks 3,5,7,11 of 12 (--taps beit, BEiT's too), UperNet 768 wide, auxiliary FCN head (256 wide, on the
+         stride-16 map, loss x0.4), AdamW lr 1e-4 for backbone and new layers, wd 0.05, layer decay 0.65, poly
+         (power 1) to 0 with 1,500 warm-up steps, 160,000 steps of 16 images (2 x 8 GPUs), 512 crops, no clipping
+  paper  the paper's text public here (abstract, spec 3.2) gives ADE20K, UperNet, 512 crops, ~160k iterations and
+         single-scale mIoU, which `mae` sets; the rest is unknown, so `paper` is `mae`
 
 Paper -> code:
   quality-caption pre-training (Sec. 3, spec 3.1)     -> mobileclip.py --caption-source (CaptionSource)
-  ViT multi-scale adapter, MCi stages (spec 6)        -> ViTPyramid, MCiPyramid, build_backbone, load_backbone
-  segmentation head, loss, mIoU (spec 3.2, 5)         -> UperNet, F.cross_entropy, confusion_matrix, miou
+  ViT multi-scale adapter, MCi stages (spec 6)        -> ViTPyramid, tap_blocks, MCiPyramid, build/load_backbone
+  segmentation head, loss, mIoU (spec 3.2, 5)         -> UperNet, FCNHead, F.cross_entropy, common.miou
   depth head, loss, RMSE (spec 3.2, 5)                -> DeconvDepthHead, silog_loss (+ reference), depth_errors
+  the MAE protocol the paper compares with (Abstract) -> PRESETS, apply_preset, lr_scale
   frozen-feature probes                               -> LinearHead (--head linear --freeze-backbone)
   the claim on the synthetic world                    -> compare
 
-Backbones (--model) and weights (--init):
-  --model tiny | vit_tiny | vit_b32 | vit_b16 | vit_l16 | vit_l14 | vit_h16    plain ViTs (common.ViT)
-  --model mobileclip_tiny | mobileclip_s0..s4 | mobileclip2_s0..s4           MCi (mobileclip.py)
-  --model sam_<size> (sam_vit_b, sam_tiny, ...)                              SAM's encoder (samclip.py)
-  --init: a mobileclip.py run (checkpoint or run directory; --model may be left out, it is in the file),
-  a catlip.py or samclip.py run, an official SAM .pth, an ml-mobileclip .pt or OpenCLIP MobileCLIP file
-  (with --model), an OpenAI / OpenCLIP ViT CLIP, an MAE / timm ViT (keys patch_embed.proj, blocks.*).
-  Without --init the backbone is randomly initialised (the no-pre-training reference).
+Backbones: --model tiny | vit_tiny | vit_b32 | vit_b16 | vit_l16 | vit_l14 | vit_h16 (common.ViT), mobileclip_tiny |
+mobileclip_s0..s4 | mobileclip2_s0..s4 (MCi), sam_<size> (SAM's encoder). --init: a mobileclip.py, catlip.py or
+samclip.py run (--model is in it), a SAM .pth, an ml-mobileclip .pt or OpenCLIP MobileCLIP file (with --model), an
+OpenAI / OpenCLIP ViT CLIP, an MAE / timm ViT; without it, random initialisation (the no-pre-training reference).
 
 Commands:
-  torchrun --nproc_per_node=8 dense.py seg --model vit_b16 --init runs/b16/ckpt-100000.pt --data ADEChallengeData2016/
-  torchrun --nproc_per_node=8 dense.py seg --model mobileclip_s2 --init mobileclip_s2.pt --data ADEChallengeData2016/
+  torchrun --nproc_per_node=8 dense.py seg --preset mae --model vit_b16 --init runs/b16/ckpt-100000.pt --data ADE/
+  torchrun --nproc_per_node=8 dense.py seg --model mobileclip_s2 --init mobileclip_s2.pt --data ADE/
   torchrun --nproc_per_node=8 dense.py depth --model vit_b16 --init mae_pretrain_vit_base.pth --data nyuv2/
   python dense.py seg --init runs/x/ckpt-800.pt --head linear --freeze-backbone --data train/ --val-data val/
   python dense.py compare --pretrain-steps 400  # alt-text vs quality-caption CLIP -> mIoU and RMSE, synthetic world
-Data layouts: ADEChallengeData2016/{images,annotations}/{training,validation}/ (uint8 PNG labels, 0 = other);
-nyuv2/{images,depth}/{train,test}/ (16-bit PNG depth in mm, 0 = invalid); tar shards with {jpg, seg.png,
-depth.png} members (the synthetic world's: label 0 = background, a class; depth 65535 = 1.0, 1 = near).
-Result on the synthetic world (2-core CPU shared by four jobs; `compare`'s recipe: tiny MCi CLIP, 400 steps of
-batch 128 per caption source, then 300 fine-tuning steps per task; 1,000 held-out images): fine-tuned mIoU / RMSE
-17.0 / 0.135 without pre-training, 28.1 / 0.126 from alt-text CLIP, 23.5 / 0.129 from quality-caption CLIP, 23.4
-/ 0.129 from the p = 0.5 mix; seed 1: 31.3 / 0.123 (alt) vs 21.0 / 0.128 (quality); frozen linear probes 23.3 /
-0.1185 (alt) vs 20.4 / 0.1188 (quality). With clean alt-text the paper's gain does not reproduce. With web-like
-alt-text (mobileclip.py --alt-noise q: a fixed fraction q of the samples carries another picture's alt-text) it
-does: mIoU / RMSE from alt-text at q = 0.25, 0.375, 0.5, 0.75 are 25.2 / 0.128, 20.9 / 0.129, 18.6 / 0.132,
-17.9 / 0.135 (seed 0) and 25.4 / 0.126, 23.6 / 0.127, 20.3 / 0.130 (seed 1, q <= 0.5), so the quality captions
-(23.5 / 0.129, 21.0 / 0.128; re-run today, same figures) win from q ~ 0.375 (seed 0) or 0.5 (seed 1) on.
-README: figures, commands.
+Data: ADE/ = ADEChallengeData2016/{images,annotations}/{training,validation}/ (uint8 PNG labels, 0 = other);
+nyuv2/{images,depth}/{train,test}/ (16-bit PNG, mm, 0 = invalid); tar shards with {jpg, seg.png, depth.png} (the
+synthetic world's: label 0 = background, a class; depth 65535 = 1.0, 1 = near).
+Result on the synthetic world (2-core CPU shared by four jobs; `compare`: tiny MCi CLIP, 400 steps of batch 128 per
+caption source, then 300 fine-tuning steps per task; 1,000 held-out images), fine-tuned mIoU / RMSE: 17.0 / 0.135
+without pre-training, 28.1 / 0.126 from alt-text CLIP, 23.5 / 0.129 from quality-caption CLIP (seed 1: 31.3 / 0.123
+vs 21.0 / 0.128): with clean alt-text the paper's gain does not reproduce; with web-like alt-text (mobileclip.py
+--alt-noise q) quality captions win from q ~ 0.375 (seed 0) or 0.5 (seed 1) on. README: all figures, commands.
 """
 from __future__ import annotations
 
@@ -88,7 +86,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
 
-
 @dataclass
 class Config:
     data: str = ""  # ADE20K / NYUv2 root (images/ + annotations/ or depth/) or tar shards; empty = synthetic world
@@ -111,6 +108,8 @@ class Config:
     warmup: int = 500  # linear warm-up steps (at most a fifth of the run)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     layer_decay: float = 1.0  # lr x decay^(L - i) for backbone layer i of L (BEiT/MAE use 0.65); 1 = off
+    schedule: str = "cosine"  # cosine (to --min-lr-ratio) | poly (mmseg's, power 1: linear from the first step)
+    taps: str = "quarters"  # ViT blocks read: quarters (2,5,8,11 of 12) | beit (3,5,7,11 of 12) | four indices
     train_images: int = 0  # use only the first N training images (0 = all)
     val_images: int = 0  # evaluate on the first N held-out images (0 = all)
     seed: int = 0  # model init, data order, augmentation
@@ -125,42 +124,41 @@ class Config:
     overwrite: bool = False  # start over in an --out that holds another run's checkpoints (moved to OUT/previous-N/)
     eval_only: bool = False  # evaluate --resume (a fine-tuned checkpoint) and exit
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
-
+    max_skip_frac: float = 0.5  # stop if more than this fraction of the images read is unreadable
 
 @dataclass
 class SegConfig(Config):
+    preset: str = ""  # a published protocol (PRESETS: mae | paper) for every flag left at its default
+    aux_weight: float = 0.0  # weight of the auxiliary FCN head's loss (mmseg's MAE/BEiT configs: 0.4); 0 = no head
     reduce_zero_label: str = "auto"  # on = label 0 ignored, 1..K -> 0..K-1 (auto: on for folders, off for shards)
     classes: int = 0  # classes after the shift (0 = 150 for folders; 11 for the synthetic world's shards)
-
 
 @dataclass
 class DepthConfig(Config):
     depth_scale: float = 0.0  # PNG value / scale = depth (0 = 1000 for folders, NYUv2 mm; 65535 for shards)
     max_depth: float = 0.0  # the head's output range (0 = 10 for folders, NYUv2 metres; 1 for shards)
 
-
 TASK_DEFAULTS = {"seg": dict(crop=512, epochs=50, lr=3e-5, weight_decay=0.1, scale=(0.5, 2.0)),  # folders: spec 3.2 and
                  "depth": dict(crop=480, epochs=25, lr=1e-4, weight_decay=0.01, scale=(1.0, 1.0))}  # the docstring
 # The synthetic world (no --data): 64-px images, a few thousand, a shorter and hotter schedule (a CPU run; README).
 WORLD_DEFAULTS = dict(train_images=2400, epochs=2, lr=5e-4, weight_decay=0.05)
+# --preset (docstring): mmseg's configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py and its bases; the new
+# layers at the base lr (mmseg's layer-decay constructor gives them decay^0); global_batch is split over the ranks.
+PRESETS = {"mae": dict(head="upernet", taps="beit", channels=768, aux_weight=0.4, crop=512, steps=160_000,
+                       global_batch=16, lr=1e-4, head_lr=1e-4, weight_decay=0.05, layer_decay=0.65, schedule="poly",
+                       min_lr_ratio=0.0, warmup=1500, grad_clip=0.0)}
+PRESETS["paper"] = PRESETS["mae"]  # its public text gives nothing that differs (docstring)
 
 # Plain ViTs (common.ViT). `image_size` is the size the positions were trained at; other sizes interpolate them.
-VITS = {
-    "vit_tiny": dict(image_size=64, patch=8, width=128, layers=4, heads=4),  # mobileclip.py / catlip.py `tiny`
-    "vit_b32": dict(image_size=224, patch=32, width=768, layers=12, heads=12),
-    "vit_b16": dict(image_size=224, patch=16, width=768, layers=12, heads=12),
-    "vit_l16": dict(image_size=224, patch=16, width=1024, layers=24, heads=16),
-    "vit_l14": dict(image_size=224, patch=14, width=1024, layers=24, heads=16),
-    "vit_h16": dict(image_size=224, patch=16, width=1280, layers=32, heads=20),
-}
+VITS = {"vit_tiny": dict(image_size=64, patch=8, width=128, layers=4, heads=4),  # mobileclip.py / catlip.py `tiny`
+        "vit_b32": dict(image_size=224, patch=32, width=768, layers=12, heads=12),
+        "vit_b16": dict(image_size=224, patch=16, width=768, layers=12, heads=12),
+        "vit_l16": dict(image_size=224, patch=16, width=1024, layers=24, heads=16),
+        "vit_l14": dict(image_size=224, patch=14, width=1024, layers=24, heads=16),
+        "vit_h16": dict(image_size=224, patch=16, width=1280, layers=32, heads=20)}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-
-# ----------------------------------------------------------------------------------------------------
-# 1. Backbones -> a feature pyramid (spec 6: strides 4/8/16/32 for FPN/UperNet)
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 1. Backbones -> a feature pyramid (spec 6: strides 4/8/16/32 for FPN/UperNet) ===================================
 def resize_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(1 + g*g, D) learned positions (class token first) -> (1 + h*w, D), the grid resized bicubically
     (spec 6: 32 x 32 tokens at 512 px for ViT-B/16)."""
@@ -171,17 +169,29 @@ def resize_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
     grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
     return torch.cat([pos[:1], grid.flatten(2)[0].t()])  # (1 + h*w, D)
 
+def tap_blocks(depth: int, taps: str) -> list[int]:
+    """The four blocks a ViT pyramid reads (0-based): quarters, the last of each quarter of the depth (2,5,8,11 of
+    12); beit, BEiT's and MAE's out_indices, the ends of 1/3, 1/2, 2/3 and all of it (3,5,7,11 of 12, 7,11,15,23 of
+    24); or four indices. A shallow encoder may read a block twice."""
+    if taps in ("quarters", "beit"):
+        fracs, rnd = ((1 / 4, 1 / 2, 3 / 4, 1), int) if taps == "quarters" else ((1 / 3, 1 / 2, 2 / 3, 1), round)
+        return [max(0, rnd(f * depth) - 1) for f in fracs]
+    try:
+        out = [int(t) for t in taps.split(",")]
+    except ValueError:
+        out = []
+    if len(out) != 4 or not all(0 <= t < depth for t in out):
+        C.fail(f"--taps {taps}: quarters, beit or four block indices in 0..{depth - 1}")
+    return out
 
 class ViTPyramid(nn.Module):
-    """A plain ViT (common.ViT, or SAM's windowed encoder) as four maps: the outputs of blocks
-    depth/4, depth/2, 3 depth/4 and depth, at stride p (the patch), brought to p/4 (two 2x2 deconvolutions
-    with BN and GELU between), p/2 (one deconvolution), p (as is) and 2p (2x2 max pooling): BEiT's and MAE's
-    ViT-UperNet adapter. For ViT-B/16: strides 4, 8, 16, 32."""
+    """A plain ViT (common.ViT, or SAM's windowed encoder) as four maps: the outputs of four blocks (tap_blocks) at
+    stride p (the patch), brought to p/4 (two 2x2 deconvolutions with BN and GELU between), p/2 (one deconvolution),
+    p (as is) and 2p (2x2 max pooling): BEiT's and MAE's ViT-UperNet adapter. For ViT-B/16: strides 4, 8, 16, 32."""
 
     def __init__(self, encoder: nn.Module, patch: int, width: int, depth: int):
         super().__init__()
-        self.encoder, self.patch = encoder, patch
-        self.taps = [max(0, (i + 1) * depth // 4 - 1) for i in range(4)]  # shallow encoders repeat a block
+        self.encoder, self.patch, self.taps = encoder, patch, tap_blocks(depth, "quarters")
         self.fpn = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(width, width, 2, 2), nn.BatchNorm2d(width), nn.GELU(),
                           nn.ConvTranspose2d(width, width, 2, 2)),
@@ -229,7 +239,6 @@ class ViTPyramid(nn.Module):
         maps = self.tapped(x)
         return maps if self.fpn is None else [f(t) for f, t in zip(self.fpn, maps)]
 
-
 class MCiPyramid(nn.Module):
     """MCi (MobileCLIP's FastViT hybrid) as its stage outputs: strides 4/8/16/32 (and 64 for MCi3/4's fifth
     stage). The stem, downsamplers and RepCPE stay in their unfused train-time form (spec 6: fine-tune
@@ -248,11 +257,10 @@ class MCiPyramid(nn.Module):
     def layer_id(self, name: str) -> tuple[int, int]:
         """(layer, layers) for layer decay: the stem 0, the blocks 1.. in order; a downsampler or RepCPE
         shares the layer of the block after it (a heuristic)."""
-        p, seen, total = name.split("."), 0, sum(len(self.network[i]) for i in self.stage_ends)
+        p, total = name.split("."), sum(len(self.network[i]) for i in self.stage_ends)
         if p[0] != "network":
             return 0, total + 1
-        j = int(p[1])
-        seen = sum(len(self.network[i]) for i in self.stage_ends if i < j)
+        j, seen = int(p[1]), sum(len(self.network[i]) for i in self.stage_ends if i < int(p[1]))
         return seen + (int(p[2]) + 1 if j in self.stage_ends else 1), total + 1
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -263,7 +271,6 @@ class MCiPyramid(nn.Module):
                 outs.append(x)  # (B, C_s, H/2^(s+2), W/2^(s+2))
         return outs
 
-
 def vit_from_state(sd: dict, heads: int = 0, act: str = "gelu") -> C.ViT:
     """A common.ViT shaped like the state dict (our names; width, patch, grid and depth read from the shapes),
     without the CLIP projection; `heads` (not stored in a state dict) defaults to 64-wide heads."""
@@ -271,10 +278,13 @@ def vit_from_state(sd: dict, heads: int = 0, act: str = "gelu") -> C.ViT:
     grid = math.isqrt(sd["pos_embed"].shape[0] - 1)
     layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     mlp = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
-    vit = C.ViT(grid * patch, patch, width, layers, heads or width // 64, width, mlp, act)
-    vit.proj = vit.norm = None  # the pyramid taps the blocks: no ln_post, no joint embedding (unused under DDP)
-    return vit
+    return C.ViT(grid * patch, patch, width, layers, heads or width // 64, width, mlp, act)
 
+def vit_pyramid(vit: C.ViT, mean=C.CLIP_MEAN, std=C.CLIP_STD) -> tuple[ViTPyramid, dict]:
+    """A common.ViT as a pyramid (no ln_post, no joint embedding: unused, they would upset DDP), and its info."""
+    vit.proj = vit.norm = None
+    return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), dict(
+        kind="vit", image_size=vit.image_size, mean=mean, std=std)
 
 def timm_vit_to_ours(sd: dict) -> tuple[dict, bool]:
     """MAE / timm ViT names -> common.ViT's (the blocks already match): patch_embed.proj -> patch_embed,
@@ -287,38 +297,29 @@ def timm_vit_to_ours(sd: dict) -> tuple[dict, bool]:
             out[k] = v.reshape(shape)
     return out, "norm_pre.weight" in out
 
-
-def build_backbone(name: str, state: dict | None = None, heads: int = 0, act: str = "gelu") -> tuple[nn.Module, dict]:
-    """A feature pyramid for a named backbone, randomly initialised (or shaped by a ViT `state`), and its info:
-    kind, native image size and input normalisation (mean, std)."""
+def build_backbone(name: str) -> tuple[nn.Module, dict]:
+    """A feature pyramid for a named backbone, randomly initialised, and its info: kind, native image size and
+    input normalisation (mean, std)."""
     import mobileclip as M
     name = "vit_tiny" if name == "tiny" else name
-    clip = dict(mean=C.CLIP_MEAN, std=C.CLIP_STD)
-    if name in VITS or (state is not None and not name.startswith("sam")):
-        v = VITS.get(name, {})
-        vit = vit_from_state(state, heads or v.get("heads", 0), act) if state is not None else C.ViT(
-            **v, embed_dim=v["width"], act=act)
-        vit.proj = vit.norm = None
-        return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), dict(
-            kind="vit", image_size=vit.image_size, **clip)
+    if name in VITS:
+        return vit_pyramid(C.ViT(**VITS[name], embed_dim=VITS[name]["width"]))
     if name in M.MOBILECLIP_MODELS and M.MOBILECLIP_MODELS[name]["image"] in M._MCI:
         spec = M.MOBILECLIP_MODELS[name]
         return MCiPyramid(M.create_model(name, vocab_size=1).visual), dict(
             kind="mci", image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
     if name.startswith("sam_"):
         import samclip as S
-        enc = S.build_sam(name[4:]).image_encoder
-        return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return sam_pyramid(S.build_sam(name[4:]).image_encoder)
     mci = [n for n, s in M.MOBILECLIP_MODELS.items() if s["image"] in M._MCI]
     C.fail(f"unknown backbone '{name}'; choose tiny, one of {', '.join(VITS)}, {', '.join(mci)}, or sam_<size> "
            f"(sam_vit_b, sam_tiny, ...)")
 
-
-def sam_pyramid(enc: nn.Module) -> ViTPyramid:
-    """SAM's encoder without its neck (the pyramid taps the blocks)."""
+def sam_pyramid(enc: nn.Module) -> tuple[ViTPyramid, dict]:
+    """SAM's encoder without its neck (the pyramid taps the blocks), and its info."""
     enc.neck, w = None, enc.patch_embed.proj
-    return ViTPyramid(enc, w.kernel_size[0], w.out_channels, len(enc.blocks))
-
+    return ViTPyramid(enc, w.kernel_size[0], w.out_channels, len(enc.blocks)), dict(
+        kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 def read_init(path: str) -> dict:
     """A checkpoint file, or a run directory of this repository (its latest ckpt-*.pt)."""
@@ -333,7 +334,6 @@ def read_init(path: str) -> dict:
             C.fail(f"cannot read --init {path}: {e}")
     return torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI distributes TorchScript archives
 
-
 def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
     """The backbone of a checkpoint as a feature pyramid: (pyramid, info, model name). Recognised by its keys:
     mobileclip.py runs (ViT or MCi, `model_name` inside), catlip.py runs, samclip.py runs and SAM files,
@@ -346,8 +346,7 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
         if kind.startswith("sam") or any(k.startswith("image_encoder.") for k in sd):
             import samclip as S
             enc = S.load_sam(init if not os.path.isdir(init) else C.latest_checkpoint(init)).image_encoder
-            return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN,
-                                          std=IMAGENET_STD), f"sam_{run_name}"
+            return (*sam_pyramid(enc), f"sam_{run_name}")
         if name and name not in (run_name, "vit_tiny" if run_name == "tiny" else run_name):
             C.fail(f"{what} is a '{run_name}' run, not --model {name}")
         visual = {k[7:]: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
@@ -360,15 +359,14 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
             return MCiPyramid(mci), info, run_name
         heads = {**M.MODELS, **VITS}.get(run_name, {}).get("heads", 0)
         vit = vit_from_state(visual, heads, ck.get("config", {}).get("act", "gelu"))
+        vit.proj = vit.norm = None
         C.load_state_dict_checked(vit, {k: v for k, v in visual.items() if k in vit.state_dict()}, what)
-        info = dict(kind="vit", image_size=vit.image_size, mean=C.CLIP_MEAN, std=C.CLIP_STD)
-        return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), info, run_name
+        return (*vit_pyramid(vit), run_name)
     sd = C.unwrap_state_dict(ck) if isinstance(ck, dict) else {}
     has = lambda p: any(k.startswith(p) for k in sd)
     if has("image_encoder.pos_embed") or "image_encoder.pos_embed" in sd:  # official SAM files
         import samclip as S
-        enc = S.load_sam(init).image_encoder
-        return sam_pyramid(enc), dict(kind="sam", image_size=enc.img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD), "sam"
+        return (*sam_pyramid(S.load_sam(init).image_encoder), "sam")
     if has("image_encoder.model.") or has("visual.trunk."):  # ml-mobileclip / OpenCLIP MobileCLIP
         if name not in M.MOBILECLIP_MODELS:
             C.fail(f"{what} is a released MobileCLIP file: name it with --model (mobileclip_s2, mobileclip2_s0, ...)")
@@ -386,6 +384,7 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
     v = VITS.get("vit_tiny" if name == "tiny" else name, {})
     heads = v["heads"] if v.get("width") == ours["patch_embed.weight"].shape[0] else heads  # not in the file
     vit = vit_from_state(ours, heads, act)
+    vit.proj = vit.norm = None
     if sd_name == "timm":  # MAE/timm: a patch-embedding bias, no ln_pre, LayerNorm eps 1e-6
         w = vit.patch_embed
         vit.patch_embed = nn.Conv2d(3, w.out_channels, w.kernel_size, w.stride, bias="patch_embed.bias" in ours)
@@ -398,23 +397,15 @@ def load_backbone(name: str, init: str) -> tuple[nn.Module, dict, str]:
     if ignored:
         C.print0(f"{what}: ignoring {len(ignored)} tensors not in the backbone (e.g. {ignored[:3]})")
     C.load_state_dict_checked(vit, {k: v for k, v in ours.items() if k in own}, what)
-    mean, std = (C.CLIP_MEAN, C.CLIP_STD) if sd_name == "openclip" else (IMAGENET_MEAN, IMAGENET_STD)
-    info = dict(kind="vit", image_size=vit.image_size, mean=mean, std=std)
-    return ViTPyramid(vit, vit.patch, vit.patch_embed.out_channels, len(vit.blocks)), info, name or sd_name
+    norm = (C.CLIP_MEAN, C.CLIP_STD) if sd_name == "openclip" else (IMAGENET_MEAN, IMAGENET_STD)
+    return (*vit_pyramid(vit, *norm), name or sd_name)
 
-
-# ----------------------------------------------------------------------------------------------------
-# 2. Heads: UperNet for segmentation, the deconvolution decoder for depth, a linear probe for both
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 2. Heads: UperNet for segmentation, the deconvolution decoder for depth, a linear probe for both ================
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
 
-
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
 
 class UperNet(nn.Module):
     """UperNet (Xiao et al. 2018, as mmseg's UPerHead): a pyramid pooling module (PSPNet, pool sizes 1/2/3/6) on
@@ -444,7 +435,6 @@ class UperNet(nn.Module):
         fused = self.fuse(torch.cat([maps[0]] + [upsample(m, size) for m in maps[1:]], 1))  # (B, ch, H/s0, W/s0)
         return self.classifier(self.dropout(fused))  # (B, K, H/s0, W/s0)
 
-
 class DeconvDepthHead(nn.Module):
     """The light depth decoder of MIM-style evaluations (design choice, spec 2): on the deepest level, three
     [4x4 stride-2 transposed conv, BN, ReLU] (x8 resolution), a 3x3 conv to one channel. Output: a logit at
@@ -461,7 +451,6 @@ class DeconvDepthHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.net(feats[-1])  # (B, 1, 8h, 8w)
 
-
 class LinearHead(nn.Module):
     """A probe of frozen features: every level upsampled to the finest, concatenated, BatchNorm, one 1x1 conv
     (a linear map per pixel)."""
@@ -475,17 +464,31 @@ class LinearHead(nn.Module):
         size = feats[0].shape[2:]
         return self.classifier(self.norm(torch.cat([feats[0]] + [upsample(f, size) for f in feats[1:]], 1)))
 
+class FCNHead(nn.Module):
+    """mmseg's auxiliary FCNHead as the MAE/BEiT UperNet configs set it: on the third level (stride 16 for ViT-B),
+    a 3x3 conv-BN-ReLU to `channels` (256), dropout 0.1, a 1x1 classifier. Deep supervision: its loss is added in
+    training only."""
+
+    def __init__(self, in_channels: list[int], channels: int, out_channels: int, level: int = 2):
+        super().__init__()
+        self.level = min(level, len(in_channels) - 1)
+        self.net = nn.Sequential(conv_bn_relu(in_channels[self.level], channels, 3), nn.Dropout2d(0.1),
+                                 nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.net(feats[self.level])  # (B, K, H/s, W/s)
 
 HEADS = {"upernet": UperNet, "deconv": DeconvDepthHead, "linear": LinearHead}
 
-
 class DenseModel(nn.Module):
-    """Backbone pyramid + head; depth outputs go through sigmoid x max_depth. With `frozen`, the pretrained part
-    of the backbone stays in eval mode (BN statistics fixed) and gets no gradients."""
+    """Backbone pyramid + head (+ an auxiliary head, whose output comes second in training mode only); depth outputs
+    go through sigmoid x max_depth. With `frozen`, the pretrained part of the backbone stays in eval mode (BN
+    statistics fixed) and gets no gradients."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, max_depth: float = 0.0, frozen: bool = False):
+    def __init__(self, backbone: nn.Module, head: nn.Module, max_depth: float = 0.0, frozen: bool = False,
+                 aux: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.head, self.max_depth, self.frozen = backbone, head, max_depth, frozen
+        self.backbone, self.head, self.max_depth, self.frozen, self.aux = backbone, head, max_depth, frozen, aux
         for m in backbone.pretrained() if frozen else []:
             m.requires_grad_(False)
 
@@ -495,16 +498,14 @@ class DenseModel(nn.Module):
             m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.backbone(x))  # (B, K or 1, H/s, W/s)
+    def forward(self, x: torch.Tensor):
+        feats = self.backbone(x)
+        out = self.head(feats)  # (B, K or 1, H/s, W/s)
+        if self.aux is not None and self.training:
+            return out, self.aux(feats)
         return torch.sigmoid(out.float()) * self.max_depth if self.max_depth else out
 
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Losses and metrics (spec 3.2, 5)
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 3. Losses and metrics (spec 3.2, 5) =============================================================================
 def silog_loss(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) -> torch.Tensor:
     """Scale-invariant log loss (Eigen et al. 2014, with BTS's lambda 0.85 and x10) over the valid pixels
     (target > 0) of the whole batch: 10 sqrt(mean d^2 - lambda (mean d)^2), d = log pred - log target.
@@ -515,32 +516,10 @@ def silog_loss(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) 
     mean_d, mean_d2 = d.sum() / n, (d * d).sum() / n
     return 10 * (mean_d2 - lambda_ * mean_d ** 2).clamp_min(1e-12).sqrt()
 
-
 def silog_loss_reference(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) -> torch.Tensor:
     valid = target > 0
     d = torch.log(pred[valid].double()) - torch.log(target[valid].double())
     return (10 * torch.sqrt((d ** 2).mean() - lambda_ * d.mean() ** 2)).float()
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
-    """(K, K) pixel counts, rows = target class, columns = predicted class; pixels whose target is
-    `ignore_index` (or outside 0..K-1) are skipped."""
-    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    idx = target[keep].long() * num_classes + pred[keep].long().clamp(0, num_classes - 1)
-    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
-def miou(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Mean IoU (%) over the classes present in the target or the prediction, and the per-class IoU (%),
-    NaN where a class is in neither. IoU_k = TP / (TP + FP + FN) = C_kk / (row_k + col_k - C_kk)."""
-    conf = conf.double()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    iou = torch.where(union > 0, 100 * tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-    present = union > 0
-    return (iou[present].mean().item() if present.any() else float("nan")), iou
-
 
 def depth_errors(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image (B,) RMSE, AbsRel = mean |p - t| / t and delta1 = fraction with max(p/t, t/p) < 1.25, over the
@@ -553,14 +532,9 @@ def depth_errors(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Te
     delta1 = ((torch.maximum(p / t, t / p) < 1.25).float() * valid).sum(1) / n
     return {"rmse": rmse, "absrel": absrel, "delta1": delta1}
 
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Data: ADE20K / NYUv2 folders and tar shards with seg.png / depth.png, read by (epoch, index)
-# ----------------------------------------------------------------------------------------------------
+# ==== 4. Data: ADE20K / NYUv2 folders and tar shards with seg.png / depth.png, read by (epoch, index) =================
 SPLITS = {"train": ("training", "train"), "val": ("validation", "val", "test")}
-TARGET_DIRS = {"seg": "annotations", "depth": "depth"}
-TARGET_SUFFIX = {"seg": "seg.png", "depth": "depth.png"}
-
+TARGET_DIRS, TARGET_SUFFIX = {"seg": "annotations", "depth": "depth"}, {"seg": "seg.png", "depth": "depth.png"}
 
 def index_folder(root: str, task: str, split: str) -> list[tuple]:
     """ADE20K's layout (images/training/x.jpg + annotations/training/x.png; validation) and the same with
@@ -576,7 +550,6 @@ def index_folder(root: str, task: str, split: str) -> list[tuple]:
                 C.fail(f"no image with a matching {TARGET_DIRS[task]} PNG in {img_dir}")
             return items
     C.fail(f"{root}: expected images/<{'|'.join(SPLITS[split])}>/ and {TARGET_DIRS[task]}/<same>/ folders")
-
 
 def index_shards(spec: str, task: str) -> list[tuple]:
     """Tar shards: items ("tar", path, (offset, size) of the image, (offset, size) of the target), found by one
@@ -607,23 +580,28 @@ def index_shards(spec: str, task: str) -> list[tuple]:
         C.fail(f"no sample with an image and a {TARGET_SUFFIX[task]} in {spec} ({broken} of {len(paths)} unreadable)")
     return items
 
-
 def read_item(item: tuple) -> tuple[Image.Image, Image.Image]:
+    """(RGB image, target) decoded here, so that a broken file raises here."""
     if item[0] == "file":
-        return Image.open(item[1]).convert("RGB"), Image.open(item[2])
-    with open(item[1], "rb") as f:
-        f.seek(item[2][0])
-        img = f.read(item[2][1])
-        f.seek(item[3][0])
-        tgt = f.read(item[3][1])
-    return Image.open(io.BytesIO(img)).convert("RGB"), Image.open(io.BytesIO(tgt))
+        img, tgt = Image.open(item[1]), Image.open(item[2])
+    else:
+        data = []
+        with open(item[1], "rb") as f:
+            for offset, size in (item[2], item[3]):  # the members' bytes, found by index_shards
+                f.seek(offset)
+                data.append(io.BytesIO(f.read(size)))
+        img, tgt = map(Image.open, data)
+    tgt.load()
+    return img.convert("RGB"), tgt
 
+MAX_TRIES = 32  # reads per training sample: a broken one is replaced by random others (all broken: one line)
 
 class DenseData(torch.utils.data.Dataset):
     """Image + target, by key. Train (key = (epoch, index), from common.StepBatches): random short-side scale
     (`scale` x crop), pad (image 0, label 255, depth 0 = invalid), random crop, horizontal flip, all seeded by
-    (seed, epoch, index). Eval (key = index): the image resized so its short side is the crop, the target as
-    stored. Labels: uint8 PNG, `reduce_zero_label` maps 0 -> 255 (ignored) and k -> k - 1. Depth: PNG / scale."""
+    (seed, epoch, index); an unreadable sample is replaced by random others ("skipped": how many failed). Eval (key
+    = index): the image resized so its short side is the crop, the target as stored; None if it does not read.
+    Labels: uint8 PNG, `reduce_zero_label` maps 0 and 255 to 255 (ignored), k to k - 1. Depth: PNG / scale."""
 
     def __init__(self, items, task: str, crop: int, train: bool, seed: int, scale, reduce_zero_label: bool,
                  depth_scale: float):
@@ -638,34 +616,39 @@ class DenseData(torch.utils.data.Dataset):
         if self.task == "depth":
             return torch.from_numpy(a.astype(np.float32) / self.depth_scale)  # (H, W), 0 = invalid
         a = a.astype(np.int64)
-        return torch.from_numpy(np.where(a == 0, 255, a - 1) if self.reduce else a)  # (H, W)
+        return torch.from_numpy(np.where((a == 0) | (a == 255), 255, a - 1) if self.reduce else a)  # (H, W)
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        try:
-            img, tgt = read_item(self.items[i])
-        except Exception as e:  # a corrupt image or target: one line naming it (common.Loader), no worker traceback
-            raise C.DataError(f"cannot read sample {i} of {self.items[i][1]}: {type(e).__name__}: {e}") from None
+        rng, j, first = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode())), i, ""
+        for bad in range(MAX_TRIES if self.train else 1):
+            try:
+                img, tgt = read_item(self.items[j])
+                break
+            except Exception as e:  # a corrupt image or target: another one, drawn from (seed, epoch, index)
+                first = first or f"cannot read sample {i} of {self.items[i][1]}: {type(e).__name__}: {e}"
+                j = rng.randrange(len(self.items))
+        else:  # evaluation leaves it out; training has no readable sample in reach: one line (no worker traceback)
+            if not self.train:
+                return None
+            raise C.DataError(f"{first} (nor {MAX_TRIES - 1} random others in its place)")
         w, h = img.size
         if not self.train:
             r = self.crop / min(w, h)
             img = img.resize((max(1, round(w * r)), max(1, round(h * r))), Image.BICUBIC)
             return {"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "target": self.target(tgt)}
-        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         r = self.crop * rng.uniform(*self.scale) / min(w, h)
         size = (max(1, round(w * r)), max(1, round(h * r)))
         img, tgt = img.resize(size, Image.BICUBIC), tgt.resize(size, Image.NEAREST)
         x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, h', w') uint8
         y = self.target(tgt)  # (h', w')
-        ph, pw = max(0, self.crop - y.shape[0]), max(0, self.crop - y.shape[1])
-        x = F.pad(x, (0, pw, 0, ph))
-        y = F.pad(y, (0, pw, 0, ph), value=255 if self.task == "seg" else 0)
+        pad = (0, max(0, self.crop - y.shape[1]), 0, max(0, self.crop - y.shape[0]))  # right, bottom
+        x, y = F.pad(x, pad), F.pad(y, pad, value=255 if self.task == "seg" else 0)
         top, left = rng.randint(0, y.shape[0] - self.crop), rng.randint(0, y.shape[1] - self.crop)
         x, y = x[:, top:top + self.crop, left:left + self.crop], y[top:top + self.crop, left:left + self.crop]
         if rng.random() < 0.5:
             x, y = x.flip(-1), y.flip(-1)
-        return {"image": x.contiguous(), "target": y.contiguous()}
-
+        return {"image": x.contiguous(), "target": y.contiguous(), "skipped": bad}
 
 def resolve_data(cfg: Config, task: str, image_size: int) -> dict:
     """Train and held-out items and the defaults that depend on the data: folders are real datasets (ADE20K:
@@ -684,12 +667,7 @@ def resolve_data(cfg: Config, task: str, image_size: int) -> dict:
     n_train = cfg.train_images or (WORLD_DEFAULTS["train_images"] if world else 0)
     return dict(train=train[:n_train or None], val=val[:cfg.val_images or None], folder=folder, world=world)
 
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Fine-tuning: optimiser groups, sliding-window evaluation, the loop
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 5. Fine-tuning: optimiser groups, sliding-window evaluation, the loop ===========================================
 def param_groups(model: DenseModel, lr: float, head_lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups by (peak lr, decay): the pretrained backbone at lr x layer_decay^(L - layer) (BEiT's layer
     decay; 1 = off), the new layers (head, ViT adapter) at head_lr; no decay on norms, biases, positions."""
@@ -703,7 +681,6 @@ def param_groups(model: DenseModel, lr: float, head_lr: float, weight_decay: flo
         wd = 0.0 if p.ndim < 2 or any(n in name for n in C.NO_DECAY_NAMES) else weight_decay
         groups.setdefault((peak, wd), []).append(p)
     return [{"params": ps, "peak_lr": peak, "weight_decay": wd} for (peak, wd), ps in groups.items()]
-
 
 @torch.no_grad()
 def slide_predict(model: nn.Module, x: torch.Tensor, crop: int, out_channels: int) -> torch.Tensor:
@@ -721,49 +698,48 @@ def slide_predict(model: nn.Module, x: torch.Tensor, crop: int, out_channels: in
             count[:, :, y1:y2, x1:x2] += 1
     return out / count
 
-
 @torch.no_grad()
 def evaluate(model: DenseModel, items, task: str, cfg: Config, s: dict, device) -> dict:
-    """Single-scale evaluation of this rank's share of the held-out items, summed over ranks: mIoU from the
-    confusion matrix of the whole set (seg), or the per-image depth errors averaged over images (depth)."""
+    """Single-scale evaluation of this rank's share of the held-out items, summed over ranks: common.miou of the
+    whole set's confusion matrix (seg; ADE20K's reduce-zero-label applied there), or the per-image depth errors
+    averaged over images (depth). Unreadable images are left out and counted; above --max-skip-frac, one line."""
     rank, world = C.get_rank(), C.get_world_size()
-    data = DenseData(items[rank::world], task, s["crop"], False, 0, (1, 1), s["reduce_zero_label"], s["depth_scale"])
+    data = DenseData(items[rank::world], task, s["crop"], False, 0, (1, 1), False, s["depth_scale"])  # labels as read
     loader = C.Loader(data, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2), collate_fn=list,
-                      worker_init_fn=C.ignore_stop_signals)  # an unreadable sample: one line
+                      worker_init_fn=C.ignore_stop_signals)
     was_training = model.training
     model.eval()
-    K = s["classes"] if task == "seg" else 1
-    conf = torch.zeros(K, K, dtype=torch.long, device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # rmse, absrel, delta1, images
+    K, bad, read = s["classes"] if task == "seg" else 1, 0, 0
+    conf = torch.zeros(K, K, dtype=torch.long)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # rmse, absrel, delta1, images, unreadable, read
     for batch in C.progress(loader, f"eval {task}"):
-        by_size = {}
-        for it in batch:  # real images differ in size: one forward per size
+        by_size, bad, read = {}, bad + sum(it is None for it in batch), read + len(batch)
+        for it in (it for it in batch if it is not None):  # real images differ in size: one forward per size
             by_size.setdefault((tuple(it["image"].shape), tuple(it["target"].shape)), []).append(it)
         for group in by_size.values():
-            x = preprocess(torch.stack([it["image"] for it in group]).to(device), s)
+            x = C.normalize_images(torch.stack([it["image"] for it in group]).to(device), s["mean"], s["std"])
             y = torch.stack([it["target"] for it in group]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
                 out = upsample(slide_predict(model, x, s["crop"], K), y.shape[-2:])  # (B, K, H, W) at the label
             if task == "seg":
-                conf += confusion_matrix(out.argmax(1), y, K)
+                conf += C.confusion_matrix(out.argmax(1), y, K, reduce_zero_label=s["reduce_zero_label"])
             else:
                 e = depth_errors(out[:, 0], y)
-                sums += torch.stack([e["rmse"].sum(), e["absrel"].sum(), e["delta1"].sum(),
-                                     torch.tensor(float(len(y)), device=device)]).double()
+                sums[:4] += torch.stack([e["rmse"].sum(), e["absrel"].sum(), e["delta1"].sum(),
+                                         torch.tensor(float(len(y)), device=device)]).double()
+    sums[4:], conf = torch.tensor([bad, read], dtype=torch.float64), conf.to(device)
     if world > 1:
         torch.distributed.all_reduce(conf)
         torch.distributed.all_reduce(sums)
     model.train(was_training)
+    bad, n = sums[4].item(), max(1.0, sums[3].item())
+    if bad > cfg.max_skip_frac * sums[5].item():
+        C.fail(f"{bad:.0f} of {sums[5].item():.0f} held-out images unreadable (--max-skip-frac {cfg.max_skip_frac})")
+    skipped = {"skipped": int(bad)} if bad else {}
     if task == "seg":
-        return {"miou": miou(conf)[0], "pixel_acc": 100 * conf.diag().sum().item() / max(1, conf.sum().item())}
-    n = max(1.0, sums[3].item())
-    return {"rmse": sums[0].item() / n, "absrel": sums[1].item() / n, "delta1": sums[2].item() / n}
-
-
-def preprocess(images: torch.Tensor, s: dict) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on the device -> the backbone's input normalisation (none for MobileCLIP v1)."""
-    return C.normalize_images(images, s["mean"], s["std"])
-
+        return {"miou": C.miou(conf), "pixel_acc": 100 * conf.diag().sum().item() / max(1, conf.sum().item()),
+                **skipped}
+    return {"rmse": sums[0].item() / n, "absrel": sums[1].item() / n, "delta1": sums[2].item() / n, **skipped}
 
 def settings(cfg: Config, task: str, info: dict, data: dict, width: int) -> dict:
     """Every default that depends on the task, the data and the backbone, resolved once (logged)."""
@@ -784,8 +760,29 @@ def settings(cfg: Config, task: str, info: dict, data: dict, width: int) -> dict
         classes=getattr(cfg, "classes", 0) or (150 if folder else 1 + len(C.SYNTH_SHAPES)),
         depth_scale=getattr(cfg, "depth_scale", 0) or (1000.0 if folder else 65535.0),
         max_depth=(getattr(cfg, "max_depth", 0) or (10.0 if folder else 1.0)) if task == "depth" else 0.0,
-        mean=norm[cfg.normalize][0], std=norm[cfg.normalize][1])
+        mean=norm[cfg.normalize][0], std=norm[cfg.normalize][1], aux_weight=getattr(cfg, "aux_weight", 0.0))
 
+def apply_preset(cfg: SegConfig, world: int) -> SegConfig:
+    """--preset: its value for every field still at its default (a flag given at its default value counts as not
+    given); the global batch split over the ranks. Prints what it set and what the command line kept."""
+    if not cfg.preset:
+        return cfg
+    p = dict(PRESETS.get(cfg.preset) or C.fail(f"--preset must be {', '.join(PRESETS)}, not '{cfg.preset}'"))
+    p["batch_size"] = max(1, p.pop("global_batch") // world)
+    p["head_lr"] = cfg.lr or p["head_lr"]  # the new layers follow a --lr given on the command line
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    sets = {k: v for k, v in p.items() if getattr(cfg, k) == defaults[k]}
+    kept = {k: getattr(cfg, k) for k in p if k not in sets}
+    C.print0(f"--preset {cfg.preset} sets " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sets.items())
+             + (f"; kept from the command line: {json.dumps(kept)}" if kept else ""))
+    return dataclasses.replace(cfg, **sets)
+
+def lr_scale(step: int, warmup: int, total: int, min_ratio: float, schedule: str) -> float:
+    """The lr as a fraction of its peak: linear warm-up then cosine to min_ratio, or mmseg's poly of power 1 (linear
+    from 1 at step 0 to min_ratio at the end) with the linear warm-up ramp multiplied on."""
+    if schedule == "cosine":
+        return C.lr_at(step, 1.0, warmup, total, min_ratio)
+    return (min_ratio + (1 - min_ratio) * (1 - step / max(1, total))) * min(1.0, (step + 1) / max(1, warmup))
 
 def finetune(cfg: SegConfig | DepthConfig) -> dict:
     """Fine-tune a backbone with a dense head; held-out mIoU (seg) or RMSE / AbsRel / delta1 (depth) at the end.
@@ -793,11 +790,12 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
     Returns the final metrics (also in OUT/log.jsonl), {} if a signal stopped it (saved; --resume auto continues)."""
     task, stop = "seg" if isinstance(cfg, SegConfig) else "depth", C.StopSignal()  # SIGTERM, SIGINT: save, exit 0
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    cfg = apply_preset(cfg, world) if task == "seg" else cfg
     for flag, lo, hi in (("min_lr_ratio", 0, 1), ("layer_decay", 1e-9, 1), ("crop", 0, None), ("channels", 0, None)):
         if getattr(cfg, flag) < lo or (hi is not None and getattr(cfg, flag) > hi):
             C.fail(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be in [{lo}, {hi or 'inf'}]")
     for flag, ok in (("normalize", ("auto", "clip", "imagenet", "none")), ("head", ("auto", *HEADS)),
-                     ("reduce_zero_label", ("auto", "on", "off"))):
+                     ("reduce_zero_label", ("auto", "on", "off")), ("schedule", ("cosine", "poly"))):
         if getattr(cfg, flag, "auto") not in ok:
             C.fail(f"--{flag.replace('_', '-')} must be {', '.join(ok)}, not '{getattr(cfg, flag)}'")
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts it)
@@ -807,10 +805,13 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
     data = resolve_data(cfg, task, info["image_size"])
     s = settings(cfg, task, info, data, max(backbone.channels))
     s["bf16"] = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if s["head"] == "linear" and isinstance(backbone, ViTPyramid):
-        backbone.drop_adapter()
+    if isinstance(backbone, ViTPyramid):
+        backbone.taps = tap_blocks(len(backbone.encoder.blocks), cfg.taps)
+        if s["head"] == "linear":
+            backbone.drop_adapter()
     head = HEADS[s["head"]](backbone.channels, s["channels"], s["classes"] if task == "seg" else 1)
-    model = DenseModel(backbone, head, s["max_depth"], cfg.freeze_backbone).to(device)
+    aux = FCNHead(backbone.channels, 256, s["classes"]) if task == "seg" and s["aux_weight"] else None
+    model = DenseModel(backbone, head, s["max_depth"], cfg.freeze_backbone, aux).to(device)
     n_train = len(data["train"])
     steps = cfg.steps or max(1, round(s["epochs"] * n_train / (cfg.batch_size * world)))
     warmup = min(cfg.warmup, steps // 5)
@@ -851,7 +852,7 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     model.train()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    metrics, t0, seen = {}, time.time(), 0
+    metrics, t0, seen, reads = {}, time.time(), 0, [0, 0]  # reads: unreadable, all (training images)
     for step in C.progress(range(start, steps + 1), task):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
@@ -878,14 +879,20 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
         except C.DataError as e:  # an unreadable sample: the workers shut down, then one line (no worker traceback)
             getattr(batches, "_shutdown_workers", lambda: None)()
             C.fail(str(e).strip().splitlines()[-1].removeprefix(f"{C.DataError.__module__}.DataError: "))
-        x = preprocess(batch["image"].to(device, non_blocking=True), s)  # (B, 3, crop, crop)
+        bad = int(batch["skipped"].sum())  # counted on the host, in the workers
+        reads = [reads[0] + bad, reads[1] + bad + len(batch["skipped"])]
+        x = C.normalize_images(batch["image"].to(device, non_blocking=True), s["mean"], s["std"])  # (B, 3, S, S)
         y = batch["target"].to(device, non_blocking=True)  # (B, crop, crop): labels or depth
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
-            out = upsample(train_model(x).float(), y.shape[-2:])  # (B, K or 1, crop, crop)
+            out = train_model(x)
+        out, aux = out if isinstance(out, tuple) else (out, None)  # aux: the FCN head's output
+        out = upsample(out.float(), y.shape[-2:])  # (B, K or 1, crop, crop)
         loss = F.cross_entropy(out, y, ignore_index=255) if task == "seg" else silog_loss(out[:, 0], y)
+        if aux is not None:  # deep supervision, mmseg's auxiliary loss
+            loss = loss + s["aux_weight"] * F.cross_entropy(upsample(aux.float(), y.shape[-2:]), y, ignore_index=255)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        scale = C.lr_at(step, 1.0, warmup, steps, cfg.min_lr_ratio)  # warm-up + cosine, as a factor
+        scale = lr_scale(step, warmup, steps, cfg.min_lr_ratio, cfg.schedule)
         for g in opt.param_groups:
             g["lr"] = g["peak_lr"] * scale
         opt.step()
@@ -897,8 +904,11 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
         if (step + 1) % cfg.log_every == 0:
             if nonfinite.item():
                 C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            if reads[0] > cfg.max_skip_frac * reads[1]:
+                C.fail(f"{reads[0]} of {reads[1]} training images read were unreadable (--max-skip-frac "
+                       f"{cfg.max_skip_frac}); check --data")
             log.log(step + 1, loss=loss.item(), lr=s["lr"] * scale, grad_norm=gnorm.item(),
-                    images_per_s=seen * world / (time.time() - t0))
+                    images_per_s=seen * world / (time.time() - t0), skipped=reads[0])
             t0, seen = time.time(), 0
     C.cleanup_distributed()
     if not last_step:
@@ -907,12 +917,7 @@ def finetune(cfg: SegConfig | DepthConfig) -> dict:
     C.finish_run(cfg.out, os.path.join(cfg.out, f"ckpt-{step}.pt"))
     return metrics
 
-
-# ----------------------------------------------------------------------------------------------------
-# 6. The claim on the synthetic world: alt-text vs quality-caption CLIP, fine-tuned for both tasks
-# ----------------------------------------------------------------------------------------------------
-
-
+# ==== 6. The claim on the synthetic world: alt-text vs quality-caption CLIP, fine-tuned for both tasks ================
 @dataclass
 class CompareConfig:
     model: str = "mobileclip_tiny"  # the CLIP both pre-trainings train: mobileclip_tiny (MCi) or tiny (ViT)
@@ -934,7 +939,6 @@ class CompareConfig:
     workers: int = 2  # DataLoader workers
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
     seed: int = 0  # seeds the pre-trainings and the fine-tunings
-
 
 def compare(cfg: CompareConfig) -> dict:
     """The paper's claim: the same tiny CLIP pre-trained on alt-text and on quality captions, fine-tuned for both tasks.
@@ -984,12 +988,10 @@ def compare(cfg: CompareConfig) -> dict:
     C.finish_run(cfg.out, extra=f"the runs {cfg.out}/{{pre,seg,depth}}_<source>/")
     return results
 
-
 def main(argv: list[str] | None = None) -> dict:
     """`seg` / `depth`: the final held-out metrics ({} if stopped by a signal); `compare`: them per pre-training."""
     commands = {"seg": (finetune, SegConfig), "depth": (finetune, DepthConfig), "compare": (compare, CompareConfig)}
     return C.run_command(__doc__, commands, argv)
-
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common as C
@@ -28,19 +29,40 @@ def tiny_world(tmp_path_factory):
 # ---- metrics and loss ------------------------------------------------------------------------------
 
 
-def test_confusion_matrix_and_miou_hand_computed():
-    target = torch.tensor([[0, 0, 1], [1, 255, 2]])
-    pred = torch.tensor([[0, 1, 1], [1, 0, 0]])  # the ignored pixel's prediction (0) must not count
-    conf = D.confusion_matrix(pred, target, 4)
-    assert conf.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
-    m, iou = D.miou(conf)
-    # IoU_0 = 1 / (2 + 2 - 1), IoU_1 = 2 / (2 + 3 - 2), IoU_2 = 0 / 1; class 3 in neither: excluded, NaN
-    assert iou[:3].tolist() == pytest.approx([100 / 3, 200 / 3, 0.0])
-    assert math.isnan(iou[3])
-    assert m == pytest.approx((100 / 3 + 200 / 3 + 0) / 3)
-    # another ignore index, and a batch dimension
-    conf2 = D.confusion_matrix(pred[None], target.masked_fill(target == 255, 9)[None], 4, ignore_index=9)
-    assert torch.equal(conf2, conf)
+def test_evaluate_scores_with_common_miou_and_skips_unreadable_images(tmp_path):
+    """Fixed predictions (a stub model reads the class off the red channel) on an ADE20K-style folder with label 0
+    ('other'), 255, a class only predicted and one in neither: evaluate's mIoU is common.miou of the summed confusion
+    matrices with reduce-zero-label, and a per-class count by hand; an unreadable image is left out and counted, or
+    stops the run past --max-skip-frac."""
+    rng, K, S, root = np.random.default_rng(0), 7, 16, tmp_path / "ade"
+    for sub in ("images/validation", "annotations/validation"):
+        os.makedirs(root / sub)
+    preds, labels = rng.integers(0, 6, (5, S, S)), rng.integers(0, 6, (5, S, S))  # labels: 0 = other, 1..5
+    labels[:, :2] = 255
+    for i, (p, y) in enumerate(zip(preds, labels)):
+        Image.fromarray(np.stack([p * 40, p, p], -1).astype(np.uint8)).save(root / f"images/validation/{i}.png")
+        Image.fromarray(y.astype(np.uint8)).save(root / f"annotations/validation/{i}.png")
+    (root / "images/validation/9.png").write_bytes(b"not a png")
+    Image.fromarray(labels[0].astype(np.uint8)).save(root / "annotations/validation/9.png")
+
+    class Stub(torch.nn.Module):
+        def forward(self, x):  # (B, 3, S, S) at x / 255 -> one-hot logits of the class drawn in red
+            return F.one_hot((x[:, 0] * 255 / 40).round().long(), K).permute(0, 3, 1, 2).float()
+
+    s = dict(crop=S, reduce_zero_label=True, depth_scale=1.0, classes=K, mean=(0.0,) * 3, std=(1.0,) * 3, bf16=False)
+    items = D.index_folder(str(root), "seg", "val")
+    cpu = torch.device("cpu")
+    r = D.evaluate(Stub(), items, "seg", D.SegConfig(batch_size=2, workers=0), s, cpu)
+    conf = sum(C.confusion_matrix(torch.from_numpy(p), torch.from_numpy(y), K, reduce_zero_label=True)
+               for p, y in zip(preds, labels))
+    y, p = labels.flatten() - 1, preds.flatten()
+    p, y = p[(y >= 0) & (y < 250)], y[(y >= 0) & (y < 250)]  # other (0) and 255 ignored
+    by_hand = [((p == k) & (y == k)).sum() / ((p == k) | (y == k)).sum() for k in range(K)
+               if ((p == k) | (y == k)).any()]
+    assert len(by_hand) == 6 and r["skipped"] == 1  # class 5 predicted only (IoU 0), class 6 in neither
+    assert r["miou"] == pytest.approx(C.miou(conf)) and r["miou"] == pytest.approx(100 * np.mean(by_hand))
+    with pytest.raises(SystemExit):  # 1 of 6 unreadable
+        D.evaluate(Stub(), items, "seg", D.SegConfig(batch_size=2, workers=0, max_skip_frac=0.1), s, cpu)
 
 
 def test_depth_errors_hand_computed_per_image():
@@ -243,18 +265,64 @@ def test_resume_replays_the_same_steps(tmp_path, tiny_world):
         D.main(_args("depth", tiny_world, tmp_path / "b", *extra, "--resume", "auto"))
 
 
+def test_mae_preset_sets_the_mmseg_protocol_and_runs_on_tiny_with_the_aux_head(tmp_path, tiny_world, capsys):
+    """--preset mae: the values of mmseg's MAE-B UperNet ADE20K config (flags given on the command line win) and a
+    line saying so; BEiT's taps, poly lr, layer decay 0.65 with the new layers at the base lr, and the auxiliary FCN
+    head trained beside UperNet, end to end on the tiny ViT."""
+    cfg = D.apply_preset(D.SegConfig(preset="mae", channels=32), world=1)
+    out = capsys.readouterr().out
+    assert (cfg.head, cfg.taps, cfg.aux_weight, cfg.crop, cfg.steps, cfg.batch_size, cfg.lr, cfg.head_lr) == (
+        "upernet", "beit", 0.4, 512, 160_000, 16, 1e-4, 1e-4)
+    assert (cfg.weight_decay, cfg.layer_decay, cfg.schedule, cfg.min_lr_ratio, cfg.warmup, cfg.grad_clip) == (
+        0.05, 0.65, "poly", 0.0, 1500, 0.0) and cfg.channels == 32
+    assert out.startswith("--preset mae sets --head upernet --taps beit --aux-weight 0.4 --crop 512 --steps 160000")
+    assert out.strip().endswith('--batch-size 16; kept from the command line: {"channels": 32}')
+    assert D.apply_preset(D.SegConfig(preset="paper", lr=2e-4), world=8).__dict__ == {
+        **cfg.__dict__, "preset": "paper", "channels": 768, "batch_size": 2, "lr": 2e-4, "head_lr": 2e-4}
+    assert D.tap_blocks(12, "beit") == [3, 5, 7, 11] and D.tap_blocks(24, "beit") == [7, 11, 15, 23]
+    assert D.tap_blocks(12, "quarters") == [2, 5, 8, 11] and D.tap_blocks(4, "beit") == [0, 1, 2, 3]
+    poly = [D.lr_scale(t, 10, 100, 0.0, "poly") for t in (0, 9, 50, 100)]  # linear from step 0, the warm-up on it
+    assert poly == pytest.approx([0.1 * 1.0, 0.91, 0.5, 0.0])
+    r = D.main(_args("seg", tiny_world, tmp_path, "--preset", "mae", "--model", "tiny", "--channels", "16",
+                     "--steps", "3", "--val-images", "4"))
+    assert set(r) == {"miou", "pixel_acc"} and "kept from the command line" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "ckpt-3.pt", weights_only=True)
+    assert ck["model"]["aux.net.2.weight"].shape == (11, 256, 1, 1) and ck["config"]["taps"] == "beit"
+    peaks = sorted({g["peak_lr"] for g in ck["optimizer"]["param_groups"]})  # 4 blocks: patch 0.65^5 .. heads 1
+    assert peaks == pytest.approx(sorted(1e-4 * 0.65 ** k for k in range(6)))
+
+
+def test_unreadable_images_are_replaced_counted_and_stop_past_max_skip_frac(tmp_path, tiny_world, capsys):
+    """A quarter of the shard's images broken: training replaces them (the log counts them), evaluation leaves them
+    out (counted); with --max-skip-frac 0.1 the run stops with one line."""
+    good = list(C.iter_tar_samples(C.expand_shards(tiny_world["val"])[0], {}))[:9]
+    bad = [{**g, "__key__": g["__key__"] + "x", "jpg": b"not a jpeg"} for g in good[:3]]
+    samples = [s for i, g in enumerate(good) for s in [g] + [bad[i // 3]] * (i % 3 == 0)]  # 3 of 12 broken
+    C.write_shard(str(tmp_path / "mixed.tar"), samples)
+    mixed = {"train": str(tmp_path / "mixed.tar"), "val": str(tmp_path / "mixed.tar")}
+    r = D.main(_args("seg", mixed, tmp_path / "a", "--model", "tiny", "--steps", "3", "--log-every", "1"))
+    logged = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert r["skipped"] == 3 and len(logged) == 3 and logged[-1]["skipped"] > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        D.main(_args("seg", mixed, tmp_path / "b", "--model", "tiny", "--steps", "3", "--log-every", "1",
+                     "--max-skip-frac", "0.1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training images read were unreadable (--max-skip-frac 0.1)" in err[0], err
+
+
 def test_compare_runs_both_arms_from_different_backbones(tmp_path, tiny_world):
-    """The comparison end to end in miniature (4 pre-training steps per caption source): both arms report all
+    """The comparison end to end in miniature (2 pre-training steps per caption source): both arms report all
     four figures, and they differ, so each fine-tuning really started from its own pre-training."""
     r = D.main(["compare", "--data", tiny_world["train"], "--val-data", tiny_world["val"], "--out", str(tmp_path),
-                "--pretrain-steps", "4", "--pretrain-batch", "16", "--steps", "4", "--batch-size", "8",
+                "--pretrain-steps", "2", "--pretrain-batch", "16", "--steps", "2", "--batch-size", "8",
                 "--workers", "0", "--val-images", "4"])
     assert set(r) == {"alt", "synthetic"}
     for source in r:
         assert {"miou", "rmse", "absrel", "delta1"} <= set(r[source])
         assert all(math.isfinite(v) for v in r[source].values())
     assert r["alt"]["rmse"] != r["synthetic"]["rmse"]
-    pre = torch.load(tmp_path / "pre_synthetic" / "ckpt-4.pt", weights_only=True)
+    pre = torch.load(tmp_path / "pre_synthetic" / "ckpt-2.pt", weights_only=True)
     assert pre["config"]["caption_source"] == "synthetic"
 
 
@@ -310,6 +378,9 @@ def _bad_files(tmp_path):
     (["depth", *"--model tiny --crop 32 --steps 3 --workers 0 --data {tmp}/bad.tar --val-data {w}/val".split()],
      "cannot read sample "),
     (["compare", "--pretrain-steps", "0"], "--pretrain-steps 0: must be >= 1"),
+    (["seg", "--preset", "beit"], "--preset must be mae, paper, not 'beit'"),
+    (["seg", *"--taps 1,2 --model tiny --data {w}/train --val-data {w}/val".split()],
+     "--taps 1,2: quarters, beit or four block indices in 0..3"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_world, capsys, argv, message):
     _bad_files(tmp_path)
@@ -321,19 +392,17 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_world, capsys, arg
     assert message.format(tmp=tmp_path, w=w) in err[0] and not list(tmp_path.glob("out/ckpt-*.pt"))
 
 
-def test_unreadable_images_stop_a_run_with_workers_in_one_line(tmp_path, tiny_world):
-    """A shard whose every image is bad, through the command line with 2 DataLoader workers: one line naming a
-    sample, exit 2, and the process ends (its workers, which ignore SIGTERM, do not hold it)."""
-    import subprocess
-    import sys
+def test_unreadable_images_stop_a_run_with_workers_in_one_line(tmp_path, tiny_world, capsys):
+    """A shard whose every image is bad, read by 2 DataLoader workers: one line naming a sample (no worker
+    traceback), a non-zero exit, and no worker left behind (they ignore SIGTERM)."""
+    import multiprocessing
     _bad_files(tmp_path)
-    done = subprocess.run([sys.executable, "dense.py", "seg", "--model", "tiny", "--crop", "32", "--steps", "3",
-                           "--workers", "2", "--data", str(tmp_path / "bad.tar"), "--val-data", tiny_world["val"],
-                           "--out", str(tmp_path / "out")], timeout=120, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(D.__file__)), env=dict(os.environ, OMP_NUM_THREADS="1"))
-    err = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(err) == 1, done.stderr
-    assert err[0].startswith(f"error: cannot read sample ") and f"of {tmp_path}/bad.tar: UnidentifiedImageError" in err[0]
+    with pytest.raises(SystemExit) as e:
+        D.main(["seg", "--model", "tiny", "--crop", "32", "--steps", "3", "--workers", "2", "--data",
+                str(tmp_path / "bad.tar"), "--val-data", tiny_world["val"], "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and not multiprocessing.active_children(), err
+    assert err[0].startswith("error: cannot read sample ") and f"of {tmp_path}/bad.tar: UnidentifiedImageError" in err[0]
 
 
 def test_a_new_run_into_another_runs_checkpoints_stops_or_starts_over(tmp_path, tiny_world, capsys):
@@ -349,33 +418,26 @@ def test_a_new_run_into_another_runs_checkpoints_stops_or_starts_over(tmp_path, 
     assert json.load(open(tmp_path / "a" / "config.json"))["lr"] == 1e-3
 
 
-def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path, tiny_world):
-    """kill -TERM -PGID with a DataLoader worker: the worker ignores it, the main process saves a checkpoint at
-    the current step and exits 0; --resume auto then logs the losses of a run that never stopped."""
-    import signal
+def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(tmp_path, tiny_world, signal_script):
+    """SIGTERM to the process group (a DataLoader worker included) after step 3: the worker ignores it, the main
+    process saves a checkpoint at the current step and exits 0, the worker is gone; --resume auto then logs the
+    losses of a run that never stopped."""
     import subprocess
     import sys
-    import time
-    extra = ["--model", "tiny", "--steps", "30", "--val-images", "2", "--log-every", "1", "--ckpt-every", "1000"]
-    D.main(_args("seg", tiny_world, tmp_path / "ref", *extra))
-    cmd = [sys.executable, "dense.py"] + _args("seg", tiny_world, tmp_path / "r", *extra, "--workers", "1")
-    env, cwd = dict(os.environ, OMP_NUM_THREADS="1"), os.path.dirname(os.path.abspath(D.__file__))
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    log, deadline = tmp_path / "r" / "log.jsonl", time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count('"loss"') >= 3):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "stopped at step" in output and "Traceback" not in output, output
+    extra = ["--model", "tiny", "--steps", "8", "--val-images", "2", "--log-every", "1", "--ckpt-every", "1000"]
+    argv = _args("seg", tiny_world, tmp_path / "r", *extra, "--workers", "1")
+    proc = subprocess.Popen([sys.executable, signal_script("dense", 3), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "stopped at step 3" in output and "Traceback" not in output, output
     with pytest.raises(ProcessLookupError):  # the worker is gone too
         os.killpg(proc.pid, 0)
-    ckpts = [p.name for p in (tmp_path / "r").glob("ckpt-*.pt")]
-    assert len(ckpts) == 1 and 3 <= int(ckpts[0][5:-3]) < 30, (ckpts, output)
-    done = subprocess.run(cmd + ["--resume", "auto"], cwd=cwd, capture_output=True, text=True, env=env)
-    assert done.returncode == 0 and "final checkpoint" in done.stdout, done.stdout + done.stderr
+    assert [p.name for p in (tmp_path / "r").glob("ckpt-*.pt")] == ["ckpt-3.pt"]
+    D.main(_args("seg", tiny_world, tmp_path / "r", *extra, "--resume", "auto"))
+    D.main(_args("seg", tiny_world, tmp_path / "ref", *extra))
     losses = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / "log.jsonl")) if "loss" in r}
-    assert losses(tmp_path / "r") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 30
+    assert losses(tmp_path / "r") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 8
 
 
 def test_caption_source_replaces_alt_text():
@@ -411,7 +473,7 @@ def test_alt_noise_replaces_a_fixed_fraction_with_unrelated_alt_text():
     scene = {"shape": "star", "count": 1, "size": "large", "colour": "red", "outlined": False,
              "position": "at the top left", "texture": "striped", "background": "blue", "distractors": []}
     meta = json.dumps({"scene": scene}).encode()
-    samples = [{"__key__": f"train{i:07d}", "txt": b"a star", "json": meta} for i in range(3000)]
+    samples = [{"__key__": f"train{i:07d}", "txt": b"a star", "json": meta} for i in range(1000)]
     read = lambda s: s["txt"].decode()
     noisy = M.CaptionSource(read, "alt", 0.0, "^syn_text.*$", seed=0, noise=0.5)
     out = [noisy(s) for s in samples]
