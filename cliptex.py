@@ -69,7 +69,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common as C
 import mobileclip as M
 
-
 # One dataclass per command (its --help lists only its own flags); `compare` runs them all, its Config holds them all.
 @dataclass
 class Shared:
@@ -80,7 +79,6 @@ class Shared:
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
     synthetic_train: int = 40000  # synthetic training images
     synthetic_val: int = 1000  # synthetic held-out images
-
 
 @dataclass
 class LabelConfig(Shared):
@@ -98,7 +96,6 @@ class LabelConfig(Shared):
     min_box_area: int = 4  # synthetic detections: connected regions smaller than this (pixels) are dropped
     depth_jump: float = 0.05  # normals from depth: a depth step above this between neighbours is a discontinuity
 
-
 @dataclass
 class ClipConfig(Shared):  # train and probe: the CLIP and its zero-shot evaluation
     init: str = ""  # the CLIP: a mobileclip.py (or cliptex.py) checkpoint, or OpenAI/OpenCLIP + --bpe
@@ -109,7 +106,6 @@ class ClipConfig(Shared):  # train and probe: the CLIP and its zero-shot evaluat
     zeroshot_data: str = ""  # ImageFolder for zero-shot top-1; default: the synthetic held-out set
     classnames: str = ""  # one class name per line, in folder order (default: the folder names)
     templates: str = ""  # prompt templates with '{}' (default: common.DEFAULT_TEMPLATES)
-
 
 @dataclass
 class TrainConfig(ClipConfig):
@@ -140,7 +136,6 @@ class TrainConfig(ClipConfig):
     overwrite: bool = False  # start over in an --out holding another run's checkpoints (they move to OUT/previous-N/)
     max_skip_frac: float = 0.5  # stop if more than this fraction of samples is unusable
 
-
 @dataclass
 class ProbeConfig(ClipConfig):
     val_data: str = ""  # held-out shards with seg.png / depth.png (default: the synthetic held-out set)
@@ -150,28 +145,22 @@ class ProbeConfig(ClipConfig):
     probe_images: int = 2000  # training images of each probe (0 = dense.py's default)
     probe_val_images: int = 0  # held-out images scored (0 = all)
 
-
 @dataclass
 class Config(LabelConfig, TrainConfig, ProbeConfig):
     base_steps: int = 800  # without --init: steps of the base CLIP trained first with mobileclip.py
-
 
 IGNORE = 255  # segmentation: "the expert is unsure"
 DENSE_STRIDE = 4  # the heads predict at 1/4 of the input (dense.py's finest level)
 TASKS = ("seg", "depth", "normals", "det")
 
-
 # ---- 1. Stored pseudo-label formats (spec 4): what `label` writes beside each sample, and how it reads back ----------
-
 
 def encode_seg(classes: np.ndarray) -> bytes:
     """(H, W) class ids 0..254, 255 = ignore -> an 8-bit greyscale PNG."""
     return C.encode_member("png", Image.fromarray(classes.astype(np.uint8), "L"))
 
-
 def decode_seg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.uint8)  # (H, W)
-
 
 def encode_depth(depth: np.ndarray) -> bytes:
     """(H, W) relative inverse depth in [0, 1] (1 = near), 0 = invalid -> a 16-bit PNG of round(d * 65535);
@@ -180,10 +169,8 @@ def encode_depth(depth: np.ndarray) -> bytes:
     q[(depth > 0) & (q == 0)] = 1
     return C.encode_member("png", Image.fromarray(q))
 
-
 def decode_depth(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 65535  # (H, W), 0 = invalid
-
 
 def encode_normals(normals: np.ndarray, valid: np.ndarray) -> bytes:
     """(H, W, 3) unit normals, (H, W) validity -> an RGB PNG of round((n + 1) * 127.5); (0, 0, 0) marks an
@@ -192,22 +179,18 @@ def encode_normals(normals: np.ndarray, valid: np.ndarray) -> bytes:
     q[~valid] = 0
     return C.encode_member("png", Image.fromarray(q, "RGB"))
 
-
 def decode_normals(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """-> (H, W, 3) unit normals (renormalised after quantisation), (H, W) validity."""
     q = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
     n = q / 127.5 - 1
     return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6), q.any(axis=-1)
 
-
 def encode_boxes(boxes, classes, scores, size) -> dict:
     """Detections above the expert's threshold: boxes [x0, y0, x1, y1] in pixels of the stored image."""
     return {"boxes": [[round(float(v), 2) for v in b] for b in boxes], "classes": [int(c) for c in classes],
             "scores": [round(float(s), 4) for s in scores], "size": [int(size[0]), int(size[1])]}
 
-
 # ---- 2. Experts (Sec. 3): image -> hard pseudo-labels. Each expert maps (PIL image, raw sample) -> members. ----------
-
 
 def unsure_boundaries(mask: np.ndarray) -> np.ndarray:
     """The synthetic expert's confidence: IGNORE on the background pixels that touch an object (3x3) and on the
@@ -220,7 +203,6 @@ def unsure_boundaries(mask: np.ndarray) -> np.ndarray:
     out = mask.copy()
     out[other.any(0)] = IGNORE
     return out
-
 
 def connected_boxes(mask: np.ndarray, min_area: int) -> tuple[list, list]:
     """Boxes [x0, y0, x1, y1] (pixel edges) and classes of the 8-connected regions of each class > 0:
@@ -247,7 +229,6 @@ def connected_boxes(mask: np.ndarray, min_area: int) -> tuple[list, list]:
             classes.append(int(mask[ys[0], xs[0]]))
     return boxes, classes
 
-
 def normals_from_depth(depth: np.ndarray, jump: float) -> tuple[np.ndarray, np.ndarray]:
     """Surface normals of the depth map read as a height field z = d * W (1 = near, so z points toward the
     camera; x right, y down): n = normalise(-dz/dx, -dz/dy, 1) by central differences. Pixels next to a step
@@ -261,7 +242,6 @@ def normals_from_depth(depth: np.ndarray, jump: float) -> tuple[np.ndarray, np.n
     steps = [np.abs(p[1 + i:1 + i + H, 1 + j:1 + j + W] - depth) for i, j in ((0, 1), (0, -1), (1, 0), (-1, 0))]
     valid = (np.max(steps, axis=0) <= jump) & (depth > 0)
     return n.astype(np.float32), valid
-
 
 class SyntheticExpert:
     """The synthetic world's renderer as the expert (its shards carry the ground truth: seg.png, 0 = background,
@@ -282,7 +262,6 @@ class SyntheticExpert:
             return {"det": (boxes, classes, [1.0] * len(boxes))}
         depth = decode_depth(sample["depth.png"])
         return {"depth": depth} if self.task == "depth" else {"normals": normals_from_depth(depth, self.cfg.depth_jump)}
-
 
 class TorchvisionExpert:
     """torchvision's segmentation (DeepLabV3, FCN, LR-ASPP: 21 VOC classes) or detection (Faster/Mask R-CNN,
@@ -317,7 +296,6 @@ class TorchvisionExpert:
         keep = out["scores"] >= self.threshold
         return {"det": (out["boxes"][keep].tolist(), out["labels"][keep].tolist(), out["scores"][keep].tolist())}
 
-
 def load_user_expert(spec: str, weights: str, task: str, device):
     """A depth or normals expert: a TorchScript file, or `module:Class` (importable, built with no arguments)
     with a state-dict file in --<task>-weights. Interface: forward(x) with x (1, 3, H, W) float RGB in [0, 1]
@@ -342,14 +320,12 @@ def load_user_expert(spec: str, weights: str, task: str, device):
     C.load_state_dict_checked(model, read_weights(weights, f"--{task}-weights"), f"--{task}-weights {weights}")
     return model.to(device).eval()
 
-
 def read_weights(path: str, flag: str) -> dict:
     """A state-dict file (weights only: no pickled code runs), unwrapped; one line if it does not read."""
     try:
         return C.unwrap_state_dict(C.read_checkpoint(path))
     except (ValueError, OSError) as e:
         C.fail(f"{flag} {path}: not a state-dict file ({e})")
-
 
 class UserExpert:
     """Runs a depth / normals model from load_user_expert at the image's stored resolution."""
@@ -368,7 +344,6 @@ class UserExpert:
             return {"depth": d.clamp(min=1 / 65535).cpu().numpy()}
         n = F.normalize(y, dim=0).permute(1, 2, 0).cpu().numpy()
         return {"normals": (n, np.isfinite(n).all(-1))}
-
 
 def build_experts(cfg: Config, device) -> dict:
     """{task: expert} for --experts. Normals from depth (spec 4) are the string "depth": label_sample derives
@@ -392,7 +367,6 @@ def build_experts(cfg: Config, device) -> dict:
         experts["_depth"] = make("depth")
     return experts
 
-
 def label_sample(sample: dict, experts: dict, cfg: Config) -> dict:
     """One image through every expert -> the members stored beside it: seg.png, depth.png, normals.png,
     det.json (exactly those of --experts)."""
@@ -412,7 +386,6 @@ def label_sample(sample: dict, experts: dict, cfg: Config) -> dict:
     if "det" in y:
         out["det.json"] = encode_boxes(*y["det"], img.size)
     return out
-
 
 def label(cfg: LabelConfig):
     """Pseudo-label the data offline with the task experts (Sec. 3): one label shard per data shard.
@@ -452,7 +425,6 @@ def label(cfg: LabelConfig):
     C.finish_run(cfg.out, extra=f"label shards {cfg.out}/*.tar")
     C.cleanup_distributed()
 
-
 def resolve_shards(cfg: Shared) -> list[str]:
     """--data's shards, or the synthetic world's (made on first use); one line if missing or all empty (0 bytes)."""
     try:
@@ -463,14 +435,11 @@ def resolve_shards(cfg: Shared) -> list[str]:
         C.fail(f"--data {cfg.data}: {'its' if len(shards) == 1 else f'all {len(shards)}'} shard file(s) empty")
     return shards
 
-
 def synthetic(cfg: Config) -> dict:
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
     return C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, M.model_spec(cfg.model)["image_size"], 0)
 
-
 # ---- 3. Training data: image-text samples joined with their pseudo-labels, one crop for both -------------------------
-
 
 class LabelledShards(C.ShardStream):
     """common.ShardStream over data shards, each read in step with the label shard of the same name (the data's
@@ -490,14 +459,12 @@ class LabelledShards(C.ShardStream):
                 pending = next(labels, None)
             yield s  # a sample the experts skipped has no label members: decode rejects it if a task needs them
 
-
 def crop_label(arr: np.ndarray, box, image_size, size: int, resample) -> np.ndarray:
     """Apply the image's crop box (in image pixels) to a label map of any resolution, resize to size x size."""
     H, W = arr.shape[:2]
     sx, sy = W / image_size[0], H / image_size[1]  # the expert may have stored another resolution
     b = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     return np.asarray(Image.fromarray(arr).resize((size, size), resample, box=b))
-
 
 class LabelledDecode:
     """Sample -> {image, ids, caption} as common.ImageTextDecode (the same crop from the same seed), plus each task's
@@ -534,7 +501,6 @@ class LabelledDecode:
             out.update(det_targets(json.loads(sample["det.json"]), box, img.size, S, self.K))
         return out
 
-
 def det_targets(det: dict, box, image_size, size: int, K: int) -> dict:
     """CenterNet-style targets on the stride-4 grid of the crop: per class a heatmap of Gaussian peaks at the
     box centres (sigma = sqrt(w h) / 6 cells, at least 0.5; exactly 1 at the centre cell), and the box
@@ -556,9 +522,7 @@ def det_targets(det: dict, box, image_size, size: int, K: int) -> dict:
     return {"det_heat": torch.from_numpy(heat), "det_size": torch.from_numpy(wh),
             "det_centre": torch.from_numpy(centre)}
 
-
 # ---- 4. Light heads on the image backbone (Sec. 3, spec 2) -----------------------------------------------------------
-
 
 def dense_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The image tower's embedding (as visual(x)) and its dense features from the same forward pass:
@@ -578,12 +542,10 @@ def dense_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, li
         return emb, [grid]
     C.fail(f"cliptex.py attaches heads to MCi and ViT towers, not {type(visual).__name__}")
 
-
 def feature_channels(visual: nn.Module) -> list[int]:
     if isinstance(visual, M.MCi):
         return [m[-1].convffn.fc2.out_channels for m in visual.network if isinstance(m, nn.Sequential)]
     return [visual.patch_embed.out_channels]
-
 
 class DenseHead(nn.Module):
     """A light head: per level a 1x1 conv to `width`, upsampled to stride 4 and summed (an FPN without the
@@ -598,7 +560,6 @@ class DenseHead(nn.Module):
         x = sum(F.interpolate(l(f), size=grid, mode="bilinear", align_corners=False) if f.shape[-2:] != grid
                 else l(f) for l, f in zip(self.lateral, feats))  # (B, width, H/4, W/4)
         return self.out(F.gelu(x))  # (B, out, H/4, W/4)
-
 
 class CLIPTeX(nn.Module):
     """A CLIP and one DenseHead per task: forward -> (image emb, text emb, scale, {task: raw head output})."""
@@ -618,13 +579,10 @@ class CLIPTeX(nn.Module):
         return (F.normalize(emb, dim=-1), self.clip.encode_text(ids, True),
                 self.clip.logit_scale.exp().clamp(max=100.0), outs)
 
-
 # ---- 5. Task losses (spec 2): batched, masked sums in fp32, no host sync; a naive loop version beside each -----------
-
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
-
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the pixels the expert was sure of: logits (B, K, h, w) at any stride, target (B, S, S)
@@ -632,14 +590,12 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(upsample(logits, target.shape[-2:]), target, ignore_index=IGNORE, reduction="sum")
     return ce / (target != IGNORE).sum().clamp(min=1)
 
-
 def seg_loss_reference(logits, target) -> torch.Tensor:
     up, total, n = upsample(logits, target.shape[-2:]), 0.0, 0
     for b, i, j in zip(*torch.nonzero(target != IGNORE, as_tuple=True)):
         total = total - up[b, :, i, j].log_softmax(0)[target[b, i, j]]
         n += 1
     return total / n if n else torch.zeros(())
-
 
 def depth_loss(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) -> torch.Tensor:
     """Scale-invariant log loss (Eigen et al. 2014, lambda 0.85 as BTS/AdaBins) per image over target > 0:
@@ -652,7 +608,6 @@ def depth_loss(pred: torch.Tensor, target: torch.Tensor, lambda_: float = 0.85) 
     per_image = (m2 - lambda_ * m1 ** 2).clamp(min=1e-8).sqrt()
     return (per_image * (n > 0)).sum() / (n > 0).sum().clamp(min=1)
 
-
 def depth_loss_reference(pred, target, lambda_: float = 0.85) -> torch.Tensor:
     up, losses = upsample(pred, target.shape[-2:])[:, 0].sigmoid(), []
     for b in range(len(target)):
@@ -662,13 +617,11 @@ def depth_loss_reference(pred, target, lambda_: float = 0.85) -> torch.Tensor:
             losses.append(torch.sqrt((g ** 2).mean() - lambda_ * g.mean() ** 2))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
-
 def normals_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """1 - cosine between the L2-normalised prediction and the target normal, mean over valid pixels.
     pred (B, 3, h, w), target (B, 3, S, S) unit, valid (B, S, S)."""
     cos = (F.normalize(upsample(pred, target.shape[-2:]), dim=1) * target.float()).sum(1)  # (B, S, S)
     return ((1 - cos) * valid).sum() / valid.sum().clamp(min=1)
-
 
 def normals_loss_reference(pred, target, valid) -> torch.Tensor:
     up, total, n = upsample(pred, target.shape[-2:]), 0.0, 0
@@ -676,7 +629,6 @@ def normals_loss_reference(pred, target, valid) -> torch.Tensor:
         total = total + 1 - F.cosine_similarity(up[b, :, i, j], target[b, :, i, j].float(), dim=0)
         n += 1
     return total / n if n else torch.zeros(())
-
 
 def det_loss(out: torch.Tensor, heat: torch.Tensor, size: torch.Tensor, centre: torch.Tensor,
              alpha: float = 2.0, beta: float = 4.0, w_size: float = 0.1) -> torch.Tensor:
@@ -693,7 +645,6 @@ def det_loss(out: torch.Tensor, heat: torch.Tensor, size: torch.Tensor, centre: 
     l1 = ((wh - size).abs().sum(1) * centre).sum() / centre.sum().clamp(min=1)
     return -focal.sum() / n + w_size * l1
 
-
 def det_loss_reference(out, heat, size, centre, alpha=2.0, beta=4.0, w_size=0.1) -> torch.Tensor:
     K, total, npos, l1, ncent = heat.shape[1], 0.0, 0, 0.0, 0
     for b, k, i, j in np.ndindex(*heat.shape):
@@ -706,7 +657,6 @@ def det_loss_reference(out, heat, size, centre, alpha=2.0, beta=4.0, w_size=0.1)
         l1, ncent = l1 + (out[b, K:, i, j].float() - size[b, :, i, j]).abs().sum(), ncent + 1
     return total / max(npos, 1) + w_size * l1 / max(ncent, 1)
 
-
 def task_losses(outs: dict, batch: dict) -> dict:
     """{task: loss} for the heads present."""
     fns = {"seg": lambda o: seg_loss(o, batch["seg"]), "depth": lambda o: depth_loss(o, batch["depth"]),
@@ -714,9 +664,7 @@ def task_losses(outs: dict, batch: dict) -> dict:
            "det": lambda o: det_loss(o, batch["det_heat"], batch["det_size"], batch["det_centre"])}
     return {t: fns[t](o) for t, o in outs.items()}
 
-
 # ---- 6. Training: L = L_CLIP + sum_t w_t L_t (Sec. 3), or the CLIP-FT baseline (--baseline) --------------------------
-
 
 def read_init(cfg: ClipConfig) -> tuple[dict | None, str]:
     """(the --init checkpoint or None, the model name); a file that does not read stops with one line."""
@@ -732,7 +680,6 @@ def read_init(cfg: ClipConfig) -> tuple[dict | None, str]:
     ours = isinstance(ck, dict) and "model_name" in ck and "model" in ck
     return (ck, ck["model_name"]) if ours else (None, cfg.model)
 
-
 def load_clip(cfg: Config, ck: dict | None, name: str, shards: list[str]):
     """The CLIP to continue and its tokenizer: a mobileclip.py / cliptex.py checkpoint (tokenizer: --bpe or
     the bpe.txt beside it), OpenAI/OpenCLIP or ml-mobileclip weights (--bpe), or a fresh model (no --init; a
@@ -747,6 +694,7 @@ def load_clip(cfg: Config, ck: dict | None, name: str, shards: list[str]):
         if tok.vocab_size != ck["vocab_size"]:
             C.fail(f"--bpe {bpe} has {tok.vocab_size} tokens, the checkpoint's text tower {ck['vocab_size']}")
         clip = M.build_model(mcfg, ck["vocab_size"])
+        M.fit_head_bias(clip, ck["model"])  # a run from a v1 MobileCLIP whose timm head learned a bias
         C.load_state_dict_checked(clip, ck["model"], f"--init {cfg.init}")
     elif cfg.init:
         if not cfg.bpe:
@@ -762,14 +710,12 @@ def load_clip(cfg: Config, ck: dict | None, name: str, shards: list[str]):
         tok.save(os.path.join(cfg.out, "bpe.txt"))
     return clip, tok
 
-
 def make_optimizer(model: CLIPTeX, cfg: Config) -> torch.optim.Optimizer:
     """AdamW: the CLIP at --lr, the fresh heads at --head-lr (their groups carry lr_mult)."""
     groups = C.param_groups(model.clip, cfg.weight_decay)
     groups += [dict(g, lr_mult=cfg.head_lr / cfg.lr) for g in C.param_groups(model.heads, cfg.weight_decay)]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6,
                              fused=next(model.parameters()).is_cuda)
-
 
 def parse_tasks(cfg: TrainConfig) -> list[str]:
     """--tasks, checked; a task needs --labels, a folder (its shards are checked against the data's in train)."""
@@ -784,12 +730,10 @@ def parse_tasks(cfg: TrainConfig) -> list[str]:
         C.fail(f"--{small[0].replace('_', '-')} {getattr(cfg, small[0])}: must be >= 1")
     return tasks
 
-
 def zeroshot(clip, tok, cfg: Config, name: str, zs_dir: str, device) -> dict:
     """Zero-shot top-1/top-5 with mobileclip.py's evaluation (prompt ensemble, the model's preprocessing)."""
     mcfg = M.Config(model=name, classnames=cfg.classnames, templates=cfg.templates)
     return M.evaluate(clip, tok, mcfg, zs_dir, "", device) if zs_dir else {}
-
 
 def train(cfg: TrainConfig):
     """Continue a CLIP with L_CLIP + the task losses on the stored pseudo-labels (CLIPTeX), or CLIP-FT (--baseline).
@@ -915,13 +859,12 @@ def train(cfg: TrainConfig):
     C.finish_run(cfg.out, path)
     C.cleanup_distributed()
 
-
 # ---- 7. Evaluation: dense.py's frozen linear probes, and the comparison on the synthetic world -----------------------
-
 
 def probe(cfg: ProbeConfig) -> dict:
     """Score a CLIP (--init): zero-shot top-1 and dense.py's frozen linear probes of its backbone (seg, depth).
-    Probes: BN + 1x1 conv on every level; mIoU, depth RMSE / AbsRel / delta1. No --data: the synthetic world's truth."""
+    Probes: BN + 1x1 conv on every level; mIoU (common.miou, as dense.py scores), depth RMSE / AbsRel / delta1. No
+    --data: the synthetic world's truth."""
     import dense
     ck, name = read_init(cfg)
     if ck is None:
@@ -948,7 +891,6 @@ def probe(cfg: ProbeConfig) -> dict:
         json.dump(metrics, open(os.path.join(cfg.out, "probe.json"), "w"), indent=1)
     C.finish_run(cfg.out, extra=f"metrics {os.path.join(cfg.out, 'probe.json')}, the probes in {cfg.out}/probe_*")
     return metrics
-
 
 def compare(cfg: Config) -> dict:
     """The comparison on the synthetic world: a base CLIP, then CLIPTeX and CLIP-FT from it, all three probed.
@@ -989,11 +931,9 @@ def compare(cfg: Config) -> dict:
     C.finish_run(cfg.out, extra=f"table {os.path.join(cfg.out, 'compare.json')}, each run in its sub-directory")
     return results
 
-
 def main(argv=None):
     return C.run_command(__doc__, {"label": (label, LabelConfig), "train": (train, TrainConfig),
                                    "probe": (probe, ProbeConfig), "compare": (compare, Config)}, argv)
-
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,6 @@ tiny comparison: pseudo-supervised training gives better linear-probe features t
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -255,22 +254,8 @@ def train_args(data, labels, out, steps, *extra):
             "--workers", "0", "--log-every", "5", "--no-eval", "--warmup", "5", *extra]
 
 
-def test_resume_continues_exactly(labelled, tmp_path):
-    data, labels = labelled
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    X.main(train_args(data, labels, a, 6))
-    X.main(train_args(data, labels, b, 6, "--ckpt-every", "3"))
-    os.remove(os.path.join(b, "ckpt-6.pt"))
-    X.main(train_args(data, labels, b, 6, "--resume", "auto"))
-    sa, sb = (torch.load(os.path.join(d, "ckpt-6.pt"), weights_only=True) for d in (a, b))
-    for part in ("model", "heads"):
-        for k in sa[part]:
-            assert torch.allclose(sa[part][k], sb[part][k], atol=1e-6), (part, k)
-    assert sb["tasks"] == ["seg", "depth", "normals", "det"] and "bpe.txt" in os.listdir(b)
-
-
 def probe_features(ckpt, shards):
-    """A least-squares linear probe on the frozen stage features (dense.py's metric functions score it)."""
+    """A least-squares linear probe on the frozen stage features, scored as dense.py scores (common.miou)."""
     ck = torch.load(ckpt, weights_only=True)
     clip = M.build_model(M.Config(model=ck["model_name"]), ck["vocab_size"]).eval()
     clip.load_state_dict(ck["model"])
@@ -292,8 +277,8 @@ def probe_features(ckpt, shards):
     ridge = torch.eye(x.shape[1]) * 1.0
     y = torch.cat([F.one_hot(seg, 11).float(), (seg > 0).float()[:, None], depth[:, None]], 1)
     pred = x[n:] @ torch.linalg.solve(x[:n].T @ x[:n] + ridge, x[:n].T @ y[:n])  # (M, 13)
-    miou = dense.miou(dense.confusion_matrix(pred[:, :11].argmax(1), seg[n:], 11))[0]
-    fg_iou = dense.miou(dense.confusion_matrix((pred[:, 11] > 0.5).long(), (seg[n:] > 0).long(), 2))[1][1]
+    miou = C.miou(C.confusion_matrix(pred[:, :11].argmax(1), seg[n:], 11))
+    fg_iou = C.miou(C.confusion_matrix((pred[:, 11] > 0.5).long(), (seg[n:] > 0).long(), 2), per_class=True)[1][1]
     rmse = float(dense.depth_errors(pred[:, 12][None], depth[n:][None])["rmse"].mean())
     return miou, float(fg_iou), rmse
 
@@ -322,15 +307,15 @@ def test_tiny_comparison_pseudo_supervision_beats_clip_ft(labelled, world, tmp_p
 
 # ---- issue 28: --help, one-line errors, one run per --out, SIGTERM ---------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN_FLAG = {"label": ("--experts", "--steps"), "train": ("--tasks", "--experts"), "probe": ("--probe-steps", "--tasks"),
             "compare": ("--base-steps", "--nothing")}
 
 
 def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "cliptex.py"), "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "Traceback" not in out.stderr and "CLIPTeX" in out.stdout
-    assert all(f"  {name} " in out.stdout for name in OWN_FLAG)
+    with pytest.raises(SystemExit) as e:
+        X.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "CLIPTeX" in out and all(f"  {name} " in out for name in OWN_FLAG)
     for name, (own, other) in OWN_FLAG.items():
         with pytest.raises(SystemExit) as e:
             X.main([name, "--help"])
@@ -397,27 +382,41 @@ def test_a_new_run_into_another_runs_checkpoints_stops(world, tmp_path, capsys):
     assert len(err) == 1 and "holds another run's checkpoints (ckpt-2.pt" in err[0] and "--overwrite" in err[0], err
 
 
-def test_sigterm_to_the_process_group_saves_and_resume_logs_the_same_losses(world, tmp_path):
-    """kill -TERM -PGID of a run without DataLoader workers (--workers 0): it saves a checkpoint at the current step
-    and exits 0; --resume auto then logs the losses of a run never stopped, step for step."""
-    shard = os.path.join(world["train"], "train-00000.tar")
+def test_sigterm_to_the_process_group_saves_and_resume_continues_exactly(labelled, tmp_path, signal_script):
+    """kill -TERM -PGID after step 2 of a run with all four task heads: it saves a checkpoint at the current step and
+    exits 0; --resume auto then logs the losses of a run never stopped, step for step, and ends with its weights."""
+    data, labels = labelled
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "cliptex.py"), *baseline_args(shard, a, 10, "--workers",
-                                                                                              "0")],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in run.stdout:
-        if line.startswith("step 2 "):
-            os.killpg(run.pid, signal.SIGTERM)
-            break
-    out, err = run.communicate(timeout=300)
-    saved = C.checkpoints(a)
-    assert run.returncode == 0 and "Traceback" not in err and len(saved) == 1, err
-    stopped = torch.load(saved[0], weights_only=True)["step"]
-    assert 2 <= stopped < 10 and f"stopped by a signal at step {stopped}" in out
-    X.main(baseline_args(shard, a, 10, "--workers", "0", "--resume", "auto"))
-    X.main(baseline_args(shard, b, 10, "--workers", "0"))
+    argv = train_args(data, labels, a, 5, "--log-every", "1")
+    run = subprocess.run([sys.executable, signal_script("cliptex", 2), *argv], capture_output=True, text=True,
+                         start_new_session=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert [os.path.basename(p) for p in C.checkpoints(a)] == ["ckpt-2.pt"]
+    assert "stopped by a signal at step 2" in run.stdout
+    X.main(argv + ["--resume", "auto"])
+    X.main(train_args(data, labels, b, 5, "--log-every", "1"))
     loss = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if "loss" in r}
     la, lb = loss(a), loss(b)
-    assert sorted(la) == sorted(lb) == list(range(1, 11))
+    assert sorted(la) == sorted(lb) == list(range(1, 6))
     assert all(la[s] == pytest.approx(lb[s], rel=1e-5) for s in lb), (la, lb)
+    sa, sb = (torch.load(os.path.join(d, "ckpt-5.pt"), weights_only=True) for d in (a, b))
+    for part in ("model", "heads"):
+        for k in sa[part]:
+            assert torch.allclose(sa[part][k], sb[part][k], atol=1e-6), (part, k)
+    assert sb["tasks"] == ["seg", "depth", "normals", "det"] and "bpe.txt" in os.listdir(b)
+
+
+def test_load_clip_fits_a_v1_head_bias(tmp_path):
+    """A run continued from a v1 MobileCLIP whose timm head learned a bias: load_clip gives the head a bias
+    (mobileclip.fit_head_bias) and loads the checkpoint strictly, bias included."""
+    tok = C.Tokenizer(merges=[])
+    tok.save(str(tmp_path / "bpe.txt"))
+    clip = M.build_model(M.Config(model="mobileclip_tiny"), tok.vocab_size)
+    bias = torch.randn(clip.visual.head.proj.shape[1])
+    sd = {**clip.state_dict(), "visual.head.bias": bias}
+    torch.save({"model": sd, "model_name": "mobileclip_tiny", "vocab_size": tok.vocab_size, "config": {}, "step": 1},
+               tmp_path / "ckpt-1.pt")
+    cfg = X.TrainConfig(init=str(tmp_path / "ckpt-1.pt"), out=str(tmp_path / "out"))
+    ck, name = X.read_init(cfg)
+    loaded, _ = X.load_clip(cfg, ck, name, [])
+    assert torch.equal(loaded.visual.head.bias, bias)
