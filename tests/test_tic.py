@@ -59,8 +59,7 @@ def fake_steps(root, n=200, T=3):
             C.write_shard(os.path.join(root, f"step{k}", "train", f"train-{s:05d}.tar"),
                           ({"__key__": f"k{k}_{i:05d}", "txt": "x", "json": {"year": y0 + i % 2}}
                            for i in range(s * n // 2, (s + 1) * n // 2)))
-    tic.write_steps(root, ranges, {(k, p): n if p == "train" else 0 for k in range(T)
-                                   for p in ("train", "val", "eval")}, None, "year")
+    tic.write_steps(root, ranges, {f"step{k}/train": n for k in range(T)}, None, "year")
     return tic.read_steps(root)
 
 
@@ -203,7 +202,8 @@ def _lwf_worker(rank, world, port, out):
 def test_lwf_loss_two_gloo_processes_match_the_reference(tmp_path, free_port):
     """Local rows against the gathered batch on 2 ranks = the full-matrix reference on one process."""
     import torch.multiprocessing as mp
-    mp.spawn(_lwf_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_lwf_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")  # fork: the workers need not import torch again
     torch.manual_seed(0)
     model = Towers()
     x, t, ti, tt = _lwf_data()
@@ -258,7 +258,7 @@ def test_split_by_year_into_steps(tmp_path):
     for k, s in enumerate(steps["steps"]):
         assert 0 < s["eval"] < 0.25 * totals[k] and 0 < s["val"] < 0.25 * totals[k]
         seen = set()
-        for p in tic.part_shards(out, k, "train"):
+        for p in tic.part_shards(out, f"step{k}/train"):
             for smp in C.iter_tar_samples(p, {}):
                 seen.add(tic.sample_year(json.loads(smp["json"]), "t"))
         assert seen and all(s["years"][0] <= y <= s["years"][1] for y in seen)
@@ -266,12 +266,78 @@ def test_split_by_year_into_steps(tmp_path):
         tic.parse_years("2016,2015")
 
 
+def test_split_from_released_uid_files(tmp_path, capsys):
+    """TiC-DataComp as released, files written here in its layout: {year}.npy (u8,u8) training UIDs, the
+    year2uids retrieval pickle and the year -> synset -> UIDs DataCompNet pickle. Shards carry the UID in their json."""
+    import pickle
+    import numpy as np
+    uid = lambda i: f"{i * 7919:016x}{i:016x}"  # 128-bit hex; the halves differ
+    years = {i: 2014 + i % 10 for i in range(100)}  # 2014..2023
+    ret = {2015: [uid(1)], 2017: [uid(3), uid(13)], 2022: [uid(8)]}
+    net = {2017: {"n02": [uid(23)], "n01": [uid(33), uid(3)]}}  # uid(3) is in both evaluation sets
+    held = {u for us in ret.values() for u in us} | {u for by in net.values() for us in by.values() for u in us}
+    d = tmp_path / "uids"
+    d.mkdir()
+    for y in range(2014, 2024):
+        np.save(d / f"{y}.npy", np.sort(np.array([(int(uid(i)[:16], 16), int(uid(i)[16:], 16)) for i in years
+                                                  if years[i] == y and uid(i) not in held and i != 99], "u8,u8")))
+    (d / tic.UID_PICKLES[0]).write_bytes(pickle.dumps(ret))
+    (d / tic.UID_PICKLES[1]).write_bytes(pickle.dumps(net))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    C.write_shard(str(raw / "0.tar"), ({"__key__": f"{i:04d}", "txt": f"c{i}", "json": {"uid": uid(i)}}
+                                       for i in range(100)))
+    out = tmp_path / "split"
+    tic.main(["split", "--data", str(raw), "--uids", str(d), "--val-frac", "0", "--out", str(out)])
+    steps = tic.read_steps(str(out))
+    assert [s["name"] for s in steps["steps"]] == ["2014-2016", "2017", "2018", "2019", "2020", "2021", "2022"]
+    # 30 of 2014-16 less 1 held out (uid 1); 10 a year after, less the held-out ones; 2023 (i % 10 == 9) dropped
+    assert [s["train"] for s in steps["steps"]] == [29, 6, 10, 10, 10, 10, 9]
+    assert [(t["name"], t["step"], t["classification"]) for t in steps["tasks"]] == [
+        ("2015", 0, None), ("2017", 1, "tasks/datacompnet/2017"), ("2022", 6, None)]
+    read = lambda part: {json.loads(s["json"])["uid"]: json.loads(s["json"])
+                         for p in tic.part_shards(str(out), part) for s in C.iter_tar_samples(p, {})}
+    assert set(read("tasks/retrieval/2017")) == {uid(3), uid(13)}
+    assert {u: m["label"] for u, m in read("tasks/datacompnet/2017").items()} == {uid(3): 0, uid(33): 0, uid(23): 1}
+    assert {m["year"] for m in read("step0/train").values()} == {2014, 2015, 2016}
+    (d / tic.UID_PICKLES[0]).write_bytes(pickle.dumps({2015: [uid(1)], 2016: os.system}))  # code in a pickle
+    with pytest.raises(SystemExit):
+        tic.main(["split", "--data", str(raw), "--uids", str(d), "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused global" in err[0] and "not TiC-DataComp's released UID files" in err[0]
+
+
+def test_full_set_recall_in_chunks_equals_the_brute_force_matrix():
+    """recall_at_1 over blocks of queries = the full N x N matrix (common.retrieval_eval), ties included."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(53, 8, generator=g)
+    txt = img + 0.9 * torch.randn(53, 8, generator=g)
+    txt[7], img[20] = txt[5], img[21]  # ties: two texts equal, two images equal
+    ref = C.retrieval_eval(img, txt)
+    want = (ref["retrieval_i2t_r1"] + ref["retrieval_t2i_r1"]) / 2
+    assert 10 < want < 90
+    for chunk in (1, 5, 53, 4096):
+        assert tic.recall_at_1(img, txt, chunk) == pytest.approx(want, abs=1e-4)  # one hit = 0.94
+
+
+def test_compute_ratio_at_equal_accuracy_on_known_curves():
+    """Retraining from scratch at 1, 2, 3, 4 C per step (cumulative 1, 3, 6, 10 C) against a warm start at C."""
+    scratch = [(1.0, 10.0), (3.0, 20.0), (6.0, 30.0), (10.0, 40.0)]
+    warm = [(1.0, 15.0), (2.0, 25.0), (3.0, 35.0), (4.0, 38.0)]
+    assert tic.compute_to_reach(scratch, 38.0) == pytest.approx(9.2)  # 6 + 4 x (38 - 30) / 10
+    assert tic.compute_ratio(scratch, warm) == pytest.approx(9.2 / 4)  # both reach 38
+    assert tic.compute_ratio(scratch, [(1.0, 45.0), (2.0, 50.0)]) == pytest.approx(10.0)  # warm is past 40 at 1 C
+    assert tic.compute_to_reach(scratch, 41.0) is None
+    res = {"rows": [None, {"compute_C": 2.0, "retrieval": [10.0, None, 30.0], "static": 5.0}]}
+    assert tic.compute_curve(res, "retrieval") == [(2.0, 20.0)] and tic.compute_curve(res, "static") == [(2.0, 5.0)]
+
+
 # ---- the tiny sequence, end to end ------------------------------------------------------------------------
 
 def tiny_cfg(tmp_path, **kw):
     base = dict(cache_dir=str(tmp_path / "cache"), years="2014-2016,2017-2019", synthetic_train=600, synthetic_val=40,
                 synthetic_eval=100, synthetic_static=100, shard_size=200, budget_steps=60, batch_size=48, lr=2e-3,
-                warmup=10, workers=0, log_every=20, ckpt_every=1000, shuffle_buffer=500, bpe_vocab=600,
+                warmup=10, grad_clip=1.0, workers=0, log_every=20, ckpt_every=1000, shuffle_buffer=500, bpe_vocab=600,
                 out=str(tmp_path / "run"))
     base.update(kw)
     return [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
@@ -305,18 +371,21 @@ def test_tiny_sequence_learns_and_writes_its_outputs(sequential_run):
 
 
 def test_interrupted_sequence_resumes_at_step_and_batch(sequential_run, tmp_path, monkeypatch):
-    """Stop inside time step 1 (as SIGTERM would), run again: step 0 is not retrained, step 1 resumes at its
-    checkpoint, and the final matrix equals the uninterrupted run's."""
+    """The fixture's run as if stopped after time step 0 (its step 1 and row 1 removed); stop inside time step 1 (as
+    SIGTERM would), run again: step 0 is not retrained, step 1 resumes at its checkpoint, and the final matrix
+    equals the uninterrupted run's."""
     ref = json.load(open(sequential_run / "run" / "matrix.json"))
     out = tmp_path / "run"
     shutil.copytree(sequential_run / "cache", tmp_path / "cache")
+    shutil.copytree(sequential_run / "run", out, ignore=shutil.ignore_patterns("step1"))
+    tic.save_json(str(out / "matrix.json"), dict(ref, rows=[ref["rows"][0], None], summary=None))
     calls = {"n": 0}
 
     class StopAt25(C.StopSignal):  # the flag the loop reads turns on at step 25 of time step 1
         @property
-        def requested(self):  # read once per step (61 in time step 0), once after time step 0's evaluation
+        def requested(self):  # read once after time step 0 (done earlier), then once per step
             calls["n"] += 1
-            return calls["n"] > 61 + 1 + 25
+            return calls["n"] > 1 + 25
 
         @requested.setter
         def requested(self, v):
@@ -335,10 +404,17 @@ def test_interrupted_sequence_resumes_at_step_and_batch(sequential_run, tmp_path
     assert res["rows"][1]["zeroshot"] == ref["rows"][1]["zeroshot"]
 
 
-@pytest.mark.parametrize("strategy", ["lwf", "patching", "cumulative-exp", "oracle"])
-def test_other_strategies_run(tmp_path, strategy):
-    """Each strategy's own path (teacher, alpha search, buffer, T x C from scratch) runs and is accounted."""
-    tic.main(tiny_cfg(tmp_path, strategy=strategy, budget_steps=4, synthetic_train=200, synthetic_eval=40))
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    return tmp_path_factory.mktemp("tic_small_world")  # one synthetic world for the runs below, generated once
+
+
+@pytest.mark.parametrize("strategy", ["lwf", "patching", "cumulative-exp", "oracle", "oracle-cumulative"])
+def test_other_strategies_run(tmp_path, strategy, small_world):
+    """Each strategy's own path (teacher, alpha search, buffer, T x C from scratch, (t+1) x C from scratch at
+    every step) runs and is accounted."""
+    tic.main(tiny_cfg(tmp_path, strategy=strategy, budget_steps=4, synthetic_train=200, synthetic_eval=40,
+                      cache_dir=small_world))
     res = json.load(open(tmp_path / "run" / "matrix.json"))
     if strategy == "oracle":
         assert res["rows"][0] is None and res["rows"][1]["counts"] == [200, 200]
@@ -349,6 +425,12 @@ def test_other_strategies_run(tmp_path, strategy):
         assert res["rows"][1]["alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0) and res["rows"][1]["compute_C"] > 1
     if strategy == "cumulative-exp":
         assert res["rows"][1]["counts"] == [200, 200]  # 2D buffer: the one old step fits whole
+    if strategy == "oracle-cumulative":  # the cumulative-compute oracle: step t trains (t+1) C on all data so far
+        assert [r["compute_C"] for r in res["rows"]] == [1.0, 2.0] and res["summary"]["compute_C"] == 3.0
+        assert [r["counts"] for r in res["rows"]] == [[200, 0], [200, 200]]
+        log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+        ends = [max(r["step"] for r in log if r.get("time_step") == t and "loss" in r) for t in (0, 1)]
+        assert ends == [4, 4 + 8]  # 4 optimizer steps, then 8 more (logged on the sequence's step axis)
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
@@ -414,7 +496,7 @@ def test_shards_without_a_usable_sample_stop_a_run_with_a_worker_in_one_line(tmp
     for part in ("train", "eval"):
         os.makedirs(tmp_path / "split" / "step0" / part)
         open(tmp_path / "split" / "step0" / part / f"{part}-00000.tar", "wb").close()
-    tic.write_steps(str(tmp_path / "split"), [(2014, 2015)], {(0, p): 10 for p in ("train", "val", "eval")}, None, "y")
+    tic.write_steps(str(tmp_path / "split"), [(2014, 2015)], {f"step0/{p}": 10 for p in ("train", "val", "eval")}, None, "y")
     C.Tokenizer(merges=[]).save(str(tmp_path / "bpe.txt"))
     done = subprocess.run([sys.executable, "tic.py", "--data", str(tmp_path / "split"), "--bpe", str(tmp_path / "bpe.txt"),
                            "--workers", "1", "--out", str(tmp_path / "run")], timeout=120, capture_output=True,
@@ -445,14 +527,14 @@ def test_a_second_run_into_an_out_holding_another_run_stops_or_starts_over(seque
 
 
 def test_a_live_runs_out_is_refused_at_once(tmp_path, capsys):
+    import socket
     import subprocess
-    import sys
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); import "
-                               f"common as C; C.claim_out({out!r}); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(["sleep", "60"])  # a live process named as the lock's holder (common.claim_out's format)
+    os.makedirs(out)
+    with open(os.path.join(out, "run.lock"), "w") as f:
+        json.dump({"pid": holder.pid, "host": socket.gethostname(), "started": "now"}, f)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit):
             tic.main(tiny_cfg(tmp_path))
         err = capsys.readouterr().err.strip().splitlines()
@@ -471,8 +553,13 @@ def test_sigterm_to_the_process_group_saves_and_resumes_to_the_same_losses(seque
     import subprocess
     import sys
     import time
+    world, data = next((sequential_run / "cache").iterdir()), tmp_path / "data"  # the fixture's time step 0 as --data
+    for part in ("step0", "static"):
+        shutil.copytree(world / part, data / part)
+    tic.write_steps(str(data), [(2014, 2016)], {"step0/train": 600, "step0/val": 40, "step0/eval": 100}, C.SYNTH_SHAPES,
+                    "year")
     cmd = [sys.executable, "tic.py"] + tiny_cfg(tmp_path, strategy="cumulative-all", years="2014-2016", workers=1,
-                                                log_every=5)
+                                                log_every=5, data=data)
     env, cwd = dict(os.environ, OMP_NUM_THREADS="1"), os.path.dirname(os.path.abspath(tic.__file__))
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
