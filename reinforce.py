@@ -6,16 +6,15 @@ teacher ensemble classifies each augmented view, and only the augmentation param
 class probabilities are stored. A student then trains with no teacher: it reloads the image, replays one stored
 augmentation exactly and regresses onto the stored soft label (KL), so a step costs what an ERM step costs.
 
-What is here: `reinforce` (the paper's four variants; the ensemble mean of softmax; one .npy structured array
-(images, NS) of fixed-size records per part: 55 B per +RA/RE augmentation at k = 10, ml-dr's gzip'd pickles ~73;
-ranks share the parts, resumable by part; generation applies the decoded record, so replay is exact) and `train`
-(on a reinforcement in this layout or in ml-dr's released one, ImageNet+/CIFAR-100+/Flowers-102+/Food-101+,
-replayed bit-identically to ml-dr's dr/transforms.py; without --reinforced, ml-dr's ERM baseline, and teachers),
-with ml-dr's recipe. Classifiers: torchvision's ResNets (zero-initialised residual BNs; its weights load),
-resnet_tiny/small (a 32 px stem), common.ViT + a linear head, any torchvision classifier. Left out: timm's
-IG-ResNeXt teachers (spec 2.1), the CVNets recipes, the "zeros" densification, several reinforcements at once.
-CIFAR-100+, Food-101+, Flowers-102+: write torchvision's train split, in its order, to tar shards (an image and
-`cls` per sample, common.write_shard; Food-101's original JPEG bytes) and pass them as --data.
+What is here: `reinforce` (the paper's four variants, the ensemble mean of softmax, fixed-size records: one .npy
+(images, NS) per part, 55 B per +RA/RE augmentation at k = 10 against ml-dr's ~73; ranks share the parts, resumable
+by part; generation applies the decoded record, so replay is exact) and `train`: on a reinforcement in this layout
+or ml-dr's released one (ImageNet+, CIFAR-100+, Flowers-102+, Food-101+) replayed bit-identically to its
+dr/transforms.py, or without one ml-dr's ERM baseline (and teachers); ml-dr's recipe. Models: torchvision's ResNets
+(zero-initialised residual BNs), resnet_tiny/small (32 px stem), common.ViT + linear head, any torchvision
+classifier. Left out: timm's IG-ResNeXt teachers, CVNets recipes, "zeros" densification, several reinforcements at
+once. CIFAR-100+, Food-101+, Flowers-102+: write torchvision's train split, in its order, to tar shards (image +
+`cls`, common.write_shard; Food-101's JPEG bytes as they are) and pass them as --data.
 
 Paper -> code:
   variants RRC / +M* / +RA/RE / +M*+R* (spec 3.1); replay (4.4)  -> VARIANTS, draw_sample; apply_sample, MLDRStore
@@ -30,8 +29,7 @@ Paper -> code:
 Commands:
   torchrun --nproc_per_node=8 reinforce.py reinforce --data imagenet/train --image-size 224 \\
       --teachers resnet50=resnet50-11ad3fa6.pth,runs/my_teacher --num-samples 400 --topk 10 --out imagenet_plus
-  # ImageNet, every flag of ml-dr's configs/imagenet plus.yaml (batch 1024 = 8 x 128; resnet50 for timm's resnet50d)
-  # on ml-dr's ImageNet+ (its reinforced_data/ folder) or this script's --out; without --reinforced: erm.yaml
+  # ImageNet+ (ml-dr's reinforced_data/ or a --out), every plus.yaml flag (8 x 128 = 1024); no --reinforced: erm.yaml
   torchrun --nproc_per_node=8 reinforce.py train --data imagenet/train --val-data imagenet/val --model resnet50 \\
       --image-size 224 --epochs 150 --batch-size 128 --lr 0.4 --momentum 0.9 --nesterov --weight-decay 1e-4 \\
       --decay-all --warmup-epochs 5 --label-smoothing 0.1 --aug erm --reinforce-p 0.99 --reinforced reinforced_data
@@ -41,10 +39,8 @@ Commands:
   python reinforce.py train --reinforced runs/rf_data --aug cropflip --epochs 20 --out runs/rf_student
   python reinforce.py train --aug cropflip --epochs 20 --out runs/rf_erm
 
-Result (2-core CPU shared with other jobs, resnet_tiny 0.31M parameters, 20 epochs, top-1 on 500 held-out
-images, teacher 92.0%; measured before issue 24's recipe: decay 5e-5, 1 warm-up epoch, no Nesterov): crop + flip,
-ERM with label smoothing 67.0%, reinforced 81.0%; + RandAugment and erasing, ERM 35.8%, reinforced 55.2%.
-PAYOFF_LINE
+Result (tests/test_reinforce.py's payoff, 4-class world, resnet_tiny at 16 px, 80 images, 60 epochs, 2-core CPU):
+reinforced (crop + flip) beats ml-dr's ERM by +14.3/+25.3/+32.3 points over seeds 0-2. README: curves, more runs.
 """
 from __future__ import annotations
 
@@ -141,9 +137,8 @@ MODELS = {
     **{f"resnet{d}": dict(torchvision=dict(zero_init_residual=True), image_size=224) for d in (18, 34, 50, 101)},
     "resnet_tiny": dict(layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), image_size=32),
     "resnet_small": dict(layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), image_size=32),
-    "vit_tiny": dict(vit=True, image_size=224, patch=16, width=192, layers=12, heads=3),  # DeiT-Ti
-    "vit_small": dict(vit=True, image_size=224, patch=16, width=384, layers=12, heads=6),
-    "vit_base": dict(vit=True, image_size=224, patch=16, width=768, layers=12, heads=12),
+    **{f"vit_{n}": dict(vit=True, image_size=224, patch=16, width=w, layers=12, heads=w // 64)  # tiny: DeiT-Ti
+       for n, w in (("tiny", 192), ("small", 384), ("base", 768))},
     "vit_cpu": dict(vit=True, image_size=32, patch=4, width=128, layers=4, heads=4),
 }
 
@@ -193,13 +188,11 @@ def build_model(name: str, num_classes: int, image_size: int = 0) -> nn.Module:
 
 # ==== 2. Data: an image per index, in the order the reinforcement is stored (spec 4.1) =======================
 class Data:
-    """Images addressed by their position: an ImageFolder in sorted class and file order (torchvision's
-    ImageFolder order, that of the published sets), or the samples of tar shards in shard order, read by seek.
-    A stored reinforcement is only valid for the same order, so `fingerprint` ties the two together."""
+    """Images by position: an ImageFolder in torchvision's order (the published sets'), or tar shards' samples in
+    shard order, read by seek. A reinforcement is valid for that order only: `fingerprint` ties the two."""
 
     def __init__(self, items: list, labels: list[int], classnames: list[str]):
-        self.items, self.labels, self.classnames = items, labels, classnames
-        self.num_classes = len(classnames)
+        self.items, self.labels, self.classnames, self.num_classes = items, labels, classnames, len(classnames)
         names = "\n".join(f"{os.path.basename(s) if isinstance(s, str) else f'{os.path.basename(s[0])}@{s[1]}'}"
                           f":{y}" for s, y in zip(items, labels))
         self.fingerprint = f"{len(items)}-{zlib.crc32(names.encode()):08x}"
@@ -216,10 +209,9 @@ class Data:
             return Image.open(io.BytesIO(f.read(src[2]))).convert("RGB")
 
 def tar_labels(path: str, skipped: dict) -> tuple[list, list]:
-    """[(path, offset, size)] of the image member of each sample, and its label: the `cls` member (int), else
-    the json's 'classname' (str, mapped to an index by load_data), else its 'label' (int). Samples without an
-    image or a label are left out. An empty, unreadable or cut-off tar is counted in `skipped` by reason: a
-    cut-off one keeps the samples before the cut (their members were read whole)."""
+    """[(path, offset, size)] of each sample's image and its label: `cls` (int), else the json's 'classname' (str,
+    mapped by load_data), else its 'label'; samples without both are left out. An empty, unreadable or cut-off tar
+    is counted in `skipped` by reason (a cut-off one keeps the whole samples before the cut)."""
     items, labels, sample = [], [], {}
 
     def flush():
@@ -279,15 +271,13 @@ def load_data(cfg: Shared) -> Data:
         shards = C.expand_shards(spec)
     except FileNotFoundError as e:
         C.fail(str(e))
-    items, labels, skipped = [], [], {}
-    for path in shards:
-        i, y = tar_labels(path, skipped)
-        items, labels = items + i, labels + y
+    skipped = {}
+    found = [tar_labels(path, skipped) for path in shards]  # [(items, labels)] by shard
+    items, labels = [x for i, _ in found for x in i], [y for _, ys in found for y in ys]
     if not items:
         C.fail(f"no samples with an image and a label (cls or json) in {spec}; skipped shards: "
                + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"))
-    # Class names -> indices in sorted order, that of an ImageFolder of the same classes (the val set), unless
-    # --classnames gives the order. (The synthetic world's json 'label' follows another order: not used.)
+    # Class names -> indices in sorted order (an ImageFolder's: the val set's) unless --classnames gives the order
     words = names or sorted({y for y in labels if isinstance(y, str)})
     unknown = {y for y in labels if isinstance(y, str)} - set(words)
     if unknown:
@@ -299,15 +289,13 @@ def load_data(cfg: Shared) -> Data:
 
 
 # ==== 3. Replayable augmentations (spec 3.1 and 4.4) =========================================================
-# All four variants use RandomResizedCrop + horizontal flip (p = 1/2); "randaug" adds RandAugment (2 ops,
-# magnitude 9 of 31 bins, p = 1) and RandomErasing (p = 0.25, black); "mixing" adds MixUp (alpha 1, lambda
-# halved, p = 1/2) then CutMix (alpha 1, p = 1/2) with a partner image, each with its own coin, so both can hit.
-# "erm" is plain training's ml-dr ERM (configs/imagenet/erm.yaml): randaug's view without the flip (the config
-# has none), and per batch one of MixUp (alpha 0.2) or CutMix (alpha 1), batch_mix. Not a reinforcement variant.
+# All four variants: RandomResizedCrop + flip (p = 1/2); "randaug" adds RandAugment (2 ops, magnitude 9 of 31, p = 1)
+# and RandomErasing (p = 0.25, black); "mixing" adds MixUp (alpha 1, lambda halved, p = 1/2) then CutMix (alpha 1,
+# p = 1/2) with a partner, each its own coin. "erm", plain training only: ml-dr's erm.yaml, randaug's view without
+# the flip (the config has none) and per batch MixUp (alpha 0.2) or CutMix (alpha 1), batch_mix.
 VARIANTS = {"cropflip": (False, False), "mixing": (False, True), "randaug": (True, False),
             "randaug_mixing": (True, True), "erm": (True, False)}  # name -> (RandAugment + erasing, MixUp + CutMix)
-RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 31
-ERASE_P, MIXUP_P, CUTMIX_P = 0.25, 0.5, 0.5
+RA_OPS, RA_MAGNITUDE, RA_BINS, ERASE_P, MIXUP_P, CUTMIX_P = 2, 9, 31, 0.25, 0.5, 0.5
 MIX_GRID = 510  # MixUp's lambda / 2 in [0, 1/2] is stored as a byte: lambda / 2 = q / 510
 
 def erase_box(rng: random.Random, size: int, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
@@ -326,8 +314,7 @@ def cutmix_box(rng: random.Random, size: int, alpha: float = 1.0):
     uniform centre, clipped to the view (ml-dr's rand_bbox): (top, left, h, w)."""
     cut = int(size * math.sqrt(1 - rng.betavariate(alpha, alpha)))
     cy, cx = rng.randrange(size), rng.randrange(size)
-    y1, y2 = max(cy - cut // 2, 0), min(cy + cut // 2, size)
-    x1, x2 = max(cx - cut // 2, 0), min(cx + cut // 2, size)
+    y1, y2, x1, x2 = max(cy - cut // 2, 0), min(cy + cut // 2, size), max(cx - cut // 2, 0), min(cx + cut // 2, size)
     return y1, x1, y2 - y1, x2 - x1
 
 def draw_view(rng: random.Random, w: int, h: int, size: int, randaug: bool, min_scale: float, flip=True) -> dict:
@@ -355,11 +342,10 @@ def draw_sample(rng: random.Random, wh, size: int, variant: str, min_scale: floa
     return s
 
 def batch_mix(x: torch.Tensor, t: torch.Tensor, rng: random.Random, mixup_alpha=0.2, cutmix_alpha=1.0):
-    """ml-dr's ERM (erm.yaml, its MixingTransforms): per batch, MixUp (Zhang et al. 2018, lambda ~ Beta(0.2,
-    0.2), p = 1) or CutMix (lambda ~ Beta(1, 1), p = 1), chosen uniformly, the partners a random permutation of
-    the batch; the targets mix as the pixels do (CutMix by the box's area). x (B, 3, S, S), t (B, C). ml-dr's
-    CutMix slices a batch as x[:, y1:y2, x1:x2], which on (B, C, H, W) cuts channels and rows, not a box; here
-    the box is spatial, as in the CutMix paper and ml-dr's own single-image replay (design choice)."""
+    """ml-dr's ERM (erm.yaml, MixingTransforms): per batch MixUp (Zhang et al. 2018; lambda ~ Beta(0.2, 0.2)) or
+    CutMix (Beta(1, 1)), uniformly, partners a permutation of the batch, targets mixed as the pixels (CutMix: by
+    area). x (B, 3, S, S), t (B, C). ml-dr's CutMix slices a batch x[:, y1:y2, x1:x2], channels and rows of (B, C,
+    H, W); here the box is spatial, as in CutMix and ml-dr's single-image replay (design choice)."""
     perm = torch.tensor(rng.sample(range(len(x)), len(x)), device=x.device)
     if rng.random() < 0.5:
         lam = rng.betavariate(mixup_alpha, mixup_alpha)
@@ -386,9 +372,8 @@ def apply_view(img: Image.Image, view: dict, size: int) -> torch.Tensor:
     return x
 
 def apply_sample(img: Image.Image, s: dict, size: int, partner: Image.Image | None = None) -> torch.Tensor:
-    """The view, then MixUp and CutMix with the partner's own view. MixUp weighs the image by lambda/2 <= 1/2,
-    so the partner dominates (the official code's quirk, spec 6; the stored label is the teacher's of the mixed
-    view, so nothing depends on it). Rounded to uint8: the teacher and the student see the same pixels."""
+    """The view, then MixUp and CutMix with the partner's own view. MixUp weighs the image by lambda/2 <= 1/2 (the
+    partner dominates: ml-dr's quirk, spec 6; harmless, the label is the teacher's). Rounded to uint8."""
     x = apply_view(img, s["view"], size)
     if s["id2"] < 0:
         return x
@@ -427,9 +412,8 @@ def encode_view(rec, view: dict, suffix: str = ""):
     return flags
 
 def decode_view(rec, flags: int, suffix: str = "") -> dict:
-    has_ra = "ra" + suffix in rec.dtype.names
     return {"box": tuple(int(v) for v in rec["box" + suffix]), "flip": bool(flags & FLIP),
-            "ra": [(int(b) & 127, bool(b >> 7)) for b in rec["ra" + suffix]] if has_ra else None,
+            "ra": [(int(b) & 127, bool(b >> 7)) for b in rec["ra" + suffix]] if "ra" + suffix in rec.dtype.names else None,
             "erase": tuple(int(v) for v in rec["erase" + suffix]) if flags & ERASE else None}
 
 def encode_sample(s: dict, dtype: np.dtype) -> np.ndarray:
@@ -456,10 +440,9 @@ def decode_sample(rec) -> dict:
     return s
 
 def densify(prob, cls, num_classes: int) -> torch.Tensor:
-    """Spec 4.2 "smooth": the stored top-k probabilities at their classes, the leftover mass 1 - sum(top-k)
-    spread uniformly over the other C - k classes. Each of those had at most the smallest kept probability, so
-    their average does too: the top-k stay the top-k. fp16 rounding can push the sum past 1; the leftover
-    is then 0 and the k values are renormalised (a design choice; the official code falls back to "zeros")."""
+    """Spec 4.2 "smooth": the top-k probabilities at their classes, the leftover mass 1 - sum(top-k) spread evenly
+    over the other C - k (each had at most the smallest kept one: the top-k stay the top-k). A sum past 1 (fp16
+    rounding): leftover 0 and the k values renormalised (design choice; ml-dr falls back to "zeros")."""
     p, c = torch.as_tensor(np.asarray(prob, dtype=np.float32)), torch.as_tensor(np.asarray(cls, dtype=np.int64))
     rest = (1 - p.sum()).clamp(min=0) / max(1, num_classes - len(p))
     t = torch.full((num_classes,), float(rest))
@@ -469,9 +452,8 @@ def densify(prob, cls, num_classes: int) -> torch.Tensor:
 
 # ==== 5. Reinforcement: teachers, the views of a group of images, the output parts ===========================
 def load_teachers(spec: str, num_classes: int, device) -> list[tuple[nn.Module, int]]:
-    """[(model in eval mode, its training size, or 0: any)] from --teachers: this repo's checkpoints (views are
-    resized to the size they were trained at), or ARCH=WEIGHTS with a torchvision state dict (ARCH=DEFAULT:
-    torchvision's own pretrained weights; they see the views as they are)."""
+    """[(model in eval mode, its training size or 0)] from --teachers: this script's checkpoints (views resized to
+    their size), or ARCH=WEIGHTS, a torchvision state dict or weights name (views as they are)."""
     teachers = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" in item:
@@ -541,10 +523,9 @@ class ReinforceViews(torch.utils.data.Dataset):
                     pool[j] = pool[j] if j in pool else self.data.load(j)
                 except Exception:
                     pass
-            sizes = [(j, im.size) for j, im in pool.items()]
             for n in range(cfg.num_samples):
                 recs[r, n] = rec = encode_sample(draw_sample(rng, img.size, self.size, cfg.variant, cfg.min_scale,
-                                                             sizes), self.dtype)
+                                                             [(j, im.size) for j, im in pool.items()]), self.dtype)
                 # generation applies the decoded record: what training replays is what the teacher saw
                 s = decode_sample(rec)
                 views.append(apply_sample(img, s, self.size, pool.get(s["id2"])))
@@ -580,8 +561,7 @@ def read_meta(path: str, what: str) -> dict:
     return meta
 
 def unreadable(data: Data, n: int = 100) -> str:
-    """Why the first `n` images do not load, by reason ("UnidentifiedImageError 6"): for the one line of a
-    run that found no readable image."""
+    """Why the first `n` images do not load, by reason ("OSError 6"): for a run that found no readable image."""
     why = {}
     for i in range(min(n, len(data))):
         try:
@@ -644,9 +624,8 @@ def reinforce(cfg: ReinforceConfig):
         done.update(zip(idx, recs))
         lo = part * cfg.part_size
         if len(done) == min(cfg.part_size, len(data) - lo):  # the part is complete: write it atomically
-            arr = np.stack([done[i] for i in range(lo, lo + len(done))])  # (images, NS) records
             tmp = part_path(cfg.out, part) + ".tmp.npy"
-            np.save(tmp, arr)
+            np.save(tmp, np.stack([done[i] for i in range(lo, lo + len(done))]))  # (images, NS) records
             os.replace(tmp, part_path(cfg.out, part))
             del pending[part]
     C.barrier()
@@ -679,8 +658,7 @@ class Reinforced:
             n_parts = math.ceil(len(data) / meta["part_size"])
             self.parts = [np.load(part_path(root, p), mmap_mode="r") for p in range(n_parts)]
         except (OSError, ValueError) as e:  # missing (an unfinished run) or unreadable
-            C.fail(f"--reinforced {root}: a part is missing or does not read ({type(e).__name__}: {e}); rerun "
-                   f"`reinforce` (after deleting an unreadable part) to finish it")
+            C.fail(f"--reinforced {root}: a part is missing or unreadable ({type(e).__name__}: {e}); rerun `reinforce`")
         self.ns, self.size, self.num_classes = meta["num_samples"], meta["image_size"], meta["num_classes"]
 
     def record(self, i: int, j: int):
@@ -702,8 +680,7 @@ class BadRecord(ValueError):
 # in its fixed order, whatever order the config lists; the four without parameters have no record entry.
 MLDR_OPS = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
             "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
-MLDR_FIXED, MLDR_CROPS = ("uint8", "center_crop", "to_tensor", "normalize"), ("random_resized_crop", "random_crop",
-                                                                             "center_crop")
+MLDR_FIXED, MLDR_CROPS = ("uint8", "center_crop", "to_tensor", "normalize"), MLDR_OPS[2:5]  # the last crop: the size
 
 def read_pth(path: str):
     """A torch.save file (its zip's data.pkl, or a plain pickle) through common's restricted unpickler: containers,
@@ -714,11 +691,10 @@ def read_pth(path: str):
         return C.safe_unpickle(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))), numpy=True)
 
 class MLDRStore:
-    """ml-dr's layout as it is: config.pth.tar (the reinforcement config: image_augmentation, num_samples) and
-    {index}.pth.tar = (index, [{"params": compressed parameters, "prob": (top-k probabilities, classes)}] * NS),
-    index = the image's position in --data. replay() follows dr/data.py's ReinforcedDataset and dr/transforms.py's
-    Compose.decompress + reapply on the PIL image, op by op with the same torchvision calls: ml-dr's training view
-    bit for bit, a normalised float (3, S, S) (MixUp mixes normalised floats)."""
+    """ml-dr's layout: config.pth.tar (its reinforcement config) and {index}.pth.tar = (index, [{"params": compressed
+    parameters, "prob": (top-k probabilities, classes)}] * NS), index = position in --data. replay() follows
+    dr/data.py's ReinforcedDataset and dr/transforms.py's Compose.decompress + reapply on the PIL image with the
+    same torchvision calls: ml-dr's training view bit for bit, a normalised float (3, S, S)."""
 
     def __init__(self, root: str, data: Data):
         self.root, n = root, len(data)
@@ -730,13 +706,12 @@ class MLDRStore:
             C.fail(f"--reinforced {root}: config.pth.tar is not ml-dr's reinforcement config ({type(e).__name__}: {e})")
         ops = {k: v for k, v in ops.items() if v.pop("enable", True)}  # ml-dr's clean_config
         if set(ops) - set(MLDR_OPS) or not set(MLDR_CROPS) & set(ops) or ops.get("random_crop", {}).get("pad_if_needed"):
-            C.fail(f"--reinforced {root}: ops {sorted(ops)} are not ml-dr's replayable ones with a crop "
-                   f"({', '.join(MLDR_OPS)}; no pad_if_needed)")
+            C.fail(f"--reinforced {root}: ops {sorted(ops)}: not ml-dr's replayable ones with a crop, no pad_if_needed")
         if classes != data.num_classes or not os.path.exists(self.file(n - 1)) or os.path.exists(self.file(n)):
             C.fail(f"--reinforced {root} is not for --data ({classes} classes, its records must end at index {n - 1}; "
                    f"--data has {data.num_classes} classes, {n} images): ml-dr's indices are positions in the dataset")
         self.ops, self.mixing = [(k, ops[k]) for k in MLDR_OPS if k in ops], "mixup" in ops or "cutmix" in ops
-        size = next(ops[k]["size"] for k in MLDR_CROPS if k in ops)
+        size = [ops[k]["size"] for k in MLDR_CROPS if k in ops][-1]
         self.size, self.num_classes = size if isinstance(size, int) else size[0], data.num_classes
         norm = ops.get("normalize", {"mean": (0.0,) * 3, "std": (1.0,) * 3})
         self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
@@ -749,7 +724,6 @@ class MLDRStore:
         """Compose.reapply's single-image ops on a PIL image; `side` 0 = the image, 1 = the mixing partner."""
         for k, kw in self.ops:
             p = params[k][side] if k in params and k not in ("mixup", "cutmix") else None
-            pad = (kw.get("fill", 0), kw.get("padding_mode", "constant"))  # torchvision RandomCrop's defaults
             if k == "center_crop":
                 img = TF.center_crop(img, kw["size"])
             elif k in ("to_tensor", "normalize"):  # uint8 / 255 (the "uint8" op leaves a PIL image as it is)
@@ -760,7 +734,8 @@ class MLDRStore:
                 img = TF.resize(img, kw["size"])
             elif k == "random_crop":  # RandomCrop.forward: its padding, then the stored (top, left)
                 h, w = (kw["size"],) * 2 if isinstance(kw["size"], int) else kw["size"]
-                img = TF.pad(img, kw["padding"], *pad) if kw.get("padding") is not None else img
+                if kw.get("padding") is not None:  # torchvision RandomCrop's fill and mode defaults
+                    img = TF.pad(img, kw["padding"], kw.get("fill", 0), kw.get("padding_mode", "constant"))
                 img = TF.crop(img, int(p[0]), int(p[1]), h, w)
             elif k == "random_resized_crop":  # (top, left, h, w) in original pixels, bilinear, antialiased
                 img = TF.resized_crop(img, *(int(v) for v in p), [self.size] * 2 if isinstance(kw["size"], int)
@@ -796,8 +771,7 @@ class MLDRStore:
             if "mixup" in params:  # lambda already divided by div_by
                 x = float(params["mixup"]) * x + (1 - float(params["mixup"])) * x2
             if "cutmix" in params:  # [lambda, y1, x1, y2, x2]: the box along H, then W
-                y1, x1, y2, x2_ = (int(v) for v in params["cutmix"][1:])
-                x = x.clone()
+                y1, x1, y2, x2_ = (int(v) for v in params["cutmix"][1:])  # x is this sample's own tensor
                 x[:, y1:y2, x1:x2_] = x2[:, y1:y2, x1:x2_]
         except Exception as e:
             raise BadRecord(f"{self.file(i)}: {type(e).__name__}: {e}") from None
@@ -809,8 +783,7 @@ class TrainImages(torch.utils.data.Dataset):
     of the NS stored samples, uniformly, replayed exactly, target its densified teacher probabilities; otherwise
     a fresh --aug augmentation, one-hot labels (mixed as the pixels are). Draws seeded by (seed, epoch, index)."""
 
-    def __init__(self, data: Data, size: int, seed: int, store, p: float, aug: str, min_scale: float,
-                 smoothing: float):
+    def __init__(self, data: Data, size: int, seed: int, store, p: float, aug: str, min_scale: float, smoothing: float):
         self.data, self.size, self.seed, self.store, self.p = data, size, seed, store, p
         self.aug, self.min_scale, self.smoothing = aug, min_scale, smoothing
 
@@ -832,14 +805,12 @@ class TrainImages(torch.utils.data.Dataset):
         if mldr and x.dtype == torch.uint8:  # as ml-dr's to_tensor + normalize
             x = TF.normalize(x.float().div(255), self.store.mean, self.store.std)
         if x.shape[-1] != self.size:  # a student at another resolution than the stored views
-            x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)[0]
+            x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True)[0]
             x = x if mldr else x.round().clamp(0, 255).to(torch.uint8)
         return x, t, status
 
     def standard(self, i: int, rng: random.Random):
-        img, n = self.data.load(i), self.data.num_classes
-        j = rng.randrange(len(self.data))
+        img, n, j = self.data.load(i), self.data.num_classes, rng.randrange(len(self.data))
         partner = self.data.load(j) if VARIANTS[self.aug][1] else None
         s = draw_sample(rng, img.size, self.size, self.aug, self.min_scale, [(j, partner.size)] if partner else ())
         x, t = apply_sample(img, s, self.size, partner), F.one_hot(torch.tensor(self.data.labels[i]), n).float()
@@ -931,11 +902,9 @@ def train(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, size).to(device)
     opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.decay_all)
-    gb = cfg.batch_size * world
-    per_epoch = max(1, len(data) // gb)
+    gb, per_epoch = cfg.batch_size * world, max(1, len(data) // (cfg.batch_size * world))
     steps, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
-    evals = val_items(cfg, data)
-    log = C.RunLog(cfg.out)
+    evals, log = val_items(cfg, data), C.RunLog(cfg.out)
     C.print0(f"{len(data)} images, {data.num_classes} classes, {len(evals)} held out, {steps} steps of {gb}, "
              f"{sum(p.numel() for p in model.parameters()):,} parameters, "
              + (f"reinforced ({store.meta['variant']}, NS {store.ns}, k {store.meta['topk']})" if store
@@ -977,8 +946,7 @@ def train(cfg: TrainConfig):
             state = {"kind": "reinforce_classifier", "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "step": step, "rng": C.rng_state(), "model_name": cfg.model, "num_classes": data.num_classes,
                      "image_size": size, "classnames": data.classnames, "config": dataclasses.asdict(cfg)}
-            path = os.path.join(cfg.out, f"ckpt-{step}.pt")
-            C.save_checkpoint(path, state)
+            C.save_checkpoint(path := os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
             C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
         if last_step or stopping:
             break

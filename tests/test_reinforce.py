@@ -50,9 +50,12 @@ def test_resnets_are_torchvisions_with_zero_initialised_residual_bns():
     classes), and every block's last BN starts at zero (each block begins as the identity)."""
     counts = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160}
     for name, n in counts.items():
-        m, ref = R.build_model(name, 1000), torchvision.models.get_model(name)
+        with torch.device("meta"):  # shapes and counts without initialising 44M weights
+            m, ref = R.build_model(name, 1000), torchvision.models.get_model(name)
         assert sum(p.numel() for p in m.parameters()) == n
         assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    for name in ("resnet18", "resnet50"):  # BasicBlock and Bottleneck: the last BN of each block starts at zero
+        m = R.build_model(name, 10)
         blocks = [b for b in m.modules() if isinstance(b, (BasicBlock, Bottleneck))]
         last = [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in blocks]
         assert len(last) == sum(len(getattr(m, f"layer{s}")) for s in range(1, 5))
@@ -268,7 +271,7 @@ def _patch_world(root, n, seed):
     return str(root)
 
 
-def _reinforced_vs_erm(root, seed, variant="randaug", epochs=90, n_val=500, n_teach=1000):
+def _reinforced_vs_erm(root, seed, variant="cropflip", epochs=60, n_val=300, n_teach=1000):
     """Teacher on 1,000 images, reinforcement of 80 others, student and ERM (ml-dr's erm.yaml) on those 80: logs
     by run."""
     teach, train = _patch_world(root / "teach", n_teach, 3 * seed + 1), _patch_world(root / "train", 80, 3 * seed + 2)
@@ -283,16 +286,17 @@ def _reinforced_vs_erm(root, seed, variant="randaug", epochs=90, n_val=500, n_te
 
 
 def test_reinforced_student_beats_erm(tmp_path):
-    """The paper's payoff in miniature: with the same model, augmentation (crop + flip), data (80 images) and
-    epochs (90), the student trained on the reinforced data beats ERM (one-hot labels, smoothing 0.1) by a
-    clear margin. The teacher is the same model trained on 1,000 other images of the world (the README's
-    teachers also saw more data). Labels read for the wrong images, or a densification that drops the
-    stored probabilities, fail it; a replay that raises fails the skipped-samples check."""
+    """The paper's payoff in miniature, against ml-dr's ERM (erm.yaml: RandAugment + erasing, no flip, MixUp or
+    CutMix per batch, label smoothing 0.1): same model, data (80 images) and epochs (60), the student trained on
+    the reinforced data (ImageNet+'s RRC variant: crop + flip) beats it. The teacher is the same model trained on
+    1,000 other images of the world. Measured margins, seeds 0-2: +14.3, +25.3, +32.3 points (mean 24.0, sd 9.0);
+    the threshold is half the smallest. Labels read for the wrong images, or a densification that drops the stored
+    probabilities, fail it; a replay that raises fails the skipped-samples check."""
     logs = _reinforced_vs_erm(tmp_path, 0)
     top1 = {run: log[-1]["top1"] for run, log in logs.items()}
     assert all(r.get("skipped", 0) == 0 for r in logs["student"])  # every stored sample replayed
     assert top1["teacher"] > 80, top1  # chance: 25%
-    assert top1["student"] > top1["erm"] + 8, top1
+    assert top1["student"] > top1["erm"] + 7, top1
 
 
 def test_synthetic_world_reinforce_resumes_and_trains(world, tmp_path):
@@ -350,7 +354,8 @@ def test_two_ranks_write_the_same_reinforcement_as_one(tmp_path, free_port):
     argv = ["--data", root, "--teachers", ckpt, "--num-samples", "6", "--topk", "2", "--variant", "randaug_mixing",
             "--workers", "0", "--part-size", "2"]
     R.main(["reinforce"] + argv + ["--out", str(tmp_path / "one")])
-    mp.spawn(_reinforce_rank, args=(2, free_port, argv + ["--out", str(tmp_path / "two")]), nprocs=2, join=True)
+    mp.start_processes(_reinforce_rank, args=(2, free_port, argv + ["--out", str(tmp_path / "two")]), nprocs=2,
+                       join=True, start_method="fork")  # fork: the ranks need not import torch again
     for p in ("part-00000.npy", "part-00001.npy", "part-00002.npy"):
         assert (tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes(), p
 
@@ -359,13 +364,12 @@ def test_two_ranks_write_the_same_reinforcement_as_one(tmp_path, free_port):
 
 
 def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "reinforce.py"), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and not r.stderr, r.stderr
-    assert "arXiv 2303.08983" in r.stdout and "  reinforce  Reinforce a dataset" in r.stdout
-    assert "  train      Train a classifier" in r.stdout
+    with pytest.raises(SystemExit) as e:  # in-process (tests/test_cli.py runs every script's --help as a command)
+        R.main(["--help"])
+    r = capsys.readouterr()
+    assert e.value.code in (0, None) and not r.err, r.err
+    assert "arXiv 2303.08983" in r.out and "  reinforce  Reinforce a dataset" in r.out
+    assert "  train      Train a classifier" in r.out
     for cmd, own, other in (("train", "--reinforce-p", "--num-samples"), ("reinforce", "--num-samples", "--epochs")):
         with pytest.raises(SystemExit) as e:
             R.main([cmd, "--help"])
