@@ -1,15 +1,15 @@
 """MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training (arXiv 2311.17049), and the
 MobileCLIP2 models (arXiv 2508.20691).
 
-In: the MobileCLIP model zoo with reparameterisation and the official checkpoint layouts; the plain CLIP
-baseline (common.py's towers); multi-modal reinforced training on DataCompDR shards and `reinforce`, which
-writes such shards from any image-text shards; DDP, bf16 autocast, optional torch.compile; zero-shot and
-retrieval evaluation. Out: the CoCa captioner (bring captions with --captions; the synthetic world has its
-own accurate captioner), online KD with live teachers, the DataComp 38-task evaluation suite.
+In: the MobileCLIP model zoo with reparameterisation and the official checkpoint layouts; the plain CLIP baseline
+(common.py's towers); multi-modal reinforced training on DataCompDR shards (the official pair and mix-synthetic
+modes) and `reinforce`, which writes such shards from any image-text shards; DDP, bf16 autocast, torch.compile;
+zero-shot as OpenCLIP evaluates it, and retrieval. Out: the CoCa captioner (bring captions with --captions; the
+synthetic world has its own accurate captioner), online KD with live teachers, the DataComp 38-task suite.
 
 Paper -> code (spec: shared/papers/mobileclip.md):
   MCi image encoders, FastViT-derived (spec 2.2, 2.3)  -> MCi: MobileOneBlock stem, RepMixerBlock and
-                                                          AttentionBlock stages, RepCPE, PatchEmbed
+                                                          AttentionBlock stages, RepCPE, downsample
   MCt hybrid text encoder (spec 2.5); base text        -> TextEncoder(mct=True), TextRepMixerBlock; TextEncoder
   MobileCLIP-B: ViT-B/16 with a conv stem (spec 2.4)   -> ConvStemViT
   structural reparameterisation (spec 2.2)             -> reparameterize
@@ -20,7 +20,7 @@ Paper -> code (spec: shared/papers/mobileclip.md):
   DataCompDR: stored augmentations, exact replay (4.5) -> draw_augmentation, replay_augmentation, DRDecode (4.4)
   offline reinforcement (teachers, captioner; 4.3)     -> reinforce, reinforce_shard, caption_scene, load_teacher
   CLIP on quality captions (arXiv 2405.08911)          -> CaptionSource (--caption-source synthetic|mix)
-  zero-shot classifier, retrieval                      -> common.zeroshot_classifier, common.retrieval_eval
+  zero-shot (80 OpenAI templates), retrieval (5.1)     -> evaluate: common.zeroshot_classifier, retrieval_eval
 
 Commands:
   python mobileclip.py                                  # tiny MCi/MCt CLIP on the synthetic world, CPU
@@ -31,8 +31,8 @@ Commands:
       --lr 1e-3 --weight-decay 0.2 --beta2 0.95 --warmup 1000 --teacher-scales 100,100 --lambda-kd 1
   torchrun --nproc_per_node=8 mobileclip.py reinforce --data shards/ --teachers a.pt,b.pt \\
       --bpe bpe_simple_vocab_16e6.txt.gz --captions captions.jsonl --num-augs 10 --out shards_dr/
-  python mobileclip.py --eval-only --resume runs/b16/ckpt-100000.pt --zeroshot-data imagenet/val \\
-      --classnames imagenet_classes.txt --bpe bpe_simple_vocab_16e6.txt.gz
+  python mobileclip.py --eval-only --model mobileclip_s2 --init mobileclip_s2.pt --bpe bpe_simple_vocab_16e6.txt.gz \\
+      --zeroshot-data imagenet/val --classnames imagenet_classnames.txt --templates openai --out runs/eval_s2
   python mobileclip.py export --ckpt runs/s0/ckpt-30000.pt --layout apple --out mobileclip_s0.pt  # or openclip
 
 Result (the no-argument run, and reinforced against plain training): README.md, "Results".
@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.models.convnext import LayerNorm2d  # LayerNorm over the channels of (B, C, H, W)
 
 import common as C
 from PIL import Image
@@ -105,16 +106,17 @@ class Config(Shared):
     eval_only: bool = False  # evaluate --resume / --init and exit
     zeroshot_data: str = ""  # ImageFolder for zero-shot top-1/top-5; default: the synthetic held-out set
     classnames: str = ""  # file with one class name per line, in folder order (default: folder names)
-    templates: str = ""  # file of prompt templates with '{}' (default: common.DEFAULT_TEMPLATES)
+    templates: str = "default"  # prompts: default (common's 7) | openai (the 80 of OpenCLIP's ImageNet eval) | FILE
     retrieval_data: str = ""  # tar shards of image-caption pairs for retrieval recall@1/5/10
     retrieval_max: int = 5000  # pairs used for retrieval
     max_skip_frac: float = 0.5  # stop if more than this fraction of the samples read is unusable
     reinforced: bool = False  # --data is DataCompDR-layout: replay stored augmentations, distil stored teachers
     lambda_kd: float = 1.0  # L = (1 - lambda) L_CLIP + lambda L_Distill per caption (1: DataCompDR-12M recipe)
     teacher_scales: str = "100,100"  # logit scale 1/tau_k of each teacher (v1: 100,100; MobileCLIP2: 70,60)
+    mix_synthetic: bool = False  # --reinforced: each sample's text is its GT or, w.p. --synthetic-prob, a synthetic one
     syn_key: str = "^syn_text.*$"  # regex of the syn.json keys synthetic captions are drawn from
     caption_source: str = "alt"  # plain training: alt (the .txt) | synthetic (syn.json) | mix (synthetic w.p. p)
-    synthetic_prob: float = 0.5  # --caption-source mix: probability of replacing the alt-text
+    synthetic_prob: float = 0.5  # --caption-source mix, --mix-synthetic: probability of a synthetic caption
 
 @dataclass
 class ReinforceConfig(Shared):
@@ -122,7 +124,7 @@ class ReinforceConfig(Shared):
     num_augs: int = 10  # stored augmentations per image (DataCompDR: 30 for 12M, 10 for 1B)
     captions: str = ""  # JSON lines {"key", "captions"}; default: the synthetic world's captioner
     num_captions: int = 5  # synthetic captions per image from the world's captioner
-    aug_size: int = 0  # crop size RandAugment translations are drawn for (published: 224; 0 = --model's)
+    aug_size: int = 224  # image size translations are drawn for: DataCompDR's 224 whatever trains later; 0 = --model's
     aug_min_scale: float = 0.08  # RandomResizedCrop minimum area fraction (torchvision: 0.08)
 
 @dataclass
@@ -183,15 +185,14 @@ def folded_conv(cin, cout, k, stride, groups, w, b):
     return conv
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-excitation (1709.01507): global mean -> 1x1 conv down to `hidden` -> ReLU -> 1x1 conv up ->
-    sigmoid gate on the input. Named as the checkpoints name it: Apple's `reduce`/`expand` in `conv_exp`
-    (C/16), timm's `fc1`/`fc2` in the downsampling layers (C/4, rounded to 8)."""
+    """Squeeze-excitation (1709.01507): x * sigmoid(up(relu(down(mean(x))))), 1x1 convs, named as the checkpoints
+    name them: Apple's `reduce`/`expand` in `conv_exp` (C/16), timm's `fc1`/`fc2` in the downsamples (C/4, to 8)."""
 
     def __init__(self, dim, hidden, names=("fc1", "fc2")):
         super().__init__()
         self.names = names
-        for name, conv in zip(names, (nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1))):
-            self.add_module(name, conv)
+        self.add_module(names[0], nn.Conv2d(dim, hidden, 1))
+        self.add_module(names[1], nn.Conv2d(hidden, dim, 1))
 
     def forward(self, x):
         down, up = (getattr(self, n) for n in self.names)
@@ -320,13 +321,6 @@ class RepMixerBlock(nn.Module):
         x = self.token_mixer(x)
         return x + self.layer_scale * self.convffn(x)
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map: the attention-block norm of MCi3/MCi4."""
-
-    def forward(self, x):
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
 class AttentionBlock(nn.Module):
     """MetaFormer block with self-attention over the H*W tokens of the last stage(s):
     x = x + gamma1 * MHSA(Norm(x)); x = x + gamma2 * ConvFFN(x). Norm is BatchNorm2d (MCi0-2) or
@@ -334,7 +328,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim, mlp_ratio=3.0, norm="bn"):
         super().__init__()
-        self.norm = nn.BatchNorm2d(dim) if norm == "bn" else LayerNorm2d(dim, eps=1e-5)
+        self.norm = nn.BatchNorm2d(dim) if norm == "bn" else LayerNorm2d(dim, eps=1e-5)  # channels-first LN
         self.token_mixer = C.Attention(dim, dim // 32)
         self.token_mixer.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.convffn = ConvFFN(dim, int(dim * mlp_ratio))
@@ -346,15 +340,9 @@ class AttentionBlock(nn.Module):
         x = x + self.layer_scale_1 * t.transpose(1, 2).reshape(B, D, H, W)
         return x + self.layer_scale_2 * self.convffn(x)
 
-class PatchEmbed(nn.Module):
-    """Downsampling between stages: ReparamLargeKernelConv (7x7/2, C -> C') then a 1x1 MobileOneBlock."""
-
-    def __init__(self, cin, cout, se=False):
-        super().__init__()
-        self.proj = nn.Sequential(ReparamLargeKernelConv(cin, cout, 7, 2, 3, se), MobileOneBlock(cout, cout, 1))
-
-    def forward(self, x):
-        return self.proj(x)
+def downsample(cin, cout, se=False):
+    """FastViT's PatchEmbed between stages: ReparamLargeKernelConv (7x7/2, C -> C') then a 1x1 MobileOneBlock."""
+    return named(proj=nn.Sequential(ReparamLargeKernelConv(cin, cout, 7, 2, 3, se), MobileOneBlock(cout, cout, 1)))
 
 class ProjectionHead(nn.Module):
     """Map to the joint space, x @ proj (Apple's GlobalPool2D / SimpleImageProjectionHead); a feature map
@@ -376,8 +364,8 @@ _TIMM_PARTS = {"patch_embed": "stem", "rbr_conv": "conv_kxk", "rbr_scale": "conv
 
 class MCi(nn.Module):
     """MCi image encoder (spec 2.2, 2.3): FastViT with a MobileOne stem (3x3/2, depthwise 3x3/2, 1x1:
-    stride 4), RepMixer stages, then attention stages each preceded by RepCPE, a downsampling PatchEmbed
-    before every stage but the first, `conv_exp` (depthwise 3x3 to 2C with SE), mean pool and projection.
+    stride 4), RepMixer stages, then attention stages each preceded by RepCPE, a `downsample` before every
+    stage but the first, `conv_exp` (depthwise 3x3 to 2C with SE), mean pool and projection.
     `network` is Apple's flat list [stage0, down, stage1, down, stage2, down, cpe, stage3, ...]."""
 
     def __init__(self, depths, widths, mlp_ratio, se, attn, embed_dim, attn_norm="bn", stem_scale=True,
@@ -389,7 +377,7 @@ class MCi(nn.Module):
                                          MobileOneBlock(c0, c0, 1))
         net = []  # (timm's name, module) of each `network` entry: stages.i.{downsample,pos_emb,blocks}
         for i, (depth, c) in enumerate(zip(depths, widths)):
-            net += [(f"stages.{i}.downsample", PatchEmbed(widths[i - 1], c, se[i]))] if i > 0 else []
+            net += [(f"stages.{i}.downsample", downsample(widths[i - 1], c, se[i]))] if i > 0 else []
             net += [(f"stages.{i}.pos_emb", RepCPE(c))] if attn[i] else []
             blocks = [AttentionBlock(c, mlp_ratio, attn_norm) if attn[i] else RepMixerBlock(c, 3, mlp_ratio)
                       for _ in range(depth)]
@@ -677,8 +665,7 @@ def export_state_dict(model, layout):
     return out
 
 def read_weights(path: str, what: str) -> dict:
-    """A user's weights file as a dict, or one line saying why not (missing, empty, unreadable, not a dict);
-    OpenAI's TorchScript archives are read with torch.jit.load."""
+    """A weights file as a dict (OpenAI's TorchScript archives through torch.jit.load), or one line saying why not."""
     if not os.path.isfile(path):
         C.fail(f"{what} not found: {path}")
     try:
@@ -744,8 +731,11 @@ def export(cfg: ExportConfig):
 
 # ==== Data and tokenizer =============================================================================================
 def resolve_data(cfg: Config) -> tuple[str, str, str]:
-    """(train shards, zero-shot ImageFolder, retrieval shards): the user's, or the synthetic world's."""
+    """(train shards, zero-shot ImageFolder, retrieval shards): the user's, or the synthetic world's (not made for
+    --eval-only on the user's evaluation data)."""
     zs, ret = getattr(cfg, "zeroshot_data", ""), getattr(cfg, "retrieval_data", "")  # train's; reinforce: the world's
+    if not cfg.data and getattr(cfg, "eval_only", False) and (zs or ret):
+        return "", zs, ret
     if cfg.data:
         if cfg.alt_noise:
             C.fail("--alt-noise needs the synthetic world (no --data): it writes its captions from random scenes")
@@ -775,6 +765,8 @@ def make_tokenizer(cfg: Config, shards: str):
         except (FileNotFoundError, ValueError) as e:
             C.fail(str(e))
     if not os.path.exists(saved) and C.get_rank() == 0:
+        if not shards:
+            C.fail("--eval-only on your data needs --bpe (or --out holding the run's bpe.txt)")
         captions, skipped = [], {}
         for path in C.expand_shards(shards):
             for s in C.iter_tar_samples(path, skipped):
@@ -856,13 +848,15 @@ def read_embeddings(sample: dict) -> dict:
     raise KeyError("no npz or pth.gz embeddings")
 
 class DRDecode:
-    """A joined DataCompDR sample (image, txt, syn.json, paug.json, npz | pth.gz) -> the student's inputs
-    (spec 4.4): one stored augmentation replayed (chosen by the per-sample, per-epoch RNG), the GT caption,
-    one synthetic caption, and the teachers' embeddings of that augmentation and of both captions.
+    """A joined DataCompDR sample (image, txt, syn.json, paug.json, npz | pth.gz) -> the student's inputs (spec 4.4):
+    one stored augmentation (drawn by the per-sample, per-epoch RNG) replayed bicubic, whatever the model's eval
+    filter (the official code replays at the student's RandomResizedCrop, which OpenCLIP makes bicubic), the GT
+    caption, one synthetic caption, and the teachers' embeddings of that view and of both captions. `mix` (the
+    official mix-synthetic mode): one caption per sample, the synthetic one (and its embedding) w.p. `mix`.
     Anything missing or malformed raises, and ShardStream skips and counts the sample."""
 
-    def __init__(self, tokenizer, size: int, ctx: int, seed: int, resample, syn_key: str, teachers: int):
-        self.tokenizer, self.size, self.ctx, self.seed, self.resample = tokenizer, size, ctx, seed, resample
+    def __init__(self, tokenizer, size: int, ctx: int, seed: int, syn_key: str, teachers: int, mix=None):
+        self.tokenizer, self.size, self.ctx, self.seed, self.mix = tokenizer, size, ctx, seed, mix
         self.syn_key, self.teachers = re.compile(syn_key), teachers
 
     def __call__(self, sample: dict) -> dict:
@@ -880,10 +874,12 @@ class DRDecode:
         text_emb = emb["text_emb"]
         # v1 layout: text_emb = [GT, syn_0..syn_4]; RayGen layout: a separate `<key>_emb` per caption key
         syn_emb = text_emb[1 + c] if len(text_emb) > 1 else emb[f"{key}_emb"][c]
-        ids = self.tokenizer([gt, syn[key][c]], self.ctx)  # (2, L)
-        return {"image": replay_augmentation(C.decode_image(sample), paug[a], self.size, self.resample),
-                "ids": ids[0], "syn_ids": ids[1], "img_emb": torch.from_numpy(emb["image_emb"][a]),
-                "txt_emb": torch.from_numpy(text_emb[0]), "syn_emb": torch.from_numpy(syn_emb)}
+        ids, syn_emb = self.tokenizer([gt, syn[key][c]], self.ctx), torch.from_numpy(syn_emb)  # ids: (2, L)
+        out = {"image": replay_augmentation(C.decode_image(sample), paug[a], self.size, Image.BICUBIC), "ids": ids[0],
+               "img_emb": torch.from_numpy(emb["image_emb"][a]), "txt_emb": torch.from_numpy(text_emb[0])}
+        if self.mix is None:  # pair mode: both captions, two loss terms
+            return {**out, "syn_ids": ids[1], "syn_emb": syn_emb}
+        return {**out, "ids": ids[1], "txt_emb": syn_emb} if rng.random() < self.mix else out
 
 def distill_loss(img, txt, t_img, t_txt, logit_scale, teacher_scales) -> torch.Tensor:
     """L_Distill (spec 3.1), distributed like common.contrastive_loss: this rank's B rows against the W*B
@@ -918,11 +914,11 @@ def distill_loss_reference(img, txt, t_img, t_txt, logit_scale, teacher_scales) 
     return loss
 
 def reinforced_loss(img, txt, syn, batch, logit_scale, lambda_: float, teacher_scales) -> torch.Tensor:
-    """The MobileCLIP loss (spec 3.1): for the ground-truth and the synthetic caption,
-    (1 - lambda) L_CLIP + lambda L_Distill, summed over the two pairs. lambda = 1 (the DataCompDR-12M
-    recipe) leaves the ground-truth pairing out of the loss: all signal comes from the teachers."""
+    """The MobileCLIP loss (spec 3.1): (1 - lambda) L_CLIP + lambda L_Distill for the ground-truth and the synthetic
+    caption, summed (syn None: the mix-synthetic mode's one caption). lambda = 1 (the DataCompDR-12M recipe) leaves
+    the ground-truth pairing out of the loss: all signal comes from the teachers."""
     t_img, loss = batch["img_emb"], 0.0
-    for t, t_txt in ((txt, batch["txt_emb"]), (syn, batch["syn_emb"])):
+    for t, t_txt in [(txt, batch["txt_emb"])] + ([(syn, batch["syn_emb"])] if syn is not None else []):
         if lambda_ < 1:
             loss = loss + (1 - lambda_) * C.contrastive_loss(img, t, logit_scale)
         if lambda_ > 0:
@@ -942,12 +938,10 @@ def caption_scene(scene: dict, rng) -> str:
                        "{b} with {o}{e}")).format(o=obj, e=extra, b=bg)
 
 class CaptionSource:
-    """Plain CLIP on quality captions (arXiv 2405.08911; spec dense.md 3.1 (b), "mix synthetic" of Apple's OpenCLIP
-    patch): each alt-text is replaced by one of the sample's synthetic captions, always (`synthetic`) or with
-    probability p (`mix`), under one contrastive loss. The captions: a syn.json's (keys matching --syn-key), or the
-    synthetic world's accurate captioner's (json "scene"); none raises (counted, skipped). Option (a), the sum of the
-    alt-text and synthetic-caption losses, is `--reinforced --lambda-kd 0` on reinforced shards. --alt-noise q makes
-    the world's alt-text web-like (`unrelated_alt_text`); a replaced caption stays correct."""
+    """Plain CLIP on quality captions (arXiv 2405.08911; spec dense.md 3.1 (b)): each alt-text is replaced by one of
+    the sample's synthetic captions (syn.json's keys matching --syn-key, or the world's captioner's; none raises),
+    always (`synthetic`) or w.p. p (`mix`), one contrastive loss. Option (a), both captions' losses summed, is
+    `--reinforced --lambda-kd 0`. --alt-noise q makes the world's alt-text web-like; a replaced caption is correct."""
 
     def __init__(self, decode, source: str, prob: float, syn_key: str, seed: int, noise: float = 0.0):
         if source not in ("alt", "synthetic", "mix") or not 0 <= noise <= 1:
@@ -968,10 +962,9 @@ class CaptionSource:
         return self.decode({**sample, "txt": caption.encode()} if caption else sample)
 
 def unrelated_alt_text(sample: dict, q: float):
-    """--alt-noise: for a fraction q of the synthetic world's samples, drawn from the key alone (the same samples
-    every epoch, seed and worker layout; nested in q), the alt-text of an unrelated random picture, rendered by
-    the world in its alt-text style (the style does not give the noise away) and redrawn until it does not name
-    the sample's shape; None for the others (their alt-text is kept)."""
+    """--alt-noise: for a fraction q of the world's samples, drawn from the key alone (the same samples every epoch,
+    seed and worker layout; nested in q), the alt-text of an unrelated random picture in the world's alt-text style,
+    redrawn until it does not name the sample's shape; None for the others (their alt-text is kept)."""
     if not q:  # no generator made: the common case costs nothing
         return None
     noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
@@ -1112,12 +1105,14 @@ def reinforce(cfg: ReinforceConfig):
 # ==== Evaluation =====================================================================================================
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device) -> dict:
-    """Zero-shot top-1/top-5 on an ImageFolder and retrieval recall@1/5/10 on caption shards."""
+    """Zero-shot top-1/top-5 on an ImageFolder (class-mean of normalised prompt embeddings) and retrieval
+    recall@1/5/10 on caption shards."""
     model.eval()
     spec, metrics = model_spec(cfg.model), {}
     if zs_dir:
+        # OpenCLIP's protocol (--templates openai: its 80 prompts), the images by its eval transform and model filter
         items, names = C.image_folder(zs_dir, C.read_lines(cfg.classnames) if cfg.classnames else None)
-        templates = C.read_lines(cfg.templates) if cfg.templates else C.DEFAULT_TEMPLATES
+        templates = C.templates_arg(cfg.templates or "default")
         clf = C.zeroshot_classifier(model, tokenizer, names, templates, device, spec["context_length"])
         metrics.update(C.zeroshot_eval(model, clf, items, spec["image_size"], device, mean=spec["mean"],
                                        std=spec["std"], resample=RESAMPLE[spec["interpolation"]]))
@@ -1143,16 +1138,31 @@ def check_inputs(cfg: Config) -> list[float]:
         scales = [float(s) for s in cfg.teacher_scales.split(",")]
     except ValueError:
         scales = [0.0]
-    evals = (("--zeroshot-data", cfg.zeroshot_data), ("--classnames", cfg.classnames), ("--templates", cfg.templates))
+    C.templates_arg(cfg.templates or "default")  # a missing or malformed file: one line
+    evals = (("--zeroshot-data", cfg.zeroshot_data), ("--classnames", cfg.classnames))
     for bad, msg in [(not all(0 < s < math.inf for s in scales), f"--teacher-scales {cfg.teacher_scales}: "
                       "comma-separated numbers > 0 (1/tau of each teacher)"),
                      (cfg.lambda_kd > 1, f"--lambda-kd {cfg.lambda_kd}: must be between 0 and 1"),
                      (cfg.caption_source not in ("alt", "synthetic", "mix"), "--caption-source: alt, synthetic or mix"),
+                     (cfg.mix_synthetic and not cfg.reinforced, "--mix-synthetic needs --reinforced (plain "
+                      "training: --caption-source mix)"),
                      (cfg.init and not cfg.bpe, "--init needs --bpe bpe_simple_vocab_16e6.txt.gz, its tokenizer")
                      ] + [(path and not os.path.exists(path), f"{flag} not found: {path}") for flag, path in evals]:
         if bad:
             C.fail(msg)
     return scales
+
+def make_decode(cfg: Config, tokenizer, spec: dict, teachers: int):
+    """`train`'s sample decoder: DataCompDR replay with the teachers' embeddings (--reinforced: caption pairs, or
+    --mix-synthetic), else OpenCLIP's training transform on the alt-text or a quality caption (--caption-source)."""
+    if cfg.reinforced:
+        return DRDecode(tokenizer, spec["image_size"], spec["context_length"], cfg.seed, cfg.syn_key, teachers,
+                        cfg.synthetic_prob if cfg.mix_synthetic else None)
+    decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
+                               resample=RESAMPLE[spec["interpolation"]])
+    if cfg.caption_source != "alt" or cfg.alt_noise:  # quality captions (dense.py's pre-training), noise
+        decode = CaptionSource(decode, cfg.caption_source, cfg.synthetic_prob, cfg.syn_key, cfg.seed, cfg.alt_noise)
+    return decode
 
 def train(cfg: Config):
     """Train a CLIP: plain, on quality captions, or multi-modal reinforced (the default command).
@@ -1200,17 +1210,8 @@ def train(cfg: Config):
             C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
 
     # ---- data -----------------------------------------------------------------------------------
-    if cfg.reinforced:  # one stored augmentation replayed, GT + synthetic caption, teacher embeddings
-        decode = DRDecode(tokenizer, spec["image_size"], spec["context_length"], cfg.seed,
-                          RESAMPLE[spec["interpolation"]], cfg.syn_key, len(scales))
-    else:
-        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], True, cfg.seed,
-                                   resample=RESAMPLE[spec["interpolation"]])
-        if cfg.caption_source != "alt" or cfg.alt_noise:  # quality captions (dense.py's pre-training), noise
-            decode = CaptionSource(decode, cfg.caption_source, cfg.synthetic_prob, cfg.syn_key, cfg.seed,
-                                   cfg.alt_noise)
-    stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
-                           cfg.shuffle_buffer, data_pos, start)
+    stream = C.ShardStream(C.expand_shards(shards), make_decode(cfg, tokenizer, spec, len(scales)), cfg.batch_size,
+                           rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}  # workers with no new batch keep their place
@@ -1251,13 +1252,13 @@ def train(cfg: Config):
         position.update(batch)
         images = preprocess(batch["image"].to(device, non_blocking=True), spec)  # (B, 3, S, S) float
         ids = batch["ids"].to(device, non_blocking=True)  # (B, L)
-        if cfg.reinforced:  # GT and synthetic captions in one text forward (2B, L), as the official code
-            ids = torch.cat([ids, batch["syn_ids"].to(device, non_blocking=True)])
-            teach = {k: batch[k].to(device, non_blocking=True) for k in ("img_emb", "txt_emb", "syn_emb")}
+        pair = "syn_ids" in batch  # reinforced, pair mode: GT and synthetic captions in one text forward (2B, L)
+        ids = torch.cat([ids, batch["syn_ids"].to(device, non_blocking=True)]) if pair else ids
+        teach = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.endswith("_emb")}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             img, txt, scale = train_model(images, ids)
             if cfg.reinforced:
-                gt, syn = txt.chunk(2)  # (B, E) each
+                gt, syn = txt.chunk(2) if pair else (txt, None)  # (B, E) each
                 loss = reinforced_loss(img, gt, syn, teach, scale, cfg.lambda_kd, scales)
             else:
                 loss = C.contrastive_loss(img, txt, scale)

@@ -1,14 +1,14 @@
 """mobileclip.py end to end on the CPU: it learns, resumes exactly, and fails clearly on bad input."""
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import common as C
 import mobileclip
@@ -28,11 +28,12 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("model,steps", [("tiny", 150), ("mobileclip_tiny", 300)])
+@pytest.mark.parametrize("model,steps", [("mobileclip_tiny", 300)])
 def test_tiny_clip_learns(cache, tmp_path, model, steps):
-    """A short run must learn to match held-out images and captions well above chance. (The world's
-    alt-text names only some attributes, so one caption fits many images and short runs reach R@10 of
-    15-20% here; zero-shot classification by shape needs the longer default run: README, "Results".)"""
+    """A short run of the main job's model must learn to match held-out images and captions above chance. (The
+    world's alt-text names only some attributes, so one caption fits many images and short runs reach R@10 of
+    12-20% here; zero-shot classification by shape needs the longer default run: README, "Results".) The plain
+    ViT CLIP (`tiny`, common.py's towers) is shown to learn by tests/test_tic.py and tests/test_subclone.py."""
     out = str(tmp_path / "run")
     mobileclip.main(["--cache-dir", cache, "--out", out, "--steps", str(steps), "--batch-size", "64",
                      "--warmup", "20"] + SMALL + ["--model", model])  # the last --model wins
@@ -43,27 +44,8 @@ def test_tiny_clip_learns(cache, tmp_path, model, steps):
     assert final["retrieval_i2t_r10"] > 3 * 10 / 3, final  # 3x chance (10 of 300 candidates: 3.3%)
     assert final["retrieval_t2i_r10"] > 3 * 10 / 3, final
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0] - 0.3  # world v2: the tiny ViT drops ~0.4 in 150 steps
+    assert losses[-1] < losses[0] - 0.3  # world v2, seed 0: 4.33 -> 3.21 in 300 steps
     assert {"config.json", "mobileclip.py", "common.py", "bpe.txt", f"ckpt-{steps}.pt"} <= set(os.listdir(out))
-
-
-def test_resume_continues_exactly(cache, tmp_path):
-    """Stop at step 6 and resume: the same weights at step 12 as the run that never stopped."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = ["--cache-dir", cache, "--steps", "12", "--ckpt-every", "6", "--keep-ckpts", "5", "--batch-size", "16",
-            "--no-eval"] + SMALL
-    mobileclip.main(args + ["--out", a])
-    os.makedirs(b)
-    for f in ("ckpt-6.pt", "bpe.txt"):
-        shutil.copy(os.path.join(a, f), b)
-    mobileclip.main(args + ["--out", b, "--resume", "auto"])
-    wa = torch.load(os.path.join(a, "ckpt-12.pt"), weights_only=True)
-    wb = torch.load(os.path.join(b, "ckpt-12.pt"), weights_only=True)
-    assert wa["data"] == wb["data"]
-    for k in wa["model"]:
-        torch.testing.assert_close(wa["model"][k], wb["model"][k], rtol=0, atol=1e-6)
-    w6 = torch.load(os.path.join(a, "ckpt-6.pt"), weights_only=True)
-    assert not torch.equal(w6["model"]["logit_scale"], wa["model"]["logit_scale"])  # it did train on
 
 
 @pytest.mark.parametrize("args,message", [
@@ -77,6 +59,8 @@ def test_resume_continues_exactly(cache, tmp_path):
     (["--synthetic-prob", "1.5"], "--synthetic-prob 1.5: must be between 0 and 1"),
     (["--lambda-kd", "2"], "--lambda-kd 2.0: must be between 0 and 1"),
     (["--teacher-scales", "100,x"], "--teacher-scales 100,x: comma-separated numbers > 0"),
+    (["--mix-synthetic"], "--mix-synthetic needs --reinforced"),
+    (["--templates", "BPE"], "every template needs exactly one '{}'"),
     (["--resume", "EMPTY"], "cannot read checkpoint EMPTY: empty file (0 bytes)"),
     (["--resume", "JUNK"], "cannot read checkpoint JUNK: "),
     (["--data", "EMPTY.tar"], "no caption in --data to train a BPE on (skipped: {'broken_tar:ReadError': 1})"),
@@ -162,30 +146,28 @@ def steps_logged(out):
     return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
 
 
-@pytest.mark.parametrize("workers", [2, 0])
-def test_stop_signal_to_the_group_saves_and_resume_matches(tmp_path, workers):
-    """A scheduler's SIGTERM to the whole process group (DataLoader workers included): the run saves a checkpoint
-    at the step it reached and exits 0; --resume auto then logs the losses of a run that never stopped."""
+@pytest.mark.usefixtures("one_thread")  # the same arithmetic in this process and in the child (OMP_NUM_THREADS=1)
+def test_stop_signal_to_the_group_saves_and_resume_matches(tmp_path, signal_script):
+    """A scheduler's SIGTERM to the whole process group (a DataLoader worker included) after step 6: the run saves a
+    checkpoint at the step it reached and exits 0; --resume auto then logs the losses of a run that never stopped and
+    ends with the same weights and data position."""
     bpe = str(tmp_path / "bpe.txt")
     C.Tokenizer(merges=C.train_bpe(["a photo of a red circle", "a blue star on a plain background"] * 20, 600)).save(bpe)
-    args = [sys.executable, "mobileclip.py", "--cache-dir", str(tmp_path / "cache"), "--steps", "60", "--batch-size",
-            "8", "--ckpt-every", "1000", "--bpe", bpe, "--no-eval", "--synthetic-train", "300", "--synthetic-val", "60",
-            "--workers", str(workers), "--log-every", "1", "--model", "tiny", "--shuffle-buffer", "100"]
-    run = lambda out, *more, **kw: subprocess.Popen(args + ["--out", out, *more], cwd=ROOT, stdout=open(
-        out + ".txt", "a"), stderr=subprocess.STDOUT, **kw)
+    args = ["--cache-dir", str(tmp_path / "cache"), "--steps", "12", "--batch-size", "8", "--ckpt-every", "1000",
+            "--bpe", bpe, "--no-eval", "--synthetic-train", "300", "--synthetic-val", "60", "--workers", "1",
+            "--log-every", "1", "--model", "tiny", "--shuffle-buffer", "100"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    assert run(ref).wait(timeout=600) == 0, open(ref + ".txt").read()
-    proc = run(out, start_new_session=True)  # its own process group, as a scheduler's job
-    deadline = time.time() + 300
-    while time.time() < deadline and len(steps_logged(out)) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, open(out + ".txt").read()
-    stopped = max(steps_logged(out))
-    assert C.checkpoints(out) == [os.path.join(out, f"ckpt-{stopped}.pt")] and stopped < 60  # the step it reached
-    assert run(out, "--resume", "auto").wait(timeout=600) == 0, open(out + ".txt").read()
+    mobileclip.main(args + ["--out", ref])
+    proc = subprocess.Popen([sys.executable, signal_script("mobileclip", 6), *args, "--out", out], cwd=ROOT,
+                            stdout=open(out + ".txt", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.wait(timeout=600) == 0, open(out + ".txt").read()
+    assert C.checkpoints(out) == [os.path.join(out, "ckpt-6.pt")] and max(steps_logged(out)) == 6
+    mobileclip.main(args + ["--out", out, "--resume", "auto"])
     got, expect = steps_logged(out), steps_logged(ref)
-    assert sorted(got) == list(range(1, 61)) and got == expect, (stopped, got, expect)
+    assert sorted(got) == list(range(1, 13)) and got == expect, (got, expect)
+    wa, wb = (torch.load(os.path.join(d, "ckpt-12.pt"), weights_only=True) for d in (ref, out))
+    assert wa["data"] == wb["data"] and all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
 
 
 def test_init_from_openclip_layout_and_eval_only(cache, tmp_path):
@@ -199,3 +181,50 @@ def test_init_from_openclip_layout_and_eval_only(cache, tmp_path):
     mobileclip.main(["--cache-dir", cache, "--out", out, "--init", str(tmp_path / "init.pt"), "--bpe", bpe,
                      "--eval-only"] + SMALL)
     assert "zeroshot_top1" in read_log(out)[-1]
+
+
+def test_zeroshot_as_openclip_with_the_80_templates(tmp_path, monkeypatch):
+    """`--eval-only --zeroshot-data DIR --classnames FILE --templates openai` (the README's ImageNet command) on a tiny
+    ImageFolder: the classifier is, per class, the renormalised mean of the 80 OpenAI prompts' normalised text
+    embeddings (brute force: one prompt at a time), the images are OpenCLIP's eval transform of the files (shorter
+    side to the model's size with its filter, centre crop; written out here with PIL), and no synthetic world is made."""
+    rng, root, names = np.random.default_rng(0), tmp_path / "val", ["tench", "great white shark"]
+    for folder in ("n01440764", "n01484850"):
+        os.makedirs(root / folder)
+        for i, (w, h) in enumerate([(90, 70), (64, 101)]):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    bpe = str(tmp_path / "bpe.txt")
+    C.Tokenizer(merges=C.train_bpe([t.format(n) for t in C.OPENAI_IMAGENET_TEMPLATES for n in names], 600)).save(bpe)
+    tok = C.Tokenizer(bpe)
+    init = str(tmp_path / "tiny.pt")  # random weights in ml-mobileclip's layout
+    torch.save(mobileclip.export_state_dict(mobileclip.create_model("mobileclip_tiny", vocab_size=tok.vocab_size),
+                                            "apple"), init)
+    seen, classifier, images = {}, C.zeroshot_classifier, C.eval_images
+    monkeypatch.setattr(C, "zeroshot_classifier", lambda m, t, n, templates, *a: seen.setdefault(
+        "clf", (templates, classifier(m, t, n, templates, *a)))[1])
+    monkeypatch.setattr(C, "eval_images", lambda *a: seen.setdefault("x", images(*a)))
+    mobileclip.main(["--eval-only", "--model", "mobileclip_tiny", "--init", init, "--bpe", bpe, "--zeroshot-data",
+                     str(root), "--classnames", str(tmp_path / "classes.txt"), "--templates", "openai", "--out",
+                     str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache")])
+    assert not os.path.exists(tmp_path / "cache") and seen["clf"][0] == C.OPENAI_IMAGENET_TEMPLATES
+    model, spec = mobileclip.create_model("mobileclip_tiny", init, tok.vocab_size).eval(), mobileclip.MOBILECLIP_MODELS[
+        "mobileclip_tiny"]
+    S, pixels = spec["image_size"], []
+    with torch.no_grad():
+        prompts = [[t.format(n) for t in C.OPENAI_IMAGENET_TEMPLATES] for n in names]  # (classes, 80)
+        clf = torch.stack([F.normalize(F.normalize(model.encode_text(tok(p, 32)), dim=-1).mean(0), dim=0)
+                           for p in prompts], dim=1)  # (E, classes)
+        torch.testing.assert_close(seen["clf"][1], clf, atol=2e-5, rtol=1e-4)
+        for folder in sorted(os.listdir(root)):
+            for f in sorted(os.listdir(root / folder)):
+                img = Image.open(root / folder / f).convert("RGB")
+                w, h = img.size  # torchvision's Resize(S) of a PIL image, then CenterCrop(S)
+                w, h = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+                top, left = int(round((h - S) / 2)), int(round((w - S) / 2))
+                img = img.resize((w, h), Image.BILINEAR).crop((left, top, left + S, top + S))
+                pixels.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        assert spec["interpolation"] == "bilinear" and torch.equal(seen["x"], torch.stack(pixels))
+        pred = (F.normalize(model.encode_image(seen["x"].float() / 255), dim=-1) @ clf).argmax(1)
+    top1 = 100 * (pred == torch.arange(2).repeat_interleave(2)).float().mean().item()
+    assert read_log(str(tmp_path / "r"))[-1]["zeroshot_top1"] == pytest.approx(top1)

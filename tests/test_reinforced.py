@@ -153,7 +153,7 @@ def _dr_sample(fmt):
 @pytest.mark.parametrize("fmt", ["npz", "pth.gz"])
 def test_datacompdr_sample_reader(fmt):
     s, params = _dr_sample(fmt)
-    dec = mobileclip.DRDecode(_Tok(), 16, 4, 0, Image.BICUBIC, "^syn_text.*$", 1)
+    dec = mobileclip.DRDecode(_Tok(), 16, 4, 0, "^syn_text.*$", 1)
     out = dec(s)
     a = [i for i, p in enumerate(params)
          if torch.equal(out["image"], mobileclip.replay_augmentation(C.decode_image(s), p, 16))]
@@ -165,7 +165,49 @@ def test_datacompdr_sample_reader(fmt):
         dec({**s, "json": json.dumps({"teachers": 2}).encode()})
 
 
-def test_reinforce_then_train_round_trip(tmp_path):
+def test_student_replay_is_bicubic_whatever_the_eval_filter():
+    """`train`'s reader replays the stored view as OpenCLIP's training transform resizes (bicubic), also for a model
+    whose eval transform is bilinear (MobileCLIP v1, the tiny one here)."""
+    cfg = mobileclip.Config(reinforced=True, model="mobileclip_tiny")
+    spec = mobileclip.model_spec(cfg.model)
+    assert spec["interpolation"] == "bilinear"
+    s, params = _dr_sample("npz")
+    out = mobileclip.make_decode(cfg, _Tok(), spec, 1)(s)
+    a = int(out["img_emb"][0]) // 4  # image_emb row a holds 4a .. 4a + 3
+    img, size = C.decode_image(s), spec["image_size"]
+    assert out["image"].shape == (3, size, size)
+    assert torch.equal(out["image"], mobileclip.replay_augmentation(img, params[a], size, Image.BICUBIC))
+    assert not torch.equal(out["image"], mobileclip.replay_augmentation(img, params[a], size, Image.BILINEAR))
+
+
+def test_mix_synthetic_mode():
+    """--mix-synthetic (the official `--dataset-reinforcement-mix-synthetic`): one caption per sample, the synthetic
+    one w.p. --synthetic-prob, drawn per sample, with the teachers' embedding of the caption taken; no second pair.
+    The loss is then the one pair's."""
+    s, _ = _dr_sample("npz")
+    samples = [{**s, "__key__": f"{k:04d}", "txt": b"a ground truth"} for k in range(200)]
+    got = {}
+    for prob in (0.0, 0.5, 1.0):
+        dec = mobileclip.DRDecode(_Tok(), 16, 4, 0, "^syn_text.*$", 1, mix=prob)
+        outs = [dec(x) for x in samples]
+        assert all("syn_ids" not in o and "syn_emb" not in o for o in outs)
+        syn = [int(o["ids"][0]) != len("a ground truth") for o in outs]
+        for o, is_syn in zip(outs, syn):  # the caption's own embedding: GT 1, synthetic c (c + 1 letters) 1 + c
+            assert torch.all(o["txt_emb"] == (int(o["ids"][0]) if is_syn else 1))
+        got[prob] = sum(syn) / len(syn)
+    assert got[0.0] == 0 and got[1.0] == 1 and 0.4 < got[0.5] < 0.6, got
+    pair = mobileclip.DRDecode(_Tok(), 16, 4, 0, "^syn_text.*$", 1)(samples[0])  # the draws of pair mode are kept
+    mixed = mobileclip.DRDecode(_Tok(), 16, 4, 0, "^syn_text.*$", 1, mix=0.0)(samples[0])
+    assert torch.equal(pair["image"], mixed["image"]) and torch.equal(pair["ids"], mixed["ids"])
+    img, txt, t_img, t_txt = _teachers()
+    batch, scale = {"img_emb": t_img, "txt_emb": t_txt}, torch.tensor(12.0)
+    one = mobileclip.reinforced_loss(img, txt, None, batch, scale, 0.5, [30.0, 20.0])
+    expect = 0.5 * C.contrastive_loss(img, txt, scale) + 0.5 * mobileclip.distill_loss(img, txt, t_img, t_txt, scale,
+                                                                                       [30.0, 20.0])
+    torch.testing.assert_close(one, expect)
+
+
+def test_reinforce_then_train_round_trip(tmp_path, monkeypatch):
     cache, teacher, dr, student = (str(tmp_path / d) for d in ("cache", "teacher", "dr", "student"))
     mobileclip.main(["--out", teacher, "--steps", "4", "--batch-size", "16", "--cache-dir", cache, *SMALL])
     ckpt = f"{teacher}/ckpt-4.pt"
@@ -189,6 +231,11 @@ def test_reinforce_then_train_round_trip(tmp_path):
         t = model.encode_text(tok([C.decode_caption(s), *syn], spec["context_length"]), normalize=True)
     torch.testing.assert_close(torch.from_numpy(emb["image_emb"]), torch.cat([z, z], 1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(emb["text_emb"]), torch.cat([t, t], 1), atol=1e-5, rtol=1e-4)
+    # DataCompDR's scale by default, whatever model trains later: translations in pixels of a 224-px view (the
+    # teacher and the students here are 64 px), +-150/331 * 224 * 9/30 = 30.45 px at magnitude 9 of 31 (spec 4.5)
+    ops = [op for x in C.iter_tar_samples(shards[0], {}) for p in json.loads(x["paug.json"])["param_aug"] for op in p[1]]
+    shifts = {round(abs(m), 2) for k, m in ops if C.RAND_AUGMENT_OPS[k] in ("TranslateX", "TranslateY")}
+    assert spec["image_size"] == 64 and shifts == {30.45}, shifts
     scene = json.loads(s["json"])["scene"]  # the world's captioner names every attribute
     assert all(scene[a] in c for c in syn for a in ("shape", "colour", "size", "texture", "background"))
 
@@ -212,6 +259,15 @@ def test_reinforce_then_train_round_trip(tmp_path):
     losses = [r["loss"] for r in log if "loss" in r]
     assert os.path.isfile(f"{student}/ckpt-30.pt") and losses[-1] < losses[0]
     assert any("zeroshot_top1" in r for r in log)  # evaluated on the world's held-out set (eval.json)
+
+    # --mix-synthetic: one caption per image through the text tower (B, not 2B, texts) and one loss pair
+    calls, loss = [], mobileclip.reinforced_loss
+    monkeypatch.setattr(mobileclip, "reinforced_loss", lambda img, txt, syn, *a: calls.append(
+        (len(img), len(txt), syn)) or loss(img, txt, syn, *a))
+    mobileclip.main(["--reinforced", "--mix-synthetic", "--data", dr, "--teacher-scales", "20,20", "--out",
+                     f"{student}_mix", "--bpe", f"{student}/bpe.txt", "--steps", "2", "--batch-size", "8", "--no-eval",
+                     *SMALL])
+    assert calls == [(8, 8, None)] * 2 and os.path.isfile(f"{student}_mix/ckpt-2.pt")
 
 
 def test_reinforced_without_data_is_one_clear_line(tmp_path, capsys):
