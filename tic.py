@@ -33,7 +33,10 @@ Commands:
       --bpe bpe_simple_vocab_16e6.txt.gz --batch-size 512 --budget-steps 4500 --lr 5e-4 --warmup 500 \\
       --classnames imagenet_classnames.txt --out runs/tic-cumulative --compile   # tic_medium; same command resumes
 
-Result (compute table, synthetic world, seeds 0-2, C = 60 steps x batch 64): see the README; measured on a 2-core CPU.
+Result (2-core shared CPU, torch 2.14.1; `compare --strategies cumulative-all,oracle-cumulative --budget-steps 100
+--batch-size 64`, seed 0, a hint): cumulative-all (4 C) reaches oracle-cumulative's equal static top-1 at 2.1x less
+compute, equal retrieval at 1.9x (last: 18.6 / 2.8% vs 22.0 / 3.8% at 10 C); at C = 60 x 64 (seeds 0-2) all stay
+near chance and no saving shows (ratios 0.3-1.0). Tables: README.
 """
 from __future__ import annotations
 
