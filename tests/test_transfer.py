@@ -188,8 +188,8 @@ def test_tiny_comparison_runs_and_learns(world, tmp_path):
     enc = micro_vfm(str(tmp_path / "clip.pt"))
     s = T.demo(T.Config(foundation=enc, out=str(tmp_path / "demo"), cache_dir=os.path.dirname(world["root"]),
                         synthetic_train=2000, synthetic_val=200, image_size=32, demo_classes=3, shots=4,
-                        pool_shards=2, pool_offdomain=0.5, per_query=10, steps=30, batch_size=16, workers=0,
-                        probe_steps=10, warmup=5, log_every=10))
+                        pool_shards=2, pool_offdomain=0.5, per_query=10, steps=16, batch_size=16, workers=0,
+                        probe_steps=6, warmup=3, log_every=8))
     assert len(s["results"]) == 7 and all("top1" in m for m in s["results"].values())
     assert s["sets"]["random"]["pool_shards"] == 3  # 2 x 250 world images + one shard of 500 off-domain images
     assert s["sets"]["random"]["transfer_set"] == s["sets"]["retrieved"]["transfer_set"] > 40
