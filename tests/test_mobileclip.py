@@ -41,10 +41,11 @@ def test_tiny_clip_learns(cache, tmp_path, model, steps):
     final = log[-1]
     assert final["step"] == steps
     assert 0 <= final["zeroshot_top1"] <= 100 and final["zeroshot_top5"] >= final["zeroshot_top1"]
-    assert final["retrieval_i2t_r10"] > 3 * 10 / 3, final  # 3x chance (10 of 300 candidates: 3.3%)
-    assert final["retrieval_t2i_r10"] > 3 * 10 / 3, final
+    # seeds 0 / 1 / 2 (--seed): R@10 i2t 11.7 / 19.3 / 9.0, t2i 15.0 / 20.3 / 11.0; loss drop 1.12 / 1.46 / 1.25
+    assert final["retrieval_i2t_r10"] > 2 * 10 / 3, final  # 2x chance (10 of 300 candidates: 3.3%)
+    assert final["retrieval_t2i_r10"] > 2 * 10 / 3, final
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0] - 0.3  # world v2, seed 0: 4.33 -> 3.21 in 300 steps
+    assert losses[-1] < losses[0] - 0.6
     assert {"config.json", "mobileclip.py", "common.py", "bpe.txt", f"ckpt-{steps}.pt"} <= set(os.listdir(out))
 
 
