@@ -52,12 +52,12 @@ Commands:
       --multi-scale --data imagenet/train --val-data imagenet/val --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500
   python catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val --linear-probe \\
       --transfer-init --epochs 30 --lr 3e-5 --min-lr 1e-6 --weight-decay 0 --label-smoothing 0
-  python catlip.py --crop-scale 0.9                  # tiny pre-training on the synthetic world, CPU
-  python catlip.py compare --init runs/catlip --crop-scale 0.9  # fine-tune from it vs from scratch
+  python catlip.py --crop-scale 0.9 --ema-warmup --decay-all  # tiny pre-training on the synthetic world, CPU
+  python catlip.py compare --init runs/catlip --crop-scale 0.9 --ema-warmup --decay-all  # vs from scratch
 
-Result (2-core CPU, synthetic world, the two commands above): the head rows of the shape names, untrained on labels,
-reach 23.6% top-1 (chance 10%); fine-tuned on 500 labelled images, 16.5% from scratch, 21.4% from the CatLIP
-backbone with a random head, 22.3% with Transfer Init (README, CatLIP section).
+Result (2-core CPU, synthetic world, the two commands above; one run, a hint): the head rows of the shape names,
+untrained on labels, reach 23.6% top-1 (chance 10%); fine-tuned on 500 labelled images, 16.5% from scratch, 21.4%
+from the CatLIP backbone with a random head, 22.3% with Transfer Init (README, CatLIP section).
 """
 from __future__ import annotations
 
@@ -1056,14 +1056,14 @@ def finetune(cfg: FinetuneConfig):
     log = C.RunLog(cfg.out)
     gb, corenet = cfg.batch_size * world, isinstance(model, CoreNetViT)
     steps = cfg.epochs * max(1, len(train_items) // gb)
-    if cfg.multi_scale and not corenet:
-        C.fail(f"--multi-scale needs a CoreNet model (its positions resize), not '{name}'")
     if cfg.multi_scale:
+        if not corenet:
+            C.fail(f"--multi-scale needs a CoreNet model (its positions resize), not '{name}'")
         sampler = VariableBatches(len(train_items), image_batch_pairs(size, cfg.batch_size),
                                   cfg.epochs * len(train_items), 0, cfg.seed, rank, world)
         steps = sampler.steps
     C.print0(f"{len(train_items)} training images, {len(val_items)} held out, {len(classnames)} classes, "
-             f"{steps} steps of {min(gb, len(train_items))}" + (" pixels' worth (multi-scale)" * cfg.multi_scale))
+             f"{steps} steps of {min(gb, len(train_items))}" + (f" at {size}px, or as many pixels" * cfg.multi_scale))
 
     # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
