@@ -38,7 +38,8 @@ state dict with --bpe):
       --data-sam 'sa1b/sa_{000000..000063}.tar' --clip-sizes 224,448 --batch-clip 256 --batch-sam 4 \\
       --masks-per-image 32 --sam-size 1024 --steps 320000 --warmup 2000 --out runs/s2
   torchrun --nproc_per_node=8 samclip.py --stage 3 --init runs/s2 --teacher-clip clip_l14.pt \\
-      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --batch-clip 256 --steps 60000 --out runs/s3
+      --bpe bpe_simple_vocab_16e6.txt.gz --data-clip 'clip/{00000..04095}.tar' --batch-clip 256 --steps 60000 \\
+      --out runs/s3
   python samclip.py segment --init runs/s3 --image x.jpg --classes "cat,dog,grass" --out seg.png [--refine]
   python samclip.py eval --init runs/s3 --dataset voc --data VOCdevkit/VOC2012 [--refine]
   python samclip.py eval --init runs/s3 --zeroshot-data imagenet/val --zeroshot-classnames names.txt
@@ -112,8 +113,7 @@ class Config(TrainShared):
     steps: int = 300  # optimizer steps (paper: 20 epochs of 40.6M images at 2048 a step in stage I)
     batch_clip: int = 64  # CLIP images per step and process (paper: 2048 global)
     batch_sam: int = 8  # SA-1B images per step and process (paper: 32 global)
-    clip_sizes: str = ""  # CLIP-side sizes, cycled per step (paper: 224,448; stage 3: + 1024); empty = the model's
-    # size (stage 3: --init's sizes + the model's)
+    clip_sizes: str = ""  # CLIP-side sizes cycled per step (paper: 224,448); empty = the model's (stage 3: + --init's)
     sam_size: int = 0  # SAM-side resolution (paper: 1024); 0 = the model's
     lr: float = 0.0  # CLIP-head learning rate; 0 = the paper's (stages 1 and 3: 8e-4, stage 2: 4e-5)
     backbone_lr_mult: float = 0.1  # stage 2: backbone and SAM head at this fraction of --lr (paper: 0.1)
@@ -245,8 +245,7 @@ class EncoderAttention(nn.Module):
         super().__init__()
         self.heads, self.fused = heads, True
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, dim // heads))
-        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, dim // heads))
+        self.rel_pos_h, self.rel_pos_w = (nn.Parameter(torch.zeros(2 * rel_size - 1, dim // heads)) for _ in "hw")
 
     def forward(self, x):
         B, h, w, D = x.shape
@@ -265,8 +264,7 @@ def window_partition(x: torch.Tensor, w: int):
     """(B, H, W, C) -> (B * nW, w, w, C), zero-padding H and W bottom/right to multiples of w."""
     B, H, W, D = x.shape
     ph, pw = (w - H % w) % w, (w - W % w) % w
-    x = F.pad(x, (0, 0, 0, pw, 0, ph))
-    Hp, Wp = H + ph, W + pw
+    x, Hp, Wp = F.pad(x, (0, 0, 0, pw, 0, ph)), H + ph, W + pw
     x = x.view(B, Hp // w, w, Wp // w, w, D).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, w, w, C)
     return x.reshape(-1, w, w, D), (Hp, Wp)
 
@@ -316,8 +314,7 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, h, w, C)
         pos = self.pos_embed
         if pos.shape[1:3] != x.shape[1:3]:  # other resolutions: bicubic resize of the grid (spec 6, design choice)
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
-                                align_corners=False).permute(0, 2, 3, 1)
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic").permute(0, 2, 3, 1)
         x = x + pos
         for blk in self.blocks:
             x = blk(x)
@@ -1310,11 +1307,6 @@ def load_samclip_run(cfg: SegShared):
     size = cfg.size or (448 if model.model_name.startswith("vit_") else ck["clip_sizes"][0])
     return model.to(device), teacher, size, ck, device
 
-def palette_png(labels: np.ndarray) -> Image.Image:
-    img = Image.fromarray(labels.astype(np.uint8), "P")
-    img.putpalette([0, 0, 0] + np.random.default_rng(0).integers(40, 256, 3 * 255).tolist())
-    return img
-
 def segment_main(cfg: SegmentConfig):
     """Zero-shot semantic segmentation of an image into --classes: a label-map PNG and a .json legend."""
     classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
@@ -1328,7 +1320,9 @@ def segment_main(cfg: SegmentConfig):
     pred = segment_image(model, img, size, classifier, bg_text, tau, cfg.refine, cfg.refine_threshold,
                          random.Random(cfg.seed)).cpu().numpy()
     names = (["background"] if bg_text or tau else []) + classes
-    palette_png(pred).save(cfg.out)
+    png = Image.fromarray(pred.astype(np.uint8), "P")
+    png.putpalette([0, 0, 0] + np.random.default_rng(0).integers(40, 256, 3 * 255).tolist())
+    png.save(cfg.out)
     area = {n: round(float((pred == i).mean()), 4) for i, n in enumerate(names)}
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump({"classes": names, "area": area}, f, indent=1)
