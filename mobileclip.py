@@ -9,7 +9,7 @@ synthetic world has its own accurate captioner), online KD with live teachers, t
 
 Paper -> code (spec: shared/papers/mobileclip.md):
   MCi image encoders, FastViT-derived (spec 2.2, 2.3)  -> MCi: MobileOneBlock stem, RepMixerBlock and
-                                                          AttentionBlock stages, RepCPE, downsample
+                                                          AttentionBlock stages, RepCPE, PatchEmbed
   MCt hybrid text encoder (spec 2.5); base text        -> TextEncoder(mct=True), TextRepMixerBlock; TextEncoder
   MobileCLIP-B: ViT-B/16 with a conv stem (spec 2.4)   -> ConvStemViT
   structural reparameterisation (spec 2.2)             -> reparameterize
@@ -340,9 +340,16 @@ class AttentionBlock(nn.Module):
         x = x + self.layer_scale_1 * t.transpose(1, 2).reshape(B, D, H, W)
         return x + self.layer_scale_2 * self.convffn(x)
 
-def downsample(cin, cout, se=False):
-    """FastViT's PatchEmbed between stages: ReparamLargeKernelConv (7x7/2, C -> C') then a 1x1 MobileOneBlock."""
-    return named(proj=nn.Sequential(ReparamLargeKernelConv(cin, cout, 7, 2, 3, se), MobileOneBlock(cout, cout, 1)))
+class PatchEmbed(nn.Module):
+    """FastViT's downsampler between stages: ReparamLargeKernelConv (7x7/2, C -> C') then a 1x1 MobileOneBlock.
+    A class, not an nn.Sequential: dense.py, cliptex.py and transfer.py find the stages as the Sequentials."""
+
+    def __init__(self, cin, cout, se=False):
+        super().__init__()
+        self.proj = nn.Sequential(ReparamLargeKernelConv(cin, cout, 7, 2, 3, se), MobileOneBlock(cout, cout, 1))
+
+    def forward(self, x):
+        return self.proj(x)
 
 class ProjectionHead(nn.Module):
     """Map to the joint space, x @ proj (Apple's GlobalPool2D / SimpleImageProjectionHead); a feature map
@@ -364,7 +371,7 @@ _TIMM_PARTS = {"patch_embed": "stem", "rbr_conv": "conv_kxk", "rbr_scale": "conv
 
 class MCi(nn.Module):
     """MCi image encoder (spec 2.2, 2.3): FastViT with a MobileOne stem (3x3/2, depthwise 3x3/2, 1x1:
-    stride 4), RepMixer stages, then attention stages each preceded by RepCPE, a `downsample` before every
+    stride 4), RepMixer stages, then attention stages each preceded by RepCPE, a PatchEmbed before every
     stage but the first, `conv_exp` (depthwise 3x3 to 2C with SE), mean pool and projection.
     `network` is Apple's flat list [stage0, down, stage1, down, stage2, down, cpe, stage3, ...]."""
 
@@ -377,7 +384,7 @@ class MCi(nn.Module):
                                          MobileOneBlock(c0, c0, 1))
         net = []  # (timm's name, module) of each `network` entry: stages.i.{downsample,pos_emb,blocks}
         for i, (depth, c) in enumerate(zip(depths, widths)):
-            net += [(f"stages.{i}.downsample", downsample(widths[i - 1], c, se[i]))] if i > 0 else []
+            net += [(f"stages.{i}.downsample", PatchEmbed(widths[i - 1], c, se[i]))] if i > 0 else []
             net += [(f"stages.{i}.pos_emb", RepCPE(c))] if attn[i] else []
             blocks = [AttentionBlock(c, mlp_ratio, attn_norm) if attn[i] else RepMixerBlock(c, 3, mlp_ratio)
                       for _ in range(depth)]
