@@ -81,3 +81,77 @@ def test_safe_unpickle_reads_data_and_refuses_code(tmp_path):
     with pytest.raises(ValueError, match="refused global (posix|os|nt).system") as e:
         C.safe_unpickle(pickle.dumps({"k": Evil()}))
     assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
+
+
+def test_the_four_scripts_give_the_same_miou_on_the_same_predictions(tmp_path, monkeypatch):
+    """Issue 26: one mIoU. The same fixed predictions and label maps (255 pixels predicted as a class, class 4 only
+    predicted, class 5 neither present nor predicted), drawn in the image's red channel as 40 x class, go through
+    each script's own scoring: samclip.seg_eval (its dense logits stubbed), dense.evaluate on an image folder (a
+    stub model reads the class off the pixel), transfer.evaluate on whole images of a shard (the same stub,
+    uint8 input) and cliptex.probe, whose mIoU is dense.py's (dense.finetune stubbed to evaluate only, after
+    dense.main has parsed cliptex's argv). All four equal common.miou and the brute force."""
+    import torch.nn.functional as F
+    from PIL import Image
+    import cliptex
+    import dense
+    import samclip
+    import transfer
+    rng, K, H, W = np.random.default_rng(0), 6, 12, 16
+    preds = [rng.integers(0, 5, (H, W)) for _ in range(3)]  # classes 0..4 predicted
+    labels = [rng.integers(0, 4, (H, W)) for _ in range(3)]  # classes 0..3 present: 4 only predicted, 5 neither
+    for y in labels:
+        y[rng.random((H, W)) < 0.15] = 255
+    images = [Image.fromarray(np.stack([40 * p, p, p], -1).astype(np.uint8)) for p in preds]
+    conf = sum(C.confusion_matrix(torch.from_numpy(p), torch.from_numpy(y), K) for p, y in zip(preds, labels))
+    ref = brute_miou(preds, labels, K)
+    assert C.miou(conf) == pytest.approx(ref, rel=1e-12) and 0 < ref < 100
+
+    def one_hot(red):  # (..., h, w) red channel in 0..255 -> (..., K, h, w) logits of the class drawn
+        return F.one_hot((red / 40).round().long(), K).movedim(-1, -3).float()
+
+    class Stub(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale  # 255 where the script normalises to [0, 1] first (dense), 1 on uint8 (transfer)
+
+        def forward(self, x):
+            return one_hot(x[:, 0].float() * self.scale)
+
+    found = {}
+    # samclip: zero-shot segmentation without a background rule (every label a class)
+    monkeypatch.setattr(samclip, "dense_logits", lambda model, img, size, classifier: one_hot(
+        torch.from_numpy(np.asarray(img)[..., 0].astype(np.float32))))
+    found["samclip"] = samclip.seg_eval(type("M", (), {"patch": 4})(), list(zip(images, labels)), list("abcdef"),
+                                        None, 16, "cpu", has_bg=False)["miou"]
+    # dense: a folder of images and label PNGs, no reduce-zero-label, the crop = the short side (no resize)
+    root = tmp_path / "ade"
+    for sub in ("images/validation", "annotations/validation"):
+        os.makedirs(root / sub)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        img.save(root / f"images/validation/{i}.png")
+        Image.fromarray(y.astype(np.uint8)).save(root / f"annotations/validation/{i}.png")
+    items = dense.index_folder(str(root), "seg", "val")
+    s = dict(crop=H, reduce_zero_label=False, depth_scale=1.0, classes=K, mean=(0.0,) * 3, std=(1.0,) * 3, bf16=False)
+    cpu = torch.device("cpu")
+    found["dense"] = dense.evaluate(Stub(255), items, "seg", dense.SegConfig(batch_size=2, workers=0), s, cpu)["miou"]
+    # transfer: whole images of a shard, label 0 a class (background), 1..5 the task's 5 classes
+    C.write_shard(str(tmp_path / "t.tar"), [{"__key__": f"k{i}", "png": img, "seg.png": Image.fromarray(y.astype(
+        np.uint8))} for i, (img, y) in enumerate(zip(images, labels))])
+    cfg = transfer.Config(task="seg", num_classes=K - 1, image_size=H, test=str(tmp_path / "t.tar"), workers=0)
+    found["transfer"] = transfer.evaluate(Stub(1), cfg, cpu)["miou"]
+    # cliptex: probe -> dense.main(["seg", ...]) -> (dense.finetune, stubbed to score only) dense.evaluate
+    calls = []
+
+    def finetune(dcfg):
+        calls.append(type(dcfg).__name__)
+        if isinstance(dcfg, dense.SegConfig):
+            assert dcfg.head == "linear" and dcfg.freeze_backbone
+            return dense.evaluate(Stub(255), items, "seg", dcfg, s, cpu)
+        return {"rmse": 0.0}
+    monkeypatch.setattr(dense, "finetune", finetune)
+    torch.save({"model_name": "mobileclip_tiny", "model": {}}, tmp_path / "clip.pt")
+    pcfg = cliptex.ProbeConfig(init=str(tmp_path / "clip.pt"), eval=False, workers=0, out=str(tmp_path / "probe"))
+    found["cliptex"] = cliptex.probe(pcfg)["seg_miou"]
+    assert calls == ["SegConfig", "DepthConfig"]
+    for name, m in found.items():
+        assert m == pytest.approx(C.miou(conf), rel=1e-12) and m == pytest.approx(ref, rel=1e-12), name
