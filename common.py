@@ -51,9 +51,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown after each flag's help; the description's line breaks kept."""
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (the error and where to look), not usage + error."""
-
-    def error(self, message):
+    def error(self, message):  # a bad flag: one line (the error and where to look), not usage + error
         fail(f"{message} (see {self.prog} --help)")
 
 def first_paragraph(doc: str | None) -> str:
@@ -143,7 +141,6 @@ def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
-
 # ==== 2. Distributed ==================================================================================
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
@@ -175,14 +172,14 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
     return rank, local_rank, world, dev
 
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+def cleanup_distributed():
+    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) from every rank into (W*B, ...), rank order, with gradients flowing back
@@ -191,7 +188,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dnnf
     return torch.cat(dnnf.all_gather(x.contiguous()), dim=0)
-
 
 # ==== 3. Attention and transformer blocks, ViT, text transformer, CLIP ================================
 def attention(q, k, v, mask=None, causal: bool = False):
@@ -215,7 +211,6 @@ def attention_reference(q, k, v, mask=None, causal: bool = False):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection. `qkv.weight` rows are [q; k; v], each
     head-major: the layout of torch's `in_proj_weight`, so OpenAI/OpenCLIP weights map by renaming."""
-
     def __init__(self, dim: int, heads: int, bias: bool = True):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
@@ -230,7 +225,6 @@ class Attention(nn.Module):
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation the OpenAI CLIP weights were trained with."""
-
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
 
@@ -245,7 +239,6 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -265,7 +258,6 @@ def run_blocks(blocks, x, checkpointing: bool, causal: bool = False):
 class ViT(nn.Module):
     """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions, ln_pre,
     blocks, ln_post on the class token, linear projection to the joint embedding."""
-
     def __init__(self, image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512,
                  mlp_ratio=4.0, act="gelu", grad_checkpointing=False):
         super().__init__()
@@ -292,7 +284,6 @@ class TextTransformer(nn.Module):
     """CLIP text tower: token + learned position embeddings, causal blocks, ln_final, the feature at the
     end-of-text token (the largest id, so `argmax(ids)`), linear projection. `causal=False` gives the
     bidirectional variant (MobileCLIP-S*), which like the original attends to the padding too."""
-
     def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8, embed_dim=512,
                  mlp_ratio=4.0, act="gelu", causal=True, grad_checkpointing=False):
         super().__init__()
@@ -310,7 +301,6 @@ class TextTransformer(nn.Module):
 
 class CLIP(nn.Module):
     """Two towers and a learned temperature; `logit_scale` is stored as log(1/tau) (init 1/0.07)."""
-
     def __init__(self, vision: nn.Module, text: nn.Module, init_logit_scale: float = math.log(1 / 0.07)):
         super().__init__()
         self.visual, self.text = vision, text
@@ -417,7 +407,6 @@ def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
                   f"{len(missing)} keys (e.g. {missing[:2]}), unexpected {len(unexpected)} (e.g. {unexpected[:2]})")
         fail(f"{what} does not fit this model: {detail}")
     model.load_state_dict(sd)
-
 
 # ==== 4. Tokenizer ====================================================================================
 # CLIP byte-level BPE tokenizer, stdlib + torch only. Pipeline of the original:
@@ -532,7 +521,6 @@ def _read_merges(path):
 class Tokenizer:
     """CLIP byte-level BPE: 256 byte tokens, 256 byte+'</w>' tokens, one token per merge, then
     <start_of_text> and <end_of_text>; fixed context length (77)."""
-
     def __init__(self, path=None, merges=None, context_length=77):
         if (path is None) == (merges is None):
             raise ValueError("Tokenizer needs exactly one of `path` (merges file) or `merges` (list of pairs)")
@@ -630,7 +618,6 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
                 pair_count[p] = c
                 heapq.heappush(heap, (-c, p))
     return merges
-
 
 # ==== 5. Data: tar shards, image transforms, the synthetic world ======================================
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -730,15 +717,18 @@ def iter_tar_samples(path: str, skipped: dict):
     if sample:
         yield sample
 
+def _image_bytes(sample: dict) -> bytes:
+    return sample[next((ext for ext in IMAGE_EXTS if ext in sample), "no image")]  # KeyError('no image') if none
+
+def _pil_rgb(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()  # force the full decode here, so a truncated file fails now, not in the crop
+    return img.convert("RGB")
+
 def decode_image(sample: dict) -> Image.Image:
     """The sample's image as an RGB PIL image; raises on a missing or undecodable image (caller counts and
     skips). For the paths that must match PIL-based official code (stored-augmentation replay)."""
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            img = Image.open(io.BytesIO(sample[ext]))
-            img.load()  # force the full decode here, so a truncated file fails now, not in the crop
-            return img.convert("RGB")
-    raise KeyError("no image")
+    return _pil_rgb(_image_bytes(sample))
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 (3, H, W): JPEG through torchvision's `decode_jpeg` (straight to a tensor,
@@ -751,16 +741,11 @@ def bytes_to_tensor(data: bytes) -> torch.Tensor:
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # PIL decides: it decodes what it can and raises on the rest
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    return TF.pil_to_tensor(_pil_rgb(data))  # (3, H, W)
 
 def decode_image_tensor(sample: dict) -> torch.Tensor:
     """The sample's image as uint8 (3, H, W) (`bytes_to_tensor`, the fast training path); raises if missing or bad."""
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return bytes_to_tensor(sample[ext])
-    raise KeyError("no image")
+    return bytes_to_tensor(_image_bytes(sample))
 
 def decode_caption(sample: dict, key: str = "txt") -> str:
     """The caption as text; raises on a missing, empty or non-UTF-8 caption."""
@@ -792,11 +777,6 @@ def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0)
     left, top = (w - cw) // 2, (h - ch) // 2
     return left, top, left + cw, top + ch
 
-def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
-    """The largest centred square (for labels that must stay aligned with a square crop of the image)."""
-    s = min(w, h)
-    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
-
 def image_wh(img) -> tuple[int, int]:
     """(width, height) of a PIL image or a (C, H, W) tensor."""
     return (img.shape[-1], img.shape[-2]) if torch.is_tensor(img) else img.size
@@ -813,8 +793,7 @@ def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
         left, top, right, bottom = box
         return TF.resized_crop(img, top, left, bottom - top, right - left, [size, size],
                                interpolation=_MODES[resample], antialias=True)
-    img = img.resize((size, size), resample, box=box)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+    return TF.pil_to_tensor(img.resize((size, size), resample, box=box))  # (3, S, S)
 
 def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
     """OpenCLIP's eval transform (`image_transform(size, is_train=False)`): resize the shorter side to `size`,
@@ -823,12 +802,11 @@ def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
     if not torch.is_tensor(img):
         img = img.convert("RGB")
     x = TF.center_crop(TF.resize(img, size, interpolation=_MODES[resample], antialias=True), [size, size])
-    return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return x if torch.is_tensor(x) else TF.pil_to_tensor(x)
 
 def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """uint8 (B, 3, H, W) on any device -> float, (x/255 - mean) / std."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (mean, std))
     return (x.float() - m) / s
 
 # RandAugment (Cubuk et al. 2020) with its random draws kept as compact parameters, so that an augmentation
@@ -886,7 +864,6 @@ class ShardStream(torch.utils.data.IterableDataset):
     from each worker (`DataPosition`); given back as `start_pos` (with `start_batch`, the batches consumed),
     each worker fast-forwards to it without decoding, so a resumed run sees exactly the batches an
     uninterrupted one would have seen, in the same order."""
-
     def __init__(self, shards: list[str], decode, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2000, start_pos: dict | None = None,
                  start_batch: int = 0, epochs: int | None = None, drop_last: bool = True):
@@ -963,7 +940,6 @@ class DataError(RuntimeError):
 
 class Loader(torch.utils.data.DataLoader):
     """A DataLoader whose DataError, raised in a worker, ends the run with its one line, not a traceback."""
-
     def __iter__(self):
         it = super().__iter__()
         try:
@@ -1003,7 +979,6 @@ class StepBatches(torch.utils.data.Sampler):
     """Batch sampler for a map-style dataset read by key (epoch, index): this rank's share of each global batch
     from step `start` to `total`, a permutation per epoch seeded by (seed, epoch), rank r taking every world-th
     item. The step is the data position: resuming at step s replays exactly what an uninterrupted run saw."""
-
     def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
         self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
             n, global_batch, start, total, seed, rank, world)
@@ -1021,7 +996,6 @@ class StepBatches(torch.utils.data.Sampler):
 
 class DataPosition:
     """What the trainer consumed from each worker: the position to resume from and the skip counts."""
-
     def __init__(self):
         self.pos, self.skipped = {}, {}
 
@@ -1080,7 +1054,6 @@ class ImageTextDecode:
     transform, RandomResizedCrop (scale 0.9-1, bicubic; no flip, captions say left and right) on the
     torchvision-decoded tensor; eval: OpenCLIP's eval transform on the PIL image (`eval_transform`).
     Raises on a bad image or caption, which ShardStream counts and skips."""
-
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
         self.tokenizer, self.size, self.context_length, self.resample = tokenizer, image_size, context_length, resample
@@ -1335,7 +1308,6 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
     barrier()
     return out
 
-
 # ==== 6. Losses shared by several papers ==============================================================
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE, distributed the memory-linear way (open_clip's `local_loss` + `gather_with_grad`):
@@ -1357,7 +1329,6 @@ def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale
     i2t = -logits.log_softmax(dim=1)[diag, diag].mean()
     t2i = -logits.log_softmax(dim=0)[diag, diag].mean()
     return (i2t + t2i) / 2
-
 
 # ==== 7. Optimisation =================================================================================
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "token_embed", "logit_scale", "class_embedding", "positional_embedding")
@@ -1387,7 +1358,6 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
     for g in optimizer.param_groups:
         g["lr"] = lr
-
 
 # ==== 8. Checkpoints ==================================================================================
 def save_checkpoint(path: str, state: dict):
@@ -1499,7 +1469,6 @@ def set_rng_state(s: dict):
 class StopSignal:
     """Turns SIGTERM/SIGINT (the scheduler's pre-emption notice, Ctrl-C) into a flag the loop checks, so
     the run saves a checkpoint and exits cleanly instead of dying mid-step."""
-
     def __init__(self):
         self.requested = False
         kill_workers_at_exit()
@@ -1517,7 +1486,6 @@ class StopSignal:
         flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
 
 # ==== 9. Evaluation ===================================================================================
 # A small prompt ensemble; for ImageNet-style zero-shot pass your own with --templates FILE.
@@ -1625,7 +1593,6 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
             out[f"retrieval_{name}_r{k}"] = 100 * (rank < k).float().mean().item()
     return out
 
-
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255,
                      reduce_zero_label: bool = False) -> torch.Tensor:
     """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction, of integer maps of one shape.
@@ -1653,7 +1620,6 @@ def miou(conf: torch.Tensor, per_class: bool = False):
     m = iou.nanmean().item() if (union > 0).any() else float("nan")
     return (m, iou) if per_class else m
 
-
 # ==== 10. Logging =====================================================================================
 def progress(iterable, desc: str, **kw):
     """A tqdm bar on rank 0 when stderr is a terminal or for long loops; plain iteration otherwise."""
@@ -1663,7 +1629,6 @@ def progress(iterable, desc: str, **kw):
 class RunLog:
     """One plain console line per call on rank 0, and the same as one JSON object per line in
     OUT/log.jsonl (`step` first, then every metric by name)."""
-
     def __init__(self, out_dir: str):
         self.path = os.path.join(out_dir, "log.jsonl")
         if get_rank() == 0:
