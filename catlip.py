@@ -11,11 +11,15 @@ workers and ranks), pre-training with the paper's BCE and the released configs' 
 except on 1-D parameters, warm-up from 1e-6 + cosine to lr/100, EMA 0.0005 without warm-up, random resized crop +
 flip), fine-tuning and linear probing on an ImageFolder with or without Transfer Init, a comparison on the synthetic
 world, and CoreNet's ViT (models *_corenet): the released checkpoints (vit_base.pt, vit_large.pt, vit_huge.pt and the
-ImageNet fine-tuned ones) load strictly by path, with RangeAugment (learned ranges, PSNR loss) and, in fine-tuning,
-the variable-batch sampler (128-320 px). Stand-ins: the plain ViT (`tiny`, vit_b16, ...) keeps a fixed
-brightness/contrast/noise jitter instead of RangeAugment and one resolution (its positions do not resize);
-pre-training keeps one resolution (the streaming loader has fixed batches). Left out: high-resolution fine-tuning and
-the detection/segmentation transfers. The training-step timing against CLIP is in bench.py.
+ImageNet fine-tuned ones) load strictly by path, with RangeAugment (learned ranges, PSNR loss) and the multi-scale
+variable-batch sampler in pre-training and fine-tuning alike (--no-multi-scale: one size). It follows apple/corenet's
+projects/catlip configs: pretraining/vit_{base,large,huge}.yaml use variable_batch_sampler with crop 224, 25 scales
+in 128-320 px, check_scale 16 (sizes 128, 144, ..., 320) and 1024/512/256 images a GPU at 224, the batch scaled to
+keep the pixels (3136 at 128 px, 501 at 320 for B/16); the fine-tuning configs the same with check_scale 32. On the
+stream the samples of a step come in stream order, where the configs' sampler draws shard indices. Stand-ins: the
+plain ViT (`tiny`, vit_b16, ...) keeps a fixed brightness/contrast/noise jitter instead of RangeAugment and one
+resolution (its positions do not resize). Left out: high-resolution fine-tuning and the detection/segmentation
+transfers. The training-step timing against CLIP is in bench.py.
 
 Noun extraction without NLTK/WordNet (spec 6). The released code lemmatises every token with WordNet and keeps a lemma
 iff it heads its own first noun synset, ignoring POS tags. Here: URL-unquote, strip HTML tags, NFKD without accents,
@@ -38,7 +42,7 @@ Paper -> code:
   BCE summed over classes / batch size (Sec. 3.1)       -> multilabel_bce (fast), multilabel_bce_reference
   ViT-B/L/H/16, linear head on the CLS token (Sec. 3)  -> CoreNetViT (released layout), ViTClassifier, MODELS
   recipe (Table 6, configs): AdamW, cosine, EMA         -> make_optimizer, lr_at, EMA
-  RangeAugment, multi-scale sampler (configs)           -> RangeAugment, image_batch_pairs, VariableBatches
+  RangeAugment, multi-scale sampler (configs) -> RangeAugment, image_batch_pairs, VariableBatches, MultiScaleStream
   Transfer Init (Sec. 4.2, App. B)                      -> match_classes, transfer_init
   linear probe / full fine-tune (Table 7)               -> finetune (--linear-probe)
 
@@ -109,6 +113,7 @@ class Shared:
     decay_all: bool = False  # decay biases and norms too; off: the configs' no_decay_bn_filter_bias (1-D params)
     warmup_init_lr: float = 1e-6  # the linear warm-up starts here (configs: warmup_init_lr 1e-6)
     range_augment: bool = True  # CoreNet models: RangeAugment + its PSNR loss, as every CatLIP config
+    multi_scale: bool = True  # CoreNet models: the configs' variable-batch sampler (128-320 px at 224, same pixels)
     crop_scale: float = 0.08  # smallest area fraction of the random resized crop (torchvision's default)
     flip: bool = True  # random horizontal flip
     seed: int = 0  # model init, data order, augmentation
@@ -171,7 +176,6 @@ class FinetuneConfig(Shared):
     log_every: int = 20  # steps between log lines
     synthetic_labelled: int = 500  # labelled synthetic training images: the low-data regime of Fig. 5/7
     vocab: str = ""  # --init a CoreNet checkpoint: its synset pickle (datacomp_1_2B_vocab.pkl), for Transfer Init
-    multi_scale: bool = False  # CoreNet models: the configs' variable-batch sampler, 128-320 px (image_batch_pairs)
 
 # ViT-B/L/H/16 as in the paper (Table 2); `tiny` is the CPU model of the smoke runs.
 MODELS = {
@@ -642,6 +646,69 @@ def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator)
     x = x + torch.randn(x.shape, device=x.device, generator=gen) * (noise * 255 * u[2])
     return x.clamp(0, 255)
 
+def image_batch_pairs(size: int, batch: int, div: int = 32, n: int = 25, lo: float = 0, hi: float = 0) -> list:
+    """CoreNet's variable-batch pairs (data/sampler/utils.py, square crops): n sizes linspace(lo, hi) and the base
+    size, each made divisible by `div` (check_scale: 16 in the pre-training configs, 32 in fine-tuning), with the
+    batch that keeps size^2 * batch pixels per step: sorted distinct (size, batch). lo, hi: the configs' 128 and
+    320 at 224, in proportion at other base sizes."""
+    lo, hi = lo or size * 4 / 7, hi or size * 10 / 7
+    def divisible(v):  # the nearest multiple of div, >= div, never more than 10% below v
+        r = max(div, int(v + div / 2) // div * div)
+        return r + div if r < 0.9 * v else r
+    sizes = {divisible(v) for v in [*np.linspace(lo, hi, n), size]}
+    return sorted({(s, max(1, int(round(size * size * batch / (s * s), 2)))) for s in sizes})
+
+def draw_scale(pairs: list, seed: int, step: int) -> tuple[int, int]:
+    """The (size, batch) of a step, drawn uniformly from the pairs as CoreNet's sampler; seeded by (seed, step),
+    so every rank, every DataLoader worker and a resumed run draw the same."""
+    return random.Random(seed * 1_000_003 + step).choice(pairs)
+
+class VariableBatches(torch.utils.data.Sampler):
+    """CoreNet's variable_batch_sampler for keys (epoch, index, size): each step draws its (size, batch) pair
+    (draw_scale) and takes the next batch * world items of a stream of
+    per-epoch permutations, rank r every world-th. `steps`: until `samples` items (the epochs) are used."""
+    def __init__(self, n: int, pairs: list, samples: int, start: int, seed: int, rank: int, world: int):
+        self.n, self.start, self.seed, self.rank, self.world, self.draws = n, start, seed, rank, world, []
+        used = 0
+        while used < samples:  # (size, global batch, items before this step)
+            size, b = draw_scale(pairs, seed, len(self.draws))
+            self.draws.append((size, b * world, used))
+            used += b * world
+        self.steps = len(self.draws)
+    def __len__(self):
+        return self.steps - self.start
+    def __iter__(self):
+        epoch, perm = -1, None
+        for size, count, first in self.draws[self.start:]:
+            keys = []
+            for j in range(first, first + count):
+                if j // self.n != epoch:  # a new epoch: its permutation, seeded by (seed, epoch)
+                    epoch = j // self.n
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                keys.append((epoch, int(perm[j % self.n]), size))
+            yield keys[self.rank::self.world]
+
+class MultiScaleStream(C.ShardStream):
+    """The variable-batch sampler on a shard stream (pre-training): the batch of step s holds the count that
+    draw_scale gives s, every sample decoded at its size. The DataLoader takes batches from its workers in turn,
+    so worker w of nw fills steps start + w, start + w + nw, ...; the stream ends a batch at `batch_size`, which
+    follows the step. Samples come in stream order (the configs' sampler draws indices within shards)."""
+    def __init__(self, pairs: list, *args, **kw):
+        super().__init__(*args, **kw)
+        self.pairs, self.step, self.left, self.count = pairs, None, 0, 1
+        self.inner, self.decode = self.decode, self.scaled
+    batch_size = property(lambda self: self.count, lambda self, _: None)
+    def scaled(self, sample: dict) -> dict:
+        if self.left == 0:  # the first sample of this worker's next batch: its step, size and count
+            info = torch.utils.data.get_worker_info()
+            w, nw = (info.id, info.num_workers) if info else (0, 1)
+            self.step = self.start_batch + w if self.step is None else self.step + nw
+            self.inner.size, self.count = draw_scale(self.pairs, self.seed, self.step)
+            self.left = self.count
+        out = self.inner(sample)  # raises on a bad sample: skipped by the stream, not counted here
+        self.left -= 1
+        return out
+
 def resolve_shards(data: str, cache_dir: str, n_train: int, n_val: int, size: int) -> str:
     """--data, checked (a missing path is one line), or the synthetic world's training shards."""
     try:
@@ -817,8 +884,11 @@ def pretrain(cfg: Config):
 
     # ---- data -----------------------------------------------------------------------------------
     decode = CatLIPDecode(vocab, size, cfg.max_labels, True, cfg.seed, cfg.crop_scale, cfg.flip, cfg.caption_key)
-    stream = C.ShardStream(C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
-                           cfg.shuffle_buffer, data_pos, start)
+    multi = cfg.multi_scale and isinstance(model, CoreNetViT)  # the plain ViT's positions do not resize
+    pairs = image_batch_pairs(size, cfg.batch_size, div=16) if multi else [(size, cfg.batch_size)]  # check_scale 16
+    C.print0(f"variable batches (size, batch): {pairs}" if multi else f"batches of {cfg.batch_size} at {size}px")
+    stream = MultiScaleStream(pairs, C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
+                              cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}
@@ -927,41 +997,6 @@ class FolderImages(torch.utils.data.Dataset):
                              Image.BILINEAR)
         return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
 
-def image_batch_pairs(size: int, batch: int, lo: int = 128, hi: int = 320, n: int = 25, div: int = 32) -> list:
-    """CoreNet's variable-batch pairs (data/sampler/utils.py, square crops; the fine-tune configs' vbs values):
-    n sizes linspace(lo, hi) and the base size, each made divisible by `div` (math_utils.make_divisible), with the
-    batch that keeps size^2 * batch pixels per step: sorted distinct (size, batch)."""
-    def divisible(v):  # the nearest multiple of div, >= div, never more than 10% below v
-        r = max(div, int(v + div / 2) // div * div)
-        return r + div if r < 0.9 * v else r
-    sizes = {divisible(v) for v in [*np.linspace(lo, hi, n), size]}
-    return sorted({(s, max(1, int(round(size * size * batch / (s * s), 2)))) for s in sizes})
-
-class VariableBatches(torch.utils.data.Sampler):
-    """CoreNet's variable_batch_sampler for keys (epoch, index, size): each step draws one (size, batch) pair
-    uniformly (seeded, so that a resume replays it) and takes the next batch * world items of a stream of
-    per-epoch permutations, rank r every world-th. `steps`: until `samples` items (the epochs) are used."""
-    def __init__(self, n: int, pairs: list, samples: int, start: int, seed: int, rank: int, world: int):
-        self.n, self.start, self.seed, self.rank, self.world, self.draws = n, start, seed, rank, world, []
-        rng, used = random.Random(seed), 0
-        while used < samples:  # (size, global batch, items before this step)
-            size, b = rng.choice(pairs)
-            self.draws.append((size, b * world, used))
-            used += b * world
-        self.steps = len(self.draws)
-    def __len__(self):
-        return self.steps - self.start
-    def __iter__(self):
-        epoch, perm = -1, None
-        for size, count, first in self.draws[self.start:]:
-            keys = []
-            for j in range(first, first + count):
-                if j // self.n != epoch:  # a new epoch: its permutation, seeded by (seed, epoch)
-                    epoch = j // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                keys.append((epoch, int(perm[j % self.n]), size))
-            yield keys[self.rank::self.world]
-
 def labelled_synthetic_folder(world: dict, n: int) -> str:
     """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it
     once): the labelled downstream set of the low-data regime. Its captions were seen in pre-training,
@@ -1056,14 +1091,12 @@ def finetune(cfg: FinetuneConfig):
     log = C.RunLog(cfg.out)
     gb, corenet = cfg.batch_size * world, isinstance(model, CoreNetViT)
     steps = cfg.epochs * max(1, len(train_items) // gb)
-    if cfg.multi_scale:
-        if not corenet:
-            C.fail(f"--multi-scale needs a CoreNet model (its positions resize), not '{name}'")
+    if multi := cfg.multi_scale and corenet:  # the plain ViT's positions do not resize: one size
         sampler = VariableBatches(len(train_items), image_batch_pairs(size, cfg.batch_size),
                                   cfg.epochs * len(train_items), 0, cfg.seed, rank, world)
         steps = sampler.steps
     C.print0(f"{len(train_items)} training images, {len(val_items)} held out, {len(classnames)} classes, "
-             f"{steps} steps of {min(gb, len(train_items))}" + (f" at {size}px, or as many pixels" * cfg.multi_scale))
+             f"{steps} steps of {min(gb, len(train_items))}" + (f" at {size}px, or as many pixels" * multi))
 
     # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
     start = 0
@@ -1073,7 +1106,7 @@ def finetune(cfg: FinetuneConfig):
         start = restore(ckpt, model, ema, opt, cfg.resume, steps)
         C.print0(f"resumed from step {start} of {cfg.resume}")
     data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
-    if cfg.multi_scale:
+    if multi:
         sampler.start = start
     else:
         sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)

@@ -133,11 +133,12 @@ def test_tiny_pretrain_then_finetune_learns(world, tmp_path):
 def test_sigterm_saves_and_resume_continues_exactly(world, tmp_path, signal_script):
     """SIGTERM to the whole process group (the DataLoader worker included) after step 4: the worker ignores it,
     the run saves ckpt-4.pt and exits 0; --resume auto then logs the losses of a run never stopped and ends
-    with the same weights, EMA and data position at step 8."""
+    with the same weights, EMA and data position at step 8. CoreNet's ViT: variable batches (32 and 48 px),
+    RangeAugment and BatchNorm statistics go through the resume too."""
     import subprocess
     import sys
     cache, a, b = os.path.dirname(world["root"]), str(tmp_path / "a"), str(tmp_path / "b")
-    args = ["--cache-dir", cache, "--image-size", "32", "--steps", "8", "--ckpt-every", "100", "--keep-ckpts", "5",
+    args = ["--cache-dir", cache, "--model", "tiny_corenet", "--image-size", "32", "--steps", "8", "--ckpt-every", "100", "--keep-ckpts", "5",
             "--batch-size", "16", "--log-every", "2", "--no-eval"] + SYN
     r = subprocess.run([sys.executable, signal_script("catlip", 4), *args, "--out", b], capture_output=True, text=True,
                        start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
@@ -401,9 +402,9 @@ def test_optimizer_groups_lr_and_ema_follow_the_configs():
         torch.testing.assert_close(v, expect.to(v.dtype))
 
 
-def test_variable_batch_pairs_and_sampler_are_corenets():
-    """image_batch_pairs against a transcription of corenet/data/sampler/utils.py (fine-tune config: 224 px,
-    batch 512, 25 scales in 128-320, check_scale 32); the sampler covers each item once per epoch."""
+def corenet_pairs(batch, div):
+    """A transcription of corenet/data/sampler/utils.py's image_batch_pairs at the configs' vbs values (224 px,
+    25 scales in 128-320) and make_divisible."""
     import numpy as np
 
     def make_divisible(v, d):
@@ -411,10 +412,19 @@ def test_variable_batch_pairs_and_sampler_are_corenets():
         return new + d if new < 0.9 * v else new
     vals = set(np.linspace(128, 320, 25))
     vals.add(224)
-    dims = sorted(make_divisible(v, 32) for v in vals)
-    expect = sorted({(h, max(1, int(round(224 * 224 * 512 / (h * h), 2)))) for h in dims})
+    dims = sorted(make_divisible(v, div) for v in vals)
+    return sorted({(h, max(1, int(round(224 * 224 * batch / (h * h), 2)))) for h in dims})
+
+
+def test_variable_batch_pairs_and_sampler_are_corenets():
+    """image_batch_pairs against CoreNet's (fine-tune configs: batch 512, check_scale 32; pre-training ViT-B:
+    batch 1024 a GPU, check_scale 16); the sampler covers each item once per epoch."""
+    expect = corenet_pairs(512, 32)
     assert L.image_batch_pairs(224, 512) == expect and [s for s, _ in expect] == list(range(128, 321, 32))
     assert (224, 512) in expect and (128, 1568) in expect
+    expect = corenet_pairs(1024, 16)
+    assert L.image_batch_pairs(224, 1024, div=16) == expect and [s for s, _ in expect] == list(range(128, 321, 16))
+    assert (224, 1024) in expect and (320, 501) in expect
     pairs = L.image_batch_pairs(32, 8, lo=16, hi=48, n=5, div=16)  # (16, 32), (32, 8), (48, 3)
     a = L.VariableBatches(50, pairs, 100, 0, seed=1, rank=0, world=1)
     batches = list(a)
@@ -425,6 +435,31 @@ def test_variable_batch_pairs_and_sampler_are_corenets():
     assert list(L.VariableBatches(50, pairs, 100, 3, seed=1, rank=0, world=1)) == batches[3:]  # a resume
     two = [list(L.VariableBatches(50, pairs, 100, 0, seed=1, rank=r, world=2)) for r in (0, 1)]
     assert [len(x) + len(y) for x, y in zip(*two)] == [2 * dict(pairs)[b[0][2]] for b in two[0]]
+
+
+def test_pretraining_stream_yields_the_variable_batches(world):
+    """MultiScaleStream (pre-training): the batch of step s has the size and count that draw_scale gives s, with
+    two DataLoader workers (taking steps in turn) as with none; resumed at step 3 from the workers' positions, it
+    yields the batches an uninterrupted stream yields."""
+    import itertools
+    names = world["classnames"]
+    decode = L.CatLIPDecode(L.Vocab(names, {c: i for i, c in enumerate(names)}), 32, 4)
+    pairs = L.image_batch_pairs(32, 8, lo=16, hi=48, n=5, div=16)  # (16, 32), (32, 8), (48, 3)
+
+    def batches(workers, n=8, start=0, pos=None):
+        stream = L.MultiScaleStream(pairs, C.expand_shards(world["train"]), decode, 8, 0, 1, 0, 50, pos, start)
+        return list(itertools.islice(C.make_loader(stream, workers, False), n))
+    none, two = batches(0), batches(2)
+    for step, (a, b) in enumerate(zip(none, two)):
+        size, count = L.draw_scale(pairs, 0, step)
+        assert a["image"].shape == b["image"].shape == (count, 3, size, size)
+        assert a["labels"].shape == (count, 4)
+    assert {b["image"].shape[-1] for b in none} == {16, 32, 48}  # seed 0: every size within 8 steps
+    position = C.DataPosition()
+    for b in two[:3]:
+        position.update(b)
+    again = batches(2, 5, 3, position.pos)
+    assert all(torch.equal(a["image"], b["image"]) and a["__pos__"] == b["__pos__"] for a, b in zip(again, two[3:]))
 
 
 def test_finetune_from_a_corenet_checkpoint_with_transfer_init(corenet_ckpt, tmp_path, capsys):
