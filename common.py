@@ -9,31 +9,8 @@ Sections, in order: 1. Config and CLI, 2. Distributed, 3. Attention and models, 
 """
 from __future__ import annotations
 
-import argparse
-import collections
-import contextlib
-import dataclasses
-import functools
-import glob
-import gzip
-import heapq
-import html
-import inspect
-import io
-import json
-import math
-import os
-import pickle
-import random
-import re
-import signal
-import sys
-import tarfile
-import time
-import typing
-import unicodedata
-import warnings
-import zlib
+import argparse, collections, contextlib, dataclasses, functools, glob, gzip, heapq, html, inspect, io, json, math
+import os, pickle, random, re, signal, sys, tarfile, time, typing, unicodedata, warnings, zlib
 
 import numpy as np
 import torch
@@ -90,12 +67,8 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
     every flag with its comment and default (a field's trailing `# comment`)."""
     hints, helps = typing.get_type_hints(cls), {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
-            helps[m.group(1)] = m.group(2).strip()
+        with contextlib.suppress(OSError, TypeError):  # classes without source (builtins): no comments
+            helps.update(re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+?)\s*$", inspect.getsource(klass), re.M))
     doc = description if description is not None else first_paragraph(sys.modules[cls.__module__].__doc__)
     parser = _Parser(prog=prog, description=doc, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
@@ -159,9 +132,9 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
     if device == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda was asked for but CUDA is not available")
         torch.cuda.set_device(local_rank)
     try:
         dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
@@ -194,8 +167,7 @@ def attention(q, k, v, mask=None, causal: bool = False):
     """Fused path: q, k, v (B, H, N, Dh) -> (B, H, N, Dh) with torch's SDPA (flash / memory-efficient
     kernels on GPU). `mask` is boolean, True = may attend, broadcastable to (B, H, N, N)."""
     if causal and mask is not None:  # SDPA takes one or the other: fold the triangle into the mask
-        n = q.shape[-2]
-        mask, causal = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), False
+        mask, causal = mask & torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool, device=q.device).tril(), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 def attention_reference(q, k, v, mask=None, causal: bool = False):
@@ -224,8 +196,7 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation the OpenAI CLIP weights were trained with."""
-    def forward(self, x):
+    def forward(self, x):  # the activation the OpenAI CLIP weights were trained with
         return x * torch.sigmoid(1.702 * x)
 
 class MLP(nn.Module):
@@ -344,13 +315,10 @@ _OPENCLIP_INFIXES = [(".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".attn.in_pr
                      (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
 
 def _rename(key: str, inverse: bool = False) -> str:
-    flip = (lambda p: p[::-1]) if inverse else (lambda p: p)
-    for old, new in map(flip, _OPENCLIP_PREFIXES):
-        if key.startswith(old):
-            key = new + key[len(old):]
-            break
-    for old, new in map(flip, _OPENCLIP_INFIXES):
-        key = key.replace(old, new)
+    old, new = next(((p[inverse], p[1 - inverse]) for p in _OPENCLIP_PREFIXES if key.startswith(p[inverse])), ("", ""))
+    key = new + key[len(old):]
+    for p in _OPENCLIP_INFIXES:
+        key = key.replace(p[inverse], p[1 - inverse])
     return key
 
 def unwrap_state_dict(sd: dict) -> dict:
@@ -633,10 +601,9 @@ def _braces(spec: str) -> list[str]:
     return [spec]
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard sources, as webdataset and OpenCLIP users write them, several joined by `::`: a directory (its
-    *.tar, sorted), a glob, a file, a brace pattern (`shards/{00000..00099}.tar`, `{a,b}`), an http(s) URL,
-    or `pipe:CMD`, a command whose standard output is the tar (`pipe:aws s3 cp s3://b/{000..099}.tar -`).
-    URLs and commands are brace-expanded and streamed when read, never written to disk."""
+    """Shard sources as webdataset / OpenCLIP write them, joined by `::`: a directory (its *.tar, sorted), a glob,
+    a file, braces (`{00000..00099}`, `{a,b}`), an http(s) URL or `pipe:CMD` (its stdout is the tar: `pipe:aws s3
+    cp s3://b/{000..099}.tar -`). URLs and commands are brace-expanded and streamed, never written to disk."""
     out = []
     for part in spec.split("::"):
         for p in _braces(part):
@@ -668,8 +635,7 @@ def open_shard(source: str):
         with urllib.request.urlopen(source, timeout=120) if url else open(source, "rb") as f:
             yield f
         return
-    import subprocess
-    import tempfile
+    import subprocess, tempfile
     with tempfile.TemporaryFile() as err:  # stderr to a file: a chatty command can never block on a full pipe
         proc = subprocess.Popen(source[5:], shell=True, stdout=subprocess.PIPE, stderr=err)
         reader_left = True  # the reader stopped early (a closed generator, Ctrl-C): end the command quietly
@@ -731,9 +697,8 @@ def decode_image(sample: dict) -> Image.Image:
     return _pil_rgb(_image_bytes(sample))
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 (3, H, W): JPEG through torchvision's `decode_jpeg` (straight to a tensor,
-    ~15% less CPU than PIL's decode + convert; bench.py data), anything else, and any JPEG it rejects (CMYK
-    oddities, truncation), through PIL. Raises on bytes that are no image."""
+    """Image bytes -> uint8 (3, H, W): JPEG by torchvision's `decode_jpeg` (~15% less CPU than PIL, bench.py), the
+    rest and any JPEG it rejects (CMYK oddities, truncation) by PIL. Raises on bytes that are no image."""
     if data[:3] == b"\xff\xd8\xff":
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
@@ -749,18 +714,15 @@ def decode_image_tensor(sample: dict) -> torch.Tensor:
 
 def decode_caption(sample: dict, key: str = "txt") -> str:
     """The caption as text; raises on a missing, empty or non-UTF-8 caption."""
-    if key not in sample:
-        raise KeyError("no caption")
-    text = sample[key].decode("utf-8").strip()  # UnicodeDecodeError for invalid UTF-8
+    text = sample[key if key in sample else "no caption"].decode("utf-8").strip()  # or UnicodeDecodeError
     if not text:
         raise ValueError("empty caption")
     return text
 
 def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng` instead of torch's
-    global generator so that a sample's crop is fixed by its key: up to 10 tries of an area fraction in
-    `scale` and a log-uniform aspect ratio in `ratio`, top then left uniform; if none fits, the whole image
-    cut to the nearest allowed aspect ratio, centred (torchvision's fallback)."""
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng` (not torch's global
+    generator) so that a sample's crop is fixed by its key: up to 10 tries of an area fraction in `scale` and a
+    log-uniform aspect ratio; if none fits, the whole image cut to the nearest allowed ratio, centred."""
     area, log_ratio = w * h, (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target, aspect = area * rng.uniform(*scale), math.exp(rng.uniform(*log_ratio))
@@ -768,12 +730,8 @@ def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0)
         if 0 < cw <= w and 0 < ch <= h:
             top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
             return left, top, left + cw, top + ch
-    if w / h < min(ratio):
-        cw, ch = w, int(round(w / min(ratio)))
-    elif w / h > max(ratio):
-        cw, ch = int(round(h * max(ratio))), h
-    else:
-        cw, ch = w, h
+    r = min(max(w / h, min(ratio)), max(ratio))  # the nearest allowed aspect ratio
+    cw, ch = (w, int(round(w / r))) if w / h < r else (int(round(h * r)), h) if w / h > r else (w, h)
     left, top = (w - cw) // 2, (h - ch) // 2
     return left, top, left + cw, top + ch
 
@@ -785,10 +743,9 @@ _MODES = {Image.NEAREST: InterpolationMode.NEAREST, Image.BILINEAR: Interpolatio
           Image.BICUBIC: InterpolationMode.BICUBIC}
 
 def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
-    """Crop `box` (left, top, right, bottom), resize to size x size -> uint8 (3, size, size). A uint8
-    (3, H, W) tensor goes through torchvision's antialiased tensor resize (the fast training path; bicubic
-    within a few grey levels of PIL's), a PIL image through PIL (the replay paths that must match PIL-based
-    official code). Images travel to the device as uint8 (4x less than fp32), normalised there."""
+    """Crop `box` (left, top, right, bottom), resize -> uint8 (3, size, size): a tensor by torchvision's antialiased
+    resize (the fast path; bicubic within a few grey levels of PIL's), a PIL image by PIL (replays that must match
+    PIL-based official code). Images travel to the device as uint8 (4x less than fp32), normalised there."""
     if torch.is_tensor(img):
         left, top, right, bottom = box
         return TF.resized_crop(img, top, left, bottom - top, right - left, [size, size],
@@ -796,9 +753,8 @@ def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
     return TF.pil_to_tensor(img.resize((size, size), resample, box=box))  # (3, S, S)
 
 def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
-    """OpenCLIP's eval transform (`image_transform(size, is_train=False)`): resize the shorter side to `size`,
-    centre crop size x size -> uint8 (3, size, size). A PIL image is resized by PIL, as OpenCLIP does, so the
-    pixels are OpenCLIP's; a tensor by torchvision's antialiased tensor resize (within ~2 grey levels)."""
+    """OpenCLIP's eval transform: shorter side to `size`, centre crop -> uint8 (3, size, size). A PIL image is
+    resized by PIL (OpenCLIP's pixels), a tensor by torchvision's antialiased resize (within ~2 grey levels)."""
     if not torch.is_tensor(img):
         img = img.convert("RGB")
     x = TF.center_crop(TF.resize(img, size, interpolation=_MODES[resample], antialias=True), [size, size])
@@ -809,11 +765,10 @@ def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Ten
     m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (mean, std))
     return (x.float() - m) / s
 
-# RandAugment (Cubuk et al. 2020) with its random draws kept as compact parameters, so that an augmentation
-# can be stored and replayed exactly (MobileCLIP's DataCompDR, dataset reinforcement). The op table (names,
-# magnitude grids) and each op's effect are torchvision's RandAugment itself, as in the official replay code;
-# only the draw is ours, from a seeded `random.Random`. An op is stored as [index into RAND_AUGMENT_OPS,
-# signed magnitude] (DataCompDR's form); translations are in pixels.
+# RandAugment (Cubuk et al. 2020) with its draws kept as parameters, so an augmentation is stored and replayed
+# exactly (DataCompDR, dataset reinforcement). Op table and effects: torchvision's RandAugment itself, as in the
+# official replay code; only the draw is ours (a seeded `random.Random`). An op is stored as [index into
+# RAND_AUGMENT_OPS, signed magnitude] (DataCompDR's form); translations are in pixels.
 RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
                     "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 
@@ -826,8 +781,8 @@ def _rand_augment_space(bins: int, size: int) -> dict:
     return {k: (m.tolist() if m.ndim else None, signed) for k, (m, signed) in space.items()}
 
 def rand_augment_magnitude(k: int, negative: bool, size: int, magnitude: int = 9, bins: int = 31) -> float:
-    """The value of op k at `magnitude` (of `bins`), negated if `negative` and the op is signed: what
-    torchvision's RandAugment would apply (Posterize: bits kept; Solarize: threshold; 0 for unparametrised ops)."""
+    """Op k's value at `magnitude` (of `bins`), negated if `negative` and the op is signed (Posterize: bits kept;
+    Solarize: threshold; 0 for unparametrised ops)."""
     grid, signed = _rand_augment_space(bins, size)[RAND_AUGMENT_OPS[k]]
     m = float(grid[magnitude]) if grid is not None else 0.0
     return -m if signed and negative else m
@@ -843,8 +798,7 @@ def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitu
     return ops
 
 def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
-    """Apply stored [op_index, magnitude] pairs to a PIL image with torchvision's own op implementation
-    (nearest resampling, black fill), as torchvision's RandAugment and the official DataCompDR replay do."""
+    """Apply stored [op_index, magnitude] pairs to a PIL image by torchvision's own ops (nearest, black fill)."""
     from torchvision.transforms.autoaugment import _apply_op
     for k, m in ops:
         img = _apply_op(img, RAND_AUGMENT_OPS[int(k)], float(m), InterpolationMode.NEAREST, None)
@@ -853,17 +807,13 @@ def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers.
 
-    Splitting: the (rank, worker) consumers take the shards round-robin; with fewer shards than consumers
-    every consumer reads every shard and keeps every n-th sample. Either way each sample goes to exactly one
-    consumer per epoch. Order: per consumer and epoch, the shard order and a shuffle buffer are seeded by
-    (seed, epoch, consumer); raw bytes are shuffled and only the samples kept are decoded.
-
-    `decode(sample) -> dict of tensors/strings` raises to reject a sample: it is skipped and counted by
-    reason. Each batch carries `__worker__`, `__skipped__` (the worker's running counts) and `__pos__`
-    = [epoch, raw samples read in that epoch]. The trainer keeps the `__pos__` of the last batch it consumed
-    from each worker (`DataPosition`); given back as `start_pos` (with `start_batch`, the batches consumed),
-    each worker fast-forwards to it without decoding, so a resumed run sees exactly the batches an
-    uninterrupted one would have seen, in the same order."""
+    The (rank, worker) consumers take the shards round-robin; with fewer shards than consumers each reads every
+    shard and keeps every n-th sample: each sample goes to one consumer per epoch. Shard order and shuffle buffer
+    are seeded by (seed, epoch, consumer); raw bytes are shuffled, only the samples kept are decoded. `decode(sample)`
+    raises to reject a sample (skipped, counted by reason). A batch carries `__worker__`, `__skipped__` (running
+    counts) and `__pos__` = [epoch, raw samples read in it]; the trainer keeps each worker's last one
+    (`DataPosition`) and gives it back as `start_pos` (with `start_batch`, the batches consumed): each worker
+    fast-forwards without decoding, so a resumed run sees exactly the batches of an uninterrupted one."""
     def __init__(self, shards: list[str], decode, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2000, start_pos: dict | None = None,
                  start_batch: int = 0, epochs: int | None = None, drop_last: bool = True):
@@ -951,11 +901,9 @@ class Loader(torch.utils.data.DataLoader):
 
 @functools.cache
 def kill_workers_at_exit():
-    """Workers ignore SIGTERM (`ignore_stop_signals`), which is also how multiprocessing ends daemon processes at
-    exit: so at exit (after a `fail`, say) the main process SIGKILLs the DataLoader workers still alive first
-    (atexit runs last-registered first, before multiprocessing's own handler)."""
-    import atexit
-    import multiprocessing
+    """Workers ignore SIGTERM (`ignore_stop_signals`), multiprocessing's way to end daemons at exit: so at exit
+    (after a `fail`, say) the main process SIGKILLs them first (atexit runs before multiprocessing's handler)."""
+    import atexit, multiprocessing
     def kill():  # torch's SIGCHLD handler would report each killed worker as an error: restore the default first
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for p in multiprocessing.active_children():
@@ -1010,9 +958,8 @@ class DataPosition:
         """{rank: {worker: [epoch, n]}} gathered from every rank (a collective: call on all ranks)."""
         mine = {int(w): list(p) for w, p in self.pos.items()}
         if get_world_size() > 1 and dist.is_initialized():
-            every = [None] * get_world_size()
-            dist.all_gather_object(every, mine)
-            return {r: p for r, p in enumerate(every)}
+            dist.all_gather_object(every := [None] * get_world_size(), mine)
+            return dict(enumerate(every))
         return {0: mine}
 
 def write_shard(path: str, samples) -> int:
@@ -1045,15 +992,13 @@ def encode_member(suffix: str, value) -> bytes:
     return buf.getvalue()
 
 def sample_rng(seed: int, sample: dict) -> random.Random:
-    """Augmentation randomness fixed by (seed, epoch, key): the same whatever the worker layout, so a
-    resumed or re-sharded run draws the same crops."""
+    """Augmentation randomness fixed by (seed, epoch, key), so a resumed or re-sharded run draws the same crops."""
     return random.Random(zlib.crc32(f"{seed}/{sample.get('__epoch__', 0)}/{sample['__key__']}".encode()))
 
 class ImageTextDecode:
-    """Sample -> {"image": uint8 (3, S, S), "ids": (L,) token ids, "caption": str}. Train: OpenCLIP's train
-    transform, RandomResizedCrop (scale 0.9-1, bicubic; no flip, captions say left and right) on the
-    torchvision-decoded tensor; eval: OpenCLIP's eval transform on the PIL image (`eval_transform`).
-    Raises on a bad image or caption, which ShardStream counts and skips."""
+    """Sample -> {"image": uint8 (3, S, S), "ids": (L,), "caption": str}. Train: OpenCLIP's RandomResizedCrop (scale
+    0.9-1, bicubic; no flip: captions say left and right) on the decoded tensor; eval: `eval_transform` on the PIL
+    image. Raises on a bad image or caption (ShardStream counts and skips it)."""
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
         self.tokenizer, self.size, self.context_length, self.resample = tokenizer, image_size, context_length, resample
@@ -1069,19 +1014,16 @@ class ImageTextDecode:
             image = eval_transform(decode_image(sample), self.size, self.resample)
         return {"image": image, "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
 
-# The built-in synthetic world: with no --data, training scripts draw samples from this deterministic
-# procedural world (no download). It serves all papers: captions (CLIP, CatLIP), per-pixel masks and depth
-# (SAM-CLIP, dense heads), a "year" that drifts the distribution (TiC-CLIP), and a class label (retrieval,
-# dataset reinforcement, knowledge transfer). A sample is a textured background with one main shape (sometimes
-# 2-3 copies) and optionally 1-2 small distractor shapes of other classes. The caption always has the main
-# shape's name as a plain word, so a prompt like "a photo of a star." can match it, plus colour, size,
-# position, background and distractors so that the contrastive task is not trivial.
+# The built-in synthetic world (no --data, no download), deterministic and procedural: captions (CLIP, CatLIP),
+# masks and depth (SAM-CLIP, dense), a "year" that drifts the distribution (TiC), a class label (retrieval,
+# reinforcement, transfer). A sample: a textured background, one main shape (sometimes 2-3 copies), maybe 1-2
+# small distractors of other classes. The caption always names the main shape plainly ("a photo of a star."
+# can match it), plus colour, size, position, background and distractors, so the contrastive task is not trivial.
 SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond", "arrow", "crescent"]
 # Colours are ordered warm -> cool: the palette prior slides along this order from early to later years.
 SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green", "cyan", "blue", "purple", "white"]
-SYNTH_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40),
-             "pink": (240, 120, 180), "green": (40, 170, 60), "cyan": (40, 200, 210),
-             "blue": (40, 80, 220), "purple": (140, 60, 200), "white": (240, 240, 240)}
+SYNTH_RGB = dict(zip(SYNTH_COLOURS, [(220, 40, 40), (245, 140, 20), (240, 220, 40), (240, 120, 180), (40, 170, 60),
+                                     (40, 200, 210), (40, 80, 220), (140, 60, 200), (240, 240, 240)]))
 # Background textures, also ordered from "early" to "late" fashion.
 SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]
 SYNTH_YEARS = (2014, 2023)  # inclusive
@@ -1095,9 +1037,8 @@ _POSITIONS = (("at the top left", "at the top", "at the top right"),
               ("on the left", "in the centre", "on the right"),
               ("at the bottom left", "at the bottom", "at the bottom right"))
 # Caption phrasings with the first year each is used in: "icon" and "sticker" come later (vocabulary drift).
-_TEMPLATES = ((2014, "{obj}{pos}{extra}{bg}"), (2014, "a photo of {obj}{pos}{extra}{bg}"),
-              (2014, "an image showing {obj}{pos}{extra}{bg}"), (2014, "there {be} {obj}{pos}{extra}{bg}"),
-              (2019, "{obj} {icon}{pos}{extra}{bg}"), (2020, "sticker of {obj}{pos}{extra}{bg}"))
+_TEMPLATES = ((2014, "{obj}"), (2014, "a photo of {obj}"), (2014, "an image showing {obj}"), (2014, "there {be} {obj}"),
+              (2019, "{obj} {icon}"), (2020, "sticker of {obj}"))  # each followed by "{pos}{extra}{bg}"
 # Like web alt-text, a caption mentions only some attributes: size, colour, position and background are each
 # dropped with these probabilities. Short captions ("a photo of a star.") thus occur naturally, and the shape
 # word, always kept, must carry meaning on its own, as a zero-shot prompt "a photo of a {classname}." needs.
@@ -1124,9 +1065,7 @@ def _shape_geometry(name: str, outlined: bool) -> tuple:
            # elongated, so it never looks like a rotated square
            "diamond": [(np.array([[0, -1.1], [0.6, 0], [0, 1.1], [-0.6, 0]]), 1)],
            "arrow": [(np.array([[-1, -0.28], [0.1, -0.28], [0.1, -0.7], [1, 0],  # points right
-                                [0.1, 0.7], [0.1, 0.28], [-1, 0.28]]), 1)]}.get(name)
-    if ops is None:
-        raise ValueError(f"unknown shape {name!r}")
+                                [0.1, 0.7], [0.1, 0.28], [-1, 0.28]]), 1)]}[name]
     if outlined:  # erasing a shrunken copy leaves a thick outline
         ops.append((ops[0][0] * 0.58, 0))
     return tuple((np.asarray(p, np.float64), f) for p, f in ops)
@@ -1167,8 +1106,7 @@ def _background(rng, size, texture, dark, light, xx, yy):
     return dark + f[..., None] * (light - dark)
 
 def _place(rng, size, radius, others, tries=16):
-    """Centre inside the image; of a few candidates keep the one whose worst overlap with `others`
-    (centre distance / sum of radii) is smallest."""
+    """Of a few centres inside the image, the one least overlapping `others` (centre distance / sum of radii)."""
     best, best_score = None, -1.0
     for _ in range(tries):
         c = rng.uniform(radius * 1.05, size - radius * 1.05, 2)
@@ -1244,7 +1182,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
         obj = f"{('two', 'three')[count - 2]} {col_w}{style}{plural}"
     pos = " " + where if where and keep[2] else ""
     usable = [t for y, t in _TEMPLATES if y <= year]
-    caption = usable[int(rng.integers(len(usable)))].format(
+    caption = (usable[int(rng.integers(len(usable)))] + "{pos}{extra}{bg}").format(
         obj=obj, pos=pos, extra=extra, be=("is", "are")[count > 1], icon=("icon", "as icons")[count > 1],
         bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
     caption += "." if rng.random() < 0.5 else ""
@@ -1257,9 +1195,8 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
 
 def synthetic_split(seed: int, n: int, size: int, split: str,
                     years: tuple[int, int] | None = None, start: int = 0) -> typing.Iterator[dict]:
-    """Deterministic stream of n samples of one split. Sample i has its own generator seeded by
-    SeedSequence((seed, split, i)): splits never share samples, any index can be regenerated alone (e.g. by a
-    data-loader worker), the first m do not depend on n; `years` (inclusive) restricts the year (TiC-CLIP)."""
+    """n samples of one split; sample i's generator is seeded by (seed, split, i): splits share no sample, any index
+    is regenerated alone, the first m do not depend on n. `years` (inclusive) restricts the year (TiC-CLIP)."""
     for i in range(start, start + n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
         year = None if years is None else int(rng.integers(years[0], years[1] + 1))
@@ -1283,14 +1220,13 @@ def _render_shard(args) -> int:
 
 def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
                     shard_size: int = 5000, workers: int | None = None) -> dict:
-    """Generate the built-in synthetic world once (rank 0; the other ranks wait), cached under `cache_dir` by its
-    parameters (a DONE file marks a finished world), and return its paths: train (tar shards of {jpg, txt caption,
-    seg.png mask, depth.png, json {label, classname, year, scene}}; scene: every attribute of the picture, also
-    those the caption leaves out), val (held-out shards of the same kind: retrieval, dense evaluation), val_folder
-    (the held-out images as an ImageFolder named by class: zero-shot) and classnames (in folder order)."""
+    """Generate the synthetic world once (rank 0; the others wait), cached under `cache_dir` by its parameters (DONE
+    marks it finished). Returns its paths: train and val (tar shards of jpg, txt, seg.png, depth.png, json {label,
+    classname, year, scene: every attribute, also those the caption omits}), val_folder (val as a class-named
+    ImageFolder: zero-shot) and classnames (in folder order)."""
     root = os.path.join(cache_dir, f"synthetic-{SYNTH_VERSION}-{n_train}-{n_val}-{size}px-seed{seed}")
-    out = {"root": root, "train": os.path.join(root, "train"), "val": os.path.join(root, "val"),
-           "val_folder": os.path.join(root, "val_folder"), "classnames": sorted(SYNTH_SHAPES)}
+    out = {"root": root, **{k: os.path.join(root, k) for k in ("train", "val", "val_folder")},
+           "classnames": sorted(SYNTH_SHAPES)}
     done = os.path.join(root, "DONE")
     if get_rank() == 0 and not os.path.exists(done):
         from concurrent.futures import ProcessPoolExecutor
@@ -1390,9 +1326,8 @@ def read_checkpoint(path: str) -> dict:
         raise ValueError(f"holds a {type(state).__name__}, not a checkpoint dict")
     return state
 
-_SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex",
-                                              "slice", "range")} | {("collections", "OrderedDict"),
-                                                                     ("collections", "Counter"), ("_codecs", "encode")}
+_SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex", "slice",
+                 "range")} | {("collections", "OrderedDict"), ("collections", "Counter"), ("_codecs", "encode")}
 _NUMPY_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
                   for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
@@ -1415,14 +1350,10 @@ def safe_unpickle(source, numpy: bool = False):
     try:
         if isinstance(source, str):
             with open(source, "rb") as f:
-                data = f.read()
-        else:
-            data = source if isinstance(source, (bytes, bytearray)) else source.read()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        u = _SafeUnpickler(io.BytesIO(data))
-        if numpy:
-            u.allowed = _SAFE_GLOBALS | _NUMPY_GLOBALS
+                source = f.read()
+        data = source if isinstance(source, (bytes, bytearray)) else source.read()
+        u = _SafeUnpickler(io.BytesIO(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data))
+        u.allowed = _SAFE_GLOBALS | (_NUMPY_GLOBALS if numpy else set())
         return u.load()
     except Exception as e:
         raise ValueError(f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
@@ -1523,8 +1454,7 @@ def templates_arg(spec: str) -> tuple[str, ...]:
     if spec in ("openai", "default"):
         return OPENAI_IMAGENET_TEMPLATES if spec == "openai" else DEFAULT_TEMPLATES
     found = read_lines(spec)
-    bad = [t for t in found if t.count("{}") != 1]
-    if bad:
+    if bad := [t for t in found if t.count("{}") != 1]:
         fail(f"{spec}: every template needs exactly one '{{}}' for the class name; not {bad[0]!r}")
     return tuple(found)
 
@@ -1649,12 +1579,11 @@ def finish_run(out_dir: str, checkpoint: str | None = None, extra: str = ""):
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        return os.kill(pid, 0) is None
+    except PermissionError:  # someone else's live process
+        return True
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
-        pass
-    return True
 
 def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
     """One run per run directory (rank 0). OUT/run.lock names the holder (pid, host, start): a live holder
@@ -1663,8 +1592,7 @@ def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
     `overwrite` moves that run's files into OUT/previous-N/ (nothing is deleted) and starts clean."""
     if get_rank() != 0:
         return
-    import atexit
-    import socket
+    import atexit, socket
     os.makedirs(out_dir, exist_ok=True)
     lock, host = os.path.join(out_dir, "run.lock"), socket.gethostname()
     me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -1695,8 +1623,7 @@ def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
         n = 1 + sum(d.startswith("previous-") for d in os.listdir(out_dir))
         keep = os.path.join(out_dir, f"previous-{n}")
         os.makedirs(keep)
-        for p in old + [os.path.join(out_dir, f) for f in ("log.jsonl", "config.json") if
-                        os.path.exists(os.path.join(out_dir, f))]:
+        for p in old + [p for f in ("log.jsonl", "config.json") if os.path.exists(p := os.path.join(out_dir, f))]:
             os.replace(p, os.path.join(keep, os.path.basename(p)))
         print0(f"--overwrite: the earlier run's checkpoints and log moved to {keep}")
 
