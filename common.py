@@ -61,10 +61,9 @@ def check_ranges(cfg) -> None:
 
 def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog: str | None = None,
                  description: str | None = None):
-    """Build a CLI from the dataclass `cls`: every field `foo_bar` becomes `--foo-bar` (booleans get
-    `--x/--no-x`), unknown flags are rejected, numbers are range-checked (`check_ranges`), and the resolved
-    config is printed on rank 0. --help: the module docstring's first paragraph (or `description`), then
-    every flag with its comment and default (a field's trailing `# comment`)."""
+    """A CLI from the dataclass `cls`: field `foo_bar` -> `--foo-bar` (booleans `--x/--no-x`), unknown flags rejected,
+    numbers range-checked (`check_ranges`), the config printed on rank 0. --help: the module docstring's first
+    paragraph (or `description`), then each flag with its field's trailing `# comment` and its default."""
     hints, helps = typing.get_type_hints(cls), {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
         with contextlib.suppress(OSError, TypeError):  # classes without source (builtins): no comments
@@ -86,9 +85,9 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
     return cfg
 
 def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, default: str | None = None):
-    """`python SCRIPT COMMAND [flags]`: commands = {name: (function, ConfigClass)}; the function gets the
-    parsed config. `SCRIPT --help` lists the commands with the first line of each function's docstring;
-    `SCRIPT COMMAND --help` shows that command's flags only. With `default`, flags alone run that command."""
+    """`python SCRIPT COMMAND [flags]`, commands = {name: (function, ConfigClass)}: the function gets the parsed
+    config. `SCRIPT --help` lists the commands (each docstring's first line), `SCRIPT COMMAND --help` the command's
+    flags. With `default`, flags alone run that command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
     if argv and argv[0] in commands:
@@ -155,8 +154,7 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (B, ...) from every rank into (W*B, ...), rank order, with gradients flowing back
-    to each rank's own slice (torch.distributed.nn's backward sums every rank's gradient for this slice)."""
+    """`x` (B, ...) of every rank -> (W*B, ...), rank order; each rank's slice gets its gradient from all ranks."""
     if get_world_size() == 1 or not dist.is_initialized():
         return x
     import torch.distributed.nn.functional as dnnf
@@ -357,10 +355,9 @@ def ours_to_openclip(sd: dict) -> dict:
     return {_rename(k, inverse=True): v for k, v in sd.items()}
 
 def clip_from_openclip(sd: dict, act: str = "quick_gelu", **overrides) -> CLIP:
-    """A CLIP built from an OpenAI-CLIP/OpenCLIP ViT state dict (B/32, B/16, L/14, any size inferred from
-    the shapes), loaded strictly. The state dict does not say which activation the weights were trained
-    with: OpenAI's own weights use QuickGELU (the default here); most LAION/DataComp OpenCLIP weights use
-    GELU (`act="gelu"`, the models OpenCLIP names without `-quickgelu`)."""
+    """A CLIP from an OpenAI/OpenCLIP ViT state dict (any size, inferred from the shapes), loaded strictly. The
+    activation is not in the state dict: OpenAI's weights use QuickGELU (the default); most LAION/DataComp OpenCLIP
+    weights use GELU (`act="gelu"`: the models OpenCLIP names without `-quickgelu`)."""
     model = build_clip(**{**openclip_config(sd), **overrides}, act=act)  # e.g. heads=... for unusual widths
     load_state_dict_checked(model, openclip_to_ours(sd), "OpenCLIP state dict")
     return model
@@ -549,9 +546,8 @@ class Tokenizer:
             f.write(f"#merges: {len(self.merges)}\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
 def train_bpe(texts, vocab_size=4096, min_frequency=2):
-    """Learn up to vocab_size - 514 merges on `texts` with the tokenizer's own cleaning, pre-tokenisation and
-    byte mapping (so Tokenizer(merges=...) has vocab_size = 512 + len(merges) + 2); stops early when no
-    adjacent pair occurs at least `min_frequency` times."""
+    """Up to vocab_size - 514 merges learnt on `texts` as the tokenizer cleans, splits and maps them (Tokenizer(merges)
+    has 512 + len(merges) + 2 tokens); stops when no adjacent pair occurs `min_frequency` times."""
     counts = collections.Counter(w for t in texts for w in _words(t) if w not in (SOT, EOT))
     words, freqs = [_symbols(w) for w in counts], list(counts.values())  # distinct words, weighted by count
     pair_count = collections.defaultdict(int)
@@ -626,9 +622,8 @@ class PipeFailed(OSError):
 
 @contextlib.contextmanager
 def open_shard(source: str):
-    """A shard as a readable byte stream: a local file, an http(s) URL (urllib) or `pipe:CMD` (a shell
-    command's standard output, read as it comes). A command that exits non-zero raises PipeFailed with the
-    last line it wrote to stderr, once its output (read like a tar cut off) is used up."""
+    """A shard as a byte stream: a file, an http(s) URL (urllib) or `pipe:CMD` (a shell command's stdout). A command
+    that exits non-zero raises PipeFailed with its last stderr line once its output (a cut-off tar) is used up."""
     if not source.startswith("pipe:"):
         import urllib.request
         url = source.startswith(("http://", "https://"))
@@ -658,9 +653,9 @@ def open_shard(source: str):
                 raise PipeFailed(f"exit status {proc.returncode}: {last}")
 
 def iter_tar_samples(path: str, skipped: dict):
-    """Group the members of one tar into samples {"__key__": key, suffix: bytes} the webdataset way:
-    key = member path up to the first '.' of its basename, suffix = the rest ("jpg", "seg.png"). Members of
-    a sample must be contiguous. A tar cut off, damaged or unreachable ends the shard, counted in `skipped`."""
+    """One tar's samples {"__key__": key, suffix: bytes}, webdataset's way: key = member path up to the basename's
+    first '.', suffix = the rest ("seg.png"); a sample's members are contiguous. A cut-off, damaged or unreachable
+    tar ends the shard, counted in `skipped`."""
     sample, key = {}, None
     try:
         with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streaming: never seeks
@@ -692,8 +687,7 @@ def _pil_rgb(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 def decode_image(sample: dict) -> Image.Image:
-    """The sample's image as an RGB PIL image; raises on a missing or undecodable image (caller counts and
-    skips). For the paths that must match PIL-based official code (stored-augmentation replay)."""
+    """The sample's image as RGB PIL (replays matching PIL-based official code); raises if missing or bad."""
     return _pil_rgb(_image_bytes(sample))
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
@@ -788,8 +782,7 @@ def rand_augment_magnitude(k: int, negative: bool, size: int, magnitude: int = 9
     return -m if signed and negative else m
 
 def rand_augment_params(rng: random.Random, size: int, num_ops: int = 2, magnitude: int = 9, bins: int = 31):
-    """num_ops [op_index, signed magnitude] pairs drawn as torchvision's RandAugment draws them: an op
-    uniformly, the sign of a signed op with p = 1/2."""
+    """num_ops [op_index, signed magnitude] drawn as torchvision's RandAugment: op uniform, sign p = 1/2."""
     ops = []
     for _ in range(num_ops):
         k = rng.randrange(len(RAND_AUGMENT_OPS))
@@ -912,8 +905,7 @@ def kill_workers_at_exit():
     atexit.register(kill)
 
 def ignore_stop_signals(worker_id: int = 0):
-    """DataLoader `worker_init_fn`: a worker ignores SIGTERM and SIGINT, which schedulers and Ctrl-C send to the
-    whole process group; the main process saves a checkpoint (StopSignal) and then shuts its workers down."""
+    """`worker_init_fn`: workers ignore SIGTERM/SIGINT (sent to the whole group); the main process saves and stops."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -924,9 +916,9 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch sampler for a map-style dataset read by key (epoch, index): this rank's share of each global batch
-    from step `start` to `total`, a permutation per epoch seeded by (seed, epoch), rank r taking every world-th
-    item. The step is the data position: resuming at step s replays exactly what an uninterrupted run saw."""
+    """Batch sampler of keys (epoch, index): this rank's share (every world-th) of each global batch from step `start`
+    to `total`, one permutation per epoch seeded by (seed, epoch). The step is the data position: resuming at s
+    replays exactly what an uninterrupted run saw."""
     def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
         self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
             n, global_batch, start, total, seed, rank, world)
@@ -963,8 +955,7 @@ class DataPosition:
         return {0: mine}
 
 def write_shard(path: str, samples) -> int:
-    """Write samples {"__key__": key, suffix: bytes | str | dict | PIL.Image | np.ndarray} to a tar,
-    atomically (temporary name, then rename). Returns the number of samples written."""
+    """Samples {"__key__": key, suffix: bytes | str | dict | PIL.Image | np.ndarray} -> a tar, atomically; -> count."""
     tmp, n = path + ".tmp", 0
     with tarfile.open(tmp, "w") as tar:
         for n, s in enumerate(samples, 1):
@@ -1076,8 +1067,7 @@ def _drift_probs(trend: np.ndarray, u: float, strength: float) -> np.ndarray:
     return w / w.sum()
 
 def _coverage(ops, centre, radius, angle, size):
-    """Anti-aliased coverage in [0, 1] at final resolution (size, size): drawn at _SS x resolution and
-    box-filtered down; the mask is this coverage thresholded at 0.5, so it aligns with the drawn pixels."""
+    """Anti-aliased coverage (size, size) in [0, 1], drawn at _SS x and box-filtered; mask = coverage >= 0.5."""
     canvas = Image.new("L", (size * _SS, size * _SS), 0)
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]]) * radius * _SS
@@ -1246,10 +1236,9 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
 
 # ==== 6. Losses shared by several papers ==============================================================
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE, distributed the memory-linear way (open_clip's `local_loss` + `gather_with_grad`):
-    this rank's B rows against the W*B gathered columns, labels offset by rank. img, txt: (B, E) L2-normalised;
-    logit_scale: the scale itself (exp of the stored log). Logits in fp32. Averaged over ranks (DDP averages the
-    gradients) it is exactly the single-process loss on the concatenated batch. No host sync: labels built on device."""
+    """CLIP's symmetric InfoNCE, memory-linear (open_clip's `local_loss`): this rank's B rows against the W*B gathered
+    columns, labels offset by rank, fp32 logits, no host sync. img, txt: (B, E) L2-normalised; logit_scale: the scale
+    itself. Averaged over ranks (as DDP does) it is the single-process loss on the concatenated batch."""
     B = img.shape[0]
     all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)  # (W*B, E)
     labels = torch.arange(B, device=img.device) + get_rank() * B
@@ -1258,8 +1247,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """The readable full-matrix version (one process): -mean log softmax of the diagonal, by rows (image -> text)
-    and by columns (text -> image)."""
+    """Full-matrix version (one process): -mean log-softmax of the diagonal by rows (i -> t) and columns (t -> i)."""
     logits = logit_scale.float() * img.float() @ txt.float().T  # (N, N), row i = image i
     diag = torch.arange(len(logits), device=logits.device)
     i2t = -logits.log_softmax(dim=1)[diag, diag].mean()
@@ -1297,8 +1285,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
 
 # ==== 8. Checkpoints ==================================================================================
 def save_checkpoint(path: str, state: dict):
-    """Write atomically from rank 0: a temporary file, then rename, so a crash never leaves half a file.
-    `state` is a plain dict of tensors and primitives (loads with weights_only=True)."""
+    """Rank 0 writes `state` (tensors and primitives: weights_only loads it) to a temporary file, then renames it."""
     if get_rank() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1332,8 +1319,7 @@ _NUMPY_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiar
                   for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Admits built-in containers, strings, bytes and numbers (and numpy arrays when asked); any other global, the
-    only way a pickle runs code, is refused before it is imported."""
+    """Admits containers, strings and numbers (numpy arrays if asked); refuses any other global before importing it."""
     allowed = _SAFE_GLOBALS
 
     def find_class(self, module, name):
@@ -1344,8 +1330,8 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name}: only containers, strings and numbers load")
 
 def safe_unpickle(source, numpy: bool = False):
-    """A pickle (path, bytes or binary file; gzip is detected) read without executing its code: the restricted
-    unpickler above. Raises ValueError with one line saying why it does not read (a refused global included)."""
+    """A pickle (path, bytes or binary file; gzip detected) read without running its code; ValueError (one line) if
+    it does not read."""
     what = source if isinstance(source, str) else "pickle"
     try:
         if isinstance(source, str):
@@ -1398,8 +1384,7 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state(s["cuda"])
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT (the scheduler's pre-emption notice, Ctrl-C) into a flag the loop checks, so
-    the run saves a checkpoint and exits cleanly instead of dying mid-step."""
+    """SIGTERM/SIGINT (pre-emption, Ctrl-C) -> a flag the loop checks, to save a checkpoint and exit cleanly."""
     def __init__(self):
         self.requested = False
         kill_workers_at_exit()
@@ -1449,8 +1434,7 @@ OPENAI_IMAGENET_TEMPLATES = (
 )
 
 def templates_arg(spec: str) -> tuple[str, ...]:
-    """--templates value -> prompt templates: "openai" (the 80 above), "default" (the 7 above) or a file with one
-    template per line, each holding one "{}"."""
+    """--templates: "openai" (the 80 above), "default" (the 7 above) or a file, one template with one "{}" a line."""
     if spec in ("openai", "default"):
         return OPENAI_IMAGENET_TEMPLATES if spec == "openai" else DEFAULT_TEMPLATES
     found = read_lines(spec)
@@ -1557,8 +1541,7 @@ def progress(iterable, desc: str, **kw):
     return tqdm(iterable, desc=desc, disable=get_rank() != 0 or not sys.stderr.isatty(), leave=False, **kw)
 
 class RunLog:
-    """One plain console line per call on rank 0, and the same as one JSON object per line in
-    OUT/log.jsonl (`step` first, then every metric by name)."""
+    """Rank 0: one console line per call, and one JSON object in OUT/log.jsonl (`step`, then metrics by name)."""
     def __init__(self, out_dir: str):
         self.path = os.path.join(out_dir, "log.jsonl")
         if get_rank() == 0:
@@ -1586,10 +1569,9 @@ def _alive(pid: int) -> bool:
         return False
 
 def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
-    """One run per run directory (rank 0). OUT/run.lock names the holder (pid, host, start): a live holder
-    stops this run with one line; a dead one's lock (same host) is taken over with a note. A fresh run
-    (no --resume) into a directory that holds another run's checkpoints stops with one line, or with
-    `overwrite` moves that run's files into OUT/previous-N/ (nothing is deleted) and starts clean."""
+    """One run per directory (rank 0). OUT/run.lock names the holder (pid, host, start): a live one stops this run
+    with one line, a dead one's (same host) is taken over. A fresh run (no --resume) where another run's checkpoints
+    are stops with one line, or with `overwrite` moves them to OUT/previous-N/ (nothing deleted)."""
     if get_rank() != 0:
         return
     import atexit, socket
@@ -1635,8 +1617,7 @@ def _read_json(path: str) -> dict:
         return {}
 
 def document_run(out_dir: str, cfg, scripts: list[str]):
-    """Rank 0: claims the run directory (`claim_out`), writes config.json, copies the script and common.py,
-    marks the run's start in log.jsonl (config, versions, command line) and prints one line of versions."""
+    """Rank 0: `claim_out`, config.json, copies of the scripts, a start record in log.jsonl, a line of versions."""
     claim_out(out_dir, getattr(cfg, "resume", ""), getattr(cfg, "overwrite", False))
     if get_rank() != 0:
         return
