@@ -126,8 +126,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device]:
-    """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun; defaults for a plain `python x.py`), start the
-    process group (NCCL on GPU, gloo on CPU) and pick the device. Returns (rank, local_rank, world, device)."""
+    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE (or plain `python`), NCCL/gloo -> (rank, local_rank, world, device)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -162,8 +161,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 # ==== 3. Attention and transformer blocks, ViT, text transformer, CLIP ================================
 def attention(q, k, v, mask=None, causal: bool = False):
-    """Fused path: q, k, v (B, H, N, Dh) -> (B, H, N, Dh) with torch's SDPA (flash / memory-efficient
-    kernels on GPU). `mask` is boolean, True = may attend, broadcastable to (B, H, N, N)."""
+    """Fused path, torch's SDPA: q, k, v (B, H, N, Dh) -> (B, H, N, Dh); bool `mask` (True = may attend)."""
     if causal and mask is not None:  # SDPA takes one or the other: fold the triangle into the mask
         mask, causal = mask & torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool, device=q.device).tril(), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
@@ -179,8 +177,7 @@ def attention_reference(q, k, v, mask=None, causal: bool = False):
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection. `qkv.weight` rows are [q; k; v], each
-    head-major: the layout of torch's `in_proj_weight`, so OpenAI/OpenCLIP weights map by renaming."""
+    """Self-attention, one fused QKV projection: rows [q; k; v], head-major (torch's `in_proj_weight` layout)."""
     def __init__(self, dim: int, heads: int, bias: bool = True):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
@@ -225,16 +222,14 @@ def run_blocks(blocks, x, checkpointing: bool, causal: bool = False):
     return x
 
 class ViT(nn.Module):
-    """Vision transformer in the CLIP layout: patchify conv (no bias), class token, learned positions, ln_pre,
-    blocks, ln_post on the class token, linear projection to the joint embedding."""
+    """CLIP's ViT: patch conv (no bias), class token, positions, ln_pre, blocks, ln_post, projection of the CLS."""
     def __init__(self, image_size=224, patch=16, width=768, layers=12, heads=12, embed_dim=512,
                  mlp_ratio=4.0, act="gelu", grad_checkpointing=False):
         super().__init__()
         self.image_size, self.patch, self.grad_checkpointing = image_size, patch, grad_checkpointing
-        n = (image_size // patch) ** 2
         self.patch_embed = nn.Conv2d(3, width, patch, patch, bias=False)
         self.cls_token = nn.Parameter(torch.randn(width) * width**-0.5)
-        self.pos_embed = nn.Parameter(torch.randn(n + 1, width) * width**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn((image_size // patch) ** 2 + 1, width) * width**-0.5)
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
         self.norm, self.proj = nn.LayerNorm(width), nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
@@ -250,9 +245,8 @@ class ViT(nn.Module):
         return self.forward_tokens(x)[:, 0] @ self.proj  # (B, E)
 
 class TextTransformer(nn.Module):
-    """CLIP text tower: token + learned position embeddings, causal blocks, ln_final, the feature at the
-    end-of-text token (the largest id, so `argmax(ids)`), linear projection. `causal=False` gives the
-    bidirectional variant (MobileCLIP-S*), which like the original attends to the padding too."""
+    """CLIP's text tower: embeddings, causal blocks, ln_final, projection of the end-of-text token (the largest id).
+    `causal=False`: the bidirectional variant (MobileCLIP-S*), which like the original attends to the padding."""
     def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8, embed_dim=512,
                  mlp_ratio=4.0, act="gelu", causal=True, grad_checkpointing=False):
         super().__init__()
@@ -484,8 +478,7 @@ def _read_merges(path):
     return [tuple(line.split()) for line in body]
 
 class Tokenizer:
-    """CLIP byte-level BPE: 256 byte tokens, 256 byte+'</w>' tokens, one token per merge, then
-    <start_of_text> and <end_of_text>; fixed context length (77)."""
+    """CLIP's BPE: 256 bytes, 256 bytes + '</w>', one token per merge, <start_of_text>, <end_of_text>; 77 long."""
     def __init__(self, path=None, merges=None, context_length=77):
         if (path is None) == (merges is None):
             raise ValueError("Tokenizer needs exactly one of `path` (merges file) or `merges` (list of pairs)")
@@ -622,8 +615,7 @@ class PipeFailed(OSError):
 
 @contextlib.contextmanager
 def open_shard(source: str):
-    """A shard as a byte stream: a file, an http(s) URL (urllib) or `pipe:CMD` (a shell command's stdout). A command
-    that exits non-zero raises PipeFailed with its last stderr line once its output (a cut-off tar) is used up."""
+    """A file, http(s) URL or `pipe:CMD` as a byte stream; a failed command raises PipeFailed (its last stderr line)."""
     if not source.startswith("pipe:"):
         import urllib.request
         url = source.startswith(("http://", "https://"))
@@ -653,9 +645,8 @@ def open_shard(source: str):
                 raise PipeFailed(f"exit status {proc.returncode}: {last}")
 
 def iter_tar_samples(path: str, skipped: dict):
-    """One tar's samples {"__key__": key, suffix: bytes}, webdataset's way: key = member path up to the basename's
-    first '.', suffix = the rest ("seg.png"); a sample's members are contiguous. A cut-off, damaged or unreachable
-    tar ends the shard, counted in `skipped`."""
+    """One tar's samples {"__key__": key, suffix: bytes} (webdataset: key = path to the basename's first '.'; members
+    contiguous). A cut-off, damaged or unreachable tar ends the shard, counted in `skipped`."""
     sample, key = {}, None
     try:
         with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streaming: never seeks
@@ -714,9 +705,8 @@ def decode_caption(sample: dict, key: str = "txt") -> str:
     return text
 
 def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng` (not torch's global
-    generator) so that a sample's crop is fixed by its key: up to 10 tries of an area fraction in `scale` and a
-    log-uniform aspect ratio; if none fits, the whole image cut to the nearest allowed ratio, centred."""
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), from `rng`: a sample's crop is fixed by its key
+    (torchvision draws from torch's global generator)."""
     area, log_ratio = w * h, (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target, aspect = area * rng.uniform(*scale), math.exp(rng.uniform(*log_ratio))
@@ -737,9 +727,8 @@ _MODES = {Image.NEAREST: InterpolationMode.NEAREST, Image.BILINEAR: Interpolatio
           Image.BICUBIC: InterpolationMode.BICUBIC}
 
 def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
-    """Crop `box` (left, top, right, bottom), resize -> uint8 (3, size, size): a tensor by torchvision's antialiased
-    resize (the fast path; bicubic within a few grey levels of PIL's), a PIL image by PIL (replays that must match
-    PIL-based official code). Images travel to the device as uint8 (4x less than fp32), normalised there."""
+    """Crop `box`, resize -> uint8 (3, size, size): a tensor by torchvision (fast; bicubic within a few grey levels of
+    PIL), a PIL image by PIL (replays of official code). uint8 goes to the device (4x less), normalised there."""
     if torch.is_tensor(img):
         left, top, right, bottom = box
         return TF.resized_crop(img, top, left, bottom - top, right - left, [size, size],
@@ -747,8 +736,7 @@ def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
     return TF.pil_to_tensor(img.resize((size, size), resample, box=box))  # (3, S, S)
 
 def eval_transform(img, size: int, resample=Image.BICUBIC) -> torch.Tensor:
-    """OpenCLIP's eval transform: shorter side to `size`, centre crop -> uint8 (3, size, size). A PIL image is
-    resized by PIL (OpenCLIP's pixels), a tensor by torchvision's antialiased resize (within ~2 grey levels)."""
+    """OpenCLIP's eval transform (shorter side, centre crop) -> uint8 (3, size, size); PIL in: OpenCLIP's pixels."""
     if not torch.is_tensor(img):
         img = img.convert("RGB")
     x = TF.center_crop(TF.resize(img, size, interpolation=_MODES[resample], antialias=True), [size, size])
@@ -775,8 +763,7 @@ def _rand_augment_space(bins: int, size: int) -> dict:
     return {k: (m.tolist() if m.ndim else None, signed) for k, (m, signed) in space.items()}
 
 def rand_augment_magnitude(k: int, negative: bool, size: int, magnitude: int = 9, bins: int = 31) -> float:
-    """Op k's value at `magnitude` (of `bins`), negated if `negative` and the op is signed (Posterize: bits kept;
-    Solarize: threshold; 0 for unparametrised ops)."""
+    """Op k's value at `magnitude` of `bins`, negated if `negative` and signed (0 for unparametrised ops)."""
     grid, signed = _rand_augment_space(bins, size)[RAND_AUGMENT_OPS[k]]
     m = float(grid[magnitude]) if grid is not None else 0.0
     return -m if signed and negative else m
@@ -894,8 +881,7 @@ class Loader(torch.utils.data.DataLoader):
 
 @functools.cache
 def kill_workers_at_exit():
-    """Workers ignore SIGTERM (`ignore_stop_signals`), multiprocessing's way to end daemons at exit: so at exit
-    (after a `fail`, say) the main process SIGKILLs them first (atexit runs before multiprocessing's handler)."""
+    """Workers ignore SIGTERM, multiprocessing's way to end them: at exit the main process SIGKILLs them first."""
     import atexit, multiprocessing
     def kill():  # torch's SIGCHLD handler would report each killed worker as an error: restore the default first
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -916,9 +902,8 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch sampler of keys (epoch, index): this rank's share (every world-th) of each global batch from step `start`
-    to `total`, one permutation per epoch seeded by (seed, epoch). The step is the data position: resuming at s
-    replays exactly what an uninterrupted run saw."""
+    """Keys (epoch, index) of this rank's share of each global batch, steps `start` to `total`, a permutation per
+    epoch seeded by (seed, epoch): the step is the data position, a resumed run replays the same batches."""
     def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
         self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
             n, global_batch, start, total, seed, rank, world)
@@ -987,9 +972,8 @@ def sample_rng(seed: int, sample: dict) -> random.Random:
     return random.Random(zlib.crc32(f"{seed}/{sample.get('__epoch__', 0)}/{sample['__key__']}".encode()))
 
 class ImageTextDecode:
-    """Sample -> {"image": uint8 (3, S, S), "ids": (L,), "caption": str}. Train: OpenCLIP's RandomResizedCrop (scale
-    0.9-1, bicubic; no flip: captions say left and right) on the decoded tensor; eval: `eval_transform` on the PIL
-    image. Raises on a bad image or caption (ShardStream counts and skips it)."""
+    """Sample -> {"image": uint8 (3, S, S), "ids": (L,), "caption"}: train, OpenCLIP's RandomResizedCrop (no flip:
+    captions say left and right); eval, `eval_transform`. Raises on a bad image or caption."""
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
         self.tokenizer, self.size, self.context_length, self.resample = tokenizer, image_size, context_length, resample
@@ -1038,8 +1022,7 @@ _SS = 4  # supersampling factor for anti-aliased shape edges
 
 @functools.lru_cache(maxsize=None)
 def _shape_geometry(name: str, outlined: bool) -> tuple:
-    """Polygons of a shape in unit coordinates (radius ~1, y pointing down): ((points (N, 2), fill), ...);
-    fill 1 paints, fill 0 erases, so the holes of ring / crescent / outlined shapes are painted in order."""
+    """((points (N, 2), fill), ...) in unit coordinates, y down; fill 0 erases (holes), in order."""
     def ngon(n, r=1.0, inner=None):  # regular polygon, or a star with `inner`
         k = 2 * n if inner else n
         a = -math.pi / 2 + 2 * math.pi * np.arange(k) / k
@@ -1210,10 +1193,8 @@ def _render_shard(args) -> int:
 
 def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
                     shard_size: int = 5000, workers: int | None = None) -> dict:
-    """Generate the synthetic world once (rank 0; the others wait), cached under `cache_dir` by its parameters (DONE
-    marks it finished). Returns its paths: train and val (tar shards of jpg, txt, seg.png, depth.png, json {label,
-    classname, year, scene: every attribute, also those the caption omits}), val_folder (val as a class-named
-    ImageFolder: zero-shot) and classnames (in folder order)."""
+    """The synthetic world, generated once by rank 0 under `cache_dir`: paths of train and val (shards of jpg, txt,
+    seg.png, depth.png, json {label, classname, year, scene}), val_folder (an ImageFolder) and classnames."""
     root = os.path.join(cache_dir, f"synthetic-{SYNTH_VERSION}-{n_train}-{n_val}-{size}px-seed{seed}")
     out = {"root": root, **{k: os.path.join(root, k) for k in ("train", "val", "val_folder")},
            "classnames": sorted(SYNTH_SHAPES)}
@@ -1236,9 +1217,8 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
 
 # ==== 6. Losses shared by several papers ==============================================================
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE, memory-linear (open_clip's `local_loss`): this rank's B rows against the W*B gathered
-    columns, labels offset by rank, fp32 logits, no host sync. img, txt: (B, E) L2-normalised; logit_scale: the scale
-    itself. Averaged over ranks (as DDP does) it is the single-process loss on the concatenated batch."""
+    """CLIP's symmetric InfoNCE (open_clip's `local_loss`): this rank's B rows against the W*B gathered columns, fp32,
+    no host sync. img, txt: (B, E) normalised; logit_scale: the scale itself. Rank mean = the one-process loss."""
     B = img.shape[0]
     all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)  # (W*B, E)
     labels = torch.arange(B, device=img.device) + get_rank() * B
@@ -1261,10 +1241,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and conv kernels only: not on norms, biases, embeddings, logit scale."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(n in name for n in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or any(n in name for n in NO_DECAY_NAMES) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6):
@@ -1345,8 +1323,7 @@ def safe_unpickle(source, numpy: bool = False):
         raise ValueError(f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
 
 def load_checkpoint(path: str, out_dir: str) -> dict | None:
-    """`path` = "" (start fresh), "auto" (the newest checkpoint in out_dir that reads, or fresh if there is
-    none; each one skipped is named in a line, and none is ever deleted) or a file (one line if unreadable)."""
+    """`path`: "" (fresh), "auto" (the newest checkpoint in out_dir that reads, each skipped one named) or a file."""
     if not path:
         return None
     if path == "auto":
@@ -1449,9 +1426,7 @@ def read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 def image_folder(root: str, classnames: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """torchvision's ImageFolder listing: one sub-folder per class (sorted), every image file below it, nested folders
-    included, with the extensions ImageFolder accepts, in its order. The folder name is the class name ('_' read as
-    a space) unless `classnames` (one per folder, same order) is given. Returns ([(path, label)], classnames)."""
+    """torchvision's ImageFolder listing -> ([(path, label)], classnames): folder names ('_' as space) unless given."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     if not os.path.isdir(root):
         fail(f"image folder not found: {root}")
@@ -1509,24 +1484,18 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255,
                      reduce_zero_label: bool = False) -> torch.Tensor:
-    """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction, of integer maps of one shape.
-    Pixels whose label is `ignore_index` (or outside 0..K-1) are not counted. `reduce_zero_label` is ADE20K's
-    convention as mmsegmentation applies it: label 0 ("other") becomes ignored and every other label drops by one,
-    so the K classes are labels 1..K of the file. Add the matrices of all images, then call `miou` once."""
+    """(K, K) int64, rows = ground truth, columns = prediction; `ignore_index` and labels outside 0..K-1 not counted.
+    `reduce_zero_label`: mmsegmentation's ADE20K convention (0 ignored, the others minus 1). Sum, then `miou`."""
     label = label.long()
     if reduce_zero_label:
-        label = torch.where(label == 0, ignore_index, label - 1)
-        label = torch.where(label == ignore_index - 1, ignore_index, label)
+        label = torch.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
     keep = (label != ignore_index) & (label >= 0) & (label < num_classes)
-    pred = pred.long()[keep].clamp(0, num_classes - 1)
-    idx = label[keep] * num_classes + pred
+    idx = label[keep] * num_classes + pred.long()[keep].clamp(0, num_classes - 1)
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
 
 def miou(conf: torch.Tensor, per_class: bool = False):
-    """Mean IoU (%) of a confusion matrix summed over the whole evaluation set, mmsegmentation's IoUMetric: per class
-    intersection / union of its totals, averaged over the classes whose union is non-zero (a class absent from
-    ground truth but predicted scores 0; one neither present nor predicted is left out). per_class=True also
-    returns the (K,) IoUs in percent, NaN for the classes left out."""
+    """Mean IoU (%) of the summed confusion matrix, mmsegmentation's IoUMetric: classes with an empty union are left
+    out (NaN in the (K,) IoUs that per_class=True also returns)."""
     conf = conf.double()
     inter = conf.diag()
     union = conf.sum(0) + conf.sum(1) - inter
