@@ -10,9 +10,9 @@ What is here: the paper's parents, Hugging Face GPT-2 folders (gpt2 ... gpt2-xl,
 ViT-B/16 classifiers of torchvision or timm (`vit_classifier`); also this repository's CLIP (both towers), its
 GPT-style LM, OpenAI/OpenCLIP ViT CLIP files and mobileclip.py checkpoints. `train` trains a destination or a
 random init (contrastive, next-token or class cross-entropy loss); `compare` counts the steps each init needs to
-a fixed target. Not here: depth increase by block duplication (unused in the paper's experiments); GPT-2's own
-tokenizer (text goes through common.Tokenizer, so a GPT-2 parent trains with a --bpe of its vocabulary size);
-the plots of Figs. 2-5 (`clone` prints the relative residual magnitude of Fig. 2 per block).
+a fixed target. A GPT-2 folder's text goes through GPT-2's own byte-level BPE (its vocab.json + merges.txt,
+`GPT2Tokenizer`, also --bpe FOLDER); other text through common.Tokenizer. Not here: depth increase by block
+duplication (unused in the paper's experiments); the plots of Figs. 2-5 (`clone` prints Fig. 2's ratio per block).
 
 Paper -> code:
   Sec. 4.1 neuron importance, mean |activation| over batch and tokens  -> importance (forward hooks)
@@ -34,7 +34,7 @@ Commands:
   torchrun --nproc_per_node=8 subclone.py train --init b16_half.pt --data 'imagenet/{0000..1023}.tar' \
       --val-data 'imagenet-val/{00..63}.tar' --batch-size 128 --steps 100000  # Table 1: lr 1e-4, wd 0.005
   python subclone.py compare --kind vit --parent vit_b_16.pth --data imagenet/ --val-data imagenet-val/  # 70%
-  python subclone.py clone --init gpt2-large/ --bpe BPE --data shards/ --model gpt2_medium --out m.pt
+  python subclone.py clone --init gpt2-large/ --data text-shards/ --model gpt2_medium --out m.pt  # GPT-2's BPE
 
 Result on the synthetic world (2-core CPU shared with other jobs; README.md has the curves and older runs):
   small_parent (300 steps, 29.3% zero-shot) -> small, 200 steps, target 22% top-1 set before the run, seeds 0-2:
@@ -46,6 +46,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ class Config:
     out: str = "runs/subclone"  # clone: the output file; train / compare: the run directory
     init: str = ""  # clone: the parent; train: a subcloned checkpoint (empty = random init of --model)
     model: str = ""  # a name from MODELS: train's random-init shape, clone's destination shape
-    bpe: str = ""  # CLIP merges file; default: the one stored in --init, or bpe.txt beside it
+    bpe: str = ""  # CLIP merges file or GPT-2 folder (vocab.json + merges.txt); default: --init's or bpe.txt beside it
     act: str = "gelu"  # activation of an OpenCLIP parent (quick_gelu for OpenAI's own weights)
     device: str = "auto"  # auto | cuda | cpu
     cache_dir: str = ""  # synthetic world cache (default ~/.cache/effclip)
@@ -135,20 +136,17 @@ MODELS = {
     "gpt2_large": dict(kind="gpt", width=1280, layers=36, heads=20, context_length=1024),
     "gpt2_medium": dict(kind="gpt", width=1024, layers=24, heads=16, context_length=1024),
     "vit_b16_in1k": dict(kind="vit", image_size=224, patch=16, width=768, layers=12, heads=12, num_classes=1000),
-    "vit_b16_in1k_half": dict(kind="vit", image_size=224, patch=16, width=384, layers=6, heads=6, num_classes=1000),
-}
+    "vit_b16_in1k_half": dict(kind="vit", image_size=224, patch=16, width=384, layers=6, heads=6, num_classes=1000)}
 
 # Table 1 (Sec. 5.1): (lr, weight decay) by (kind, subcloned). The CLIP runs use the ViT values. A subcloned
 # model sits near a good optimum: a high LR makes it forget, a strong WD undoes what the parent learned.
-TABLE1 = {("clip", False): (2e-3, 0.2), ("clip", True): (1e-4, 0.005),
-          ("gpt", False): (1e-4, 0.1), ("gpt", True): (1e-4, 0.001), ("vit", False): (2e-3, 0.2),
-          ("vit", True): (1e-4, 0.005)}
+TABLE1 = {("clip", False): (2e-3, 0.2), ("clip", True): (1e-4, 0.005), ("gpt", False): (1e-4, 0.1),
+          ("gpt", True): (1e-4, 0.001), ("vit", False): (2e-3, 0.2), ("vit", True): (1e-4, 0.005)}
 # Sec. 5's measure: steps to a fixed target set before training (ViT: 70% top-1, GPT-2: perplexity 12). On the
 # synthetic world (design choice) 25% zero-shot top-1, which both inits of `small` reach in 400 steps.
 TARGETS = {"clip": ("zeroshot_top1", 25.0), "gpt": ("val_ppl", 12.0), "vit": ("top1", 70.0)}
 
 # ---- The models: the LM of the GPT-2 experiment, the ImageNet ViT classifier of the ViT experiment ---------
-
 class GPT(nn.Module):
     """A GPT-2-style decoder from common.Block: token + learned position embeddings, causal pre-norm blocks,
     final LayerNorm, an untied LM head (untied so that subcloning can scale it as a matrix while the
@@ -179,7 +177,7 @@ def lm_loss(model, ids):
     """Next-token cross-entropy on captions [sot, ..., eot, 0, ...]: targets up to and including eot."""
     logits = model(ids[:, :-1])  # (B, N-1, V)
     target = ids[:, 1:].clone()
-    eot = ids.argmax(dim=1)  # eot has the largest id
+    eot = ids.shape[1] - 1 - ids.flip(1).argmax(dim=1)  # the last eot, the largest id (GPT-2's rows open with it)
     target[torch.arange(target.shape[1], device=ids.device)[None] >= eot[:, None]] = -100  # padding
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
 
@@ -214,7 +212,6 @@ def vit_classifier(sd: dict) -> tuple[nn.Module, dict, dict]:
     """An ImageNet ViT state dict of torchvision (`vit_b_16`) or timm (`vit_base_patch16_224`) -> (ViTClassifier,
     its state dict in our names, arch). Shapes from the tensors; heads of 64 (16 of 80 at width 1280, ViT-H).
     Input normalisation (the file does not say): ImageNet's mean / std for torchvision, 0.5 / 0.5 for timm."""
-    import re
     timm = "patch_embed.proj.weight" in sd
     for old, new in TORCHVISION_VIT:
         sd = {re.sub(old, new, k): v for k, v in sd.items()}
@@ -239,7 +236,6 @@ def towers(model: nn.Module) -> dict:
     return {"": model}
 
 # ---- Sec. 4.1: neuron importance = mean |activation| over batch and tokens, collected with forward hooks ----
-
 @torch.no_grad()
 def importance(tower: nn.Module, run, batches) -> dict:
     """Run `run(batch)` (which calls `tower`) over `batches` and score the neurons of `tower.blocks`:
@@ -280,11 +276,9 @@ def importance(tower: nn.Module, run, batches) -> dict:
     H = [blk.attn.heads for blk in blocks]
     return {"residual": (sums["embed"] + sum(sums[("res", i)] for i in range(L))) / n,
             "heads": [(sums[("heads", i)] / n).view(H[i], -1).mean(dim=1) for i in range(L)],  # (H, Dh) -> (H,)
-            "ffn": [sums[("ffn", i)] / n for i in range(L)],
-            "ratio": [float(sums[("ratio", i)] / n) for i in range(L)]}
+            "ffn": [sums[("ffn", i)] / n for i in range(L)], "ratio": [float(sums[("ratio", i)] / n) for i in range(L)]}
 
 # ---- Selection: one residual index set, whole heads, FFN neurons per layer, blocks from the middle ---------
-
 def top(score: torch.Tensor, k: int, reorder: bool = True) -> torch.Tensor:
     """The k most important indices, most important first (re-ordering, then slicing the leading block);
     without re-ordering, the first k (the ablation of Fig. 14)."""
@@ -308,7 +302,6 @@ def select(scores: dict, width: int, heads: int, mlp: int, depth: int, reorder: 
             "ffn": [top(scores["ffn"][i], mlp, reorder) for i in kept]}
 
 # ---- Slicing and weight scaling (Sec. 4.1) -----------------------------------------------------------------
-
 def take(w: torch.Tensor, rows=None, cols=None, scale: bool = True) -> torch.Tensor:
     """w[rows][:, cols] for a weight used as x @ w.T (nn.Linear: rows = outputs, cols = inputs). A matrix
     whose inputs are subsampled is multiplied by sqrt(n_in / n_in') (Sec. 4.1): with i.i.d. inputs an output
@@ -330,15 +323,13 @@ def subclone_block(p: dict, res, heads, ffn, head_dim: int, scale: bool = True) 
     qkv_rows = torch.cat([j * D + in_heads for j in range(3)])  # (3 h' Dh,)
     # q and k are both scaled by sqrt(D / d'), so the logits q.k / sqrt(Dh) are (D / d') x those of the plain
     # slice; under the i.i.d. reading of Sec. 4.1 that restores the parent's logit scale (the paper is silent).
-    out = {"norm1.weight": p["norm1.weight"][res], "norm1.bias": p["norm1.bias"][res],
-           "attn.qkv.weight": take(p["attn.qkv.weight"], qkv_rows, res, scale),
-           "attn.qkv.bias": p["attn.qkv.bias"][qkv_rows],
-           "attn.proj.weight": take(p["attn.proj.weight"], res, in_heads, scale),
-           "attn.proj.bias": p["attn.proj.bias"][res],
-           "norm2.weight": p["norm2.weight"][res], "norm2.bias": p["norm2.bias"][res],
-           "mlp.fc1.weight": take(p["mlp.fc1.weight"], ffn, res, scale), "mlp.fc1.bias": p["mlp.fc1.bias"][ffn],
-           "mlp.fc2.weight": take(p["mlp.fc2.weight"], res, ffn, scale), "mlp.fc2.bias": p["mlp.fc2.bias"][res]}
-    return {k: v.clone() for k, v in out.items()}
+    t = lambda k, rows, cols: take(p[f"{k}.weight"], rows, cols, scale)  # index tensors copy: no memory is shared
+    return {"norm1.weight": p["norm1.weight"][res], "norm1.bias": p["norm1.bias"][res],
+            "attn.qkv.weight": t("attn.qkv", qkv_rows, res), "attn.qkv.bias": p["attn.qkv.bias"][qkv_rows],
+            "attn.proj.weight": t("attn.proj", res, in_heads), "attn.proj.bias": p["attn.proj.bias"][res],
+            "norm2.weight": p["norm2.weight"][res], "norm2.bias": p["norm2.bias"][res],
+            "mlp.fc1.weight": t("mlp.fc1", ffn, res), "mlp.fc1.bias": p["mlp.fc1.bias"][ffn],
+            "mlp.fc2.weight": t("mlp.fc2", res, ffn), "mlp.fc2.bias": p["mlp.fc2.bias"][res]}
 
 def subclone_tower(sd: dict, idx: dict, head_dim: int, scale: bool = True) -> dict:
     """A tower's state dict (ViT, text tower or GPT; prefix stripped) restricted to the index sets `idx` of
@@ -349,9 +340,7 @@ def subclone_tower(sd: dict, idx: dict, head_dim: int, scale: bool = True) -> di
         p = {k[len(f"blocks.{old}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{old}.")}
         blk = subclone_block(p, res, idx["heads"][new], idx["ffn"][new], head_dim, scale)
         out.update({f"blocks.{new}.{k}": v for k, v in blk.items()})
-    for k, v in sd.items():
-        if k.startswith("blocks."):
-            continue
+    for k, v in ((k, v) for k, v in sd.items() if not k.startswith("blocks.")):  # the rest, outside the blocks
         if k.startswith("patch_embed.") or k == "cls_token" or k.startswith("norm"):  # the conv's (D, 3, p, p)
             out[k] = v[res].clone()  # output channels (its fan-in 3 p p is whole) and (D,) vectors: never scaled
         elif k == "head.bias":  # (classes,) of a classifier: the label space is kept
@@ -395,13 +384,9 @@ def destination(model: nn.Module, kind: str, arch: dict, cfg: CloneConfig) -> tu
             C.fail(f"{prefix or 'model '}FFN {int(width * ratio)} > the parent's: the MLP ratio can only shrink")
         shapes[prefix] = dict(width=width, heads=width // head_dim, mlp=int(width * ratio), depth=depth,
                               head_dim=head_dim)
-    if kind == "clip":
-        v, t = shapes["visual."], shapes["text."]
-        new.update(width=v["width"], heads=v["heads"], layers=v["depth"], text_width=t["width"],
-                   text_heads=t["heads"], text_layers=t["depth"], mlp_ratio=ratio)
-    else:
-        s = shapes[""]
-        new.update(width=s["width"], heads=s["heads"], layers=s["depth"], mlp_ratio=ratio)
+    v, t = shapes["visual." if kind == "clip" else ""], shapes.get("text.")
+    new.update(width=v["width"], heads=v["heads"], layers=v["depth"], mlp_ratio=ratio)
+    new.update(text_width=t["width"], text_heads=t["heads"], text_layers=t["depth"]) if t else None
     return new, shapes
 
 @torch.no_grad()
@@ -410,10 +395,9 @@ def subclone(model: nn.Module, kind: str, arch: dict, scores: dict, cfg: CloneCo
     new_arch, shapes = destination(model, kind, arch, cfg)
     sd, out, chosen = model.state_dict(), {}, {}
     for prefix, s in shapes.items():
-        idx = select(scores[prefix], s["width"], s["heads"], s["mlp"], s["depth"], cfg.reorder)
+        idx = chosen[prefix] = select(scores[prefix], s["width"], s["heads"], s["mlp"], s["depth"], cfg.reorder)
         tsd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         out.update({prefix + k: v for k, v in subclone_tower(tsd, idx, s["head_dim"], cfg.scale).items()})
-        chosen[prefix] = idx
     if kind == "clip":
         out["logit_scale"] = sd["logit_scale"].clone()
     child = build(kind, new_arch)
@@ -421,12 +405,10 @@ def subclone(model: nn.Module, kind: str, arch: dict, scores: dict, cfg: CloneCo
     return child, new_arch, chosen
 
 # ---- Checkpoints, tokenizer, data --------------------------------------------------------------------------
-
 def model_spec(name: str) -> tuple[str, dict]:
     if name not in MODELS:
         C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    spec = dict(MODELS[name])
-    return spec.pop("kind"), spec
+    return MODELS[name]["kind"], {k: v for k, v in MODELS[name].items() if k != "kind"}
 
 def read_file(path: str):
     """A checkpoint or state dict (weights_only), or the weights of a TorchScript archive (OpenAI's files)."""
@@ -434,10 +416,8 @@ def read_file(path: str):
         C.fail(f"--init file not found: {path}")
     try:
         return C.read_checkpoint(path)
-    except (ValueError, OSError) as e:  # unless a TorchScript archive (torch.jit.save: code/constants records)
-        import zipfile
-        if not zipfile.is_zipfile(path) or not any(n.endswith("/constants.pkl") for n in
-                                                   zipfile.ZipFile(path).namelist()):
+    except (ValueError, OSError) as e:  # unless a TorchScript archive, which weights_only refuses by name
+        if "TorchScript" not in str(e):
             C.fail(f"cannot read --init {path}: {e}")
     try:
         return torch.jit.load(path, map_location="cpu").state_dict()
@@ -512,11 +492,60 @@ def load_gpt2(path: str) -> tuple[nn.Module, dict]:
     C.load_state_dict_checked(model, {k: v.float() for k, v in ours.items()}, f"--init {path}")
     return model, arch
 
+class GPT2Tokenizer(C.Tokenizer):
+    """GPT-2's byte-level BPE from an HF folder's vocab.json + merges.txt: GPT-2's pattern cuts the raw text
+    (contractions 's 't 're 've 'm 'll 'd; runs of letters, numbers or other symbols, each with one optional leading
+    space; whitespace), a piece's UTF-8 bytes map to printable characters (common's byte table is GPT-2's), and
+    common's _bpe merges the lowest-ranked pair until none is a merge. Rows: [sot] + ids + [eot], sot = eot =
+    <|endoftext|> (the largest id, split off first), GPT-2's document separator; lm_loss ends a row at its last."""
+    pattern = None  # GPT-2's pre-tokenisation regex, built once per process
+
+    def __init__(self, vocab: dict, merges: list, context_length: int = 1024):
+        self.encoder, self.merges = dict(vocab), [tuple(m) for m in merges]
+        self.decoder, self.ranks = {i: s for s, i in self.encoder.items()}, {m: r for r, m in enumerate(self.merges)}
+        self.vocab_size, self.eot_token = len(self.encoder), self.encoder["<|endoftext|>"]
+        self.sot_token, self.context_length, self._cache = self.eot_token, context_length, {}
+        if GPT2Tokenizer.pattern is None:
+            # re has no \p{L} / \p{N}. In str patterns \w is exactly \p{L} | \p{N} | "_" and \d is Nd, so only the
+            # numbers that are not digits (Nl, No: Roman numerals, superscripts, fractions) are listed, x: letters
+            # are [^\W\d_x], numbers [\dx]. re's \s also takes U+001C-001F, GPT-2's \s (White_Space) does not: s, S.
+            # The one difference left: code points unassigned in Python's Unicode (unicodedata.unidata_version) fall
+            # in the symbol runs, where the regex package or HF's tokenizers, on a newer Unicode, may see letters.
+            x = "".join(c for c in map(chr, range(0x110000)) if c.isnumeric() and not (c.isdecimal() or c.isalpha()))
+            s, S = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
+            GPT2Tokenizer.pattern = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_{x}]+| ?[\d{x}]+"
+                                               rf"| ?(?:[^\s\w]|[_\x1c-\x1f])+|{s}+(?!{S})|{s}+")
+        self.pattern = GPT2Tokenizer.pattern  # also on the instance: pickled to spawned DataLoader workers
+
+    @classmethod
+    def read(cls, folder: str) -> GPT2Tokenizer:
+        """From vocab.json ({token: id}) and merges.txt ("a b" lines in rank order after a "#version" line)."""
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f, \
+                open(os.path.join(folder, "merges.txt"), encoding="utf-8") as g:
+            vocab, lines = json.load(f), g.read().split("\n")
+        return cls(vocab, [ln.split() for ln in lines[lines[0].startswith("#version"):] if ln.strip()])
+
+    def _encode_word(self, piece: str) -> list[int]:
+        if (ids := self._cache.get(piece)) is None:
+            sym = self._bpe([C._byte_table()[b] for b in piece.encode("utf-8")])
+            ids = [self.encoder.get(t, self.eot_token) for t in sym]  # eot is also GPT-2's unknown token
+            self._cache.update({piece: ids} if len(self._cache) < 1_000_000 else {})
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without added eot (a literal <|endoftext|> in the text is one)."""
+        return [i for k, doc in enumerate(text.split("<|endoftext|>")) for i in [self.eot_token] * (k > 0)
+                + [j for p in self.pattern.findall(doc) for j in self._encode_word(p)]]
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, as is (invalid UTF-8, e.g. a multi-byte character cut in two, becomes U+FFFD)."""
+        byte_of = {c: b for b, c in C._byte_table().items()}
+        return bytes(byte_of[c] for i in ids for c in self.decoder[int(i)]).decode("utf-8", errors="replace")
+
 def load_model(path: str, act: str = "gelu") -> tuple[nn.Module, str, dict, list | None]:
-    """(model, kind, arch, BPE merges or None) from a file of this script (clone or train output), a
-    mobileclip.py checkpoint of a ViT CLIP, an OpenAI/OpenCLIP ViT CLIP state dict, an ImageNet ViT of torchvision
-    or timm, or a Hugging Face GPT-2 folder."""
-    if os.path.isdir(path):
+    """(model, kind, arch, stored tokenizer or None) from this script's clone / train output, a mobileclip.py ViT
+    CLIP checkpoint, an OpenAI/OpenCLIP ViT CLIP state dict, a torchvision/timm ImageNet ViT or an HF GPT-2 folder."""
+    if os.path.isdir(path):  # its tokenizer: make_tokenizer reads the folder's vocab.json + merges.txt
         model, arch = load_gpt2(path)
         return model, "gpt", arch, None
     ck = read_file(path)
@@ -547,16 +576,22 @@ def load_model(path: str, act: str = "gelu") -> tuple[nn.Module, str, dict, list
     C.load_state_dict_checked(model, sd, f"--init {path}")
     return model, kind, arch, merges
 
-def make_tokenizer(cfg: Config, merges, shards: str, init: str = "") -> C.Tokenizer:
-    """--bpe, else the merges stored in the checkpoint, else bpe.txt beside it (mobileclip.py's run
-    directory), else one trained on the captions and saved in --out (rank 0; the others wait)."""
+def stored(tok) -> list | dict:
+    """A tokenizer as checkpoints keep it ("bpe_merges"): CLIP's merges, or GPT-2's {"vocab", "merges"}."""
+    merges = [list(m) for m in tok.merges]
+    return {"vocab": tok.encoder, "merges": merges} if isinstance(tok, GPT2Tokenizer) else merges
+
+def make_tokenizer(cfg: Config, merges, shards: str, init: str = ""):
+    """--bpe, else a GPT-2 folder's own (--init), else the checkpoint's (`stored`), else bpe.txt beside it
+    (mobileclip.py's run directory), else one trained on the captions and saved in --out (rank 0; the others wait)."""
+    path = cfg.bpe or (init if init and os.path.isdir(init) else "")
     try:
-        if cfg.bpe:
-            return C.Tokenizer(cfg.bpe)
-    except (FileNotFoundError, ValueError) as e:
-        C.fail(str(e))
+        if path:
+            return GPT2Tokenizer.read(path) if os.path.isdir(path) else C.Tokenizer(path)
+    except (OSError, ValueError, KeyError) as e:  # GPT-2's: vocab.json with <|endoftext|>, merges.txt
+        C.fail(f"cannot read the tokenizer {path}: {type(e).__name__}: {e}" + " (pass --bpe)" * (path != cfg.bpe))
     if merges:
-        return C.Tokenizer(merges=merges)
+        return GPT2Tokenizer(**merges) if isinstance(merges, dict) else C.Tokenizer(merges=merges)
     beside = os.path.join(os.path.dirname(os.path.abspath(init)), "bpe.txt") if init else ""
     if beside and os.path.exists(beside):
         return C.Tokenizer(beside)
@@ -626,9 +661,8 @@ class LabelDecode:
 def decoder(kind: str, arch: dict, tok, train: bool, seed: int = 0):
     if kind == "vit":
         return LabelDecode(arch["image_size"], train, seed)
-    if kind == "clip":
-        return C.ImageTextDecode(tok, arch["image_size"], arch["context_length"], train, seed)
-    return TextDecode(tok, arch["context_length"])
+    ctx = arch["context_length"]
+    return C.ImageTextDecode(tok, arch["image_size"], ctx, train, seed) if kind == "clip" else TextDecode(tok, ctx)
 
 def batch_len(b: dict) -> int:
     return len(b["image"] if "image" in b else b["ids"])
@@ -647,7 +681,6 @@ def held_out(shards: str, decode, limit: int, batch: int = 250):
         C.fail(str(e))
 
 # ---- clone: parent -> importance on a small sample -> destination checkpoint -------------------------------
-
 def run_fns(model: nn.Module, kind: str, device) -> dict:
     """How to push a calibration batch through each tower (by prefix)."""
     if kind == "vit":
@@ -679,9 +712,8 @@ def clone(cfg: CloneConfig):
         if other:
             C.fail(f"--model {cfg.model} differs from the parent in {other[0]} ({spec[other[0]]} vs "
                    f"{arch[other[0]]}): subcloning changes only widths and depths")
-        named = dict(width=spec["width"], depth=spec["layers"], heads=spec["heads"])
-        if kind == "clip":
-            named.update(text_width=spec["text_width"], text_depth=spec["text_layers"])
+        named = dict(width=spec["width"], depth=spec["layers"], heads=spec["heads"],
+                     **(dict(text_width=spec["text_width"], text_depth=spec["text_layers"]) if kind == "clip" else {}))
         cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in named.items()})
     shards, _, _ = resolve_data(cfg, arch.get("image_size", 64))
     tok = None if kind == "vit" else make_tokenizer(cfg, merges, shards, cfg.init)
@@ -693,8 +725,7 @@ def clone(cfg: CloneConfig):
     t0 = time.time()
     scores = {p: importance(tower, run_fns(model, kind, device)[p], batches) for p, tower in towers(model).items()}
     for p, s in scores.items():
-        C.print0(f"{p or 'model.'} ||f(x)|| / ||x + f(x)|| per block (Fig. 2): "
-                 + " ".join(f"{r:.3f}" for r in s["ratio"]))
+        C.print0(f"{p or 'model.'} ||f(x)|| / ||x + f(x)|| per block (Fig. 2):", *(f"{r:.3f}" for r in s["ratio"]))
     child, new_arch, chosen = subclone(model.cpu(), kind, arch, scores, cfg)
     for p, idx in chosen.items():
         C.print0(f"{p or 'model.'} keeps blocks {idx['blocks']} of {len(scores[p]['heads'])}, "
@@ -702,17 +733,15 @@ def clone(cfg: CloneConfig):
     sd = C.ours_to_openclip(child.state_dict()) if kind == "clip" else child.state_dict()
     out = cfg.out if cfg.out.endswith(".pt") else os.path.join(cfg.out, "subclone.pt")
     info = {"parent": os.path.abspath(cfg.init), "calib_samples": sum(map(batch_len, batches)),
-            "scale": cfg.scale, "reorder": cfg.reorder,
-            "blocks": {p: idx["blocks"] for p, idx in chosen.items()},
+            "scale": cfg.scale, "reorder": cfg.reorder, "blocks": {p: idx["blocks"] for p, idx in chosen.items()},
             "residual": {p: idx["residual"] for p, idx in chosen.items()}}
     C.save_checkpoint(out, {"model": sd, "layout": "openclip" if kind == "clip" else "ours", "kind": kind,
-                            "arch": new_arch, "bpe_merges": tok and [list(m) for m in tok.merges], "subclone": info})
+                            "arch": new_arch, "bpe_merges": tok and stored(tok), "subclone": info})
     n_old, n_new = (sum(p.numel() for p in m.parameters()) for m in (model, child))
     C.print0(f"subcloned {n_old / 1e6:.2f}M -> {n_new / 1e6:.2f}M parameters in {time.time() - t0:.1f}s -> {out}")
     return out
 
 # ---- train: the destination (or any shape of MODELS from random init), CLIP or LM --------------------------
-
 def hyper(cfg: TrainConfig, kind: str, subcloned: bool) -> tuple[float, float]:
     """--lr / --weight-decay, or Table 1's values for this kind and init."""
     lr, wd = TABLE1[(kind, subcloned)]
@@ -741,7 +770,7 @@ def evaluate(model, kind: str, arch: dict, tok, val: str, zs_dir: str, limit: in
                 img.append(model.encode_image(C.normalize_images(b["image"].to(device))).float())
                 txt.append(model.encode_text(ids).float())
             else:
-                n = int((ids.argmax(dim=1)).sum())  # targets per caption = the eot position
+                n = int((ids.shape[1] - 1 - ids.flip(1).argmax(dim=1)).sum())  # targets = the last eot's position
                 nll, ntok = nll + lm_loss(model, ids).item() * n, ntok + n
         if kind == "clip":
             img, txt = F.normalize(torch.cat(img), dim=-1), F.normalize(torch.cat(txt), dim=-1)  # (N, E) each
@@ -847,7 +876,7 @@ def train(cfg: TrainConfig, stop: C.StopSignal | None = None) -> str | None:
                 C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
             C.save_checkpoint(os.path.join(cfg.out, f"ckpt-{step}.pt"), {
                 "model": model.state_dict(), "layout": "ours", "kind": kind, "arch": arch, "subcloned": subcloned,
-                "bpe_merges": tok and [list(m) for m in tok.merges], "optimizer": opt.state_dict(), "step": step,
+                "bpe_merges": tok and stored(tok), "optimizer": opt.state_dict(), "step": step,
                 "rng": C.rng_state(), "data": position.state(), "config": dataclasses.asdict(cfg)})
             C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=os.path.join(cfg.out, f"ckpt-{step}.pt"))
         if last_step or stopping:
@@ -883,7 +912,6 @@ def train(cfg: TrainConfig, stop: C.StopSignal | None = None) -> str | None:
     return final
 
 # ---- compare: train a parent, subclone it, train the destination from subcloned and from random init -------
-
 def read_log(out: str) -> list[dict]:
     """The step records of OUT/log.jsonl (each invocation's start record has no step)."""
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -892,8 +920,7 @@ def read_log(out: str) -> list[dict]:
 def steps_to_target(log: list[dict], metric: str, target: float, higher: bool = True) -> int | None:
     """The first evaluated step at which `metric` reaches the fixed `target` (>= it, or <= it for losses and
     perplexities), None if never: the paper's "steps (epochs, tokens) to 70% top-1 / perplexity 12"."""
-    return next((r["step"] for r in log if metric in r and (r[metric] >= target if higher else r[metric] <= target)),
-                None)
+    return next((r["step"] for r in log if metric in r and (r[metric] - target) * (1 if higher else -1) >= 0), None)
 
 def speedup(sub: list[dict], rnd: list[dict], metric: str, target: float | None = None, higher: bool = True) -> dict:
     """Steps of each init to `target` (default: the random init's final value) and their ratio, random /
@@ -932,16 +959,14 @@ def compare(cfg: CompareConfig):
     if not os.path.exists(big) and train(parent, stop) is None:
         return None
     small = clone(dataclasses.replace(cfg, init=big, model=child, out=os.path.join(cfg.out, "subclone.pt")))
-    bpe = cfg.bpe or os.path.join(os.path.dirname(big), "bpe.txt")  # every destination reads text the parent's way
+    bpe = cfg.bpe or (big if os.path.isdir(big) else os.path.join(os.path.dirname(big), "bpe.txt"))  # the parent's
     stages = {"subcloned": run("subcloned", init=small, model=child),
               "random": run("random", init="", model=child, bpe=bpe)}
-    if cfg.random_lr:  # a baseline with a tuned LR, not Table 1's: is the gap the init or the LR?
-        stages[f"random_lr{cfg.random_lr:g}"] = run(f"random_lr{cfg.random_lr:g}", init="", model=child, bpe=bpe,
-                                                     lr=cfg.random_lr)
-    for stage in stages.values():
-        if not os.path.exists(os.path.join(stage.out, f"ckpt-{stage.steps}.pt")):  # done in an earlier call
-            if train(stage, stop) is None:
-                return None
+    tuned = f"random_lr{cfg.random_lr:g}"  # a baseline with a tuned LR, not Table 1's: is the gap the init or the LR?
+    stages.update({tuned: run(tuned, init="", model=child, bpe=bpe, lr=cfg.random_lr)} if cfg.random_lr else {})
+    for stage in stages.values():  # a stage whose last checkpoint exists was done in an earlier call
+        if not os.path.exists(os.path.join(stage.out, f"ckpt-{stage.steps}.pt")) and train(stage, stop) is None:
+            return None
     logs = {name: read_log(st.out) for name, st in stages.items()}
     metrics = (["zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r10", "retrieval_t2i_r10",
                 "val_loss"] if cfg.kind == "clip" else [metric])

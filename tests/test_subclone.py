@@ -557,19 +557,96 @@ def test_gpt2_logits_equal_transformers(tmp_path):
 
 
 def test_gpt2_subclone_loads_and_trains(world, tmp_path):
-    """clone on a GPT-2 folder (half width, 2 of 3 blocks), then train: the subclone keeps gelu_new and GPT-2's
-    positions, loads with --init, and its held-out perplexity drops in 8 steps."""
-    bpe, vocab = tiny_bpe(tmp_path)
-    gpt2_folder(tmp_path / "gpt2", dict(GPT2_CONFIG, vocab_size=vocab))
+    """clone on a GPT-2 folder (half width, 2 of 3 blocks) reads the captions with the folder's own GPT-2 tokenizer
+    and stores it; train --init reads it back: the subclone keeps gelu_new and GPT-2's positions, and its held-out
+    perplexity drops in 8 steps. --bpe FOLDER gives a random init the same tokenizer."""
+    folder = tmp_path / "gpt2"
+    vocab, merges = gpt2_vocab_files(folder)
+    gpt2_folder(folder, dict(GPT2_CONFIG, vocab_size=len(vocab)))
     small, out = str(tmp_path / "small.pt"), str(tmp_path / "t")
-    S.main(["clone", "--init", str(tmp_path / "gpt2"), "--bpe", bpe, "--data", world["train"], "--width", "16",
-            "--depth", "2", "--calib-samples", "64", "--out", small, "--device", "cpu"])
+    S.main(["clone", "--init", str(folder), "--data", world["train"], "--width", "16", "--depth", "2",
+            "--calib-samples", "64", "--out", small, "--device", "cpu"])
     ck = torch.load(small, weights_only=True)
     assert (ck["kind"], ck["arch"]["act"], ck["arch"]["heads"], ck["subclone"]["blocks"][""]) == ("gpt", "gelu_tanh", 2,
                                                                                                [0, 2])
+    assert ck["bpe_merges"] == {"vocab": vocab, "merges": [list(m) for m in merges]}
     S.main(["train", "--init", small, "--steps", "8", "--lr", "1e-3", "--eval-every", "8"] + small_run(world, out))
     log = S.read_log(out)
     assert log[-1]["step"] == 8 and log[-1]["val_ppl"] < 0.9 * log[0]["val_ppl"], log
+    tok = S.make_tokenizer(S.Config(bpe=str(folder)), None, world["train"])
+    assert isinstance(tok, S.GPT2Tokenizer) and tok.vocab_size == len(vocab) and tok.merges == merges
+
+
+# ---- GPT-2's own tokenizer (vocab.json + merges.txt) ---------------------------------------------------------
+
+# A tiny GPT-2 vocabulary: the 256 byte symbols in GPT-2's order ("!" = 0, ..., "Ġ" = 220 for the space), one
+# token per merge from 256 on, <|endoftext|> last. The merge ranks make " cat" a test of rank order: (Ġ, c) comes
+# before (c, a), so it merges as Ġc + a + t, not Ġ + ca + t.
+GPT2_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "c"), ("1", "2"), ("'", "s"), ("Ã", "©"),
+               ("c", "a"), ("Ġ", "Ġ")]
+
+
+def gpt2_vocab_files(folder, merges=GPT2_MERGES):
+    """vocab.json and merges.txt (with the hub files' "#version: 0.2" first line) in `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    symbols = list(C._byte_table().values()) + [a + b for a, b in merges] + ["<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab, merges
+
+
+GPT2_TEXTS = ["the cat's 123 café", "Hello world!  It's 2024, isn't it?\n\nYes:\tno...", "don't WE'LL they've I'M",
+              "  leading and trailing   ", "x² ½ Ⅻ ① ٣٤ 12345", "naïve Ærøskøbing — «quotes» 😀🎉 日本語 Привет",
+              "a\x1cb\u00a0c\u3000d_e__f", "<|endoftext|>two<|endoftext|> docs !<|endoftext|>"]
+
+
+def test_gpt2_tokenizer_ids_by_hand_and_round_trip(tmp_path):
+    """The ids of "the cat's 123 café", worked out by hand; GPT-2's pre-tokenisation on letters, numbers that are
+    not digits, the U+001C separator (a symbol for GPT-2, whitespace for str.isspace) and <|endoftext|>; encode
+    then decode gives back any text, random code points included; rows are [eot] + ids + [eot], zero padded."""
+    gpt2_vocab_files(tmp_path)
+    tok = S.GPT2Tokenizer.read(str(tmp_path))
+    assert (tok.vocab_size, tok.eot_token, tok.sot_token) == (267, 266, 266)
+    # pieces "the" " cat" "'s" " 123" " café": t he | Ġc a t | 's | Ġ 12 3 | Ġc a f Ã© ("é" is bytes C3 A9)
+    (t, a, f, three), space = (ord(c) - ord("!") for c in "taf3"), 220
+    assert tok.encode("the cat's 123 café") == [t, 257, 260, a, t, 262, space, 261, three, 260, a, f, 263]
+    assert tok.encode(" the") == [258] and tok.encode("  the") == [space, 258]  # \s+(?!\S) leaves one space
+    assert tok.pattern.findall("Hello world's  123 ok!!\n\n x²½Ⅻ a\x1cb") == [
+        "Hello", " world", "'s", " ", " 123", " ok", "!!", "\n\n", " x", "²½Ⅻ", " a", "\x1c", "b"]
+    assert tok.encode("a<|endoftext|> b") == [a, 266, space, ord("b") - ord("!")]
+    g = torch.Generator().manual_seed(0)
+    cps = [c for c in torch.randint(0, 0x110000, (4000,), generator=g).tolist() if not 0xD800 <= c < 0xE000]
+    texts = GPT2_TEXTS + ["".join(map(chr, cps[i:i + 40])) for i in range(0, len(cps), 40)]
+    texts += ["".join(chr(c % 0x3000) for c in cps[i:i + 40]) for i in range(0, len(cps), 40)]  # dense in scripts
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text
+    rows = tok(["the", "a" * 20], 8)
+    assert rows.tolist() == [[266, t, 257, 266, 0, 0, 0, 0], [266] + [a] * 6 + [266]]
+
+
+def test_gpt2_rows_train_on_every_target_to_the_last_eot():
+    """lm_loss on GPT-2's rows [eot, a, b, eot, 0, ...] (eot opens a row too): the targets are a, b and the closing
+    eot, not nothing (a first-eot rule would stop at position 0)."""
+    torch.manual_seed(0)
+    model = S.GPT(vocab_size=10, context_length=8, width=16, layers=1, heads=2).eval()
+    ids = torch.tensor([[9, 3, 4, 9, 0, 0], [9, 5, 9, 0, 0, 0]])
+    logits = model(ids[:, :-1])
+    want = torch.cat([logits[0, :3], logits[1, :2]])
+    target = torch.tensor([3, 4, 9, 5, 9])
+    torch.testing.assert_close(S.lm_loss(model, ids), torch.nn.functional.cross_entropy(want, target))
+
+
+def test_gpt2_tokenizer_ids_equal_transformers(tmp_path):
+    """The same ids as transformers' GPT2Tokenizer on the same tiny files (a test-only extra: skipped without
+    it), over spaces, digits, punctuation, contractions, non-ASCII text and <|endoftext|>."""
+    transformers = pytest.importorskip("transformers")
+    gpt2_vocab_files(tmp_path)
+    ours, ref = S.GPT2Tokenizer.read(str(tmp_path)), transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
+    for text in GPT2_TEXTS:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
 
 
 # ---- the paper's parents: an ImageNet ViT-B/16 of torchvision or timm --------------------------------------
