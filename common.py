@@ -61,9 +61,8 @@ def check_ranges(cfg) -> None:
 
 def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog: str | None = None,
                  description: str | None = None):
-    """A CLI from the dataclass `cls`: field `foo_bar` -> `--foo-bar` (booleans `--x/--no-x`), unknown flags rejected,
-    numbers range-checked (`check_ranges`), the config printed on rank 0. --help: the module docstring's first
-    paragraph (or `description`), then each flag with its field's trailing `# comment` and its default."""
+    """CLI of the dataclass `cls`: `foo_bar` -> `--foo-bar` (bool: `--x/--no-x`), help = the field's `# comment`,
+    unknown flags rejected, numbers range-checked, the config printed on rank 0."""
     hints, helps = typing.get_type_hints(cls), {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
         with contextlib.suppress(OSError, TypeError):  # classes without source (builtins): no comments
@@ -85,9 +84,7 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
     return cfg
 
 def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, default: str | None = None):
-    """`python SCRIPT COMMAND [flags]`, commands = {name: (function, ConfigClass)}: the function gets the parsed
-    config. `SCRIPT --help` lists the commands (each docstring's first line), `SCRIPT COMMAND --help` the command's
-    flags. With `default`, flags alone run that command."""
+    """`SCRIPT COMMAND [flags]`, commands = {name: (function, ConfigClass)}; with `default`, flags alone run it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
     if argv and argv[0] in commands:
@@ -183,7 +180,6 @@ class Attention(nn.Module):
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         self.heads, self.fused = heads, True  # fused=False switches to attention_reference (tests, bench)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=bias), nn.Linear(dim, dim, bias=bias)
-
     def forward(self, x, mask=None, causal: bool = False):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B,H,N,Dh)
@@ -199,7 +195,6 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
-
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
@@ -209,7 +204,6 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn, self.mlp = Attention(dim, heads), MLP(dim, int(dim * mlp_ratio), act)
-
     def forward(self, x, mask=None, causal: bool = False):
         x = x + self.attn(self.norm1(x), mask, causal)
         return x + self.mlp(self.norm2(x))
@@ -233,14 +227,12 @@ class ViT(nn.Module):
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
         self.norm, self.proj = nn.LayerNorm(width), nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
-
     def forward_tokens(self, x):
         """(B, 3, H, W) -> all tokens after ln_post, (B, 1 + N, D); dense tasks use the patch tokens."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, D)
         return self.norm(run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing and self.training))
-
     def forward(self, x):
         return self.forward_tokens(x)[:, 0] @ self.proj  # (B, E)
 
@@ -256,7 +248,6 @@ class TextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
         self.norm, self.proj = nn.LayerNorm(width), nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
-
     def forward(self, ids):
         x = self.token_embed(ids) + self.pos_embed[:ids.shape[1]]  # (B, N, D)
         x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=self.causal))
@@ -268,13 +259,10 @@ class CLIP(nn.Module):
         super().__init__()
         self.visual, self.text = vision, text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-
     def encode_image(self, images, normalize: bool = False):
         return F.normalize(self.visual(images), dim=-1) if normalize else self.visual(images)
-
     def encode_text(self, ids, normalize: bool = False):
         return F.normalize(self.text(ids), dim=-1) if normalize else self.text(ids)
-
     def forward(self, images, ids):
         """Normalised image and text embeddings (B, E) each, and the clamped scale exp(logit_scale) <= 100."""
         return self.encode_image(images, True), self.encode_text(ids, True), self.logit_scale.exp().clamp(max=100.0)
@@ -349,9 +337,8 @@ def ours_to_openclip(sd: dict) -> dict:
     return {_rename(k, inverse=True): v for k, v in sd.items()}
 
 def clip_from_openclip(sd: dict, act: str = "quick_gelu", **overrides) -> CLIP:
-    """A CLIP from an OpenAI/OpenCLIP ViT state dict (any size, inferred from the shapes), loaded strictly. The
-    activation is not in the state dict: OpenAI's weights use QuickGELU (the default); most LAION/DataComp OpenCLIP
-    weights use GELU (`act="gelu"`: the models OpenCLIP names without `-quickgelu`)."""
+    """A CLIP from an OpenAI/OpenCLIP ViT state dict, loaded strictly. OpenAI's weights use QuickGELU (the default),
+    most LAION/DataComp OpenCLIP weights GELU (`act="gelu"`: OpenCLIP's names without `-quickgelu`)."""
     model = build_clip(**{**openclip_config(sd), **overrides}, act=act)  # e.g. heads=... for unusual widths
     load_state_dict_checked(model, openclip_to_ours(sd), "OpenCLIP state dict")
     return model
@@ -368,16 +355,13 @@ def load_state_dict_checked(model: nn.Module, sd: dict, what: str):
     model.load_state_dict(sd)
 
 # ==== 4. Tokenizer ====================================================================================
-# CLIP byte-level BPE tokenizer, stdlib + torch only. Pipeline of the original:
-# 1. clean: ftfy.fix_text, HTML-unescape twice, collapse whitespace, lower-case. ftfy is emulated for its
-#    context-free fixes only (HTML entities unless the text has '<', ANSI colour codes, invisible controls,
-#    C1 controls read as cp1252, Latin ligatures, full/half-width forms, curly quotes, NFC). Not emulated:
-#    mojibake repair ("cafÃ©" -> "café"), upper-case entity names ("&EACUTE;"), entities nested > 3 deep.
-# 2. split into words: special tokens, English contractions, runs of letters (\p{L}), single digits
-#    (\p{N}), runs of anything else but spaces. Classes come from `unicodedata`, whose Unicode version may
-#    lag that of the `regex` module the original uses (newly assigned code points differ).
-# 3. map each word's UTF-8 bytes to printable characters (GPT-2's byte table), mark the last symbol
-#    with '</w>', and apply merges lowest rank first.
+# CLIP's byte-level BPE, stdlib + torch only, the original's pipeline:
+# 1. clean: ftfy.fix_text, HTML-unescape twice, collapse whitespace, lower-case. ftfy's context-free fixes only
+#    (entities unless the text has '<', ANSI codes, invisible and C1 controls as cp1252, ligatures, full/half-width
+#    forms, curly quotes, NFC); not mojibake ("cafÃ©"), upper-case entities ("&EACUTE;"), entities nested > 3 deep.
+# 2. words: special tokens, contractions, runs of letters (\p{L}), single digits (\p{N}), runs of anything else but
+#    spaces; classes from `unicodedata` (its Unicode version may lag that of the original's `regex` module).
+# 3. each word's UTF-8 bytes as printable characters (GPT-2's table), '</w>' on the last, merges lowest rank first.
 
 SOT, EOT, EOW = "<start_of_text>", "<end_of_text>", "</w>"
 CLIP_NUM_MERGES = 49152 - 256 - 2   # merges used from the standard vocab file
@@ -492,7 +476,6 @@ class Tokenizer:
         self.ranks = {pair: r for r, pair in reversed(list(enumerate(self.merges)))}
         self.vocab_size, self.sot_token, self.eot_token = len(vocab), len(vocab) - 2, len(vocab) - 1
         self.context_length, self._cache = context_length, {SOT: [self.sot_token], EOT: [self.eot_token]}
-
     def _bpe(self, symbols):
         """Merge the lowest-ranked adjacent pair (all its occurrences at once) until none is a merge."""
         ranks = self.ranks
@@ -502,18 +485,15 @@ class Tokenizer:
                 break
             symbols = _merge(symbols, *pair)
         return symbols
-
     def _encode_word(self, word):
         if (ids := self._cache.get(word)) is None:
             ids = [self.encoder[s] for s in self._bpe(_symbols(word))]
             if len(self._cache) < 1_000_000:
                 self._cache[word] = ids
         return ids
-
     def encode(self, text):
         """Token ids of `text`, without start/end tokens."""
         return [i for w in _words(text) for i in self._encode_word(w)]
-
     def decode(self, ids):
         """Text of `ids`, words space-separated; drops a leading sot, stops at the first eot (padding)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
@@ -522,17 +502,14 @@ class Tokenizer:
         byte_of = {c: b for b, c in _byte_table().items()}
         raw = bytes(byte_of[c] for i in ids for c in self.decoder[i])
         return raw.decode("utf-8", errors="replace").replace(EOW, " ").strip()
-
     def __call__(self, texts, context_length=None):
         """(N, context_length) LongTensor: [sot] + ids + [eot], zero padded; too-long rows end in eot."""
-        n = context_length or self.context_length
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        n, texts = context_length or self.context_length, [texts] if isinstance(texts, str) else list(texts)
         out = torch.zeros(len(texts), n, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = ([self.sot_token] + self.encode(text))[: n - 1] + [self.eot_token]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
-
     def save(self, path):
         """Write the merges as plain text; Tokenizer(path) reloads the same tokenizer."""
         with open(path, "w", encoding="utf-8") as f:
@@ -590,9 +567,8 @@ def _braces(spec: str) -> list[str]:
     return [spec]
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard sources as webdataset / OpenCLIP write them, joined by `::`: a directory (its *.tar, sorted), a glob,
-    a file, braces (`{00000..00099}`, `{a,b}`), an http(s) URL or `pipe:CMD` (its stdout is the tar: `pipe:aws s3
-    cp s3://b/{000..099}.tar -`). URLs and commands are brace-expanded and streamed, never written to disk."""
+    """Shard sources as webdataset writes them, joined by `::`: a directory (its *.tar), a glob, a file, braces
+    (`{00000..00099}`, `{a,b}`), an http(s) URL or `pipe:CMD` (e.g. `pipe:aws s3 cp s3://b/{000..099}.tar -`)."""
     out = []
     for part in spec.split("::"):
         for p in _braces(part):
@@ -705,8 +681,7 @@ def decode_caption(sample: dict, key: str = "txt") -> str:
     return text
 
 def random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop box (left, top, right, bottom), from `rng`: a sample's crop is fixed by its key
-    (torchvision draws from torch's global generator)."""
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng` (fixed by the sample's key)."""
     area, log_ratio = w * h, (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target, aspect = area * rng.uniform(*scale), math.exp(rng.uniform(*log_ratio))
@@ -785,24 +760,18 @@ def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
     return img
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers.
-
-    The (rank, worker) consumers take the shards round-robin; with fewer shards than consumers each reads every
-    shard and keeps every n-th sample: each sample goes to one consumer per epoch. Shard order and shuffle buffer
-    are seeded by (seed, epoch, consumer); raw bytes are shuffled, only the samples kept are decoded. `decode(sample)`
-    raises to reject a sample (skipped, counted by reason). A batch carries `__worker__`, `__skipped__` (running
-    counts) and `__pos__` = [epoch, raw samples read in it]; the trainer keeps each worker's last one
-    (`DataPosition`) and gives it back as `start_pos` (with `start_batch`, the batches consumed): each worker
-    fast-forwards without decoding, so a resumed run sees exactly the batches of an uninterrupted one."""
+    """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers. Each sample goes to one
+    (rank, worker) consumer per epoch: shards round-robin, or with fewer shards every n-th sample. Shard order and
+    shuffle buffer are seeded by (seed, epoch, consumer). `decode(sample)` raises to reject a sample (counted by
+    reason). A batch carries `__worker__`, `__skipped__` and `__pos__` = [epoch, raw samples read]; given back as
+    `start_pos` (`DataPosition`, with `start_batch`), workers fast-forward without decoding to the same batches."""
     def __init__(self, shards: list[str], decode, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2000, start_pos: dict | None = None,
                  start_batch: int = 0, epochs: int | None = None, drop_last: bool = True):
         self.shards, self.decode, self.batch_size = shards, decode, batch_size
         self.rank, self.world, self.seed, self.buffer = rank, world, seed, shuffle_buffer
         self.start_pos, self.start_batch, self.epochs, self.drop_last = start_pos or {}, start_batch, epochs, drop_last
-
     read_shard = staticmethod(iter_tar_samples)  # (path, skipped) -> samples; a subclass may join more members
-
     def raw_samples(self, epoch: int, consumer: int, consumers: int, skipped: dict):
         rng = random.Random(hash((self.seed, epoch, consumer)) & 0xFFFFFFFF)
         if len(self.shards) >= consumers:
@@ -823,7 +792,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield s
         rng.shuffle(buf)
         yield from buf
-
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -907,10 +875,8 @@ class StepBatches(torch.utils.data.Sampler):
     def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
         self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
             n, global_batch, start, total, seed, rank, world)
-
     def __len__(self):
         return self.total - self.start
-
     def __iter__(self):
         per_epoch, perm = max(1, self.n // self.gb), None
         for s in range(self.start, self.total):
@@ -923,14 +889,11 @@ class DataPosition:
     """What the trainer consumed from each worker: the position to resume from and the skip counts."""
     def __init__(self):
         self.pos, self.skipped = {}, {}
-
     def update(self, batch: dict):
         self.pos[batch["__worker__"]] = batch["__pos__"]
         self.skipped[batch["__worker__"]] = batch["__skipped__"]
-
     def skip_totals(self) -> dict:
         return dict(sum(map(collections.Counter, self.skipped.values()), collections.Counter()))
-
     def state(self) -> dict:
         """{rank: {worker: [epoch, n]}} gathered from every rank (a collective: call on all ranks)."""
         mine = {int(w): list(p) for w, p in self.pos.items()}
@@ -972,13 +935,12 @@ def sample_rng(seed: int, sample: dict) -> random.Random:
     return random.Random(zlib.crc32(f"{seed}/{sample.get('__epoch__', 0)}/{sample['__key__']}".encode()))
 
 class ImageTextDecode:
-    """Sample -> {"image": uint8 (3, S, S), "ids": (L,), "caption"}: train, OpenCLIP's RandomResizedCrop (no flip:
-    captions say left and right); eval, `eval_transform`. Raises on a bad image or caption."""
+    """Sample -> {image uint8 (3, S, S), ids (L,), caption}: train, OpenCLIP's RandomResizedCrop (no flip: captions
+    say left and right); eval, `eval_transform`."""
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
         self.tokenizer, self.size, self.context_length, self.resample = tokenizer, image_size, context_length, resample
         self.train, self.seed, self.scale, self.caption_key = train, seed, scale, caption_key
-
     def __call__(self, sample: dict) -> dict:
         caption = decode_caption(sample, self.caption_key)
         if self.train:
@@ -999,24 +961,20 @@ SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "ring"
 SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green", "cyan", "blue", "purple", "white"]
 SYNTH_RGB = dict(zip(SYNTH_COLOURS, [(220, 40, 40), (245, 140, 20), (240, 220, 40), (240, 120, 180), (40, 170, 60),
                                      (40, 200, 210), (40, 80, 220), (140, 60, 200), (240, 240, 240)]))
-# Background textures, also ordered from "early" to "late" fashion.
-SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]
+SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]  # also ordered from "early" to "late"
 SYNTH_YEARS = (2014, 2023)  # inclusive
 SYNTH_VERSION = "v2"  # part of the cache path: bump it whenever a change alters the generated samples
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-# How each shape's popularity moves with the year (-1: fades, +1: rises).
-_SHAPE_TREND = (-1.0, -0.6, 0.2, 1.0, -0.2, 0.8, -0.8, 0.4, 0.6, -0.4)
-# These shapes switch from filled to outlined drawings around 2019-2020.
-_OUTLINE_SHAPES = ("star", "heart", "square")
+_SHAPE_TREND = (-1.0, -0.6, 0.2, 1.0, -0.2, 0.8, -0.8, 0.4, 0.6, -0.4)  # popularity with the year: -1 fades, +1 rises
+_OUTLINE_SHAPES = ("star", "heart", "square")  # switch from filled to outlined drawings around 2019-2020
 _POSITIONS = (("at the top left", "at the top", "at the top right"),
               ("on the left", "in the centre", "on the right"),
               ("at the bottom left", "at the bottom", "at the bottom right"))
 # Caption phrasings with the first year each is used in: "icon" and "sticker" come later (vocabulary drift).
 _TEMPLATES = ((2014, "{obj}"), (2014, "a photo of {obj}"), (2014, "an image showing {obj}"), (2014, "there {be} {obj}"),
               (2019, "{obj} {icon}"), (2020, "sticker of {obj}"))  # each followed by "{pos}{extra}{bg}"
-# Like web alt-text, a caption mentions only some attributes: size, colour, position and background are each
-# dropped with these probabilities. Short captions ("a photo of a star.") thus occur naturally, and the shape
-# word, always kept, must carry meaning on its own, as a zero-shot prompt "a photo of a {classname}." needs.
+# Like web alt-text, a caption drops size, colour, position and background with these probabilities: short captions
+# ("a photo of a star.") occur, and the shape word, always kept, carries meaning alone, as zero-shot prompts need.
 _DROP = (0.5, 0.65, 0.5, 0.7)
 _SS = 4  # supersampling factor for anti-aliased shape edges
 
@@ -1025,8 +983,7 @@ def _shape_geometry(name: str, outlined: bool) -> tuple:
     """((points (N, 2), fill), ...) in unit coordinates, y down; fill 0 erases (holes), in order."""
     def ngon(n, r=1.0, inner=None):  # regular polygon, or a star with `inner`
         k = 2 * n if inner else n
-        a = -math.pi / 2 + 2 * math.pi * np.arange(k) / k
-        rad = np.where(np.arange(k) % 2 == 1, inner or r, r)
+        a, rad = -math.pi / 2 + 2 * math.pi * np.arange(k) / k, np.where(np.arange(k) % 2 == 1, inner or r, r)
         return np.stack([rad * np.cos(a), rad * np.sin(a)], 1)
     circle, t = ngon(40), np.linspace(0, 2 * math.pi, 48, endpoint=False)
     heart_y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
@@ -1108,8 +1065,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
     n_distract = int(rng.choice([0, 1, 2], p=[0.75 - 0.2 * u, 0.17 + 0.1 * u, 0.08 + 0.1 * u]))
     # --- background: two close tones of its colour (texture visible but weaker than the object edges),
     # dark when the object is bright, light otherwise
-    bg = np.array(SYNTH_RGB[bg_colour], np.float32)
-    bright = np.dot(SYNTH_RGB[colour], [0.299, 0.587, 0.114]) > 115
+    bg, bright = np.array(SYNTH_RGB[bg_colour], np.float32), np.dot(SYNTH_RGB[colour], [0.299, 0.587, 0.114]) > 115
     dark, light = (bg * 0.28, bg * 0.42) if bright else (bg + (255 - bg) * 0.55, bg + (255 - bg) * 0.7)
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     img = _background(rng, size, texture, dark, light, xx, yy)
@@ -1230,8 +1186,7 @@ def contrastive_loss_reference(img: torch.Tensor, txt: torch.Tensor, logit_scale
     """Full-matrix version (one process): -mean log-softmax of the diagonal by rows (i -> t) and columns (t -> i)."""
     logits = logit_scale.float() * img.float() @ txt.float().T  # (N, N), row i = image i
     diag = torch.arange(len(logits), device=logits.device)
-    i2t = -logits.log_softmax(dim=1)[diag, diag].mean()
-    t2i = -logits.log_softmax(dim=0)[diag, diag].mean()
+    i2t, t2i = -logits.log_softmax(dim=1)[diag, diag].mean(), -logits.log_softmax(dim=0)[diag, diag].mean()
     return (i2t + t2i) / 2
 
 # ==== 7. Optimisation =================================================================================
@@ -1299,7 +1254,6 @@ _NUMPY_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiar
 class _SafeUnpickler(pickle.Unpickler):
     """Admits containers, strings and numbers (numpy arrays if asked); refuses any other global before importing it."""
     allowed = _SAFE_GLOBALS
-
     def find_class(self, module, name):
         module = {"__builtin__": "builtins"}.get(module, module)  # protocol <= 2 names Python 2's module
         if (module, name) in self.allowed or (module.startswith("numpy") and name.endswith("DType")
@@ -1308,8 +1262,7 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name}: only containers, strings and numbers load")
 
 def safe_unpickle(source, numpy: bool = False):
-    """A pickle (path, bytes or binary file; gzip detected) read without running its code; ValueError (one line) if
-    it does not read."""
+    """A pickle (path, bytes or file; gzip detected) read without running code; ValueError (one line) if it fails."""
     what = source if isinstance(source, str) else "pickle"
     try:
         if isinstance(source, str):
@@ -1367,11 +1320,9 @@ class StopSignal:
         kill_workers_at_exit()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
-
     def _handler(self, signum, frame):
         self.requested = True
         print(f"rank {get_rank()}: got signal {signum}, stopping at the next step", file=sys.stderr, flush=True)
-
     def agreed(self, device) -> bool:
         """True on every rank if any rank was signalled (a collective: call on all ranks at once)."""
         if get_world_size() == 1 or not dist.is_initialized():
@@ -1474,8 +1425,7 @@ def zeroshot_eval(model, classifier, items, image_size: int, device, batch_size:
 def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
     """Recall@1/5/10 (%) of image->text and text->image retrieval for paired (N, E) embeddings (i matches i)."""
     sim = F.normalize(img_emb.float(), dim=-1) @ F.normalize(txt_emb.float(), dim=-1).T  # (N, N)
-    target = torch.arange(len(sim), device=sim.device)
-    out = {}
+    target, out = torch.arange(len(sim), device=sim.device), {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
         rank = (s > s[target, target][:, None]).sum(dim=1)  # how many beat the true match
         for k in (1, 5, 10):
@@ -1515,7 +1465,6 @@ class RunLog:
         self.path = os.path.join(out_dir, "log.jsonl")
         if get_rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
-
     def log(self, step: int, **metrics):
         if get_rank() != 0:
             return
@@ -1538,9 +1487,8 @@ def _alive(pid: int) -> bool:
         return False
 
 def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
-    """One run per directory (rank 0). OUT/run.lock names the holder (pid, host, start): a live one stops this run
-    with one line, a dead one's (same host) is taken over. A fresh run (no --resume) where another run's checkpoints
-    are stops with one line, or with `overwrite` moves them to OUT/previous-N/ (nothing deleted)."""
+    """One run per directory (rank 0; OUT/run.lock, a dead holder's taken over). A fresh run over another run's
+    checkpoints stops with one line, or with `overwrite` moves them to OUT/previous-N/ (nothing deleted)."""
     if get_rank() != 0:
         return
     import atexit, socket
