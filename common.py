@@ -1,11 +1,7 @@
-"""Shared pieces of the ten paper scripts: config, distributed, attention and CLIP models, tokenizer,
-data (tar shards and the built-in synthetic world), the distributed contrastive loss, optimisation,
-checkpoints, evaluation and logging.
-
-Contract (see DESIGN.md): this module imports nothing from the scripts, runs nothing at import and reads
-no global config. Every function takes explicit arguments, so any of them can be copied out alone.
-Sections, in order: 1. Config and CLI, 2. Distributed, 3. Attention and models, 4. Tokenizer, 5. Data,
-6. Losses shared by several papers, 7. Optimisation, 8. Checkpoints, 9. Evaluation, 10. Logging.
+"""What two or more of the ten paper scripts share, in sections: 1. Config and CLI, 2. Distributed, 3. Attention and
+models, 4. Tokenizer, 5. Data (tar shards, the synthetic world), 6. Losses, 7. Optimisation, 8. Checkpoints,
+9. Evaluation, 10. Logging. Contract (DESIGN.md): imports nothing from the scripts, runs nothing at import, reads no
+global config; every function takes explicit arguments, so any of them can be copied out alone.
 """
 from __future__ import annotations
 
@@ -35,9 +31,8 @@ def first_paragraph(doc: str | None) -> str:
     """A docstring's first paragraph (up to the first blank line), for --help."""
     return inspect.cleandoc(doc or "").split("\n\n")[0].strip()
 
-# Range checks by field name, for every Config: (pattern, low, high), the first pattern that matches applies. A
-# value out of range stops the run with one line before any work; a field's own default always passes (some
-# are sentinels, e.g. -1 = "the recipe's value").
+# Range checks by field name, for every Config: (pattern, low, high), the first match applies. A value out of range
+# stops the run before any work; a field's own default always passes (some are sentinels: -1 = "the recipe's").
 RANGES = [(r".*_(frac|prob|p)|alt_noise|pool_offdomain|(aug_|crop_)?min_scale|crop_scale|(ema_)?momentum|beta2"
            r"|label_smoothing|.*_threshold", 0, 1),
           (r"(.*_)?batch(_size)?(_.*)?|(log|ckpt)_every|shuffle_buffer|masks_per_image|num_(augs|captions|samples)"
@@ -61,8 +56,7 @@ def check_ranges(cfg) -> None:
 
 def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog: str | None = None,
                  description: str | None = None):
-    """CLI of the dataclass `cls`: `foo_bar` -> `--foo-bar` (bool: `--x/--no-x`), help = the field's `# comment`,
-    unknown flags rejected, numbers range-checked, the config printed on rank 0."""
+    """CLI of dataclass `cls`: `foo_bar` -> `--foo-bar` (bool `--x/--no-x`), help from its `# comment`, range checks."""
     hints, helps = typing.get_type_hints(cls), {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
         with contextlib.suppress(OSError, TypeError):  # classes without source (builtins): no comments
@@ -136,8 +130,8 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     except RuntimeError:
         fail(f"--device {device}: not a device torch knows (auto, cpu, cuda, mps, ...)")
     if world > 1 and not dist.is_initialized():
-        kw = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
+        cuda = dev.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": dev} if cuda else {}))
     return rank, local_rank, world, dev
 
 def barrier():
@@ -237,8 +231,7 @@ class ViT(nn.Module):
         return self.forward_tokens(x)[:, 0] @ self.proj  # (B, E)
 
 class TextTransformer(nn.Module):
-    """CLIP's text tower: embeddings, causal blocks, ln_final, projection of the end-of-text token (the largest id).
-    `causal=False`: the bidirectional variant (MobileCLIP-S*), which like the original attends to the padding."""
+    """CLIP's text tower, the end-of-text token (largest id) projected; causal=False: MobileCLIP-S*'s (sees padding)."""
     def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8, embed_dim=512,
                  mlp_ratio=4.0, act="gelu", causal=True, grad_checkpointing=False):
         super().__init__()
@@ -410,8 +403,7 @@ def _word_pattern():
     # stdlib `re` makes a lookup table of a class's BMP part but tests astral ranges one by one: guard them.
     astral = r"(?=[^\x00-\uffff])"
     lb, la, nb, na = (ranges(c, lo, hi) for c in "LN" for lo, hi in ((0, 0x10000), (0x10000, 0x110000)))
-    # U+0345 (combining, case-folds to iota) matches no branch of the original's case-insensitive regex,
-    # so it is silently dropped: same here.
+    # U+0345 (combining, case-folds to iota) matches no branch of the original's case-insensitive regex: dropped.
     other = rf"[^\s\u0345{lb}{nb}\U00010000-\U0010ffff]|{astral}[^{la}{na}]"
     return re.compile(rf"{SOT}|{EOT}|(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[{lb}]+|{astral}[{la}])+"
                       rf"|[{nb}]|{astral}[{na}]|(?:{other})+")
@@ -456,9 +448,8 @@ def _read_merges(path):
     body = [ln for ln in lines[1:] if ln.strip()][:limit]
     if declared and len(body) != limit:
         raise ValueError(f"malformed BPE merges file {path}: header says {limit} merges, found {len(body)}")
-    for n, line in enumerate(body, start=2):
-        if len(line.split()) != 2:
-            raise ValueError(f"malformed BPE merges file {path}: line {n} is not 'a b': {line!r}")
+    if bad := next(((n, line) for n, line in enumerate(body, start=2) if len(line.split()) != 2), None):
+        raise ValueError(f"malformed BPE merges file {path}: line {bad[0]} is not 'a b': {bad[1]!r}")
     return [tuple(line.split()) for line in body]
 
 class Tokenizer:
@@ -516,8 +507,7 @@ class Tokenizer:
             f.write(f"#merges: {len(self.merges)}\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
 def train_bpe(texts, vocab_size=4096, min_frequency=2):
-    """Up to vocab_size - 514 merges learnt on `texts` as the tokenizer cleans, splits and maps them (Tokenizer(merges)
-    has 512 + len(merges) + 2 tokens); stops when no adjacent pair occurs `min_frequency` times."""
+    """Up to vocab_size - 514 merges learnt on `texts` as Tokenizer splits them; stops below `min_frequency`."""
     counts = collections.Counter(w for t in texts for w in _words(t) if w not in (SOT, EOT))
     words, freqs = [_symbols(w) for w in counts], list(counts.values())  # distinct words, weighted by count
     pair_count = collections.defaultdict(int)
@@ -567,8 +557,7 @@ def _braces(spec: str) -> list[str]:
     return [spec]
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard sources as webdataset writes them, joined by `::`: a directory (its *.tar), a glob, a file, braces
-    (`{00000..00099}`, `{a,b}`), an http(s) URL or `pipe:CMD` (e.g. `pipe:aws s3 cp s3://b/{000..099}.tar -`)."""
+    """Shards joined by `::`: directory, glob, file, braces (`{000..099}`, `{a,b}`), http(s) URL or `pipe:CMD`."""
     out = []
     for part in spec.split("::"):
         for p in _braces(part):
@@ -621,8 +610,7 @@ def open_shard(source: str):
                 raise PipeFailed(f"exit status {proc.returncode}: {last}")
 
 def iter_tar_samples(path: str, skipped: dict):
-    """One tar's samples {"__key__": key, suffix: bytes} (webdataset: key = path to the basename's first '.'; members
-    contiguous). A cut-off, damaged or unreachable tar ends the shard, counted in `skipped`."""
+    """A tar's samples {"__key__", suffix: bytes} (webdataset's keys); a broken tar ends, counted in `skipped`."""
     sample, key = {}, None
     try:
         with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streaming: never seeks
@@ -658,8 +646,7 @@ def decode_image(sample: dict) -> Image.Image:
     return _pil_rgb(_image_bytes(sample))
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
-    """Image bytes -> uint8 (3, H, W): JPEG by torchvision's `decode_jpeg` (~15% less CPU than PIL, bench.py), the
-    rest and any JPEG it rejects (CMYK oddities, truncation) by PIL. Raises on bytes that are no image."""
+    """Image bytes -> uint8 (3, H, W): JPEG by `decode_jpeg` (~15% less CPU, bench.py), the rest by PIL; else raises."""
     if data[:3] == b"\xff\xd8\xff":
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
@@ -702,8 +689,7 @@ _MODES = {Image.NEAREST: InterpolationMode.NEAREST, Image.BILINEAR: Interpolatio
           Image.BICUBIC: InterpolationMode.BICUBIC}
 
 def image_to_uint8(img, size: int, box, resample=Image.BICUBIC) -> torch.Tensor:
-    """Crop `box`, resize -> uint8 (3, size, size): a tensor by torchvision (fast; bicubic within a few grey levels of
-    PIL), a PIL image by PIL (replays of official code). uint8 goes to the device (4x less), normalised there."""
+    """Crop `box`, resize -> uint8 (3, size, size): tensors by torchvision (fast), PIL images by PIL (replays)."""
     if torch.is_tensor(img):
         left, top, right, bottom = box
         return TF.resized_crop(img, top, left, bottom - top, right - left, [size, size],
@@ -870,8 +856,7 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 class StepBatches(torch.utils.data.Sampler):
-    """Keys (epoch, index) of this rank's share of each global batch, steps `start` to `total`, a permutation per
-    epoch seeded by (seed, epoch): the step is the data position, a resumed run replays the same batches."""
+    """Keys (epoch, index) of this rank's share of each global batch, steps start..total; resumes by step alone."""
     def __init__(self, n: int, global_batch: int, start: int, total: int, seed: int, rank: int, world: int):
         self.n, self.gb, self.start, self.total, self.seed, self.rank, self.world = (
             n, global_batch, start, total, seed, rank, world)
@@ -907,10 +892,9 @@ def write_shard(path: str, samples) -> int:
     tmp, n = path + ".tmp", 0
     with tarfile.open(tmp, "w") as tar:
         for n, s in enumerate(samples, 1):
-            key = s["__key__"]
             for suffix, value in s.items():
                 if suffix != "__key__":
-                    data, info = encode_member(suffix, value), tarfile.TarInfo(f"{key}.{suffix}")
+                    data, info = encode_member(suffix, value), tarfile.TarInfo(f"{s['__key__']}.{suffix}")
                     info.size, info.mtime = len(data), 0
                     tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, path)
@@ -935,8 +919,7 @@ def sample_rng(seed: int, sample: dict) -> random.Random:
     return random.Random(zlib.crc32(f"{seed}/{sample.get('__epoch__', 0)}/{sample['__key__']}".encode()))
 
 class ImageTextDecode:
-    """Sample -> {image uint8 (3, S, S), ids (L,), caption}: train, OpenCLIP's RandomResizedCrop (no flip: captions
-    say left and right); eval, `eval_transform`."""
+    """Sample -> {image, ids, caption}: OpenCLIP's RandomResizedCrop (no flip: captions say left and right) or eval."""
     def __init__(self, tokenizer, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  scale=(0.9, 1.0), caption_key: str = "txt", resample=Image.BICUBIC):
         self.tokenizer, self.size, self.context_length, self.resample = tokenizer, image_size, context_length, resample
@@ -1106,9 +1089,8 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
     if count == 1:
         obj = (size_w + " " if keep[0] else "") + col_w + style + shape
         obj = ("an " if obj[0] in "aeiou" else "a ") + obj
-    else:
-        plural = shape + ("es" if shape.endswith("ss") else "s")
-        obj = f"{('two', 'three')[count - 2]} {col_w}{style}{plural}"
+    else:  # a count word and the plural
+        obj = f"{('two', 'three')[count - 2]} {col_w}{style}{shape}{'es' if shape.endswith('ss') else 's'}"
     pos = " " + where if where and keep[2] else ""
     usable = [t for y, t in _TEMPLATES if y <= year]
     caption = (usable[int(rng.integers(len(usable)))] + "{pos}{extra}{bg}").format(
@@ -1124,8 +1106,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
 
 def synthetic_split(seed: int, n: int, size: int, split: str,
                     years: tuple[int, int] | None = None, start: int = 0) -> typing.Iterator[dict]:
-    """n samples of one split; sample i's generator is seeded by (seed, split, i): splits share no sample, any index
-    is regenerated alone, the first m do not depend on n. `years` (inclusive) restricts the year (TiC-CLIP)."""
+    """n samples of a split, sample i seeded by (seed, split, i) alone; `years` (inclusive) restricts the year."""
     for i in range(start, start + n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
         year = None if years is None else int(rng.integers(years[0], years[1] + 1))
@@ -1149,8 +1130,7 @@ def _render_shard(args) -> int:
 
 def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: int = 0,
                     shard_size: int = 5000, workers: int | None = None) -> dict:
-    """The synthetic world, generated once by rank 0 under `cache_dir`: paths of train and val (shards of jpg, txt,
-    seg.png, depth.png, json {label, classname, year, scene}), val_folder (an ImageFolder) and classnames."""
+    """The world, made once by rank 0 in `cache_dir`: paths of train, val (shards), val_folder, and classnames."""
     root = os.path.join(cache_dir, f"synthetic-{SYNTH_VERSION}-{n_train}-{n_val}-{size}px-seed{seed}")
     out = {"root": root, **{k: os.path.join(root, k) for k in ("train", "val", "val_folder")},
            "classnames": sorted(SYNTH_SHAPES)}
@@ -1434,8 +1414,7 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255,
                      reduce_zero_label: bool = False) -> torch.Tensor:
-    """(K, K) int64, rows = ground truth, columns = prediction; `ignore_index` and labels outside 0..K-1 not counted.
-    `reduce_zero_label`: mmsegmentation's ADE20K convention (0 ignored, the others minus 1). Sum, then `miou`."""
+    """(K, K) int64, rows = truth; `reduce_zero_label`: mmseg's ADE20K rule (0 ignored, others - 1). Sum, then miou."""
     label = label.long()
     if reduce_zero_label:
         label = torch.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
@@ -1444,8 +1423,7 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, 
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
 
 def miou(conf: torch.Tensor, per_class: bool = False):
-    """Mean IoU (%) of the summed confusion matrix, mmsegmentation's IoUMetric: classes with an empty union are left
-    out (NaN in the (K,) IoUs that per_class=True also returns)."""
+    """Mean IoU (%), mmseg's IoUMetric: empty-union classes left out (NaN in the IoUs per_class=True returns)."""
     conf = conf.double()
     inter = conf.diag()
     union = conf.sum(0) + conf.sum(1) - inter
@@ -1519,8 +1497,7 @@ def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
             fail(f"{out_dir} holds another run's checkpoints ({os.path.basename(old[-1])}, {len(old)} in all): "
                  f"pass --resume auto to continue it, --overwrite to start over (its files move to "
                  f"{out_dir}/previous-N/), or another --out")
-        n = 1 + sum(d.startswith("previous-") for d in os.listdir(out_dir))
-        keep = os.path.join(out_dir, f"previous-{n}")
+        keep = os.path.join(out_dir, f"previous-{1 + sum(d.startswith('previous-') for d in os.listdir(out_dir))}")
         os.makedirs(keep)
         for p in old + [p for f in ("log.jsonl", "config.json") if os.path.exists(p := os.path.join(out_dir, f))]:
             os.replace(p, os.path.join(keep, os.path.basename(p)))
