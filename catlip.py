@@ -6,54 +6,44 @@ its image, the frequent ones form a fixed vocabulary V, and an image-only ViT wi
 binary cross-entropy on the multi-hot targets. No text tower, no contrastive loss, no all-gather of embeddings.
 Transfer Init starts a downstream classifier from the head rows of its label words.
 
-What is here: the caption -> noun-lemma pipeline and the vocabulary (one streaming pass, counts merged across
-workers and ranks), pre-training with the paper's BCE and the released configs' recipe (AdamW (0.9, 0.999), wd 0.2
-except on 1-D parameters, warm-up from 1e-6 + cosine to lr/100, EMA 0.0005 without warm-up, random resized crop +
-flip), fine-tuning and linear probing on an ImageFolder with or without Transfer Init, a comparison on the synthetic
-world, and CoreNet's ViT (models *_corenet): the released checkpoints (vit_base.pt, vit_large.pt, vit_huge.pt and the
-ImageNet fine-tuned ones) load strictly by path, with RangeAugment (learned ranges, PSNR loss) and the multi-scale
-variable-batch sampler in pre-training and fine-tuning alike (--no-multi-scale: one size). It follows apple/corenet's
-projects/catlip configs: pretraining/vit_{base,large,huge}.yaml use variable_batch_sampler with crop 224, 25 scales
-in 128-320 px, check_scale 16 (sizes 128, 144, ..., 320) and 1024/512/256 images a GPU at 224, the batch scaled to
-keep the pixels (3136 at 128 px, 501 at 320 for B/16); the fine-tuning configs the same with check_scale 32. On the
-stream the samples of a step come in stream order, where the configs' sampler draws shard indices. Stand-ins: the
-plain ViT (`tiny`, vit_b16, ...) keeps a fixed brightness/contrast/noise jitter instead of RangeAugment and one
-resolution (its positions do not resize). Left out: high-resolution fine-tuning and the detection/segmentation
-transfers. The training-step timing against CLIP is in bench.py.
+What is here: the caption -> noun-lemma pipeline and the vocabulary (one streaming pass, counts merged over workers
+and ranks); pre-training with the paper's BCE and the released configs' recipe (AdamW (0.9, 0.999), wd 0.2 except on
+1-D parameters, warm-up from 1e-6 + cosine to lr/100, EMA 0.0005 without warm-up, random resized crop + flip);
+fine-tuning and linear probing on an ImageFolder, with or without Transfer Init; a comparison on the synthetic world;
+CoreNet's ViT (*_corenet), whose released checkpoints (vit_base.pt, vit_large.pt, vit_huge.pt, the ImageNet fine-tuned
+ones) load strictly, trained with RangeAugment (learned ranges, PSNR loss) and the variable-batch sampler of
+apple/corenet's projects/catlip configs (--no-multi-scale: one size): pretraining/vit_{base,large,huge}.yaml use
+variable_batch_sampler at crop 224 with 25 scales in 128-320 px made divisible by check_scale 16 (128, 144, ..., 320)
+and 1024/512/256 images a GPU at 224, scaled to keep the pixels (B/16: 3136 at 128 px, 501 at 320); the fine-tuning
+configs the same with check_scale 32. On the stream a step's samples come in stream order (CoreNet draws indices within
+shards). Stand-ins: the plain ViT (`tiny`, vit_b16, ...) keeps one size (its positions do not resize) and a fixed
+jitter for RangeAugment. Left out: high-resolution fine-tuning, detection/segmentation transfers. Step timing: bench.py.
 
-Noun extraction without NLTK/WordNet (spec 6). The released code lemmatises every token with WordNet and keeps a lemma
-iff it heads its own first noun synset, ignoring POS tags. Here: URL-unquote, strip HTML tags, NFKD without accents,
-lower-case, [a-z]+ tokens, a stop list of ~300 function words, common verbs and adjectives, numbers and web junk,
-tokens of length <= 2 dropped, rule-based singularisation with a table of irregular plurals. Lost against WordNet:
-(1) Apple's label space (synset offsets), unless --vocab is a lemma -> synset table (below); (2) WordNet's validity
-filter (frequent adjectives, verbs and misspellings outside the stop list enter V); (3) exact lemmatisation ("niches"
--> "nich"); (4) path-similarity matching in Transfer Init (exact lemmas only); (5) multi-word synsets (in both).
-
-The published vocabulary: datacomp_1_2B_vocab.pkl is read without running pickle code (common.safe_unpickle), its
-first keys being the head rows; it carries no lemmas, so for pre-training give --vocab a table `label<TAB>lemma[,...]`
-(`n2084071<TAB>dog`), written elsewhere with NLTK as
+Noun extraction without NLTK/WordNet (spec 6): the released code keeps a token's WordNet lemma iff it heads its own
+first noun synset; here a stop list and rule-based singularisation (extract_nouns). Lost: (1) Apple's label space
+(synset offsets), unless --vocab is a label -> lemma table; (2) WordNet's validity filter (frequent adjectives, verbs
+and misspellings enter V); (3) exact lemmas ("niches" -> "nich"); (4) path similarity in Transfer Init; (5) multi-word
+synsets. The published datacomp_1_2B_vocab.pkl (read without running pickle code) has no lemmas, so pre-training on
+it needs a table `label<TAB>lemma[,...]` (`n2084071<TAB>dog`), written elsewhere with NLTK as
     for k in list(vocab)[:24320]: print(k, wn.synset_from_pos_and_offset("n", int(k[1:])).name()[:-5], sep="\t")
 ImageNet class folders named by wnid (n02084071) match those labels directly in Transfer Init.
 
 Paper -> code:
-  Eq. 1, nouns of a caption (POS tag + WordNet lemma)   -> extract_nouns (stop list + singularize)
-  vocabulary V, synsets with count > V_tau (Sec. 3.1)   -> count_vocab, save_vocab / load_vocab
-  multi-hot targets, empty targets kept (spec 4.1)      -> CatLIPDecode (label ids), multi_hot
-  BCE summed over classes / batch size (Sec. 3.1)       -> multilabel_bce (fast), multilabel_bce_reference
+  Eq. 1, nouns of a caption (POS tag + WordNet lemma)  -> extract_nouns (stop list + singularize)
+  vocabulary V, synsets with count > V_tau (Sec. 3.1)  -> build_vocab, save_vocab / load_vocab
+  multi-hot targets, empty targets kept (spec 4.1)     -> CatLIPDecode (label ids), multi_hot
+  BCE summed over classes / batch size (Sec. 3.1)      -> multilabel_bce (fast), multilabel_bce_reference
   ViT-B/L/H/16, linear head on the CLS token (Sec. 3)  -> CoreNetViT (released layout), ViTClassifier, MODELS
-  recipe (Table 6, configs): AdamW, cosine, EMA         -> make_optimizer, lr_at, EMA
-  RangeAugment, multi-scale sampler (configs) -> RangeAugment, image_batch_pairs, VariableBatches, MultiScaleStream
-  Transfer Init (Sec. 4.2, App. B)                      -> match_classes, transfer_init
-  linear probe / full fine-tune (Table 7)               -> finetune (--linear-probe)
+  recipe (Table 6, configs): AdamW, cosine, EMA        -> make_optimizer, lr_at, EMA
+  RangeAugment, variable batches (configs)             -> RangeAugment, image_batch_pairs, MultiScaleStream
+  Transfer Init (Sec. 4.2, App. B); Table 7            -> match_classes, transfer_init; finetune (--linear-probe)
 
 Commands:
   python catlip.py vocab --data 'shards/{00000..09999}.tar' --min-count 500 --out vocab.json --workers 8
-  torchrun --nproc_per_node=8 catlip.py --data 'shards/{00000..09999}.tar' --vocab vocab.json --model vit_b16 \\
-      --batch-size 1024 --steps 200000 --warmup 10000 --lr 1e-3 --min-lr 1e-5 --image-size 224 --out runs/catlip
-  torchrun --nproc_per_node=8 catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val \\
-      --transfer-init --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500 --weight-decay 0.05 --batch-size 64
+  torchrun --nproc_per_node=8 catlip.py --data 'shards/{00000..09999}.tar' --vocab vocab.json --model vit_b16_corenet \\
+      --batch-size 1024 --steps 200000 --warmup 10000 --lr 1e-3 --min-lr 1e-5 --out runs/catlip
   torchrun --nproc_per_node=8 catlip.py finetune --init vit_base.pt --vocab datacomp_1_2B_vocab.pkl --transfer-init \\
-      --multi-scale --data imagenet/train --val-data imagenet/val --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500
+      --data imagenet/train --val-data imagenet/val --epochs 10 --lr 3e-5 --min-lr 3e-6 --warmup 500  # or runs/catlip
   python catlip.py finetune --init runs/catlip --data imagenet/train --val-data imagenet/val --linear-probe \\
       --transfer-init --epochs 30 --lr 3e-5 --min-lr 1e-6 --weight-decay 0 --label-smoothing 0
   python catlip.py --crop-scale 0.9 --ema-warmup --decay-all  # tiny pre-training on the synthetic world, CPU
@@ -64,10 +54,10 @@ untrained on labels, reach 23.6% top-1 (chance 10%); fine-tuned on 500 labelled 
 from the CatLIP backbone with a random head, 22.3% with Transfer Init (README, CatLIP section).
 """
 from __future__ import annotations
-
 import collections
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -78,14 +68,12 @@ import unicodedata
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-
 import common as C
 
 @dataclass
@@ -102,8 +90,7 @@ class VocabConfig:
     image_size: int = 64  # image size of the synthetic world
 
 @dataclass
-class Shared:
-    """The flags of pre-training and fine-tuning alike."""
+class Shared:  # the flags of pre-training and fine-tuning alike
     model: str = "tiny"  # a name from MODELS (fine-tuning with --init: the checkpoint's)
     image_size: int = 0  # training resolution; 0 = the model's (fine-tuning: the checkpoint's)
     pool: str = "cls"  # cls | mean: the feature the head reads (the paper: the CLS token)
@@ -191,42 +178,37 @@ MODELS = {
 }
 
 # ==== 1. Captions -> noun lemmas (Eq. 1; spec 4.1 and 6) ====================================================
-# A heuristic stand-in for "tokens that head their own WordNet noun synset": drop function words, pronouns,
-# auxiliaries, frequent verbs and adjectives, number words and web junk. The frequency threshold of the
-# vocabulary removes most of what gets through.
+# A heuristic stand-in for "tokens that head their own WordNet noun synset": drop function words, pronouns, auxiliaries,
+# frequent verbs and adjectives, number words and web junk (3+ letters: shorter tokens are dropped anyway). The
+# vocabulary's frequency threshold removes most of what gets through.
 STOP_WORDS = frozenset("""
-a about above across after again against all almost along already also although always am among an and another any
-anyone anything are around as at away back be became because become been before being below between both but by can
-cannot could did do does doing done down during each either else enough even ever every everything few for from
-further get gets getting got had has have having he her here hers herself him himself his how however into its itself
-just least less like made make makes making many may maybe me might mine more most much must myself near need never
-next nor not now off often once one only onto other others our ours ourselves out over own per perhaps please quite
-rather really same several shall she should since some someone something sometimes still such than that the their
-theirs them themselves then there these they this those though through thus too toward towards under until upon very
-was were what whatever when where whether which while who whom whose why will with within without would yet you your
-yours yourself is isn aren wasn weren don doesn didn won wouldn couldn shouldn hasn haven hadn ain let lets two three
-four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand million billion first
-second third fourth fifth last half new old good great best better big small large little long short high low full
-free top nice beautiful pretty cute young real true sure different various available easy hard possible whole open
-close closed dark light bright happy latest main special single double take takes taking took taken give gives giving
-gave given come comes coming came go goes going went gone see sees seeing saw seen look looks looking looked use uses
-using used find found show shows showing shown know known think say says said tell want wants keep kept put set sets
-setting run runs running stand standing sit sitting hold holding holds stock vector illustration isolated royalty http
-https www com org net html htm jpg jpeg png gif webp img image_ thumb thumbnail px amp nbsp quot via click view
-download sale buy shop online uk inc llc ltd
+about above across after again against all almost along already also although always among and another any anyone
+anything are around away back became because become been before being below between both but can cannot could did does
+doing done down during each either else enough even ever every everything few for from further get gets getting got
+had has have having her here hers herself him himself his how however into its itself just least less like made make
+makes making many may maybe might mine more most much must myself near need never next nor not now off often once one
+only onto other others our ours ourselves out over own per perhaps please quite rather really same several shall she
+should since some someone something sometimes still such than that the their theirs them themselves then there these
+they this those though through thus too toward towards under until upon very was were what whatever when where whether
+which while who whom whose why will with within without would yet you your yours yourself isn aren wasn weren don
+doesn didn won wouldn couldn shouldn hasn haven hadn ain let lets two three four five six seven eight nine ten eleven
+twelve twenty thirty forty fifty hundred thousand million billion first second third fourth fifth last half new old
+good great best better big small large little long short high low full free top nice beautiful pretty cute young real
+true sure different various available easy hard possible whole open close closed dark light bright happy latest main
+special single double take takes taking took taken give gives giving gave given come comes coming came goes going went
+gone see sees seeing saw seen look looks looking looked use uses using used find found show shows showing shown know
+known think say says said tell want wants keep kept put set sets setting run runs running stand standing sit sitting
+hold holding holds stock vector illustration isolated royalty http https www com org net html htm jpg jpeg png gif
+webp img image_ thumb thumbnail amp nbsp quot via click view download sale buy shop online inc llc ltd
 """.split())
 
 # Irregular plurals (and -oes / -ves / -ses plurals the rules below get wrong) -> singular.
-IRREGULAR = {
-    "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse", "geese": "goose",
-    "feet": "foot", "teeth": "tooth", "oxen": "ox", "lice": "louse", "knives": "knife", "wives": "wife",
-    "lives": "life", "leaves": "leaf", "wolves": "wolf", "halves": "half", "shelves": "shelf", "calves": "calf",
-    "loaves": "loaf", "thieves": "thief", "scarves": "scarf", "elves": "elf", "cacti": "cactus", "fungi": "fungus",
-    "nuclei": "nucleus", "criteria": "criterion", "phenomena": "phenomenon", "potatoes": "potato",
-    "tomatoes": "tomato", "heroes": "hero", "echoes": "echo", "volcanoes": "volcano", "mosquitoes": "mosquito",
-    "buses": "bus", "gases": "gas", "lenses": "lens", "analyses": "analysis", "crises": "crisis", "dice": "die",
-    "indices": "index", "matrices": "matrix", "vertices": "vertex",
-}
+IRREGULAR = dict(pair.split(":") for pair in """
+men:man women:woman children:child people:person mice:mouse geese:goose feet:foot teeth:tooth oxen:ox lice:louse
+knives:knife wives:wife lives:life leaves:leaf wolves:wolf halves:half shelves:shelf calves:calf loaves:loaf
+thieves:thief scarves:scarf elves:elf cacti:cactus fungi:fungus nuclei:nucleus criteria:criterion potatoes:potato
+phenomena:phenomenon tomatoes:tomato heroes:hero echoes:echo volcanoes:volcano mosquitoes:mosquito buses:bus gases:gas
+lenses:lens analyses:analysis crises:crisis dice:die indices:index matrices:matrix vertices:vertex""".split())
 # Words that end in -s but are not plurals (or have no singular in common use).
 INVARIANT = frozenset("series species news clothes jeans pants shorts scissors trousers sunglasses "
                       "mathematics physics economics politics athletics gymnastics aerobics headquarters "
@@ -236,27 +218,21 @@ _CLITIC = re.compile(r"'(s|re|ll|ve|d|m)\b|n't\b")
 _WORD = re.compile(r"[a-z]+")
 
 def clean_caption(text: str) -> str:
-    """The released code's caption_preprocessing, minus ftfy: URL-unquote ('+' -> space), strip HTML
-    tags (non-greedy <.*?>), NFKD with accents dropped (cafe for café), lower-case, clitics removed."""
+    """The released caption_preprocessing minus ftfy: URL-unquote, strip <tags>, NFKD without accents, lower-case."""
     text = _TAG.sub(" ", urllib.parse.unquote_plus(text))
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return _CLITIC.sub(" ", text.lower().replace("\u2019", "'"))
 
 def singularize(word: str) -> str:
-    """Rule-based stand-in for WordNetLemmatizer().lemmatize(word) (noun): irregulars from the table,
-    then -ies -> -y, -sses -> -ss, -ches/-shes/-xes/-zzes -> drop -es, else a final -s is dropped unless
-    the word ends in -ss, -us or -is. Heuristic: a few words come out wrong (see the module docstring)."""
-    if word in IRREGULAR:
-        return IRREGULAR[word]
-    if word in INVARIANT or len(word) <= 3 or not word.endswith("s"):
-        return word
-    if word.endswith("ies"):
-        return word[:-3] + "y" if len(word) > 4 and word not in ("series", "species") else word[:-1]
+    """Rule-based stand-in (a heuristic) for WordNet's noun lemma: the irregular table, then -ies -> -y,
+    -sses/-ches/-shes/-xes/-zzes drop -es, else a final -s goes unless the word ends in -ss, -us or -is."""
+    if word in IRREGULAR or word in INVARIANT or len(word) <= 3 or not word.endswith("s"):
+        return IRREGULAR.get(word, word)
+    if word.endswith("ies"):  # ponies -> pony, but ties -> tie
+        return word[:-3] + "y" if len(word) > 4 else word[:-1]
     if word.endswith(("sses", "ches", "shes", "xes", "zzes")):
         return word[:-2]
-    if word.endswith(("ss", "us", "is")):
-        return word
-    return word[:-1]
+    return word if word.endswith(("ss", "us", "is")) else word[:-1]
 
 def caption_lemmas(text: str) -> list[str]:
     """Every token of a caption, singularised, in order (no filter: a given vocabulary is the filter)."""
@@ -264,20 +240,13 @@ def caption_lemmas(text: str) -> list[str]:
 
 def extract_nouns(text: str) -> list[str]:
     """The noun proxy of Eq. 1: distinct lemmas of length > 2 that are not stop words, in caption order."""
-    out = []
-    for w in _WORD.findall(clean_caption(text)):
-        if len(w) <= 2 or w in STOP_WORDS:
-            continue
-        w = singularize(w)
-        if len(w) > 2 and w not in STOP_WORDS and w not in out:
-            out.append(w)
-    return out
+    words = (singularize(w) for w in _WORD.findall(clean_caption(text)) if len(w) > 2 and w not in STOP_WORDS)
+    return list(dict.fromkeys(w for w in words if len(w) > 2 and w not in STOP_WORDS))
 
 # ==== 2. The vocabulary V (Sec. 3.1, spec 4.2): one streaming pass over the captions ========================
 class NounCounts(torch.utils.data.IterableDataset):
-    """Counts inside each DataLoader worker and hands the main process one partial Counter per `every`
-    captions, so hundreds of millions of captions cost little inter-process traffic. It is also its
-    stream's decode: only the caption is read, never the image."""
+    """Counts inside each DataLoader worker, handing the main process one partial Counter per `every` captions
+    (little inter-process traffic); also its stream's decode, which reads the caption, never the image."""
     def __init__(self, shards, caption_key: str, rank: int, world: int, every: int = 20000):
         self.caption_key, self.every = caption_key, every
         self.stream = C.ShardStream(shards, self, 512, rank, world, shuffle_buffer=1, epochs=1, drop_last=False)
@@ -286,41 +255,12 @@ class NounCounts(torch.utils.data.IterableDataset):
     def __iter__(self):
         counts, n, skipped, worker = collections.Counter(), 0, {}, 0
         for batch in self.stream:
-            for nouns in batch["nouns"]:
-                counts.update(nouns)
+            counts.update(itertools.chain.from_iterable(batch["nouns"]))
             n, skipped, worker = n + len(batch["nouns"]), batch["__skipped__"], batch["__worker__"]
-            if n >= self.every:
-                yield {"counts": counts, "n": n, "skipped": skipped, "worker": worker}
+            if n >= self.every:  # a plain dict: DataLoader's default_convert rebuilds a Counter with .update()
+                yield {"counts": dict(counts), "n": n, "skipped": skipped, "worker": worker}
                 counts, n = collections.Counter(), 0
-        yield {"counts": counts, "n": n, "skipped": skipped, "worker": worker}
-
-def _as_is(x):  # DataLoader's default_convert rebuilds a Counter with .update(), doubling every count
-    return x
-
-def count_vocab(shards: list[str], caption_key: str, workers: int, rank: int = 0, world: int = 1):
-    """(Counter lemma -> captions containing it, captions read, skipped by reason), merged over this
-    rank's workers and then over all ranks (every rank gets the total)."""
-    loader = C.Loader(NounCounts(shards, caption_key, rank, world), batch_size=None, num_workers=workers,
-                      collate_fn=_as_is, worker_init_fn=C.ignore_stop_signals)  # Loader: DataError -> one line
-    C.kill_workers_at_exit()  # they ignore SIGTERM/SIGINT: an exit while they run must not wait for them
-    counts, n, skipped = collections.Counter(), 0, {}
-    bar = C.progress(None, "counting nouns", unit=" captions", total=None)
-    for part in loader:
-        counts.update(part["counts"])
-        n += part["n"]
-        skipped[part["worker"]] = part["skipped"]
-        bar.update(part["n"])
-    bar.close()
-    skipped = dict(sum(map(collections.Counter, skipped.values()), collections.Counter()))
-    if world > 1 and torch.distributed.is_initialized():  # merge the ranks' counts
-        every = [None] * world
-        torch.distributed.all_gather_object(every, (counts, n, skipped))
-        counts, n, skipped = collections.Counter(), 0, collections.Counter()
-        for c, k, s in every:
-            counts.update(c)
-            n += k
-            skipped.update(s)
-    return counts, n, dict(skipped)
+        yield {"counts": dict(counts), "n": n, "skipped": skipped, "worker": worker}
 
 def select_vocab(counts: collections.Counter, captions: int, min_count: int = 0, max_size: int = 0) -> dict:
     """Lemmas seen at least `min_count` times, most frequent first (ties alphabetical). min_count 0 is
@@ -331,9 +271,24 @@ def select_vocab(counts: collections.Counter, captions: int, min_count: int = 0,
     return {"min_count": tau, "captions": captions, "counts": {w: counts[w] for w in keep}}
 
 def build_vocab(shards: str, caption_key: str, workers: int, rank: int, world: int, min_count: int,
-                max_size: int, out: str) -> tuple[dict, int]:
-    """Count, select and (rank 0) write the vocabulary; returns it and the number of distinct lemmas."""
-    counts, n, skipped = count_vocab(C.expand_shards(shards), caption_key, workers, rank, world)
+                max_size: int, out: str) -> dict:
+    """Count the lemmas (captions holding each) over all workers and ranks, select V and (rank 0) write it."""
+    loader = C.Loader(NounCounts(C.expand_shards(shards), caption_key, rank, world), batch_size=None,
+                      num_workers=workers, worker_init_fn=C.ignore_stop_signals)  # Loader: a DataError is one line
+    C.kill_workers_at_exit()  # they ignore SIGTERM/SIGINT: an exit while they run must not wait for them
+    counts, n, skipped = collections.Counter(), 0, {}
+    bar = C.progress(None, "counting nouns", unit=" captions", total=None)
+    for part in loader:
+        counts.update(part["counts"])
+        n, skipped[part["worker"]] = n + part["n"], part["skipped"]
+        bar.update(part["n"])
+    bar.close()
+    mine = (counts, n, dict(sum(map(collections.Counter, skipped.values()), collections.Counter())))
+    every = [None] * world if world > 1 and torch.distributed.is_initialized() else [mine]
+    if len(every) > 1:  # merge the ranks' counts
+        torch.distributed.all_gather_object(every, mine)
+    counts, n = sum((collections.Counter(c) for c, _, _ in every), collections.Counter()), sum(e[1] for e in every)
+    skipped = dict(sum((collections.Counter(s) for _, _, s in every), collections.Counter()))
     if n == 0:
         C.fail(f"no readable captions in {shards} (skipped: {skipped})")
     vocab = select_vocab(counts, n, min_count, max_size)
@@ -341,7 +296,7 @@ def build_vocab(shards: str, caption_key: str, workers: int, rank: int, world: i
         save_vocab(out, {**vocab, "skipped": skipped})
     C.print0(f"{n} captions ({sum(skipped.values())} skipped: {skipped}), {len(counts)} distinct lemmas, "
              f"{len(vocab['counts'])} seen >= {vocab['min_count']} times -> {out}")
-    return vocab, len(counts)
+    return vocab
 
 def save_vocab(path: str, vocab: dict):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -349,17 +304,12 @@ def save_vocab(path: str, vocab: dict):
         json.dump(vocab, f, indent=0)
     os.replace(path + ".tmp", path)
 
-@dataclass
-class Vocab:
-    labels: list  # label names, in head-row order (a lemma, or e.g. a WordNet id 'n2084071')
-    lemmas: dict  # lemma -> row
+Vocab = collections.namedtuple("Vocab", "labels lemmas")  # labels in head-row order (lemmas, WordNet ids); lemma -> row
 
 def load_vocab(path: str, size: int = 0) -> Vocab:
-    """vocab.json of `catlip.py vocab` ({"counts": {lemma: count}}), a JSON list or dict of lemmas, a text file
-    with one label per line (`lemma`, or `label<TAB>lemma[,lemma...]`: several lemmas, one row), or the released
-    synset pickle (datacomp_1_2B_vocab.pkl: {"n<offset>": count}, most frequent first; its first `size` keys are
-    the head rows, as CoreNet's vocab_size). The pickle is read by common.safe_unpickle: no pickled code runs,
-    anything but containers, strings and numbers is one line. It has no lemmas: captions match none of it."""
+    """vocab.json of `catlip.py vocab`, a JSON list or dict of lemmas, a text file of `lemma` or `label<TAB>lemma[,...]`
+    lines (several lemmas, one row), or the released synset pickle ({"n<offset>": count}, its first `size` keys the
+    head rows as CoreNet's vocab_size) read by common.safe_unpickle (no pickled code runs); it has no lemmas."""
     if not os.path.isfile(path):
         C.fail(f"vocabulary file not found: {path}")
     try:
@@ -395,24 +345,21 @@ def vocab_main(cfg: VocabConfig):
     rank, _, world, _ = C.setup_distributed("cpu" if not torch.cuda.is_available() else "auto")
     shards = resolve_shards(cfg.data, cfg.cache_dir, cfg.synthetic_train, cfg.synthetic_val, cfg.image_size)
     t0 = time.time()
-    vocab, _ = build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, cfg.max_size, cfg.out)
+    vocab = build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, cfg.max_size, cfg.out)
     top = ", ".join(f"{w} {c}" for w, c in list(vocab["counts"].items())[:20])
     C.print0(f"{time.time() - t0:.0f}s; most frequent: {top}\nresults: vocabulary {cfg.out}")
     C.cleanup_distributed()
 
 # ==== 3. Model: an image-only ViT with one linear head (Sec. 3, spec 2) =====================================
 class ViTClassifier(nn.Module):
-    """common.ViT without its CLIP projection, and `head`: Linear(width, |V|) on the CLS token after the
-    final LayerNorm (no MLP head). Under autocast that LayerNorm runs in fp32, as the paper's
-    `layer_norm_fp32`. pool='mean' averages the patch tokens instead (the code's `no_cls_token`)."""
+    """common.ViT without its CLIP projection, and `head`: Linear(width, |V|) on the CLS token after the final
+    LayerNorm (fp32 under autocast, the paper's layer_norm_fp32); pool='mean' averages the patch tokens instead."""
     def __init__(self, n_classes: int, image_size: int, patch: int, width: int, layers: int, heads: int,
                  pool: str = "cls", grad_checkpointing: bool = False):
         super().__init__()
         self.pool = pool
-        self.visual = C.ViT(image_size, patch, width, layers, heads, embed_dim=width,
-                            grad_checkpointing=grad_checkpointing)
-        self.visual.proj = None  # CatLIP has no joint embedding: the head reads the CLS feature itself
-        self.head = nn.Linear(width, n_classes)
+        self.visual = C.ViT(image_size, patch, width, layers, heads, width, grad_checkpointing=grad_checkpointing)
+        self.visual.proj, self.head = None, nn.Linear(width, n_classes)  # no joint embedding: the head reads the CLS
         init_weights(self)
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.visual.forward_tokens(x)  # (B, 1 + N, D)
@@ -421,24 +368,20 @@ class ViTClassifier(nn.Module):
         return self.head(self.features(x))  # (B, n_classes) logits
 
 def init_weights(model: nn.Module):
-    """Spec 2: linear layers trunc-normal std 0.02 (zero bias), the patch conv Kaiming normal, the CLS token
-    trunc-normal std 0.02; LayerNorms at (1, 0)."""
+    """Spec 2: linear layers and the CLS token trunc-normal std 0.02, convs Kaiming normal, biases 0, norms (1, 0)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, (C.ViT, CoreNetViT)) and m.cls_token is not None:
             nn.init.trunc_normal_(m.cls_token, std=0.02)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
     if isinstance(model, CoreNetViT):  # positions trunc-normal, std D^-1/2 (CoreNet's LearnablePositionalEmbedding)
         nn.init.trunc_normal_(pos := model.pos_embed["pos_embed"]["pos_embed"], std=pos.shape[-1] ** -0.5)
 
-def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls",
-                grad_checkpointing: bool = False) -> nn.Module:
+def build_model(name: str, n_classes: int, image_size: int = 0, pool="cls", grad_checkpointing=False) -> nn.Module:
     if name not in MODELS:
         C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if pool not in ("cls", "mean"):
@@ -451,10 +394,9 @@ def build_model(name: str, n_classes: int, image_size: int = 0, pool: str = "cls
     return ViTClassifier(n_classes, **spec, pool=pool, grad_checkpointing=grad_checkpointing)
 
 # ==== 3b. CoreNet's ViT: the backbone of the released CatLIP checkpoints (vit_base.pt, ...) ===================
-# Checked against apple/corenet: modeling/models/classification/vit.py (stem, positions, CLS token, head, eps
-# update), config/vit.py (B/L/H sizes), modules/flash_transformer.py and layers/flash_multi_head_attention.py
-# (the blocks of `use_flash_attention: true`, every CatLIP config), layers/conv_layer.py (padding (k-1)//2, the
-# block.conv/norm/act names), layers/positional_embedding.py (the 1-D resize), layers/normalization/layer_norm.py
+# Checked against apple/corenet's modeling/: models/classification/vit.py and config/vit.py (stem, positions, CLS,
+# head, eps, B/L/H sizes), modules/flash_transformer.py and layers/flash_multi_head_attention.py (every CatLIP config's
+# use_flash_attention), layers/conv_layer.py, positional_embedding.py (the 1-D resize), normalization/layer_norm.py
 # (layer_norm_fp32), neural_augmentor/ (RangeAugment's parameters, which the checkpoints hold).
 class LayerNormFP32(nn.LayerNorm):
     """CoreNet's layer_norm_fp32 with the eps 1e-6 its ViT sets on every LayerNorm. (CoreNet's LayerNorm also
@@ -529,8 +471,7 @@ class CoreNetViT(nn.Module):
     to any grid, a CLS token without position, pre-norm blocks with no norm before them, a final fp32 LayerNorm,
     `classifier` on the CLS token (pool 'mean': no CLS token, the mean of all tokens). Input: RGB in [0, 1], no
     mean/std. forward(x, gen) in training also applies RangeAugment and returns (logits, augmented x)."""
-    def __init__(self, n_classes: int, width: int, layers: int, heads: int, pool: str = "cls",
-                 grad_checkpointing: bool = False):
+    def __init__(self, n_classes: int, width: int, layers: int, heads: int, pool="cls", grad_checkpointing=False):
         super().__init__()
         self.grad_checkpointing, stem = grad_checkpointing, max(32, width // 4)
         self.neural_augmentor = RangeAugment()
@@ -543,7 +484,6 @@ class CoreNetViT(nn.Module):
         table = nn.Parameter(torch.zeros(1, 1, (224 // 16) ** 2, width))  # (1, 1, 196, D) whatever the image size
         self.pos_embed = nn.ModuleDict({"pos_embed": nn.ParameterDict({"pos_embed": table})})
         init_weights(self)
-
     head = property(lambda self: self.classifier)
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_emb(x).flatten(2).transpose(1, 2)  # (B, N, D)
@@ -571,15 +511,6 @@ def load_backbone(model: nn.Module, sd: dict, what: str):
     own = {k: v for k, v in model.state_dict().items() if k.startswith(head)}
     C.load_state_dict_checked(model, {**{k: v for k, v in sd.items() if not k.startswith(head)}, **own}, what)
 
-def corenet_checkpoint(sd: dict, what: str) -> tuple[str, str]:
-    """(model name, pool) of a CoreNet ViT state dict (a released file such as vit_base.pt), from its shapes."""
-    width = sd["classifier.weight"].shape[1]
-    layers = len({k.split(".")[1] for k in sd if k.startswith("transformer.")})
-    for name, spec in MODELS.items():
-        if spec.get("arch") == "corenet" and (spec["width"], spec["layers"]) == (width, layers):
-            return name, "cls" if "cls_token" in sd else "mean"
-    C.fail(f"{what}: a CoreNet ViT of width {width} and {layers} layers is none of {', '.join(MODELS)}")
-
 def load_corenet(path: str) -> CoreNetViT:
     """A CoreNet ViT checkpoint (pre-trained or fine-tuned, any head) by path, loaded strictly."""
     init = load_pretrained(path)
@@ -591,14 +522,11 @@ def load_corenet(path: str) -> CoreNetViT:
 
 # ==== 4. The loss: binary cross-entropy over V, summed over classes, averaged over the batch (Sec. 3.1) =====
 def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L = (1/B) sum_b sum_c BCEWithLogits(z_bc, y_bc), without building the (B, |V|) target.
-
-    logits (B, C); labels (B, K) distinct row ids per sample, padded with -1 (an all-padding row is an
-    all-negative target, which is kept). Since BCEWithLogits(z, y) = softplus(z) - y z exactly,
-    L = (sum of softplus over all logits - sum of the logits at the positive labels) / B.
-    Summing over the classes (not averaging) is the paper's `batch_mean`: a mean over 24k classes would
-    shrink the loss and its gradient 24k-fold. Under DDP each rank's loss is over its own rows; DDP's
-    gradient average is then exactly the global-batch loss, with no communication of logits."""
+    """L = (1/B) sum_b sum_c BCEWithLogits(z_bc, y_bc) without the (B, |V|) target. logits (B, C); labels (B, K)
+    distinct rows padded with -1 (all padding: an all-negative target, kept). BCEWithLogits(z, y) = softplus(z) - y z
+    exactly, so L = (sum of softplus over all logits - sum of the logits at the positives) / B. Summed over classes
+    as the paper's `batch_mean` (a mean over 24k classes would shrink the gradient 24k-fold); under DDP the average
+    of the ranks' gradients is exactly the global-batch loss's, with no communication of logits."""
     z = logits.float()  # reductions in fp32 under bf16 autocast
     pos = z.gather(1, labels.clamp(min=0)) * (labels >= 0)  # (B, K): z at the positives, 0 at padding
     return (F.softplus(z).sum() - pos.sum()) / z.shape[0]
@@ -616,29 +544,23 @@ def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> tor
 
 # ==== 5. Data and augmentation (spec 3.2) ===================================================================
 class CatLIPDecode:
-    """Sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1}. Train: random resized
-    crop (area `scale`..1, ratio 3/4..4/3, bilinear) and a horizontal flip, seeded by (seed, epoch, key);
-    eval: resize the shorter side, centre crop. Labels come from the caption on the fly, as in the released code."""
-    def __init__(self, vocab: Vocab, image_size: int, max_labels: int, train: bool = True, seed: int = 0,
-                 scale: float = 0.08, flip: bool = True, caption_key: str = "txt"):
-        self.vocab, self.size, self.max_labels, self.train = vocab, image_size, max_labels, train
-        self.seed, self.scale, self.flip, self.caption_key = seed, scale, flip, caption_key
+    """Training sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1, from the caption on the
+    fly}: random resized crop (area `scale`..1, bilinear) and flip, seeded by (seed, epoch, key)."""
+    def __init__(self, vocab: Vocab, size: int, max_labels: int, seed=0, scale=0.08, flip=True, caption_key="txt"):
+        self.vocab, self.size, self.max_labels, self.seed = vocab, size, max_labels, seed
+        self.scale, self.flip, self.caption_key = scale, flip, caption_key
     def __call__(self, sample: dict) -> dict:
         rows = caption_labels(C.decode_caption(sample, self.caption_key), self.vocab, self.max_labels)
         img, rng = C.decode_image_tensor(sample), C.sample_rng(self.seed, sample)
-        box = C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)) if self.train else None
-        x = (C.image_to_uint8(img, self.size, box, Image.BILINEAR) if box
-             else C.eval_transform(img, self.size, Image.BILINEAR))
-        if self.train and self.flip and rng.random() < 0.5:
-            x = x.flip(-1)
+        box = C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0))
+        x = C.image_to_uint8(img, self.size, box, Image.BILINEAR)
         labels = torch.full((self.max_labels,), -1, dtype=torch.long)
         labels[:len(rows)] = torch.tensor(rows, dtype=torch.long)
-        return {"image": x, "labels": labels}
+        return {"image": x.flip(-1) if self.flip and rng.random() < 0.5 else x, "labels": labels}
 
 def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator) -> torch.Tensor:
-    """Stand-in for RangeAugment (a design choice, spec 3.1): per image, contrast and brightness factors
-    in 1 +- strength and Gaussian noise of std up to noise * 255, on the device, on float (B, 3, H, W) in
-    [0, 255]. RangeAugment learns these magnitudes against a PSNR target; here they are fixed."""
+    """The plain ViT's stand-in for RangeAugment (spec 3.1): per image of a float (B, 3, H, W) in [0, 255], contrast
+    and brightness factors in 1 +- strength and Gaussian noise of std up to noise * 255, fixed, not learned."""
     u = torch.rand(x.shape[0], 3, 1, 1, 1, device=x.device, generator=gen).unbind(1)  # three (B, 1, 1, 1) draws
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (1 + strength * (2 * u[0] - 1)) + mean  # contrast around the image mean
@@ -647,10 +569,9 @@ def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator)
     return x.clamp(0, 255)
 
 def image_batch_pairs(size: int, batch: int, div: int = 32, n: int = 25, lo: float = 0, hi: float = 0) -> list:
-    """CoreNet's variable-batch pairs (data/sampler/utils.py, square crops): n sizes linspace(lo, hi) and the base
-    size, each made divisible by `div` (check_scale: 16 in the pre-training configs, 32 in fine-tuning), with the
-    batch that keeps size^2 * batch pixels per step: sorted distinct (size, batch). lo, hi: the configs' 128 and
-    320 at 224, in proportion at other base sizes."""
+    """CoreNet's variable-batch pairs (data/sampler/utils.py, square crops): n sizes linspace(lo, hi) and the base size
+    made divisible by `div` (check_scale), each with the batch that keeps size^2 * batch pixels: sorted (size, batch).
+    lo, hi: the configs' 128 and 320 at 224, in proportion at other base sizes."""
     lo, hi = lo or size * 4 / 7, hi or size * 10 / 7
     def divisible(v):  # the nearest multiple of div, >= div, never more than 10% below v
         r = max(div, int(v + div / 2) // div * div)
@@ -659,17 +580,14 @@ def image_batch_pairs(size: int, batch: int, div: int = 32, n: int = 25, lo: flo
     return sorted({(s, max(1, int(round(size * size * batch / (s * s), 2)))) for s in sizes})
 
 def draw_scale(pairs: list, seed: int, step: int) -> tuple[int, int]:
-    """The (size, batch) of a step, drawn uniformly from the pairs as CoreNet's sampler; seeded by (seed, step),
-    so every rank, every DataLoader worker and a resumed run draw the same."""
+    """A step's (size, batch), uniform as CoreNet's; seeded by (seed, step): every rank, worker and resume agree."""
     return random.Random(seed * 1_000_003 + step).choice(pairs)
 
 class VariableBatches(torch.utils.data.Sampler):
-    """CoreNet's variable_batch_sampler for keys (epoch, index, size): each step draws its (size, batch) pair
-    (draw_scale) and takes the next batch * world items of a stream of
-    per-epoch permutations, rank r every world-th. `steps`: until `samples` items (the epochs) are used."""
+    """CoreNet's variable_batch_sampler (fine-tuning) for keys (epoch, index, size): step s takes draw_scale's batch
+    * world next items of per-epoch permutations, rank r every world-th, until `samples` items are used (`steps`)."""
     def __init__(self, n: int, pairs: list, samples: int, start: int, seed: int, rank: int, world: int):
-        self.n, self.start, self.seed, self.rank, self.world, self.draws = n, start, seed, rank, world, []
-        used = 0
+        self.n, self.start, self.seed, self.rank, self.world, self.draws, used = n, start, seed, rank, world, [], 0
         while used < samples:  # (size, global batch, items before this step)
             size, b = draw_scale(pairs, seed, len(self.draws))
             self.draws.append((size, b * world, used))
@@ -689,10 +607,9 @@ class VariableBatches(torch.utils.data.Sampler):
             yield keys[self.rank::self.world]
 
 class MultiScaleStream(C.ShardStream):
-    """The variable-batch sampler on a shard stream (pre-training): the batch of step s holds the count that
-    draw_scale gives s, every sample decoded at its size. The DataLoader takes batches from its workers in turn,
-    so worker w of nw fills steps start + w, start + w + nw, ...; the stream ends a batch at `batch_size`, which
-    follows the step. Samples come in stream order (the configs' sampler draws indices within shards)."""
+    """The variable-batch sampler on a shard stream (pre-training): step s gets draw_scale's count of samples at its
+    size. The DataLoader takes batches from its workers in turn, so worker w of nw fills steps start + w, start + w
+    + nw, ...; the stream ends a batch at `batch_size`, which follows the step."""
     def __init__(self, pairs: list, *args, **kw):
         super().__init__(*args, **kw)
         self.pairs, self.step, self.left, self.count = pairs, None, 0, 1
@@ -721,14 +638,12 @@ def synthetic(cache_dir: str, n_train: int, n_val: int, size: int) -> dict:
 
 # ==== 6. Optimiser and EMA (spec 3.2) =======================================================================
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, decay_all: bool = False):
-    """AdamW (0.9, beta2, eps 1e-8). As every CatLIP config (`no_decay_bn_filter_bias: true`, CoreNet's
-    misc/common.py parameter_list): 1-D parameters (biases, norm weights) are not decayed, all others are (the
-    CLS token and positions included). decay_all: every parameter, the code's default without that option."""
+    """AdamW (0.9, beta2, eps 1e-8); as the configs' no_decay_bn_filter_bias (CoreNet's parameter_list), 1-D
+    parameters (biases, norms) are not decayed, the rest are (CLS token, positions). decay_all: every parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if decay_all or p.ndim != 1], "weight_decay": weight_decay},
               {"params": [p for p in params if not decay_all and p.ndim == 1], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, beta2), eps=1e-8,
-                             fused=params[0].is_cuda)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr, (0.9, beta2), 1e-8, fused=params[0].is_cuda)
 
 def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float, warmup_init: float) -> float:
     """CoreNet's iteration-based cosine (optims/scheduler/cosine.py): linear from `warmup_init` (the configs'
@@ -738,10 +653,9 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float, warmup_i
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup + 1)))
 
 class EMA:
-    """Exponential moving average, ema <- ema + m (w - ema), of the whole state dict as CoreNet's EMA
-    (misc/averaging_utils.py: weights and BatchNorm statistics; integer buffers are copied), with the paper's
-    m = 0.0005 and, as CoreNet, no warm-up. warmup=True (a heuristic borrowed from timm's ModelEmaV3):
-    m_t = max(m, (1 + t)^-0.75), so that a few hundred CPU steps get a useful average."""
+    """ema <- ema + m (w - ema) over the whole state dict as CoreNet's EMA (weights and BatchNorm statistics; integer
+    buffers copied), m = 0.0005 without warm-up. warmup=True, a heuristic from timm's ModelEmaV3 for short CPU runs:
+    m_t = max(m, (1 + t)^-0.75)."""
     def __init__(self, model: nn.Module, momentum: float, warmup: bool = False):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.momentum, self.warmup = momentum, warmup
@@ -757,18 +671,13 @@ class EMA:
 
 # ==== 7. Transfer Init (Sec. 4.2, App. B) ===================================================================
 def match_classes(classnames: list[str], vocab: Vocab) -> list[list[int]]:
-    """For each class name, the head rows whose average starts its classifier row ([] = no match):
-    a WordNet id (folder n02084071) that is a label of V; else the whole name as one lemma ("hot dog" ->
-    hot_dog); else every word of the name that is a lemma of V (a multi-word name averages them).
-    Only exact lemma matches: WordNet path similarity is not available (module docstring)."""
-    label_row = {l: i for i, l in enumerate(vocab.labels)}
-    out = []
+    """Per class name, the head rows whose mean starts its classifier row ([] = none): a WordNet id that is a label
+    of V; else the whole name as one lemma (hot_dog); else each word of it that is a lemma (exact lemmas only)."""
+    label_row, out = {l: i for i, l in enumerate(vocab.labels)}, []
     for name in classnames:
         key = name.strip().lower()
-        if re.fullmatch(r"n\d+", key) and f"n{int(key[1:])}" in label_row:  # wnids are zero-padded offsets
-            out.append([label_row[f"n{int(key[1:])}"]])
-            continue
-        whole = vocab.lemmas.get(singularize(key.replace(" ", "_")))
+        wnid = f"n{int(key[1:])}" if re.fullmatch(r"n\d+", key) else None  # wnids are zero-padded offsets
+        whole = label_row[wnid] if wnid in label_row else vocab.lemmas.get(singularize(key.replace(" ", "_")))
         out.append([whole] if whole is not None else  # else its words' rows, each once, in order
                    list(dict.fromkeys(vocab.lemmas[w] for w in caption_lemmas(key) if w in vocab.lemmas)))
     return out
@@ -798,8 +707,7 @@ def folder_logits(model: ViTClassifier, items, size: int, device, batch_size: in
     return torch.cat(out), torch.tensor(ys, device=device)
 
 def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: int, device) -> dict:
-    """Pre-training's own check, no training: classify an ImageFolder with the head rows that Transfer
-    Init would copy for its class names (an unmatched class can never win)."""
+    """Pre-training's own check: an ImageFolder classified by the head rows Transfer Init would copy for its names."""
     matches = match_classes(classnames, vocab)
     logits, y = folder_logits(model, items, size, device)
     scores = torch.stack([logits[:, r].mean(dim=1) if r else torch.full_like(logits[:, 0], -float("inf"))
@@ -809,8 +717,7 @@ def head_zeroshot(model: ViTClassifier, vocab: Vocab, items, classnames, size: i
 
 # ==== 9. Pre-training =======================================================================================
 def make_vocab(cfg: Config, shards: str, rank: int, world: int) -> Vocab:
-    """Without --vocab: the vocab.json of an earlier run in --out, or one counted now from the training
-    captions (all ranks count their share; rank 0 writes it)."""
+    """Without --vocab: the vocab.json of an earlier run in --out, or one counted now (rank 0 writes it)."""
     saved = os.path.join(cfg.out, "vocab.json")
     if not os.path.exists(saved):
         build_vocab(shards, cfg.caption_key, cfg.workers, rank, world, cfg.min_count, 0, saved)
@@ -827,18 +734,16 @@ def restore(ckpt: dict, model, ema, opt, what: str, steps: int) -> int:
     C.set_rng_state(ckpt["rng"])
     return ckpt["step"]
 
-def checkpoint_state(model, ema, opt, step, cfg, position, vocab: Vocab, size: int) -> dict:
-    """A plain dict (loads with weights_only=True): weights, EMA, optimizer, step, RNG, data position, and
-    what a fine-tune needs to rebuild the model and map class names (model name, size, vocabulary)."""
-    return {"kind": "catlip", "model": model.state_dict(), "ema": ema.module.state_dict(),
-            "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "data": position.state(),
-            "model_name": cfg.model, "image_size": size, "pool": cfg.pool, "labels": list(vocab.labels),
-            "lemmas": dict(vocab.lemmas), "config": dataclasses.asdict(cfg)}
+def save(cfg, step: int, kind: str, model, ema, opt, **extra):
+    """Write OUT/ckpt-{step}.pt, a plain dict (loads with weights_only=True): weights, EMA, optimizer, step, RNG,
+    config and `extra`, what a resume or a fine-tune needs; keep the newest --keep-ckpts."""
+    state = {"kind": kind, "model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
+             "step": step, "rng": C.rng_state(), "config": dataclasses.asdict(cfg), **extra}
+    C.save_checkpoint(path := os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
+    C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
 
 def pretrain(cfg: Config):
-    """Pre-train an image-only ViT with the multi-label BCE on the nouns of the captions (the default command).
-
-    The vocabulary is --vocab, the vocab.json of an earlier run in --out, or counted first from the captions."""
+    """Pre-train an image-only ViT with the multi-label BCE on the nouns of the captions (the default command)."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if cfg.model not in MODELS:
         C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
@@ -862,30 +767,27 @@ def pretrain(cfg: Config):
     vocab = given or make_vocab(cfg, shards, rank, world)
     if not vocab.lemmas:
         C.fail(f"--vocab {cfg.vocab} has no lemmas, so no caption has labels: give a label<TAB>lemmas table")
-    model = C.set_fused(build_model(cfg.model, len(vocab.labels), size, cfg.pool, cfg.grad_checkpointing), cfg.fused)
-    model = model.to(device)
+    model = build_model(cfg.model, len(vocab.labels), size, cfg.pool, cfg.grad_checkpointing)
+    model = C.set_fused(model, cfg.fused).to(device)
+    corenet = isinstance(model, CoreNetViT)  # else the fixed jitter stands in for RangeAugment, at one size
     C.print0(f"model {cfg.model} at {size}px: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
              f"({model.head.weight.numel() / 1e6:.2f}M in the {len(vocab.labels)}-way head)")
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.beta2, cfg.decay_all)
-    ema = EMA(model, cfg.ema_momentum, cfg.ema_warmup)
-    log = C.RunLog(cfg.out)
-
-    # ---- resume ---------------------------------------------------------------------------------
+    ema, log = EMA(model, cfg.ema_momentum, cfg.ema_warmup), C.RunLog(cfg.out)
+    # ---- resume -------------------------------------------------------------------------------------
     start, data_pos = 0, {}
     if ckpt is not None:
         if ckpt["labels"] != vocab.labels:
             C.fail(f"checkpoint {cfg.resume} was trained on another vocabulary ({len(ckpt['labels'])} labels)")
         start = restore(ckpt, model, ema, opt, cfg.resume, cfg.steps)
-        if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
-            data_pos = ckpt["data"][rank]
-        else:
-            C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
+        same = len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers)
+        data_pos = ckpt["data"][rank] if same else C.print0("warning: world size or --workers changed; the data "
+                                                            "stream restarts at its beginning") or {}
         C.print0(f"resumed from step {start} of {cfg.resume}")
-
-    # ---- data -----------------------------------------------------------------------------------
-    decode = CatLIPDecode(vocab, size, cfg.max_labels, True, cfg.seed, cfg.crop_scale, cfg.flip, cfg.caption_key)
-    multi = cfg.multi_scale and isinstance(model, CoreNetViT)  # the plain ViT's positions do not resize
-    pairs = image_batch_pairs(size, cfg.batch_size, div=16) if multi else [(size, cfg.batch_size)]  # check_scale 16
+    # ---- data: one (size, batch) a step, the configs' variable batches (check_scale 16) or one pair ----
+    decode = CatLIPDecode(vocab, size, cfg.max_labels, cfg.seed, cfg.crop_scale, cfg.flip, cfg.caption_key)
+    multi = cfg.multi_scale and corenet
+    pairs = image_batch_pairs(size, cfg.batch_size, div=16) if multi else [(size, cfg.batch_size)]
     C.print0(f"variable batches (size, batch): {pairs}" if multi else f"batches of {cfg.batch_size} at {size}px")
     stream = MultiScaleStream(pairs, C.expand_shards(shards), decode, cfg.batch_size, rank, world, cfg.seed,
                               cfg.shuffle_buffer, data_pos, start)
@@ -893,48 +795,40 @@ def pretrain(cfg: Config):
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}
     zs = C.image_folder(zs_dir, C.read_lines(cfg.classnames) if cfg.classnames else None) if zs_dir else None
-
-    # ---- wrap: DDP, compile, precision ------------------------------------------------------------
+    # ---- wrap: DDP, compile, precision ----------------------------------------------------------------
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    gen = torch.Generator(device)  # augmentation noise, re-seeded by step so that a resume redraws it
-    range_aug = cfg.range_augment and isinstance(model, CoreNetViT)  # else the fixed jitter stands in
-    stop = C.StopSignal()
+    gen, stop = torch.Generator(device), C.StopSignal()  # gen: augmentation draws, re-seeded by step for a resume
+    range_aug = cfg.range_augment and corenet
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     n_pos = torch.zeros((), device=device)  # positive labels since the last log line
     t0, t_data, seen, stopping = time.time(), 0.0, 0, False
     for step in C.progress(range(start, cfg.steps + 1), "train", initial=start, total=cfg.steps + 1):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
-
         # ---- evaluate: the head rows of the class names, raw and EMA weights ------------------------
         if zs and cfg.eval and (last_step or (cfg.eval_every and step % cfg.eval_every == 0 and step > start)):
             if rank == 0:
-                raw = head_zeroshot(model, vocab, *zs, size, device)
-                avg = head_zeroshot(ema.module, vocab, *zs, size, device)
+                raw, avg = (head_zeroshot(m, vocab, *zs, size, device) for m in (model, ema.module))
                 log.log(step, head_top1=raw["head_top1"], ema_head_top1=avg["head_top1"],
                         classes_matched=raw["classes_matched"])
             C.barrier()
-
         # ---- checkpoint (never one with a non-finite loss behind it) ------------------------------
-        if (last_step or stopping or (step % cfg.ckpt_every == 0 and step > start)) and step > start:
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
             if nonfinite.item():
                 C.fail(f"non-finite loss before step {step}; the last good checkpoint in {cfg.out} is kept")
-            path = os.path.join(cfg.out, f"ckpt-{step}.pt")
-            C.save_checkpoint(path, checkpoint_state(model, ema, opt, step, cfg, position, vocab, size))
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
+            save(cfg, step, "catlip", model, ema, opt, data=position.state(), model_name=cfg.model, image_size=size,
+                 pool=cfg.pool, labels=list(vocab.labels), lemmas=dict(vocab.lemmas))  # state(): on every rank
         if last_step or stopping:
             break
-
         # ---- forward, backward, step ----------------------------------------------------------------
         td = time.time()
         batch = next(batches)
         t_data += time.time() - td
         position.update(batch)
         labels = batch["labels"].to(device, non_blocking=True)  # (B, K) head rows, -1 padded
-        x = batch["image"].to(device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255]
+        x = batch["image"].to(device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255], S and B by step
         gen.manual_seed(cfg.seed * 1_000_003 + step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if range_aug:  # inside the model's forward (CoreNet's neural_augmentor), so that DDP syncs its ranges
@@ -943,30 +837,34 @@ def pretrain(cfg: Config):
                 logits = train_model(C.normalize_images(jitter(x, cfg.jitter, cfg.noise, gen)))
         loss = multilabel_bce(logits, labels)  # + RangeAugment's loss: the configs' composite_loss, weights 1 and 1
         loss = loss + range_augment_loss(x / 255, xa, step, cfg.steps) if range_aug else loss
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        C.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr, cfg.warmup_init_lr))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model, step)
+        gnorm = optimize(loss, model, opt, ema, step, cfg, cfg.steps)
         nonfinite |= ~torch.isfinite(loss.detach())
         n_pos += (labels >= 0).sum()
         seen += len(labels)
-
         # ---- log (the only host sync) ---------------------------------------------------------------
         if (step + 1) % cfg.log_every == 0:
             if nonfinite.item():
                 C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
-            dt, skipped = time.time() - t0, position.skip_totals()
-            read = seen + sum(skipped.values())
-            if read and sum(skipped.values()) / read > cfg.max_skip_frac:
-                C.fail(f"{sum(skipped.values())} of {read} samples unusable ({skipped}); check --data")
+            dt, skipped = time.time() - t0, sum(position.skip_totals().values())
+            if skipped and skipped / (seen + skipped) > cfg.max_skip_frac:
+                C.fail(f"{skipped} of {seen + skipped} samples unusable ({position.skip_totals()}); check --data")
             log.log(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
                     labels_per_image=n_pos.item() / seen, samples_per_s=seen * world / dt,
-                    data_frac=t_data / dt, skipped=sum(skipped.values()))
+                    data_frac=t_data / dt, skipped=skipped)
             t0, t_data, seen = time.time(), 0.0, 0
             n_pos.zero_()
     finish(cfg.out, stopping and not last_step, step)
+
+def optimize(loss, model: nn.Module, opt, ema: EMA, step: int, cfg, steps: int) -> torch.Tensor:
+    """backward, clip the trained parameters' gradient norm (returned), the step's lr, step, zero_grad, EMA."""
+    loss.backward()
+    trained = [p for group in opt.param_groups for p in group["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or math.inf)
+    C.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, steps, cfg.min_lr, cfg.warmup_init_lr))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(model, step)
+    return gnorm
 
 def finish(out: str, stopped: bool, step: int):
     """The run's last lines: where it stopped (a signal) and where its results are."""
@@ -977,20 +875,18 @@ def finish(out: str, stopped: bool, step: int):
 
 # ==== 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2) ==============================
 class FolderImages(torch.utils.data.Dataset):
-    """Map-style ImageFolder read by key (epoch, index): train = random resized crop + flip seeded by
-    (seed, epoch, index), so the augmentation does not depend on workers or on a resume. An unreadable
-    image becomes label -1, which the loss ignores, instead of a crash."""
+    """ImageFolder read by key (epoch, index[, size]): random resized crop + flip seeded by (seed, epoch, index), the
+    same whatever the workers or a resume; an unreadable image is label -1, which the loss ignores."""
     def __init__(self, items, size: int, seed: int, scale: float, flip: bool):
         self.items, self.size, self.seed, self.scale, self.flip = items, size, seed, scale, flip
     def __len__(self):
         return len(self.items)
-    def __getitem__(self, key):  # (epoch, index) or (epoch, index, size): the variable-batch sampler's
+    def __getitem__(self, key):
         epoch, i, size = (*key, self.size)[:3]
         path, label = self.items[i]
         rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         try:
-            with open(path, "rb") as f:
-                img = C.bytes_to_tensor(f.read())
+            img = C.bytes_to_tensor(open(path, "rb").read())
         except Exception:
             return torch.zeros(3, size, size, dtype=torch.uint8), -1
         x = C.image_to_uint8(img, size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
@@ -998,22 +894,16 @@ class FolderImages(torch.utils.data.Dataset):
         return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
 
 def labelled_synthetic_folder(world: dict, n: int) -> str:
-    """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it
-    once): the labelled downstream set of the low-data regime. Its captions were seen in pre-training,
-    its labels were not."""
+    """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it once): the
+    labelled downstream set of the low-data regime, whose captions pre-training saw but not its labels."""
     root = os.path.join(world["root"], f"labelled-{n}")
     if C.get_rank() == 0 and not os.path.exists(os.path.join(root, "DONE")):
         for name in world["classnames"]:
             os.makedirs(os.path.join(root, name), exist_ok=True)
-        done, skipped = 0, {}
-        for shard in C.expand_shards(world["train"]):
-            for s in C.iter_tar_samples(shard, skipped):
-                if done < n:
-                    name = json.loads(s["json"])["classname"]
-                    with open(os.path.join(root, name, os.path.basename(s["__key__"]) + ".jpg"), "wb") as f:
-                        f.write(s["jpg"])
-                    done += 1
-        open(os.path.join(root, "DONE"), "w").write(str(done))
+        for s in itertools.islice((s for p in C.expand_shards(world["train"]) for s in C.iter_tar_samples(p, {})), n):
+            open(os.path.join(root, json.loads(s["json"])["classname"], os.path.basename(s["__key__"]) + ".jpg"),
+                 "wb").write(s["jpg"])
+        open(os.path.join(root, "DONE"), "w").write(str(n))
     C.barrier()
     return root
 
@@ -1030,10 +920,8 @@ def finetune_data(cfg: FinetuneConfig, size: int):
         if len(val_names) != len(classnames):
             C.fail(f"--val-data has {len(val_names)} class folders, --data {len(classnames)}")
         return train, val, classnames
-    order = list(range(len(train)))
-    random.Random(cfg.seed).shuffle(order)
-    cut = int(round(cfg.val_frac * len(train)))
-    return [train[i] for i in sorted(order[cut:])], [train[i] for i in sorted(order[:cut])], classnames
+    held = set(random.Random(cfg.seed).sample(range(len(train)), int(round(cfg.val_frac * len(train)))))
+    return [t for i, t in enumerate(train) if i not in held], [t for i, t in enumerate(train) if i in held], classnames
 
 def load_pretrained(path: str, vocab: str = "") -> dict:
     """A CatLIP pre-training checkpoint: a run's (a file, or its run directory: the newest that reads), or a
@@ -1044,13 +932,16 @@ def load_pretrained(path: str, vocab: str = "") -> dict:
     if ckpt is None:
         C.fail(f"no ckpt-*.pt in {path}")
     if "classifier.weight" in ckpt and "kind" not in ckpt:  # CoreNet's layout: a bare state dict (EMA weights)
-        name, pool = corenet_checkpoint(ckpt, path)
-        rows = ckpt["classifier.weight"].shape[0]
+        rows, width = ckpt["classifier.weight"].shape  # the model: CoreNet's ViT of this width and depth
+        shape = (width, len({k.split(".")[1] for k in ckpt if k.startswith("transformer.")}))
+        names = [k for k, v in MODELS.items() if v.get("arch") == "corenet" and (v["width"], v["layers"]) == shape]
+        if not names:
+            C.fail(f"{path}: a CoreNet ViT of width {width} and {shape[1]} layers is none of {', '.join(MODELS)}")
         labels = load_vocab(vocab, rows).labels if vocab else []
         if vocab and len(labels) != rows:
             C.fail(f"--vocab {vocab} has {len(labels)} labels, the head of {path} {rows} rows")
-        return {"kind": "catlip", "kind_of_file": "corenet", "model_name": name, "pool": pool, "image_size": 224,
-                "labels": labels, "lemmas": {}, "ema": ckpt, "model": ckpt}
+        return {"kind": "catlip", "kind_of_file": "corenet", "model_name": names[0], "image_size": 224, "lemmas": {},
+                "labels": labels, "pool": "cls" if "cls_token" in ckpt else "mean", "ema": ckpt, "model": ckpt}
     if ckpt.get("kind") != "catlip":
         C.fail(f"--init {path} is not a CatLIP pre-training checkpoint (kind {ckpt.get('kind')!r})")
     return ckpt
@@ -1087,42 +978,34 @@ def finetune(cfg: FinetuneConfig):
     if cfg.linear_probe:
         model.requires_grad_(False).head.requires_grad_(True)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, 0.999, cfg.decay_all)
-    ema = EMA(model, cfg.ema_momentum, cfg.ema_warmup)
-    log = C.RunLog(cfg.out)
-    gb, corenet = cfg.batch_size * world, isinstance(model, CoreNetViT)
-    steps = cfg.epochs * max(1, len(train_items) // gb)
-    if multi := cfg.multi_scale and corenet:  # the plain ViT's positions do not resize: one size
-        sampler = VariableBatches(len(train_items), image_batch_pairs(size, cfg.batch_size),
-                                  cfg.epochs * len(train_items), 0, cfg.seed, rank, world)
-        steps = sampler.steps
-    C.print0(f"{len(train_items)} training images, {len(val_items)} held out, {len(classnames)} classes, "
-             f"{steps} steps of {min(gb, len(train_items))}" + (f" at {size}px, or as many pixels" * multi))
-
-    # ---- resume: the data position is the step (C.StepBatches) ---------------------------------------
+    ema, log = EMA(model, cfg.ema_momentum, cfg.ema_warmup), C.RunLog(cfg.out)
+    # ---- data: C.StepBatches, or the configs' variable batches (check_scale 32); the step is the position ----
+    gb, corenet, n = cfg.batch_size * world, isinstance(model, CoreNetViT), len(train_items)
+    multi = cfg.multi_scale and corenet  # the plain ViT's positions do not resize: one size
+    sampler = (VariableBatches(n, image_batch_pairs(size, cfg.batch_size), cfg.epochs * n, 0, cfg.seed, rank, world)
+               if multi else C.StepBatches(n, gb, 0, cfg.epochs * max(1, n // gb), cfg.seed, rank, world))
+    steps = sampler.steps if multi else sampler.total
+    C.print0(f"{n} training images, {len(val_items)} held out, {len(classnames)} classes, {steps} steps of "
+             f"{min(gb, n)}" + (f" at {size}px, or as many pixels" * multi))
     start = 0
     if ckpt is not None:
         if ckpt.get("kind") != "catlip_finetune" or ckpt.get("classnames") != classnames:
             C.fail(f"checkpoint {cfg.resume} is not a fine-tune on these {len(classnames)} classes")
         start = restore(ckpt, model, ema, opt, cfg.resume, steps)
         C.print0(f"resumed from step {start} of {cfg.resume}")
-    data = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip)
-    if multi:
-        sampler.start = start
-    else:
-        sampler = C.StepBatches(len(train_items), gb, start, steps, cfg.seed, rank, world)
+    data, sampler.start = FolderImages(train_items, size, cfg.seed, cfg.crop_scale, cfg.flip), start
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,  # workers
                    pin_memory=device.type == "cuda", worker_init_fn=C.ignore_stop_signals))  # ignore SIGTERM
-
     # ---- the trained part: the whole model, or the head alone on frozen features -------------------
     trained = model.head if cfg.linear_probe else model
     ddp = DDP(trained, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else trained
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     gen, stop = torch.Generator(device), C.StopSignal()  # gen: RangeAugment's draws, re-seeded by step
+    augment = cfg.range_augment and corenet and not cfg.linear_probe
     t0, skipped, seen, stopping = time.time(), torch.zeros((), device=device), 0, False
     for step in C.progress(range(start, steps + 1), "finetune", initial=start, total=steps + 1):
         last_step = step == steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
-
         # ---- evaluate: top-1 of the raw and the EMA weights ------------------------------------------
         if last_step or (cfg.eval_every and step % cfg.eval_every == 0 and step > start):
             if rank == 0:
@@ -1130,34 +1013,22 @@ def finetune(cfg: FinetuneConfig):
                             for lg, y in (folder_logits(m, val_items, size, device) for m in (model, ema.module)))
                 log.log(step, top1=raw, ema_top1=avg, epoch=step / max(1, steps // max(1, cfg.epochs)))
             C.barrier()
-
         # ---- checkpoint ------------------------------------------------------------------------------
-        if (last_step or stopping or (step % cfg.ckpt_every == 0 and step > start)) and step > start:
-            state = {"kind": "catlip_finetune", "model": model.state_dict(), "ema": ema.module.state_dict(),
-                     "optimizer": opt.state_dict(), "step": step, "rng": C.rng_state(), "classnames": classnames,
-                     "model_name": name, "image_size": size, "config": dataclasses.asdict(cfg)}
-            C.save_checkpoint(path := os.path.join(cfg.out, f"ckpt-{step}.pt"), state)
-            C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=path)
+        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
+            save(cfg, step, "catlip_finetune", model, ema, opt, classnames=classnames, model_name=name, image_size=size)
         if last_step or stopping:
             break
-
         # ---- forward, backward, step ---------------------------------------------------------------
         x, y = next(batches)
         x = model_input(model, x.to(device, non_blocking=True))  # (B, 3, S, S)
         y = y.to(device, non_blocking=True)  # (B,), -1 = unreadable image
-        augment = cfg.range_augment and corenet and not cfg.linear_probe
         gen.manual_seed(cfg.seed * 1_000_003 + step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # probe: head on frozen (B, D)
             logits = ddp(model.features(x).detach()) if cfg.linear_probe else ddp(x, gen) if augment else ddp(x)
         logits, xa = logits if augment else (logits, None)
         loss = F.cross_entropy(logits.float(), y, ignore_index=-1, label_smoothing=cfg.label_smoothing)
         loss = loss + range_augment_loss(x, xa, step, steps) if augment else loss
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip or float("inf"))
-        C.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, steps, cfg.min_lr, cfg.warmup_init_lr))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model, step)
+        gnorm = optimize(loss, model, opt, ema, step, cfg, steps)
         skipped, seen = skipped + (y < 0).sum(), seen + len(y)
         if (step + 1) % cfg.log_every == 0:
             if skipped.item() == seen:  # not one image has loaded: stop instead of training on nothing
@@ -1168,13 +1039,8 @@ def finetune(cfg: FinetuneConfig):
     finish(cfg.out, stopping and not last_step, step)
 
 # ==== 11. The claim on the synthetic world: pre-training + fine-tuning beats fine-tuning from scratch =======
-VARIANTS = {  # name -> flags added to the fine-tune
-    "scratch": dict(init="", transfer_init=False, linear_probe=False),
-    "ft_random_head": dict(transfer_init=False, linear_probe=False),
-    "ft_transfer_init": dict(transfer_init=True, linear_probe=False),
-    "lp_random_head": dict(transfer_init=False, linear_probe=True),
-    "lp_transfer_init": dict(transfer_init=True, linear_probe=True),
-}
+VARIANTS = {"scratch": (False, False), "ft_random_head": (False, False), "ft_transfer_init": (True, False),
+            "lp_random_head": (False, True), "lp_transfer_init": (True, True)}  # (transfer_init, linear_probe)
 
 def compare(cfg: FinetuneConfig):
     """Fine-tune from scratch, from the CatLIP backbone, with Transfer Init, and linear probes: a top-1 table.
@@ -1185,12 +1051,11 @@ def compare(cfg: FinetuneConfig):
     init = load_pretrained(cfg.init)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])  # the lock and start record of the comparison itself
     size, rows = cfg.image_size or init["image_size"], {}
-    for name, flags in VARIANTS.items():
-        out = os.path.join(cfg.out, name)
-        extra = dict(model=init["model_name"], pool=init["pool"]) if name == "scratch" else {}
-        t0 = time.time()
-        finetune(dataclasses.replace(cfg, out=out, image_size=size, resume="auto" if cfg.resume else "", **flags,
-                                     **extra))
+    for name, (ti, lp) in VARIANTS.items():
+        out, t0 = os.path.join(cfg.out, name), time.time()
+        scratch = dict(init="", model=init["model_name"], pool=init["pool"]) if name == "scratch" else {}
+        finetune(dataclasses.replace(cfg, out=out, image_size=size, resume="auto" if cfg.resume else "",
+                                     transfer_init=ti, linear_probe=lp, **scratch))
         with open(os.path.join(out, "log.jsonl")) as f:
             final = [r for r in map(json.loads, f) if "top1" in r][-1]  # the start records have no top1
         rows[name] = {"top1": final["top1"], "ema_top1": final["ema_top1"], "steps": final["step"],
