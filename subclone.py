@@ -498,20 +498,21 @@ class GPT2Tokenizer(C.Tokenizer):
     space; whitespace), a piece's UTF-8 bytes map to printable characters (common's byte table is GPT-2's), and
     common's _bpe merges the lowest-ranked pair until none is a merge. Rows: [sot] + ids + [eot], sot = eot =
     <|endoftext|> (the largest id, split off first), GPT-2's document separator; lm_loss ends a row at its last."""
-    pattern = None  # GPT-2's pre-tokenisation regex, built once per process
 
     def __init__(self, vocab: dict, merges: list, context_length: int = 1024):
         self.encoder, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.decoder, self.ranks = {i: s for s, i in self.encoder.items()}, {m: r for r, m in enumerate(self.merges)}
         self.vocab_size, self.eot_token = len(self.encoder), self.encoder["<|endoftext|>"]
         self.sot_token, self.context_length, self._cache = self.eot_token, context_length, {}
-        if GPT2Tokenizer.pattern is None:
+        if "pattern" not in vars(GPT2Tokenizer):  # GPT-2's pre-tokenisation regex, built once per process
             # re has no \p{L} / \p{N}. In str patterns \w is exactly \p{L} | \p{N} | "_" and \d is Nd, so only the
-            # numbers that are not digits (Nl, No: Roman numerals, superscripts, fractions) are listed, x: letters
-            # are [^\W\d_x], numbers [\dx]. re's \s also takes U+001C-001F, GPT-2's \s (White_Space) does not: s, S.
-            # The one difference left: code points unassigned in Python's Unicode (unicodedata.unidata_version) fall
-            # in the symbol runs, where the regex package or HF's tokenizers, on a newer Unicode, may see letters.
-            x = "".join(c for c in map(chr, range(0x110000)) if c.isnumeric() and not (c.isdecimal() or c.isalpha()))
+            # numbers that are not digits (Nl, No: Roman numerals, superscripts, fractions) are listed, as ranges x
+            # (re tests a class's astral items one by one): letters [^\W\d_x], numbers [\dx]. re's \s also takes
+            # U+001C-001F, GPT-2's \s (White_Space) does not: s, S. The one difference left: code points unassigned in
+            # Python's Unicode (unicodedata.unidata_version) are symbols here, maybe letters for the regex package.
+            n = [c for c in range(0x110000) if chr(c).isnumeric() and not (chr(c).isdecimal() or chr(c).isalpha())]
+            x = "".join(f"{chr(a)}-{chr(b)}" for a, b in zip([c for p, c in zip([-2] + n, n) if c != p + 1],
+                                                             [c for c, q in zip(n, n[1:] + [-2]) if q != c + 1]))
             s, S = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
             GPT2Tokenizer.pattern = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_{x}]+| ?[\d{x}]+"
                                                rf"| ?(?:[^\s\w]|[_\x1c-\x1f])+|{s}+(?!{S})|{s}+")
@@ -520,10 +521,9 @@ class GPT2Tokenizer(C.Tokenizer):
     @classmethod
     def read(cls, folder: str) -> GPT2Tokenizer:
         """From vocab.json ({token: id}) and merges.txt ("a b" lines in rank order after a "#version" line)."""
-        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f, \
-                open(os.path.join(folder, "merges.txt"), encoding="utf-8") as g:
-            vocab, lines = json.load(f), g.read().split("\n")
-        return cls(vocab, [ln.split() for ln in lines[lines[0].startswith("#version"):] if ln.strip()])
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+            vocab, lines = json.load(f), C.read_lines(os.path.join(folder, "merges.txt"))
+        return cls(vocab, [ln.split() for ln in lines if not ln.startswith("#version")])
 
     def _encode_word(self, piece: str) -> list[int]:
         if (ids := self._cache.get(piece)) is None:
