@@ -381,12 +381,13 @@ def init_weights(model: nn.Module):
     if isinstance(model, CoreNetViT):  # positions trunc-normal, std D^-1/2 (CoreNet's LearnablePositionalEmbedding)
         nn.init.trunc_normal_(pos := model.pos_embed["pos_embed"]["pos_embed"], std=pos.shape[-1] ** -0.5)
 
+def model_spec(name: str) -> dict:
+    return MODELS[name] if name in MODELS else C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+
 def build_model(name: str, n_classes: int, image_size: int = 0, pool="cls", grad_checkpointing=False) -> nn.Module:
-    if name not in MODELS:
-        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if pool not in ("cls", "mean"):
         C.fail(f"--pool must be cls or mean, not '{pool}'")
-    spec = dict(MODELS[name], image_size=image_size or MODELS[name]["image_size"])
+    spec = {**(m := model_spec(name)), "image_size": image_size or m["image_size"]}
     if spec["image_size"] % spec["patch"]:
         C.fail(f"--image-size {spec['image_size']} is not a multiple of the patch size {spec['patch']}")
     if spec.pop("arch", "clip") == "corenet":
@@ -745,8 +746,7 @@ def save(cfg, step: int, kind: str, model, ema, opt, **extra):
 def pretrain(cfg: Config):
     """Pre-train an image-only ViT with the multi-label BCE on the nouns of the captions (the default command)."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    if cfg.model not in MODELS:
-        C.fail(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+    size = cfg.image_size or model_spec(cfg.model)["image_size"]
     if not (0 <= cfg.jitter < 1 and 0 <= cfg.noise <= 1):
         C.fail(f"--jitter {cfg.jitter} must be in [0, 1) and --noise {cfg.noise} in [0, 1]")
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
@@ -754,7 +754,6 @@ def pretrain(cfg: Config):
     if ckpt is not None and (ckpt.get("kind") != "catlip" or ckpt.get("model_name") != cfg.model):
         C.fail(f"checkpoint {cfg.resume} is of model '{ckpt.get('model_name')}' ({ckpt.get('kind')}), "
                f"not a CatLIP --model {cfg.model}")
-    size = cfg.image_size or MODELS[cfg.model]["image_size"]
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
     stale = cfg.overwrite and not cfg.resume and C.checkpoints(cfg.out)  # claim_out moves them to previous-N
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
@@ -879,8 +878,6 @@ class FolderImages(torch.utils.data.Dataset):
     same whatever the workers or a resume; an unreadable image is label -1, which the loss ignores."""
     def __init__(self, items, size: int, seed: int, scale: float, flip: bool):
         self.items, self.size, self.seed, self.scale, self.flip = items, size, seed, scale, flip
-    def __len__(self):
-        return len(self.items)
     def __getitem__(self, key):
         epoch, i, size = (*key, self.size)[:3]
         path, label = self.items[i]
@@ -958,9 +955,8 @@ def finetune(cfg: FinetuneConfig):
         C.fail(f"--transfer-init from the CoreNet checkpoint {cfg.init} needs --vocab, its synset pickle")
     ckpt = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
     name = init["model_name"] if init else cfg.model
-    if name not in MODELS:
-        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    size = cfg.image_size or (init["image_size"] if init else MODELS[name]["image_size"])
+    spec = model_spec(name)  # an unknown model is one line, before any work
+    size = cfg.image_size or (init["image_size"] if init else spec["image_size"])
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     train_items, val_items, classnames = finetune_data(cfg, size)
