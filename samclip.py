@@ -22,7 +22,7 @@ Paper -> code:
   prompt encoder, two-way mask decoder                       -> PromptEncoder, MaskDecoder, TwoWayTransformer
   CLIP head: 3 blocks from SAM's last, max-pool, LN, MLP     -> CLIPHead, SamClip.add_clip_head
   L_CLIP (Eq. 1), L_SAM = focal + dice vs frozen SAM (Eq. 2) -> cosine_distill_loss, sam_distill_loss
-  L_CLIP + 10 L_SAM (Eq. 3); stages I-III (Sec. 4.1)         -> merge, build_student, param_groups_stage2
+  L_CLIP + 10 L_SAM (Eq. 3); stages I-III (Sec. 4.1)         -> merge, build_student, train_loop
   zero-shot segmentation (Sec. 4.3, Table 2)                 -> dense_logits, segment_image, seg_eval
   CLIP + SAM head from one pass (Table 5, App. C)            -> refine_with_sam
   benchmarks' readers; SA-1B / COCO masks (RLE, polygons)    -> seg_pairs, DATASETS; rle_decode, coco_mask
@@ -56,12 +56,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,8 +77,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common as C
 
 @dataclass
-class Shared:
-    """The flags of every command."""
+class Shared:  # the flags of every command
     device: str = "auto"  # auto | cuda | cpu
     seed: int = 0  # init, data order, prompts
     cache_dir: str = ""  # where the synthetic world is generated (default ~/.cache/effclip)
@@ -85,8 +86,7 @@ class Shared:
     synthetic_size: int = 64  # synthetic image size
 
 @dataclass
-class TrainShared(Shared):
-    """The flags of both training commands."""
+class TrainShared(Shared):  # the flags of both training commands
     masks_per_image: int = 4  # prompts (masks) sampled per SAM image (paper: 32)
     box_prob: float = 0.5  # probability that a mask's prompt is its (noisy) box rather than a point in it
     focal_weight: float = 20.0  # focal : dice ratio of the mask loss (SAM: 20 : 1)
@@ -150,8 +150,7 @@ class PredictConfig(Shared):
     out: str = "out.png"  # the mask PNG (and its low-res logits, _logits.pt)
 
 @dataclass
-class SegShared(Shared):
-    """The flags of segment and eval."""
+class SegShared(Shared):  # the flags of segment and eval
     init: str = ""  # a SAM-CLIP run (stage 1 or 2) or its checkpoint
     teacher_clip: str = ""  # the CLIP teacher for the text side; default: the run's
     bpe: str = ""  # CLIP merges for an OpenCLIP teacher
@@ -203,21 +202,13 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 # zero-padded bottom/right to a multiple of w); a few "global" blocks attend over the whole grid. Every
 # attention adds a relative position term q . R[h - h'] + q . R[w - w'] (MViTv2's decomposition), with a
 # learned table per axis of 2S - 1 rows; at another grid size the table is linearly resampled.
+# LayerNorm over the channels of an NCHW map, eps 1e-6 (SAM's neck, prompt and decoder convs): torchvision's
+# (ConvNeXt's), whose `weight` and `bias` are SAM's parameter names.
+LayerNorm2d = functools.partial(torchvision.models.convnext.LayerNorm2d, eps=1e-6)
 
-def LayerNorm2d(channels: int) -> nn.Module:
-    """LayerNorm over the channels of an NCHW map, per pixel, eps 1e-6 (SAM's neck, prompt and decoder convs):
-    torchvision's (ConvNeXt's), whose `weight` and `bias` are SAM's parameter names."""
-    return torchvision.models.convnext.LayerNorm2d(channels, eps=1e-6)
-
-class MLPBlock(nn.Module):
-    """lin1 -> act -> lin2 (names as in the checkpoint)."""
-
-    def __init__(self, dim: int, hidden: int, act=nn.GELU):
-        super().__init__()
-        self.lin1, self.lin2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), act()
-
-    def forward(self, x):
-        return self.lin2(self.act(self.lin1(x)))
+def MLPBlock(dim: int, hidden: int, act=nn.GELU) -> nn.Sequential:
+    """lin1 -> act -> lin2, named as in the checkpoint."""
+    return nn.Sequential(OrderedDict(lin1=nn.Linear(dim, hidden), act=act(), lin2=nn.Linear(hidden, dim)))
 
 def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
     """(q_size, k_size, Dh): the table row of every (query, key) offset along one axis. A table of another
@@ -230,16 +221,16 @@ def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tenso
     return table[(q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
 
 def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """Decomposed relative position term for self-attention on an (h, w) grid: q (B, h, w, Dh), unscaled,
-    -> (B, h*w, h*w) bias = q . Rh[h - h'] + q . Rw[w - w'] added to the attention logits."""
+    """Decomposed relative position term on an (h, w) grid: q (B, h, w, Dh), unscaled, -> (B, h*w, h*w)
+    bias = q . Rh[h - h'] + q . Rw[w - w'] added to the attention logits."""
     B, h, w, Dh = q.shape
     bias_h = torch.einsum("bhwc,hkc->bhwk", q, rel_pos_lookup(h, h, rel_h).to(q.dtype))  # (B, h, w, h')
     bias_w = torch.einsum("bhwc,wkc->bhwk", q, rel_pos_lookup(w, w, rel_w).to(q.dtype))  # (B, h, w, w')
     return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, h * w, h * w)
 
 class EncoderAttention(nn.Module):
-    """Self-attention on a (B, h, w, C) grid with one fused qkv projection and the relative position bias.
-    Fused path: the bias goes to SDPA as an additive mask; reference: explicit softmax (tests, bench)."""
+    """Self-attention on a (B, h, w, C) grid, fused qkv, plus the relative position bias: as SDPA's additive
+    mask (fused), or an explicit fp32 softmax (the reference, for tests and bench)."""
 
     def __init__(self, dim: int, heads: int, rel_size: int):
         super().__init__()
@@ -282,8 +273,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.window = window
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = EncoderAttention(dim, heads, window or grid)
-        self.mlp = MLPBlock(dim, 4 * dim)
+        self.attn, self.mlp = EncoderAttention(dim, heads, window or grid), MLPBlock(dim, 4 * dim)
 
     def forward(self, x):
         y = self.norm1(x)
@@ -301,8 +291,7 @@ class ImageEncoderViT(nn.Module):
 
     def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, out_chans):
         super().__init__()
-        self.img_size = image_size
-        g = image_size // patch
+        self.img_size, g = image_size, image_size // patch
         self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, width, patch, patch)})  # the checkpoint's names
         self.pos_embed = nn.Parameter(torch.zeros(1, g, g, width))
         self.blocks = nn.ModuleList(EncoderBlock(width, heads, 0 if i in global_blocks else window, g)
@@ -323,11 +312,10 @@ class ImageEncoderViT(nn.Module):
     def forward(self, x):
         return self.neck(self.forward_tokens(x).permute(0, 3, 1, 2))  # (B, out, h, w)
 
-
 # ==== 2. Prompt encoder: random Fourier positions for points and boxes, a conv stack for mask prompts ========
 class PositionEmbeddingRandom(nn.Module):
-    """[sin, cos](2 pi (2c - 1) G) for coordinates c in [0, 1]^2 and a fixed Gaussian G (2, D/2), which is
-    a persistent buffer: it is in the checkpoint."""
+    """[sin, cos](2 pi (2c - 1) G) for coordinates c in [0, 1]^2 and a fixed Gaussian G (2, D/2), a persistent
+    buffer (it is in the checkpoint)."""
 
     def __init__(self, num_feats: int):
         super().__init__()
@@ -351,10 +339,9 @@ class PromptEncoder(nn.Module):
     def __init__(self, dim: int, grid: int, image_size: int, mask_in: int):
         super().__init__()
         self.embed_dim, self.image_embedding_size, self.input_image_size = dim, (grid, grid), (image_size, image_size)
-        self.pe_layer = PositionEmbeddingRandom(dim // 2)
+        self.pe_layer, self.mask_input_size = PositionEmbeddingRandom(dim // 2), (4 * grid, 4 * grid)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, dim) for _ in range(4))
         self.not_a_point_embed, self.no_mask_embed = nn.Embedding(1, dim), nn.Embedding(1, dim)
-        self.mask_input_size = (4 * grid, 4 * grid)
         self.mask_downscaling = nn.Sequential(
             nn.Conv2d(1, mask_in // 4, 2, 2), LayerNorm2d(mask_in // 4), nn.GELU(),
             nn.Conv2d(mask_in // 4, mask_in, 2, 2), LayerNorm2d(mask_in), nn.GELU(), nn.Conv2d(mask_in, dim, 1))
@@ -376,8 +363,7 @@ class PromptEncoder(nn.Module):
         sparse (N, T, D), dense (N, D, g, g). Points without a box get one padding point (as SAM), unless
         pad=False: training prompts come as two tokens each (point + padding, or a box's corners 2, 3)."""
         n = next((t.shape[0] for t in (points and points[0], boxes, masks) if t is not None), 1)
-        dev = self.no_mask_embed.weight.device
-        parts = []
+        dev, parts = self.no_mask_embed.weight.device, []
         if points is not None:
             coords, labels = points
             if boxes is None and pad:
@@ -391,7 +377,6 @@ class PromptEncoder(nn.Module):
             self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *self.image_embedding_size)
         return sparse, dense
 
-
 # ==== 3. Mask decoder: a two-way transformer between prompt tokens and image tokens, hypernetwork masks ======
 class DecoderAttention(nn.Module):
     """Attention with separate q/k/v/out projections; cross-attentions work at dim / downsample."""
@@ -404,10 +389,9 @@ class DecoderAttention(nn.Module):
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, q, k, v):
-        def split(t):  # (B, N, inner) -> (B, H, N, Dh)
-            return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
-        o = (C.attention if self.fused else C.attention_reference)(split(self.q_proj(q)), split(self.k_proj(k)),
-                                                                  split(self.v_proj(v)))
+        q, k, v = (t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, N, Dh)
+                   for t in (self.q_proj(q), self.k_proj(k), self.v_proj(v)))
+        o = (C.attention if self.fused else C.attention_reference)(q, k, v)
         return self.out_proj(o.transpose(1, 2).flatten(2))
 
 class TwoWayBlock(nn.Module):
@@ -453,7 +437,7 @@ class TwoWayTransformer(nn.Module):
         return self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys)), keys
 
 class MLPHead(nn.Module):
-    """`layers` Linear layers with ReLU between (the decoder's hypernetworks and IoU head)."""
+    """`depth` Linear layers with ReLU between (the decoder's hypernetworks and IoU head)."""
 
     def __init__(self, dim: int, hidden: int, out: int, depth: int):
         super().__init__()
@@ -461,9 +445,9 @@ class MLPHead(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
 
 class MaskDecoder(nn.Module):
     """Output tokens [iou, mask x 4] + prompt tokens through the two-way transformer; the image tokens are
@@ -472,14 +456,13 @@ class MaskDecoder(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp: int, iou_hidden: int, num_multimask: int = 3):
         super().__init__()
-        self.num_mask_tokens = num_multimask + 1
+        self.num_mask_tokens = n = num_multimask + 1
         self.transformer = TwoWayTransformer(2, dim, heads, mlp)
-        self.iou_token, self.mask_tokens = nn.Embedding(1, dim), nn.Embedding(self.num_mask_tokens, dim)
+        self.iou_token, self.mask_tokens = nn.Embedding(1, dim), nn.Embedding(n, dim)
         self.output_upscaling = nn.Sequential(nn.ConvTranspose2d(dim, dim // 4, 2, 2), LayerNorm2d(dim // 4),
                                               nn.GELU(), nn.ConvTranspose2d(dim // 4, dim // 8, 2, 2), nn.GELU())
-        self.output_hypernetworks_mlps = nn.ModuleList(MLPHead(dim, dim, dim // 8, 3)
-                                                       for _ in range(self.num_mask_tokens))
-        self.iou_prediction_head = MLPHead(dim, iou_hidden, self.num_mask_tokens, 3)
+        self.output_hypernetworks_mlps = nn.ModuleList(MLPHead(dim, dim, dim // 8, 3) for _ in range(n))
+        self.iou_prediction_head = MLPHead(dim, iou_hidden, n, 3)
 
     def forward(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool = True, all_masks=False):
         """image_embeddings (1 or N, D, g, g) -> masks (N, 3 or 1, 4g, 4g) logits, iou (N, 3 or 1);
@@ -499,22 +482,57 @@ class MaskDecoder(nn.Module):
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou[:, sl]
 
-
 # ==== 4. SAM, its pre- and post-processing, and the CLIP head that turns it into SAM-CLIP ====================
-class Sam(nn.Module):
-    """image_encoder + prompt_encoder + mask_decoder, named as the official checkpoint. The pixel mean and
-    std are non-persistent buffers, so the state dict is exactly the official one."""
+class CLIPHead(nn.Module):
+    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), max-pooling over the
+    patch tokens, a LayerNorm and an MLP with two hidden layers into the teacher's embedding space. `dense`:
+    per-patch embeddings (Fig. 2's segmentation logits), LayerNorm + MLP on every token (design choice).
+    pool_first=False (--no-pool-first, the ablation) pools last instead (LN, MLP, max over tokens), so the
+    per-patch embeddings are the vectors whose maximum is distilled, as CLIPpy does (README: on the synthetic
+    world the paper's order gave chance-level dense outputs)."""
+
+    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int, pool_first: bool = True):
+        super().__init__()
+        self.blocks, self.norm = nn.ModuleList(blocks), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, embed_dim))
+        self.pool_first_ = pool_first
+        self.register_buffer("pool_first", torch.tensor(pool_first))  # saved, so a checkpoint knows its order
+
+    def tokens(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x  # (B, h, w, C)
+
+    def forward(self, x):
+        if self.pool_first_:
+            return self.mlp(self.norm(self.tokens(x).amax(dim=(1, 2))))  # (B, E)
+        return self.dense(x).amax(dim=(1, 2))
+
+    def dense(self, x):
+        return self.mlp(self.norm(self.tokens(x)))  # (B, h, w, E)
+
+class SamClip(nn.Module):
+    """SAM: image_encoder + prompt_encoder + mask_decoder, named as the official checkpoint (the pixel mean
+    and std are non-persistent buffers, so the state dict is exactly the official one); `add_clip_head` makes
+    it SAM-CLIP, a `clip_head` branching off the encoder's last block, before the neck (spec 2.2)."""
 
     def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, prompt_dim, decoder_mlp,
                  decoder_heads, mask_in, iou_hidden):
         super().__init__()
-        grid = image_size // patch
         self.image_encoder = ImageEncoderViT(image_size, patch, width, depth, heads, window, global_blocks, prompt_dim)
-        self.prompt_encoder = PromptEncoder(prompt_dim, grid, image_size, mask_in)
+        self.prompt_encoder = PromptEncoder(prompt_dim, image_size // patch, image_size, mask_in)
         self.mask_decoder = MaskDecoder(prompt_dim, decoder_heads, decoder_mlp, iou_hidden)
         self.register_buffer("pixel_mean", torch.tensor(SAM_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_STD).view(-1, 1, 1), persistent=False)
         self.mask_threshold, self.image_format, self.patch = 0.0, "RGB", patch
+
+    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = True):
+        last = self.image_encoder.blocks[-1]
+        width = last.norm1.normalized_shape[0]
+        self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width,
+                                  pool_first)
+        return self
 
     def preprocess(self, x: torch.Tensor, hw=None) -> torch.Tensor:
         """(B, 3, h, w) in 0-255, resized already -> normalised, zero-padded bottom/right to the encoder's
@@ -539,46 +557,6 @@ class Sam(nn.Module):
         masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)[..., :input_hw[0], :input_hw[1]]
         return F.interpolate(masks, original_hw, mode="bilinear", align_corners=False)
 
-class CLIPHead(nn.Module):
-    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), max-pooling over the
-    patch tokens, a LayerNorm and an MLP with two hidden layers into the teacher's embedding space. `dense`:
-    per-patch embeddings (Fig. 2's segmentation logits), LayerNorm + MLP on every token (design choice).
-    pool_first=False (--no-pool-first, the ablation) pools last instead (LN, MLP, max over tokens), so the
-    per-patch embeddings are the vectors whose maximum is distilled, as CLIPpy does (README: on the synthetic
-    world the paper's order gave chance-level dense outputs)."""
-
-    def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int, pool_first: bool = True):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, embed_dim))
-        self.pool_first_ = pool_first
-        self.register_buffer("pool_first", torch.tensor(pool_first))  # saved, so a checkpoint knows its order
-
-    def tokens(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return x  # (B, h, w, C)
-
-    def forward(self, x):
-        if self.pool_first_:
-            return self.mlp(self.norm(self.tokens(x).amax(dim=(1, 2))))  # (B, E)
-        return self.dense(x).amax(dim=(1, 2))
-
-    def dense(self, x):
-        return self.mlp(self.norm(self.tokens(x)))  # (B, h, w, E)
-
-class SamClip(Sam):
-    """SAM plus `clip_head`, which branches off the encoder's last block, before the neck (spec 2.2)."""
-
-    def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = True):
-        last = self.image_encoder.blocks[-1]
-        width = last.norm1.normalized_shape[0]
-        self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width,
-                                  pool_first)
-        return self
-
     def encode_image(self, x, normalize: bool = False, dense: bool = False):
         """SAM-normalised (B, 3, S, S), any S the patch divides -> the pooled CLIP embedding (B, E), or with
         dense=True the per-patch embeddings (B, h, w, E)."""
@@ -595,9 +573,7 @@ class SamClip(Sam):
 
 def build_sam(name: str) -> SamClip:
     """An untrained SAM of MODELS[name] (`add_clip_head` makes it a SAM-CLIP)."""
-    if name not in MODELS:
-        C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    model = SamClip(**MODELS[name])
+    model = SamClip(**MODELS.get(name) or C.fail(f"unknown model '{name}'; choose one of {', '.join(MODELS)}"))
     model.model_name = name
     return model
 
@@ -648,16 +624,16 @@ def resize_longest(img: Image.Image, size: int) -> Image.Image:
     s = size / max(w, h)
     return img.resize((int(w * s + 0.5), int(h * s + 0.5)), Image.BILINEAR)
 
-def embed_image(sam: Sam, img: Image.Image):
+def embed_image(sam: SamClip, img: Image.Image):
     """SAM's image path: img (PIL RGB) -> longest side to the encoder's size, normalised, padded -> (image
     embedding (1, D, g, g), the resized (h, w), the last block's tokens (1, g, g, C) for the CLIP head)."""
     small = resize_longest(img, sam.image_encoder.img_size)
-    x = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)[None].to(sam.pixel_mean.device)
+    x = torchvision.transforms.functional.pil_to_tensor(small)[None].to(sam.pixel_mean.device)  # (1, 3, h, w)
     t = sam.image_encoder.forward_tokens(sam.preprocess(x))
     return sam.image_encoder.neck(t.permute(0, 3, 1, 2)), (small.size[1], small.size[0]), t
 
 @torch.no_grad()
-def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None, mask_input=None,
+def predict_masks(sam: SamClip, img: Image.Image, points=None, labels=None, box=None, mask_input=None,
                   multimask: bool = True):
     """SamPredictor in one call: img (PIL RGB), points [(x, y)] with labels [1/0], box (x0, y0, x1, y1) in
     original pixels, mask_input (1, 1, 4g, 4g) logits -> (masks (K, H, W) bool, iou (K,), low-res logits)."""
@@ -670,7 +646,6 @@ def predict_masks(sam: Sam, img: Image.Image, points=None, labels=None, box=None
     low, iou = sam.decode(emb, coords, lab, boxes, mask_input, multimask)
     masks = sam.postprocess_masks(low, (h, w), (img.size[1], img.size[0]))
     return masks[0] > sam.mask_threshold, iou[0], low
-
 
 # ==== 5. Losses: L_CLIP (cosine distillation) and L_SAM (focal + dice against the frozen SAM's masks) ========
 def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -695,21 +670,26 @@ def sam_distill_loss(masks, iou, t_masks, t_iou, focal_weight: float = 20.0) -> 
     """Eq. 2, L_SAM: the student's four outputs (N, 4, h, w) against the frozen SAM's for the same prompt,
     token by token (the head starts as a copy of the teacher's, so its tokens match; design choice), the
     teacher's logits binarised at 0 as the target; plus an MSE keeping the IoU head on the teacher's."""
-    target = (t_masks > 0).float()
-    return mask_loss(masks, target, focal_weight).mean() + F.mse_loss(iou.float(), t_iou.float())
+    return mask_loss(masks, (t_masks > 0).float(), focal_weight).mean() + F.mse_loss(iou.float(), t_iou.float())
+
+def sam_train_loss(masks, iou, gt, labels, focal_weight: float):
+    """SAM's training loss on ground truth (train-sam), per prompt: a point is ambiguous, so the best of the
+    three multimask outputs is trained (the minimum loss); a box trains the single-mask output. Plus the MSE
+    of the IoU head against the actual IoU of each output mask."""
+    per = mask_loss(masks, gt[:, None].float().expand_as(masks), focal_weight)  # (N, 4)
+    loss = torch.where(labels[:, 0] == 1, per[:, 1:].min(dim=1).values, per[:, 0]).mean()
+    return loss + F.mse_loss(iou.float(), mask_iou(masks > 0, gt[:, None].expand_as(masks)).detach())
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of boolean masks (..., H, W) -> (...); 1 where both are empty."""
     inter, union = (pred & target).flatten(-2).sum(-1), (pred | target).flatten(-2).sum(-1)
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter, dtype=torch.float))
 
-
 # ==== 6. Data: SA-1B (jpg + json of COCO run-length masks), the synthetic world's masks, CLIP images =========
 # COCO's compressed RLE: a mask is read column by column (Fortran order) as alternating runs of 0s and 1s,
 # starting with 0s. Each run length is written as 5-bit groups, low first, as characters chr(48 + g) with
 # bit 0x20 meaning "more groups follow" and bit 0x10 of the last group the sign; from the third run on, the
 # value stored is the difference to the run two before.
-
 def rle_counts(s: str) -> list[int]:
     """COCO compressed counts string -> run lengths."""
     counts, p = [], 0
@@ -744,13 +724,13 @@ def coco_mask(segmentation, h: int, w: int) -> np.ndarray:
     return np.asarray(canvas, bool)
 
 def sample_masks(sample: dict):
-    """The masks of a sample, as a list of zero-argument decoders (so only the chosen ones are decoded):
-    the synthetic world's seg.png (one mask per class id > 0), or SA-1B's json annotations (RLE)."""
+    """The masks of a sample, as zero-argument decoders (only the chosen ones are decoded): the synthetic
+    world's seg.png (one mask per class id > 0), or SA-1B's json annotations (RLE)."""
     if "seg.png" in sample:
         seg = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
         return [(lambda i=i: seg == i) for i in np.unique(seg) if i > 0]
-    meta = json.loads(sample["json"])
-    return [(lambda a=a: rle_decode(a["segmentation"]).astype(bool)) for a in meta.get("annotations", [])]
+    return [(lambda a=a: rle_decode(a["segmentation"]).astype(bool))
+            for a in json.loads(sample["json"]).get("annotations", [])]
 
 def prompt_for(mask: np.ndarray, rng: random.Random, box_prob: float, noise_cap: float):
     """SAM's prompt simulation, first iteration only: a point uniform in the mask (label 1, plus a padding
@@ -765,49 +745,37 @@ def prompt_for(mask: np.ndarray, rng: random.Random, box_prob: float, noise_cap:
     j = rng.randrange(len(xs))
     return torch.tensor([[xs[j], ys[j]], [0, 0]], dtype=torch.float32), torch.tensor([1, -1])
 
-class SamDecode:
+def sam_decode(sample: dict, size: int, k: int, seed: int, box_prob: float) -> dict:
     """Sample -> {"image": uint8 (3, S, S) (longest side S, zero-padded), "hw": (2,) valid size, "coords":
     (K, 2, 2), "labels": (K, 2), "masks": uint8 (K, S, S)}: K masks drawn from the sample's (with replacement
     when it has fewer) and one prompt for each. Raises on a sample without masks (skipped and counted)."""
+    img, decoders = C.decode_image(sample), sample_masks(sample)
+    if not decoders:
+        raise ValueError("no masks")
+    rng, small = C.sample_rng(seed, sample), resize_longest(img, size)
+    (w, h), image = small.size, torch.zeros(3, size, size, dtype=torch.uint8)
+    image[:, :h, :w] = torchvision.transforms.functional.pil_to_tensor(small)
+    picks = rng.sample(range(len(decoders)), k) if len(decoders) >= k else [rng.randrange(len(decoders))
+                                                                              for _ in range(k)]
+    coords, labels, masks = [], [], torch.zeros(k, size, size, dtype=torch.uint8)
+    for j, i in enumerate(picks):
+        m = np.asarray(Image.fromarray(decoders[i]().astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+        if not m.any():  # a mask lost in the resize: keep its bounding pixel
+            m = np.zeros((h, w), bool)
+            m[min(h - 1, h // 2), min(w - 1, w // 2)] = True
+        masks[j, :h, :w] = torch.from_numpy(m)
+        c, lab = prompt_for(m, rng, box_prob, 20 * size / 1024)
+        coords.append(c)
+        labels.append(lab)
+    return {"image": image, "hw": torch.tensor([h, w]), "coords": torch.stack(coords), "labels": torch.stack(labels),
+            "masks": masks}
 
-    def __init__(self, size: int, k: int, seed: int, box_prob: float):
-        self.size, self.k, self.seed, self.box_prob = size, k, seed, box_prob
-
-    def __call__(self, sample: dict) -> dict:
-        img, decoders = C.decode_image(sample), sample_masks(sample)
-        if not decoders:
-            raise ValueError("no masks")
-        rng = C.sample_rng(self.seed, sample)
-        S, small = self.size, resize_longest(img, self.size)
-        w, h = small.size
-        image = torch.zeros(3, S, S, dtype=torch.uint8)
-        image[:, :h, :w] = torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1)
-        picks = rng.sample(range(len(decoders)), self.k) if len(decoders) >= self.k else \
-            [rng.randrange(len(decoders)) for _ in range(self.k)]
-        coords, labels, masks = [], [], torch.zeros(self.k, S, S, dtype=torch.uint8)
-        for j, i in enumerate(picks):
-            m = np.asarray(Image.fromarray(decoders[i]().astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-            if not m.any():  # a mask lost in the resize: keep its bounding pixel
-                m = np.zeros((h, w), bool)
-                m[min(h - 1, h // 2), min(w - 1, w // 2)] = True
-            masks[j, :h, :w] = torch.from_numpy(m)
-            c, lab = prompt_for(m, rng, self.box_prob, 20 * S / 1024)
-            coords.append(c)
-            labels.append(lab)
-        return {"image": image, "hw": torch.tensor([h, w]), "coords": torch.stack(coords),
-                "labels": torch.stack(labels), "masks": masks}
-
-class ClipDecode:
+def clip_decode(sample: dict, size: int, seed: int, scale: float) -> dict:
     """Sample -> {"image": uint8 (3, S, S)}: a random resized crop; the student and the teacher see the same
     view, each at its own resolution and normalisation (spec 6). Captions are not used (spec 4)."""
-
-    def __init__(self, size: int, seed: int, scale: float):
-        self.size, self.seed, self.scale = size, seed, scale
-
-    def __call__(self, sample: dict) -> dict:
-        img = C.decode_image_tensor(sample)
-        box = C.random_resized_crop_box(*C.image_wh(img), C.sample_rng(self.seed, sample), (self.scale, 1.0))
-        return {"image": C.image_to_uint8(img, self.size, box)}
+    img = C.decode_image_tensor(sample)
+    box = C.random_resized_crop_box(*C.image_wh(img), C.sample_rng(seed, sample), (scale, 1.0))
+    return {"image": C.image_to_uint8(img, size, box)}
 
 def synthetic(cfg) -> dict:
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
@@ -824,8 +792,8 @@ def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, 
         C.fail(str(e))
     return iter(C.make_loader(s, workers, torch.cuda.is_available())), position
 
-def sam_batch(batch: dict, sam: Sam, device, low: int):
-    """A SamDecode batch on the device: normalised padded images (B, 3, S, S), the image index of each of
+def sam_batch(batch: dict, sam: SamClip, device, low: int):
+    """A sam_decode batch on the device: normalised padded images (B, 3, S, S), the image index of each of
     the B*K prompts, coords (B*K, 2, 2), labels (B*K, 2), ground-truth masks at the low-res size."""
     x = sam.preprocess(batch["image"].to(device), batch["hw"].to(device))
     B, K = batch["labels"].shape[:2]
@@ -833,18 +801,7 @@ def sam_batch(batch: dict, sam: Sam, device, low: int):
     idx = torch.arange(B, device=device).repeat_interleave(K)
     return x, idx, batch["coords"].to(device).flatten(0, 1), batch["labels"].to(device).flatten(0, 1), gt.flatten(0, 1)
 
-
-# ==== 7. train-sam: a small SAM on the synthetic world's masks (the SAM teacher of the tiny pipeline) ========
-def sam_train_loss(masks, iou, gt, labels, focal_weight: float):
-    """SAM's training loss on ground truth, per prompt: a point is ambiguous, so the best of the three
-    multimask outputs is trained (the minimum loss); a box trains the single-mask output. Plus the MSE of
-    the IoU head against the actual IoU of each output mask."""
-    per = mask_loss(masks, gt[:, None].float().expand_as(masks), focal_weight)  # (N, 4)
-    is_point = labels[:, 0] == 1
-    loss = torch.where(is_point, per[:, 1:].min(dim=1).values, per[:, 0]).mean()
-    actual = mask_iou(masks > 0, gt[:, None].expand_as(masks)).detach()
-    return loss + F.mse_loss(iou.float(), actual)
-
+# ==== 7. The training loop of both commands: train-sam (a small SAM, the tiny pipeline's teacher) and merge ===
 def save_run(out, step, model, opt, cfg, kind, positions, extra=None):
     state = {"kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "rng": C.rng_state(), "data": positions, "model_name": model.model_name,
@@ -865,54 +822,76 @@ def resume_run(cfg, ck, model, opt, kind: str):
     C.print0(f"resumed from step {ck['step']}")
     return ck["step"], ck["data"]
 
-def train_sam(cfg: SamTrainConfig):
-    """Train a small SAM on the synthetic world's masks (or SA-1B shards): the SAM teacher of the tiny pipeline."""
-    rank, local_rank, world, device = C.setup_distributed(cfg.device)
-    ck = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
-    torch.manual_seed(cfg.seed)
-    C.document_run(cfg.out, cfg, [__file__, C.__file__])
-    model = build_sam(cfg.model).to(device).train()
-    S = cfg.size or MODELS[cfg.model]["image_size"]
-    low = 4 * model.prompt_encoder.image_embedding_size[0]
-    shards = cfg.data or synthetic(cfg)["train"]
-    opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
-    start, pos = resume_run(cfg, ck, model, opt, "sam")
-    batches, position = stream(shards, SamDecode(S, cfg.masks_per_image, cfg.seed, cfg.box_prob), cfg.batch_size,
-                               cfg.seed, cfg.workers, rank, world, pos, start)
-    log, stop = C.RunLog(cfg.out), C.StopSignal()
-    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    t0, stopping = time.time(), False
-    for step in C.progress(range(start, cfg.steps + 1), "train-sam", initial=start, total=cfg.steps + 1):
+def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, base_lr: float, micro_steps,
+               find_unused=False, final_eval=None, extra=None):
+    """Steps start..cfg.steps: eval and checkpoint, `break` on the last step, `micro_steps(ddp, next_batch,
+    step)` (forward and backward of each loss, -> a dict of losses to log, "loss" first), clip, lr_at(step)
+    (each group times its lr_mult), step, zero_grad, log. streams = {name: (batch iterator, DataPosition)}."""
+    rank, local_rank, world, device = dist
+    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+              find_unused_parameters=find_unused) if world > 1 else model
+    log, stop, t0, stopping = C.RunLog(cfg.out), C.StopSignal(), time.time(), False
+
+    def next_batch(name):
+        batch = next(streams[name][0])
+        streams[name][1].update(batch)  # the data position a resume continues from
+        return batch
+    for step in C.progress(range(start, cfg.steps + 1), kind, initial=start, total=cfg.steps + 1):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+        if last_step and final_eval is not None and rank == 0:
+            log.log(step, **final_eval())
         if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
-            save_run(cfg.out, step, model, opt, cfg, "sam", position.state())
+            save_run(cfg.out, step, model, opt, cfg, kind, {k: p.state() for k, (_, p) in streams.items()}, extra)
         if last_step or stopping:
             break
-        batch = next(batches)
-        position.update(batch)
-        x, idx, coords, labels, gt = sam_batch(batch, model, device, low)
-        masks, iou = ddp(x, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
-        loss = sam_train_loss(masks, iou, gt, labels, cfg.focal_weight)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        C.set_lr(opt, C.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, 0.01))
+        model.train()
+        losses = micro_steps(ddp, next_batch, step)  # one optimizer step for all micro-steps
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               cfg.grad_clip or float("inf"))
+        lr = C.lr_at(step, base_lr, cfg.warmup, cfg.steps, 0.01)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % cfg.log_every == 0:
-            best = mask_iou(masks[:, 1:] > 0, gt[:, None]).max(1).values  # best of the 3 outputs
-            log.log(step + 1, loss=loss.item(), mask_iou=best.mean().item(), lr=opt.param_groups[0]["lr"],
-                    grad_norm=gnorm.item(), steps_per_s=cfg.log_every / (time.time() - t0))
+            if not torch.isfinite(losses["loss"]):
+                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
+            log.log(step + 1, **{k: v.item() for k, v in losses.items()}, lr=lr, grad_norm=gnorm.item(),
+                    steps_per_s=cfg.log_every / (time.time() - t0))
             t0 = time.time()
     C.finish_run(cfg.out, C.latest_checkpoint(cfg.out), f"stopped by a signal at step {step}: --resume auto "
                  "continues from its checkpoint" if stopping and not last_step else "")
     C.cleanup_distributed()
 
+def train_sam(cfg: SamTrainConfig):
+    """Train a small SAM on the synthetic world's masks (or SA-1B shards): the SAM teacher of the tiny pipeline."""
+    rank, local_rank, world, device = dist = C.setup_distributed(cfg.device)
+    ck = C.load_checkpoint(cfg.resume, cfg.out)  # before any work: an unreadable file is one line
+    torch.manual_seed(cfg.seed)
+    C.document_run(cfg.out, cfg, [__file__, C.__file__])
+    model = build_sam(cfg.model).to(device).train()
+    low = 4 * model.prompt_encoder.image_embedding_size[0]
+    opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
+    start, pos = resume_run(cfg, ck, model, opt, "sam")
+    decode = functools.partial(sam_decode, size=cfg.size or MODELS[cfg.model]["image_size"], k=cfg.masks_per_image,
+                               seed=cfg.seed, box_prob=cfg.box_prob)
+    streams = {"sam": stream(cfg.data or synthetic(cfg)["train"], decode, cfg.batch_size, cfg.seed, cfg.workers, rank,
+                             world, pos.get("sam", {}), start)}
+
+    def micro_steps(ddp, next_batch, step):
+        x, idx, coords, labels, gt = sam_batch(next_batch("sam"), model, device, low)
+        masks, iou = ddp(x, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
+        loss = sam_train_loss(masks, iou, gt, labels, cfg.focal_weight)
+        loss.backward()
+        best = mask_iou(masks[:, 1:] > 0, gt[:, None]).max(1).values  # the best of the 3 outputs
+        return {"loss": loss.detach(), "mask_iou": best.mean()}
+    train_loop(cfg, "sam", model, opt, dist, start, streams, cfg.lr, micro_steps)
 
 # ==== 8. Merging: stage I (head probing), II (multi-task distillation), III (resolution adaptation), Sec. 4.1 ===
 def load_clip_teacher(path: str, bpe: str, device):
-    """The CLIP teacher (frozen): a mobileclip.py checkpoint with bpe.txt beside it, or an OpenAI/OpenCLIP
-    state dict with --bpe (OpenCLIP ViT-L/14 DataComp-1B in the paper). -> (model, tokenizer, spec)."""
+    """The frozen CLIP teacher: a mobileclip.py checkpoint with bpe.txt beside it, or an OpenAI/OpenCLIP state
+    dict with --bpe (OpenCLIP ViT-L/14 DataComp-1B in the paper). -> (model, tokenizer, spec)."""
     import mobileclip  # only for its teacher loader (MobileCLIP and ViT CLIPs, OpenCLIP weights)
     model, tok, spec = mobileclip.load_teacher(path or C.fail(  # an unreadable file: its one line
         "--teacher-clip is required: a mobileclip.py checkpoint or an OpenCLIP state dict (with --bpe)"), bpe, device)
@@ -945,6 +924,9 @@ def build_student(cfg: Config, embed_dim: int, device):
     model, ck = (copy.deepcopy(sam_teacher).add_clip_head(embed_dim, cfg.head_hidden, 3, cfg.pool_first), {}) \
         if cfg.stage == 1 else load_samclip(cfg.init, f"--stage {cfg.stage} --init")
     model.to(device).train()
+    for m in model.modules():  # --no-fused: the explicit-softmax reference attention
+        if isinstance(m, (EncoderAttention, DecoderAttention)):
+            m.fused = cfg.fused
     if cfg.stage != 2:  # stages I and III (Sec. 4.1, spec 3.2): the CLIP head alone, at 8e-4
         model.requires_grad_(False).clip_head.requires_grad_(True)
         opt = C.make_adamw(model.clip_head, cfg.lr or 8e-4, cfg.weight_decay, betas=(0.9, 0.999))
@@ -959,7 +941,7 @@ def build_student(cfg: Config, embed_dim: int, device):
 def merge(cfg: Config):
     """Merge SAM and CLIP: stage I trains a CLIP head on the frozen SAM, stage II both heads, stage III the CLIP
     head at SAM's resolution too (the default command)."""
-    rank, local_rank, world, device = C.setup_distributed(cfg.device)
+    rank, local_rank, world, device = dist = C.setup_distributed(cfg.device)
     if cfg.stage not in (1, 2, 3):
         C.fail(f"--stage must be 1, 2 or 3, not {cfg.stage}")
     templates = C.templates_arg(cfg.templates)
@@ -969,54 +951,29 @@ def merge(cfg: Config):
     teacher, tok, spec = load_clip_teacher(cfg.teacher_clip, cfg.bpe, device)
     E = teacher_embed(teacher, spec, torch.zeros(1, 3, 8, 8, device=device)).shape[-1]
     model, sam_teacher, opt, init_sizes = build_student(cfg, E, device)
-    base_lr = cfg.lr or (4e-5 if cfg.stage == 2 else 8e-4)
-    S_sam = cfg.sam_size or model.image_encoder.img_size
-    sizes = [int(s) for s in cfg.clip_sizes.split(",")] if cfg.clip_sizes else [model.image_encoder.img_size]
+    S = model.image_encoder.img_size
+    sizes = [int(s) for s in cfg.clip_sizes.split(",")] if cfg.clip_sizes else [S]
     if cfg.stage == 3 and not cfg.clip_sizes:  # the earlier stages' sizes and SAM's (paper: 224, 448, 1024)
-        sizes = list(dict.fromkeys(init_sizes + [model.image_encoder.img_size]))
-    low = 4 * model.prompt_encoder.image_embedding_size[0]
+        sizes = list(dict.fromkeys(init_sizes + [S]))
+    low, bf16 = 4 * model.prompt_encoder.image_embedding_size[0], cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda")
     C.print0(f"stage {cfg.stage}: {model.model_name}, CLIP head {sum(p.numel() for p in model.clip_head.parameters()):,}"
              f" params ({E}-d teacher), trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     start, pos = resume_run(cfg, ck, model, opt, "samclip")
     world_data = None if cfg.data_clip and (cfg.data_sam or cfg.stage != 2) else synthetic(cfg)
-    streams, positions = {}, {}
-    streams["clip"], positions["clip"] = stream(cfg.data_clip or world_data["train"], ClipDecode(
-        max(sizes), cfg.seed, cfg.crop_scale), cfg.batch_clip, cfg.seed, cfg.workers, rank, world, pos.get("clip", {}),
-        start)
+    streams = {"clip": stream(cfg.data_clip or world_data["train"], functools.partial(
+        clip_decode, size=max(sizes), seed=cfg.seed, scale=cfg.crop_scale), cfg.batch_clip, cfg.seed, cfg.workers, rank,
+        world, pos.get("clip", {}), start)}
     if cfg.stage == 2:
-        streams["sam"], positions["sam"] = stream(cfg.data_sam or world_data["train"], SamDecode(
-            S_sam, cfg.masks_per_image, cfg.seed + 1, cfg.box_prob), cfg.batch_sam, cfg.seed + 1, cfg.workers, rank,
-            world, pos.get("sam", {}), start)
-    # DDP all-reduces only what trains: the CLIP head in stages I and III, all but the prompt encoder in stage II
-    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-              find_unused_parameters=cfg.stage == 2) if world > 1 else model
-    for m in model.modules():
-        if isinstance(m, (EncoderAttention, DecoderAttention)):
-            m.fused = cfg.fused
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    log, stop, t0 = C.RunLog(cfg.out), C.StopSignal(), time.time()
-    extra, stopping = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
-                       "clip_sizes": sizes, "embed_dim": E}, False
-    for step in C.progress(range(start, cfg.steps + 1), f"stage {cfg.stage}", initial=start, total=cfg.steps + 1):
-        last_step = step == cfg.steps
-        stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
+        streams["sam"] = stream(cfg.data_sam or world_data["train"], functools.partial(
+            sam_decode, size=cfg.sam_size or S, k=cfg.masks_per_image, seed=cfg.seed + 1, box_prob=cfg.box_prob),
+            cfg.batch_sam, cfg.seed + 1, cfg.workers, rank, world, pos.get("sam", {}), start)
+    extra = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
+             "clip_sizes": sizes, "embed_dim": E}
 
-        # ---- checkpoint and final evaluation --------------------------------------------------------
-        if last_step and cfg.eval and rank == 0 and world_data is not None:
-            res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher,
-                                 cfg.stage == 3, templates)
-            log.log(step, **res)
-            extra["bg_threshold"] = res["bg_threshold"]  # `segment` uses it by default
-        if (last_step or stopping or step % cfg.ckpt_every == 0) and step > start:
-            save_run(cfg.out, step, model, opt, cfg, "samclip", {k: p.state() for k, p in positions.items()}, extra)
-        if last_step or stopping:
-            break
-
+    def micro_steps(ddp, next_batch, step):
         # ---- micro-step 1: L_CLIP on a CLIP batch at this step's resolution (Eq. 1) -----------------
-        model.train()
-        batch = next(streams["clip"])
-        positions["clip"].update(batch)
-        img = batch["image"].to(device, non_blocking=True)  # uint8 (B, 3, S_max, S_max)
+        img = next_batch("clip")["image"].to(device, non_blocking=True)  # uint8 (B, 3, S_max, S_max)
         x = sam_normalize(img, sizes[step % len(sizes)])
         with torch.no_grad():
             target = teacher_embed(teacher, spec, img)  # (B, E), normalised
@@ -1027,37 +984,25 @@ def merge(cfg: Config):
             l_clip = cosine_distill_loss(z, target)
             l_clip.backward()
         l_sam = torch.zeros((), device=device)
-
-        # ---- micro-step 2: lambda L_SAM against the frozen SAM on a SAM batch (Eq. 2, 3) -----------------
+        # ---- micro-step 2: lambda L_SAM against the frozen SAM on a SAM batch (Eq. 2, 3) ------------
         if cfg.stage == 2:
-            batch = next(streams["sam"])
-            positions["sam"].update(batch)
-            xs, idx, coords, labels, _ = sam_batch(batch, model, device, low)
+            xs, idx, coords, labels, _ = sam_batch(next_batch("sam"), model, device, low)
             with torch.no_grad():
                 t_masks, t_iou = sam_teacher(xs, idx, coords, labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 masks, iou = ddp(xs, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
             l_sam = sam_distill_loss(masks, iou, t_masks, t_iou, cfg.focal_weight)
             (cfg.lambda_sam * l_sam).backward()
+        return {"loss": (l_clip + cfg.lambda_sam * l_sam).detach(), "l_clip": l_clip.detach(), "l_sam": l_sam.detach()}
 
-        # ---- one optimizer step for both micro-steps ----------------------------------------------
-        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               cfg.grad_clip or float("inf"))
-        lr = C.lr_at(step, base_lr, cfg.warmup, cfg.steps, 0.01)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.log_every == 0:
-            if not torch.isfinite(l_clip + l_sam):
-                C.fail(f"non-finite loss at step {step}; the last good checkpoint in {cfg.out} is kept")
-            log.log(step + 1, loss=(l_clip + cfg.lambda_sam * l_sam).item(), l_clip=l_clip.item(),
-                    l_sam=l_sam.item(), lr=lr, grad_norm=gnorm.item(), steps_per_s=cfg.log_every / (time.time() - t0))
-            t0 = time.time()
-    C.finish_run(cfg.out, C.latest_checkpoint(cfg.out), f"stopped by a signal at step {step}: --resume auto "
-                 "continues from its checkpoint" if stopping and not last_step else "")
-    C.cleanup_distributed()
-
+    def final_eval():  # on the synthetic held-out set; `segment` uses the calibrated threshold by default
+        res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher,
+                             cfg.stage == 3, templates)
+        extra["bg_threshold"] = res["bg_threshold"]
+        return res
+    # DDP all-reduces only what trains: the CLIP head in stages I and III, all but the prompt encoder in stage II
+    train_loop(cfg, "samclip", model, opt, dist, start, streams, cfg.lr or (4e-5 if cfg.stage == 2 else 8e-4),
+               micro_steps, cfg.stage == 2, final_eval if cfg.eval and world_data is not None else None, extra)
 
 # ==== 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2), the SAM-head refinement (App. C), benchmarks ====
 # Table 2's protocol (CLIPpy's, which the paper follows): resize the image to 448 x 448 (a 28 x 28 token grid),
@@ -1069,12 +1014,11 @@ def merge(cfg: Config):
 # images (-1), a background text class (--background NAME), or none (background pixels not scored).
 # Benchmarks as mmsegmentation prepares them: (image dir, label dir, image list ('' = every .jpg), label
 # suffix, reduce_zero_label, label 0 is background, (eval split, calibration split)).
+_CONTEXT = ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/{}.txt", ".png")
 DATASETS = {
     "voc": ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/{}.txt", ".png", False, True, ("val", "train")),
-    "context": ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/{}.txt", ".png", False, True,
-                ("val", "train")),  # Pascal Context 60 (with background), as GroupViT's 22.4
-    "context59": ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/{}.txt", ".png", True,
-                  False, ("val", "train")),
+    "context": (*_CONTEXT, False, True, ("val", "train")),  # Pascal Context 60 (with background), as GroupViT's 22.4
+    "context59": (*_CONTEXT, True, False, ("val", "train")),
     "ade": ("images/{}", "annotations/{}", "", ".png", True, False, ("validation", "training")),  # ADE20K, 150
     "cocostuff": ("images/{}", "annotations/{}", "", "_labelTrainIds.png", False, False, ("val2017", "train2017")),
 }
@@ -1182,8 +1126,7 @@ def seg_pairs(name: str, root: str, split: str, n: int = 0):
         C.fail(f"not a {name} folder as mmsegmentation prepares it: {listing} not found")
     ids = C.read_lines(listing) if lst else sorted(f[:-4] for f in os.listdir(img_dir) if f.endswith(".jpg"))
     for i in ids[: n or None]:
-        yield (open_image(os.path.join(img_dir, f"{i}.jpg")),
-               np.asarray(Image.open(os.path.join(ann_dir, i + suffix))))
+        yield open_image(os.path.join(img_dir, f"{i}.jpg")), np.asarray(Image.open(os.path.join(ann_dir, i + suffix)))
 
 def synthetic_pairs(world: dict, n: int, split: str = "val"):
     """(image, mask, label, sample) of the synthetic world; mask 0 = background, 1 + k = SYNTH_SHAPES[k]."""
@@ -1197,14 +1140,13 @@ def synthetic_pairs(world: dict, n: int, split: str = "val"):
     return out
 
 @torch.no_grad()
-def sam_head_iou(model: Sam, samples, device) -> float:
+def sam_head_iou(model: SamClip, samples, device) -> float:
     """Mean IoU (%) against the ground truth of the SAM head's mask for one point per object mask (the
     output the IoU head ranks first), at SAM's size: how much of SAM the model keeps."""
     model.eval()
-    dec = SamDecode(model.image_encoder.img_size, 1, 0, 0.0)
     low, ious = 4 * model.prompt_encoder.image_embedding_size[0], []
     for i in range(0, len(samples), 64):
-        batch = C.collate([dec(s) for s in samples[i:i + 64]])
+        batch = C.collate([sam_decode(s, model.image_encoder.img_size, 1, 0, 0.0) for s in samples[i:i + 64]])
         x, idx, coords, labels, gt = sam_batch(batch, model, device, low)
         masks, iou = model(x, idx, coords, labels)
         best = masks[:, 1:][torch.arange(len(masks)), iou[:, 1:].argmax(1)]  # (N, low, low)
@@ -1212,7 +1154,7 @@ def sam_head_iou(model: Sam, samples, device) -> float:
     return 100 * torch.cat(ious).mean().item()
 
 @torch.no_grad()
-def coco_box_miou(sam: Sam, ann_file: str, image_dir: str, n: int = 0) -> float:
+def coco_box_miou(sam: SamClip, ann_file: str, image_dir: str, n: int = 0) -> float:
     """SAM's retained skill (Table 1's COCO column, SAM's protocol with ground-truth boxes in place of ViTDet's):
     mean IoU (%) over the non-crowd instances of a COCO instances JSON of the single-mask output prompted by
     each instance's box, against its mask (polygons or RLE, decoded by coco_mask)."""
@@ -1231,7 +1173,7 @@ def coco_box_miou(sam: Sam, ann_file: str, image_dir: str, n: int = 0) -> float:
         img, a = open_image(os.path.join(image_dir, im["file_name"])), anns[im["id"]]
         emb, (h, w), _ = embed_image(sam, img)
         W, H = img.size
-        boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (b["bbox"] for b in a)]).float()
+        boxes = torchvision.ops.box_convert(torch.tensor([b["bbox"] for b in a], dtype=torch.float32), "xywh", "xyxy")
         low, _ = sam.decode(emb, boxes=(boxes * torch.tensor([w / W, h / H] * 2)).to(emb.device), multimask=False)
         pred = sam.postprocess_masks(low, (h, w), (H, W))[:, 0].cpu() > sam.mask_threshold  # (N, H, W)
         ious.append(mask_iou(pred, torch.from_numpy(np.stack([coco_mask(b["segmentation"], H, W) for b in a]))))
@@ -1257,12 +1199,11 @@ def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None
     z = torch.cat([model.encode_image(sam_normalize(x[i:i + 128], size), normalize=True) for i in range(0, len(x), 128)])
     y = torch.tensor([c for _, _, c, _ in data])
     out["zeroshot_top1"] = 100 * ((z @ classifier).argmax(1).cpu() == y).float().mean().item()
-    out["sam_head_iou"] = sam_head_iou(model, [s for *_, s in data], device)
-    if sam_teacher is not None:
-        out["sam_teacher_iou"] = sam_head_iou(sam_teacher, [s for *_, s in data], device)
+    for key, m in (("sam_head_iou", model), ("sam_teacher_iou", sam_teacher)):
+        if m is not None:
+            out[key] = sam_head_iou(m, [s for *_, s in data], device)
     model.train()
     return out
-
 
 # ==== 10. Commands: predict, segment, eval, train-sam, and the merge (default) ===============================
 def parse_points(text: str) -> list:
@@ -1309,9 +1250,7 @@ def load_samclip_run(cfg: SegShared):
 
 def segment_main(cfg: SegmentConfig):
     """Zero-shot semantic segmentation of an image into --classes: a label-map PNG and a .json legend."""
-    classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
-    if not classes:
-        C.fail("segment needs --classes 'a,b,c'")
+    classes = [c.strip() for c in cfg.classes.split(",") if c.strip()] or C.fail("segment needs --classes 'a,b,c'")
     img, templates = open_image(cfg.image), C.templates_arg(cfg.templates)
     model, teacher, size, ck, device = load_samclip_run(cfg)
     tau = ck.get("bg_threshold", 0.95) if cfg.bg_threshold < 0 else cfg.bg_threshold  # -1: the run's calibrated
@@ -1340,7 +1279,7 @@ def eval_main(cfg: EvalConfig):
     model, teacher, size, ck, device = load_samclip_run(cfg)
     res, t0 = {}, time.time()
     if cfg.dataset:
-        _, _, _, _, reduce, has_bg, (val, train) = DATASETS[cfg.dataset]
+        *_, reduce, has_bg, (val, train) = DATASETS[cfg.dataset]
         names = C.read_lines(cfg.classnames) if cfg.classnames else VOC_CLASSES
         names = names[1:] if has_bg else names  # the text classes; label 0 is background
         bg_text = has_bg and bool(cfg.background)
@@ -1355,10 +1294,9 @@ def eval_main(cfg: EvalConfig):
     if cfg.zeroshot_data:
         items, names = C.image_folder(cfg.zeroshot_data, C.read_lines(cfg.zeroshot_classnames)
                                       if cfg.zeroshot_classnames else None)
-        items = items[: cfg.eval_max or None]
-        mean_std = [m / 255 for m in SAM_MEAN], [s / 255 for s in SAM_STD]
-        res.update(C.zeroshot_eval(model, text_classifier(teacher, names, device, templates), items,
-                                   ck["clip_sizes"][0], device, 64, *mean_std))
+        res.update(C.zeroshot_eval(model, text_classifier(teacher, names, device, templates),
+                                   items[: cfg.eval_max or None], ck["clip_sizes"][0], device, 64,
+                                   [m / 255 for m in SAM_MEAN], [s / 255 for s in SAM_STD]))
     if cfg.coco_instances:
         res["coco_box_miou"] = coco_box_miou(model, cfg.coco_instances, cfg.coco_images, cfg.eval_max)
     if not res:

@@ -219,7 +219,7 @@ def test_sa1b_layout_reader(tmp_path):
     img = Image.fromarray(np.full((h, w, 3), 128, np.uint8))
     C.write_shard(str(tmp_path / "sa_000000.tar"), [{"__key__": "sa_1", "jpg": img, "json": meta}])
     sample = next(C.iter_tar_samples(str(tmp_path / "sa_000000.tar"), {}))
-    out = S.SamDecode(30, 2, 0, 0.5)(sample)
+    out = S.sam_decode(sample, 30, 2, 0, 0.5)
     assert out["image"].shape == (3, 30, 30) and out["hw"].tolist() == [20, 30]
     assert sorted(out["masks"].flatten(1).sum(1).tolist()) == [63, 70]  # both masks, sides halved (nearest)
     for c, lab, m in zip(out["coords"], out["labels"], out["masks"]):
