@@ -7,14 +7,13 @@ segmentation, distilled from a CLIP teacher). Stage I trains the CLIP head on th
 the prompt encoder on L_CLIP + lambda L_SAM (backbone and SAM head at 0.1x lr); stage III the CLIP head alone again
 at 224/448/1024, so one 1024-px backbone pass feeds both heads (App. C).
 
-What is here: Segment Anything with the official parameter names (sam_vit_{b,l,h} load strictly), point, box and
-mask prompts with SAM's pre/post-processing (`predict`); the CLIP head; stages I-III with the paper's losses, lrs,
-batch mix (a CLIP and a SAM micro-batch, one optimizer step) and resolutions; an SA-1B shard reader (COCO RLE in
-numpy); `segment` and `eval`: zero-shot semantic segmentation (Table 2's protocol) on Pascal VOC, Pascal Context,
-ADE20K, COCO-Stuff folders or the synthetic world, optionally refined by the SAM head (App. C); zero-shot
-classification on an ImageFolder; box-prompted mask mIoU on a COCO instances JSON (SAM's retained skill). The tiny
-pipeline's SAM teacher is a tiny SAM trained here (`train-sam`). Left out: iterative prompt simulation (one point
-or box per mask), the CVNets variable-batch sampler (the CLIP size cycles per step), Table 3-4 probing, cached
+What is here: Segment Anything with the official parameter names (sam_vit_{b,l,h} load strictly) and its point,
+box and mask prompts (`predict`); the CLIP head; stages I-III with the paper's losses, lrs, batch mix (a CLIP and a
+SAM micro-batch, one optimizer step) and resolutions; SA-1B shards (COCO RLE in numpy); `segment` and `eval`:
+zero-shot segmentation (Table 2's protocol) on VOC, Pascal Context, ADE20K, COCO-Stuff or the synthetic world,
+optionally refined by the SAM head (App. C), ImageFolder zero-shot classification, COCO box-prompted mask mIoU
+(SAM's retained skill); a tiny SAM teacher trained here (`train-sam`). Left out: iterative prompt simulation (one
+point or box per mask), the CVNets variable-batch sampler (the CLIP size cycles per step), Table 3-4 probing, cached
 teacher outputs, ViTDet boxes (COCO's ground-truth boxes prompt instead).
 
 Paper -> code:
@@ -231,13 +230,11 @@ def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> t
 class EncoderAttention(nn.Module):
     """Self-attention on a (B, h, w, C) grid, fused qkv, plus the relative position bias: as SDPA's additive
     mask (fused), or an explicit fp32 softmax (the reference, for tests and bench)."""
-
     def __init__(self, dim: int, heads: int, rel_size: int):
         super().__init__()
         self.heads, self.fused = heads, True
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.rel_pos_h, self.rel_pos_w = (nn.Parameter(torch.zeros(2 * rel_size - 1, dim // heads)) for _ in "hw")
-
     def forward(self, x):
         B, h, w, D = x.shape
         H, Dh, N = self.heads, D // self.heads, h * w
@@ -268,13 +265,11 @@ def window_unpartition(x: torch.Tensor, w: int, padded: tuple, hw: tuple) -> tor
 
 class EncoderBlock(nn.Module):
     """Pre-norm block; `window` > 0 attends within windows, 0 globally (then rel_size = the token grid)."""
-
     def __init__(self, dim: int, heads: int, window: int, grid: int):
         super().__init__()
         self.window = window
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn, self.mlp = EncoderAttention(dim, heads, window or grid), MLPBlock(dim, 4 * dim)
-
     def forward(self, x):
         y = self.norm1(x)
         if self.window:
@@ -288,7 +283,6 @@ class EncoderBlock(nn.Module):
 class ImageEncoderViT(nn.Module):
     """Patchify, + absolute positions (1, g, g, C), blocks, then the neck to (B, out, g, g).
     `forward_tokens` stops before the neck: the branch point of the CLIP head (spec 2.2)."""
-
     def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, out_chans):
         super().__init__()
         self.img_size, g = image_size, image_size // patch
@@ -298,7 +292,6 @@ class ImageEncoderViT(nn.Module):
                                     for i in range(depth))
         self.neck = nn.Sequential(nn.Conv2d(width, out_chans, 1, bias=False), LayerNorm2d(out_chans),
                                   nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
-
     def forward_tokens(self, x):
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, h, w, C)
         pos = self.pos_embed
@@ -308,23 +301,18 @@ class ImageEncoderViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return x  # (B, h, w, C)
-
     def forward(self, x):
         return self.neck(self.forward_tokens(x).permute(0, 3, 1, 2))  # (B, out, h, w)
 
 # ==== 2. Prompt encoder: random Fourier positions for points and boxes, a conv stack for mask prompts ========
 class PositionEmbeddingRandom(nn.Module):
-    """[sin, cos](2 pi (2c - 1) G) for coordinates c in [0, 1]^2 and a fixed Gaussian G (2, D/2), a persistent
-    buffer (it is in the checkpoint)."""
-
+    """[sin, cos](2 pi (2c - 1) G) for c in [0, 1]^2; G (2, D/2) a fixed Gaussian, a buffer in the checkpoint."""
     def __init__(self, num_feats: int):
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_feats))
-
     def encode(self, coords):
         z = 2 * math.pi * ((2 * coords - 1) @ self.positional_encoding_gaussian_matrix)  # (..., D/2)
         return torch.cat([torch.sin(z), torch.cos(z)], dim=-1)  # (..., D)
-
     def grid(self, h: int, w: int):
         """(D, h, w): the encoding of every cell centre of an h x w grid (the decoder's dense PE)."""
         dev = self.positional_encoding_gaussian_matrix.device
@@ -335,7 +323,6 @@ class PositionEmbeddingRandom(nn.Module):
 class PromptEncoder(nn.Module):
     """Sparse tokens for points and box corners, a dense map for a mask prompt (or `no_mask_embed`).
     Point labels: 1 foreground, 0 background, -1 padding, 2 / 3 a box's top-left / bottom-right corner."""
-
     def __init__(self, dim: int, grid: int, image_size: int, mask_in: int):
         super().__init__()
         self.embed_dim, self.image_embedding_size, self.input_image_size = dim, (grid, grid), (image_size, image_size)
@@ -345,10 +332,8 @@ class PromptEncoder(nn.Module):
         self.mask_downscaling = nn.Sequential(
             nn.Conv2d(1, mask_in // 4, 2, 2), LayerNorm2d(mask_in // 4), nn.GELU(),
             nn.Conv2d(mask_in // 4, mask_in, 2, 2), LayerNorm2d(mask_in), nn.GELU(), nn.Conv2d(mask_in, dim, 1))
-
     def get_dense_pe(self):
         return self.pe_layer.grid(*self.image_embedding_size)[None]  # (1, D, g, g)
-
     def embed_points(self, coords, labels):
         """coords (N, P, 2) pixels of the padded input, labels (N, P) -> (N, P, D). Coordinates move to
         pixel centres (+0.5); a padding point keeps only `not_a_point_embed`."""
@@ -357,7 +342,6 @@ class PromptEncoder(nn.Module):
         z = torch.where(labels[..., None] == -1, torch.zeros_like(z), z)
         table = torch.cat([self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings])  # (5, D)
         return z + table[labels.long() + 1]
-
     def forward(self, points=None, boxes=None, masks=None, pad: bool = True):
         """points = (coords (N, P, 2), labels (N, P)), boxes (N, 4) xyxy, masks (N, 1, 4g, 4g) logits ->
         sparse (N, T, D), dense (N, D, g, g). Points without a box get one padding point (as SAM), unless
@@ -380,14 +364,12 @@ class PromptEncoder(nn.Module):
 # ==== 3. Mask decoder: a two-way transformer between prompt tokens and image tokens, hypernetwork masks ======
 class DecoderAttention(nn.Module):
     """Attention with separate q/k/v/out projections; cross-attentions work at dim / downsample."""
-
     def __init__(self, dim: int, heads: int, downsample: int = 1):
         super().__init__()
         inner = dim // downsample
         self.heads, self.fused = heads, True
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
         self.out_proj = nn.Linear(inner, dim)
-
     def forward(self, q, k, v):
         q, k, v = (t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, N, Dh)
                    for t in (self.q_proj(q), self.k_proj(k), self.v_proj(v)))
@@ -397,7 +379,6 @@ class DecoderAttention(nn.Module):
 class TwoWayBlock(nn.Module):
     """Tokens attend to themselves, tokens -> image, token MLP, image -> tokens; post-norm each time.
     Positional encodings are re-added to queries and keys at every attention (not to values)."""
-
     def __init__(self, dim: int, heads: int, mlp: int, skip_first_layer_pe: bool):
         super().__init__()
         self.skip_first_layer_pe = skip_first_layer_pe
@@ -406,7 +387,6 @@ class TwoWayBlock(nn.Module):
         self.cross_attn_image_to_token = DecoderAttention(dim, heads, 2)
         self.mlp = MLPBlock(dim, mlp, nn.ReLU)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(dim) for _ in range(4))
-
     def forward(self, queries, keys, query_pe, key_pe):
         if self.skip_first_layer_pe:  # first block: the tokens are their own PE, no residual
             queries = self.self_attn(queries, queries, queries)
@@ -427,7 +407,6 @@ class TwoWayTransformer(nn.Module):
         self.layers = nn.ModuleList(TwoWayBlock(dim, heads, mlp, i == 0) for i in range(depth))
         self.final_attn_token_to_image = DecoderAttention(dim, heads, 2)
         self.norm_final_attn = nn.LayerNorm(dim)
-
     def forward(self, image, image_pe, tokens):
         """image, image_pe (N, D, g, g), tokens (N, T, D) -> tokens (N, T, D), image tokens (N, g*g, D)."""
         queries, keys, key_pe = tokens, image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
@@ -438,12 +417,10 @@ class TwoWayTransformer(nn.Module):
 
 class MLPHead(nn.Module):
     """`depth` Linear layers with ReLU between (the decoder's hypernetworks and IoU head)."""
-
     def __init__(self, dim: int, hidden: int, out: int, depth: int):
         super().__init__()
         dims = [dim] + [hidden] * (depth - 1) + [out]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
     def forward(self, x):
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))
@@ -453,7 +430,6 @@ class MaskDecoder(nn.Module):
     """Output tokens [iou, mask x 4] + prompt tokens through the two-way transformer; the image tokens are
     upscaled 4x to 32 ... 8 channels and each mask token's 3-layer hypernetwork gives the weights of a
     per-pixel dot product. Token 0 is the single-mask output, tokens 1-3 the ambiguity-aware ones."""
-
     def __init__(self, dim: int, heads: int, mlp: int, iou_hidden: int, num_multimask: int = 3):
         super().__init__()
         self.num_mask_tokens = n = num_multimask + 1
@@ -463,7 +439,6 @@ class MaskDecoder(nn.Module):
                                               nn.GELU(), nn.ConvTranspose2d(dim // 4, dim // 8, 2, 2), nn.GELU())
         self.output_hypernetworks_mlps = nn.ModuleList(MLPHead(dim, dim, dim // 8, 3) for _ in range(n))
         self.iou_prediction_head = MLPHead(dim, iou_hidden, n, 3)
-
     def forward(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool = True, all_masks=False):
         """image_embeddings (1 or N, D, g, g) -> masks (N, 3 or 1, 4g, 4g) logits, iou (N, 3 or 1);
         all_masks=True returns all four outputs (distillation)."""
@@ -484,31 +459,24 @@ class MaskDecoder(nn.Module):
 
 # ==== 4. SAM, its pre- and post-processing, and the CLIP head that turns it into SAM-CLIP ====================
 class CLIPHead(nn.Module):
-    """Sec. 3.2: transformer blocks on the backbone's tokens (copies of SAM's last block), max-pooling over the
-    patch tokens, a LayerNorm and an MLP with two hidden layers into the teacher's embedding space. `dense`:
-    per-patch embeddings (Fig. 2's segmentation logits), LayerNorm + MLP on every token (design choice).
-    pool_first=False (--no-pool-first, the ablation) pools last instead (LN, MLP, max over tokens), so the
-    per-patch embeddings are the vectors whose maximum is distilled, as CLIPpy does (README: on the synthetic
-    world the paper's order gave chance-level dense outputs)."""
-
+    """Sec. 3.2: blocks on the backbone's tokens (copies of SAM's last), max-pool over the patch tokens, LayerNorm,
+    an MLP with two hidden layers into the teacher's space. `dense`: LN + MLP on every token, the per-patch
+    embeddings of Fig. 2 (design choice). pool_first=False (--no-pool-first, the ablation) pools last (LN, MLP,
+    max), so the distilled maximum is over per-patch embeddings, as CLIPpy does (README: on the synthetic world
+    the paper's order gave chance-level dense outputs)."""
     def __init__(self, blocks: list, width: int, embed_dim: int, hidden: int, pool_first: bool = True):
         super().__init__()
-        self.blocks, self.norm = nn.ModuleList(blocks), nn.LayerNorm(width)
+        self.blocks, self.norm = nn.Sequential(*blocks), nn.LayerNorm(width)  # keys blocks.i as a ModuleList's
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, embed_dim))
         self.pool_first_ = pool_first
         self.register_buffer("pool_first", torch.tensor(pool_first))  # saved, so a checkpoint knows its order
-
     def tokens(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return x  # (B, h, w, C)
-
+        return self.blocks(x)  # (B, h, w, C)
     def forward(self, x):
         if self.pool_first_:
             return self.mlp(self.norm(self.tokens(x).amax(dim=(1, 2))))  # (B, E)
         return self.dense(x).amax(dim=(1, 2))
-
     def dense(self, x):
         return self.mlp(self.norm(self.tokens(x)))  # (B, h, w, E)
 
@@ -516,7 +484,6 @@ class SamClip(nn.Module):
     """SAM: image_encoder + prompt_encoder + mask_decoder, named as the official checkpoint (the pixel mean
     and std are non-persistent buffers, so the state dict is exactly the official one); `add_clip_head` makes
     it SAM-CLIP, a `clip_head` branching off the encoder's last block, before the neck (spec 2.2)."""
-
     def __init__(self, image_size, patch, width, depth, heads, window, global_blocks, prompt_dim, decoder_mlp,
                  decoder_heads, mask_in, iou_hidden):
         super().__init__()
@@ -526,14 +493,11 @@ class SamClip(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(SAM_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_STD).view(-1, 1, 1), persistent=False)
         self.mask_threshold, self.image_format, self.patch = 0.0, "RGB", patch
-
     def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = True):
-        last = self.image_encoder.blocks[-1]
-        width = last.norm1.normalized_shape[0]
+        last, width = self.image_encoder.blocks[-1], self.image_encoder.pos_embed.shape[-1]
         self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width,
                                   pool_first)
         return self
-
     def preprocess(self, x: torch.Tensor, hw=None) -> torch.Tensor:
         """(B, 3, h, w) in 0-255, resized already -> normalised, zero-padded bottom/right to the encoder's
         size (padding after normalisation). `hw` (B, 2): valid sizes of images already padded as uint8."""
@@ -543,27 +507,23 @@ class SamClip(nn.Module):
             x = x * ((ys[None, :, None] < hw[:, :1, None]) & (xs[None, None, :] < hw[:, 1:, None]))[:, None]
         S = self.image_encoder.img_size
         return F.pad(x, (0, max(0, S - x.shape[3]), 0, max(0, S - x.shape[2])))
-
     def decode(self, emb, coords=None, labels=None, boxes=None, mask_input=None, multimask=True, all_masks=False,
                pad=True):
         """Image embeddings (1 or N, D, g, g) + prompts (N of them) -> low-res mask logits and IoU. With
         pad=False, coords (N, 2, 2) and labels (N, 2) are token pairs, so a batch can mix points and boxes."""
         sparse, dense = self.prompt_encoder(None if coords is None else (coords, labels), boxes, mask_input, pad)
         return self.mask_decoder(emb, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, all_masks)
-
     def postprocess_masks(self, masks, input_hw, original_hw):
         """Low-res logits -> encoder size -> crop the padding -> original size (bilinear each time)."""
         S = self.image_encoder.img_size
         masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)[..., :input_hw[0], :input_hw[1]]
         return F.interpolate(masks, original_hw, mode="bilinear", align_corners=False)
-
     def encode_image(self, x, normalize: bool = False, dense: bool = False):
         """SAM-normalised (B, 3, S, S), any S the patch divides -> the pooled CLIP embedding (B, E), or with
         dense=True the per-patch embeddings (B, h, w, E)."""
         t = self.image_encoder.forward_tokens(x)  # (B, h, w, C)
         z = self.clip_head.dense(t) if dense else self.clip_head(t)
         return F.normalize(z, dim=-1) if normalize else z
-
     def forward(self, x, idx=None, coords=None, labels=None):
         """The training entry (what DDP wraps): without prompts, the pooled CLIP embeddings (B, E); with
         prompts (image index idx, coords, labels), all four mask outputs and IoUs of every prompt."""
@@ -798,7 +758,7 @@ def sam_batch(batch: dict, sam: SamClip, device, low: int):
     x = sam.preprocess(batch["image"].to(device), batch["hw"].to(device))
     B, K = batch["labels"].shape[:2]
     gt = F.interpolate(batch["masks"].to(device).float(), (low, low), mode="area") > 0.5  # (B, K, low, low)
-    idx = torch.arange(B, device=device).repeat_interleave(K)
+    idx = torch.arange(B, device=device).repeat_interleave(K)  # the image of each prompt
     return x, idx, batch["coords"].to(device).flatten(0, 1), batch["labels"].to(device).flatten(0, 1), gt.flatten(0, 1)
 
 # ==== 7. The training loop of both commands: train-sam (a small SAM, the tiny pipeline's teacher) and merge ===
@@ -831,7 +791,6 @@ def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, base
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
               find_unused_parameters=find_unused) if world > 1 else model
     log, stop, t0, stopping = C.RunLog(cfg.out), C.StopSignal(), time.time(), False
-
     def next_batch(name):
         batch = next(streams[name][0])
         streams[name][1].update(batch)  # the data position a resume continues from
@@ -878,7 +837,6 @@ def train_sam(cfg: SamTrainConfig):
                                seed=cfg.seed, box_prob=cfg.box_prob)
     streams = {"sam": stream(cfg.data or synthetic(cfg)["train"], decode, cfg.batch_size, cfg.seed, cfg.workers, rank,
                              world, pos.get("sam", {}), start)}
-
     def micro_steps(ddp, next_batch, step):
         x, idx, coords, labels, gt = sam_batch(next_batch("sam"), model, device, low)
         masks, iou = ddp(x, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
@@ -970,7 +928,6 @@ def merge(cfg: Config):
             cfg.batch_sam, cfg.seed + 1, cfg.workers, rank, world, pos.get("sam", {}), start)
     extra = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
              "clip_sizes": sizes, "embed_dim": E}
-
     def micro_steps(ddp, next_batch, step):
         # ---- micro-step 1: L_CLIP on a CLIP batch at this step's resolution (Eq. 1) -----------------
         img = next_batch("clip")["image"].to(device, non_blocking=True)  # uint8 (B, 3, S_max, S_max)
@@ -994,7 +951,6 @@ def merge(cfg: Config):
             l_sam = sam_distill_loss(masks, iou, t_masks, t_iou, cfg.focal_weight)
             (cfg.lambda_sam * l_sam).backward()
         return {"loss": (l_clip + cfg.lambda_sam * l_sam).detach(), "l_clip": l_clip.detach(), "l_sam": l_sam.detach()}
-
     def final_eval():  # on the synthetic held-out set; `segment` uses the calibrated threshold by default
         res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher,
                              cfg.stage == 3, templates)
@@ -1081,10 +1037,9 @@ def segment_image(model, img, size, classifier, bg_text=False, bg_threshold=0.0,
 @torch.no_grad()
 def seg_eval(model, pairs, classnames, classifier, size, device, has_bg=True, bg_text=False, bg_threshold=0.0,
              refine=False, threshold=0.5, reduce_zero_label=False) -> dict:
-    """mIoU (%) of zero-shot segmentation (C.miou over the summed confusion matrix) over (PIL image, label
-    map) pairs, 255 ignored; has_bg: label 0 is background and 1 + k classnames[k] (without a background
-    rule, background pixels are not scored); also chance (a random class per patch, upsampled the same way)
-    and majority (all background or the first class)."""
+    """mIoU (%, C.miou of the summed confusion matrix) over (PIL image, label map) pairs, 255 ignored; has_bg: label
+    0 is background, 1 + k classnames[k] (not scored without a background rule); also chance (a random class per
+    patch, upsampled the same way) and majority (all background or the first class)."""
     bg = has_bg and (bg_text or bool(bg_threshold))
     reduce = reduce_zero_label or (has_bg and not bg)
     K, g = len(classnames) + bg, size // model.patch  # g: the token grid
@@ -1160,11 +1115,9 @@ def coco_box_miou(sam: SamClip, ann_file: str, image_dir: str, n: int = 0) -> fl
     each instance's box, against its mask (polygons or RLE, decoded by coco_mask)."""
     try:
         with open(ann_file) as f:
-            coco = json.load(f)
-        anns = {}
-        for a in coco["annotations"]:
-            if not a.get("iscrowd"):
-                anns.setdefault(a["image_id"], []).append(a)
+            coco, anns = json.load(f), {}
+        for a in (a for a in coco["annotations"] if not a.get("iscrowd")):
+            anns.setdefault(a["image_id"], []).append(a)
         images = [im for im in coco["images"] if im["id"] in anns][: n or None]
     except (OSError, ValueError, KeyError, TypeError) as e:
         C.fail(f"cannot read COCO instances {ann_file}: {type(e).__name__}: {e}")
@@ -1187,8 +1140,7 @@ def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None
     (seg_objects_*); classification top-1 of the pooled embedding; the SAM head's IoU (and the frozen SAM's)."""
     model.eval()
     data, names = synthetic_pairs(world, n), list(C.SYNTH_SHAPES)
-    pairs = [(a, b) for a, b, _, _ in data]
-    classifier = text_classifier(clip_teacher, names, device, templates)
+    pairs, classifier = [(a, b) for a, b, _, _ in data], text_classifier(clip_teacher, names, device, templates)
     tau = calibrate_bg_threshold(model, [(a, b) for a, b, _, _ in synthetic_pairs(world, min(n, 100), "train")],
                                  names, classifier, size)
     out = {"bg_threshold": tau}
@@ -1199,7 +1151,7 @@ def synthetic_eval(model, clip_teacher, world, size, n, device, sam_teacher=None
     z = torch.cat([model.encode_image(sam_normalize(x[i:i + 128], size), normalize=True) for i in range(0, len(x), 128)])
     y = torch.tensor([c for _, _, c, _ in data])
     out["zeroshot_top1"] = 100 * ((z @ classifier).argmax(1).cpu() == y).float().mean().item()
-    for key, m in (("sam_head_iou", model), ("sam_teacher_iou", sam_teacher)):
+    for key, m in (("sam_head_iou", model), ("sam_teacher_iou", sam_teacher)):  # how much of SAM is kept
         if m is not None:
             out[key] = sam_head_iou(m, [s for *_, s in data], device)
     model.train()
@@ -1254,7 +1206,7 @@ def segment_main(cfg: SegmentConfig):
     img, templates = open_image(cfg.image), C.templates_arg(cfg.templates)
     model, teacher, size, ck, device = load_samclip_run(cfg)
     tau = ck.get("bg_threshold", 0.95) if cfg.bg_threshold < 0 else cfg.bg_threshold  # -1: the run's calibrated
-    bg_text = bool(cfg.background)
+    bg_text = bool(cfg.background)  # --background NAME: a text class instead of the threshold
     classifier = text_classifier(teacher, ([cfg.background] if bg_text else []) + classes, device, templates)
     pred = segment_image(model, img, size, classifier, bg_text, tau, cfg.refine, cfg.refine_threshold,
                          random.Random(cfg.seed)).cpu().numpy()
