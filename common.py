@@ -5,16 +5,12 @@ global config; every function takes explicit arguments, so any of them can be co
 """
 from __future__ import annotations
 
-import argparse, collections, contextlib, dataclasses, functools, glob, gzip, heapq, html, inspect, io, json, math
-import os, pickle, random, re, signal, sys, tarfile, time, typing, unicodedata, warnings, zlib
+import argparse, atexit, collections, concurrent.futures, contextlib, dataclasses, functools, glob, gzip, heapq, html
+import inspect, io, json, math, multiprocessing, os, pickle, random, re, shutil, signal, socket, subprocess, sys
+import tarfile, tempfile, time, typing, unicodedata, warnings, zlib
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
+import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+import torchvision, torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
@@ -31,8 +27,7 @@ def first_paragraph(doc: str | None) -> str:
     """A docstring's first paragraph (up to the first blank line), for --help."""
     return inspect.cleandoc(doc or "").split("\n\n")[0].strip()
 
-# Range checks by field name, for every Config: (pattern, low, high), the first match applies. A value out of range
-# stops the run before any work; a field's own default always passes (some are sentinels: -1 = "the recipe's").
+# Range checks by field name: (pattern, low, high), the first match applies; a field's default always passes.
 RANGES = [(r".*_(frac|prob|p)|alt_noise|pool_offdomain|(aug_|crop_)?min_scale|crop_scale|(ema_)?momentum|beta2"
            r"|label_smoothing|.*_threshold", 0, 1),
           (r"(.*_)?batch(_size)?(_.*)?|(log|ckpt)_every|shuffle_buffer|masks_per_image|num_(augs|captions|samples)"
@@ -109,8 +104,7 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 def get_world_size() -> int:
-    initialized = dist.is_available() and dist.is_initialized()
-    return dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", 1))
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.getenv("WORLD_SIZE", 1))
 
 def print0(*args, **kwargs):
     if get_rank() == 0:
@@ -275,8 +269,7 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
             m.fused = fused
     return model
 
-# OpenAI/OpenCLIP names -> ours: whole-key prefixes (the first that matches applies), then infixes
-# inside the blocks. Swapping each pair gives the inverse, for export.
+# OpenAI/OpenCLIP names -> ours: the first whole-key prefix that matches, then infixes; swapped, for export.
 _OPENCLIP_PREFIXES = [
     ("visual.transformer.resblocks.", "visual.blocks."), ("transformer.resblocks.", "text.blocks."),
     ("visual.conv1.", "visual.patch_embed."), ("visual.class_embedding", "visual.cls_token"),
@@ -301,8 +294,7 @@ def unwrap_state_dict(sd: dict) -> dict:
             sd = sd[k]
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
 
-# The state dict does not store head counts. OpenCLIP's towers use 64-wide heads except these vision widths
-# (ViT-H/14, ViT-g/14, ViT-bigG/14: 16 heads of 80, 88 and 104).
+# Head counts are not stored: OpenCLIP's heads are 64 wide but for these widths (ViT-H/14, g/14, bigG/14: 16 heads).
 _HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
 
 def openclip_config(sd: dict) -> dict:
@@ -363,8 +355,7 @@ CLIP_NUM_MERGES = 49152 - 256 - 2   # merges used from the standard vocab file
 def _byte_table():
     """byte -> printable char, in the order of the 256 base tokens of the vocab."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    # Visible bytes stand for themselves; the rest (controls, space, soft hyphen) move to U+0100 up.
-    rest = [b for b in range(256) if b not in keep]
+    rest = [b for b in range(256) if b not in keep]  # controls, space, soft hyphen: moved to U+0100 and up
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 @functools.lru_cache(maxsize=None)
@@ -510,8 +501,7 @@ def train_bpe(texts, vocab_size=4096, min_frequency=2):
     """Up to vocab_size - 514 merges learnt on `texts` as Tokenizer splits them; stops below `min_frequency`."""
     counts = collections.Counter(w for t in texts for w in _words(t) if w not in (SOT, EOT))
     words, freqs = [_symbols(w) for w in counts], list(counts.values())  # distinct words, weighted by count
-    pair_count = collections.defaultdict(int)
-    where = collections.defaultdict(set)   # pair -> words that (may) contain it
+    pair_count, where = collections.defaultdict(int), collections.defaultdict(set)  # where: pair -> words with it
     for i, (w, f) in enumerate(zip(words, freqs)):
         for p in zip(w, w[1:]):
             pair_count[p] += f
@@ -587,7 +577,6 @@ def open_shard(source: str):
         with urllib.request.urlopen(source, timeout=120) if url else open(source, "rb") as f:
             yield f
         return
-    import subprocess, tempfile
     with tempfile.TemporaryFile() as err:  # stderr to a file: a chatty command can never block on a full pipe
         proc = subprocess.Popen(source[5:], shell=True, stdout=subprocess.PIPE, stderr=err)
         reader_left = True  # the reader stopped early (a closed generator, Ctrl-C): end the command quietly
@@ -708,9 +697,8 @@ def normalize_images(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Ten
     m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (mean, std))
     return (x.float() - m) / s
 
-# RandAugment (Cubuk et al. 2020) with its draws kept as parameters, so an augmentation is stored and replayed
-# exactly (DataCompDR, dataset reinforcement). Op table and effects: torchvision's RandAugment itself, as in the
-# official replay code; only the draw is ours (a seeded `random.Random`). An op is stored as [index into
+# RandAugment (Cubuk et al. 2020) with its draws kept, so an augmentation is stored and replayed exactly (DataCompDR,
+# reinforce): torchvision's ops and table, our draw (a seeded `random.Random`). An op is stored as [index into
 # RAND_AUGMENT_OPS, signed magnitude] (DataCompDR's form); translations are in pixels.
 RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
                     "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
@@ -746,11 +734,10 @@ def apply_rand_augment(img: Image.Image, ops) -> Image.Image:
     return img
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless, resumable stream of batches from tar shards, for DDP and DataLoader workers. Each sample goes to one
-    (rank, worker) consumer per epoch: shards round-robin, or with fewer shards every n-th sample. Shard order and
-    shuffle buffer are seeded by (seed, epoch, consumer). `decode(sample)` raises to reject a sample (counted by
-    reason). A batch carries `__worker__`, `__skipped__` and `__pos__` = [epoch, raw samples read]; given back as
-    `start_pos` (`DataPosition`, with `start_batch`), workers fast-forward without decoding to the same batches."""
+    """Endless, resumable batches from tar shards for DDP and DataLoader workers: each sample goes to one (rank, worker)
+    consumer per epoch (shards round-robin, or every n-th sample of fewer shards), order seeded by (seed, epoch,
+    consumer). `decode(sample)` raises to reject a sample (counted by reason). A batch carries `__worker__`,
+    `__skipped__`, `__pos__` = [epoch, samples read]: given back as `start_pos` (+ `start_batch`), workers resume."""
     def __init__(self, shards: list[str], decode, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2000, start_pos: dict | None = None,
                  start_batch: int = 0, epochs: int | None = None, drop_last: bool = True):
@@ -781,8 +768,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader takes batches from its workers in turn, starting with worker 0. After `start_batch`
-        # batches the next one is due from logical worker start_batch % nw, so worker ids are rotated.
+        # The DataLoader takes batches from its workers in turn from worker 0: rotate ids by the batches consumed.
         wid = (wid + self.start_batch) % nw
         consumer, consumers = self.rank * nw + wid, self.world * nw
         epoch, to_skip = self.start_pos.get(wid, (0, 0))
@@ -836,7 +822,6 @@ class Loader(torch.utils.data.DataLoader):
 @functools.cache
 def kill_workers_at_exit():
     """Workers ignore SIGTERM, multiprocessing's way to end them: at exit the main process SIGKILLs them first."""
-    import atexit, multiprocessing
     def kill():  # torch's SIGCHLD handler would report each killed worker as an error: restore the default first
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for p in multiprocessing.active_children():
@@ -934,11 +919,10 @@ class ImageTextDecode:
             image = eval_transform(decode_image(sample), self.size, self.resample)
         return {"image": image, "ids": self.tokenizer([caption], self.context_length)[0], "caption": caption}
 
-# The built-in synthetic world (no --data, no download), deterministic and procedural: captions (CLIP, CatLIP),
-# masks and depth (SAM-CLIP, dense), a "year" that drifts the distribution (TiC), a class label (retrieval,
-# reinforcement, transfer). A sample: a textured background, one main shape (sometimes 2-3 copies), maybe 1-2
-# small distractors of other classes. The caption always names the main shape plainly ("a photo of a star."
-# can match it), plus colour, size, position, background and distractors, so the contrastive task is not trivial.
+# The built-in synthetic world (no --data, no download), deterministic: captions (CLIP, CatLIP), masks and depth
+# (SAM-CLIP, dense), a "year" drifting the distribution (TiC), a class label (retrieval, reinforce, transfer). A
+# textured background, one main shape (sometimes 2-3), maybe 1-2 small distractors; the caption always names the
+# main shape plainly ("a photo of a star." matches), plus colour, size, position, background and distractors.
 SYNTH_SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond", "arrow", "crescent"]
 # Colours are ordered warm -> cool: the palette prior slides along this order from early to later years.
 SYNTH_COLOURS = ["red", "orange", "yellow", "pink", "green", "cyan", "blue", "purple", "white"]
@@ -947,17 +931,14 @@ SYNTH_RGB = dict(zip(SYNTH_COLOURS, [(220, 40, 40), (245, 140, 20), (240, 220, 4
 SYNTH_TEXTURES = ["plain", "gradient", "noisy", "striped", "checkered"]  # also ordered from "early" to "late"
 SYNTH_YEARS = (2014, 2023)  # inclusive
 SYNTH_VERSION = "v2"  # part of the cache path: bump it whenever a change alters the generated samples
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _SHAPE_TREND = (-1.0, -0.6, 0.2, 1.0, -0.2, 0.8, -0.8, 0.4, 0.6, -0.4)  # popularity with the year: -1 fades, +1 rises
 _OUTLINE_SHAPES = ("star", "heart", "square")  # switch from filled to outlined drawings around 2019-2020
-_POSITIONS = (("at the top left", "at the top", "at the top right"),
-              ("on the left", "in the centre", "on the right"),
+_POSITIONS = (("at the top left", "at the top", "at the top right"), ("on the left", "in the centre", "on the right"),
               ("at the bottom left", "at the bottom", "at the bottom right"))
 # Caption phrasings with the first year each is used in: "icon" and "sticker" come later (vocabulary drift).
 _TEMPLATES = ((2014, "{obj}"), (2014, "a photo of {obj}"), (2014, "an image showing {obj}"), (2014, "there {be} {obj}"),
               (2019, "{obj} {icon}"), (2020, "sticker of {obj}"))  # each followed by "{pos}{extra}{bg}"
-# Like web alt-text, a caption drops size, colour, position and background with these probabilities: short captions
-# ("a photo of a star.") occur, and the shape word, always kept, carries meaning alone, as zero-shot prompts need.
+# Like alt-text, captions drop size, colour, position, background with these probabilities; the shape word stays.
 _DROP = (0.5, 0.65, 0.5, 0.7)
 _SS = 4  # supersampling factor for anti-aliased shape edges
 
@@ -976,8 +957,7 @@ def _shape_geometry(name: str, outlined: bool) -> tuple:
            "cross": [(bar, 1), (bar[:, ::-1], 1)], "ring": [(circle, 1), (circle * 0.55, 0)],
            "heart": [(np.stack([16 * np.sin(t) ** 3, heart_y + 2.5], 1) / 16.0, 1)],
            "crescent": [(circle, 1), (circle * 0.85 + [0.45, -0.25], 0)],
-           # elongated, so it never looks like a rotated square
-           "diamond": [(np.array([[0, -1.1], [0.6, 0], [0, 1.1], [-0.6, 0]]), 1)],
+           "diamond": [(np.array([[0, -1.1], [0.6, 0], [0, 1.1], [-0.6, 0]]), 1)],  # never a rotated square
            "arrow": [(np.array([[-1, -0.28], [0.1, -0.28], [0.1, -0.7], [1, 0],  # points right
                                 [0.1, 0.7], [0.1, 0.28], [-1, 0.28]]), 1)]}[name]
     if outlined:  # erasing a shrunken copy leaves a thick outline
@@ -1037,8 +1017,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
     u = (year - y0) / (y1 - y0)
     # --- year-drifted choices of class, colours, texture, style, clutter
     label = int(rng.choice(len(SYNTH_SHAPES), p=_drift_probs(_SHAPE_TREND, u, 1.6)))
-    shape = SYNTH_SHAPES[label]
-    colour_p = _drift_probs(np.linspace(-1, 1, len(SYNTH_COLOURS)), u, 1.6)
+    shape, colour_p = SYNTH_SHAPES[label], _drift_probs(np.linspace(-1, 1, len(SYNTH_COLOURS)), u, 1.6)
     colour = SYNTH_COLOURS[rng.choice(len(SYNTH_COLOURS), p=colour_p)]
     bg_p = colour_p * (np.arange(len(SYNTH_COLOURS)) != SYNTH_COLOURS.index(colour))
     bg_colour = SYNTH_COLOURS[rng.choice(len(SYNTH_COLOURS), p=bg_p / bg_p.sum())]  # != colour
@@ -1046,17 +1025,15 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
     outlined = shape in _OUTLINE_SHAPES and rng.random() < 1.0 / (1.0 + math.exp(-1.2 * (year - 2019.5)))
     count = int(rng.choice([1, 2, 3], p=[0.86, 0.09, 0.05]))
     n_distract = int(rng.choice([0, 1, 2], p=[0.75 - 0.2 * u, 0.17 + 0.1 * u, 0.08 + 0.1 * u]))
-    # --- background: two close tones of its colour (texture visible but weaker than the object edges),
-    # dark when the object is bright, light otherwise
+    # --- background: two close tones of its colour (texture weaker than object edges), dark under bright objects
     bg, bright = np.array(SYNTH_RGB[bg_colour], np.float32), np.dot(SYNTH_RGB[colour], [0.299, 0.587, 0.114]) > 115
     dark, light = (bg * 0.28, bg * 0.42) if bright else (bg + (255 - bg) * 0.55, bg + (255 - bg) * 0.7)
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     img = _background(rng, size, texture, dark, light, xx, yy)
     ta = rng.uniform(0, 2 * math.pi)  # depth: the background is a tilted plane in [0, 0.4] (1 = near)
     depth = 0.2 + 0.28 * ((xx - 0.5) * math.cos(ta) + (yy - 0.5) * math.sin(ta))
-    # --- objects, back to front: distractors first, then the main shape(s), so the labelled class is
-    # never hidden; the main copies are placed first. objects: (class, colour, centre, radius, outlined).
-    objects, placed, mask = [], [], np.zeros((size, size), np.uint8)
+    # --- objects back to front, distractors first (the labelled class is never hidden), main copies placed first
+    objects, placed, mask = [], [], np.zeros((size, size), np.uint8)  # objects: (class, colour, centre, r, outlined)
     main_r = size * (rng.uniform(0.2, 0.38) if count == 1 else rng.uniform(0.13, 0.2))
     for _ in range(count):
         placed.append((_place(rng, size, main_r, placed), main_r))
@@ -1074,9 +1051,8 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
         tint = np.clip(np.array(SYNTH_RGB[col]) + rng.normal(0, 10, 3), 0, 255)
         img = img * (1 - alpha) + tint.astype(np.float32) * alpha
         mask[(hit := alpha[..., 0] >= 0.5)] = 1 + k
-        # Each object is a shallow dome nearer than everything drawn before it.
         d2 = ((xx * size - c[0]) ** 2 + (yy * size - c[1]) ** 2) / r ** 2
-        depth[hit] = (0.5 + 0.1 * level + 0.06 * np.clip(1 - d2, 0, 1))[hit]
+        depth[hit] = (0.5 + 0.1 * level + 0.06 * np.clip(1 - d2, 0, 1))[hit]  # a dome, nearer than all before
     img += rng.standard_normal(img.shape, dtype=np.float32) * 4.0  # sensor noise
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
     # --- caption
@@ -1091,8 +1067,7 @@ def render_sample(rng: np.random.Generator, size: int = 64, year: int | None = N
         obj = ("an " if obj[0] in "aeiou" else "a ") + obj
     else:  # a count word and the plural
         obj = f"{('two', 'three')[count - 2]} {col_w}{style}{shape}{'es' if shape.endswith('ss') else 's'}"
-    pos = " " + where if where and keep[2] else ""
-    usable = [t for y, t in _TEMPLATES if y <= year]
+    pos, usable = " " + where if where and keep[2] else "", [t for y, t in _TEMPLATES if y <= year]
     caption = (usable[int(rng.integers(len(usable)))] + "{pos}{extra}{bg}").format(
         obj=obj, pos=pos, extra=extra, be=("is", "are")[count > 1], icon=("icon", "as icons")[count > 1],
         bg=f" on a {texture} {bg_colour} background" if keep[3] else "")
@@ -1108,7 +1083,7 @@ def synthetic_split(seed: int, n: int, size: int, split: str,
                     years: tuple[int, int] | None = None, start: int = 0) -> typing.Iterator[dict]:
     """n samples of a split, sample i seeded by (seed, split, i) alone; `years` (inclusive) restricts the year."""
     for i in range(start, start + n):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, ("train", "val", "test").index(split), i]))
         year = None if years is None else int(rng.integers(years[0], years[1] + 1))
         yield {**render_sample(rng, size, year), "key": f"{split}{i:07d}"}
 
@@ -1136,7 +1111,6 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
            "classnames": sorted(SYNTH_SHAPES)}
     done = os.path.join(root, "DONE")
     if get_rank() == 0 and not os.path.exists(done):
-        from concurrent.futures import ProcessPoolExecutor
         os.makedirs(out["train"], exist_ok=True)
         os.makedirs(out["val"], exist_ok=True)
         jobs = [(os.path.join(out[split], f"{split}-{j:05d}.tar"), split, seed, lo, min(lo + shard_size, n),
@@ -1145,7 +1119,7 @@ def synthetic_world(cache_dir: str, n_train: int, n_val: int, size: int, seed: i
                 for j, lo in enumerate(range(0, n, shard_size))]
         t0 = time.time()
         print0(f"generating the synthetic world ({n_train} train + {n_val} val images, {size}px) in {root}")
-        with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
             total = sum(progress(pool.map(_render_shard, jobs), "synthetic world", total=len(jobs)))
         open(done, "w").write(json.dumps({"samples": total, "seconds": round(time.time() - t0, 1)}))
     barrier()
@@ -1316,8 +1290,7 @@ class StopSignal:
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} in a photo.",
                      "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}.")
 
-# The 80 prompts of OpenAI's ImageNet prompt-engineering notebook, in its order: what OpenCLIP's and ml-mobileclip's
-# zero-shot ImageNet evaluation averages over (the class name fills "{}"). `--templates openai` selects them.
+# The 80 prompts of OpenAI's ImageNet notebook, in its order, as OpenCLIP's and ml-mobileclip's zero-shot average.
 OPENAI_IMAGENET_TEMPLATES = (
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
     "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
@@ -1378,8 +1351,7 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates, devi
     weights = []
     for name in classnames:
         ids = tokenizer([t.format(name) for t in templates], context_length).to(device)
-        z = F.normalize(model.encode_text(ids).float(), dim=-1).mean(dim=0)
-        weights.append(F.normalize(z, dim=0))
+        weights.append(F.normalize(F.normalize(model.encode_text(ids).float(), dim=-1).mean(dim=0), dim=0))
     return torch.stack(weights, dim=1)
 
 def eval_images(paths: list[str], size: int, resample=Image.BICUBIC) -> torch.Tensor:
@@ -1408,8 +1380,7 @@ def retrieval_eval(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict:
     target, out = torch.arange(len(sim), device=sim.device), {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
         rank = (s > s[target, target][:, None]).sum(dim=1)  # how many beat the true match
-        for k in (1, 5, 10):
-            out[f"retrieval_{name}_r{k}"] = 100 * (rank < k).float().mean().item()
+        out.update({f"retrieval_{name}_r{k}": 100 * (rank < k).float().mean().item() for k in (1, 5, 10)})
     return out
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255,
@@ -1469,7 +1440,6 @@ def claim_out(out_dir: str, resume: str = "", overwrite: bool = False):
     checkpoints stops with one line, or with `overwrite` moves them to OUT/previous-N/ (nothing deleted)."""
     if get_rank() != 0:
         return
-    import atexit, socket
     os.makedirs(out_dir, exist_ok=True)
     lock, host = os.path.join(out_dir, "run.lock"), socket.gethostname()
     me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -1515,7 +1485,6 @@ def document_run(out_dir: str, cfg, scripts: list[str]):
     claim_out(out_dir, getattr(cfg, "resume", ""), getattr(cfg, "overwrite", False))
     if get_rank() != 0:
         return
-    import shutil
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     for s in scripts:
