@@ -271,13 +271,11 @@ class EncoderBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn, self.mlp = EncoderAttention(dim, heads, window or grid), MLPBlock(dim, 4 * dim)
     def forward(self, x):
-        y = self.norm1(x)
-        if self.window:
-            y, padded = window_partition(y, self.window)
-            y = window_unpartition(self.attn(y), self.window, padded, x.shape[1:3])
+        if self.window:  # attention inside each w x w window of the padded grid
+            y, padded = window_partition(self.norm1(x), self.window)
+            x = x + window_unpartition(self.attn(y), self.window, padded, x.shape[1:3])
         else:
-            y = self.attn(y)
-        x = x + y
+            x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 class ImageEncoderViT(nn.Module):
@@ -492,7 +490,7 @@ class SamClip(nn.Module):
         self.mask_decoder = MaskDecoder(prompt_dim, decoder_heads, decoder_mlp, iou_hidden)
         self.register_buffer("pixel_mean", torch.tensor(SAM_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_STD).view(-1, 1, 1), persistent=False)
-        self.mask_threshold, self.image_format, self.patch = 0.0, "RGB", patch
+        self.mask_threshold, self.patch = 0.0, patch
     def add_clip_head(self, embed_dim: int, hidden: int = 0, layers: int = 3, pool_first: bool = True):
         last, width = self.image_encoder.blocks[-1], self.image_encoder.pos_embed.shape[-1]
         self.clip_head = CLIPHead([copy.deepcopy(last) for _ in range(layers)], width, embed_dim, hidden or width,
@@ -545,9 +543,8 @@ def read_weights(path: str) -> dict:
     return ck or C.fail(f"no ckpt-*.pt in {path}")
 
 def load_sam(path: str, with_clip_head: bool = False, ck: dict | None = None) -> SamClip:
-    """SAM (or SAM-CLIP) from the official sam_vit_{b,l,h}_*.pth (a flat state dict, loaded strictly) or
-    from a checkpoint of this script (train-sam or merge runs; a run directory gives its latest), or from
-    `ck`, that file already read."""
+    """SAM (or SAM-CLIP) from the official sam_vit_{b,l,h}_*.pth (a flat state dict, loaded strictly), a checkpoint
+    or run directory (its latest) of this script's train-sam or merge, or `ck`, that file already read."""
     ck = ck or read_weights(path)
     if "kind" in ck and "model" in ck:  # this script's checkpoint
         sd, name = ck["model"], ck["model_name"]
@@ -717,18 +714,16 @@ def sam_decode(sample: dict, size: int, k: int, seed: int, box_prob: float) -> d
     image[:, :h, :w] = torchvision.transforms.functional.pil_to_tensor(small)
     picks = rng.sample(range(len(decoders)), k) if len(decoders) >= k else [rng.randrange(len(decoders))
                                                                               for _ in range(k)]
-    coords, labels, masks = [], [], torch.zeros(k, size, size, dtype=torch.uint8)
+    prompts, masks = [], torch.zeros(k, size, size, dtype=torch.uint8)
     for j, i in enumerate(picks):
         m = np.asarray(Image.fromarray(decoders[i]().astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
         if not m.any():  # a mask lost in the resize: keep its bounding pixel
             m = np.zeros((h, w), bool)
             m[min(h - 1, h // 2), min(w - 1, w // 2)] = True
         masks[j, :h, :w] = torch.from_numpy(m)
-        c, lab = prompt_for(m, rng, box_prob, 20 * size / 1024)
-        coords.append(c)
-        labels.append(lab)
-    return {"image": image, "hw": torch.tensor([h, w]), "coords": torch.stack(coords), "labels": torch.stack(labels),
-            "masks": masks}
+        prompts.append(prompt_for(m, rng, box_prob, 20 * size / 1024))  # SAM's noise cap: 20 px at 1024
+    coords, labels = map(torch.stack, zip(*prompts))
+    return {"image": image, "hw": torch.tensor([h, w]), "coords": coords, "labels": labels, "masks": masks}
 
 def clip_decode(sample: dict, size: int, seed: int, scale: float) -> dict:
     """Sample -> {"image": uint8 (3, S, S)}: a random resized crop; the student and the teacher see the same
@@ -791,6 +786,7 @@ def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, base
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
               find_unused_parameters=find_unused) if world > 1 else model
     log, stop, t0, stopping = C.RunLog(cfg.out), C.StopSignal(), time.time(), False
+
     def next_batch(name):
         batch = next(streams[name][0])
         streams[name][1].update(batch)  # the data position a resume continues from
@@ -837,6 +833,7 @@ def train_sam(cfg: SamTrainConfig):
                                seed=cfg.seed, box_prob=cfg.box_prob)
     streams = {"sam": stream(cfg.data or synthetic(cfg)["train"], decode, cfg.batch_size, cfg.seed, cfg.workers, rank,
                              world, pos.get("sam", {}), start)}
+
     def micro_steps(ddp, next_batch, step):
         x, idx, coords, labels, gt = sam_batch(next_batch("sam"), model, device, low)
         masks, iou = ddp(x, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
@@ -928,6 +925,7 @@ def merge(cfg: Config):
             cfg.batch_sam, cfg.seed + 1, cfg.workers, rank, world, pos.get("sam", {}), start)
     extra = {"stage": cfg.stage, "teacher_clip": os.path.abspath(cfg.teacher_clip), "bpe": cfg.bpe,
              "clip_sizes": sizes, "embed_dim": E}
+
     def micro_steps(ddp, next_batch, step):
         # ---- micro-step 1: L_CLIP on a CLIP batch at this step's resolution (Eq. 1) -----------------
         img = next_batch("clip")["image"].to(device, non_blocking=True)  # uint8 (B, 3, S_max, S_max)
@@ -951,6 +949,7 @@ def merge(cfg: Config):
             l_sam = sam_distill_loss(masks, iou, t_masks, t_iou, cfg.focal_weight)
             (cfg.lambda_sam * l_sam).backward()
         return {"loss": (l_clip + cfg.lambda_sam * l_sam).detach(), "l_clip": l_clip.detach(), "l_sam": l_sam.detach()}
+
     def final_eval():  # on the synthetic held-out set; `segment` uses the calibrated threshold by default
         res = synthetic_eval(model, (teacher, tok, spec), world_data, sizes[0], cfg.eval_max, device, sam_teacher,
                              cfg.stage == 3, templates)
