@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -52,16 +54,15 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.nn.modules.utils import _pair
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.models.convnext import LayerNorm2d  # LayerNorm over the channels of (B, C, H, W)
-
 import common as C
-from PIL import Image
 
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
@@ -142,9 +143,7 @@ MODELS = {
                  text_width=128, text_layers=3, text_heads=2, context_length=32),
     "vit_b32": dict(_VIT_B, patch=32),
     "vit_b16": dict(_VIT_B, patch=16),
-    "vit_l14": dict(_VIT_B, patch=14, width=1024, layers=24, heads=16, embed_dim=768, text_width=768, text_heads=12),
-}
-
+    "vit_l14": dict(_VIT_B, patch=14, width=1024, layers=24, heads=16, embed_dim=768, text_width=768, text_heads=12)}
 
 # ==== MobileCLIP models (spec 2) ===================================================================================
 # Module and attribute names are apple/ml-mobileclip's, so its v1 `.pt` files load strictly into the unfused
@@ -156,33 +155,36 @@ def named(**modules):
 
 def conv_bn(cin, cout, k, stride=1, groups=1):
     """Conv (no bias) + BatchNorm: one branch of a train-time block."""
-    k = (k, k) if isinstance(k, int) else tuple(k)
-    conv = nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, bias=False)
+    conv = nn.Conv2d(cin, cout, k, stride, [s // 2 for s in _pair(k)], groups=groups, bias=False)
     return named(conv=conv, bn=nn.BatchNorm2d(cout))
 
-def fold_bn(w, bn):
-    """RepVGG (2101.03697) Sec. 3.3: BN(W * x) = (W t) * x + (beta - mu t), t = gamma / sqrt(var + eps)."""
-    t = bn.weight / (bn.running_var + bn.eps).sqrt()
-    return w * t.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * t
+def fold(branches, k, groups):
+    """(kernel, bias) of the one kxk conv equal to a sum of train-time branches, each a conv+BN or a BN alone (the
+    skip: BN(I * x), I the 1x1 kernel with a 1 where output channel i reads its own input, index i mod C/groups).
+    RepVGG (2101.03697) Sec. 3.3: BN(W * x) = (W t) * x + (beta - mu t), t = gamma / sqrt(var + eps); a smaller
+    kernel (1x1, 3x3) is zero-padded to k, centred: the same map as a k-conv with padding k // 2."""
+    w_sum = b_sum = 0
+    for br in branches:
+        bn = br if isinstance(br, nn.BatchNorm2d) else br.bn
+        t = bn.weight / (bn.running_var + bn.eps).sqrt()
+        eye = torch.eye(len(t) // groups, dtype=t.dtype, device=t.device).repeat(groups, 1)  # (C, C/groups)
+        w = eye[:, :, None, None] if br is bn else br.conv.weight  # (C_out, C_in/groups, kh, kw)
+        dh, dw = (k[0] - w.shape[2]) // 2, (k[1] - w.shape[3]) // 2
+        w_sum = w_sum + F.pad(w, [dw, dw, dh, dh]) * t.reshape(-1, 1, 1, 1)
+        b_sum = b_sum + bn.bias - bn.running_mean * t
+    return w_sum, b_sum
 
-def identity_kernel(channels, groups, k, like):
-    """The kernel of the identity map for a grouped conv: a 1 at the centre tap where output channel i
-    reads its own input (index i mod C/groups inside its group)."""
-    w = torch.zeros(channels, channels // groups, *k, dtype=like.dtype, device=like.device)
-    i = torch.arange(channels, device=like.device)
-    w[i, i % (channels // groups), k[0] // 2, k[1] // 2] = 1
-    return w
-
-def pad_to(w, k):
-    """Zero-pad a smaller centred kernel (1x1, 3x3) to k: the same map as a k-conv with padding k // 2."""
-    dh, dw = (k[0] - w.shape[2]) // 2, (k[1] - w.shape[3]) // 2
-    return F.pad(w, [dw, dw, dh, dh])
-
-def folded_conv(cin, cout, k, stride, groups, w, b):
-    """The one inference-time conv (with bias) that carries a folded kernel."""
-    conv = nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, device=w.device, dtype=w.dtype)
+def folded_conv(w, b, stride=1, groups=1):
+    """The one inference-time conv (with bias) that carries a folded kernel w (C_out, C_in/groups, kh, kw)."""
+    conv = nn.Conv2d(w.shape[1] * groups, len(w), w.shape[2:], stride, [s // 2 for s in w.shape[2:]], groups=groups)
     conv.weight, conv.bias = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
     return conv
+
+def add_identity(w):
+    """w + the kernel of the identity map, for a depthwise kernel (C, 1, kh, kw): a 1 at each centre tap."""
+    w = w.clone()
+    w[:, 0, w.shape[2] // 2, w.shape[3] // 2] += 1
+    return w
 
 class SqueezeExcite(nn.Module):
     """Squeeze-excitation (1709.01507): x * sigmoid(up(relu(down(mean(x))))), 1x1 convs, named as the checkpoints
@@ -205,8 +207,7 @@ class MobileOneBlock(nn.Module):
 
     def __init__(self, cin, cout, k, stride=1, groups=1, act=True, se=False, scale_branch=True, n_conv=1):
         super().__init__()
-        self.k = (k, k) if isinstance(k, int) else tuple(k)
-        self.cin, self.cout, self.stride, self.groups = cin, cout, stride, groups
+        self.k, self.stride, self.groups = _pair(k), stride, groups
         self.se = SqueezeExcite(cout, int(cout * 0.0625), ("reduce", "expand")) if se else nn.Identity()
         self.activation = nn.GELU() if act else nn.Identity()
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
@@ -222,27 +223,19 @@ class MobileOneBlock(nn.Module):
         return self.activation(self.se(out))
 
     def fused(self):
-        """(kernel, bias) of the single kxk conv equal to the sum of the branches: each branch is folded
-        with its BN; the 1x1 kernel is zero-padded, the skip is the identity kernel."""
-        wb = [fold_bn(identity_kernel(self.cin, self.groups, self.k, br.weight), br) if isinstance(br, nn.BatchNorm2d)
-              else fold_bn(pad_to(br.conv.weight, self.k), br.bn) for br in self.branches()]
-        return sum(w for w, _ in wb), sum(b for _, b in wb)
+        return fold(self.branches(), self.k, self.groups)
 
     def reparameterize(self):
-        w, b = self.fused()
-        self.reparam_conv = folded_conv(self.cin, self.cout, self.k, self.stride, self.groups, w, b)
+        self.reparam_conv = folded_conv(*self.fused(), self.stride, self.groups)
         self.rbr_skip = self.rbr_conv = self.rbr_scale = None
 
 class ReparamLargeKernelConv(nn.Module):
-    """RepLKNet-style (2203.06717) downsampling conv: a 7x7/2 conv+BN with a parallel 3x3/2 conv+BN, one
-    group per input channel (C -> C', 2 outputs per group), then SE (optional) and GELU (timm's
-    `lkc_use_act=True`). Folds into `lkb_reparam`, the 3x3 kernel zero-padded to 7x7."""
+    """RepLKNet-style (2203.06717) downsampling conv: a 7x7/2 conv+BN with a parallel 3x3/2 conv+BN, one group per
+    input channel (C -> C', 2 outputs per group), then SE (optional) and GELU (timm's `lkc_use_act=True`)."""
 
-    def __init__(self, cin, cout, k=7, stride=2, small=3, se=False):
+    def __init__(self, cin, cout, se=False):
         super().__init__()
-        self.cin, self.cout, self.k, self.stride = cin, cout, (k, k), stride
-        self.lkb_origin = conv_bn(cin, cout, k, stride, cin)
-        self.small_conv = conv_bn(cin, cout, small, stride, cin)
+        self.lkb_origin, self.small_conv = conv_bn(cin, cout, 7, 2, cin), conv_bn(cin, cout, 3, 2, cin)
         self.se = SqueezeExcite(cout, max(8, int(cout / 4 + 4) // 8 * 8)) if se else nn.Identity()
         self.activation, self.lkb_reparam = nn.GELU(), None
 
@@ -251,9 +244,8 @@ class ReparamLargeKernelConv(nn.Module):
         return self.activation(self.se(out))
 
     def reparameterize(self):
-        w1, b1 = fold_bn(self.lkb_origin.conv.weight, self.lkb_origin.bn)
-        w2, b2 = fold_bn(pad_to(self.small_conv.conv.weight, self.k), self.small_conv.bn)
-        self.lkb_reparam = folded_conv(self.cin, self.cout, self.k, self.stride, self.cin, w1 + w2, b1 + b2)
+        groups = self.lkb_origin.conv.groups
+        self.lkb_reparam = folded_conv(*fold([self.lkb_origin, self.small_conv], (7, 7), groups), 2, groups)
         self.lkb_origin = self.small_conv = None
 
 class RepMixer(nn.Module):
@@ -263,7 +255,6 @@ class RepMixer(nn.Module):
 
     def __init__(self, dim, k=3):
         super().__init__()
-        self.dim, self.k = dim, (k, k) if isinstance(k, int) else tuple(k)
         self.norm = MobileOneBlock(dim, dim, k, groups=dim, act=False, scale_branch=False, n_conv=0)
         self.mixer = MobileOneBlock(dim, dim, k, groups=dim, act=False)
         self.layer_scale, self.reparam_conv = nn.Parameter(1e-5 * torch.ones(dim, 1, 1)), None
@@ -273,10 +264,9 @@ class RepMixer(nn.Module):
         return folded(x) if folded is not None else x + self.layer_scale * (self.mixer(x) - self.norm(x))
 
     def reparameterize(self):
-        (wm, bm), (wn, bn) = self.mixer.fused(), self.norm.fused()
-        g = self.layer_scale
-        w = identity_kernel(self.dim, self.dim, self.k, wm) + g.unsqueeze(-1) * (wm - wn)  # (C, 1, kh, kw)
-        self.reparam_conv = folded_conv(self.dim, self.dim, self.k, 1, self.dim, w, g.flatten() * (bm - bn))
+        (wm, bm), (wn, bn), g = self.mixer.fused(), self.norm.fused(), self.layer_scale
+        w = add_identity(g.unsqueeze(-1) * (wm - wn))  # (C, 1, kh, kw)
+        self.reparam_conv = folded_conv(w, g.flatten() * (bm - bn), groups=len(w))
         self.mixer = self.norm = None
         del self.layer_scale
 
@@ -292,21 +282,18 @@ class ConvFFN(nn.Module):
         return self.fc2(self.act(self.fc1(self.conv(x))))
 
 class RepCPE(nn.Module):
-    """Conditional positional encoding (2102.10882) as a residual depthwise 7x7 conv, x + pe(x); folded,
-    the residual is a 1 added to each channel's centre tap."""
+    """Conditional positional encoding (2102.10882) as a residual depthwise 7x7 conv, x + pe(x)."""
 
     def __init__(self, dim, k=7):
         super().__init__()
-        self.dim, self.k = dim, (k, k)
         self.pe, self.reparam_conv = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim), None
 
     def forward(self, x):
         return self.reparam_conv(x) if self.reparam_conv is not None else x + self.pe(x)
 
     def reparameterize(self):
-        w = self.pe.weight + identity_kernel(self.dim, self.dim, self.k, self.pe.weight)
-        self.reparam_conv = folded_conv(self.dim, self.dim, self.k, 1, self.dim, w, self.pe.bias)
-        self.pe = None
+        w = add_identity(self.pe.weight)
+        self.reparam_conv, self.pe = folded_conv(w, self.pe.bias, groups=len(w)), None
 
 class RepMixerBlock(nn.Module):
     """MetaFormer block with RepMixer: x = RepMixer(x); x = x + gamma * ConvFFN(x) (gamma init 1e-5)."""
@@ -346,7 +333,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cin, cout, se=False):
         super().__init__()
-        self.proj = nn.Sequential(ReparamLargeKernelConv(cin, cout, 7, 2, 3, se), MobileOneBlock(cout, cout, 1))
+        self.proj = nn.Sequential(ReparamLargeKernelConv(cin, cout, se), MobileOneBlock(cout, cout, 1))
 
     def forward(self, x):
         return self.proj(x)
@@ -410,16 +397,14 @@ class MCi(nn.Module):
 
 # Sizes (spec 2.2, 2.3). MCi3/4: 5 stages (stride 64, two attention stages), no SE in the downsamples,
 # MLP ratio 4, LayerNorm before attention, no scale branch in the stem.
-_MCI = {
-    "mci0": dict(depths=(2, 6, 10, 2), widths=(64, 128, 256, 512), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
-    "mci1": dict(depths=(4, 12, 20, 4), widths=(64, 128, 256, 512), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
-    "mci2": dict(depths=(4, 12, 24, 4), widths=(80, 160, 320, 640), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
-    "mci3": dict(depths=(2, 12, 24, 4, 2), widths=(96, 192, 384, 768, 1536), mlp_ratio=4.0, se=(0,) * 5,
-                 attn=(0, 0, 0, 1, 1), attn_norm="ln", stem_scale=False),
-    "mci4": dict(depths=(2, 12, 24, 4, 4), widths=(128, 256, 512, 1024, 2048), mlp_ratio=4.0, se=(0,) * 5,
-                 attn=(0, 0, 0, 1, 1), attn_norm="ln", stem_scale=False),
-    "mci_tiny": dict(depths=(1, 1, 2, 1), widths=(32, 64, 128, 256), mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1)),
-}
+_MCI4 = dict(mlp_ratio=3.0, se=(0, 0, 1, 1), attn=(0, 0, 0, 1))
+_MCI5 = dict(mlp_ratio=4.0, se=(0,) * 5, attn=(0, 0, 0, 1, 1), attn_norm="ln", stem_scale=False)
+_MCI = {"mci0": dict(_MCI4, depths=(2, 6, 10, 2), widths=(64, 128, 256, 512)),
+        "mci1": dict(_MCI4, depths=(4, 12, 20, 4), widths=(64, 128, 256, 512)),
+        "mci2": dict(_MCI4, depths=(4, 12, 24, 4), widths=(80, 160, 320, 640)),
+        "mci3": dict(_MCI5, depths=(2, 12, 24, 4, 2), widths=(96, 192, 384, 768, 1536)),
+        "mci4": dict(_MCI5, depths=(2, 12, 24, 4, 4), widths=(128, 256, 512, 1024, 2048)),
+        "mci_tiny": dict(_MCI4, depths=(1, 1, 2, 1), widths=(32, 64, 128, 256))}
 
 # ---- text encoders and the ViT-B/16 image encoder (Apple's ml-cvnets transformer) ----------------------
 class LayerNormFP32(nn.LayerNorm):
@@ -524,9 +509,7 @@ class ConvStemViT(nn.Module):
         return self.classifier(x[:, 0])  # (B, E)
 
     def timm_name(self, key):
-        for a, b in _TIMM_VIT_B:
-            key = key.replace(a, b)
-        return key
+        return functools.reduce(lambda k, ab: k.replace(*ab), _TIMM_VIT_B, key)
 
 # timm's `vit_base_mci_224` names for ours (the inverse of timm's `_convert_mobileclip`).
 _TIMM_VIT_B = [("patch_emb.", "patch_embed.backbone."), (".block.conv", ".conv"), (".block.norm", ".bn"),
@@ -576,8 +559,7 @@ MOBILECLIP_MODELS = {
     "mobileclip2_l14": dict(_V2_768, image="vit_l14", image_size=224, interpolation="bicubic"),
     # CPU smoke run: 64 px (stages at 16, 8, 4, 2 px), a 1-layer MCt; 2.0M parameters with a 2048-token BPE.
     "mobileclip_tiny": dict(_V1, image="mci_tiny", image_size=64, embed_dim=128, text="mct", text_width=128,
-                            text_heads=4, text_layers=1, context_length=32),
-}
+                            text_heads=4, text_layers=1, context_length=32)}
 
 def init_weights(model):
     """Apple's / timm's initialisation where it differs from torch's defaults: linear layers and the ConvFFN
@@ -593,9 +575,8 @@ def init_weights(model):
 def create_model(name, pretrained=None, vocab_size=49408):
     """A MobileCLIP model (common.CLIP: `.visual`, `.text`, `logit_scale`) in its unfused train-time form;
     `pretrained`: an ml-mobileclip `.pt` or an OpenCLIP file of the same model."""
-    if name not in MOBILECLIP_MODELS:
-        C.fail(f"unknown MobileCLIP model '{name}'; choose one of {', '.join(MOBILECLIP_MODELS)}")
-    cfg = MOBILECLIP_MODELS[name]
+    cfg = MOBILECLIP_MODELS.get(name) or C.fail(f"unknown MobileCLIP model '{name}'; choose one of "
+                                                f"{', '.join(MOBILECLIP_MODELS)}")
     E, image = cfg["embed_dim"], cfg["image"]
     visual = (MCi(**_MCI[image], embed_dim=E, head_bias=cfg["timm_tower"]) if image in _MCI else
               ConvStemViT(embed_dim=E, timm_tower=cfg["timm_tower"]) if image == "vit_b16" else
@@ -610,19 +591,13 @@ def create_model(name, pretrained=None, vocab_size=49408):
     return model
 
 def reparameterize(model):
-    """A deep copy with every train-time branch folded (MobileOneBlock, RepMixer, ReparamLargeKernelConv,
-    RepCPE; the text RepMixer too), in eval mode: the folds use the BN running statistics, so the copy
-    computes what the unfused model computes in eval mode, with fewer, plain convs."""
-
-    def fold(m):  # parents first: a RepMixer folds its own two MobileOneBlocks
-        if hasattr(m, "reparameterize"):
-            m.reparameterize()
-        for child in m.children():
-            fold(child)
-
+    """A deep copy in eval mode with every train-time branch folded (the text RepMixer too): from the BN running
+    statistics, so it computes what the unfused model computes in eval mode, with fewer, plain convs."""
     model = copy.deepcopy(model)
     with torch.no_grad():
-        fold(model)
+        for m in model.modules():  # parents first (a RepMixer folds its own two MobileOneBlocks, then skips them)
+            if hasattr(m, "reparameterize"):
+                m.reparameterize()
     return model.eval()
 
 # ---- checkpoint layouts ------------------------------------------------------------------------------
@@ -644,14 +619,12 @@ def layout_name(model, key, layout):
     tower, rest = key.split(".", 1)
     if layout == "openclip" and tower == "visual":
         return "visual.trunk." + model.visual.timm_name(rest)
-    for a, b in _APPLE_INFIX if layout == "apple" else _OPENCLIP_TEXT:
-        rest = rest.replace(a, b)
+    rest = functools.reduce(lambda k, ab: k.replace(*ab), _APPLE_INFIX if layout == "apple" else _OPENCLIP_TEXT, rest)
     prefix = "text." if layout == "openclip" else "image_encoder.model." if tower == "visual" else "text_encoder."
     return prefix + rest
 
 def export_state_dict(model, layout):
-    """Our state dict in a released layout, names and shapes as the official code saves them (to use the
-    weights trained here with ml-mobileclip or OpenCLIP)."""
+    """Our state dict in a released layout, names and shapes as ml-mobileclip or OpenCLIP save them."""
     if layout == "openclip" and isinstance(model.text.transformer[0], TextRepMixerBlock):
         C.fail("OpenCLIP has no MCt text encoder (mobileclip_s0): export it in the 'apple' layout")
     out = {}
@@ -695,11 +668,9 @@ def load_pretrained(model, path, name="", sd=None):
     sd = C.unwrap_state_dict(read_weights(path, "checkpoint") if sd is None else sd)  # DDP-/compile-wrapped saves
     fit_head_bias(model, sd)
     has = lambda prefix: any(k.startswith(prefix) for k in sd)
-    layout = ("apple" if has("image_encoder.") else "openclip" if has("visual.trunk.") else
-              "ours" if has("visual.") else None)
-    if layout is None:
-        C.fail(f"{path} is neither an ml-mobileclip .pt (image_encoder.*), an OpenCLIP file (visual.trunk.*) "
-               f"nor a state dict of this repository (visual.*, text.*)")
+    layout = ("apple" if has("image_encoder.") else "openclip" if has("visual.trunk.") else "ours" if has("visual.")
+              else C.fail(f"{path} is neither an ml-mobileclip .pt (image_encoder.*), an OpenCLIP file (visual.trunk.*) "
+                          f"nor a state dict of this repository (visual.*, text.*)"))
     own = model.state_dict()
     ours = {layout_name(model, k, layout): k for k in own}
     out = {}
@@ -735,7 +706,6 @@ def export(cfg: ExportConfig):
     C.save_checkpoint(cfg.out, sd)  # a temporary file, then renamed
     C.print0(f"results: {name} in the {cfg.layout} layout ({len(sd)} tensors): {cfg.out}")
 
-
 # ==== Data and tokenizer =============================================================================================
 def resolve_data(cfg: Config) -> tuple[str, str, str]:
     """(train shards, zero-shot ImageFolder, retrieval shards): the user's, or the synthetic world's (not made for
@@ -751,15 +721,12 @@ def resolve_data(cfg: Config) -> tuple[str, str, str]:
         except FileNotFoundError as e:
             C.fail(str(e))
         defaults = os.path.join(os.path.dirname(first), "eval.json")  # `reinforce` of the synthetic world
-        if os.path.isfile(defaults):
-            d = json.load(open(defaults))
-            zs, ret = zs or d["zeroshot_data"], ret or d["retrieval_data"]
-        return cfg.data, zs, ret
+        d = json.load(open(defaults)) if os.path.isfile(defaults) else {}
+        return cfg.data, zs or d.get("zeroshot_data", ""), ret or d.get("retrieval_data", "")
     if getattr(cfg, "reinforced", False):
         C.fail("--reinforced needs --data: DataCompDR shards, or those `python mobileclip.py reinforce` wrote")
-    size = model_spec(cfg.model)["image_size"]
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effclip")
-    world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, size, seed=0)
+    world = C.synthetic_world(cache, cfg.synthetic_train, cfg.synthetic_val, model_spec(cfg.model)["image_size"], 0)
     return world["train"], zs or world["val_folder"], ret or world["val"]
 
 def make_tokenizer(cfg: Config, shards: str):
@@ -824,7 +791,6 @@ def load_init(model: C.CLIP, cfg: Config, sd=None):
                f"{' or '.join(fits) or '(none of MODELS; add its shape to MODELS)'}")
     C.load_state_dict_checked(model, {k: v.float() for k, v in C.openclip_to_ours(sd).items()}, f"--init {cfg.init}")
 
-
 # ==== Multi-modal reinforced training (paper Sec. 3; spec 3.1 and 4) =================================================
 def draw_augmentation(rng, width: int, height: int, size: int, min_scale: float) -> list:
     """One stored augmentation in DataCompDR's compressed form [[i, j, h, w], [[op, m], [op, m]]]: a
@@ -837,11 +803,9 @@ def replay_augmentation(img: Image.Image, param: list, size: int, resample=Image
     """Replay a stored augmentation on the original image -> uint8 (3, size, size): crop the box, resize it
     to `size` (the student's, or a teacher's), apply the RandAugment ops. The same image and parameters give
     bit-identical pixels, so the student sees exactly the view the teachers embedded."""
-    box, ops = param[-2], param[-1]  # a leading MixUp/CutMix pair id, if any, is not used
-    i, j, h, w = (int(v) for v in box)
+    (i, j, h, w), ops = (int(v) for v in param[-2]), param[-1]  # a leading MixUp/CutMix pair id is not used
     img = img.crop((j, i, j + w, i + h)).resize((size, size), resample)
-    if ops:  # null = RandAugment skipped
-        img = C.apply_rand_augment(img, ops)
+    img = C.apply_rand_augment(img, ops) if ops else img  # null = RandAugment skipped
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 def read_embeddings(sample: dict) -> dict:
@@ -872,9 +836,8 @@ class DRDecode:
         paug = json.loads(sample["paug.json"])["param_aug"]
         paug = json.loads(paug) if isinstance(paug, str) else paug  # the HF viewer form is a JSON string
         emb = read_embeddings(sample)
-        meta = json.loads(sample.get("json", b"{}"))
-        if meta.get("teachers", self.teachers) != self.teachers:
-            raise ValueError(f"sample has {meta['teachers']} teachers, --teacher-scales gives {self.teachers}")
+        if (k := json.loads(sample.get("json", b"{}")).get("teachers", self.teachers)) != self.teachers:
+            raise ValueError(f"sample has {k} teachers, --teacher-scales gives {self.teachers}")
         a = rng.randrange(len(paug))
         key = rng.choice(sorted(k for k in syn if self.syn_key.match(k) and syn[k]))
         c = rng.randrange(len(syn[key]))
@@ -957,25 +920,22 @@ class CaptionSource:
         self.syn_key, self.seed = re.compile(syn_key), seed + 1  # an RNG stream apart from the crop's
 
     def __call__(self, sample: dict) -> dict:
-        rng, caption = C.sample_rng(self.seed, sample), None
-        if rng.random() < self.prob:
-            if "syn.json" in sample:
-                syn = json.loads(sample["syn.json"])
-                caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
-            else:
-                caption = caption_scene(json.loads(sample["json"])["scene"], rng)
-        else:
+        rng = C.sample_rng(self.seed, sample)
+        if rng.random() >= self.prob:
             caption = unrelated_alt_text(sample, self.noise)
+        elif "syn.json" in sample:
+            syn = json.loads(sample["syn.json"])
+            caption = rng.choice([c for k in sorted(syn) if self.syn_key.match(k) for c in syn[k]])
+        else:
+            caption = caption_scene(json.loads(sample["json"])["scene"], rng)
         return self.decode({**sample, "txt": caption.encode()} if caption else sample)
 
 def unrelated_alt_text(sample: dict, q: float):
     """--alt-noise: for a fraction q of the world's samples, drawn from the key alone (the same samples every epoch,
     seed and worker layout; nested in q), the alt-text of an unrelated random picture in the world's alt-text style,
     redrawn until it does not name the sample's shape; None for the others (their alt-text is kept)."""
-    if not q:  # no generator made: the common case costs nothing
-        return None
-    noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
-    if noise.random() >= q:
+    noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode())) if q else None
+    if not q or noise.random() >= q:  # q = 0: no generator made, the common case costs nothing
         return None
     shape = json.loads(sample["json"])["scene"]["shape"]
     while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
@@ -988,9 +948,7 @@ def load_teacher(path: str, bpe: str, device):
     ckpt = read_weights(path, "teacher checkpoint")
     beside = os.path.join(os.path.dirname(path), "bpe.txt")
     merges = beside if "model_name" in ckpt and os.path.isfile(beside) else bpe
-    if not merges:
-        C.fail(f"teacher {path}: no tokenizer (no bpe.txt beside it); give --bpe")
-    tok = C.Tokenizer(merges)
+    tok = C.Tokenizer(merges or C.fail(f"teacher {path}: no tokenizer (no bpe.txt beside it); give --bpe"))
     if "model_name" in ckpt:  # a checkpoint of this script
         cfg = Config(model=ckpt["model_name"], act=ckpt.get("config", {}).get("act", "gelu"))
         model, spec = build_model(cfg, ckpt["vocab_size"]), model_spec(cfg.model)
@@ -1008,8 +966,8 @@ def load_teacher(path: str, bpe: str, device):
     return model.to(device).eval(), tok, spec
 
 def embed_views(teachers, views: list, texts: list, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every teacher's normalised embeddings, side by side: views = [(image, param)] -> (len(views), K*D),
-    texts -> (len(texts), K*D). Each teacher sees the views replayed at its own input size."""
+    """Every teacher's normalised embeddings side by side, of the views [(image, param)] replayed at its own input
+    size -> (len(views), K*D), and of the texts -> (len(texts), K*D)."""
     img_out, txt_out = [], []
     for model, tok, spec in teachers:
         device = next(model.parameters()).device
@@ -1029,10 +987,25 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
     """Yield the DataCompDR-layout samples of one input shard (spec 4.3): the original members (the joined
     form, so training reads them directly), syn.json, paug.json, npz {image_emb (A, K*D), text_emb (1+S, K*D):
     GT first, then the synthetic captions}, and json with the teacher count and the image's sha256."""
-    def flush(chunk):
+    def prepared():  # (image, augmentations, GT caption, synthetic captions, members kept) of each usable sample
+        for s in C.iter_tar_samples(path, skipped):
+            try:
+                if wrong := unrelated_alt_text(s, cfg.alt_noise):  # --alt-noise: stored as the alt-text
+                    s = {**s, "txt": wrong.encode()}
+                img, gt, rng = C.decode_image(s), C.decode_caption(s), C.sample_rng(cfg.seed, s)
+                # --captions, else the synthetic world's accurate captioner, from the ground-truth scene
+                syn = (captions[s["__key__"].rsplit("/", 1)[-1]] if captions else
+                       [caption_scene(json.loads(s["json"])["scene"], rng) for _ in range(cfg.num_captions)])
+            except Exception as e:
+                skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
+                continue
+            params = [draw_augmentation(rng, *img.size, size, cfg.aug_min_scale) for _ in range(cfg.num_augs)]
+            yield img, params, gt, syn, {k: v for k, v in s.items() if k not in ("npz", "pth.gz")}
+
+    size, samples = cfg.aug_size or model_spec(cfg.model)["image_size"], prepared()
+    while chunk := list(itertools.islice(samples, cfg.batch_size)):  # the teachers embed a batch at a time
         views = [(img, p) for img, params, *_ in chunk for p in params]
-        texts = [t for _, _, gt, syn, _ in chunk for t in [gt, *syn]]
-        zi, zt = embed_views(teachers, views, texts, cfg.batch_size)
+        zi, zt = embed_views(teachers, views, [t for _, _, gt, syn, _ in chunk for t in [gt, *syn]], cfg.batch_size)
         for img, params, gt, syn, s in chunk:
             n_img, n_txt = len(params), 1 + len(syn)
             buf = io.BytesIO()
@@ -1042,30 +1015,6 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
                         sha256=hashlib.sha256(next(s[k] for k in C.IMAGE_EXTS if k in s)).hexdigest())
             yield {**s, "syn.json": {"syn_text": syn}, "paug.json": {"param_aug": params}, "npz": buf.getvalue(),
                    "json": meta}
-
-    chunk = []
-    for s in C.iter_tar_samples(path, skipped):
-        try:
-            if wrong := unrelated_alt_text(s, cfg.alt_noise):  # --alt-noise: stored as the alt-text
-                s = {**s, "txt": wrong.encode()}
-            img, gt = C.decode_image(s), C.decode_caption(s)
-            rng = C.sample_rng(cfg.seed, s)
-            if captions:
-                syn = captions[s["__key__"].rsplit("/", 1)[-1]]
-            else:  # the synthetic world's accurate captioner, from the ground-truth scene
-                scene = json.loads(s["json"])["scene"]
-                syn = [caption_scene(scene, rng) for _ in range(cfg.num_captions)]
-        except Exception as e:
-            skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
-            continue
-        size = cfg.aug_size or model_spec(cfg.model)["image_size"]
-        params = [draw_augmentation(rng, *img.size, size, cfg.aug_min_scale) for _ in range(cfg.num_augs)]
-        chunk.append((img, params, gt, syn, {k: v for k, v in s.items() if k not in ("npz", "pth.gz")}))
-        if len(chunk) >= cfg.batch_size:
-            yield from flush(chunk)
-            chunk = []
-    if chunk:
-        yield from flush(chunk)
 
 @torch.no_grad()
 def reinforce(cfg: ReinforceConfig):
@@ -1108,7 +1057,6 @@ def reinforce(cfg: ReinforceConfig):
     C.finish_run(cfg.out, extra=f"shards {cfg.out}/**/*.tar")
     C.cleanup_distributed()
 
-
 # ==== Evaluation =====================================================================================================
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device) -> dict:
@@ -1116,16 +1064,16 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
     recall@1/5/10 on caption shards."""
     model.eval()
     spec, metrics = model_spec(cfg.model), {}
+    resample = RESAMPLE[spec["interpolation"]]
     if zs_dir:
         # OpenCLIP's protocol (--templates openai: its 80 prompts), the images by its eval transform and model filter
         items, names = C.image_folder(zs_dir, C.read_lines(cfg.classnames) if cfg.classnames else None)
         templates = C.templates_arg(cfg.templates or "default")
         clf = C.zeroshot_classifier(model, tokenizer, names, templates, device, spec["context_length"])
         metrics.update(C.zeroshot_eval(model, clf, items, spec["image_size"], device, mean=spec["mean"],
-                                       std=spec["std"], resample=RESAMPLE[spec["interpolation"]]))
+                                       std=spec["std"], resample=resample))
     if ret_shards:
-        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], train=False,
-                                   resample=RESAMPLE[spec["interpolation"]])
+        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], False, resample=resample)
         stream = C.ShardStream(C.expand_shards(ret_shards), decode, 256, shuffle_buffer=1, epochs=1, drop_last=False)
         img, txt, n = [], [], 0
         for b in C.progress(C.make_loader(stream, 0, False), "retrieval"):  # no usable sample: one line
@@ -1136,7 +1084,6 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
         metrics.update(C.retrieval_eval(torch.cat(img)[:cfg.retrieval_max], torch.cat(txt)[:cfg.retrieval_max]))
     model.train()
     return metrics
-
 
 # ==== Training =======================================================================================================
 def check_inputs(cfg: Config) -> list[float]:
@@ -1193,7 +1140,6 @@ def train(cfg: Config):
     C.print0(f"model {cfg.model}: image {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f}M"
              f" + text {sum(p.numel() for p in model.text.parameters()) / 1e6:.2f}M parameters")
     log = C.RunLog(cfg.out)
-
     # ---- start: fresh, from public weights, or resumed (the model complete before the optimizer sees it) ----
     start, data_pos = 0, {}
     if sd is not None:
@@ -1215,14 +1161,12 @@ def train(cfg: Config):
             data_pos = ckpt["data"][rank]
         else:
             C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
-
     # ---- data -----------------------------------------------------------------------------------
     stream = C.ShardStream(C.expand_shards(shards), make_decode(cfg, tokenizer, spec, len(scales)), cfg.batch_size,
                            rank, world, cfg.seed, cfg.shuffle_buffer, data_pos, start)
     batches = iter(C.make_loader(stream, cfg.workers, device.type == "cuda"))
     position = C.DataPosition()
     position.pos = {int(w): p for w, p in data_pos.items()}  # workers with no new batch keep their place
-
     # ---- wrap: DDP, compile, precision --------------------------------------------------------------
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     train_model = torch.compile(train_model) if cfg.compile else train_model
@@ -1233,13 +1177,11 @@ def train(cfg: Config):
     for step in C.progress(range(start, cfg.steps + 1), "train"):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
-
         # ---- evaluate -----------------------------------------------------------------------------
         if cfg.eval and (last_step or (cfg.eval_every and step % cfg.eval_every == 0 and step > start)):
             if rank == 0:
                 log.log(step, **evaluate(model, tokenizer, cfg, zs_dir, ret_shards, device))
             C.barrier()
-
         # ---- checkpoint (never one with a non-finite loss behind it) ------------------------------
         if (last_step or stopping or (step % cfg.ckpt_every == 0 and step > start)) and step > start:
             if nonfinite.item():
@@ -1251,7 +1193,6 @@ def train(cfg: Config):
             C.prune_checkpoints(cfg.out, cfg.keep_ckpts, written=saved)
         if last_step or stopping:
             break
-
         # ---- forward, backward, step --------------------------------------------------------------
         td = time.time()
         batch = next(batches)
@@ -1276,7 +1217,6 @@ def train(cfg: Config):
         opt.zero_grad(set_to_none=True)
         nonfinite |= ~torch.isfinite(loss.detach())
         seen += len(images)
-
         # ---- log (the only host sync) ---------------------------------------------------------------
         if (step + 1) % cfg.log_every == 0:
             if nonfinite.item():
