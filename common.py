@@ -75,6 +75,8 @@ def parse_config(cls, argv: list[str] | None = None, verbose: bool = True, prog:
 def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, default: str | None = None):
     """`SCRIPT COMMAND [flags]`, commands = {name: (function, ConfigClass)}; with `default`, flags alone run it."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv) and hasattr(signal, "SIGPIPE"):  # `SCRIPT --help | head`: no traceback
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
     if argv and argv[0] in commands:
         name, argv = argv[0], argv[1:]
@@ -88,9 +90,7 @@ def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, 
                   for n, (fn, _) in commands.items()]
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print("\n".join(lines), file=sys.stdout if asked else sys.stderr)
-        if not asked:
-            fail(f"unknown command '{argv[0]}'" if argv else "a command is needed")
-        raise SystemExit(0)
+        raise SystemExit(0) if asked else fail(f"unknown command '{argv[0]}'" if argv else "a command is needed")
     fn, cls = commands[name]
     return fn(parse_config(cls, argv, prog=f"{script} {name}", description=first_paragraph(fn.__doc__)))
 
@@ -1195,7 +1195,7 @@ def read_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
+        raise ValueError(f"{type(e).__name__}: {' '.join(str(e).split()).split('. ')[0][:200]}") from None
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a checkpoint dict")
     return state

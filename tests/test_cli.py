@@ -2,7 +2,10 @@
 commands / that command's flags, and out-of-range numbers get one line and a non-zero exit before any work.
 Run in-process (each main(argv) stops in argument parsing), parametrised over the scripts."""
 import importlib
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +61,14 @@ def test_out_of_range_flags_get_one_line(script, capsys):
                 assert code != 0 and err.strip() == f"error: {flag} {value}: {msg}", (script, name, flag, err[-300:])
                 checked += 1
     assert checked > 0
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`SCRIPT --help | head -1`: the reader may leave before the help is written. The script then stops as Unix
+    tools do (SIGPIPE), with no BrokenPipeError traceback. The read end is closed before the child writes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "tic.py", "--help"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-300:]
