@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -7,6 +8,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _sigpipe_as_python_sets_it():
+    """A script's `--help` run in-process sets SIGPIPE to the default (common.run_command: `--help | head` stops
+    quietly); put back Python's ignore, so a later test writing to a closed pipe gets an error, not a dead pytest."""
+    yield
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 @pytest.fixture
