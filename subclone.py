@@ -151,7 +151,6 @@ class GPT(nn.Module):
     """A GPT-2-style decoder from common.Block: token + learned position embeddings, causal pre-norm blocks,
     final LayerNorm, an untied LM head (untied so that subcloning can scale it as a matrix while the
     embedding, a lookup table, keeps its values). act "gelu_tanh" is GPT-2's gelu_new; eps, its LayerNorms'."""
-
     def __init__(self, vocab_size=49408, context_length=32, width=256, layers=8, heads=8, mlp_ratio=4.0, act="gelu",
                  eps=1e-5):
         super().__init__()
@@ -166,18 +165,21 @@ class GPT(nn.Module):
                 m.eps = eps
             if isinstance(m, C.MLP) and act == "gelu_tanh":
                 m.act = nn.GELU(approximate="tanh")
-
     def forward(self, ids):
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]  # (B, N, D)
         for blk in self.blocks:
             x = blk(x, causal=True)
         return self.head(self.norm(x))  # (B, N, V)
 
+def last_eot(ids):
+    """Each row's last eot position (eot has the largest id; GPT-2's rows also open with one) = its target count."""
+    return ids.shape[1] - 1 - ids.flip(1).argmax(dim=1)
+
 def lm_loss(model, ids):
-    """Next-token cross-entropy on captions [sot, ..., eot, 0, ...]: targets up to and including eot."""
+    """Next-token cross-entropy on captions [sot, ..., eot, 0, ...]: targets up to and including the last eot."""
     logits = model(ids[:, :-1])  # (B, N-1, V)
     target = ids[:, 1:].clone()
-    eot = ids.shape[1] - 1 - ids.flip(1).argmax(dim=1)  # the last eot, the largest id (GPT-2's rows open with it)
+    eot = last_eot(ids)
     target[torch.arange(target.shape[1], device=ids.device)[None] >= eot[:, None]] = -100  # padding
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
 
@@ -185,7 +187,6 @@ class ViTClassifier(C.ViT):
     """The paper's ViT-B/16 parent, an ImageNet classifier, in common.ViT's names: the function of torchvision's
     vit_b_16 and timm's vit_base_patch16_224 (patch conv with a bias, no pre-norm, LayerNorm eps 1e-6, exact
     GELU, the normed class token through a linear head). mean / std: the input normalisation of its weights."""
-
     def __init__(self, image_size=224, patch=16, width=768, layers=12, heads=12, num_classes=1000, mlp_ratio=4.0,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         super().__init__(image_size, patch, width, layers, heads, 1, mlp_ratio)
@@ -195,7 +196,6 @@ class ViTClassifier(C.ViT):
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 m.eps = 1e-6
-
     def forward(self, x):
         return self.head(self.forward_tokens(x)[:, 0])  # (B, classes)
 
@@ -246,10 +246,8 @@ def importance(tower: nn.Module, run, batches) -> dict:
     ratio     [float] * L per block, ||f(x)|| / ||x + f(x)||: small in the middle blocks (Sec. 3, Fig. 2)."""
     blocks = tower.blocks
     L, sums, count = len(blocks), {}, [0]
-
     def add(key, x):  # x (B, N, K): accumulate the sum over batch and tokens, divide by the count at the end
         sums[key] = sums.get(key, 0) + x.detach().float().abs().sum(dim=(0, 1))
-
     def pre0(m, args):
         count[0] += args[0].shape[0] * args[0].shape[1]
         add("embed", args[0])
@@ -340,7 +338,9 @@ def subclone_tower(sd: dict, idx: dict, head_dim: int, scale: bool = True) -> di
         p = {k[len(f"blocks.{old}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{old}.")}
         blk = subclone_block(p, res, idx["heads"][new], idx["ffn"][new], head_dim, scale)
         out.update({f"blocks.{new}.{k}": v for k, v in blk.items()})
-    for k, v in ((k, v) for k, v in sd.items() if not k.startswith("blocks.")):  # the rest, outside the blocks
+    for k, v in sd.items():  # the rest, outside the blocks
+        if k.startswith("blocks."):
+            continue
         if k.startswith("patch_embed.") or k == "cls_token" or k.startswith("norm"):  # the conv's (D, 3, p, p)
             out[k] = v[res].clone()  # output channels (its fan-in 3 p p is whole) and (D,) vectors: never scaled
         elif k == "head.bias":  # (classes,) of a classifier: the label space is kept
@@ -386,7 +386,8 @@ def destination(model: nn.Module, kind: str, arch: dict, cfg: CloneConfig) -> tu
                               head_dim=head_dim)
     v, t = shapes["visual." if kind == "clip" else ""], shapes.get("text.")
     new.update(width=v["width"], heads=v["heads"], layers=v["depth"], mlp_ratio=ratio)
-    new.update(text_width=t["width"], text_heads=t["heads"], text_layers=t["depth"]) if t else None
+    if t:
+        new.update(text_width=t["width"], text_heads=t["heads"], text_layers=t["depth"])
     return new, shapes
 
 @torch.no_grad()
@@ -498,7 +499,6 @@ class GPT2Tokenizer(C.Tokenizer):
     space; whitespace), a piece's UTF-8 bytes map to printable characters (common's byte table is GPT-2's), and
     common's _bpe merges the lowest-ranked pair until none is a merge. Rows: [sot] + ids + [eot], sot = eot =
     <|endoftext|> (the largest id, split off first), GPT-2's document separator; lm_loss ends a row at its last."""
-
     def __init__(self, vocab: dict, merges: list, context_length: int = 1024):
         self.encoder, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.decoder, self.ranks = {i: s for s, i in self.encoder.items()}, {m: r for r, m in enumerate(self.merges)}
@@ -517,26 +517,22 @@ class GPT2Tokenizer(C.Tokenizer):
             GPT2Tokenizer.pattern = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_{x}]+| ?[\d{x}]+"
                                                rf"| ?(?:[^\s\w]|[_\x1c-\x1f])+|{s}+(?!{S})|{s}+")
         self.pattern = GPT2Tokenizer.pattern  # also on the instance: pickled to spawned DataLoader workers
-
     @classmethod
     def read(cls, folder: str) -> GPT2Tokenizer:
         """From vocab.json ({token: id}) and merges.txt ("a b" lines in rank order after a "#version" line)."""
         with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
             vocab, lines = json.load(f), C.read_lines(os.path.join(folder, "merges.txt"))
         return cls(vocab, [ln.split() for ln in lines if not ln.startswith("#version")])
-
     def _encode_word(self, piece: str) -> list[int]:
         if (ids := self._cache.get(piece)) is None:
             sym = self._bpe([C._byte_table()[b] for b in piece.encode("utf-8")])
             ids = [self.encoder.get(t, self.eot_token) for t in sym]  # eot is also GPT-2's unknown token
             self._cache.update({piece: ids} if len(self._cache) < 1_000_000 else {})
         return ids
-
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without added eot (a literal <|endoftext|> in the text is one)."""
         return [i for k, doc in enumerate(text.split("<|endoftext|>")) for i in [self.eot_token] * (k > 0)
                 + [j for p in self.pattern.findall(doc) for j in self._encode_word(p)]]
-
     def decode(self, ids) -> str:
         """Text of `ids`, as is (invalid UTF-8, e.g. a multi-byte character cut in two, becomes U+FFFD)."""
         byte_of = {c: b for b, c in C._byte_table().items()}
@@ -635,10 +631,8 @@ def resolve_data(cfg: Config, image_size: int) -> tuple[str, str, str]:
 
 class TextDecode:
     """Sample -> {"ids": (L,)}: the caption alone, for the language model."""
-
     def __init__(self, tokenizer, context_length: int):
         self.tokenizer, self.context_length = tokenizer, context_length
-
     def __call__(self, sample):
         return {"ids": self.tokenizer([C.decode_caption(sample)], self.context_length)[0]}
 
@@ -646,10 +640,8 @@ class LabelDecode:
     """Sample -> {"image": uint8 (3, S, S), "label": class}: the class from `.cls` (ImageNet webdataset shards) or
     the `label` of `.json` (the synthetic world). Train: RandomResizedCrop (scale 0.08-1, torchvision's ImageNet
     recipe, design choice); eval: common.eval_transform (shorter side to S, centre crop)."""
-
     def __init__(self, size: int, train: bool, seed: int = 0):
         self.size, self.train, self.seed = size, train, seed
-
     def __call__(self, sample):
         label = torch.tensor(int(sample["cls"]) if "cls" in sample else json.loads(sample["json"])["label"])
         if not self.train:
@@ -770,7 +762,7 @@ def evaluate(model, kind: str, arch: dict, tok, val: str, zs_dir: str, limit: in
                 img.append(model.encode_image(C.normalize_images(b["image"].to(device))).float())
                 txt.append(model.encode_text(ids).float())
             else:
-                n = int((ids.shape[1] - 1 - ids.flip(1).argmax(dim=1)).sum())  # targets = the last eot's position
+                n = int(last_eot(ids).sum())
                 nll, ntok = nll + lm_loss(model, ids).item() * n, ntok + n
         if kind == "clip":
             img, txt = F.normalize(torch.cat(img), dim=-1), F.normalize(torch.cat(txt), dim=-1)  # (N, E) each
@@ -920,7 +912,8 @@ def read_log(out: str) -> list[dict]:
 def steps_to_target(log: list[dict], metric: str, target: float, higher: bool = True) -> int | None:
     """The first evaluated step at which `metric` reaches the fixed `target` (>= it, or <= it for losses and
     perplexities), None if never: the paper's "steps (epochs, tokens) to 70% top-1 / perplexity 12"."""
-    return next((r["step"] for r in log if metric in r and (r[metric] - target) * (1 if higher else -1) >= 0), None)
+    reached = (lambda v: v >= target) if higher else (lambda v: v <= target)
+    return next((r["step"] for r in log if metric in r and reached(r[metric])), None)
 
 def speedup(sub: list[dict], rnd: list[dict], metric: str, target: float | None = None, higher: bool = True) -> dict:
     """Steps of each init to `target` (default: the random init's final value) and their ratio, random /
