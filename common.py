@@ -90,7 +90,9 @@ def run_command(module_doc: str, commands: dict, argv: list[str] | None = None, 
                   for n, (fn, _) in commands.items()]
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print("\n".join(lines), file=sys.stdout if asked else sys.stderr)
-        raise SystemExit(0) if asked else fail(f"unknown command '{argv[0]}'" if argv else "a command is needed")
+        if not asked:
+            fail(f"unknown command '{argv[0]}'" if argv else "a command is needed")
+        raise SystemExit(0)
     fn, cls = commands[name]
     return fn(parse_config(cls, argv, prog=f"{script} {name}", description=first_paragraph(fn.__doc__)))
 
@@ -112,8 +114,7 @@ def print0(*args, **kwargs):
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device]:
     """torchrun's RANK/LOCAL_RANK/WORLD_SIZE (or plain `python`), NCCL/gloo -> (rank, local_rank, world, device)."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank, world = (int(os.getenv(k, v)) for k, v in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -133,8 +134,8 @@ def barrier():
         dist.barrier()
 
 def cleanup_distributed():
-    barrier()
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -1311,8 +1312,7 @@ OPENAI_IMAGENET_TEMPLATES = (
     "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
     "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
     "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "a tattoo of the {}.",
-)
+    "a tattoo of the {}.")
 
 def templates_arg(spec: str) -> tuple[str, ...]:
     """--templates: "openai" (the 80 above), "default" (the 7 above) or a file, one template with one "{}" a line."""
@@ -1429,7 +1429,8 @@ def finish_run(out_dir: str, checkpoint: str | None = None, extra: str = ""):
 
 def _alive(pid: int) -> bool:
     try:
-        return os.kill(pid, 0) is None
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+        return True
     except PermissionError:  # someone else's live process
         return True
     except ProcessLookupError:
