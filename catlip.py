@@ -613,16 +613,15 @@ class MultiScaleStream(C.ShardStream):
     + nw, ...; the stream ends a batch at `batch_size`, which follows the step."""
     def __init__(self, pairs: list, *args, **kw):
         super().__init__(*args, **kw)
-        self.pairs, self.step, self.left, self.count = pairs, None, 0, 1
+        self.pairs, self.step, self.left = pairs, None, 0
         self.inner, self.decode = self.decode, self.scaled
-    batch_size = property(lambda self: self.count, lambda self, _: None)
     def scaled(self, sample: dict) -> dict:
         if self.left == 0:  # the first sample of this worker's next batch: its step, size and count
             info = torch.utils.data.get_worker_info()
             w, nw = (info.id, info.num_workers) if info else (0, 1)
             self.step = self.start_batch + w if self.step is None else self.step + nw
-            self.inner.size, self.count = draw_scale(self.pairs, self.seed, self.step)
-            self.left = self.count
+            self.inner.size, self.batch_size = draw_scale(self.pairs, self.seed, self.step)
+            self.left = self.batch_size
         out = self.inner(sample)  # raises on a bad sample: skipped by the stream, not counted here
         self.left -= 1
         return out
