@@ -586,16 +586,16 @@ def draw_scale(pairs: list, seed: int, step: int) -> tuple[int, int]:
 
 class VariableBatches(torch.utils.data.Sampler):
     """CoreNet's variable_batch_sampler (fine-tuning) for keys (epoch, index, size): step s takes draw_scale's batch
-    * world next items of per-epoch permutations, rank r every world-th, until `samples` items are used (`steps`)."""
+    * world next items of per-epoch permutations, rank r every world-th, until `samples` items are used (`total`)."""
     def __init__(self, n: int, pairs: list, samples: int, start: int, seed: int, rank: int, world: int):
         self.n, self.start, self.seed, self.rank, self.world, self.draws, used = n, start, seed, rank, world, [], 0
         while used < samples:  # (size, global batch, items before this step)
             size, b = draw_scale(pairs, seed, len(self.draws))
             self.draws.append((size, b * world, used))
             used += b * world
-        self.steps = len(self.draws)
+        self.total = len(self.draws)  # steps, as StepBatches.total
     def __len__(self):
-        return self.steps - self.start
+        return self.total - self.start
     def __iter__(self):
         epoch, perm = -1, None
         for size, count, first in self.draws[self.start:]:
@@ -979,7 +979,7 @@ def finetune(cfg: FinetuneConfig):
     multi = cfg.multi_scale and corenet  # the plain ViT's positions do not resize: one size
     sampler = (VariableBatches(n, image_batch_pairs(size, cfg.batch_size), cfg.epochs * n, 0, cfg.seed, rank, world)
                if multi else C.StepBatches(n, gb, 0, cfg.epochs * max(1, n // gb), cfg.seed, rank, world))
-    steps = sampler.steps if multi else sampler.total
+    steps = sampler.total
     C.print0(f"{n} training images, {len(val_items)} held out, {len(classnames)} classes, {steps} steps of "
              f"{min(gb, n)}" + (f" at {size}px, or as many pixels" * multi))
     start = 0

@@ -428,7 +428,7 @@ def test_variable_batch_pairs_and_sampler_are_corenets():
     pairs = L.image_batch_pairs(32, 8, lo=16, hi=48, n=5, div=16)  # (16, 32), (32, 8), (48, 3)
     a = L.VariableBatches(50, pairs, 100, 0, seed=1, rank=0, world=1)
     batches = list(a)
-    assert len(batches) == a.steps and all(len({s for _, _, s in b}) == 1 for b in batches)
+    assert len(batches) == a.total and all(len({s for _, _, s in b}) == 1 for b in batches)
     assert all(len(b) == dict(pairs)[b[0][2]] for b in batches) and len({b[0][2] for b in batches}) == 3
     flat = [(e, i) for b in batches for e, i, _ in b]
     assert sorted(i for e, i in flat if e == 0) == list(range(50))  # epoch 0: every item once
