@@ -167,8 +167,8 @@ def fold(branches, k, groups):
     for br in branches:
         bn = br if isinstance(br, nn.BatchNorm2d) else br.bn
         t = bn.weight / (bn.running_var + bn.eps).sqrt()
-        eye = torch.eye(len(t) // groups, dtype=t.dtype, device=t.device).repeat(groups, 1)  # (C, C/groups)
-        w = eye[:, :, None, None] if br is bn else br.conv.weight  # (C_out, C_in/groups, kh, kw)
+        w = (br.conv.weight if br is not bn else  # (C_out, C_in/groups, kh, kw); the skip's I: (C, C/groups, 1, 1)
+             torch.eye(len(t) // groups, dtype=t.dtype, device=t.device).repeat(groups, 1)[:, :, None, None])
         dh, dw = (k[0] - w.shape[2]) // 2, (k[1] - w.shape[3]) // 2
         w_sum = w_sum + F.pad(w, [dw, dw, dh, dh]) * t.reshape(-1, 1, 1, 1)
         b_sum = b_sum + bn.bias - bn.running_mean * t
