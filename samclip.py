@@ -747,11 +747,11 @@ def stream(shards: str, decode, batch: int, seed: int, workers: int, rank: int, 
         C.fail(str(e))
     return iter(C.make_loader(s, workers, torch.cuda.is_available())), position
 
-def sam_batch(batch: dict, sam: SamClip, device, low: int):
+def sam_batch(batch: dict, sam: SamClip, device):
     """A sam_decode batch on the device: normalised padded images (B, 3, S, S), the image index of each of
-    the B*K prompts, coords (B*K, 2, 2), labels (B*K, 2), ground-truth masks at the low-res size."""
+    the B*K prompts, coords (B*K, 2, 2), labels (B*K, 2), ground-truth masks at the decoder's size (4g)."""
     x = sam.preprocess(batch["image"].to(device), batch["hw"].to(device))
-    B, K = batch["labels"].shape[:2]
+    (B, K), low = batch["labels"].shape[:2], sam.prompt_encoder.mask_input_size[0]
     gt = F.interpolate(batch["masks"].to(device).float(), (low, low), mode="area") > 0.5  # (B, K, low, low)
     idx = torch.arange(B, device=device).repeat_interleave(K)  # the image of each prompt
     return x, idx, batch["coords"].to(device).flatten(0, 1), batch["labels"].to(device).flatten(0, 1), gt.flatten(0, 1)
@@ -826,7 +826,6 @@ def train_sam(cfg: SamTrainConfig):
     torch.manual_seed(cfg.seed)
     C.document_run(cfg.out, cfg, [__file__, C.__file__])
     model = build_sam(cfg.model).to(device).train()
-    low = 4 * model.prompt_encoder.image_embedding_size[0]
     opt = C.make_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))
     start, pos = resume_run(cfg, ck, model, opt, "sam")
     decode = functools.partial(sam_decode, size=cfg.size or MODELS[cfg.model]["image_size"], k=cfg.masks_per_image,
@@ -835,7 +834,7 @@ def train_sam(cfg: SamTrainConfig):
                              world, pos.get("sam", {}), start)}
 
     def micro_steps(ddp, next_batch, step):
-        x, idx, coords, labels, gt = sam_batch(next_batch("sam"), model, device, low)
+        x, idx, coords, labels, gt = sam_batch(next_batch("sam"), model, device)
         masks, iou = ddp(x, idx, coords, labels)  # (B*K, 4, low, low), (B*K, 4)
         loss = sam_train_loss(masks, iou, gt, labels, cfg.focal_weight)
         loss.backward()
@@ -910,8 +909,7 @@ def merge(cfg: Config):
     sizes = [int(s) for s in cfg.clip_sizes.split(",")] if cfg.clip_sizes else [S]
     if cfg.stage == 3 and not cfg.clip_sizes:  # the earlier stages' sizes and SAM's (paper: 224, 448, 1024)
         sizes = list(dict.fromkeys(init_sizes + [S]))
-    low, bf16 = 4 * model.prompt_encoder.image_embedding_size[0], cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     C.print0(f"stage {cfg.stage}: {model.model_name}, CLIP head {sum(p.numel() for p in model.clip_head.parameters()):,}"
              f" params ({E}-d teacher), trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     start, pos = resume_run(cfg, ck, model, opt, "samclip")
@@ -941,7 +939,7 @@ def merge(cfg: Config):
         l_sam = torch.zeros((), device=device)
         # ---- micro-step 2: lambda L_SAM against the frozen SAM on a SAM batch (Eq. 2, 3) ------------
         if cfg.stage == 2:
-            xs, idx, coords, labels, _ = sam_batch(next_batch("sam"), model, device, low)
+            xs, idx, coords, labels, _ = sam_batch(next_batch("sam"), model, device)
             with torch.no_grad():
                 t_masks, t_iou = sam_teacher(xs, idx, coords, labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -1098,10 +1096,10 @@ def sam_head_iou(model: SamClip, samples, device) -> float:
     """Mean IoU (%) against the ground truth of the SAM head's mask for one point per object mask (the
     output the IoU head ranks first), at SAM's size: how much of SAM the model keeps."""
     model.eval()
-    low, ious = 4 * model.prompt_encoder.image_embedding_size[0], []
+    ious = []
     for i in range(0, len(samples), 64):
         batch = C.collate([sam_decode(s, model.image_encoder.img_size, 1, 0, 0.0) for s in samples[i:i + 64]])
-        x, idx, coords, labels, gt = sam_batch(batch, model, device, low)
+        x, idx, coords, labels, gt = sam_batch(batch, model, device)
         masks, iou = model(x, idx, coords, labels)
         best = masks[:, 1:][torch.arange(len(masks)), iou[:, 1:].argmax(1)]  # (N, low, low)
         ious.append(mask_iou(best > 0, gt))
