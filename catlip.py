@@ -66,7 +66,6 @@ import re
 import time
 import unicodedata
 import urllib.parse
-import zlib
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -544,20 +543,23 @@ def multilabel_bce_reference(logits: torch.Tensor, targets: torch.Tensor) -> tor
     return -(targets * torch.log(p) + (1 - targets) * torch.log(1 - p)).sum() / logits.shape[0]
 
 # ==== 5. Data and augmentation (spec 3.2) ===================================================================
+def crop_flip(img, size: int, rng: random.Random, scale: float, flip: bool) -> torch.Tensor:
+    """Random resized crop (area `scale`..1, bilinear) to a uint8 (3, size, size), then a horizontal flip at p 0.5."""
+    x = C.image_to_uint8(img, size, C.random_resized_crop_box(*C.image_wh(img), rng, (scale, 1.0)), Image.BILINEAR)
+    return x.flip(-1) if flip and rng.random() < 0.5 else x
+
 class CatLIPDecode:
     """Training sample -> {"image": uint8 (3, S, S), "labels": (K,) head rows padded with -1, from the caption on the
-    fly}: random resized crop (area `scale`..1, bilinear) and flip, seeded by (seed, epoch, key)."""
+    fly}: crop_flip seeded by (seed, epoch, key)."""
     def __init__(self, vocab: Vocab, size: int, max_labels: int, seed=0, scale=0.08, flip=True, caption_key="txt"):
         self.vocab, self.size, self.max_labels, self.seed = vocab, size, max_labels, seed
         self.scale, self.flip, self.caption_key = scale, flip, caption_key
     def __call__(self, sample: dict) -> dict:
         rows = caption_labels(C.decode_caption(sample, self.caption_key), self.vocab, self.max_labels)
-        img, rng = C.decode_image_tensor(sample), C.sample_rng(self.seed, sample)
-        box = C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0))
-        x = C.image_to_uint8(img, self.size, box, Image.BILINEAR)
+        x = crop_flip(C.decode_image_tensor(sample), self.size, C.sample_rng(self.seed, sample), self.scale, self.flip)
         labels = torch.full((self.max_labels,), -1, dtype=torch.long)
         labels[:len(rows)] = torch.tensor(rows, dtype=torch.long)
-        return {"image": x.flip(-1) if self.flip and rng.random() < 0.5 else x, "labels": labels}
+        return {"image": x, "labels": labels}
 
 def jitter(x: torch.Tensor, strength: float, noise: float, gen: torch.Generator) -> torch.Tensor:
     """The plain ViT's stand-in for RangeAugment (spec 3.1): per image of a float (B, 3, H, W) in [0, 255], contrast
@@ -873,21 +875,19 @@ def finish(out: str, stopped: bool, step: int):
 
 # ==== 10. Fine-tuning and linear probing on an ImageFolder (Table 7, Sec. 4.2) ==============================
 class FolderImages(torch.utils.data.Dataset):
-    """ImageFolder read by key (epoch, index[, size]): random resized crop + flip seeded by (seed, epoch, index), the
-    same whatever the workers or a resume; an unreadable image is label -1, which the loss ignores."""
+    """ImageFolder read by key (epoch, index[, size]): crop_flip seeded by (seed, epoch, index), the same whatever the
+    workers or a resume; an unreadable image is label -1, which the loss ignores."""
     def __init__(self, items, size: int, seed: int, scale: float, flip: bool):
         self.items, self.size, self.seed, self.scale, self.flip = items, size, seed, scale, flip
     def __getitem__(self, key):
         epoch, i, size = (*key, self.size)[:3]
         path, label = self.items[i]
-        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         try:
             img = C.bytes_to_tensor(open(path, "rb").read())
         except Exception:
             return torch.zeros(3, size, size, dtype=torch.uint8), -1
-        x = C.image_to_uint8(img, size, C.random_resized_crop_box(*C.image_wh(img), rng, (self.scale, 1.0)),
-                             Image.BILINEAR)
-        return (x.flip(-1) if self.flip and rng.random() < 0.5 else x), label
+        rng = C.sample_rng(self.seed, {"__epoch__": epoch, "__key__": i})  # seeded as the shard samples
+        return crop_flip(img, size, rng, self.scale, self.flip), label
 
 def labelled_synthetic_folder(world: dict, n: int) -> str:
     """The first n training images of the synthetic world as an ImageFolder by class (rank 0 writes it once): the
