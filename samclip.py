@@ -777,11 +777,11 @@ def resume_run(cfg, ck, model, opt, kind: str):
     C.print0(f"resumed from step {ck['step']}")
     return ck["step"], ck["data"]
 
-def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, base_lr: float, micro_steps,
-               find_unused=False, final_eval=None, extra=None):
-    """Steps start..cfg.steps: eval and checkpoint, `break` on the last step, `micro_steps(ddp, next_batch,
-    step)` (forward and backward of each loss, -> a dict of losses to log, "loss" first), clip, lr_at(step)
-    (each group times its lr_mult), step, zero_grad, log. streams = {name: (batch iterator, DataPosition)}."""
+def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, micro_steps, find_unused=False,
+               final_eval=None, extra=None):
+    """Steps start..cfg.steps: eval and checkpoint, `break` on the last step, `micro_steps(ddp, next_batch, step)`
+    (forward and backward of each loss -> {name: loss}, "loss" first), clip, lr_at(step) of the optimizer's peak
+    lr times each group's lr_mult, step, zero_grad, log. streams = {name: (batch iterator, DataPosition)}."""
     rank, local_rank, world, device = dist
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
               find_unused_parameters=find_unused) if world > 1 else model
@@ -804,7 +804,7 @@ def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, base
         losses = micro_steps(ddp, next_batch, step)  # one optimizer step for all micro-steps
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                cfg.grad_clip or float("inf"))
-        lr = C.lr_at(step, base_lr, cfg.warmup, cfg.steps, 0.01)
+        lr = C.lr_at(step, opt.defaults["lr"], cfg.warmup, cfg.steps, 0.01)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         opt.step()
@@ -840,7 +840,7 @@ def train_sam(cfg: SamTrainConfig):
         loss.backward()
         best = mask_iou(masks[:, 1:] > 0, gt[:, None]).max(1).values  # the best of the 3 outputs
         return {"loss": loss.detach(), "mask_iou": best.mean()}
-    train_loop(cfg, "sam", model, opt, dist, start, streams, cfg.lr, micro_steps)
+    train_loop(cfg, "sam", model, opt, dist, start, streams, micro_steps)
 
 # ==== 8. Merging: stage I (head probing), II (multi-task distillation), III (resolution adaptation), Sec. 4.1 ===
 def load_clip_teacher(path: str, bpe: str, device):
@@ -954,8 +954,8 @@ def merge(cfg: Config):
         extra["bg_threshold"] = res["bg_threshold"]
         return res
     # DDP all-reduces only what trains: the CLIP head in stages I and III, all but the prompt encoder in stage II
-    train_loop(cfg, "samclip", model, opt, dist, start, streams, cfg.lr or (4e-5 if cfg.stage == 2 else 8e-4),
-               micro_steps, cfg.stage == 2, final_eval if cfg.eval and world_data is not None else None, extra)
+    train_loop(cfg, "samclip", model, opt, dist, start, streams, micro_steps, cfg.stage == 2,
+               final_eval if cfg.eval and world_data is not None else None, extra)
 
 # ==== 9. Zero-shot semantic segmentation (Sec. 4.3, Table 2), the SAM-head refinement (App. C), benchmarks ====
 # Table 2's protocol (CLIPpy's, which the paper follows): resize the image to 448 x 448 (a 28 x 28 token grid),
