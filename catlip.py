@@ -282,12 +282,12 @@ def build_vocab(shards: str, caption_key: str, workers: int, rank: int, world: i
         n, skipped[part["worker"]] = n + part["n"], part["skipped"]
         bar.update(part["n"])
     bar.close()
-    mine = (counts, n, dict(sum(map(collections.Counter, skipped.values()), collections.Counter())))
-    every = [None] * world if world > 1 and torch.distributed.is_initialized() else [mine]
-    if len(every) > 1:  # merge the ranks' counts
-        torch.distributed.all_gather_object(every, mine)
-    counts, n = sum((collections.Counter(c) for c, _, _ in every), collections.Counter()), sum(e[1] for e in every)
-    skipped = dict(sum((collections.Counter(s) for _, _, s in every), collections.Counter()))
+    skipped = list(skipped.values())  # the workers' skip counts by reason
+    if world > 1 and torch.distributed.is_initialized():  # merge the ranks' counts (all_gather keeps the Counters)
+        torch.distributed.all_gather_object(every := [None] * world, (counts, n, skipped))
+        counts, n = sum((c for c, _, _ in every), collections.Counter()), sum(k for _, k, _ in every)
+        skipped = [s for _, _, ss in every for s in ss]
+    skipped = dict(sum(map(collections.Counter, skipped), collections.Counter()))
     if n == 0:
         C.fail(f"no readable captions in {shards} (skipped: {skipped})")
     vocab = select_vocab(counts, n, min_count, max_size)
