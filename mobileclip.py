@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import gzip
 import hashlib
 import io
@@ -152,6 +151,12 @@ MODELS = {
 def named(**modules):
     """nn.Sequential whose children carry the checkpoints' names (`.conv`/`.bn`, `.block`, `.pos_embed`)."""
     return nn.Sequential(OrderedDict(modules))
+
+def replace_all(key, pairs):
+    """key with each (old, new) substring of `pairs` replaced in turn: one checkpoint-name mapping."""
+    for old, new in pairs:
+        key = key.replace(old, new)
+    return key
 
 def conv_bn(cin, cout, k, stride=1, groups=1):
     """Conv (no bias) + BatchNorm: one branch of a train-time block."""
@@ -509,7 +514,7 @@ class ConvStemViT(nn.Module):
         return self.classifier(x[:, 0])  # (B, E)
 
     def timm_name(self, key):
-        return functools.reduce(lambda k, ab: k.replace(*ab), _TIMM_VIT_B, key)
+        return replace_all(key, _TIMM_VIT_B)
 
 # timm's `vit_base_mci_224` names for ours (the inverse of timm's `_convert_mobileclip`).
 _TIMM_VIT_B = [("patch_emb.", "patch_embed.backbone."), (".block.conv", ".conv"), (".block.norm", ".bn"),
@@ -619,7 +624,7 @@ def layout_name(model, key, layout):
     tower, rest = key.split(".", 1)
     if layout == "openclip" and tower == "visual":
         return "visual.trunk." + model.visual.timm_name(rest)
-    rest = functools.reduce(lambda k, ab: k.replace(*ab), _APPLE_INFIX if layout == "apple" else _OPENCLIP_TEXT, rest)
+    rest = replace_all(rest, _APPLE_INFIX if layout == "apple" else _OPENCLIP_TEXT)
     prefix = "text." if layout == "openclip" else "image_encoder.model." if tower == "visual" else "text_encoder."
     return prefix + rest
 
