@@ -916,7 +916,9 @@ def finetune_data(cfg: FinetuneConfig, size: int):
         if len(val_names) != len(classnames):
             C.fail(f"--val-data has {len(val_names)} class folders, --data {len(classnames)}")
         return train, val, classnames
-    held = set(random.Random(cfg.seed).sample(range(len(train)), int(round(cfg.val_frac * len(train)))))
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)  # held out: the first val_frac of a seeded shuffle, folder order kept
+    held = set(order[:int(round(cfg.val_frac * len(train)))])
     return [t for i, t in enumerate(train) if i not in held], [t for i, t in enumerate(train) if i in held], classnames
 
 def load_pretrained(path: str, vocab: str = "") -> dict:
