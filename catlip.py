@@ -780,9 +780,10 @@ def pretrain(cfg: Config):
         if ckpt["labels"] != vocab.labels:
             C.fail(f"checkpoint {cfg.resume} was trained on another vocabulary ({len(ckpt['labels'])} labels)")
         start = restore(ckpt, model, ema, opt, cfg.resume, cfg.steps)
-        same = len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers)
-        data_pos = ckpt["data"][rank] if same else C.print0("warning: world size or --workers changed; the data "
-                                                            "stream restarts at its beginning") or {}
+        if len(ckpt["data"]) == world and len(ckpt["data"].get(rank, {})) == max(1, cfg.workers):
+            data_pos = ckpt["data"][rank]
+        else:
+            C.print0("warning: world size or --workers changed; the data stream restarts at its beginning")
         C.print0(f"resumed from step {start} of {cfg.resume}")
     # ---- data: one (size, batch) a step, the configs' variable batches (check_scale 16) or one pair ----
     decode = CatLIPDecode(vocab, size, cfg.max_labels, cfg.seed, cfg.crop_scale, cfg.flip, cfg.caption_key)
