@@ -800,7 +800,6 @@ def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, micr
             save_run(cfg.out, step, model, opt, cfg, kind, {k: p.state() for k, (_, p) in streams.items()}, extra)
         if last_step or stopping:
             break
-        model.train()
         losses = micro_steps(ddp, next_batch, step)  # one optimizer step for all micro-steps
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                cfg.grad_clip or float("inf"))
