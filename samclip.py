@@ -229,7 +229,7 @@ def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> t
 
 class EncoderAttention(nn.Module):
     """Self-attention on a (B, h, w, C) grid, fused qkv, plus the relative position bias: as SDPA's additive
-    mask (fused), or an explicit fp32 softmax (the reference, for tests and bench)."""
+    mask (fused), or an explicit fp32 softmax (the reference: --no-fused, and the tests)."""
     def __init__(self, dim: int, heads: int, rel_size: int):
         super().__init__()
         self.heads, self.fused = heads, True
@@ -712,8 +712,8 @@ def sam_decode(sample: dict, size: int, k: int, seed: int, box_prob: float) -> d
     rng, small = C.sample_rng(seed, sample), resize_longest(img, size)
     (w, h), image = small.size, torch.zeros(3, size, size, dtype=torch.uint8)
     image[:, :h, :w] = torchvision.transforms.functional.pil_to_tensor(small)
-    picks = rng.sample(range(len(decoders)), k) if len(decoders) >= k else [rng.randrange(len(decoders))
-                                                                              for _ in range(k)]
+    n = len(decoders)
+    picks = rng.sample(range(n), k) if n >= k else [rng.randrange(n) for _ in range(k)]  # with replacement if few
     prompts, masks = [], torch.zeros(k, size, size, dtype=torch.uint8)
     for j, i in enumerate(picks):
         m = np.asarray(Image.fromarray(decoders[i]().astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
@@ -791,6 +791,7 @@ def train_loop(cfg, kind: str, model, opt, dist, start: int, streams: dict, micr
         batch = next(streams[name][0])
         streams[name][1].update(batch)  # the data position a resume continues from
         return batch
+
     for step in C.progress(range(start, cfg.steps + 1), kind, initial=start, total=cfg.steps + 1):
         last_step = step == cfg.steps
         stopping = stop.requested if world == 1 else (step % cfg.log_every == 0 and stop.agreed(device))
@@ -839,6 +840,7 @@ def train_sam(cfg: SamTrainConfig):
         loss.backward()
         best = mask_iou(masks[:, 1:] > 0, gt[:, None]).max(1).values  # the best of the 3 outputs
         return {"loss": loss.detach(), "mask_iou": best.mean()}
+
     train_loop(cfg, "sam", model, opt, dist, start, streams, micro_steps)
 
 # ==== 8. Merging: stage I (head probing), II (multi-task distillation), III (resolution adaptation), Sec. 4.1 ===
@@ -952,6 +954,7 @@ def merge(cfg: Config):
                              cfg.stage == 3, templates)
         extra["bg_threshold"] = res["bg_threshold"]
         return res
+
     # DDP all-reduces only what trains: the CLIP head in stages I and III, all but the prompt encoder in stage II
     train_loop(cfg, "samclip", model, opt, dist, start, streams, micro_steps, cfg.stage == 2,
                final_eval if cfg.eval and world_data is not None else None, extra)
