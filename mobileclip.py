@@ -674,8 +674,8 @@ def load_pretrained(model, path, name="", sd=None):
     fit_head_bias(model, sd)
     has = lambda prefix: any(k.startswith(prefix) for k in sd)
     layout = ("apple" if has("image_encoder.") else "openclip" if has("visual.trunk.") else "ours" if has("visual.")
-              else C.fail(f"{path} is neither an ml-mobileclip .pt (image_encoder.*), an OpenCLIP file (visual.trunk.*) "
-                          f"nor a state dict of this repository (visual.*, text.*)"))
+              else C.fail(f"{path} is neither an ml-mobileclip .pt (image_encoder.*), an OpenCLIP file "
+                          f"(visual.trunk.*) nor a state dict of this repository (visual.*, text.*)"))
     own = model.state_dict()
     ours = {layout_name(model, k, layout): k for k in own}
     out = {}
