@@ -841,8 +841,8 @@ class DRDecode:
         paug = json.loads(sample["paug.json"])["param_aug"]
         paug = json.loads(paug) if isinstance(paug, str) else paug  # the HF viewer form is a JSON string
         emb = read_embeddings(sample)
-        if (k := json.loads(sample.get("json", b"{}")).get("teachers", self.teachers)) != self.teachers:
-            raise ValueError(f"sample has {k} teachers, --teacher-scales gives {self.teachers}")
+        if (n := json.loads(sample.get("json", b"{}")).get("teachers", self.teachers)) != self.teachers:
+            raise ValueError(f"sample has {n} teachers, --teacher-scales gives {self.teachers}")
         a = rng.randrange(len(paug))
         key = rng.choice(sorted(k for k in syn if self.syn_key.match(k) and syn[k]))
         c = rng.randrange(len(syn[key]))
@@ -1078,7 +1078,8 @@ def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device
         metrics.update(C.zeroshot_eval(model, clf, items, spec["image_size"], device, mean=spec["mean"],
                                        std=spec["std"], resample=resample))
     if ret_shards:
-        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], False, resample=resample)
+        decode = C.ImageTextDecode(tokenizer, spec["image_size"], spec["context_length"], train=False,
+                                   resample=resample)
         stream = C.ShardStream(C.expand_shards(ret_shards), decode, 256, shuffle_buffer=1, epochs=1, drop_last=False)
         img, txt, n = [], [], 0
         for b in C.progress(C.make_loader(stream, 0, False), "retrieval"):  # no usable sample: one line
