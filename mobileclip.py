@@ -939,8 +939,10 @@ def unrelated_alt_text(sample: dict, q: float):
     """--alt-noise: for a fraction q of the world's samples, drawn from the key alone (the same samples every epoch,
     seed and worker layout; nested in q), the alt-text of an unrelated random picture in the world's alt-text style,
     redrawn until it does not name the sample's shape; None for the others (their alt-text is kept)."""
-    noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode())) if q else None
-    if not q or noise.random() >= q:  # q = 0: no generator made, the common case costs nothing
+    if not q:  # no generator made: the common case costs nothing
+        return None
+    noise = np.random.default_rng(zlib.crc32(f"alt-noise/{sample['__key__']}".encode()))
+    if noise.random() >= q:
         return None
     shape = json.loads(sample["json"])["scene"]["shape"]
     while shape in (caption := C.render_sample(noise, 8)["caption"]):  # 8 px: only the caption is used
