@@ -994,6 +994,8 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
     """Yield the DataCompDR-layout samples of one input shard (spec 4.3): the original members (the joined
     form, so training reads them directly), syn.json, paug.json, npz {image_emb (A, K*D), text_emb (1+S, K*D):
     GT first, then the synthetic captions}, and json with the teacher count and the image's sha256."""
+    size = cfg.aug_size or model_spec(cfg.model)["image_size"]  # the crop size translations are drawn for
+
     def prepared():  # (image, augmentations, GT caption, synthetic captions, members kept) of each usable sample
         for s in C.iter_tar_samples(path, skipped):
             try:
@@ -1009,7 +1011,7 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
             params = [draw_augmentation(rng, *img.size, size, cfg.aug_min_scale) for _ in range(cfg.num_augs)]
             yield img, params, gt, syn, {k: v for k, v in s.items() if k not in ("npz", "pth.gz")}
 
-    size, samples = cfg.aug_size or model_spec(cfg.model)["image_size"], prepared()
+    samples = prepared()
     while chunk := list(itertools.islice(samples, cfg.batch_size)):  # the teachers embed a batch at a time
         views = [(img, p) for img, params, *_ in chunk for p in params]
         zi, zt = embed_views(teachers, views, [t for _, _, gt, syn, _ in chunk for t in [gt, *syn]], cfg.batch_size)
