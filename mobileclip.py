@@ -690,10 +690,8 @@ def load_pretrained(model, path, name="", sd=None):
     C.load_state_dict_checked(model, out, f"{path} ({layout} layout) for {name or 'this model'}")
 
 def export(cfg: ExportConfig):
-    """Write a trained model's weights in OpenCLIP's or ml-mobileclip's layout.
-
-    The file loads strictly with open_clip.create_model(NAME, pretrained=FILE) (MobileCLIP2, v1 but S0, the ViT CLIPs
-    of MODELS), into ml-mobileclip's v1 models, and back here (--init, create_model(pretrained=FILE))."""
+    """A trained model's weights in OpenCLIP's layout (open_clip.create_model(NAME, pretrained=FILE): MobileCLIP2, v1
+    but S0, the ViT CLIPs of MODELS) or ml-mobileclip's (its v1 models); both load back (--init, create_model)."""
     if not cfg.ckpt or not cfg.out or cfg.layout not in ("openclip", "apple"):
         C.fail("export needs --ckpt CKPT, --layout openclip|apple and --out FILE")
     ckpt = C.load_checkpoint(cfg.ckpt, "")
@@ -1027,11 +1025,8 @@ def reinforce_shard(path: str, teachers, captions: dict, cfg: Config, skipped: d
 
 @torch.no_grad()
 def reinforce(cfg: ReinforceConfig):
-    """Write DataCompDR-layout shards: teacher embeddings, stored augmentations, synthetic captions.
-
-    --data through the teacher ensemble --teachers, --num-augs augmentations per image, captions from --captions
-    or the synthetic world's captioner. Shards are split over the ranks; a finished output shard is never redone,
-    so an interrupted run resumes by running it again."""
+    """Write DataCompDR-layout shards of --data (reinforce_shard), the shards split over the ranks; a finished
+    output shard is never redone, so an interrupted run resumes by running it again."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     if not cfg.teachers:
         C.fail("reinforce needs --teachers a.pt[,b.pt...]: CLIP checkpoints (this repo's or OpenCLIP)")
@@ -1069,8 +1064,7 @@ def reinforce(cfg: ReinforceConfig):
 # ==== Evaluation =====================================================================================================
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg: Config, zs_dir: str, ret_shards: str, device) -> dict:
-    """Zero-shot top-1/top-5 on an ImageFolder (class-mean of normalised prompt embeddings) and retrieval
-    recall@1/5/10 on caption shards."""
+    """Zero-shot top-1/top-5 on an ImageFolder and retrieval recall@1/5/10 on caption shards."""
     model.eval()
     spec, metrics = model_spec(cfg.model), {}
     resample = RESAMPLE[spec["interpolation"]]
@@ -1130,7 +1124,6 @@ def make_decode(cfg: Config, tokenizer, spec: dict, teachers: int):
 
 def train(cfg: Config):
     """Train a CLIP: plain, on quality captions, or multi-modal reinforced (the default command).
-
     SIGTERM/SIGINT (also to the whole process group) save a checkpoint and exit 0; --resume auto continues exactly."""
     rank, local_rank, world, device = C.setup_distributed(cfg.device)
     spec, scales = model_spec(cfg.model), check_inputs(cfg)
